@@ -1,0 +1,361 @@
+"""The plan: everything `up` will run, as data, built from the config alone.
+
+Pure: no network, no files besides the templates. One executor (spark_cluster.executor)
+later runs it step by step; `spark-cluster plan` prints it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import ClusterConfig, Mount, Node
+from .render import MASK, quote, read_template, render, render_argv
+
+LABEL_PREFIX = "spark-cluster"
+Phase = Literal["preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready"]
+PHASES: tuple[str, ...] = ("preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ContainerSpec(Frozen):
+    """One cluster container, as `docker run` will create it."""
+
+    name: str
+    node: str
+    component: Literal["ray-head", "ray-worker", "vllm", "vllm-worker"]
+    image: str
+    entrypoint: str
+    command: list[str]
+    env: dict[str, str]
+    labels: dict[str, str]
+    mounts: list[Mount]
+    gpus: Optional[str]
+    network: str
+    ipc: str
+    privileged: bool
+    shm_size: str
+    stop_timeout_s: int
+    extra_args: list[str]
+
+
+class HttpRequest(Frozen):
+    method: Literal["GET", "POST"]
+    url: str
+    json_body: Optional[dict[str, Any]] = None
+
+
+class Step(Frozen):
+    """One thing `up` does, on one node (or on the controller when node is None)."""
+
+    id: str
+    phase: Phase
+    node: Optional[str]
+    kind: Literal["check", "run", "start", "wait-ray", "http"]
+    description: str
+    command: Optional[str] = Field(None, description="Shell command run on the node over SSH (secrets masked unless revealed).")
+    request: Optional[HttpRequest] = Field(None, description="HTTP request made by the controller (kind http).")
+    container: Optional[ContainerSpec] = Field(None, description="The container this step creates (kind start).")
+    timeout_s: float = Field(..., description="Deadline of one attempt.")
+    deadline_s: Optional[float] = Field(None, description="For polls: keep trying until this many seconds have passed.")
+    expect: dict[str, Any] = Field(default_factory=dict, description="What the result must show (evaluated by the executor).")
+
+
+class Plan(Frozen):
+    cluster: str
+    executor: Literal["ray", "native"]
+    endpoint: str
+    served_model: str
+    gpu_memory_utilization: float
+    gpu_memory_utilization_source: str
+    vllm_argv: list[str] = Field(description="`vllm serve` argv of the API (rank 0) process, for validation against vLLM's parser.")
+    plan_hash: str
+    steps: list[Step]
+
+    def containers(self) -> list[ContainerSpec]:
+        return [s.container for s in self.steps if s.container is not None]
+
+    def steps_in(self, phase: str) -> list[Step]:
+        return [s for s in self.steps if s.phase == phase]
+
+
+def container_name(cfg: ClusterConfig, component: str) -> str:
+    return f"{cfg.name}-{component}"
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def node_env(cfg: ClusterConfig, node: Node) -> dict[str, str]:
+    """Environment of a node's containers: NCCL (per node), vLLM's host IP, then user env."""
+    env: dict[str, str] = {}
+    env.update(cfg.node_nccl(node).env())
+    env["VLLM_HOST_IP"] = node.address
+    env.update(cfg.container.env)
+    env.update(node.env)
+    return env
+
+
+def _masked(env: dict[str, str], secrets: set[str], reveal: bool) -> dict[str, str]:
+    if reveal:
+        return dict(env)
+    return {k: (MASK if k in secrets else v) for k, v in env.items()}
+
+
+class _Builder:
+    def __init__(self, cfg: ClusterConfig, reveal: bool) -> None:
+        self.cfg = cfg
+        self.reveal = reveal
+        self.secrets = cfg.secret_names()
+        self.util, self.util_source = cfg.gpu_memory_utilization()
+        self.steps: list[Step] = []
+        s = cfg.node_ssh(cfg.head)
+        self.sudo = "sudo -n " if s.sudo else ""
+        self.ray_tmp = f"/tmp/spark-cluster/{cfg.name}/ray"
+
+    # ---- helpers ------------------------------------------------------------------------
+    def add(self, **kw: Any) -> None:
+        self.steps.append(Step(**kw))
+
+    def ssh_timeout(self, node: Node) -> float:
+        return float(self.cfg.node_ssh(node).command_timeout_s or 120)
+
+    def vllm_argv(self, native: Optional[dict[str, Any]]) -> list[str]:
+        cfg = self.cfg
+        return render_argv(
+            "vllm-serve.j2",
+            model=cfg.model,
+            vllm=cfg.vllm,
+            tp=cfg.tensor_parallel_size,
+            backend="ray" if cfg.executor == "ray" else "mp",
+            native=native,
+            gpu_memory_utilization=self.util,
+        )
+
+    def spec(self, node: Node, component: str, entrypoint: str, command: list[str], extra_env: dict[str, str], mounts: list[Mount]) -> ContainerSpec:
+        cfg, c = self.cfg, self.cfg.container
+        env = _masked({**node_env(cfg, node), **extra_env}, self.secrets, self.reveal)
+        all_mounts = [Mount(source=cfg.model.path, target=cfg.model.in_container, read_only=True)] + c.mount_list() + mounts
+        body = dict(
+            name=container_name(cfg, component),
+            node=node.name,
+            component=component,
+            image=c.image,
+            entrypoint=entrypoint,
+            command=command,
+            env=env,
+            mounts=all_mounts,
+            gpus=c.gpus,
+            network=c.network,
+            ipc=c.ipc,
+            privileged=c.privileged,
+            shm_size=c.shm_size,
+            stop_timeout_s=c.stop_timeout_s,
+            extra_args=c.extra_args,
+        )
+        # the spec hash covers the masked spec: identical in shown and executed plans
+        spec_hash = _hash({**body, "env": _masked(body["env"], self.secrets, False), "mounts": [m.model_dump() for m in all_mounts]})
+        labels = {
+            f"{LABEL_PREFIX}.cluster": cfg.name,
+            f"{LABEL_PREFIX}.node": node.name,
+            f"{LABEL_PREFIX}.component": component,
+            f"{LABEL_PREFIX}.spec-hash": spec_hash,
+        }
+        return ContainerSpec(labels=labels, **body)
+
+    def start(self, phase: str, node: Node, spec: ContainerSpec, what: str) -> None:
+        self.add(
+            id=f"{phase}/{node.name}/{spec.component}",
+            phase=phase,
+            node=node.name,
+            kind="start",
+            description=what,
+            command=render("docker-run.j2", c=spec),
+            container=spec,
+            timeout_s=self.ssh_timeout(node),
+            expect={"running": spec.name},
+        )
+
+    # ---- phases -------------------------------------------------------------------------
+    def preflight(self) -> None:
+        cfg = self.cfg
+        model = cfg.model.path
+        for node in cfg.nodes:
+            t = self.ssh_timeout(node)
+            self.add(id=f"preflight/{node.name}/docker", phase="preflight", node=node.name, kind="check",
+                     description="docker answers", command="docker version --format '{{.Server.Version}}'",
+                     timeout_s=t, expect={"exit": 0})
+            self.add(id=f"preflight/{node.name}/image", phase="preflight", node=node.name, kind="check",
+                     description="image present, same ID on every node",
+                     command=f"docker image inspect --format '{{{{.Id}}}}' {quote(cfg.container.image)}",
+                     timeout_s=t, expect={"exit": 0, "same_on_all_nodes": True})
+            self.add(id=f"preflight/{node.name}/model", phase="preflight", node=node.name, kind="check",
+                     description="model folder present, same files and sizes on every node",
+                     command=f"cd {quote(model)} && find . -type f -printf '%P\\t%s\\n' | LC_ALL=C sort",
+                     timeout_s=t, expect={"exit": 0, "same_on_all_nodes": True, "not_empty": True})
+            if cfg.container.gpus:
+                self.add(id=f"preflight/{node.name}/gpu-runtime", phase="preflight", node=node.name, kind="check",
+                         description="NVIDIA container runtime present (GPUs are requested)",
+                         command="docker info --format '{{json .Runtimes}}'",
+                         timeout_s=t, expect={"exit": 0, "contains": "nvidia"})
+            ports = self.node_ports(node)
+            if ports:
+                filt = " or ".join(f"sport = :{p}" for p in ports)
+                self.add(id=f"preflight/{node.name}/ports", phase="preflight", node=node.name, kind="check",
+                         description=f"ports {', '.join(map(str, ports))} free",
+                         command=f"ss -Htln {quote('( ' + filt + ' )')}",
+                         timeout_s=t, expect={"exit": 0, "empty": True, "ports": ports})
+            self.add(id=f"preflight/{node.name}/memory", phase="preflight", node=node.name, kind="check",
+                     description="enough available memory for the guarded utilization"
+                     + (" (page cache dropped first)" if cfg.memory.drop_page_cache else ""),
+                     command=self.memory_command(),
+                     timeout_s=t, expect={"exit": 0, "min_available_fraction": self.min_free_fraction(),
+                                          "min_available_gib": cfg.memory.min_free_gib,
+                                          "drop_page_cache": cfg.memory.drop_page_cache})
+
+    def memory_command(self) -> str:
+        read = "grep -E '^(MemTotal|MemAvailable):' /proc/meminfo"
+        if not self.cfg.memory.drop_page_cache:
+            return read
+        # the page cache holds unified memory the model load needs (field notes, "What breaks" 2)
+        return f"sync && echo 3 | {self.sudo}tee /proc/sys/vm/drop_caches >/dev/null && {read}"
+
+    def min_free_fraction(self) -> float:
+        # vLLM takes `util` of total memory on unified boxes; it must be available before start.
+        return round(self.util, 3) if self.cfg.memory.unified else 0.0
+
+    def node_ports(self, node: Node) -> list[int]:
+        cfg = self.cfg
+        ports: list[int] = []
+        if node.role == "head":
+            ports.append(cfg.vllm.port)
+            ports.append(cfg.ray.port if cfg.executor == "ray" else cfg.vllm.master_port)
+        return ports
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        if not cfg.sysctl:
+            return
+        content = render("sysctl.conf.j2", cluster=cfg.name, sysctl=cfg.sysctl)
+        expected = "\n".join(str(v) for v in cfg.sysctl.values()) + "\n" + content
+        for node in cfg.nodes:
+            t = self.ssh_timeout(node)
+            self.add(id=f"prepare/{node.name}/sysctl", phase="prepare", node=node.name, kind="run",
+                     description=f"apply and persist sysctls ({', '.join(f'{k}={v}' for k, v in cfg.sysctl.items())})",
+                     command=render("sysctl-apply.j2", sysctl=cfg.sysctl, content=content, path=cfg.sysctl_file, sudo=self.sudo),
+                     timeout_s=t, expect={"exit": 0})
+            self.add(id=f"prepare/{node.name}/sysctl-verify", phase="prepare", node=node.name, kind="check",
+                     description="read the sysctls back (kernel and persisted file)",
+                     command=render("sysctl-verify.j2", sysctl=cfg.sysctl, path=cfg.sysctl_file),
+                     timeout_s=t, expect={"exit": 0, "stdout": expected})
+
+    def ray_argv(self, node: Node) -> list[str]:
+        cfg = self.cfg
+        return render_argv(
+            "ray-start.j2",
+            head=node.role == "head",
+            head_address=cfg.head.address,
+            ray=cfg.ray,
+            node=node,
+            gpus_requested=bool(cfg.container.gpus),
+            resources_json=json.dumps(cfg.ray.resources, sort_keys=True),
+        )
+
+    def start_ray(self) -> None:
+        cfg = self.cfg
+        ray_mount = [Mount(source=self.ray_tmp, target="/tmp/ray", read_only=False)]
+        for node in cfg.workers:
+            spec = self.spec(node, "ray-worker", "ray", self.ray_argv(node), {}, [])
+            self.start("start-workers", node, spec, f"Ray worker joining {cfg.head.address}:{cfg.ray.port}")
+        head = cfg.head
+        spec = self.spec(head, "ray-head", "ray", self.ray_argv(head), {}, ray_mount)
+        self.start("start-head", head, spec, f"Ray head on port {cfg.ray.port}")
+        # runs inside the head container: prints Ray's node table as one JSON line
+        snippet = read_template("ray-nodes.py")
+        expect: dict[str, Any] = {"alive_ips": sorted(n.address for n in cfg.nodes)}
+        if cfg.container.gpus:
+            expect["gpus"] = cfg.total_gpus
+        for key, amount in cfg.ray.resources.items():
+            expect.setdefault("resources", {})[key] = amount * len(cfg.nodes)
+        self.add(id=f"wait-ray/{head.name}/nodes", phase="wait-ray", node=head.name, kind="wait-ray",
+                 description=f"wait until Ray shows all {len(cfg.nodes)} nodes alive",
+                 command=f"docker exec {quote(container_name(cfg, 'ray-head'))} python3 -c {quote(snippet)}",
+                 timeout_s=60, deadline_s=cfg.health.ray_join_timeout_s, expect=expect)
+        # vLLM runs in its own container on the head; it joins the Ray cluster as a driver
+        # through the head's Ray session folder (shared mount) and RAY_ADDRESS.
+        argv = self.vllm_argv(None)
+        self.vllm = argv
+        env = {"RAY_ADDRESS": f"{head.address}:{cfg.ray.port}"}
+        spec = self.spec(head, "vllm", "vllm", argv, env, ray_mount)
+        self.start("serve", head, spec, f"vllm serve over the Ray executor (TP={cfg.tensor_parallel_size})")
+
+    def start_native(self) -> None:
+        cfg = self.cfg
+        ranks = {cfg.head.name: 0}
+        for i, node in enumerate(cfg.workers, start=1):
+            ranks[node.name] = i
+
+        def native(node: Node) -> dict[str, Any]:
+            return {"nnodes": len(cfg.nodes), "rank": ranks[node.name], "master_addr": cfg.head.address,
+                    "master_port": cfg.vllm.master_port}
+
+        for node in cfg.workers:
+            spec = self.spec(node, "vllm-worker", "vllm", self.vllm_argv(native(node)), {}, [])
+            self.start("start-workers", node, spec, f"vLLM headless rank {ranks[node.name]} (native multi-node)")
+        argv = self.vllm_argv(native(cfg.head))
+        self.vllm = argv
+        spec = self.spec(cfg.head, "vllm", "vllm", argv, {}, [])
+        self.start("serve", cfg.head, spec, f"vllm serve rank 0 with the API (native multi-node, TP={cfg.tensor_parallel_size})")
+
+    def ready(self) -> None:
+        cfg, h = self.cfg, self.cfg.health
+        base = cfg.endpoint()
+        name = cfg.model.name
+        self.add(id="ready/health", phase="ready", node=None, kind="http", description="/health answers 200",
+                 request=HttpRequest(method="GET", url=f"{base}/health"), command=f"GET {base}/health",
+                 timeout_s=h.probe_timeout_s, deadline_s=h.ready_timeout_s, expect={"status": 200})
+        self.add(id="ready/models", phase="ready", node=None, kind="http", description=f"/v1/models lists {name}",
+                 request=HttpRequest(method="GET", url=f"{base}/v1/models"), command=f"GET {base}/v1/models",
+                 timeout_s=h.probe_timeout_s, deadline_s=h.ready_timeout_s, expect={"status": 200, "model": name})
+        body = {"model": name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+        self.add(id="ready/completion", phase="ready", node=None, kind="http",
+                 description="one real completion succeeds",
+                 request=HttpRequest(method="POST", url=f"{base}/v1/completions", json_body=body),
+                 command=f"POST {base}/v1/completions {json.dumps(body)}",
+                 timeout_s=h.completion_timeout_s, deadline_s=h.ready_timeout_s, expect={"status": 200, "choices": True})
+
+    def build(self) -> Plan:
+        self.preflight()
+        self.prepare()
+        if self.cfg.executor == "ray":
+            self.start_ray()
+        else:
+            self.start_native()
+        self.ready()
+        cfg = self.cfg
+        # containers count by their (masked) spec hash, other steps by their command: secrets never
+        # enter the hash, so the shown and the executed plan have the same one
+        fingerprint = [(s.id, s.container.labels[f"{LABEL_PREFIX}.spec-hash"] if s.container else s.command) for s in self.steps]
+        return Plan(
+            cluster=cfg.name,
+            executor=cfg.executor,
+            endpoint=cfg.endpoint(),
+            served_model=cfg.model.name,
+            gpu_memory_utilization=self.util,
+            gpu_memory_utilization_source=self.util_source,
+            vllm_argv=self.vllm,
+            plan_hash=_hash(fingerprint),
+            steps=self.steps,
+        )
+
+
+def build_plan(cfg: ClusterConfig, *, reveal_secrets: bool = False) -> Plan:
+    """The plan of `up`. Secrets are masked unless reveal_secrets (only the executor asks for that)."""
+    return _Builder(cfg, reveal_secrets).build()

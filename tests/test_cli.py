@@ -1,0 +1,99 @@
+"""The real `spark-cluster` entry point, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import yaml
+from typer.testing import CliRunner
+
+from spark_cluster.cli import app
+
+from .conftest import CONFIGS, run_cli
+
+
+def test_plan_card_config_shows_worker_before_head():
+    res = run_cli("plan", "configs/dgx-spark-2node.yaml")
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    for needle in ["--shm-size 10.24g", "--network=host", "--ipc=host", "--privileged", "--gpus all",
+                   "NCCL_P2P_DISABLE=1", "NCCL_IB_HCA=roceP2p1s0f0", "NCCL_SOCKET_IFNAME=enP2p1s0f0np0",
+                   "--tensor-parallel-size 2", "--distributed-executor-backend ray", "--gpu-memory-utilization 0.5",
+                   "vm.swappiness=1"]:
+        assert needle in text, needle
+    assert text.index("--name spark-ray-worker") < text.index("--name spark-ray-head") < text.index("--name spark-vllm")
+    assert "cluster.yaml vllm.gpu_memory_utilization" in text
+
+
+def test_plan_json_is_the_same_plan():
+    res = run_cli("plan", "--json", "configs/dgx-spark-2node.yaml")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert [s["phase"] for s in data["steps"]][0] == "preflight"
+    assert data["vllm_argv"][0] == "serve"
+
+
+def test_memory_cap_exit_2_without_contacting_anything(tmp_path, monkeypatch):
+    data = yaml.safe_load((CONFIGS / "dgx-spark-2node.yaml").read_text())
+    data["vllm"]["gpu_memory_utilization"] = 0.9
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    contacted = []
+
+    def refuse(self, *a, **k):
+        contacted.append(a)
+        raise AssertionError("network contacted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for command in ("plan", "validate"):
+        res = CliRunner().invoke(app, [command, str(cfg)])
+        assert res.exit_code == 2, res.output
+        assert "0.85" in res.output and str(cfg) in res.output and "vllm.gpu_memory_utilization" in res.output
+    assert contacted == []
+
+
+def test_validate_ok():
+    res = run_cli("validate", "configs/dgx-spark-2node.yaml")
+    assert res.returncode == 0 and "ok" in res.stdout
+
+
+def test_unknown_key_exit_2_with_suggestion(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((CONFIGS / "dgx-spark-2node.yaml").read_text().replace("  tool_call_parser:", "  tool_call_parsr:"))
+    res = run_cli("validate", str(cfg))
+    assert res.returncode == 2
+    assert "did you mean 'tool_call_parser'" in res.stderr
+
+
+def test_missing_file_exit_2(tmp_path):
+    res = run_cli("plan", str(tmp_path / "none.yaml"))
+    assert res.returncode == 2 and "no such file" in res.stderr
+
+
+def test_schema_is_json_schema():
+    res = run_cli("schema")
+    schema = json.loads(res.stdout)
+    assert schema["additionalProperties"] is False
+    assert "nodes" in schema["properties"] and "description" in schema["properties"]["executor"]
+
+
+def test_secret_masked_in_cli_output(tmp_path):
+    data = yaml.safe_load((CONFIGS / "dgx-spark-2node.yaml").read_text())
+    data["container"]["env"]["HF_TOKEN"] = "hf_do_not_print_me"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    for args in (["plan", str(cfg)], ["plan", "--json", str(cfg)], ["validate", str(cfg)]):
+        res = run_cli(*args)
+        assert res.returncode == 0
+        assert "hf_do_not_print_me" not in res.stdout + res.stderr
+
+
+def test_readme_config_reference_is_current():
+    from spark_cluster.reference import update_readme
+
+    from .conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    assert update_readme(text) == text, "README's config reference is stale: run `make docs`"

@@ -1,0 +1,166 @@
+"""The plan: pure data from the config; the card's procedure; quoting; secrets."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from spark_cluster.config import parse_config
+from spark_cluster.plan import build_plan
+from spark_cluster.render import MASK, templates_dir
+
+
+def plan_of(text: str, **kw):
+    return build_plan(parse_config(text), **kw)
+
+
+def edit(card_yaml: str, fn) -> str:
+    data = yaml.safe_load(card_yaml)
+    fn(data)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def commands(plan) -> str:
+    return "\n".join(s.command or "" for s in plan.steps)
+
+
+def test_card_flags_and_env_all_present(card_yaml):
+    text = commands(plan_of(card_yaml))
+    for needle in [
+        "--shm-size 10.24g", "--network=host", "--ipc=host", "--privileged", "--gpus all",
+        "NCCL_P2P_DISABLE=1", "NCCL_IB_HCA=roceP2p1s0f0", "NCCL_SOCKET_IFNAME=enP2p1s0f0np0",
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS=3600", "--tensor-parallel-size 2", "--distributed-executor-backend ray",
+        "--gpu-memory-utilization 0.5", "--max-model-len 225000", "--enforce-eager", "--enable-prefix-caching",
+        "--reasoning-parser qwen3", "--enable-auto-tool-choice", "--tool-call-parser qwen3_xml", "--trust-remote-code",
+        "vm.swappiness=1", "--port=6399", "--address=192.168.100.10:6399", "--node-ip-address=192.168.100.11", "--num-gpus=1",
+        "--block", "--head",
+    ]:
+        assert needle in text, needle
+
+
+def test_worker_containers_start_before_head_and_vllm(card_yaml):
+    plan = plan_of(card_yaml)
+    ids = [s.id for s in plan.steps]
+    order = [ids.index("start-workers/spark-2/ray-worker"), ids.index("start-head/spark-1/ray-head"),
+             ids.index("wait-ray/spark-1/nodes"), ids.index("serve/spark-1/vllm"), ids.index("ready/completion")]
+    assert order == sorted(order)
+    phases = [s.phase for s in plan.steps]
+    assert phases.index("preflight") < phases.index("prepare") < phases.index("start-workers") < phases.index("start-head")
+
+
+def test_wait_ray_expects_every_node(card_yaml):
+    step = next(s for s in plan_of(card_yaml).steps if s.kind == "wait-ray")
+    assert step.expect == {"alive_ips": ["192.168.100.10", "192.168.100.11"], "gpus": 2}
+    assert step.deadline_s == 300
+
+
+def test_readiness_checks(card_yaml):
+    steps = plan_of(card_yaml).steps_in("ready")
+    assert [s.request.url for s in steps] == [
+        "http://spark-1.local:8000/health", "http://spark-1.local:8000/v1/models", "http://spark-1.local:8000/v1/completions"]
+    assert steps[-1].request.json_body["model"] == "qwen3.5-122b-a10b"
+    assert all(s.deadline_s == 1800 for s in steps)
+
+
+def test_native_executor_plan(card_yaml):
+    plan = plan_of(edit(card_yaml, lambda d: d.update(executor="native")))
+    worker = next(s for s in plan.steps if s.id == "start-workers/spark-2/vllm-worker")
+    head = next(s for s in plan.steps if s.id == "serve/spark-1/vllm")
+    argv = worker.container.command
+    assert argv[argv.index("--node-rank") + 1] == "1" and "--headless" in argv
+    assert argv[argv.index("--master-addr") + 1] == "192.168.100.10" and argv[argv.index("--nnodes") + 1] == "2"
+    assert "--headless" not in head.container.command and plan.vllm_argv == head.container.command
+    assert "mp" == plan.vllm_argv[plan.vllm_argv.index("--distributed-executor-backend") + 1]
+    assert not any(s.kind == "wait-ray" for s in plan.steps)
+    assert plan.steps.index(worker) < plan.steps.index(head)
+
+
+def test_containers_labelled_with_cluster_and_spec_hash(card_yaml):
+    plan = plan_of(card_yaml)
+    for spec in plan.containers():
+        assert spec.labels["spark-cluster.cluster"] == "spark"
+        assert len(spec.labels["spark-cluster.spec-hash"]) == 16
+    changed = plan_of(edit(card_yaml, lambda d: d["vllm"].update(max_model_len=1000)))
+    before = {c.name: c.labels["spark-cluster.spec-hash"] for c in plan.containers()}
+    after = {c.name: c.labels["spark-cluster.spec-hash"] for c in changed.containers()}
+    assert before["spark-ray-worker"] == after["spark-ray-worker"]  # only vLLM changed
+    assert before["spark-vllm"] != after["spark-vllm"]
+    assert plan.plan_hash != changed.plan_hash
+
+
+def test_no_rm_logs_are_kept(card_yaml):
+    for spec_step in (s for s in plan_of(card_yaml).steps if s.kind == "start"):
+        assert "--rm" not in shlex.split(spec_step.command)
+
+
+def test_secrets_masked_in_plan_and_json(card_yaml):
+    def f(d):
+        d["container"]["env"]["HF_TOKEN"] = "hf_supersecretvalue"
+        d["container"]["env"]["MY_VAR"] = "visible"
+        d["container"]["secret_env"] = ["MY_VAR"]
+        d["nodes"][1]["env"] = {"WANDB_API_KEY": "wandbsecret"}
+
+    text = edit(card_yaml, f)
+    plan = plan_of(text)
+    dumped = plan.model_dump_json()
+    for secret in ("hf_supersecretvalue", "wandbsecret", "visible"):
+        assert secret not in dumped
+    assert f"HF_TOKEN={MASK}" in commands(plan)
+    revealed = plan_of(text, reveal_secrets=True)
+    assert "HF_TOKEN=hf_supersecretvalue" in commands(revealed)
+    assert "WANDB_API_KEY=wandbsecret" in commands(revealed)
+    assert revealed.plan_hash == plan.plan_hash  # secrets never enter the hash
+
+
+def run_with_stub_docker(command: str) -> list[str]:
+    """Run a rendered command in a real bash where `docker` only prints its argv (NUL separated)."""
+    script = 'docker() { printf "%s\\0" "$@"; }\n' + command
+    res = subprocess.run(["bash", "-c", script], capture_output=True, timeout=10)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.decode().split("\0")[:-1]
+
+
+def test_hostile_model_path_is_inert(card_yaml, tmp_path):
+    canary = tmp_path / "pwned"
+    evil = f"/m/x; touch {canary}; $(touch {canary}) `touch {canary}` '\" \n"
+    plan = plan_of(edit(card_yaml, lambda d: d["model"].update(path=evil, container_path=evil, served_name=evil)))
+    vllm = next(s for s in plan.steps if s.id == "serve/spark-1/vllm")
+    argv = run_with_stub_docker(vllm.command)
+    assert not canary.exists()
+    assert f"{evil}:{evil}:ro" in argv
+    assert argv[argv.index("serve") + 1] == evil
+    assert argv[argv.index("--served-model-name") + 1] == evil
+
+
+def test_rendering_reads_only_templates(card_yaml):
+    """Rendering is pure: no socket, no file but the templates, no subprocess."""
+    cfg = parse_config(card_yaml)
+    seen: list[tuple] = []
+    armed = [True]
+
+    def hook(event, args):
+        if armed[0] and event in ("open", "socket.connect", "socket.getaddrinfo", "subprocess.Popen", "os.system"):
+            seen.append((event, args[0] if args else None))
+
+    sys.addaudithook(hook)
+    try:
+        build_plan(cfg)
+        build_plan(cfg, reveal_secrets=True)
+    finally:
+        armed[0] = False
+    tdir = str(templates_dir())
+    bad = [e for e in seen if not (e[0] == "open" and str(e[1]).startswith(tdir))]
+    assert bad == []
+    assert any(e[0] == "open" for e in seen)  # the hook does see the template reads
+
+
+def test_plan_json_roundtrip(card_yaml):
+    plan = plan_of(card_yaml)
+    data = json.loads(plan.model_dump_json())
+    assert data["steps"][0]["phase"] == "preflight"
+    assert data["gpu_memory_utilization_source"].startswith("cluster.yaml")
