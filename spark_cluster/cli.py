@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -24,8 +25,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 T = TypeVar("T")
 
@@ -110,6 +111,181 @@ def print_plan(p: Plan, cfg: ClusterConfig) -> None:
             if step.command:
                 # printed verbatim (no wrapping, no indent): what you see is what runs
                 out.print(step.command, markup=False, highlight=False, soft_wrap=True, style="green")
+
+
+def _reporter(as_json: bool):
+    """Print executor events: JSON lines, or one readable line per finished step."""
+
+    def report(e: dict) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps(e) + "\n")
+            sys.stdout.flush()
+            return
+        kind = e["event"]
+        where = e.get("node") or "controller"
+        if kind == "step-ok":
+            out.print(f"[green]✓[/] [dim]{e['duration_s']:7.1f}s[/] {where:10} {e['phase']:13} {e['description']}", highlight=False)
+        elif kind == "step-skip":
+            out.print(f"[cyan]=[/] [dim]{'':8}[/] {where:10} {e['phase']:13} {e['description']} [dim]({e['reason']})[/]", highlight=False)
+        elif kind == "step-start" and e.get("phase") in ("wait-ray", "ready"):
+            out.print(f"[dim]… {'':7} {where:10} {e['phase']:13} {e['description']}[/]", highlight=False)
+        elif kind == "container-remove":
+            out.print(f"[yellow]-[/] {'':8} {where:10} {'remove':13} {e['container']} [dim]({e['reason']})[/]", highlight=False)
+        elif kind == "node-unreachable":
+            err.print(f"[yellow]![/] {where}: unreachable: {e['error']}", highlight=False)
+
+    return report
+
+
+def _nodes(cfg: ClusterConfig):
+    from .transport import Nodes
+
+    return Nodes(cfg)
+
+
+@app.command()
+def up(
+    config: Path = CONFIG_ARG,
+    as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines instead of a progress view."),
+) -> None:
+    """Bring the cluster to serving: preflight, node tuning, workers then head, Ray, vLLM, a real completion."""
+    from .executor import Executor
+
+    cfg = _load(config)
+
+    def run():
+        with _nodes(cfg) as nodes:
+            return Executor(cfg, nodes, _reporter(as_json)).up()
+
+    res = _guard(run)
+    if not as_json:
+        if res.changed:
+            out.print(f"[bold green]serving[/] at {cfg.endpoint()} (model {cfg.model.name}) after {res.total_s:.1f}s  "
+                      f"[dim]phases: {', '.join(f'{k} {v:.1f}s' for k, v in res.phases.items())}[/]", highlight=False)
+        else:
+            out.print(f"[bold green]serving[/] at {cfg.endpoint()}: nothing changed (all containers up to date)", highlight=False)
+
+
+@app.command()
+def down(
+    config: Path = CONFIG_ARG,
+    as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines."),
+) -> None:
+    """Stop vLLM, the head, then the workers; save their logs locally; remove the containers."""
+    from .executor import Executor
+
+    cfg = _load(config)
+
+    def run():
+        with _nodes(cfg) as nodes:
+            return Executor(cfg, nodes, _reporter(as_json)).down()
+
+    logs = _guard(run)
+    if not as_json:
+        out.print("down: no cluster container left" + (f"; logs saved in {logs}" if logs else " (nothing was running)"), highlight=False)
+
+
+@app.command()
+def logs(
+    config: Path = CONFIG_ARG,
+    node: Optional[str] = typer.Argument(None, help="Only this node."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    tail: int = typer.Option(100, "--tail", help="Lines per container (0: all)."),
+) -> None:
+    """Container logs of the cluster (Ray head/worker, vLLM) from every node, or one."""
+    from .executor import list_containers
+    from .render import quote
+
+    cfg = _load(config)
+    names = [n.name for n in cfg.nodes]
+    if node is not None and node not in names:
+        err.print(f"[bold red]error:[/] no node {node!r} in {config} (nodes: {', '.join(names)})")
+        raise typer.Exit(2)
+
+    def run():
+        with _nodes(cfg) as nodes:
+            targets = [node] if node else names
+            for n in targets:
+                for c in list_containers(nodes[n], cfg.name):
+                    if follow:
+                        out.print(f"[bold]== {n} {c.name} ({c.state}) — following, Ctrl-C to stop[/]")
+                        cmd = f"docker logs --follow --tail {tail if tail else 'all'} {quote(c.name)} 2>&1"
+                        nodes[n].run(cmd, timeout=10**9, on_output=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+                    else:
+                        r = nodes[n].run(f"docker logs --tail {tail if tail else 'all'} {quote(c.name)} 2>&1", timeout=120)
+                        out.print(f"[bold]== {n} {c.name} ({c.state})[/]")
+                        sys.stdout.write(r.stdout)
+
+    try:
+        _guard(run)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+sim_app = typer.Typer(
+    help="The local simulated cluster: N 'Spark' nodes on this machine (namespaces + sshd + dockerd, real vLLM on CPU). Needs root.",
+    no_args_is_help=True,
+)
+app.add_typer(sim_app, name="sim")
+
+
+@sim_app.command("up")
+def sim_up(
+    nodes: int = typer.Option(2, "--nodes", "-n", help="How many nodes."),
+    image: bool = typer.Option(True, "--image/--no-image", help="Build (or reuse) the node image and load it, with the model, into every node."),
+) -> None:
+    """Create the simulated nodes (removing what an earlier run left), then load the image and model."""
+    from .sim import cluster, image as sim_image, provision
+
+    def run() -> None:
+        cluster.check_prerequisites()
+        img = None
+        if image:
+            t0 = time.monotonic()
+            img = sim_image.build(log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
+            if img.built_s is not None:
+                out.print(f"image built in {img.built_s:.0f}s (cold)")
+            else:
+                out.print(f"image {img.tag} reused from the cache ({time.monotonic() - t0:.1f}s)")
+        sim_nodes = cluster.up(nodes, log=out.print)
+        if img is not None:
+            took = provision.provision(sim_nodes, img, log=out.print)
+            out.print(f"image and model on every node ({took:.1f}s)")
+        out.print(f"SSH: key {cluster.client_key()}, known_hosts {cluster.known_hosts()}")
+
+    _guard(run)
+
+
+@sim_app.command("down")
+def sim_down() -> None:
+    """Remove the simulated cluster: every process, namespace, link and cgroup. Safe to repeat."""
+    from .sim import cluster
+
+    _guard(lambda: cluster.down(log=out.print))
+
+
+@sim_app.command("status")
+def sim_status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Which simulated nodes exist and run."""
+    from .sim import cluster
+
+    data = _guard(cluster.status)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    if not data["nodes"]:
+        out.print("no simulated cluster" + (f" (leftover namespaces: {', '.join(data['namespaces'])})" if data["namespaces"] else ""))
+    for n in data["nodes"]:
+        out.print(f"{n['name']:8} {n['ip']:12} {'running' if n['running'] else 'STOPPED'}")
+
+
+@sim_app.command("image")
+def sim_image_cmd(force: bool = typer.Option(False, "--force", help="Rebuild even when cached.")) -> None:
+    """Build (or reuse) the simulated nodes' image archive and the tiny model."""
+    from .sim import image as sim_image
+
+    img = _guard(lambda: sim_image.build(force=force, log=lambda m: err.print(f"[dim]{m}[/]", highlight=False)))
+    out.print(f"{img.tag} {img.image_id} {img.archive}" + (f" (built in {img.built_s:.0f}s)" if img.built_s else " (cached)"))
 
 
 def main() -> None:  # console script entry point

@@ -89,7 +89,7 @@ class SSHSettings(Strict):
         return SSHSettings(**data)
 
 
-SSH_DEFAULTS = {"port": 22, "trust_on_first_use": False, "sudo": False, "connect_timeout_s": 10.0, "command_timeout_s": 120.0}
+SSH_DEFAULTS = {"trust_on_first_use": False, "sudo": False, "connect_timeout_s": 10.0, "command_timeout_s": 120.0}
 
 
 class NCCLSettings(Strict):

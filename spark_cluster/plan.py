@@ -244,7 +244,7 @@ class _Builder:
         if not cfg.sysctl:
             return
         content = render("sysctl.conf.j2", cluster=cfg.name, sysctl=cfg.sysctl)
-        expected = "\n".join(str(v) for v in cfg.sysctl.values()) + "\n" + content
+        expected = "\n".join(str(v) for v in cfg.sysctl.values()) + "\n" + content + "\n"
         for node in cfg.nodes:
             t = self.ssh_timeout(node)
             self.add(id=f"prepare/{node.name}/sysctl", phase="prepare", node=node.name, kind="run",

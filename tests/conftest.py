@@ -28,3 +28,45 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
         env={**os.environ, "COLUMNS": "200", **(env or {})},
         timeout=60,
     )
+
+
+# ---- the local simulated cluster ---------------------------------------------------------------
+# One per machine (fixed names and subnet): tests marked `cluster` share one session-scoped
+# instance, created on first use and torn down at the end of the session, also on failure.
+
+SIM_CONFIG = CONFIGS / "local-sim.yaml"
+
+
+@pytest.fixture(scope="session")
+def sim_image():
+    from spark_cluster.sim import image
+
+    return image.build()
+
+
+@pytest.fixture(scope="session")
+def sim(sim_image):
+    """Two simulated nodes with the image and the model loaded. Yields the SimNode list."""
+    from spark_cluster.sim import cluster, provision
+
+    cluster.check_prerequisites()
+    nodes = cluster.up(2)
+    try:
+        provision.provision(nodes, sim_image)
+        yield nodes
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def sim_cfg(sim):
+    from spark_cluster.config import load_config
+
+    return load_config(SIM_CONFIG)
+
+
+def sim_docker(node: str, *args: str, check: bool = True, timeout: float = 120):
+    """Run docker inside a simulated node directly (test setup and fault injection, not the product path)."""
+    from spark_cluster.sim import cluster
+
+    return cluster.node_exec(node, "docker", *args, check=check, timeout=timeout)

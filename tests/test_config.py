@@ -197,4 +197,4 @@ def test_per_node_overrides(card_yaml):
     assert cfg.node_nccl(w).env()["NCCL_IB_HCA"] == "roceP2p1s0f0"
     assert cfg.node_nccl(w).env()["NCCL_IB_TIMEOUT"] == "22"
     assert cfg.node_ssh(w).port == 2222 and cfg.node_ssh(w).user == "spark"
-    assert cfg.node_ssh(cfg.nodes[0]).port == 22
+    assert cfg.node_ssh(cfg.nodes[0]).port is None  # from ~/.ssh/config, else 22, at connect time

@@ -1,0 +1,530 @@
+"""The one executor with side effects: runs the plan over SSH, step by step.
+
+`up` = preflight (all nodes in parallel, nothing changed) -> prepare -> containers in the
+plan's order (unchanged ones kept) -> wait for Ray -> readiness. `down` = stop and remove in
+reverse order, saving logs first. Progress is reported as events (a callback), so the CLI
+can print a live view or JSON lines.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import httpx
+
+from .config import ClusterConfig
+from .errors import SparkClusterError
+from .plan import LABEL_PREFIX, ContainerSpec, Plan, Step, build_plan, container_name
+from .render import quote
+from .transport import CommandTimeout, Nodes, Result, SSHTransport, TransportError
+
+Reporter = Callable[[dict[str, Any]], None]
+
+COMPONENT_ORDER = ["vllm", "ray-head", "vllm-worker", "ray-worker"]  # stop order: vLLM, head, workers
+
+
+class PreflightError(SparkClusterError):
+    exit_code = 8
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("preflight failed, nothing was changed:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class StepError(SparkClusterError):
+    exit_code = 9
+
+    def __init__(self, step: Step, message: str, tail: str = ""):
+        self.step = step
+        where = step.node or "controller"
+        super().__init__(f"{where}: step {step.id} ({step.description}) failed: {message}" + (f"\n{tail}" if tail else ""))
+
+
+class LockedError(SparkClusterError):
+    exit_code = 10
+
+
+@dataclass
+class Existing:
+    """A cluster container found on a node."""
+
+    node: str
+    name: str
+    id: str
+    state: str
+    spec_hash: str
+    component: str
+    image_id: str = ""
+    started_at: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+@dataclass
+class UpResult:
+    changed: bool
+    recreated: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    total_s: float = 0.0
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def list_containers(t: SSHTransport, cluster: str, timeout: float = 30) -> list[Existing]:
+    fmt = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"%s.spec-hash\"}}\t{{.Label \"%s.component\"}}" % (LABEL_PREFIX, LABEL_PREFIX)
+    res = t.run(f"docker ps -a --no-trunc --filter {quote(f'label={LABEL_PREFIX}.cluster={cluster}')} --format {quote(fmt)}",
+                timeout=timeout).check("listing cluster containers")
+    out = []
+    for line in res.stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 5:
+            out.append(Existing(t.node, parts[1], parts[0], parts[2], parts[3], parts[4]))
+    return out
+
+
+class Executor:
+    def __init__(self, cfg: ClusterConfig, nodes: Nodes, report: Reporter | None = None):
+        self.cfg = cfg
+        self.nodes = nodes
+        self.report = report or (lambda e: None)
+        self.plan: Plan = build_plan(cfg, reveal_secrets=True)
+        self.shown: Plan = build_plan(cfg)
+        self.shown_by_id = {s.id: s for s in self.shown.steps}
+
+    # ---- events -------------------------------------------------------------------------
+    def emit(self, event: str, step: Step | None = None, **data: Any) -> None:
+        e: dict[str, Any] = {"ts": _now(), "event": event}
+        if step is not None:
+            e.update(step=step.id, phase=step.phase, node=step.node, description=step.description)
+        e.update(data)
+        self.report(e)
+
+    # ---- lock ---------------------------------------------------------------------------
+    def _lock_dir(self) -> str:
+        return f"/tmp/spark-cluster-{self.cfg.name}.lock"
+
+    def acquire_lock(self, what: str) -> None:
+        head = self.nodes[self.cfg.head.name]
+        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": what, "since": _now()})
+        d = self._lock_dir()
+        res = head.run(f"mkdir {quote(d)} 2>/dev/null && printf '%s' {quote(holder)} > {quote(d + '/holder')}", timeout=30)
+        if res.ok:
+            return
+        info = head.run(f"cat {quote(d + '/holder')} 2>/dev/null", timeout=30).stdout.strip()
+        try:
+            h = json.loads(info)
+        except ValueError:
+            h = {}
+        if h.get("host") == socket.gethostname() and h.get("pid") and not _pid_alive(int(h["pid"])):
+            head.run(f"rm -rf {quote(d)}", timeout=30)
+            return self.acquire_lock(what)
+        who = f"{h.get('command', '?')} by pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('since', '?')}" if h else "unknown holder"
+        raise LockedError(
+            f"another spark-cluster operation holds the lock of cluster {self.cfg.name}: {who}",
+            hint=f"wait for it; if it is gone, remove {d} on {self.cfg.head.name}",
+        )
+
+    def release_lock(self) -> None:
+        try:
+            self.nodes[self.cfg.head.name].run(f"rm -rf {quote(self._lock_dir())}", timeout=30)
+        except SparkClusterError:
+            pass
+
+    # ---- generic step running -----------------------------------------------------------
+    def _run_step(self, step: Step) -> Result:
+        t = self.nodes[step.node]
+        self.emit("step-start", step)
+        t0 = time.monotonic()
+        try:
+            res = t.run(step.command, timeout=step.timeout_s)
+        except CommandTimeout as exc:
+            self.emit("step-failed", step, duration_s=round(time.monotonic() - t0, 3), error=str(exc))
+            raise StepError(step, str(exc)) from None
+        return res
+
+    def _done(self, step: Step, t0: float, **data: Any) -> None:
+        self.emit("step-ok", step, duration_s=round(time.monotonic() - t0, 3), **data)
+
+    # ---- preflight ----------------------------------------------------------------------
+    def preflight(self, existing: dict[str, list[Existing]]) -> None:
+        steps = self.plan.steps_in("preflight")
+        by_node: dict[str, list[Step]] = {}
+        for s in steps:
+            by_node.setdefault(s.node, []).append(s)
+        t0 = time.monotonic()
+        for s in steps:
+            self.emit("step-start", s)
+
+        def run_node(t: SSHTransport) -> dict[str, Result]:
+            return {s.id: t.run(s.command, timeout=s.timeout_s) for s in by_node[t.node]}
+
+        results = self.nodes.map(run_node, by_node.keys())
+        problems: list[str] = []
+        outputs: dict[str, dict[str, Result]] = {}
+        for node, res in results.items():
+            if isinstance(res, BaseException):
+                problems.append(str(res) if isinstance(res, SparkClusterError) else f"{node}: {res!r}")
+                continue
+            outputs[node] = res
+        if problems:
+            raise PreflightError(problems)
+        running_here = {n: any(c.running for c in cs) for n, cs in existing.items()}
+        same: dict[str, dict[str, str]] = {}
+        for node, res in outputs.items():
+            for s in by_node[node]:
+                r = res[s.id]
+                kind = s.id.rsplit("/", 1)[-1]
+                problem = self._evaluate(s, kind, r, running_here.get(node, False))
+                if problem:
+                    problems.append(f"{node}: {problem}")
+                elif s.expect.get("same_on_all_nodes"):
+                    same.setdefault(kind, {})[node] = r.stdout
+        for kind, values in same.items():
+            if len(set(values.values())) > 1:
+                problems.append(self._differs(kind, values))
+        for s in steps:
+            r = outputs[s.node][s.id]
+            self.emit("step-ok" if not problems else "step-checked", s, duration_s=round(r.duration_s, 3))
+        if problems:
+            raise PreflightError(problems)
+        self.emit("phase-done", phase="preflight", duration_s=round(time.monotonic() - t0, 3))
+
+    def _evaluate(self, s: Step, kind: str, r: Result, cluster_running: bool) -> str | None:
+        cfg = self.cfg
+        if kind == "docker":
+            return None if r.ok else f"docker does not answer ({r.tail(3).strip()}): install Docker and let the SSH user use it (docker group)"
+        if kind == "image":
+            return None if r.ok else f"image {cfg.container.image} is not on this node: `docker pull {cfg.container.image}` there (or copy it: docker save | ssh node docker load)"
+        if kind == "model":
+            if not r.ok:
+                return f"model folder {cfg.model.path} is missing or unreadable: copy the model there (same files on every node)"
+            if not r.stdout.strip():
+                return f"model folder {cfg.model.path} is empty"
+            return None
+        if kind == "gpu-runtime":
+            return None if r.ok and "nvidia" in r.stdout else "the NVIDIA container runtime is missing: install nvidia-container-toolkit (GPUs are requested)"
+        if kind == "ports":
+            if not r.stdout.strip() or cluster_running:
+                return None
+            return f"port(s) {', '.join(map(str, s.expect['ports']))} already in use by something else: {r.stdout.strip().splitlines()[0]}"
+        if kind == "memory":
+            if cluster_running:
+                return None
+            if not r.ok:
+                return f"cannot read memory information: {r.tail(3).strip()}"
+            info = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+):\s+(\d+) kB", r.stdout, re.M)}
+            total, avail = info.get("MemTotal", 0) / 2**20, info.get("MemAvailable", 0) / 2**20
+            need = max(total * float(s.expect.get("min_available_fraction") or 0), float(s.expect.get("min_available_gib") or 0))
+            if avail < need:
+                hint = "" if cfg.memory.drop_page_cache else " (memory.drop_page_cache: true may free page cache)"
+                return f"only {avail:.1f} GiB of {total:.1f} GiB available, {need:.1f} GiB needed for gpu_memory_utilization {self.plan.gpu_memory_utilization}{hint}"
+            return None
+        return None if r.ok else f"{s.description}: {r.tail(3).strip()}"
+
+    def _differs(self, kind: str, values: dict[str, str]) -> str:
+        head = self.cfg.head.name
+        ref = values.get(head, next(iter(values.values())))
+        bad = [n for n, v in values.items() if v != ref]
+        if kind == "image":
+            ids = ", ".join(f"{n}={v.strip()[:19]}" for n, v in values.items())
+            return f"image {self.cfg.container.image} differs between nodes ({ids}): load the same image everywhere"
+        if kind == "model":
+            ref_set = set(ref.splitlines())
+            details = []
+            for n in bad:
+                other = set(values[n].splitlines())
+                missing = sorted(x.split("\t")[0] for x in ref_set - other)[:5]
+                extra = sorted(x.split("\t")[0] for x in other - ref_set)[:5]
+                details.append(f"{n}: missing or different {missing}, extra {extra}")
+            return f"model folder {self.cfg.model.path} differs from {head}'s: " + "; ".join(details)
+        return f"{kind} differs between nodes: {', '.join(bad)}"
+
+    # ---- prepare ------------------------------------------------------------------------
+    def prepare(self) -> None:
+        steps = self.plan.steps_in("prepare")
+        by_node: dict[str, list[Step]] = {}
+        for s in steps:
+            by_node.setdefault(s.node, []).append(s)
+
+        def run_node(t: SSHTransport) -> None:
+            for s in by_node[t.node]:
+                t0 = time.monotonic()
+                r = self._run_step(s)
+                if not r.ok:
+                    raise StepError(s, f"exit code {r.exit_code}", r.tail())
+                want = s.expect.get("stdout")
+                if want is not None and r.stdout != want:
+                    raise StepError(s, "the value did not stick", f"    expected:\n{_indent(want)}\n    read back:\n{_indent(r.stdout)}")
+                self._done(s, t0)
+
+        for node, res in self.nodes.map(run_node, by_node.keys()).items():
+            if isinstance(res, BaseException):
+                raise res
+
+    # ---- containers ---------------------------------------------------------------------
+    def existing(self) -> dict[str, list[Existing]]:
+        res = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
+        out = {}
+        for node, r in res.items():
+            if isinstance(r, BaseException):
+                raise r
+            out[node] = r
+        return out
+
+    def _start(self, step: Step) -> None:
+        t0 = time.monotonic()
+        r = self._run_step(step)
+        if not r.ok:
+            raise StepError(step, f"docker run exited {r.exit_code}", r.tail())
+        self._done(step, t0, container=step.container.name, id=r.stdout.strip()[:12])
+
+    def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path]) -> None:
+        t = self.nodes[node]
+        if save_logs_to is not None:
+            save_logs(t, name, save_logs_to)
+        stop = self.cfg.container.stop_timeout_s
+        t.run(f"docker stop -t {stop} {quote(name)} >/dev/null 2>&1; docker rm -f {quote(name)} >/dev/null 2>&1; true",
+              timeout=stop + 60)
+
+    def logs_dir(self, what: str) -> Path:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        d = self.cfg.resolved_state_dir() / "logs" / f"{stamp}-{what}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # ---- waits --------------------------------------------------------------------------
+    def wait_ray(self, step: Step) -> None:
+        t0 = time.monotonic()
+        self.emit("step-start", step)
+        deadline = t0 + (step.deadline_s or 300)
+        want = set(step.expect.get("alive_ips", []))
+        last: list[dict] = []
+        while True:
+            try:
+                r = self.nodes[step.node].run(step.command, timeout=step.timeout_s)
+                for line in r.stdout.splitlines():
+                    if line.startswith("SPARK_CLUSTER_RAY_NODES "):
+                        try:
+                            last = json.loads(line.split(" ", 1)[1])
+                        except ValueError:
+                            pass
+            except CommandTimeout:
+                pass
+            alive = {n["ip"] for n in last if n.get("alive")}
+            gpus = sum(float(n.get("resources", {}).get("GPU", 0)) for n in last if n.get("alive"))
+            if want <= alive and gpus >= float(step.expect.get("gpus", 0)):
+                self._done(step, t0, alive=sorted(alive), gpus=gpus)
+                return
+            self._check_containers_alive(step)
+            if time.monotonic() > deadline:
+                missing = [n for n in self.cfg.nodes if n.address not in alive]
+                details = []
+                for n in missing:
+                    name = container_name(self.cfg, "ray-head" if n.role == "head" else "ray-worker")
+                    details.append(f"  {n.name} ({n.address}) has not joined; last lines of {name}:\n" + _tail_logs(self.nodes[n.name], name))
+                msg = (f"Ray shows {len(alive)} of {len(want)} nodes after {step.deadline_s:g}s"
+                       + (f", {gpus:g} of {step.expect.get('gpus')} GPUs" if "gpus" in step.expect else ""))
+                raise StepError(step, msg + "; missing: " + ", ".join(n.name for n in missing), "\n".join(details))
+            time.sleep(self.cfg.health.poll_interval_s)
+
+    def _check_containers_alive(self, step: Step) -> None:
+        """Fail fast when a container the wait depends on has exited."""
+        for s in self.plan.steps:
+            if s.container is None or self.plan.steps.index(s) > self.plan.steps.index(step):
+                continue
+            r = self.nodes[s.node].run(f"docker inspect -f '{{{{.State.Status}}}} {{{{.State.ExitCode}}}}' {quote(s.container.name)}", timeout=30)
+            state = r.stdout.strip()
+            if r.ok and not state.startswith("running"):
+                raise StepError(step, f"container {s.container.name} on {s.node} is {state}",
+                                _tail_logs(self.nodes[s.node], s.container.name))
+
+    def wait_ready(self, steps: list[Step]) -> None:
+        deadline_start = time.monotonic()
+        last_check = 0.0
+        with httpx.Client() as http:
+            for step in steps:
+                t0 = time.monotonic()
+                self.emit("step-start", step)
+                deadline = deadline_start + (step.deadline_s or 600)
+                last_err = ""
+                while True:
+                    ok, last_err = _http_check(http, step)
+                    if ok:
+                        self._done(step, t0)
+                        break
+                    if time.monotonic() - last_check > 10:
+                        last_check = time.monotonic()
+                        self._check_containers_alive(self.plan.steps[-1])
+                    if time.monotonic() > deadline:
+                        raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
+                                        _tail_logs(self.nodes[self.cfg.head.name], container_name(self.cfg, "vllm")))
+                    time.sleep(self.cfg.health.poll_interval_s)
+
+    # ---- up / down ----------------------------------------------------------------------
+    def up(self) -> UpResult:
+        t_start = time.monotonic()
+        phases: dict[str, float] = {}
+        self.acquire_lock("up")
+        try:
+            t = time.monotonic()
+            existing = self.existing()
+            self.preflight(existing)
+            phases["preflight"] = time.monotonic() - t
+            t = time.monotonic()
+            self.prepare()
+            phases["prepare"] = time.monotonic() - t
+            found = {(c.node, c.name): c for cs in existing.values() for c in cs}
+            starts = [s for s in self.plan.steps if s.kind == "start"]
+            # the first container that is missing, stopped or from another spec, and every
+            # later one, is (re)created; earlier ones are kept
+            first_change = len(starts)
+            for i, s in enumerate(starts):
+                c = found.get((s.node, s.container.name))
+                if c is None or not c.running or c.spec_hash != s.container.labels[f"{LABEL_PREFIX}.spec-hash"]:
+                    first_change = i
+                    break
+            wanted = {(s.node, s.container.name) for s in starts}
+            stale = [c for c in found.values() if (c.node, c.name) not in wanted]
+            recreate = starts[first_change:]
+            kept = [s.container.name + "@" + s.node for s in starts[:first_change]]
+            if recreate or stale:
+                logs = self.logs_dir("replaced")
+                gone = [(s.node, s.container.name) for s in recreate if (s.node, s.container.name) in found] + [(c.node, c.name) for c in stale]
+                for node, name in sorted(gone, key=lambda x: _stop_rank(found[x].component)):
+                    self.emit("container-remove", node=node, container=name, reason="changed or not running")
+                    self._remove(node, name, save_logs_to=logs)
+            for s in starts[:first_change]:
+                self.emit("step-skip", s, reason="unchanged and running")
+            t = time.monotonic()
+            for s in self.plan.steps:
+                if s.kind == "start" and s in recreate:
+                    self._start(s)
+                elif s.kind == "wait-ray":
+                    if any(r.container.component.startswith("ray-") for r in recreate):
+                        phases["start"] = time.monotonic() - t
+                        t = time.monotonic()
+                        self.wait_ray(s)
+                        phases["wait-ray"] = time.monotonic() - t
+                        t = time.monotonic()
+                    else:
+                        self.emit("step-skip", s, reason="Ray unchanged")
+            phases.setdefault("start", 0.0)
+            phases["serve"] = time.monotonic() - t
+            t = time.monotonic()
+            self.wait_ready(self.plan.steps_in("ready"))
+            phases["ready"] = time.monotonic() - t
+        finally:
+            self.release_lock()
+        total = time.monotonic() - t_start
+        result = UpResult(changed=bool(recreate or stale), recreated=[s.container.name + "@" + s.node for s in recreate],
+                          kept=kept, phases={k: round(v, 2) for k, v in phases.items()}, total_s=round(total, 2))
+        self.emit("up-done", changed=result.changed, recreated=result.recreated, kept=result.kept, phases=result.phases, total_s=result.total_s)
+        return result
+
+    def down(self, *, lock: bool = True) -> Path | None:
+        if lock:
+            self.acquire_lock("down")
+        try:
+            existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
+            found: list[Existing] = []
+            for node, r in existing.items():
+                if isinstance(r, BaseException):
+                    self.emit("node-unreachable", node=node, error=str(r))
+                    continue
+                found.extend(r)
+            if not found:
+                self.emit("down-done", removed=[], logs=None)
+                return None
+            logs = self.logs_dir("down")
+            for rank in range(len(COMPONENT_ORDER) + 1):
+                batch = [c for c in found if _stop_rank(c.component) == rank]
+                if not batch:
+                    continue
+
+                def remove(c: Existing) -> None:
+                    self.emit("container-remove", node=c.node, container=c.name, reason="down")
+                    self._remove(c.node, c.name, save_logs_to=logs)
+
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+                    list(pool.map(remove, batch))
+            self.emit("down-done", removed=[f"{c.name}@{c.node}" for c in found], logs=str(logs))
+            return logs
+        finally:
+            if lock:
+                self.release_lock()
+
+
+def _stop_rank(component: str) -> int:
+    return COMPONENT_ORDER.index(component) if component in COMPONENT_ORDER else len(COMPONENT_ORDER)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("      " + line for line in text.splitlines())
+
+
+def _tail_logs(t: SSHTransport, name: str, lines: int = 20) -> str:
+    try:
+        r = t.run(f"docker logs --tail {lines} {quote(name)} 2>&1", timeout=30)
+        return _indent(r.stdout.strip() or "(no output)")
+    except SparkClusterError as exc:
+        return _indent(f"(could not read logs: {exc})")
+
+
+def save_logs(t: SSHTransport, name: str, folder: Path) -> Path | None:
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        r = t.run(f"docker logs --timestamps {quote(name)} 2>&1", timeout=120)
+    except SparkClusterError:
+        return None
+    path = folder / f"{t.node}--{name}.log"
+    path.write_text(r.stdout)
+    return path
+
+
+def _http_check(http: httpx.Client, step: Step) -> tuple[bool, str]:
+    req = step.request
+    try:
+        resp = http.request(req.method, req.url, json=req.json_body, timeout=step.timeout_s)
+    except httpx.HTTPError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    if resp.status_code != step.expect.get("status", 200):
+        return False, f"HTTP {resp.status_code}: {resp.text[:200]}"
+    if "model" in step.expect:
+        try:
+            ids = [m["id"] for m in resp.json().get("data", [])]
+        except ValueError:
+            return False, "not JSON"
+        if step.expect["model"] not in ids:
+            return False, f"served models are {ids}, not {step.expect['model']}"
+    if step.expect.get("choices"):
+        try:
+            if not resp.json().get("choices"):
+                return False, "no choices in the completion"
+        except ValueError:
+            return False, "not JSON"
+    return True, ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

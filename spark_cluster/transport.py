@@ -1,0 +1,282 @@
+"""The one way spark-cluster reaches a node: SSH (paramiko), host keys verified.
+
+Small on purpose: run a command with a deadline -> Result; put a file; close. One connection
+per node, reused. Transport failures (unreachable, authentication, host key) raise
+TransportError; a command that ran and failed is a Result with a non-zero exit code, and
+`Result.check()` turns it into CommandFailed.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import select
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, TypeVar
+
+import paramiko
+
+from .config import ClusterConfig, Node, SSHSettings
+from .errors import SparkClusterError
+from .render import quote
+
+T = TypeVar("T")
+
+
+class TransportError(SparkClusterError):
+    """The node could not be reached or would not let us in (nothing ran)."""
+
+    exit_code = 5
+
+
+class HostKeyError(TransportError):
+    """The node's SSH host key is unknown or changed: refused before anything runs."""
+
+
+class CommandTimeout(SparkClusterError):
+    exit_code = 6
+
+
+class CommandFailed(SparkClusterError):
+    exit_code = 7
+
+    def __init__(self, result: "Result", what: str | None = None):
+        self.result = result
+        tail = result.tail()
+        msg = f"{result.node}: {what or 'command'} failed with exit code {result.exit_code}"
+        super().__init__(msg + (f"\n{tail}" if tail else ""))
+
+
+@dataclass
+class Result:
+    node: str
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def tail(self, lines: int = 15) -> str:
+        text = (self.stderr.strip() or self.stdout.strip())
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+    def check(self, what: str | None = None) -> "Result":
+        if not self.ok:
+            raise CommandFailed(self, what)
+        return self
+
+
+@dataclass
+class Endpoint:
+    """Where and how to connect, after ~/.ssh/config is applied."""
+
+    node: str
+    hostname: str
+    port: int
+    user: str
+    key_files: list[str] = field(default_factory=list)
+    known_hosts: str = "~/.ssh/known_hosts"
+    trust_on_first_use: bool = False
+    connect_timeout_s: float = 10.0
+    command_timeout_s: float = 120.0
+
+
+def resolve_endpoint(node: Node, s: SSHSettings) -> Endpoint:
+    """Apply ~/.ssh/config (Host aliases, HostName, User, Port, IdentityFile), then cluster.yaml wins."""
+    cfg_path = Path(os.path.expanduser(s.config_file or "~/.ssh/config"))
+    host_cfg: dict = {}
+    if cfg_path.is_file():
+        ssh_config = paramiko.SSHConfig.from_path(str(cfg_path))
+        host_cfg = ssh_config.lookup(node.host)
+    keys = [s.key] if s.key else list(host_cfg.get("identityfile", []))
+    return Endpoint(
+        node=node.name,
+        hostname=host_cfg.get("hostname", node.host),
+        port=int(s.port or host_cfg.get("port") or 22),
+        user=s.user or host_cfg.get("user") or getpass.getuser(),
+        key_files=[os.path.expanduser(k) for k in keys],
+        known_hosts=os.path.expanduser(s.known_hosts or host_cfg.get("userknownhostsfile", "~/.ssh/known_hosts").split()[0]),
+        trust_on_first_use=bool(s.trust_on_first_use),
+        connect_timeout_s=float(s.connect_timeout_s or 10),
+        command_timeout_s=float(s.command_timeout_s or 120),
+    )
+
+
+class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
+    def __init__(self, path: str):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):  # noqa: D401 - paramiko API
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class SSHTransport:
+    """One node's SSH connection, opened on first use and reused; thread-safe."""
+
+    def __init__(self, endpoint: Endpoint):
+        self.ep = endpoint
+        self._client: Optional[paramiko.SSHClient] = None
+        self._lock = threading.Lock()
+
+    @property
+    def node(self) -> str:
+        return self.ep.node
+
+    def _host_id(self) -> str:
+        return self.ep.hostname if self.ep.port == 22 else f"[{self.ep.hostname}]:{self.ep.port}"
+
+    def connect(self) -> paramiko.SSHClient:
+        with self._lock:
+            if self._client is not None and self._client.get_transport() is not None and self._client.get_transport().is_active():
+                return self._client
+            ep = self.ep
+            client = paramiko.SSHClient()
+            if os.path.exists(ep.known_hosts):
+                client.get_host_keys().load(ep.known_hosts)
+            elif not ep.trust_on_first_use:
+                raise HostKeyError(
+                    f"{ep.node}: known_hosts file {ep.known_hosts} does not exist, so the host key of {self._host_id()} cannot be verified",
+                    hint="add the node's key (ssh-keyscan, checked by hand) or set ssh.trust_on_first_use: true once",
+                )
+            client.set_missing_host_key_policy(
+                _TrustOnFirstUse(ep.known_hosts) if ep.trust_on_first_use else paramiko.RejectPolicy()
+            )
+            try:
+                client.connect(
+                    ep.hostname,
+                    port=ep.port,
+                    username=ep.user,
+                    key_filename=ep.key_files or None,
+                    timeout=ep.connect_timeout_s,
+                    banner_timeout=ep.connect_timeout_s,
+                    auth_timeout=ep.connect_timeout_s,
+                    channel_timeout=ep.connect_timeout_s,
+                    allow_agent=not ep.key_files,
+                    look_for_keys=not ep.key_files,
+                )
+            except paramiko.BadHostKeyException as exc:
+                raise HostKeyError(
+                    f"{ep.node}: the SSH host key of {self._host_id()} CHANGED (got {exc.key.get_name()} "
+                    f"{exc.key.get_fingerprint().hex()}, {ep.known_hosts} has another). Refusing to connect.",
+                    hint="if the node was reinstalled, remove its old line from known_hosts after checking the new key",
+                ) from None
+            except paramiko.SSHException as exc:
+                if "not found in known_hosts" in str(exc):
+                    raise HostKeyError(
+                        f"{ep.node}: the SSH host key of {self._host_id()} is not in {ep.known_hosts}. Refusing to connect.",
+                        hint="add it after checking it (ssh-keyscan), or set ssh.trust_on_first_use: true once",
+                    ) from None
+                if isinstance(exc, paramiko.AuthenticationException):
+                    raise TransportError(f"{ep.node}: SSH authentication as {ep.user}@{self._host_id()} failed ({exc})") from None
+                raise TransportError(f"{ep.node}: SSH to {self._host_id()} failed: {exc}") from None
+            except (socket.timeout, TimeoutError):
+                raise TransportError(f"{ep.node}: {self._host_id()} did not answer within {ep.connect_timeout_s:g}s (unreachable?)") from None
+            except OSError as exc:
+                raise TransportError(f"{ep.node}: cannot reach {self._host_id()}: {exc.strerror or exc}") from None
+            transport = client.get_transport()
+            if transport is not None:
+                transport.set_keepalive(15)
+            self._client = client
+            return client
+
+    def run(self, command: str, *, timeout: float | None = None, input: bytes | None = None,
+            on_output: Callable[[str], None] | None = None) -> Result:
+        """Run `command` through the node's shell; wait at most `timeout` seconds."""
+        limit = self.ep.command_timeout_s if timeout is None else timeout
+        client = self.connect()
+        t0 = time.monotonic()
+        try:
+            chan = client.get_transport().open_session(timeout=self.ep.connect_timeout_s)
+            chan.exec_command(command)
+            if input is not None:
+                chan.sendall(input)
+            chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            deadline = t0 + limit
+            while True:
+                progressed = False
+                while chan.recv_ready():
+                    chunk = chan.recv(65536)
+                    out += chunk
+                    if on_output:
+                        on_output(chunk.decode(errors="replace"))
+                    progressed = True
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                    progressed = True
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if time.monotonic() > deadline:
+                    chan.close()
+                    raise CommandTimeout(f"{self.node}: command did not finish within {limit:g}s: {_short(command)}")
+                if not progressed:
+                    select.select([chan], [], [], 0.05)
+            code = chan.recv_exit_status()
+            chan.close()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self.close()
+            raise TransportError(f"{self.node}: SSH connection lost while running {_short(command)}: {exc}") from None
+        return Result(self.node, command, code, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0)
+
+    def put(self, path: str, data: bytes, *, mode: int = 0o644, timeout: float | None = None) -> None:
+        """Write a file on the node atomically (via the shell: no SFTP subsystem needed)."""
+        tmp = f"{path}.spark-cluster.tmp"
+        cmd = f"umask 077 && cat > {quote(tmp)} && chmod {mode:o} {quote(tmp)} && mv -f {quote(tmp)} {quote(path)}"
+        self.run(cmd, input=data, timeout=timeout).check(f"writing {path}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def _short(command: str, n: int = 120) -> str:
+    one = " ".join(command.split())
+    return one if len(one) <= n else one[: n - 1] + "…"
+
+
+class Nodes:
+    """The transports of a cluster, with a parallel map over nodes."""
+
+    def __init__(self, cfg: ClusterConfig, factory: Callable[[Endpoint], SSHTransport] = SSHTransport):
+        self.cfg = cfg
+        self.by_name = {n.name: factory(resolve_endpoint(n, cfg.node_ssh(n))) for n in cfg.nodes}
+
+    def __getitem__(self, name: str) -> SSHTransport:
+        return self.by_name[name]
+
+    def map(self, fn: Callable[[SSHTransport], T], names: Iterable[str] | None = None) -> dict[str, T | BaseException]:
+        """Run fn on several nodes in parallel. Values are results or the exception raised."""
+        names = list(names or self.by_name)
+        out: dict[str, T | BaseException] = {}
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            futures = {name: pool.submit(fn, self.by_name[name]) for name in names}
+            for name, fut in futures.items():
+                try:
+                    out[name] = fut.result()
+                except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                    out[name] = exc
+        return out
+
+    def close(self) -> None:
+        for t in self.by_name.values():
+            t.close()
+
+    def __enter__(self) -> "Nodes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
