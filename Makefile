@@ -7,7 +7,8 @@ PIP := $(PYTHON) -m pip
 STAMP := $(VENV)/.installed.stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test test-unit demo golden docs clean
+.PHONY: install sim-deps test test-unit demo demo-down golden docs clean
+SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
@@ -16,17 +17,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## Debian packages the simulated cluster needs (root); quick when they are there
+sim-deps:
+	@if ! command -v dockerd >/dev/null || ! command -v sshd >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v iptables >/dev/null; then \
+	  echo "installing: $(SIM_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SIM_PACKAGES) >/dev/null; \
+	fi
+
 ## the whole suite, cluster tests included (what .ci/run runs)
-test: install
+test: install sim-deps
 	$(PYTHON) -m pytest
 
 ## fast unit run: no simulated cluster
 test-unit: install
 	$(PYTHON) -m pytest -m "not cluster"
 
-## the main job on the built-in example (until the simulated cluster lands: the plan of the card's setup)
-demo: install
-	$(VENV)/bin/spark-cluster plan configs/dgx-spark-2node.yaml
+## the main job on the built-in local simulated cluster (needs root); `make demo-down` removes it
+demo: install sim-deps
+	$(VENV)/bin/spark-cluster sim demo
+
+demo-down: install
+	-$(VENV)/bin/spark-cluster down configs/local-sim.yaml
+	$(VENV)/bin/spark-cluster sim down
 
 ## regenerate golden plans after an intended change; review `git diff tests/golden`
 golden: install

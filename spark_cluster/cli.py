@@ -279,6 +279,51 @@ def sim_status(as_json: bool = typer.Option(False, "--json")) -> None:
         out.print(f"{n['name']:8} {n['ip']:12} {'running' if n['running'] else 'STOPPED'}")
 
 
+@sim_app.command("demo")
+def sim_demo(
+    config: Path = typer.Option(Path("configs/local-sim.yaml"), "--config", help="The simulated cluster's file."),
+    nodes: int = typer.Option(2, "--nodes", "-n"),
+) -> None:
+    """The main job on the built-in simulated cluster: sim up, `up`, the cluster's containers, a chat completion."""
+    from .executor import Executor, list_containers
+    from .sim import cluster, image as sim_image, provision
+
+    cfg = _load(config)
+
+    def run() -> None:
+        t0 = time.monotonic()
+        cluster.check_prerequisites()
+        out.rule("[bold]1. the node image (built locally, cached by its inputs)")
+        img = sim_image.build(log=lambda m: err.print(f"[dim]{m}[/]", highlight=False))
+        out.print(f"image {img.tag} {img.image_id[:19]}: " + (f"cold build {img.built_s:.0f}s" if img.built_s else "reused from the cache"))
+        out.rule("[bold]2. the simulated nodes (namespaces + sshd + dockerd)")
+        sim_nodes = cluster.up(nodes, log=out.print)
+        took = provision.provision(sim_nodes, img, log=out.print)
+        out.print(f"image and model present on every node ({took:.1f}s)")
+        out.rule(f"[bold]3. spark-cluster up {config}")
+        t_up = time.monotonic()
+        with _nodes(cfg) as ns:
+            Executor(cfg, ns, _reporter(False)).up()
+            serving = time.monotonic()
+            out.rule("[bold]4. what runs where")
+            for n in cfg.nodes:
+                for c in list_containers(ns[n.name], cfg.name):
+                    out.print(f"{n.name:8} {c.name:22} {c.state}", highlight=False)
+        out.rule("[bold]5. a chat completion through the endpoint")
+        import httpx
+
+        body = {"model": cfg.model.name, "messages": [{"role": "user", "content": "Say hello to the Spark cluster."}], "max_tokens": 24}
+        resp = httpx.post(f"{cfg.endpoint()}/v1/chat/completions", json=body, timeout=120)
+        resp.raise_for_status()
+        msg = resp.json()["choices"][0]["message"]
+        reply = msg.get("content") or msg.get("reasoning") or msg.get("reasoning_content") or ""
+        out.print(f"[bold]reply[/] (random weights, so random words): {reply!r}", highlight=False)
+        out.print(f"[bold green]time to serving:[/] {serving - t_up:.1f}s for `up`, {serving - t0:.1f}s from the start of the demo", highlight=False)
+        out.print("tear it down with: make demo-down")
+
+    _guard(run)
+
+
 @sim_app.command("image")
 def sim_image_cmd(force: bool = typer.Option(False, "--force", help="Rebuild even when cached.")) -> None:
     """Build (or reuse) the simulated nodes' image archive and the tiny model."""

@@ -365,8 +365,18 @@ def down(*, log=print) -> None:
         _run("ip", "netns", "del", ns, check=False)
     _run("ip", "link", "del", HOST_VETH, check=False)
     node_dirs = sorted((SIM_ROOT / "nodes").glob("*")) if (SIM_ROOT / "nodes").is_dir() else []
+    # a cgroup can only go once the kernel has finished killing its processes: retry briefly
+    deadline = time.monotonic() + 15
+    while True:
+        for d in node_dirs:
+            _remove_cgroups(d.name)
+        left = [p for p in Path("/sys/fs/cgroup").glob(f"*/{NS_PREFIX}*")]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if left:
+        log(f"warning: cgroups still busy after teardown: {', '.join(map(str, left))}")
     for d in node_dirs:
-        _remove_cgroups(d.name)
         (d / "init.ready").unlink(missing_ok=True)
     state_file().unlink(missing_ok=True)
     if names or nodes:
