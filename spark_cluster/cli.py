@@ -147,6 +147,7 @@ def _nodes(cfg: ClusterConfig):
 def up(
     config: Path = CONFIG_ARG,
     as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines instead of a progress view."),
+    watch_after: bool = typer.Option(False, "--watch", help="Stay on after serving as the failover watchdog (like `watch`)."),
 ) -> None:
     """Bring the cluster to serving: preflight, node tuning, workers then head, Ray, vLLM, a real completion."""
     from .executor import Executor
@@ -164,6 +165,65 @@ def up(
                       f"[dim]phases: {', '.join(f'{k} {v:.1f}s' for k, v in res.phases.items())}[/]", highlight=False)
         else:
             out.print(f"[bold green]serving[/] at {cfg.endpoint()}: nothing changed (all containers up to date)", highlight=False)
+    if watch_after:
+        _watch(cfg, as_json, None)
+
+
+def _print_watch_event(as_json: bool):
+    def show(e: dict) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps(e, default=str) + "\n")
+            sys.stdout.flush()
+            return
+        kind = e["event"]
+        if kind == "executor":
+            if e.get("step_event") == "step-ok" and e.get("description"):
+                out.print(f"[dim]{e['ts'][11:19]}   {e.get('node') or 'controller':10} {e['description']} ({e['duration_s']:.1f}s)[/]", highlight=False)
+            return
+        style = {"state": "bold", "decision": "yellow", "incident": "magenta", "restart-start": "bold yellow",
+                 "restart-done": "bold green", "restart-failed": "bold red", "alert": "bold red", "canary": "cyan"}.get(kind, "dim")
+        detail = {k: v for k, v in e.items() if k not in ("ts", "event", "cluster")}
+        text = " ".join(f"{k}={v}" for k, v in detail.items())
+        out.print(f"[{style}]{e['ts'][11:19]} {kind:14}[/] {text}", highlight=False)
+
+    return show
+
+
+def _watch(cfg: ClusterConfig, as_json: bool, max_seconds: Optional[float]) -> None:
+    from .watchdog import Watchdog
+
+    def run():
+        with _nodes(cfg) as nodes:
+            return Watchdog(cfg, nodes, on_event=_print_watch_event(as_json)).run(max_seconds=max_seconds)
+
+    try:
+        _guard(run)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def watch(
+    config: Path = CONFIG_ARG,
+    as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop after this long (default: forever)."),
+    print_unit: bool = typer.Option(False, "--print-unit", help="Print a systemd unit that runs this watchdog, and exit."),
+) -> None:
+    """The failover watchdog: catches a hang under load (not only a crash) and restarts the whole group in order.
+
+    Events go to state_dir/events.jsonl; exit code 12 when the circuit breaker trips."""
+    cfg = _load(config)
+    if print_unit:
+        import getpass
+        import shutil
+
+        from .render import render
+
+        exe = shutil.which("spark-cluster") or f"{sys.executable} -m spark_cluster"
+        sys.stdout.write(render("spark-cluster-watch.service.j2", cluster=cfg.name, config=str(config.resolve()),
+                                state_dir=str(cfg.resolved_state_dir()), user=getpass.getuser(), executable=exe) + "\n")
+        return
+    _watch(cfg, as_json, max_seconds)
 
 
 @app.command()
@@ -220,6 +280,92 @@ def logs(
         _guard(run)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+VERDICT_STYLE = {"serving": "bold green", "degraded": "bold yellow", "stalled": "bold red", "down": "bold red", "starting": "bold cyan"}
+
+
+def render_status(rep) -> Table:
+    from rich.console import Group
+
+    o = rep.observation
+    title = f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]" + (f"  {rep.reason}" if rep.reason else "")
+    nodes = Table(title=None, expand=False, box=None, padding=(0, 1))
+    for col in ("node", "ssh", "sysctl", "memory avail/total", "gpu", "containers"):
+        nodes.add_column(col, overflow="fold")
+    for n in o.nodes:
+        if not n.reachable:
+            nodes.add_row(n.name, f"[red]unreachable[/] {n.error or ''}", "", "", "", "")
+            continue
+        sysctl = ", ".join(f"{k}={v['actual']}" + ("" if v["actual"] == v["expected"] else f" [red](want {v['expected']})[/]") for k, v in n.sysctl.items())
+        cont = "\n".join(
+            f"{c.name} [{'green' if c.state == 'running' else 'red'}]{c.state}[/]"
+            + (f" since {c.started_at[:19]}" if c.started_at and c.state == "running" else "")
+            + (f" restarts {c.restarts}" if c.restarts else "")
+            + ("" if c.spec_current is not False else " [yellow](other config)[/]")
+            for c in n.containers) or "[dim]none[/]"
+        mem = f"{n.mem_available_gib:.1f}/{n.mem_total_gib:.1f} GiB" if n.mem_total_gib else "?"
+        nodes.add_row(f"{n.name} ({n.role})", f"{n.latency_ms:.0f} ms", sysctl, mem, n.gpu or "", cont)
+    v = o.vllm
+    eng = Table.grid(padding=(0, 2))
+    eng.add_row("endpoint", v.endpoint)
+    eng.add_row("/health", f"{v.health} ({v.health_ms:.0f} ms)" if v.health is not None else f"[red]no answer[/] {v.error or ''}")
+    if v.models:
+        eng.add_row("models", ", ".join(v.models))
+    if v.running is not None:
+        eng.add_row("requests", f"{v.running:g} running, {v.waiting or 0:g} waiting")
+        eng.add_row("KV cache", f"{(v.kv_cache_usage or 0) * 100:.1f}%")
+        eng.add_row("generation", f"{v.generation_tok_s or 0:.1f} tok/s over {v.window_s:.1f}s ({v.steps_in_window or 0:g} engine steps)")
+        eng.add_row("last progress", f"{v.progress_age_s:g}s ago" if v.progress_age_s else "now")
+    if o.ray.checked:
+        eng.add_row("ray", f"alive {', '.join(o.ray.alive) or 'none'}" + (f", dead {', '.join(o.ray.dead)}" if o.ray.dead else "")
+                    + (f", {o.ray.gpus:g} GPU" if o.ray.gpus else "") + (f" [red]{o.ray.error}[/]" if o.ray.error else ""))
+    if o.watchdog:
+        w = o.watchdog
+        eng.add_row("watchdog", f"{w.get('state')}" + (f", last restart {w.get('last_restart')} ({w.get('last_reason')})" if w.get("last_restart") else ""))
+    grid = Table.grid()
+    grid.add_row(title)
+    grid.add_row(nodes)
+    grid.add_row(eng)
+    grid.add_row(f"[dim]{o.cluster} · {o.executor} · observed in {o.took_s:.2f}s at {o.ts}[/]")
+    return grid
+
+
+@app.command()
+def status(
+    config: Path = CONFIG_ARG,
+    as_json: bool = typer.Option(False, "--json", help="The same content as JSON (schema_version 1)."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh in place."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+    window: float = typer.Option(0.75, "--window", help="Seconds over which throughput and progress are sampled."),
+) -> None:
+    """Is it serving, and if not, where is it broken? One verdict from every node, Ray and vLLM."""
+    from .status import status as get_status
+
+    cfg = _load(config)
+    with _nodes(cfg) as nodes:
+        if watch and not as_json:
+            from rich.live import Live
+
+            with Live(render_status(_guard(lambda: get_status(cfg, nodes, window_s=window))), console=out, auto_refresh=False) as live:
+                try:
+                    while True:
+                        time.sleep(interval)
+                        live.update(render_status(_guard(lambda: get_status(cfg, nodes, window_s=window))), refresh=True)
+                except KeyboardInterrupt:
+                    return
+        while True:
+            rep = _guard(lambda: get_status(cfg, nodes, window_s=window))
+            if as_json:
+                sys.stdout.write(rep.model_dump_json(indent=None if watch else 2) + "\n")
+                sys.stdout.flush()
+            else:
+                out.print(render_status(rep))
+            if not watch:
+                break
+            time.sleep(interval)
+    if rep.verdict != "serving":
+        raise typer.Exit(3)
 
 
 sim_app = typer.Typer(

@@ -379,7 +379,8 @@ class WatchdogSettings(Strict):
 
     period_s: float = Field(5, gt=0, description="Seconds between observations.")
     stall_window_s: float = Field(
-        25, gt=0, description="No progress while work is pending for this long makes the cluster suspect. Must beat Ray's ~65 s dead-node timeout."
+        20, gt=0, description="No progress this long while work is pending makes the cluster suspect; then a canary decides. "
+        "With the period and the canary deadline, a hang is confirmed in about 35 s: before Ray's ~65 s dead-node timeout.",
     )
     canary_timeout_s: float = Field(10, gt=0, description="A suspect cluster is confirmed hung when a 1-token completion does not finish within this.")
     grace_after_start_s: float = Field(60, ge=0, description="No hang verdict this long after a (re)start became ready.")

@@ -36,4 +36,4 @@ class ConfigError(SparkClusterError):
 class RenderError(SparkClusterError):
     """A template could not be rendered (a bug or a broken templates/ folder)."""
 
-    exit_code = 3
+    exit_code = 11

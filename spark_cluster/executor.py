@@ -112,6 +112,14 @@ class Executor:
         e.update(data)
         self.report(e)
 
+    def connect_all(self) -> None:
+        """Open (and so verify the host key of) every node's SSH connection before anything runs."""
+        failed = [r for r in self.nodes.map(lambda t: t.connect()).values() if isinstance(r, BaseException)]
+        if failed:
+            if len(failed) == 1:
+                raise failed[0]
+            raise TransportError("cannot reach every node:\n" + "\n".join(f"  - {e}" for e in failed))
+
     # ---- lock ---------------------------------------------------------------------------
     def _lock_dir(self) -> str:
         return f"/tmp/spark-cluster-{self.cfg.name}.lock"
@@ -291,11 +299,12 @@ class Executor:
             raise StepError(step, f"docker run exited {r.exit_code}", r.tail())
         self._done(step, t0, container=step.container.name, id=r.stdout.strip()[:12])
 
-    def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path]) -> None:
+    def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path], graceful: bool = True) -> None:
         t = self.nodes[node]
         if save_logs_to is not None:
             save_logs(t, name, save_logs_to)
-        stop = self.cfg.container.stop_timeout_s
+        stop = self.cfg.container.stop_timeout_s if graceful else 0
+        # `docker rm -f` also ends a paused (frozen) container, which a SIGTERM never reaches
         t.run(f"docker stop -t {stop} {quote(name)} >/dev/null 2>&1; docker rm -f {quote(name)} >/dev/null 2>&1; true",
               timeout=stop + 60)
 
@@ -381,6 +390,7 @@ class Executor:
         allowed = set(PHASES[: PHASES.index(stop_after) + 1]) if stop_after else set(PHASES)
         t_start = time.monotonic()
         phases: dict[str, float] = {}
+        self.connect_all()
         self.acquire_lock("up")
         try:
             t = time.monotonic()
@@ -400,6 +410,10 @@ class Executor:
                 if c is None or not c.running or c.spec_hash != s.container.labels[f"{LABEL_PREFIX}.spec-hash"]:
                     first_change = i
                     break
+            if self.cfg.executor == "native" and first_change < len(starts):
+                # the ranks of vLLM's native multi-node mode form one group: a rank 0 restarted
+                # alone would leave the headless workers orphaned, so the group restarts whole
+                first_change = 0
             wanted = {(s.node, s.container.name) for s in starts}
             stale = [c for c in found.values() if (c.node, c.name) not in wanted]
             recreate = starts[first_change:]
@@ -441,8 +455,11 @@ class Executor:
         self.emit("up-done", changed=result.changed, recreated=result.recreated, kept=result.kept, phases=result.phases, total_s=result.total_s)
         return result
 
-    def down(self, *, lock: bool = True) -> Path | None:
+    def down(self, *, lock: bool = True, graceful: bool = True) -> Path | None:
+        """Stop and remove every cluster container: vLLM, the head, then the workers. graceful=False
+        kills at once (a wedged engine does not shut down cleanly anyway)."""
         if lock:
+            self.connect_all()
             self.acquire_lock("down")
         try:
             existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
@@ -463,7 +480,7 @@ class Executor:
 
                 def remove(c: Existing) -> None:
                     self.emit("container-remove", node=c.node, container=c.name, reason="down")
-                    self._remove(c.node, c.name, save_logs_to=logs)
+                    self._remove(c.node, c.name, save_logs_to=logs, graceful=graceful)
 
                 from concurrent.futures import ThreadPoolExecutor
 

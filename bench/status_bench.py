@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Benchmark: wall time of `spark-cluster status` against 2, 4, 8 and 16 simulated nodes.
+
+Nodes carry no engine (the API does not answer: one refused connection), so this measures
+the fan-out over SSH and the probes. Also measures a healthy 2-node cluster with the engine when
+one is serving (--with-engine). Prints medians and the ratio 16/2.
+
+Usage (root): python bench/status_bench.py [--sizes 2,4,8,16] [--repeat 5]
+Tears down the simulated cluster it made at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spark_cluster.config import parse_config  # noqa: E402
+from spark_cluster.sim import cluster  # noqa: E402
+from spark_cluster.status import status  # noqa: E402
+from spark_cluster.transport import Nodes  # noqa: E402
+
+
+def config_for(n: int):
+    data = yaml.safe_load((ROOT / "configs" / "local-sim.yaml").read_text())
+    data["nodes"] = [
+        {"name": cluster.node_name(i), "host": cluster.node_ip(i), "address": cluster.node_ip(i), "role": "head" if i == 1 else "worker"}
+        for i in range(1, n + 1)
+    ]
+    data["vllm"]["tensor_parallel_size"] = n
+    data["state_dir"] = "/tmp/spark-cluster-status-bench"
+    return parse_config(yaml.safe_dump(data))
+
+
+def measure(cfg, repeat: int) -> list[float]:
+    times = []
+    with Nodes(cfg) as nodes:
+        for i in range(repeat + 1):
+            t0 = time.monotonic()
+            status(cfg, nodes)
+            if i:  # the first run opens the SSH connections; `status --watch` reuses them
+                times.append(time.monotonic() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="2,4,8,16")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    results = {}
+    first = {}
+    try:
+        for n in sizes:
+            cluster.up(n, log=lambda *_: None)
+            cfg = config_for(n)
+            t0 = time.monotonic()
+            with Nodes(cfg) as nodes:
+                status(cfg, nodes)
+            first[n] = time.monotonic() - t0
+            results[n] = measure(cfg, args.repeat)
+    finally:
+        cluster.down(log=lambda *_: None)
+    print("status wall time, simulated nodes without engine (median of %d, connections reused; first = cold connect)" % args.repeat)
+    for n in sizes:
+        print(f"  {n:3d} nodes: {statistics.median(results[n]):6.3f} s   first: {first[n]:6.3f} s")
+    if 2 in results and 16 in results:
+        print(f"  ratio 16/2: {statistics.median(results[16]) / statistics.median(results[2]):.2f}")
+
+
+if __name__ == "__main__":
+    main()

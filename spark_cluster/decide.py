@@ -1,0 +1,199 @@
+"""The watchdog's decision: a pure function of recorded samples and the clock.
+
+No threads, no I/O: `decide(state, sample, now, settings)` returns the new state and at most
+one action. The runner (spark_cluster.watchdog) observes, calls it, and carries actions out.
+
+The rules, from what the field knows (shared/notes/field.md):
+- Busy is not dead. Any movement of the progress counters (engine steps, generated or prompt
+  tokens) means healthy, however slow. Latency alone never restarts anything.
+- Suspect: no progress while requests are running or waiting; or the API stops answering.
+- Confirmed hang: suspect for the whole stall window AND a 1-token canary completion does not
+  finish within its deadline. (Counters also freeze with running = 0 in some wedges, so an idle
+  engine gets a canary now and then too.)
+- Definitively gone: a cluster container exited or vanished, or a node unreachable for several
+  periods in a row. That needs no canary.
+- After a (re)start became ready: a grace period without hang verdicts.
+- Restart the whole group, with backoff (0 s, then min(base * 2^(n-1), max)) and a circuit
+  breaker (more than N restarts in an hour: state failed, no more restarts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional
+
+from .config import WatchdogSettings
+
+Phase = Literal["starting", "healthy", "suspect", "backoff", "restarting", "failed"]
+ActionKind = Literal["canary", "restart", "alert"]
+
+# Consecutive unreachable samples before a node counts as gone (a blip of SSH is not a failure).
+UNREACHABLE_SAMPLES = 3
+# An idle engine (nothing in flight) gets a canary this often: some wedges freeze the counters
+# with running = 0, and nothing else would reveal them.
+IDLE_CANARY_S = 60.0
+# A restart that has not become ready after this long is a failed attempt (the executor's own
+# readiness deadline ends it first; this is the backstop of the state machine).
+STARTING_LIMIT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One observation, reduced to what the decision needs."""
+
+    t: float
+    health: Optional[int] = None  # /health status; None: no answer
+    steps_total: Optional[float] = None
+    generation_tokens_total: Optional[float] = None
+    prompt_tokens_total: Optional[float] = None
+    running: float = 0
+    waiting: float = 0
+    gone: tuple[str, ...] = ()  # containers exited/missing, Ray members lost: definitive
+    unreachable: tuple[str, ...] = ()  # nodes that did not answer SSH this time
+    canary_ok: Optional[bool] = None  # result of a canary performed since the last sample
+    canary_s: Optional[float] = None
+
+    @property
+    def counters(self) -> tuple:
+        return (self.steps_total, self.generation_tokens_total, self.prompt_tokens_total)
+
+    @property
+    def pending(self) -> float:
+        return (self.running or 0) + (self.waiting or 0)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    reason: str
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class State:
+    phase: Phase = "starting"
+    since: float = 0.0  # when the current phase began
+    ready_at: Optional[float] = None  # when the current generation last became ready
+    last_counters: Optional[tuple] = None
+    last_progress: Optional[float] = None
+    suspect_since: Optional[float] = None
+    suspect_reason: str = ""
+    canary_pending: bool = False
+    last_canary: Optional[float] = None
+    unreachable_count: dict = field(default_factory=dict)
+    restarts: tuple[float, ...] = ()  # times of restarts (for the breaker)
+    consecutive: int = 0  # restarts since the last long-enough healthy period
+    healthy_since: Optional[float] = None
+    backoff_until: Optional[float] = None
+    last_restart: Optional[float] = None
+    last_reason: str = ""
+    # grace applies when the engine was seen coming up (after our restart, or loading when the
+    # watchdog started); a watchdog (re)started next to a serving engine needs none
+    grace_on_ready: bool = False
+
+
+def backoff_s(consecutive: int, s: WatchdogSettings) -> float:
+    """Delay before restart number consecutive+1: 0 for the first, then base*2^(n-1) capped."""
+    if consecutive <= 0:
+        return 0.0
+    return float(min(s.backoff_base_s * math.pow(2, consecutive - 1), s.backoff_max_s))
+
+
+def _restart(state: State, now: float, reason: str, s: WatchdogSettings) -> tuple[State, Action]:
+    recent = tuple(t for t in state.restarts if now - t < 3600)
+    if len(recent) >= s.max_restarts_per_hour:
+        msg = f"circuit breaker: {len(recent)} restarts in the last hour (limit {s.max_restarts_per_hour}); not restarting: {reason}"
+        return replace(state, phase="failed", since=now, restarts=recent, last_reason=msg), Action("alert", msg)
+    if not s.enabled:
+        msg = f"restart needed but the watchdog only observes (watchdog.enabled: false): {reason}"
+        return replace(state, phase="failed", since=now, last_reason=msg), Action("alert", msg)
+    delay = backoff_s(state.consecutive, s)
+    new = replace(state, phase="backoff" if delay else "restarting", since=now, backoff_until=now + delay,
+                  suspect_since=None, suspect_reason="", canary_pending=False, last_reason=reason)
+    return new, Action("restart", reason, delay_s=delay)
+
+
+def restarted(state: State, now: float) -> State:
+    """The runner calls this when a restart has been carried out (ready or not)."""
+    return replace(state, phase="starting", since=now, ready_at=None, restarts=state.restarts + (now,),
+                   consecutive=state.consecutive + 1, last_restart=now, last_counters=None, last_progress=None,
+                   suspect_since=None, canary_pending=False, healthy_since=None, backoff_until=None, unreachable_count={},
+                   grace_on_ready=True)
+
+
+def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[State, Optional[Action]]:
+    if state.phase == "failed":
+        return state, None
+    if state.phase in ("backoff", "restarting"):
+        # the runner is carrying the restart out; nothing to decide meanwhile
+        return state, None
+
+    # --- who is gone, definitively -------------------------------------------------------------
+    counts = {n: state.unreachable_count.get(n, 0) + 1 for n in x.unreachable}
+    state = replace(state, unreachable_count=counts)
+    lost = [n for n, c in counts.items() if c >= UNREACHABLE_SAMPLES]
+    if x.gone or lost:
+        parts = list(x.gone) + [f"node {n} unreachable for {counts[n]} periods" for n in lost]
+        if state.phase == "starting" and state.ready_at is None and not lost and now - state.since < 5:
+            return state, None  # containers being (re)created right now
+        return _restart(state, now, "member gone: " + "; ".join(parts), s)
+
+    # --- waiting for readiness after a (re)start -------------------------------------------------
+    answering = x.health == 200
+    if state.phase == "starting" and state.ready_at is None:
+        if answering:
+            ready_at = now if state.grace_on_ready else now - s.grace_after_start_s
+            state = replace(state, ready_at=ready_at, phase="healthy", since=now, healthy_since=now,
+                            last_counters=x.counters, last_progress=now)
+            return state, None
+        state = replace(state, grace_on_ready=True)
+        if now - state.since > STARTING_LIMIT_S:
+            return _restart(state, now, f"not ready {STARTING_LIMIT_S:g}s after start", s)
+        return state, None
+
+    # --- progress ----------------------------------------------------------------------------
+    moved = state.last_counters is not None and x.counters != state.last_counters and any(v is not None for v in x.counters)
+    if moved or state.last_progress is None:
+        state = replace(state, last_progress=now)
+    state = replace(state, last_counters=x.counters)
+    in_grace = state.ready_at is not None and now - state.ready_at < s.grace_after_start_s
+
+    # a canary result arrived
+    if x.canary_ok is not None:
+        state = replace(state, canary_pending=False, last_canary=now)
+        if x.canary_ok:
+            state = replace(state, phase="healthy", suspect_since=None, suspect_reason="", last_progress=now)
+        elif state.suspect_since is not None and now - state.suspect_since >= s.stall_window_s:
+            return _restart(state, now, f"hang confirmed: {state.suspect_reason}, and a 1-token canary did not finish within "
+                                        f"{s.canary_timeout_s:g}s", s)
+        elif state.suspect_since is None and not x.pending and not in_grace:
+            # idle engine whose canary did not finish: as good as a hang with work in flight
+            return _restart(state, now, f"hang confirmed: idle engine did not finish a 1-token canary within {s.canary_timeout_s:g}s", s)
+
+    if moved or (answering and x.pending == 0 and state.suspect_since is None):
+        healthy_since = state.healthy_since if state.phase == "healthy" and state.healthy_since is not None else now
+        consecutive = 0 if now - healthy_since >= s.backoff_reset_s else state.consecutive
+        state = replace(state, phase="healthy", since=state.since if state.phase == "healthy" else now,
+                        suspect_since=None, suspect_reason="", healthy_since=healthy_since, consecutive=consecutive)
+        if not moved and not in_grace and not state.canary_pending and (state.last_canary is None or now - state.last_canary >= IDLE_CANARY_S) \
+                and now - (state.last_progress or now) >= IDLE_CANARY_S:
+            return replace(state, canary_pending=True), Action("canary", "idle engine: periodic canary")
+        return state, None
+
+    # no progress: why?
+    if not answering:
+        reason = "the API does not answer" if x.health is None else f"/health answers {x.health}"
+    elif x.pending > 0:
+        reason = f"no progress for {now - (state.last_progress or now):.0f}s with {x.pending:g} request(s) in flight or waiting"
+    else:
+        return state, None
+    if state.suspect_since is None:
+        state = replace(state, phase="suspect", since=now, suspect_since=state.last_progress or now, suspect_reason=reason)
+    else:
+        state = replace(state, suspect_reason=reason)
+    if in_grace:
+        return state, None
+    if now - state.suspect_since >= s.stall_window_s and not state.canary_pending:
+        return replace(state, canary_pending=True), Action("canary", f"suspect: {reason}")
+    return state, None

@@ -1,0 +1,362 @@
+"""`spark-cluster status`: observe every node, Ray and vLLM in parallel, then one verdict.
+
+Observing never raises: each probe has its own timeout and returns what it saw (or the error).
+The verdict is one pure function of the observation, so it is tested on recorded data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, Field
+
+from .config import ClusterConfig
+from .errors import SparkClusterError
+from .plan import LABEL_PREFIX, Plan, build_plan, container_name
+from .render import quote
+from .transport import Nodes, SSHTransport
+
+Verdict = Literal["serving", "degraded", "stalled", "down", "starting"]
+SCHEMA_VERSION = 1
+
+
+class ContainerObs(BaseModel):
+    name: str
+    component: str
+    state: str  # running, paused, exited, restarting, missing
+    image_id: str = ""
+    started_at: str = ""
+    restarts: int = 0
+    exit_code: Optional[int] = None
+    spec_current: Optional[bool] = Field(None, description="Whether the container matches the current cluster.yaml (its spec hash).")
+
+
+class NodeObs(BaseModel):
+    name: str
+    role: str
+    reachable: bool
+    latency_ms: Optional[float] = None
+    error: Optional[str] = None
+    sysctl: dict[str, dict[str, Optional[str]]] = Field(default_factory=dict, description="key -> {expected, actual}")
+    mem_total_gib: Optional[float] = None
+    mem_available_gib: Optional[float] = None
+    gpu: Optional[str] = Field(None, description="nvidia-smi memory use, or why there is none (GB10 reports N/A: unified memory)")
+    containers: list[ContainerObs] = Field(default_factory=list)
+
+
+class RayObs(BaseModel):
+    checked: bool = False
+    alive: list[str] = Field(default_factory=list)
+    dead: list[str] = Field(default_factory=list)
+    gpus: float = 0
+    error: Optional[str] = None
+
+
+class VLLMObs(BaseModel):
+    endpoint: str
+    health: Optional[int] = Field(None, description="HTTP status of /health, None when it did not answer")
+    health_ms: Optional[float] = None
+    error: Optional[str] = None
+    models: list[str] = Field(default_factory=list)
+    running: Optional[float] = None
+    waiting: Optional[float] = None
+    kv_cache_usage: Optional[float] = None
+    steps_total: Optional[float] = Field(None, description="vllm:iteration_tokens_total count: one per engine step")
+    generation_tokens_total: Optional[float] = None
+    prompt_tokens_total: Optional[float] = None
+    window_s: Optional[float] = None
+    steps_in_window: Optional[float] = None
+    generation_tok_s: Optional[float] = Field(None, description="generation throughput over the sampling window")
+    progress_age_s: Optional[float] = Field(None, description="seconds since the step/token counters last moved (across status runs)")
+
+
+class Observation(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    ts: str
+    cluster: str
+    executor: str
+    plan_hash: str
+    nodes: list[NodeObs]
+    ray: RayObs
+    vllm: VLLMObs
+    watchdog: Optional[dict[str, Any]] = None
+    took_s: float = 0
+
+
+class StatusReport(BaseModel):
+    verdict: Verdict
+    reason: str
+    observation: Observation
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+METRICS = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage",
+    "vllm:gpu_cache_usage_perc": "kv_cache_usage",  # older releases
+    "vllm:iteration_tokens_total_count": "steps_total",
+    "vllm:generation_tokens_total": "generation_tokens_total",
+    "vllm:prompt_tokens_total": "prompt_tokens_total",
+}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The progress and load numbers of vLLM's /metrics, summed over label sets."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = METRICS.get(sample.name)
+            if key is not None:
+                out[key] = out.get(key, 0.0) + float(sample.value)
+    return out
+
+
+# ---- probes (never raise) ----------------------------------------------------------------------
+
+NODE_SCRIPT = r"""
+echo "@@sysctl"; sysctl -n {keys} 2>&1
+echo "@@meminfo"; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo
+echo "@@gpu"; if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader 2>&1 | head -n 4; else echo "no nvidia-smi"; fi
+echo "@@containers"; ids=$(docker ps -aq --filter {filt}); if [ -n "$ids" ]; then docker inspect --format '{{{{.Name}}}}|{{{{index .Config.Labels "{p}.component"}}}}|{{{{.State.Status}}}}|{{{{.Image}}}}|{{{{.State.StartedAt}}}}|{{{{.RestartCount}}}}|{{{{.State.ExitCode}}}}|{{{{index .Config.Labels "{p}.spec-hash"}}}}' $ids; fi
+echo "@@end"
+"""
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    cur = None
+    for line in text.splitlines():
+        if line.startswith("@@"):
+            cur = line[2:]
+            out[cur] = []
+        elif cur is not None and line.strip():
+            out[cur].append(line)
+    return out
+
+
+def observe_node(t: SSHTransport, cfg: ClusterConfig, plan: Plan, timeout: float) -> NodeObs:
+    node = next(n for n in cfg.nodes if n.name == t.node)
+    obs = NodeObs(name=node.name, role=node.role, reachable=False)
+    script = NODE_SCRIPT.format(keys=" ".join(quote(k) for k in cfg.sysctl) or "kernel.ostype",
+                                filt=quote(f"label={LABEL_PREFIX}.cluster={cfg.name}"), p=LABEL_PREFIX)
+    t0 = time.monotonic()
+    try:
+        t.connect()
+        obs.latency_ms = round((time.monotonic() - t0) * 1000, 1)
+        r = t.run(script, timeout=timeout)
+    except SparkClusterError as exc:
+        obs.error = exc.message
+        return obs
+    obs.reachable = True
+    sec = _sections(r.stdout)
+    actual = sec.get("sysctl", [])
+    for i, (k, v) in enumerate(cfg.sysctl.items()):
+        obs.sysctl[k] = {"expected": str(v), "actual": actual[i].strip() if i < len(actual) else None}
+    mem = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+):\s+(\d+) kB", "\n".join(sec.get("meminfo", [])), re.M)}
+    if mem:
+        obs.mem_total_gib = round(mem.get("MemTotal", 0) / 2**20, 2)
+        obs.mem_available_gib = round(mem.get("MemAvailable", 0) / 2**20, 2)
+    gpu = " / ".join(sec.get("gpu", [])).strip()
+    obs.gpu = ("unified memory (nvidia-smi reports N/A): see memory" if "N/A" in gpu else gpu) or None
+    wanted = {s.container.name: s.container for s in plan.steps if s.container is not None and s.node == node.name}
+    seen = set()
+    for line in sec.get("containers", []):
+        parts = line.split("|")
+        if len(parts) != 8:
+            continue
+        name = parts[0].lstrip("/")
+        seen.add(name)
+        spec = wanted.get(name)
+        obs.containers.append(ContainerObs(
+            name=name, component=parts[1], state=parts[2], image_id=parts[3], started_at=parts[4],
+            restarts=int(parts[5] or 0), exit_code=int(parts[6]) if parts[6].lstrip("-").isdigit() else None,
+            spec_current=(spec.labels[f"{LABEL_PREFIX}.spec-hash"] == parts[7]) if spec else False,
+        ))
+    for name, spec in wanted.items():
+        if name not in seen:
+            obs.containers.append(ContainerObs(name=name, component=spec.component, state="missing"))
+    return obs
+
+
+RAY_SNIPPET_TIMEOUT = 20
+
+
+def observe_ray(t: SSHTransport, cfg: ClusterConfig, plan: Plan, timeout: float) -> RayObs:
+    step = next((s for s in plan.steps if s.kind == "wait-ray"), None)
+    if step is None:
+        return RayObs()
+    obs = RayObs(checked=True)
+    try:
+        r = t.run(step.command, timeout=timeout)
+    except SparkClusterError as exc:
+        obs.error = exc.message
+        return obs
+    for line in r.stdout.splitlines():
+        if line.startswith("SPARK_CLUSTER_RAY_NODES "):
+            nodes = json.loads(line.split(" ", 1)[1])
+            obs.alive = sorted(n["ip"] for n in nodes if n.get("alive"))
+            obs.dead = sorted(n["ip"] for n in nodes if not n.get("alive") and n["ip"] not in obs.alive)
+            obs.gpus = sum(float(n.get("resources", {}).get("GPU", 0)) for n in nodes if n.get("alive"))
+            return obs
+    obs.error = (r.stderr.strip() or r.stdout.strip() or "no answer").splitlines()[-1][:300]
+    return obs
+
+
+def observe_vllm(cfg: ClusterConfig, window_s: float, timeout: float) -> VLLMObs:
+    base = cfg.endpoint()
+    obs = VLLMObs(endpoint=base)
+    with httpx.Client(timeout=timeout) as http:
+        try:
+            t0 = time.monotonic()
+            h = http.get(f"{base}/health")
+            obs.health, obs.health_ms = h.status_code, round((time.monotonic() - t0) * 1000, 1)
+        except httpx.HTTPError as exc:
+            obs.error = f"/health: {type(exc).__name__}: {exc}"
+            return obs
+        try:
+            first = parse_metrics(http.get(f"{base}/metrics").text)
+            t1 = time.monotonic()
+            models = http.get(f"{base}/v1/models")
+            if models.status_code == 200:
+                obs.models = [m["id"] for m in models.json().get("data", [])]
+            rest = window_s - (time.monotonic() - t1)
+            if rest > 0:
+                time.sleep(rest)
+            second = parse_metrics(http.get(f"{base}/metrics").text)
+            window = time.monotonic() - t1
+        except (httpx.HTTPError, ValueError) as exc:
+            obs.error = f"/metrics: {type(exc).__name__}: {exc}"
+            return obs
+    for key, value in second.items():
+        setattr(obs, key, value)
+    obs.window_s = round(window, 2)
+    if "steps_total" in first and "steps_total" in second:
+        obs.steps_in_window = second["steps_total"] - first["steps_total"]
+    if "generation_tokens_total" in first and "generation_tokens_total" in second:
+        obs.generation_tok_s = round((second["generation_tokens_total"] - first["generation_tokens_total"]) / max(window, 1e-3), 2)
+    return obs
+
+
+def _progress_age(cfg: ClusterConfig, v: VLLMObs, now: float) -> Optional[float]:
+    """Seconds since the counters last moved, remembered across status runs in state_dir."""
+    if v.steps_total is None and v.generation_tokens_total is None:
+        return None
+    path = cfg.resolved_state_dir() / "progress.json"
+    counters = [v.steps_total, v.generation_tokens_total, v.prompt_tokens_total]
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        prev = None
+    if v.steps_in_window or v.generation_tok_s:
+        last = now
+    elif prev is not None and prev.get("counters") == counters:
+        last = float(prev.get("last_change", now))
+    else:  # no earlier record of these values: flat for at least the window
+        last = now - (v.window_s or 0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"counters": counters, "last_change": last}))
+    except OSError:
+        pass
+    return round(now - last, 1)
+
+
+def read_watchdog_state(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
+    path = cfg.resolved_state_dir() / "watchdog.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def observe(cfg: ClusterConfig, nodes: Nodes, *, window_s: float = 1.0, probe_timeout_s: float = 5.0) -> Observation:
+    t0 = time.monotonic()
+    plan = build_plan(cfg)
+    head = nodes[cfg.head.name]
+    with ThreadPoolExecutor(max_workers=len(cfg.nodes) + 2) as pool:
+        node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s) for n in cfg.nodes}
+        ray_fut = pool.submit(observe_ray, head, cfg, plan, RAY_SNIPPET_TIMEOUT)
+        vllm_fut = pool.submit(observe_vllm, cfg, window_s, probe_timeout_s)
+        node_obs = [f.result() for f in node_futs.values()]
+        head_ok = next(o for o in node_obs if o.name == cfg.head.name).reachable
+        ray_obs = ray_fut.result() if head_ok else RayObs(checked=bool(plan.steps_in("wait-ray")), error="head unreachable")
+        vllm_obs = vllm_fut.result()
+    vllm_obs.progress_age_s = _progress_age(cfg, vllm_obs, time.time())
+    return Observation(
+        ts=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        cluster=cfg.name, executor=cfg.executor, plan_hash=plan.plan_hash,
+        nodes=node_obs, ray=ray_obs, vllm=vllm_obs, watchdog=read_watchdog_state(cfg),
+        took_s=round(time.monotonic() - t0, 3),
+    )
+
+
+# ---- the verdict: one pure function ------------------------------------------------------------
+
+
+def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, str]) -> tuple[Verdict, str]:
+    """Decide serving / degraded / stalled / down / starting from one observation.
+
+    expected_nodes: node name -> cluster address, for Ray membership.
+    """
+    v = obs.vllm
+    unreachable = [n.name for n in obs.nodes if not n.reachable]
+    not_running = [f"{c.name} on {n.name} is {c.state}" for n in obs.nodes for c in n.containers
+                   if c.state not in ("running", "paused")]
+    frozen = [f"{c.name} on {n.name} is paused" for n in obs.nodes for c in n.containers if c.state == "paused"]
+    ray_missing = []
+    if obs.ray.checked and obs.ray.error is None:
+        ray_missing = [name for name, ip in expected_nodes.items() if ip not in obs.ray.alive]
+    pending = (v.running or 0) + (v.waiting or 0)
+    answering = v.health == 200
+
+    if unreachable:
+        return "down", f"node(s) unreachable: {', '.join(unreachable)}"
+    if not_running:
+        return "down", "; ".join(not_running)
+    if ray_missing:
+        return "down", f"Ray does not see node(s) {', '.join(ray_missing)} alive"
+    if not answering:
+        if v.health is not None:
+            return "down" if v.health >= 500 and v.health != 503 else "starting", f"/health answers {v.health}"
+        return "starting", f"containers run, the API does not answer yet ({v.error or 'no answer'})"
+    if served_model not in v.models:
+        return "starting", f"/v1/models does not list {served_model} yet"
+    if frozen:
+        return "stalled", "; ".join(frozen) + " (frozen: requests hang while /health answers)"
+    if pending > 0 and v.steps_in_window == 0 and not v.generation_tok_s:
+        age = v.progress_age_s if v.progress_age_s is not None else v.window_s
+        return "stalled", (f"{pending:g} request(s) in flight or waiting and no engine step for {age:g}s, "
+                           f"while /health answers 200")
+    problems = []
+    for n in obs.nodes:
+        bad = [f"{k}={s['actual']} (want {s['expected']})" for k, s in n.sysctl.items() if s["actual"] != s["expected"]]
+        if bad:
+            problems.append(f"{n.name}: {', '.join(bad)}")
+        stale = [c.name for c in n.containers if c.spec_current is False]
+        if stale:
+            problems.append(f"{n.name}: {', '.join(stale)} from another config (run up)")
+        if n.mem_total_gib and n.mem_available_gib is not None and n.mem_available_gib < 0.05 * n.mem_total_gib:
+            problems.append(f"{n.name}: only {n.mem_available_gib:.1f} GiB memory available")
+    if obs.ray.checked and obs.ray.error:
+        problems.append(f"Ray not observed: {obs.ray.error}")
+    if obs.watchdog and obs.watchdog.get("state") == "failed":
+        problems.append(f"watchdog failed: {obs.watchdog.get('reason', '')}")
+    if problems:
+        return "degraded", "; ".join(problems)
+    return "serving", ""
+
+
+def status(cfg: ClusterConfig, nodes: Nodes, *, window_s: float = 0.75) -> StatusReport:
+    obs = observe(cfg, nodes, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s)
+    word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes={n.name: n.address for n in cfg.nodes})
+    return StatusReport(verdict=word, reason=reason, observation=obs)

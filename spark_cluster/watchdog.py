@@ -1,0 +1,262 @@
+"""The failover controller: observe every period, decide (spark_cluster.decide), act.
+
+Actions: a 1-token canary completion; an incident bundle then an ordered gang restart of the
+whole group with the same code as `up` (executor.down then executor.up); an alert when the
+circuit breaker trips. Every change, decision and action is a JSON line in
+state_dir/events.jsonl; the decision state lives in state_dir/watchdog.json, so the controller
+can be restarted at any time without losing its history or touching a healthy cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import httpx
+
+from .config import ClusterConfig
+from .decide import Action, Sample, State, decide, restarted
+from .errors import SparkClusterError
+from .executor import Executor, list_containers, save_logs
+from .plan import build_plan
+from .render import quote
+from .status import parse_metrics
+from .transport import Nodes
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def _iso(t: float | None = None) -> str:
+    return datetime.fromtimestamp(t if t is not None else time.time(), timezone.utc).isoformat(timespec="milliseconds")
+
+
+class WatchdogFailed(SparkClusterError):
+    """The circuit breaker tripped: the watchdog stopped restarting."""
+
+    exit_code = 12
+
+
+class Watchdog:
+    def __init__(self, cfg: ClusterConfig, nodes: Nodes, *, on_event: EventSink | None = None,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+        self.cfg = cfg
+        self.nodes = nodes
+        self.s = cfg.watchdog
+        self.clock = clock
+        self.sleep = sleep
+        self.on_event = on_event or (lambda e: None)
+        self.dir = cfg.resolved_state_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.events_path = self.dir / "events.jsonl"
+        self.state_path = self.dir / "watchdog.json"
+        self.plan = build_plan(cfg)
+        self.expected = {(s.node, s.container.name) for s in self.plan.steps if s.container is not None}
+        self.state = self._load_state()
+        self.trail: deque[dict[str, Any]] = deque(maxlen=200)
+        self.samples: deque[dict[str, Any]] = deque(maxlen=60)
+        self.last_metrics_text = ""
+        self.canary_result: Optional[tuple[bool, float]] = None
+        self.http = httpx.Client()
+
+    # ---- persistence ----------------------------------------------------------------------
+    def _load_state(self) -> State:
+        try:
+            data = json.loads(self.state_path.read_text())
+            fields = {f.name for f in dataclasses.fields(State)}
+            raw = {k: (tuple(v) if k in ("restarts", "last_counters") and v is not None else v)
+                   for k, v in data.get("decision", {}).items() if k in fields}
+            st = State(**raw)
+            # a new controller process first confirms what it sees: never acts on a stale phase
+            if st.phase != "failed":
+                st = dataclasses.replace(st, phase="starting", since=self.clock(), ready_at=None, suspect_since=None,
+                                         canary_pending=False, grace_on_ready=False, unreachable_count={})
+            return st
+        except (OSError, ValueError, TypeError):
+            return State(phase="starting", since=self.clock())
+
+    def save_state(self) -> None:
+        st = self.state
+        data = {
+            "state": st.phase,
+            "since": _iso(st.since),
+            "last_restart": _iso(st.last_restart) if st.last_restart else None,
+            "last_reason": st.last_reason,
+            "restarts_last_hour": len([t for t in st.restarts if self.clock() - t < 3600]),
+            "updated": _iso(self.clock()),
+            "decision": dataclasses.asdict(st),
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=list))
+        tmp.replace(self.state_path)
+
+    def event(self, kind: str, **data: Any) -> None:
+        e = {"ts": _iso(self.clock()), "event": kind, "cluster": self.cfg.name, **data}
+        self.trail.append(e)
+        with open(self.events_path, "a") as f:
+            f.write(json.dumps(e, default=str) + "\n")
+        self.on_event(e)
+
+    # ---- observation (never raises) ---------------------------------------------------------
+    def observe(self) -> Sample:
+        now = self.clock()
+        cfg = self.cfg
+        base = cfg.endpoint()
+        t_probe = cfg.health.probe_timeout_s
+
+        def node_probe(t) -> tuple[str, Optional[list]]:
+            try:
+                return t.node, list_containers(t, cfg.name, timeout=t_probe + 5)
+            except SparkClusterError:
+                return t.node, None
+
+        with ThreadPoolExecutor(max_workers=len(cfg.nodes)) as pool:
+            futs = [pool.submit(node_probe, self.nodes[n.name]) for n in cfg.nodes]
+            health, metrics = None, {}
+            try:
+                health = self.http.get(f"{base}/health", timeout=t_probe).status_code
+                text = self.http.get(f"{base}/metrics", timeout=t_probe).text
+                self.last_metrics_text = text
+                metrics = parse_metrics(text)
+            except httpx.HTTPError:
+                pass
+            except ValueError:
+                metrics = {}
+            results = [f.result() for f in futs]
+        unreachable = tuple(n for n, cs in results if cs is None)
+        gone = []
+        for node, cs in results:
+            if cs is None:
+                continue
+            have = {c.name: c.state for c in cs}
+            for (n, name) in sorted(self.expected):
+                if n != node:
+                    continue
+                st = have.get(name)
+                if st is None:
+                    gone.append(f"{name} on {node} missing")
+                elif st not in ("running", "paused"):
+                    gone.append(f"{name} on {node} {st}")
+        canary_ok = canary_s = None
+        if self.canary_result is not None:
+            canary_ok, canary_s = self.canary_result
+            self.canary_result = None
+        sample = Sample(
+            t=now, health=health, steps_total=metrics.get("steps_total"),
+            generation_tokens_total=metrics.get("generation_tokens_total"),
+            prompt_tokens_total=metrics.get("prompt_tokens_total"),
+            running=metrics.get("running", 0) or 0, waiting=metrics.get("waiting", 0) or 0,
+            gone=tuple(gone), unreachable=unreachable, canary_ok=canary_ok, canary_s=canary_s,
+        )
+        self.samples.append(dataclasses.asdict(sample))
+        return sample
+
+    def canary(self) -> tuple[bool, float]:
+        body = {"model": self.cfg.model.name, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+        t0 = time.monotonic()
+        try:
+            r = self.http.post(f"{self.cfg.endpoint()}/v1/completions", json=body, timeout=self.s.canary_timeout_s)
+            ok = r.status_code == 200 and bool(r.json().get("choices"))
+        except (httpx.HTTPError, ValueError):
+            ok = False
+        return ok, round(time.monotonic() - t0, 3)
+
+    # ---- actions ----------------------------------------------------------------------------
+    def incident_bundle(self, reason: str) -> Path:
+        slug = re.sub(r"[^a-z0-9]+", "-", reason.lower())[:40].strip("-")
+        d = self.dir / "incidents" / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{slug}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "reason.txt").write_text(reason + "\n")
+        (d / "decision-trail.jsonl").write_text("".join(json.dumps(e, default=str) + "\n" for e in self.trail))
+        (d / "observations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in self.samples))
+        (d / "metrics.txt").write_text(self.last_metrics_text)
+        (d / "state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1, default=list))
+
+        def grab(t) -> None:
+            try:
+                for c in list_containers(t, self.cfg.name):
+                    save_logs(t, c.name, d / "logs")
+                r = t.run("docker ps -a; echo; free -m; echo; uptime", timeout=20)
+                (d / f"{t.node}-host.txt").write_text(r.stdout + r.stderr)
+            except SparkClusterError as exc:
+                (d / f"{t.node}-error.txt").write_text(str(exc))
+
+        with ThreadPoolExecutor(max_workers=len(self.cfg.nodes)) as pool:
+            list(pool.map(grab, [self.nodes[n.name] for n in self.cfg.nodes]))
+        if self.cfg.executor == "ray":
+            try:
+                r = self.nodes[self.cfg.head.name].run(f"docker exec {quote(self.cfg.name + '-ray-head')} ray status", timeout=30)
+                (d / "ray-status.txt").write_text(r.stdout + r.stderr)
+            except SparkClusterError as exc:
+                (d / "ray-status.txt").write_text(f"unavailable: {exc}\n")
+        return d
+
+    def restart(self, action: Action) -> None:
+        if action.delay_s:
+            self.event("backoff", seconds=action.delay_s, reason=action.reason)
+            self.sleep(action.delay_s)
+        bundle = self.incident_bundle(action.reason)
+        self.event("incident", reason=action.reason, bundle=str(bundle))
+        t0 = time.monotonic()
+        self.event("restart-start", reason=action.reason, attempt=self.state.consecutive + 1)
+        ex = Executor(self.cfg, self.nodes, report=lambda e: self.event(
+            "executor", step_event=e.get("event"), **{k: v for k, v in e.items() if k not in ("ts", "event")}))
+        ok, error = True, None
+        try:
+            ex.down(graceful=False)
+            ex.up()
+        except SparkClusterError as exc:
+            ok, error = False, str(exc)
+        took = round(time.monotonic() - t0, 1)
+        self.state = restarted(self.state, self.clock())
+        self.event("restart-done" if ok else "restart-failed", seconds=took, error=error)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> Optional[Action]:
+        """One period: observe, decide, act. Returns the action taken (for tests and logs)."""
+        sample = self.observe()
+        before = self.state.phase
+        self.state, action = decide(self.state, sample, self.clock(), self.s)
+        if self.state.phase != before:
+            self.event("state", state=self.state.phase, previous=before, reason=self.state.suspect_reason or self.state.last_reason,
+                       running=sample.running, waiting=sample.waiting, health=sample.health)
+        if action is not None:
+            self.event("decision", action=action.kind, reason=action.reason, delay_s=action.delay_s)
+            if action.kind == "canary":
+                ok, took = self.canary()
+                self.canary_result = (ok, took)
+                self.event("canary", ok=ok, seconds=took)
+            elif action.kind == "restart":
+                self.save_state()
+                self.restart(action)
+            elif action.kind == "alert":
+                self.event("alert", reason=action.reason)
+        self.save_state()
+        return action
+
+    def run(self, *, max_seconds: float | None = None, stop: Callable[[], bool] | None = None) -> State:
+        t_end = None if max_seconds is None else time.monotonic() + max_seconds
+        self.event("watch-start", state=self.state.phase, period_s=self.s.period_s)
+        try:
+            while True:
+                t0 = time.monotonic()
+                self.step()
+                if self.state.phase == "failed":
+                    raise WatchdogFailed(self.state.last_reason)
+                if (stop and stop()) or (t_end is not None and time.monotonic() >= t_end):
+                    return self.state
+                rest = self.s.period_s - (time.monotonic() - t0)
+                if self.canary_result is not None:
+                    rest = 0  # feed the canary's result back at once
+                if rest > 0:
+                    self.sleep(rest)
+        finally:
+            self.event("watch-stop", state=self.state.phase)
+            self.save_state()
+            self.http.close()

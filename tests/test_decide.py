@@ -1,0 +1,192 @@
+"""The watchdog's decision: a pure function, driven here by a fake clock (no threads, no sleeps)."""
+
+from __future__ import annotations
+
+import pytest
+
+from spark_cluster.config import WatchdogSettings
+from spark_cluster.decide import IDLE_CANARY_S, UNREACHABLE_SAMPLES, Sample, State, backoff_s, decide, restarted
+
+S = WatchdogSettings()  # the defaults users get
+
+
+class Clock:
+    """Feeds samples every period; counts every action."""
+
+    def __init__(self, s: WatchdogSettings = S, state: State | None = None):
+        self.s = s
+        self.t = 1000.0
+        self.state = state or State(phase="starting", since=self.t)
+        self.actions = []
+        self.steps = 0.0
+
+    def feed(self, seconds: float, *, progress: bool, running: float = 0, waiting: float = 0, health: int | None = 200,
+             gone=(), unreachable=(), canary_ok=None, canary_result: bool | None = None):
+        """Advance `seconds` in periods; answer canaries with canary_result (None: leave them)."""
+        end = self.t + seconds
+        pending_canary = None
+        while self.t < end:
+            self.t += self.s.period_s
+            if progress:
+                self.steps += 3
+            x = Sample(t=self.t, health=health, steps_total=self.steps, generation_tokens_total=self.steps * 2,
+                       prompt_tokens_total=100, running=running, waiting=waiting, gone=tuple(gone),
+                       unreachable=tuple(unreachable), canary_ok=pending_canary if pending_canary is not None else canary_ok)
+            pending_canary = None
+            self.state, action = decide(self.state, x, self.t, self.s)
+            if action is not None:
+                self.actions.append((self.t, action))
+                if action.kind == "canary" and canary_result is not None:
+                    pending_canary = canary_result
+                if action.kind == "restart":
+                    self.state = restarted(self.state, self.t + action.delay_s)
+                    self.t += action.delay_s
+        return self
+
+    def kinds(self):
+        return [a.kind for _, a in self.actions]
+
+
+def ready() -> Clock:
+    c = Clock()
+    c.feed(10, progress=False)  # the API answers: ready
+    assert c.state.phase == "healthy" and c.state.ready_at is not None
+    c.feed(S.grace_after_start_s, progress=True, running=1)  # past the grace period
+    return c
+
+
+def test_busy_but_slow_is_never_restarted():
+    c = ready()
+    # one step every third period: slow, but moving, for an hour, with a deep queue
+    for _ in range(240):
+        c.feed(S.period_s * 2, progress=False, running=16, waiting=40)
+        c.feed(S.period_s, progress=True, running=16, waiting=40)
+    assert "restart" not in c.kinds()
+
+
+def test_hang_with_work_in_flight_is_confirmed_by_a_failing_canary():
+    c = ready()
+    t_freeze = c.t
+    c.feed(60, progress=False, running=4, canary_result=False)
+    restart = [(t, a) for t, a in c.actions if a.kind == "restart"]
+    assert restart, c.actions
+    t_detect, action = restart[0]
+    assert "hang confirmed" in action.reason and "4 request(s)" in action.reason
+    # detection within the acceptance bound with default settings (canary deadline included)
+    assert t_detect - t_freeze + S.canary_timeout_s <= 45
+    assert c.kinds().index("canary") < c.kinds().index("restart")
+
+
+def test_hang_with_a_canary_that_succeeds_is_not_restarted():
+    c = ready()
+    c.feed(120, progress=False, running=4, canary_result=True)
+    assert "restart" not in c.kinds() and "canary" in c.kinds()
+
+
+def test_stall_shorter_than_the_window_is_ignored():
+    c = ready()
+    c.feed(S.stall_window_s - S.period_s, progress=False, running=4, canary_result=False)
+    c.feed(60, progress=True, running=4)
+    assert c.kinds() == []
+
+
+def test_no_grace_for_an_engine_already_serving_when_the_watchdog_starts():
+    c = Clock()
+    c.feed(S.period_s, progress=False)  # answering at first sight: no grace
+    c.feed(60, progress=False, running=4, canary_result=False)
+    assert "restart" in c.kinds()
+
+
+def test_no_verdict_during_the_grace_period():
+    c = Clock()
+    c.feed(10, progress=False, health=None)  # loading
+    c.feed(S.period_s, progress=False)  # ready now
+    c.feed(S.grace_after_start_s - 10, progress=False, running=3, canary_result=False)
+    assert "restart" not in c.kinds()
+
+
+def test_waiting_for_readiness_takes_as_long_as_it_takes():
+    c = Clock()
+    c.feed(1500, progress=False, health=None)  # a big model loading: the API does not answer for 25 min
+    assert c.kinds() == [] and c.state.phase == "starting"
+
+
+def test_member_gone_restarts_without_canary():
+    c = ready()
+    c.feed(S.period_s, progress=False, gone=["spark-vllm-worker on sim-2 exited"])
+    assert c.kinds() == ["restart"] and "member gone" in c.actions[0][1].reason
+
+
+def test_unreachable_node_needs_several_periods():
+    c = ready()
+    c.feed(S.period_s * (UNREACHABLE_SAMPLES - 1), progress=True, unreachable=["sim-2"])
+    assert c.kinds() == []
+    c.feed(S.period_s, progress=True, unreachable=["sim-2"])
+    assert c.kinds() == ["restart"] and "sim-2 unreachable" in c.actions[0][1].reason
+
+
+def test_idle_engine_gets_a_periodic_canary_and_a_failing_one_restarts():
+    c = ready()
+    c.feed(IDLE_CANARY_S + S.period_s * 2, progress=False, running=0, canary_result=True)
+    assert "canary" in c.kinds() and "restart" not in c.kinds()
+    c.actions.clear()
+    c.feed(IDLE_CANARY_S + S.period_s * 2, progress=False, running=0, canary_result=False)
+    assert c.kinds()[:2] == ["canary", "restart"]
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [backoff_s(n, S) for n in range(7)] == [0, 10, 20, 40, 80, 160, 300]
+
+
+def test_two_failures_back_off_and_the_breaker_trips():
+    s = WatchdogSettings(max_restarts_per_hour=3)
+    c = Clock(s)
+    delays = []
+    for _ in range(4):
+        c.feed(10, progress=False)  # ready
+        c.feed(s.grace_after_start_s, progress=True, running=1)
+        c.feed(s.period_s, progress=False, gone=["spark-vllm on sim-1 exited"])
+        delays.append(c.actions[-1][1])
+    kinds = [a.kind for a in delays]
+    assert kinds == ["restart", "restart", "restart", "alert"]
+    assert [a.delay_s for a in delays[:3]] == [0, 10, 20]
+    assert c.state.phase == "failed" and "circuit breaker" in c.state.last_reason
+    c.feed(600, progress=False, gone=["x"])  # failed stays failed: no more actions
+    assert len(c.actions) == 4
+
+
+def test_backoff_resets_after_a_long_healthy_period():
+    c = ready()
+    c.feed(S.period_s, progress=False, gone=["a"])
+    assert c.state.consecutive == 1
+    c.feed(10, progress=False)
+    c.feed(S.backoff_reset_s + S.grace_after_start_s + 10, progress=True, running=1)
+    assert c.state.consecutive == 0
+    c.feed(S.period_s, progress=False, gone=["a"])
+    assert c.actions[-1][1].delay_s == 0
+
+
+def test_restarts_older_than_an_hour_do_not_count():
+    s = WatchdogSettings(max_restarts_per_hour=1)
+    c = Clock(s)
+    c.feed(10, progress=False)
+    c.feed(s.period_s, progress=False, gone=["a"])
+    c.feed(10, progress=False)
+    c.feed(3700, progress=True, running=1)
+    c.feed(s.period_s, progress=False, gone=["a"])
+    assert [a.kind for _, a in c.actions] == ["restart", "restart"]
+
+
+def test_observe_only_mode_alerts_instead_of_restarting():
+    s = WatchdogSettings(enabled=False)
+    c = Clock(s)
+    c.feed(10, progress=False)
+    c.feed(s.period_s, progress=False, gone=["a"])
+    assert c.kinds() == ["alert"] and c.state.phase == "failed"
+
+
+@pytest.mark.parametrize("health", [None, 500])
+def test_api_gone_silent_is_suspect_then_confirmed(health):
+    c = ready()
+    c.feed(60, progress=False, health=health, canary_result=False)
+    assert "restart" in c.kinds()

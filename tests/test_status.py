@@ -1,0 +1,97 @@
+"""`status` on the simulated cluster: serving, down (node named), stalled (paused worker, /health 200)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from spark_cluster.executor import Executor
+from spark_cluster.status import status
+from spark_cluster.transport import Nodes
+
+from .conftest import ROOT, sim_docker
+
+pytestmark = pytest.mark.cluster
+RECORD = ROOT / "tests" / "data" / "observations"
+
+
+def record(name: str, rep) -> None:
+    """Keep real observations for the verdict's table-driven tests (RECORD_OBSERVATIONS=1)."""
+    import os
+
+    if os.environ.get("RECORD_OBSERVATIONS"):
+        RECORD.mkdir(parents=True, exist_ok=True)
+        (RECORD / f"{name}.json").write_text(json.dumps({"verdict": rep.verdict, "observation": rep.observation.model_dump()}, indent=1) + "\n")
+
+
+def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500) -> list[threading.Thread]:
+    """n long streaming completions, each bounded in time, stopping on `stop`."""
+
+    def one() -> None:
+        body = {"model": "tiny-qwen3", "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=240)) as r:
+                for _ in r.iter_lines():
+                    if stop.is_set():
+                        return
+        except httpx.HTTPError:
+            pass
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_status_serving_down_stalled(sim, sim_cfg):
+    cfg = sim_cfg
+    url = cfg.endpoint()
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).up()
+        rep = status(cfg, nodes)
+        record("serving-idle", rep)
+        assert rep.verdict == "serving", rep.reason
+        assert {c.name for n in rep.observation.nodes for c in n.containers} == {"spark-vllm", "spark-vllm-worker"}
+        assert rep.observation.nodes[0].sysctl == {"vm.swappiness": {"expected": "1", "actual": "1"}}
+
+        stop = threading.Event()
+        threads = stream_load(url, 4, stop)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                rep = status(cfg, nodes)
+                if (rep.observation.vllm.running or 0) > 0 and rep.observation.vllm.generation_tok_s:
+                    break
+                assert time.monotonic() < deadline, "load never showed up in the metrics"
+            record("serving-busy", rep)
+            assert rep.verdict == "serving", rep.reason
+
+            sim_docker("sim-2", "pause", "spark-vllm-worker")
+            try:
+                rep = status(cfg, nodes)
+                record("stalled-paused-worker", rep)
+                assert rep.verdict == "stalled", rep.reason
+                assert rep.observation.vllm.health == 200
+                assert rep.observation.vllm.steps_in_window == 0 and rep.observation.vllm.running > 0
+                assert "sim-2" in rep.reason
+            finally:
+                sim_docker("sim-2", "unpause", "spark-vllm-worker")
+            rep = status(cfg, nodes)
+            assert rep.verdict == "serving", rep.reason
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+
+        sim_docker("sim-2", "stop", "-t", "1", "spark-vllm-worker")
+        rep = status(cfg, nodes)
+        record("down-worker-stopped", rep)
+        assert rep.verdict == "down"
+        assert "spark-vllm-worker on sim-2 is exited" in rep.reason
+        Executor(cfg, nodes).down()
+        rep = status(cfg, nodes)
+        assert rep.verdict == "down" and "missing" in rep.reason

@@ -1,0 +1,169 @@
+"""`up` and `down` against the simulated cluster: real SSH, real Docker, real Ray, real vLLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import yaml
+from openai import OpenAI
+
+from spark_cluster.config import parse_config
+from spark_cluster.executor import Executor, LockedError, PreflightError, StepError, list_containers
+from spark_cluster.sim import cluster
+from spark_cluster.transport import HostKeyError, Nodes
+
+from .conftest import SIM_CONFIG
+
+pytestmark = pytest.mark.cluster
+
+
+def variant(**changes):
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    for dotted, value in changes.items():
+        d = data
+        *path, last = dotted.split(".")
+        for p in path:
+            d = d[p]
+        d[last] = value
+    return parse_config(yaml.safe_dump(data))
+
+
+def containers(cfg) -> dict[str, dict[str, str]]:
+    with Nodes(cfg) as nodes:
+        return {n: {c.name: c.id for c in list_containers(nodes[n], cfg.name)} for n in nodes.by_name}
+
+
+def ray_processes(cfg) -> dict[str, str]:
+    with Nodes(cfg) as nodes:
+        return {n: r.stdout.strip() for n, r in nodes.map(lambda t: t.run("pgrep -af '[r]aylet|[g]cs_server|[R]ayWorker' || true")).items()}
+
+
+def test_up_serves_is_idempotent_and_down_cleans(sim, sim_cfg, tmp_path):
+    cfg = sim_cfg
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).down()
+        first = Executor(cfg, nodes).up()
+    assert first.changed and first.recreated == ["spark-vllm-worker@sim-2", "spark-vllm@sim-1"]
+
+    client = OpenAI(base_url=f"{cfg.endpoint()}/v1", api_key="none", timeout=120)
+    reply = client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+    msg = reply.choices[0].message
+    text = msg.content or (msg.model_extra or {}).get("reasoning") or ""
+    assert isinstance(text, str) and text.strip()
+
+    ids = containers(cfg)
+    with Nodes(cfg) as nodes:
+        again = Executor(cfg, nodes).up()
+    assert not again.changed and again.recreated == []
+    assert containers(cfg) == ids  # same container IDs: nothing recreated
+
+    with Nodes(cfg) as nodes:
+        logs = Executor(cfg, nodes).down()
+    assert containers(cfg) == {"sim-1": {}, "sim-2": {}}
+    assert ray_processes(cfg) == {"sim-1": "", "sim-2": ""}
+    saved = sorted(p.name for p in logs.iterdir())
+    assert saved == ["sim-1--spark-vllm.log", "sim-2--spark-vllm-worker.log"]
+    assert "Starting vLLM" in (logs / "sim-1--spark-vllm.log").read_text() or (logs / "sim-1--spark-vllm.log").stat().st_size > 0
+    with Nodes(cfg) as nodes:  # down again: nothing to do, no error
+        assert Executor(cfg, nodes).down() is None
+
+
+def test_changed_config_restarts_the_native_group_in_order(sim, sim_cfg):
+    with Nodes(sim_cfg) as nodes:
+        Executor(sim_cfg, nodes).up()
+    before = containers(sim_cfg)
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["nodes"][0]["env"]["EXTRA_HEAD_SETTING"] = "1"
+    changed = parse_config(yaml.safe_dump(data))
+    events = []
+    with Nodes(changed) as nodes:
+        try:
+            res = Executor(changed, nodes, events.append).up()
+        finally:
+            Executor(changed, nodes).down()
+    # only rank 0's spec changed, yet both ranks restart (a lone rank 0 would orphan the worker)
+    assert res.recreated == ["spark-vllm-worker@sim-2", "spark-vllm@sim-1"]
+    removed = [e["container"] for e in events if e["event"] == "container-remove"]
+    assert removed == ["spark-vllm", "spark-vllm-worker"]  # vLLM API first, then the worker rank
+    assert before["sim-1"]  # it was running before
+
+
+def test_worker_that_cannot_reach_the_head_is_named(sim):
+    cfg = variant(executor="ray", **{"health.ray_join_timeout_s": 30})
+    block = ["ip", "netns", "exec", "scsim-sim-2", "iptables", "-I", "OUTPUT", "-d", "10.99.0.11", "-p", "tcp", "-j", "DROP"]
+    subprocess.run(block, check=True)
+    t0 = time.monotonic()
+    try:
+        with Nodes(cfg) as nodes, pytest.raises(StepError) as info:
+            Executor(cfg, nodes).up(stop_after="wait-ray")
+    finally:
+        subprocess.run([*block[:5], "-D", *block[6:]], check=True)
+        with Nodes(cfg) as nodes:
+            Executor(cfg, nodes).down()
+    took = time.monotonic() - t0
+    msg = str(info.value)
+    assert "Ray shows 1 of 2 nodes" in msg and "missing: sim-2" in msg and "sim-2 (10.99.0.12) has not joined" in msg
+    assert took < 30 + 60  # the join deadline, plus start-up
+
+
+def test_changed_host_key_is_refused_before_anything_runs(sim, sim_cfg, tmp_path):
+    key = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    lines = cluster.known_hosts().read_text().splitlines()
+    forged = [line if not line.startswith("10.99.0.12 ") else "10.99.0.12 " + key.with_suffix(".pub").read_text().split(" ", 2)[0] + " "
+              + key.with_suffix(".pub").read_text().split()[1] for line in lines]
+    kh = tmp_path / "known_hosts"
+    kh.write_text("\n".join(forged) + "\n")
+    cfg = variant(**{"ssh.known_hosts": str(kh)})
+    with Nodes(sim_cfg) as nodes:
+        Executor(sim_cfg, nodes).down()
+        sysctl_before = nodes["sim-1"].run("ls /etc/sysctl.d").stdout
+        nodes["sim-1"].run("rm -f /etc/sysctl.d/90-spark-cluster.conf")
+    with Nodes(cfg) as nodes, pytest.raises(HostKeyError, match="sim-2: the SSH host key of 10.99.0.12 CHANGED"):
+        Executor(cfg, nodes).up()
+    assert containers(sim_cfg) == {"sim-1": {}, "sim-2": {}}
+    with Nodes(sim_cfg) as nodes:  # not even the head was tuned or locked
+        assert nodes["sim-1"].run("ls /etc/sysctl.d; ls -d /tmp/spark-cluster-spark.lock 2>&1").stdout.count("90-spark-cluster") == 0
+    assert sysctl_before is not None
+
+
+def test_model_missing_on_worker_fails_preflight_naming_the_node(sim, sim_cfg):
+    model = cluster.SIM_ROOT / "nodes" / "sim-2" / "srv" / "models" / "tiny-qwen3"
+    aside = model.with_name("tiny-qwen3.aside")
+    with Nodes(sim_cfg) as nodes:
+        Executor(sim_cfg, nodes).down()
+    model.rename(aside)
+    try:
+        with Nodes(sim_cfg) as nodes, pytest.raises(PreflightError) as info:
+            Executor(sim_cfg, nodes).up()
+    finally:
+        aside.rename(model)
+    assert "sim-2: model folder /srv/models/tiny-qwen3 is missing" in str(info.value)
+    assert "sim-1:" not in str(info.value)
+    assert containers(sim_cfg) == {"sim-1": {}, "sim-2": {}}
+
+
+def test_model_that_differs_between_nodes_is_refused(sim, sim_cfg):
+    extra = cluster.SIM_ROOT / "nodes" / "sim-2" / "srv" / "models" / "tiny-qwen3" / "stray.bin"
+    extra.write_bytes(b"x")
+    try:
+        with Nodes(sim_cfg) as nodes, pytest.raises(PreflightError, match=r"differs from sim-1's: sim-2: .*extra \['stray.bin'\]"):
+            Executor(sim_cfg, nodes).up()
+    finally:
+        extra.unlink()
+
+
+def test_second_operation_is_refused_while_one_holds_the_lock(sim, sim_cfg):
+    holder = {"host": "laptop-of-someone-else", "pid": 4242, "command": "up", "since": "2026-11-26T10:00:00+00:00"}
+    with Nodes(sim_cfg) as nodes:
+        nodes["sim-1"].run(f"mkdir -p /tmp/spark-cluster-spark.lock && echo '{json.dumps(holder)}' > /tmp/spark-cluster-spark.lock/holder").check()
+        try:
+            with pytest.raises(LockedError, match="up by pid 4242 on laptop-of-someone-else"):
+                Executor(sim_cfg, nodes).up()
+            with pytest.raises(LockedError):
+                Executor(sim_cfg, nodes).down()
+        finally:
+            nodes["sim-1"].run("rm -rf /tmp/spark-cluster-spark.lock")

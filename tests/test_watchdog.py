@@ -1,0 +1,199 @@
+"""Failover on the simulated cluster: real hangs, real kills, real restarts of the whole group."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+
+import httpx
+import pytest
+import yaml
+
+from spark_cluster.config import parse_config
+from spark_cluster.executor import Executor, list_containers
+from spark_cluster.transport import Nodes
+from spark_cluster.watchdog import Watchdog, WatchdogFailed
+
+from .conftest import SIM_CONFIG, sim_docker
+from .test_status import stream_load
+
+pytestmark = pytest.mark.cluster
+
+
+def cfg_with(tmp_path, **watchdog):
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["watchdog"] = {**data.get("watchdog", {}), **watchdog}
+    data["state_dir"] = str(tmp_path / "state")
+    return parse_config(yaml.safe_dump(data))
+
+
+class Running:
+    """A watchdog in a background thread, stopped and joined at the end."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.events: list[dict] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.nodes = Nodes(cfg)
+        self.wd = Watchdog(cfg, self.nodes, on_event=self.events.append)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.wd.run(stop=self.stop.is_set)
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=300)
+        self.nodes.close()
+
+    def wait_for(self, pred, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hit = next((e for e in self.events if pred(e)), None)
+            if hit is not None:
+                return hit
+            if self.error is not None:
+                raise AssertionError(f"watchdog stopped: {self.error!r}")
+            time.sleep(0.5)
+        raise AssertionError(f"no {what} within {timeout}s; events: {[e['event'] for e in self.events][-30:]}")
+
+    def kinds(self, kind):
+        return [e for e in self.events if e["event"] == kind]
+
+
+def ids(cfg) -> dict[str, str]:
+    with Nodes(cfg) as nodes:
+        return {c.name: c.id for n in nodes.by_name for c in list_containers(nodes[n], cfg.name)}
+
+
+def serving(cfg):
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).up()
+
+
+def completion_works(cfg) -> bool:
+    r = httpx.post(f"{cfg.endpoint()}/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    return r.status_code == 200 and bool(r.json()["choices"])
+
+
+def ts(e) -> float:
+    return datetime.fromisoformat(e["ts"]).timestamp()
+
+
+def test_frozen_worker_under_load_is_detected_and_the_group_restarted(sim, tmp_path):
+    cfg = cfg_with(tmp_path)  # default watchdog settings
+    serving(cfg)
+    before = ids(cfg)
+    stop = threading.Event()
+    threads = stream_load(cfg.endpoint(), 4, stop, max_tokens=4000)
+    try:
+        with Running(cfg) as w:
+            w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+            time.sleep(3)
+            frozen_at = time.time()
+            sim_docker("sim-2", "pause", "spark-vllm-worker")
+            decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 120, "restart decision")
+            detect_s = ts(decision) - frozen_at
+            print(f"hang confirmed {detect_s:.1f}s after the freeze: {decision['reason']}")
+            assert "hang confirmed" in decision["reason"]
+            assert w.kinds("canary") and not w.kinds("canary")[-1]["ok"]
+            incident = w.wait_for(lambda e: e["event"] == "incident", 60, "incident bundle")
+            done = w.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
+            assert done["event"] == "restart-done", done
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert completion_works(cfg)
+    after = ids(cfg)
+    assert set(after) == {"spark-vllm", "spark-vllm-worker"}
+    assert not set(before.values()) & set(after.values())  # nothing of the previous generation is left
+    from pathlib import Path
+
+    bundle = Path(incident["bundle"])
+    assert (bundle / "decision-trail.jsonl").read_text() and (bundle / "metrics.txt").read_text().count("vllm:") > 5
+    assert sorted(p.name for p in (bundle / "logs").iterdir()) == ["sim-1--spark-vllm.log", "sim-2--spark-vllm-worker.log"]
+    events = (tmp_path / "state" / "events.jsonl").read_text()
+    assert '"event": "restart-done"' in events
+    # stop order of the gang restart: vLLM API first, then the worker rank; start order: worker first
+    order = [(e.get("step_event"), e.get("container") or e.get("step")) for e in w.events if e["event"] == "executor"
+             and e.get("step_event") in ("container-remove", "step-ok") and (e.get("container") or "start" in (e.get("step") or "") or "serve" in (e.get("step") or ""))]
+    removed = [c for k, c in order if k == "container-remove"]
+    started = [c for k, c in order if k == "step-ok" and c.startswith(("start-workers/", "serve/"))]
+    assert removed == ["spark-vllm", "spark-vllm-worker"]
+    assert started == ["start-workers/sim-2/vllm-worker", "serve/sim-1/vllm"]
+
+
+def test_killed_worker_container_leads_to_a_restart(sim, tmp_path):
+    cfg = cfg_with(tmp_path)
+    serving(cfg)
+    with Running(cfg) as w:
+        w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+        sim_docker("sim-2", "kill", "spark-vllm-worker")
+        decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 60, "restart decision")
+        assert "member gone" in decision["reason"] and "sim-2" in decision["reason"]
+        done = w.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
+        assert done["event"] == "restart-done", done
+    assert completion_works(cfg)
+
+
+def test_killed_vllm_process_leads_to_a_restart(sim, tmp_path):
+    cfg = cfg_with(tmp_path)
+    serving(cfg)
+    with Running(cfg) as w:
+        w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+        with Nodes(cfg) as nodes:  # the vLLM API server process itself, killed from its node
+            nodes["sim-1"].run("kill -9 $(docker inspect -f '{{.State.Pid}}' spark-vllm)").check()
+        decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 60, "restart decision")
+        assert "spark-vllm on sim-1" in decision["reason"]
+        done = w.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
+        assert done["event"] == "restart-done", done
+    assert completion_works(cfg)
+
+
+def test_slow_but_progressing_engine_is_not_restarted(sim, tmp_path):
+    """Much heavier load than the 2 cores can serve quickly: slow, queued, but moving."""
+    cfg = cfg_with(tmp_path)
+    serving(cfg)
+    stop = threading.Event()
+    threads = stream_load(cfg.endpoint(), 24, stop, max_tokens=3000)
+    try:
+        with Running(cfg) as w:
+            time.sleep(90)
+            assert not [e for e in w.events if e["event"] == "decision" and e["action"] == "restart"], w.events[-10:]
+            assert w.wd.samples[-1]["running"] + w.wd.samples[-1]["waiting"] > 0  # it really was loaded
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+
+def test_circuit_breaker_trips_on_the_cluster(sim, tmp_path):
+    cfg = cfg_with(tmp_path, max_restarts_per_hour=1)
+    serving(cfg)
+    with Running(cfg) as w:
+        w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+        sim_docker("sim-2", "kill", "spark-vllm-worker")
+        w.wait_for(lambda e: e["event"] == "restart-done", 400, "first restart")
+        w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy" and ts(e) > ts(w.kinds("restart-done")[0]), 200, "healthy again")
+        sim_docker("sim-2", "kill", "spark-vllm-worker")
+        alert = w.wait_for(lambda e: e["event"] == "alert", 60, "breaker alert")
+        assert "circuit breaker" in alert["reason"]
+        w.thread.join(timeout=30)
+        assert isinstance(w.error, WatchdogFailed)
+    assert len(w.kinds("restart-start")) == 1
+    # a restarted watchdog remembers it failed, and does nothing
+    with Nodes(cfg) as nodes:
+        with pytest.raises(WatchdogFailed):
+            Watchdog(cfg, nodes).run(max_seconds=5)
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).down()
