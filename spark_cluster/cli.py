@@ -286,8 +286,6 @@ VERDICT_STYLE = {"serving": "bold green", "degraded": "bold yellow", "stalled": 
 
 
 def render_status(rep) -> Table:
-    from rich.console import Group
-
     o = rep.observation
     title = f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]" + (f"  {rep.reason}" if rep.reason else "")
     nodes = Table(title=None, expand=False, box=None, padding=(0, 1))

@@ -440,7 +440,7 @@ class ClusterConfig(Strict):
             out.append((("nodes",), None, "no node has role head: exactly one must"))
         elif len(heads) > 1:
             names = ", ".join(self.nodes[i].name for i in heads)
-            out.append(((f"nodes", heads[1], "role"), "head", f"{len(heads)} nodes have role head ({names}): exactly one must"))
+            out.append((("nodes", heads[1], "role"), "head", f"{len(heads)} nodes have role head ({names}): exactly one must"))
         for attr in ("name", "host", "address"):
             seen: dict[str, str] = {}
             for i, node in enumerate(self.nodes):

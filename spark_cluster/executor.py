@@ -22,7 +22,7 @@ import httpx
 
 from .config import ClusterConfig
 from .errors import SparkClusterError
-from .plan import LABEL_PREFIX, ContainerSpec, Plan, Step, build_plan, container_name
+from .plan import LABEL_PREFIX, Plan, Step, build_plan, container_name
 from .render import quote
 from .transport import CommandTimeout, Nodes, Result, SSHTransport, TransportError
 
@@ -180,6 +180,7 @@ class Executor:
             return {s.id: t.run(s.command, timeout=s.timeout_s) for s in by_node[t.node]}
 
         results = self.nodes.map(run_node, by_node.keys())
+        results = self._fetch_missing_images(results, by_node)
         problems: list[str] = []
         outputs: dict[str, dict[str, Result]] = {}
         for node, res in results.items():
@@ -210,12 +211,37 @@ class Executor:
             raise PreflightError(problems)
         self.emit("phase-done", phase="preflight", duration_s=round(time.monotonic() - t0, 3))
 
+    def _fetch_missing_images(self, results: dict, by_node: dict[str, list[Step]]) -> dict:
+        """Nodes without the image: `docker pull` it, or else stream it from a node that has it
+        (docker save | docker load through the controller, for nodes without registry access)."""
+        image = self.cfg.container.image
+        have, missing = [], []
+        for node, res in results.items():
+            if isinstance(res, BaseException):
+                continue
+            step = next(s for s in by_node[node] if s.id.endswith("/image"))
+            (have if res[step.id].ok else missing).append(node)
+        for node in missing:
+            t = self.nodes[node]
+            step = next(s for s in by_node[node] if s.id.endswith("/image"))
+            self.emit("image-fetch", node=node, image=image, how="docker pull")
+            pulled = t.run(f"docker pull --quiet {quote(image)}", timeout=3600)
+            if not pulled.ok and have:
+                source = self.nodes[have[0]]
+                self.emit("image-fetch", node=node, image=image, how=f"stream from {source.node}")
+                save, load = source.stream_to(f"docker save {quote(image)}", t, "docker load", timeout=3600)
+                if not (save.ok and load.ok):
+                    self.emit("image-fetch-failed", node=node, error=(save.stderr + load.stderr)[-500:])
+            results[node][step.id] = t.run(step.command, timeout=step.timeout_s)
+        return results
+
     def _evaluate(self, s: Step, kind: str, r: Result, cluster_running: bool) -> str | None:
         cfg = self.cfg
         if kind == "docker":
             return None if r.ok else f"docker does not answer ({r.tail(3).strip()}): install Docker and let the SSH user use it (docker group)"
         if kind == "image":
-            return None if r.ok else f"image {cfg.container.image} is not on this node: `docker pull {cfg.container.image}` there (or copy it: docker save | ssh node docker load)"
+            return None if r.ok else (f"image {cfg.container.image} is not on this node and could not be pulled or copied from "
+                                      f"another node: `docker pull {cfg.container.image}` there, or load it by hand")
         if kind == "model":
             if not r.ok:
                 return f"model folder {cfg.model.path} is missing or unreadable: copy the model there (same files on every node)"

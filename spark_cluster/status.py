@@ -11,7 +11,6 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import httpx
@@ -20,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from .config import ClusterConfig
 from .errors import SparkClusterError
-from .plan import LABEL_PREFIX, Plan, build_plan, container_name
+from .plan import LABEL_PREFIX, Plan, build_plan
 from .render import quote
 from .transport import Nodes, SSHTransport
 

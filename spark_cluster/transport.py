@@ -230,6 +230,56 @@ class SSHTransport:
             raise TransportError(f"{self.node}: SSH connection lost while running {_short(command)}: {exc}") from None
         return Result(self.node, command, code, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0)
 
+    def stream_to(self, command: str, target: "SSHTransport", target_command: str, *, timeout: float) -> tuple[Result, Result]:
+        """Pipe the stdout of `command` here into the stdin of `target_command` on another node,
+        through the controller (e.g. docker save | docker load between nodes that cannot SSH to
+        each other). Returns both results."""
+        src_client, dst_client = self.connect(), target.connect()
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        src = src_client.get_transport().open_session(timeout=self.ep.connect_timeout_s)
+        dst = dst_client.get_transport().open_session(timeout=target.ep.connect_timeout_s)
+        src.exec_command(command)
+        dst.exec_command(target_command)
+        src_err, dst_out, dst_err = bytearray(), bytearray(), bytearray()
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise CommandTimeout(f"{self.node} -> {target.node}: transfer did not finish within {timeout:g}s")
+                moved = False
+                if src.recv_ready():
+                    dst.sendall(src.recv(1 << 20))
+                    moved = True
+                while src.recv_stderr_ready():
+                    src_err += src.recv_stderr(65536)
+                while dst.recv_ready():
+                    dst_out += dst.recv(65536)
+                while dst.recv_stderr_ready():
+                    dst_err += dst.recv_stderr(65536)
+                if src.exit_status_ready() and not src.recv_ready():
+                    break
+                if not moved:
+                    select.select([src], [], [], 0.05)
+            dst.shutdown_write()
+            while not dst.exit_status_ready():
+                if time.monotonic() > deadline:
+                    raise CommandTimeout(f"{target.node}: `{_short(target_command)}` did not finish within {timeout:g}s")
+                while dst.recv_ready():
+                    dst_out += dst.recv(65536)
+                while dst.recv_stderr_ready():
+                    dst_err += dst.recv_stderr(65536)
+                time.sleep(0.05)
+            dst_out += dst.recv(1 << 20) if dst.recv_ready() else b""
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransportError(f"{self.node} -> {target.node}: SSH connection lost during transfer: {exc}") from None
+        finally:
+            src.close()
+            dst.close()
+        took = time.monotonic() - t0
+        return (Result(self.node, command, src.recv_exit_status(), "", src_err.decode(errors="replace"), took),
+                Result(target.node, target_command, dst.recv_exit_status(), dst_out.decode(errors="replace"),
+                       dst_err.decode(errors="replace"), took))
+
     def put(self, path: str, data: bytes, *, mode: int = 0o644, timeout: float | None = None) -> None:
         """Write a file on the node atomically (via the shell: no SFTP subsystem needed)."""
         tmp = f"{path}.spark-cluster.tmp"

@@ -37,6 +37,22 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
 SIM_CONFIG = CONFIGS / "local-sim.yaml"
 
 
+def sim_variant(**changes):
+    """configs/local-sim.yaml with dotted keys changed, e.g. sim_variant(executor="ray", **{"health.ray_join_timeout_s": 30})."""
+    import yaml
+
+    from spark_cluster.config import parse_config
+
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    for dotted, value in changes.items():
+        d = data
+        *path, last = dotted.split(".")
+        for p in path:
+            d = d[p]
+        d[last] = value
+    return parse_config(yaml.safe_dump(data))
+
+
 @pytest.fixture(scope="session")
 def sim_image():
     from spark_cluster.sim import image

@@ -7,7 +7,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from spark_cluster.config import parse_config

@@ -11,28 +11,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from spark_cluster.config import parse_config
 from spark_cluster.errors import SparkClusterError
 from spark_cluster.executor import Executor
 from spark_cluster.sim import cluster
 from spark_cluster.transport import Nodes
 
-from .conftest import SIM_CONFIG, sim_docker
+from .conftest import sim_docker, sim_variant
 
 pytestmark = pytest.mark.cluster
 
 
-def variant(**changes) -> "object":
-    data = yaml.safe_load(SIM_CONFIG.read_text())
-    for dotted, value in changes.items():
-        d = data
-        *path, last = dotted.split(".")
-        for p in path:
-            d = d[p]
-        d[last] = value
-    return parse_config(yaml.safe_dump(data))
 
 
 def test_each_node_has_its_own_address_sshd_and_docker(sim, sim_cfg):
@@ -81,7 +70,7 @@ def test_host_keys_are_checked_strictly(sim, sim_cfg, tmp_path):
     """A known_hosts without the node's key is refused: the controller never trusts silently."""
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    cfg = variant(**{"ssh.known_hosts": str(empty)})
+    cfg = sim_variant(**{"ssh.known_hosts": str(empty)})
     with Nodes(cfg) as nodes, pytest.raises(SparkClusterError, match="not in .*known_hosts. Refusing"):
         nodes["sim-1"].run("true")
 
@@ -89,7 +78,7 @@ def test_host_keys_are_checked_strictly(sim, sim_cfg, tmp_path):
 def test_ray_path_forms_a_cluster_worker_first(sim):
     """The card's Ray path as far as the CPU platform allows: worker container first, then the
     head; Ray then shows every node alive. (vLLM's CPU build refuses the Ray executor itself.)"""
-    cfg = variant(executor="ray", **{"health.ray_join_timeout_s": 120})
+    cfg = sim_variant(executor="ray", **{"health.ray_join_timeout_s": 120})
     events = []
     with Nodes(cfg) as nodes:
         ex = Executor(cfg, nodes, events.append)

@@ -15,20 +15,11 @@ from spark_cluster.executor import Executor, LockedError, PreflightError, StepEr
 from spark_cluster.sim import cluster
 from spark_cluster.transport import HostKeyError, Nodes
 
-from .conftest import SIM_CONFIG
+from .conftest import SIM_CONFIG, sim_variant
 
 pytestmark = pytest.mark.cluster
 
 
-def variant(**changes):
-    data = yaml.safe_load(SIM_CONFIG.read_text())
-    for dotted, value in changes.items():
-        d = data
-        *path, last = dotted.split(".")
-        for p in path:
-            d = d[p]
-        d[last] = value
-    return parse_config(yaml.safe_dump(data))
 
 
 def containers(cfg) -> dict[str, dict[str, str]]:
@@ -92,7 +83,7 @@ def test_changed_config_restarts_the_native_group_in_order(sim, sim_cfg):
 
 
 def test_worker_that_cannot_reach_the_head_is_named(sim):
-    cfg = variant(executor="ray", **{"health.ray_join_timeout_s": 30})
+    cfg = sim_variant(executor="ray", **{"health.ray_join_timeout_s": 30})
     block = ["ip", "netns", "exec", "scsim-sim-2", "iptables", "-I", "OUTPUT", "-d", "10.99.0.11", "-p", "tcp", "-j", "DROP"]
     subprocess.run(block, check=True)
     t0 = time.monotonic()
@@ -117,7 +108,7 @@ def test_changed_host_key_is_refused_before_anything_runs(sim, sim_cfg, tmp_path
               + key.with_suffix(".pub").read_text().split()[1] for line in lines]
     kh = tmp_path / "known_hosts"
     kh.write_text("\n".join(forged) + "\n")
-    cfg = variant(**{"ssh.known_hosts": str(kh)})
+    cfg = sim_variant(**{"ssh.known_hosts": str(kh)})
     with Nodes(sim_cfg) as nodes:
         Executor(sim_cfg, nodes).down()
         sysctl_before = nodes["sim-1"].run("ls /etc/sysctl.d").stdout
@@ -167,3 +158,21 @@ def test_second_operation_is_refused_while_one_holds_the_lock(sim, sim_cfg):
                 Executor(sim_cfg, nodes).down()
         finally:
             nodes["sim-1"].run("rm -rf /tmp/spark-cluster-spark.lock")
+
+
+def test_missing_image_is_streamed_from_a_node_that_has_it(sim, sim_cfg, sim_image):
+    """No registry here: `docker pull` fails at once, so preflight copies the image from sim-1
+    (docker save | docker load through the controller) and sim-2 gets the same image ID."""
+    with Nodes(sim_cfg) as nodes:
+        Executor(sim_cfg, nodes).down()
+    from .conftest import sim_docker
+
+    sim_docker("sim-2", "rmi", "-f", sim_image.tag)
+    assert sim_docker("sim-2", "image", "inspect", sim_image.image_id, check=False).returncode != 0
+    events = []
+    with Nodes(sim_cfg) as nodes:
+        Executor(sim_cfg, nodes, events.append).up(stop_after="preflight")
+    hows = [e["how"] for e in events if e["event"] == "image-fetch"]
+    assert hows == ["docker pull", "stream from sim-1"]
+    got = sim_docker("sim-2", "image", "inspect", "--format", "{{.Id}}", sim_image.tag).stdout.strip()
+    assert got == sim_image.image_id

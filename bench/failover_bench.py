@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Benchmark: failover on the local simulated cluster.
+
+1. Under continuous streaming load, freeze the worker (`docker pause` of its vLLM container) and
+   measure MTTD (freeze -> hang confirmed), MTTR (freeze -> a new completion succeeds again) and
+   the restart-overhead part of MTTR (the ordered gang restart itself, mostly model load).
+2. A loaded soak with no fault (default 20 minutes), counting false restarts.
+
+Default watchdog settings. Usage (root, simulated cluster up with the image: `spark-cluster sim up`):
+    python bench/failover_bench.py [--faults 1] [--soak-minutes 20] [--streams 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spark_cluster.config import parse_config  # noqa: E402
+from spark_cluster.executor import Executor  # noqa: E402
+from spark_cluster.sim import cluster  # noqa: E402
+from spark_cluster.transport import Nodes  # noqa: E402
+from spark_cluster.watchdog import Watchdog  # noqa: E402
+
+
+def load(url: str, model: str, n: int, stop: threading.Event) -> list[threading.Thread]:
+    """n streams, each restarted when it ends, until stop; every request bounded in time."""
+
+    def worker() -> None:
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+        while not stop.is_set():
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=120)) as r:
+                    for _ in r.iter_lines():
+                        if stop.is_set():
+                            return
+            except httpx.HTTPError:
+                time.sleep(1)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def ts(e) -> float:
+    return datetime.fromisoformat(e["ts"]).timestamp()
+
+
+def wait(events, pred, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for e in list(events):
+            if pred(e):
+                return e
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting; last events: {[e['event'] for e in events][-15:]}")
+
+
+def completion_ok(url: str, model: str) -> bool:
+    try:
+        r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1}, timeout=5)
+        return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--faults", type=int, default=1)
+    ap.add_argument("--soak-minutes", type=float, default=20)
+    ap.add_argument("--streams", type=int, default=4)
+    args = ap.parse_args()
+    data = yaml.safe_load((ROOT / "configs" / "local-sim.yaml").read_text())
+    data["state_dir"] = tempfile.mkdtemp(prefix="spark-cluster-failover-bench-")
+    cfg = parse_config(yaml.safe_dump(data))
+    url, model = cfg.endpoint(), cfg.model.name
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).up()
+    mttd, mttr, overhead = [], [], []
+    events: list[dict] = []
+    stop_load, stop_wd = threading.Event(), threading.Event()
+    load(url, model, args.streams, stop_load)
+    nodes = Nodes(cfg)
+    wd = Watchdog(cfg, nodes, on_event=events.append)
+    runner = threading.Thread(target=lambda: wd.run(stop=stop_wd.is_set), daemon=True)
+    runner.start()
+    try:
+        for i in range(args.faults):
+            wait(events, lambda e: e["event"] == "state" and e["state"] == "healthy" and (not mttr or ts(e) > t_back), 600)
+            time.sleep(10)
+            t_freeze = time.time()
+            cluster.node_exec("sim-2", "docker", "pause", "spark-vllm-worker")
+            d = wait(events, lambda e: e["event"] == "decision" and e["action"] == "restart" and ts(e) > t_freeze, 300)
+            s = wait(events, lambda e: e["event"] == "restart-start" and ts(e) >= ts(d), 300)
+            r = wait(events, lambda e: e["event"] in ("restart-done", "restart-failed") and ts(e) > ts(s), 900)
+            while not completion_ok(url, model):
+                time.sleep(0.2)
+            t_back = time.time()
+            mttd.append(ts(d) - t_freeze)
+            mttr.append(t_back - t_freeze)
+            overhead.append(ts(r) - ts(s))
+            print(f"fault {i + 1}: detected {mttd[-1]:.1f}s, serving again {mttr[-1]:.1f}s, restart itself {overhead[-1]:.1f}s ({r['event']})", flush=True)
+        restarts_before = len([e for e in events if e["event"] == "restart-start"])
+        t_soak = time.monotonic()
+        print(f"soak: {args.soak_minutes:g} min under {args.streams} streams, no fault ...", flush=True)
+        while time.monotonic() - t_soak < args.soak_minutes * 60:
+            time.sleep(5)
+        false_restarts = len([e for e in events if e["event"] == "restart-start"]) - restarts_before
+        canaries = len([e for e in events if e["event"] == "canary" and ts(e) > time.time() - args.soak_minutes * 60])
+    finally:
+        stop_load.set()
+        stop_wd.set()
+        runner.join(timeout=120)
+        nodes.close()
+    print(f"MTTD (freeze -> hang confirmed):      median {statistics.median(mttd):6.1f} s  runs {[round(x, 1) for x in mttd]}")
+    print(f"MTTR (freeze -> completion succeeds):  median {statistics.median(mttr):6.1f} s  runs {[round(x, 1) for x in mttr]}")
+    print(f"  of which the ordered gang restart:   median {statistics.median(overhead):6.1f} s")
+    print(f"false restarts in a {args.soak_minutes:g}-minute loaded soak: {false_restarts} (canaries sent: {canaries})")
+
+
+if __name__ == "__main__":
+    main()
