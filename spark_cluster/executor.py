@@ -452,23 +452,20 @@ class Executor:
                     self._remove(node, name, save_logs_to=logs)
             for s in starts[:first_change]:
                 self.emit("step-skip", s, reason="unchanged and running")
-            t = time.monotonic()
+            phases["start"] = 0.0
             for s in self.plan.steps:
                 if s.phase not in allowed:
                     continue
+                t = time.monotonic()
                 if s.kind == "start" and s in recreate:
                     self._start(s)
+                    phases["start"] += time.monotonic() - t
                 elif s.kind == "wait-ray":
                     if any(r.container.component.startswith("ray-") for r in recreate):
-                        phases["start"] = time.monotonic() - t
-                        t = time.monotonic()
                         self.wait_ray(s)
                         phases["wait-ray"] = time.monotonic() - t
-                        t = time.monotonic()
                     else:
                         self.emit("step-skip", s, reason="Ray unchanged")
-            phases.setdefault("start", 0.0)
-            phases["serve"] = time.monotonic() - t
             t = time.monotonic()
             if "ready" in allowed:
                 self.wait_ready(self.plan.steps_in("ready"))

@@ -28,18 +28,22 @@ def record(name: str, rep) -> None:
         (RECORD / f"{name}.json").write_text(json.dumps({"verdict": rep.verdict, "observation": rep.observation.model_dump()}, indent=1) + "\n")
 
 
-def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500) -> list[threading.Thread]:
-    """n long streaming completions, each bounded in time, stopping on `stop`."""
+def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500, repeat: bool = False) -> list[threading.Thread]:
+    """n long streaming completions, each bounded in time, stopping on `stop`; with repeat, each
+    stream is sent again when it ends (continuous load)."""
 
     def one() -> None:
         body = {"model": "tiny-qwen3", "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-        try:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=240)) as r:
-                for _ in r.iter_lines():
-                    if stop.is_set():
-                        return
-        except httpx.HTTPError:
-            pass
+        while not stop.is_set():
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=240)) as r:
+                    for _ in r.iter_lines():
+                        if stop.is_set():
+                            return
+            except httpx.HTTPError:
+                time.sleep(1)
+            if not repeat:
+                return
 
     threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
     for t in threads:
@@ -95,3 +99,46 @@ def test_status_serving_down_stalled(sim, sim_cfg):
         Executor(cfg, nodes).down()
         rep = status(cfg, nodes)
         assert rep.verdict == "down" and "missing" in rep.reason
+
+
+def test_a_dead_node_costs_one_connect_timeout(sim, tmp_path):
+    """A node that does not answer (an address of the simulated subnet where nothing lives)."""
+    import yaml
+
+    from spark_cluster.config import parse_config
+
+    from .conftest import SIM_CONFIG
+
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["nodes"].append({"name": "sim-ghost", "host": "10.99.0.99", "address": "10.99.0.99", "role": "worker", "gpus": 0})
+    data["ssh"]["connect_timeout_s"] = 2
+    data["state_dir"] = str(tmp_path)
+    cfg = parse_config(yaml.safe_dump(data))
+    with Nodes(cfg) as nodes:
+        t0 = time.monotonic()
+        rep = status(cfg, nodes)
+        took = time.monotonic() - t0
+    ghost = next(n for n in rep.observation.nodes if n.name == "sim-ghost")
+    assert not ghost.reachable and "did not answer within 2s" in ghost.error
+    assert rep.verdict == "down" and "sim-ghost" in rep.reason
+    print(f"status with one dead node: {took:.2f}s (connect timeout 2s)")
+
+
+def test_logs_command_shows_every_container(sim, sim_cfg):
+    from typer.testing import CliRunner
+
+    from spark_cluster.cli import app
+
+    from .conftest import SIM_CONFIG
+
+    with Nodes(sim_cfg) as nodes:
+        Executor(sim_cfg, nodes).up(stop_after="start-workers")
+    try:
+        res = CliRunner().invoke(app, ["logs", str(SIM_CONFIG), "sim-2", "--tail", "5"])
+        assert res.exit_code == 0, res.output
+        assert "== sim-2 spark-vllm-worker (running)" in res.output
+        res = CliRunner().invoke(app, ["logs", str(SIM_CONFIG), "sim-9"])
+        assert res.exit_code == 2 and "no node 'sim-9'" in res.output
+    finally:
+        with Nodes(sim_cfg) as nodes:
+            Executor(sim_cfg, nodes).down()
