@@ -167,7 +167,7 @@ def test_missing_image_is_streamed_from_a_node_that_has_it(sim, sim_cfg, sim_ima
         Executor(sim_cfg, nodes).down()
     from .conftest import sim_docker
 
-    sim_docker("sim-2", "rmi", "-f", sim_image.tag)
+    sim_docker("sim-2", "rmi", "-f", sim_image.image_id)  # every tag of it
     assert sim_docker("sim-2", "image", "inspect", sim_image.image_id, check=False).returncode != 0
     events = []
     with Nodes(sim_cfg) as nodes:
