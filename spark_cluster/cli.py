@@ -10,6 +10,7 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -38,7 +39,7 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except SparkClusterError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 

@@ -97,3 +97,11 @@ def test_readme_config_reference_is_current():
 
     text = (ROOT / "README.md").read_text()
     assert update_readme(text) == text, "README's config reference is stale: run `make docs`"
+
+
+def test_error_values_are_shown_literally(tmp_path):
+    """Values in messages are not interpreted as terminal markup."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((CONFIGS / "dgx-spark-2node.yaml").read_text().replace("shm_size: 10.24g", 'shm_size: "[bold]1g[/]"'))
+    res = run_cli("validate", str(cfg))
+    assert res.returncode == 2 and "container.shm_size = '[bold]1g[/]'" in res.stderr
