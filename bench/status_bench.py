@@ -7,6 +7,9 @@ one is serving (--with-engine). Prints medians and the ratio 16/2.
 
 Usage (root): python bench/status_bench.py [--sizes 2,4,8,16] [--repeat 5]
 Tears down the simulated cluster it made at the end.
+       python bench/status_bench.py --engine
+measures instead a serving cluster of configs/local-sim.yaml (up first): the library call and the
+whole `spark-cluster status` command (new process, new SSH connections, 0.75 s sampling window).
 """
 
 from __future__ import annotations
@@ -50,11 +53,36 @@ def measure(cfg, repeat: int) -> list[float]:
     return times
 
 
+def engine(repeat: int) -> None:
+    import subprocess
+
+    from spark_cluster.config import load_config
+
+    path = ROOT / "configs" / "local-sim.yaml"
+    cfg = load_config(path)
+    lib = measure(cfg, repeat)
+    cli, verdicts = [], []
+    for _ in range(repeat):
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "spark_cluster", "status", "--json", str(path)], capture_output=True, text=True)
+        cli.append(time.monotonic() - t0)
+        import json
+
+        verdicts.append(json.loads(res.stdout)["verdict"] if res.stdout.strip() else f"exit {res.returncode}")
+    print("status of a serving 2-node simulated cluster (engine up), median of %d:" % repeat)
+    print(f"  library call (connections reused): {statistics.median(lib):6.3f} s")
+    print(f"  `spark-cluster status` command:    {statistics.median(cli):6.3f} s  (verdicts: {', '.join(sorted(set(verdicts)))})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="2,4,8,16")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--engine", action="store_true", help="measure a serving configs/local-sim.yaml cluster instead")
     args = ap.parse_args()
+    if args.engine:
+        engine(args.repeat)
+        return
     sizes = [int(x) for x in args.sizes.split(",")]
     results = {}
     first = {}

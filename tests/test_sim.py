@@ -118,7 +118,20 @@ def test_down_leaves_nothing_even_without_state_then_comes_back(sim, sim_image):
     """Teardown works from the fixed names alone (as after a crashed run), then the sim returns."""
     from spark_cluster.sim import provision
 
+    # a frozen container, as a run killed in the middle of a fault injection leaves it: its
+    # processes ignore SIGKILL until thawed
+    sim_docker("sim-2", "run", "-d", "--name", "frozen-leftover", "--network=host", "--entrypoint", "sleep", sim_image.tag, "600")
+    sim_docker("sim-2", "pause", "frozen-leftover")
     cluster.state_file().unlink()  # as if the run that created it had been killed
+    try:
+        _check_down_leaves_nothing()
+    finally:  # the other tests share this cluster: bring it back whatever happened
+        nodes = cluster.up(2)  # also removes containers the kept docker state remembers
+        provision.provision(nodes, sim_image)
+        sim[:] = nodes
+
+
+def _check_down_leaves_nothing():
     cluster.down()
     assert [ns for ns in cluster.list_netns() if ns.startswith(cluster.NS_PREFIX)] == []
     procs = subprocess.run(["pgrep", "-af", "dockerd|containerd|sshd -D -e -f /var/lib/spark-cluster-sim"],
@@ -127,6 +140,3 @@ def test_down_leaves_nothing_even_without_state_then_comes_back(sim, sim_image):
     assert "scsim" not in Path("/proc/mounts").read_text()
     assert not any(Path("/sys/fs/cgroup").glob(f"*/{cluster.NS_PREFIX}*"))
     assert subprocess.run(["ip", "link", "show", cluster.HOST_VETH], capture_output=True).returncode != 0
-    nodes = cluster.up(2)
-    provision.provision(nodes, sim_image)
-    sim[:] = nodes

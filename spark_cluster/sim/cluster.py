@@ -324,6 +324,41 @@ def _kill_netns_processes(ns: str) -> None:
             pass
 
 
+def _node_cgroups(name: str) -> list[Path]:
+    root = Path("/sys/fs/cgroup")
+    found = []
+    for pattern in (f"*/{NS_PREFIX}{name}", f"{NS_PREFIX}{name}", f"*/unified/{NS_PREFIX}{name}"):
+        found.extend(p for p in root.glob(pattern) if p.is_dir())
+    return found
+
+
+def _kill_cgroup_processes(name: str) -> None:
+    """Thaw, then kill, whatever still lives in a node's cgroups: a paused (frozen) container
+    ignores SIGKILL until thawed, and its processes may outlive the node's namespaces."""
+    for base in _node_cgroups(name):
+        for f in base.rglob("freezer.state"):
+            try:
+                f.write_text("THAWED")
+            except OSError:
+                pass
+        for f in base.rglob("cgroup.freeze"):
+            try:
+                f.write_text("0")
+            except OSError:
+                pass
+    for base in _node_cgroups(name):
+        for f in [base / "cgroup.procs", *base.rglob("*/cgroup.procs")]:
+            try:
+                pids = f.read_text().split()
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+
+
 def _remove_cgroups(name: str) -> None:
     root = Path("/sys/fs/cgroup")
     for ctl in root.iterdir() if root.is_dir() else []:
@@ -369,6 +404,7 @@ def down(*, log=print) -> None:
     deadline = time.monotonic() + 15
     while True:
         for d in node_dirs:
+            _kill_cgroup_processes(d.name)
             _remove_cgroups(d.name)
         left = [p for p in Path("/sys/fs/cgroup").glob(f"*/{NS_PREFIX}*")]
         if not left or time.monotonic() > deadline:
