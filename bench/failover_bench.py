@@ -29,29 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.executor import Executor  # noqa: E402
+from spark_cluster.loadgen import stream_load  # noqa: E402
 from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
 from spark_cluster.watchdog import Watchdog  # noqa: E402
-
-
-def load(url: str, model: str, n: int, stop: threading.Event) -> list[threading.Thread]:
-    """n streams, each restarted when it ends, until stop; every request bounded in time."""
-
-    def worker() -> None:
-        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}
-        while not stop.is_set():
-            try:
-                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=120)) as r:
-                    for _ in r.iter_lines():
-                        if stop.is_set():
-                            return
-            except httpx.HTTPError:
-                time.sleep(1)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    return threads
 
 
 def ts(e) -> float:
@@ -91,7 +72,7 @@ def main() -> None:
     mttd, mttr, overhead = [], [], []
     events: list[dict] = []
     stop_load, stop_wd = threading.Event(), threading.Event()
-    load(url, model, args.streams, stop_load)
+    stream_load(url, model, args.streams, stop_load, max_tokens=1500, repeat=True, read_timeout_s=120)
     nodes = Nodes(cfg)
     wd = Watchdog(cfg, nodes, on_event=events.append)
     runner = threading.Thread(target=lambda: wd.run(stop=stop_wd.is_set), daemon=True)

@@ -9,7 +9,7 @@ Usage (root): python bench/status_bench.py [--sizes 2,4,8,16] [--repeat 5]
 Tears down the simulated cluster it made at the end.
        python bench/status_bench.py --engine
 measures instead a serving cluster of configs/local-sim.yaml (up first): the library call and the
-whole `spark-cluster status` command (new process, new SSH connections, 0.75 s sampling window).
+whole `spark-cluster status` command (new process, new SSH connections, 0.5 s sampling window).
 """
 
 from __future__ import annotations

@@ -336,7 +336,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="The same content as JSON (schema_version 1)."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh in place."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
-    window: float = typer.Option(0.75, "--window", help="Seconds over which throughput and progress are sampled."),
+    window: float = typer.Option(0.5, "--window", help="Seconds over which throughput and progress are sampled."),
 ) -> None:
     """Is it serving, and if not, where is it broken? One verdict from every node, Ray and vLLM."""
     from .status import status as get_status

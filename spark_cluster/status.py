@@ -280,12 +280,12 @@ def read_watchdog_state(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
 
 def observe(cfg: ClusterConfig, nodes: Nodes, *, window_s: float = 1.0, probe_timeout_s: float = 5.0) -> Observation:
     t0 = time.monotonic()
-    plan = build_plan(cfg)
     head = nodes[cfg.head.name]
     with ThreadPoolExecutor(max_workers=len(cfg.nodes) + 2) as pool:
+        vllm_fut = pool.submit(observe_vllm, cfg, window_s, probe_timeout_s)  # the sampling window starts first
+        plan = build_plan(cfg)
         node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s) for n in cfg.nodes}
         ray_fut = pool.submit(observe_ray, head, cfg, plan, RAY_SNIPPET_TIMEOUT)
-        vllm_fut = pool.submit(observe_vllm, cfg, window_s, probe_timeout_s)
         node_obs = [f.result() for f in node_futs.values()]
         head_ok = next(o for o in node_obs if o.name == cfg.head.name).reachable
         ray_obs = ray_fut.result() if head_ok else RayObs(checked=bool(plan.steps_in("wait-ray")), error="head unreachable")
@@ -355,7 +355,7 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
     return "serving", ""
 
 
-def status(cfg: ClusterConfig, nodes: Nodes, *, window_s: float = 0.75) -> StatusReport:
+def status(cfg: ClusterConfig, nodes: Nodes, *, window_s: float = 0.5) -> StatusReport:
     obs = observe(cfg, nodes, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s)
     word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes={n.name: n.address for n in cfg.nodes})
     return StatusReport(verdict=word, reason=reason, observation=obs)

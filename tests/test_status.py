@@ -6,7 +6,6 @@ import json
 import threading
 import time
 
-import httpx
 import pytest
 
 from spark_cluster.executor import Executor
@@ -28,27 +27,10 @@ def record(name: str, rep) -> None:
         (RECORD / f"{name}.json").write_text(json.dumps({"verdict": rep.verdict, "observation": rep.observation.model_dump()}, indent=1) + "\n")
 
 
-def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500, repeat: bool = False) -> list[threading.Thread]:
-    """n long streaming completions, each bounded in time, stopping on `stop`; with repeat, each
-    stream is sent again when it ends (continuous load)."""
+def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500, repeat: bool = False):
+    from spark_cluster.loadgen import stream_load as load
 
-    def one() -> None:
-        body = {"model": "tiny-qwen3", "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-        while not stop.is_set():
-            try:
-                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=240)) as r:
-                    for _ in r.iter_lines():
-                        if stop.is_set():
-                            return
-            except httpx.HTTPError:
-                time.sleep(1)
-            if not repeat:
-                return
-
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    return threads
+    return load(url, "tiny-qwen3", n, stop, max_tokens=max_tokens, repeat=repeat)
 
 
 def test_status_serving_down_stalled(sim, sim_cfg):
