@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 STAMP := $(VENV)/.installed.stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install sim-deps test test-unit demo demo-down golden docs clean
+.PHONY: install sim-deps test test-unit test-contract demo demo-down golden docs clean
 SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables
 
 $(STAMP): pyproject.toml
@@ -28,9 +28,13 @@ sim-deps:
 test: install sim-deps
 	$(PYTHON) -m pytest
 
-## fast unit run: no simulated cluster
+## fast unit run: no simulated cluster, no vLLM releases
 test-unit: install
-	$(PYTHON) -m pytest -m "not cluster"
+	$(PYTHON) -m pytest -m "not cluster and not contract"
+
+## the rendered flags against pinned vLLM releases' own parsers
+test-contract: install
+	$(PYTHON) -m pytest -m contract
 
 ## the main job on the built-in local simulated cluster (needs root); `make demo-down` removes it
 demo: install sim-deps

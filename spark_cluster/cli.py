@@ -54,17 +54,52 @@ def _main(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit(0)
 
 
+VLLM_OPT_HELP = (
+    "Also check the rendered `vllm serve` flags with vLLM's own parser: `image` (the configured image, in a "
+    "throwaway container on the head node, over SSH), a Python interpreter or virtual environment with vllm "
+    "installed, or a vLLM release such as 0.17.1 (a parser-only environment is built once under "
+    "~/.cache/spark-cluster/vllm-envs: about 3 min and 4 GB)."
+)
+
+
+def _check_vllm(cfg: ClusterConfig, p: Plan, target: str):
+    from .vllm_check import check_local, resolve_python
+
+    if target == "image":
+        from .executor import Executor
+
+        with _nodes(cfg) as nodes:
+            return Executor(cfg, nodes).check_vllm_flags()
+    python = resolve_python(target)
+    return check_local(python, p.vllm_argvs)
+
+
 @app.command()
-def validate(config: Path = CONFIG_ARG) -> None:
-    """Check cluster.yaml without contacting any node. Exit 2 when it is invalid."""
+def validate(
+    config: Path = CONFIG_ARG,
+    vllm: Optional[str] = typer.Option(None, "--vllm", help=VLLM_OPT_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="With --vllm: print the check result as JSON."),
+) -> None:
+    """Check cluster.yaml without contacting any node (exit 2 when invalid); --vllm also checks the
+    `vllm serve` flags with vLLM's parser (exit 15 when vLLM refuses them)."""
     cfg = _load(config)
     plan = _guard(lambda: build_plan(cfg))
-    out.print(
-        f"[green]ok[/] {config}: cluster [bold]{cfg.name}[/], {len(cfg.nodes)} node(s), executor {cfg.executor}, "
-        f"TP={cfg.tensor_parallel_size} PP={cfg.vllm.pipeline_parallel_size}, "
-        f"gpu-memory-utilization {plan.gpu_memory_utilization} ({plan.gpu_memory_utilization_source})",
-        highlight=False,
-    )
+    if not as_json:
+        out.print(
+            f"[green]ok[/] {config}: cluster [bold]{cfg.name}[/], {len(cfg.nodes)} node(s), executor {cfg.executor}, "
+            f"TP={cfg.tensor_parallel_size} PP={cfg.vllm.pipeline_parallel_size}, "
+            f"gpu-memory-utilization {plan.gpu_memory_utilization} ({plan.gpu_memory_utilization_source})",
+            highlight=False,
+        )
+    if vllm is None:
+        return
+    check = _guard(lambda: _check_vllm(cfg, plan, vllm))
+    if as_json:
+        sys.stdout.write(check.model_dump_json(indent=2) + "\n")
+    _guard(lambda: check.raise_for_problems(cfg))
+    if not as_json:
+        out.print(f"[green]ok[/] vLLM {check.vllm_version} ({check.where}) accepts the `vllm serve` flags of "
+                  f"{len(plan.vllm_argvs)} command line(s)", highlight=False)
 
 
 @app.command()
@@ -77,17 +112,37 @@ def schema() -> None:
 def plan(
     config: Path = CONFIG_ARG,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON data."),
+    vllm: Optional[str] = typer.Option(None, "--vllm", help=VLLM_OPT_HELP, show_default=False),
 ) -> None:
-    """Show, in execution order and per node, every command `up` will run. Contacts nothing."""
+    """Show, in execution order and per node, every command `up` will run. Contacts nothing (unless --vllm image)."""
     cfg = _load(config)
     p = _guard(lambda: build_plan(cfg))
+    check = _guard(lambda: _check_vllm(cfg, p, vllm)) if vllm is not None else None
     if as_json:
-        sys.stdout.write(p.model_dump_json(indent=2) + "\n")
-        return
-    print_plan(p, cfg)
+        data = json.loads(p.model_dump_json())
+        if check is not None:
+            data["vllm_check"] = json.loads(check.model_dump_json())
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        print_plan(p, cfg, check)
+    if check is not None:
+        _guard(lambda: check.raise_for_problems(cfg))
 
 
-def print_plan(p: Plan, cfg: ClusterConfig) -> None:
+def _vllm_line(cfg: ClusterConfig, check) -> str:
+    if check is not None:
+        verdict = "[green]accepts every flag[/]" if check.ok else f"[red]refuses {len(check.messages())} flag(s)[/]"
+        return f"{escape(check.vllm_version or '?')} ({escape(check.where)}): {verdict}"
+    from .status import last_vllm_check
+
+    seen = last_vllm_check(cfg)
+    checked = "flags checked in preflight by the image's own parser" if cfg.vllm.check_flags else "flag check off (vllm.check_flags)"
+    if seen:
+        return f"{escape(str(seen.get('vllm_version')))} [dim](image {escape(str(seen.get('image')))}, seen {escape(str(seen.get('checked_at'))[:19])})[/]; {checked}"
+    return f"not checked yet ([bold]--vllm image[/] checks now); {checked}"
+
+
+def print_plan(p: Plan, cfg: ClusterConfig, check=None) -> None:
     head = Table.grid(padding=(0, 2))
     head.add_column(no_wrap=True)
     head.add_column(overflow="fold")
@@ -96,6 +151,7 @@ def print_plan(p: Plan, cfg: ClusterConfig) -> None:
     head.add_row("endpoint", p.endpoint)
     head.add_row("model", f"{p.served_model}  ({cfg.model.path})")
     head.add_row("gpu-memory-utilization", f"{p.gpu_memory_utilization}  [dim]← {p.gpu_memory_utilization_source}[/]")
+    head.add_row("vllm", _vllm_line(cfg, check))
     head.add_row("plan hash", p.plan_hash)
     out.print(Panel(head, title="spark-cluster plan", expand=False))
     n = 0
@@ -112,6 +168,8 @@ def print_plan(p: Plan, cfg: ClusterConfig) -> None:
             if step.command:
                 # printed verbatim (no wrapping, no indent): what you see is what runs
                 out.print(step.command, markup=False, highlight=False, soft_wrap=True, style="green")
+            if step.stdin:
+                out.print(f"  < standard input: templates/{step.stdin}", markup=False, highlight=False, style="dim")
 
 
 def _reporter(as_json: bool):
@@ -125,7 +183,10 @@ def _reporter(as_json: bool):
         kind = e["event"]
         where = e.get("node") or "controller"
         if kind == "step-ok":
-            out.print(f"[green]✓[/] [dim]{e['duration_s']:7.1f}s[/] {where:10} {e['phase']:13} {e['description']}", highlight=False)
+            extra = f" [dim](vLLM {escape(str(e['vllm_version']))})[/]" if e.get("vllm_version") else ""
+            out.print(f"[green]✓[/] [dim]{e['duration_s']:7.1f}s[/] {where:10} {e['phase']:13} {escape(e['description'])}{extra}", highlight=False)
+        elif kind == "step-failed":
+            out.print(f"[red]✗[/] [dim]{e.get('duration_s', 0):7.1f}s[/] {where:10} {e['phase']:13} {escape(e['description'])}", highlight=False)
         elif kind == "step-skip":
             out.print(f"[cyan]=[/] [dim]{'':8}[/] {where:10} {e['phase']:13} {e['description']} [dim]({e['reason']})[/]", highlight=False)
         elif kind == "step-start" and e.get("phase") in ("wait-ray", "ready"):
@@ -311,6 +372,8 @@ def render_status(rep) -> Table:
     eng.add_row("/health", f"{v.health} ({v.health_ms:.0f} ms)" if v.health is not None else f"[red]no answer[/] {v.error or ''}")
     if v.models:
         eng.add_row("models", ", ".join(v.models))
+    if v.version:
+        eng.add_row("vLLM", v.version + ("" if v.version_source == "server" else " [dim](in the image, at the last preflight)[/]"))
     if v.running is not None:
         eng.add_row("requests", f"{v.running:g} running, {v.waiting or 0:g} waiting")
         eng.add_row("KV cache", f"{(v.kv_cache_usage or 0) * 100:.1f}%")

@@ -58,6 +58,22 @@ def _size(value: Any) -> str:
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul_anywhere(cls, value: Any) -> Any:
+        """No string of cluster.yaml may hold a NUL byte: no shell argument or environment can carry one."""
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                _no_nul(v)
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+            elif isinstance(v, dict):
+                stack.extend(v.keys())
+                stack.extend(v.values())
+        return value
+
 
 class SSHSettings(Strict):
     """How the controller reaches a node over SSH (paramiko). Values here are the
@@ -333,6 +349,12 @@ class VLLMSettings(Strict):
     trust_remote_code: bool = Field(False, description="--trust-remote-code.")
     master_port: int = Field(29501, ge=1, le=65535, description="--master-port of vLLM's native multi-node mode (executor: native).")
     extra_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments, passed as separate words.")
+    check_flags: bool = Field(
+        True,
+        description="Preflight: check the rendered `vllm serve` flags with the image's own vLLM parser "
+        "(a throwaway container on the head, no GPU, no network) before any container starts.",
+    )
+    check_timeout_s: float = Field(300, gt=0, description="Deadline of that check (importing vLLM takes 5-30 s).")
 
     @field_validator("extra_args")
     @classmethod

@@ -9,6 +9,7 @@ can print a live view or JSON lines.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -23,8 +24,9 @@ import httpx
 from .config import ClusterConfig
 from .errors import SparkClusterError
 from .plan import LABEL_PREFIX, Plan, Step, build_plan, container_name
-from .render import quote
+from .render import quote, read_template
 from .transport import CommandTimeout, Nodes, Result, SSHTransport, TransportError
+from .vllm_check import VllmCheck, VllmCheckError, parse_output
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -168,7 +170,8 @@ class Executor:
 
     # ---- preflight ----------------------------------------------------------------------
     def preflight(self, existing: dict[str, list[Existing]]) -> None:
-        steps = self.plan.steps_in("preflight")
+        steps = [s for s in self.plan.steps_in("preflight") if not s.expect.get("vllm_check")]
+        vllm_step = next((s for s in self.plan.steps_in("preflight") if s.expect.get("vllm_check")), None)
         by_node: dict[str, list[Step]] = {}
         for s in steps:
             by_node.setdefault(s.node, []).append(s)
@@ -207,9 +210,70 @@ class Executor:
         for s in steps:
             r = outputs[s.node][s.id]
             self.emit("step-ok" if not problems else "step-checked", s, duration_s=round(r.duration_s, 3))
+        head_image = outputs.get(self.cfg.head.name, {}).get(f"preflight/{self.cfg.head.name}/image")
+        image_id = head_image.stdout.strip() if head_image is not None and head_image.ok else None
+        seen = self._last_vllm_check()
+        if vllm_step is not None and image_id and seen.get("ok") and seen.get("image_id") == image_id \
+                and seen.get("argv_hash") == self._argv_hash():
+            self.emit("step-skip", vllm_step, reason=f"checked before: vLLM {seen.get('vllm_version')}, same image ID and flags")
+        elif vllm_step is not None and image_id:
+            # needs the image on the head: runs after the image checks (and fetches)
+            self.emit("step-start", vllm_step)
+            t1 = time.monotonic()
+            try:
+                check = self.check_vllm_flags(vllm_step, image_id=image_id)
+            except VllmCheckError as exc:
+                problems.append(f"{vllm_step.node}: {exc}")
+                self.emit("step-failed", vllm_step, duration_s=round(time.monotonic() - t1, 3), error=str(exc))
+            else:
+                problems.extend(check.messages(self.cfg))
+                self.emit("step-ok" if check.ok else "step-failed", vllm_step, duration_s=round(time.monotonic() - t1, 3),
+                          vllm_version=check.vllm_version, problems=len(check.problems))
         if problems:
             raise PreflightError(problems)
         self.emit("phase-done", phase="preflight", duration_s=round(time.monotonic() - t0, 3))
+
+    def check_vllm_flags(self, step: Optional[Step] = None, *, image_id: Optional[str] = None) -> VllmCheck:
+        """Run the image's vLLM parser over the rendered argv (throwaway container on the head)."""
+        if step is None:
+            plan = self.plan
+            if not self.cfg.vllm.check_flags:  # asked for explicitly: check even when preflight would not
+                cfg = self.cfg.model_copy(update={"vllm": self.cfg.vllm.model_copy(update={"check_flags": True})})
+                plan = build_plan(cfg, reveal_secrets=True)
+            step = next(s for s in plan.steps if s.expect.get("vllm_check"))
+        t = self.nodes[step.node]
+        where = f"image {self.cfg.container.image} on {step.node}"
+        try:
+            r = t.run(step.command, timeout=step.timeout_s, input=read_template(step.stdin).encode())
+        except CommandTimeout:
+            t.run(f"docker rm -f {quote(step.expect['container'])} >/dev/null 2>&1; true", timeout=60)
+            raise VllmCheckError(f"checking the vllm serve flags with {where} took longer than {step.timeout_s:g} s "
+                                 "(vllm.check_timeout_s)") from None
+        check = parse_output(r.stdout, r.stderr, r.exit_code, where)
+        self._remember_vllm(check, image_id)
+        return check
+
+    def _argv_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.plan.vllm_argvs).encode()).hexdigest()[:16]
+
+    def _last_vllm_check(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.cfg.resolved_state_dir() / "vllm.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _remember_vllm(self, check: VllmCheck, image_id: Optional[str]) -> None:
+        """The vLLM version found in the image, for `status` and `plan`, and to skip the same check
+        on the next `up` or watchdog restart (same image ID, same flags): state_dir/vllm.json."""
+        try:
+            d = self.cfg.resolved_state_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            record = {"image": self.cfg.container.image, "image_id": image_id, "argv_hash": self._argv_hash(),
+                      "vllm_version": check.vllm_version, "checked_at": _now(), "where": check.where, "ok": check.ok}
+            (d / "vllm.json").write_text(json.dumps(record, indent=2) + "\n")
+        except OSError:
+            pass
 
     def _fetch_missing_images(self, results: dict, by_node: dict[str, list[Step]]) -> dict:
         """Nodes without the image: `docker pull` it, or else stream it from a node that has it

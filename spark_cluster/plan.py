@@ -62,6 +62,7 @@ class Step(Frozen):
     command: Optional[str] = Field(None, description="Shell command run on the node over SSH (secrets masked unless revealed).")
     request: Optional[HttpRequest] = Field(None, description="HTTP request made by the controller (kind http).")
     container: Optional[ContainerSpec] = Field(None, description="The container this step creates (kind start).")
+    stdin: Optional[str] = Field(None, description="Template file (templates/) fed to the command on standard input.")
     timeout_s: float = Field(..., description="Deadline of one attempt.")
     deadline_s: Optional[float] = Field(None, description="For polls: keep trying until this many seconds have passed.")
     expect: dict[str, Any] = Field(default_factory=dict, description="What the result must show (evaluated by the executor).")
@@ -75,6 +76,7 @@ class Plan(Frozen):
     gpu_memory_utilization: float
     gpu_memory_utilization_source: str
     vllm_argv: list[str] = Field(description="`vllm serve` argv of the API (rank 0) process, for validation against vLLM's parser.")
+    vllm_argvs: list[list[str]] = Field(description="Every distinct `vllm serve` argv the plan runs (rank 0 first).")
     plan_hash: str
     steps: list[Step]
 
@@ -314,6 +316,38 @@ class _Builder:
         spec = self.spec(cfg.head, "vllm", "vllm", argv, {}, [])
         self.start("serve", cfg.head, spec, f"vllm serve rank 0 with the API (native multi-node, TP={cfg.tensor_parallel_size})")
 
+    def vllm_argvs(self) -> list[list[str]]:
+        out: list[list[str]] = [self.vllm]
+        for spec in (s.container for s in self.steps if s.container and s.container.entrypoint == "vllm"):
+            if spec.command not in out:
+                out.append(spec.command)
+        return out
+
+    def check_vllm_flags(self) -> None:
+        """Preflight on the head: the image's own vLLM parses every rendered `vllm serve` argv.
+        Runs in a throwaway container: no GPU, no network, the vLLM container's mounts read-only."""
+        cfg = self.cfg
+        if not cfg.vllm.check_flags:
+            return
+        head = cfg.head
+        api = next(s.container for s in self.steps if s.container and s.container.component == "vllm")
+        name = container_name(cfg, "check-vllm-flags")
+        words = ["docker", "run", "--rm", "-i", "--name", name, "--network", "none",
+                 "--label", f"{LABEL_PREFIX}.check={cfg.name}"]
+        for m in api.mounts:
+            words += ["-v", f"{m.source}:{m.target}:ro"]
+        for key, value in (("VLLM_TARGET_DEVICE", "cpu"), ("HF_HUB_OFFLINE", "1"), ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
+            words += ["-e", f"{key}={value}"]
+        words += ["--entrypoint", "python3", cfg.container.image, "-", json.dumps(self.vllm_argvs(), separators=(",", ":"))]
+        run = " ".join(quote(w) for w in words)
+        step = Step(id=f"preflight/{head.name}/vllm-flags", phase="preflight", node=head.name, kind="check",
+                    description="the image's vLLM accepts every `vllm serve` flag (its parser and validate(), "
+                    "tool/reasoning parser and executor names; throwaway container, no GPU)",
+                    command=f"docker rm -f {quote(name)} >/dev/null 2>&1; {run}", stdin="vllm-check.py",
+                    timeout_s=cfg.vllm.check_timeout_s, expect={"vllm_check": True, "container": name})
+        last = max(i for i, s in enumerate(self.steps) if s.phase == "preflight")
+        self.steps.insert(last + 1, step)
+
     def ready(self) -> None:
         cfg, h = self.cfg, self.cfg.health
         base = cfg.endpoint()
@@ -338,6 +372,7 @@ class _Builder:
             self.start_ray()
         else:
             self.start_native()
+        self.check_vllm_flags()
         self.ready()
         cfg = self.cfg
         # containers count by their (masked) spec hash, other steps by their command: secrets never
@@ -351,6 +386,7 @@ class _Builder:
             gpu_memory_utilization=self.util,
             gpu_memory_utilization_source=self.util_source,
             vllm_argv=self.vllm,
+            vllm_argvs=self.vllm_argvs(),
             plan_hash=_hash(fingerprint),
             steps=self.steps,
         )

@@ -65,6 +65,8 @@ class VLLMObs(BaseModel):
     health_ms: Optional[float] = None
     error: Optional[str] = None
     models: list[str] = Field(default_factory=list)
+    version: Optional[str] = Field(None, description="vLLM version: from the server's /version, else what the last preflight found in the image")
+    version_source: Optional[Literal["server", "preflight"]] = None
     running: Optional[float] = None
     waiting: Optional[float] = None
     kv_cache_usage: Optional[float] = None
@@ -94,6 +96,15 @@ class StatusReport(BaseModel):
     verdict: Verdict
     reason: str
     observation: Observation
+
+
+def last_vllm_check(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
+    """What the last preflight found in the image (state_dir/vllm.json), when it is this image."""
+    try:
+        data = json.loads((cfg.resolved_state_dir() / "vllm.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("image") == cfg.container.image else None
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -228,6 +239,12 @@ def observe_vllm(cfg: ClusterConfig, window_s: float, timeout: float) -> VLLMObs
             models = http.get(f"{base}/v1/models")
             if models.status_code == 200:
                 obs.models = [m["id"] for m in models.json().get("data", [])]
+            try:  # inside the sampling window: costs no time
+                version = http.get(f"{base}/version")
+                if version.status_code == 200 and version.json().get("version"):
+                    obs.version, obs.version_source = str(version.json()["version"]), "server"
+            except (httpx.HTTPError, ValueError, AttributeError):
+                pass
             rest = window_s - (time.monotonic() - t1)
             if rest > 0:
                 time.sleep(rest)
@@ -291,6 +308,10 @@ def observe(cfg: ClusterConfig, nodes: Nodes, *, window_s: float = 1.0, probe_ti
         ray_obs = ray_fut.result() if head_ok else RayObs(checked=bool(plan.steps_in("wait-ray")), error="head unreachable")
         vllm_obs = vllm_fut.result()
     vllm_obs.progress_age_s = _progress_age(cfg, vllm_obs, time.time())
+    if vllm_obs.version is None:
+        seen = last_vllm_check(cfg)
+        if seen and seen.get("vllm_version"):
+            vllm_obs.version, vllm_obs.version_source = str(seen["vllm_version"]), "preflight"
     return Observation(
         ts=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         cluster=cfg.name, executor=cfg.executor, plan_hash=plan.plan_hash,

@@ -198,3 +198,10 @@ def test_per_node_overrides(card_yaml):
     assert cfg.node_nccl(w).env()["NCCL_IB_TIMEOUT"] == "22"
     assert cfg.node_ssh(w).port == 2222 and cfg.node_ssh(w).user == "spark"
     assert cfg.node_ssh(cfg.nodes[0]).port is None  # from ~/.ssh/config, else 22, at connect time
+
+
+@pytest.mark.parametrize("where", ["nccl.socket_ifname", "nccl.ib_hca", "container.image", "vllm.dtype", "model.served_name"])
+def test_nul_byte_refused_in_any_string(card_yaml, where):
+    section, key = where.split(".")
+    msg = problems(edit(card_yaml, lambda d: d.setdefault(section, {}).update({key: "a\x00b"})))
+    assert where in msg and "NUL" in msg

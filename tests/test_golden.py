@@ -25,6 +25,8 @@ def readable(plan) -> str:
         if step.expect:
             lines.append(f"# expect {json.dumps(step.expect, sort_keys=True)}")
         lines.append(step.command or "")
+        if step.stdin:
+            lines.append(f"# stdin templates/{step.stdin}")
     return "\n".join(lines) + "\n"
 
 

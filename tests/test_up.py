@@ -15,7 +15,7 @@ from spark_cluster.executor import Executor, LockedError, PreflightError, StepEr
 from spark_cluster.sim import cluster
 from spark_cluster.transport import HostKeyError, Nodes
 
-from .conftest import SIM_CONFIG, sim_variant
+from .conftest import SIM_CONFIG, run_cli, sim_docker, sim_variant
 
 pytestmark = pytest.mark.cluster
 
@@ -34,10 +34,14 @@ def ray_processes(cfg) -> dict[str, str]:
 
 def test_up_serves_is_idempotent_and_down_cleans(sim, sim_cfg, tmp_path):
     cfg = sim_cfg
+    (cfg.resolved_state_dir() / "vllm.json").unlink(missing_ok=True)  # the image's vLLM check runs afresh
+    events: list[dict] = []
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).down()
-        first = Executor(cfg, nodes).up()
+        first = Executor(cfg, nodes, events.append).up()
     assert first.changed and first.recreated == ["spark-vllm-worker@sim-2", "spark-vllm@sim-1"]
+    flags = [e for e in events if e.get("step") == "preflight/sim-1/vllm-flags" and e["event"] != "step-start"]
+    assert [(e["event"], e.get("vllm_version")) for e in flags] == [("step-ok", "0.32.0")]
 
     client = OpenAI(base_url=f"{cfg.endpoint()}/v1", api_key="none", timeout=120)
     reply = client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
@@ -46,9 +50,12 @@ def test_up_serves_is_idempotent_and_down_cleans(sim, sim_cfg, tmp_path):
     assert isinstance(text, str) and text.strip()
 
     ids = containers(cfg)
+    events.clear()
     with Nodes(cfg) as nodes:
-        again = Executor(cfg, nodes).up()
+        again = Executor(cfg, nodes, events.append).up()
     assert not again.changed and again.recreated == []
+    flags = [e for e in events if e.get("step") == "preflight/sim-1/vllm-flags"]
+    assert [e["event"] for e in flags] == ["step-skip"] and "same image ID and flags" in flags[0]["reason"]
     assert containers(cfg) == ids  # same container IDs: nothing recreated
 
     with Nodes(cfg) as nodes:
@@ -163,8 +170,6 @@ def test_missing_image_is_streamed_from_a_node_that_has_it(sim, sim_cfg, sim_ima
     (docker save | docker load through the controller) and sim-2 gets the same image ID."""
     with Nodes(sim_cfg) as nodes:
         Executor(sim_cfg, nodes).down()
-    from .conftest import sim_docker
-
     sim_docker("sim-2", "rmi", "-f", sim_image.image_id)  # every tag of it
     assert sim_docker("sim-2", "image", "inspect", sim_image.image_id, check=False).returncode != 0
     events = []
@@ -174,3 +179,21 @@ def test_missing_image_is_streamed_from_a_node_that_has_it(sim, sim_cfg, sim_ima
     assert hows == ["docker pull", "stream from sim-1"]
     got = sim_docker("sim-2", "image", "inspect", "--format", "{{.Id}}", sim_image.tag).stdout.strip()
     assert got == sim_image.image_id
+
+
+def test_misspelt_tool_parser_fails_preflight_with_a_suggestion_and_starts_nothing(sim, sim_cfg, tmp_path):
+    """Acceptance of #7: the image's own vLLM refuses `qwen3xml` within 60 s, before any container starts."""
+    with Nodes(sim_cfg) as nodes:
+        Executor(sim_cfg, nodes).down()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(SIM_CONFIG.read_text().replace("tool_call_parser: qwen3_xml", "tool_call_parser: qwen3xml"))
+    t0 = time.monotonic()
+    res = run_cli("up", str(config))  # run_cli gives up after 60 s
+    took = time.monotonic() - t0
+    assert res.returncode == 8, res.stdout + res.stderr
+    assert "--tool-call-parser qwen3xml" in res.stderr and "did you mean qwen3_xml?" in res.stderr
+    assert "vllm.tool_call_parser" in res.stderr and "vLLM 0.32.0" in res.stderr
+    assert took < 60
+    assert containers(sim_cfg) == {"sim-1": {}, "sim-2": {}}
+    for node in ("sim-1", "sim-2"):  # not even the throwaway check container is left
+        assert sim_docker(node, "ps", "-aq", "--filter", "name=spark-check-vllm-flags").stdout.strip() == ""

@@ -1,0 +1,86 @@
+"""Parser-only Python environments for an exact vLLM release (no GPU, no CUDA downloads).
+
+`spark-cluster validate --vllm 0.17.1` checks the rendered `vllm serve` flags against that
+release without the image and without a GPU. The environment holds vLLM itself (`--no-deps`),
+the CPU build of PyTorch and vLLM's requirements minus the GPU-only ones: about 2 minutes and
+2.7 GB once, then reused from the cache folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import SparkClusterError
+
+# the CPU build of PyTorch pip can install here (any torch imports far enough to build vLLM's parser)
+DEFAULT_TORCH = os.environ.get("SPARK_CLUSTER_VLLM_ENV_TORCH", "torch==2.13.0")
+CACHE = Path(os.environ.get("SPARK_CLUSTER_VLLM_ENV_CACHE", Path.home() / ".cache" / "spark-cluster" / "vllm-envs"))
+# requirements that only matter on a GPU (or pull CUDA builds); the parser never imports them
+GPU_ONLY = re.compile(
+    r"^(torch|torchaudio|torchvision|triton|xformers|flashinfer.*|nvidia-.*|quack-kernels|cupy.*|deep[-_]gemm|"
+    r"deep[-_]ep|ray|fastsafetensors|apache-tvm-ffi|tilelang|cuda-.*|flash[-_]attn.*)$",
+    re.I,
+)
+_REQUIREMENTS = r"""
+import importlib.metadata as md, json, sys
+from pip._vendor.packaging.requirements import Requirement
+out = []
+for line in md.requires("vllm") or []:
+    r = Requirement(line)
+    if r.marker is not None and not r.marker.evaluate({"extra": ""}):
+        continue
+    out.append((r.name, str(r).split(";")[0].strip()))
+print(json.dumps(out))
+"""
+
+
+class VllmEnvError(SparkClusterError):
+    """A parser-only vLLM environment could not be built."""
+
+    exit_code = 13
+
+
+def env_python(version: str, cache: Path = CACHE) -> Path:
+    return cache / f"vllm-{version}" / "bin" / "python"
+
+
+def _run(cmd: list[str], log, timeout: float) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if log:
+        log(" ".join(c if len(c) < 60 else c[:57] + "..." for c in cmd[:8]) + (" ..." if len(cmd) > 8 else ""))
+    if p.returncode != 0:
+        raise VllmEnvError(f"`{' '.join(cmd[:8])}` failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-2000:]}")
+    return p.stdout
+
+
+def ensure_env(version: str, *, cache: Path = CACHE, log=None, timeout: float = 1800) -> Path:
+    """The interpreter of a parser-only environment for vLLM `version`, built if missing."""
+    if not re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version):
+        raise VllmEnvError(f"{version!r} is not a vLLM release number (like 0.17.1)")
+    python = env_python(version, cache)
+    if (python.parent.parent / ".complete").exists():
+        return python
+    final = python.parent.parent
+    tmp = final.with_name(final.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    base = os.environ.get("SPARK_CLUSTER_VLLM_ENV_PYTHON", sys.executable)
+    _run([base, "-m", "venv", str(tmp)], log, 300)
+    py = str(tmp / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    _run(pip + [DEFAULT_TORCH], log, timeout)
+    _run(pip + ["--no-deps", f"vllm=={version}"], log, timeout)
+    reqs = json.loads(_run([py, "-c", _REQUIREMENTS], log, 120))
+    keep = [spec for name, spec in reqs if not GPU_ONLY.match(name)]
+    _run(pip + keep, log, timeout)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    # venv scripts carry the folder name in their shebangs; python itself is what we run
+    (final / ".complete").write_text(version + "\n")
+    return env_python(version, cache)

@@ -1,0 +1,77 @@
+"""The pure parts of the vLLM flag check: reading the check's output and wording the errors.
+vLLM itself is exercised in test_vllm_contract.py (pinned releases) and test_up.py (the image)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spark_cluster.config import load_config
+from spark_cluster.plan import build_plan
+from spark_cluster.vllm_check import MARKER, VllmArgsError, VllmCheckError, parse_output
+
+from .conftest import CONFIGS, SIM_CONFIG
+
+
+def output(**data) -> str:
+    return "INFO 11-26 some vLLM log line on stdout\n" + MARKER + json.dumps(data) + "\n"
+
+
+def test_result_is_read_past_log_lines():
+    check = parse_output(output(vllm_version="0.17.1", problems=[]), "", 0, "image x on a")
+    assert check.ok and check.vllm_version == "0.17.1"
+
+
+def test_no_result_line_is_a_check_error_with_the_output_tail():
+    with pytest.raises(VllmCheckError) as info:
+        parse_output("", "python3: can't open file\nModuleNotFoundError: No module named 'vllm'", 1, "image x on a")
+    text = str(info.value)
+    assert "No module named 'vllm'" in text and "exit 1" in text and "vllm.check_flags" in text
+    assert info.value.exit_code == 14
+
+
+def test_problems_name_flag_value_suggestion_and_config_key():
+    cfg = load_config(SIM_CONFIG)
+    check = parse_output(output(vllm_version="0.32.0", problems=[
+        {"flag": "--tool-call-parser", "value": "qwen3xml", "message": "'qwen3xml' is not a registered tool call parser",
+         "suggestion": "qwen3_xml"},
+        {"flag": "--enable-auto-tool-choice", "value": None, "message": "--enable-auto-tool-choice requires --tool-call-parser",
+         "suggestion": None},
+    ]), "", 0, "image x on sim-1")
+    assert not check.ok
+    msgs = check.messages(cfg)
+    assert msgs[0] == ("--tool-call-parser qwen3xml: 'qwen3xml' is not a registered tool call parser (vLLM 0.32.0); "
+                       "did you mean qwen3_xml? [cluster.yaml: vllm.tool_call_parser]")
+    assert msgs[1].endswith("[cluster.yaml: vllm.enable_auto_tool_choice]")
+    with pytest.raises(VllmArgsError) as info:
+        check.raise_for_problems(cfg)
+    assert info.value.exit_code == 15 and "0.32.0, image x on sim-1" in str(info.value)
+
+
+def test_a_flag_from_extra_args_points_at_extra_args():
+    cfg = load_config(SIM_CONFIG).model_copy(deep=True)
+    cfg = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"extra_args": ["--tensor-paralel-size=2"]})})
+    check = parse_output(output(vllm_version="0.32.0", problems=[
+        {"flag": "--tensor-paralel-size", "message": "vLLM does not know the flag --tensor-paralel-size", "suggestion": "--tensor-parallel-size"}]),
+        "", 0, "x")
+    assert check.messages(cfg)[0].endswith("did you mean --tensor-parallel-size? [cluster.yaml: vllm.extra_args]")
+
+
+def test_plan_checks_every_distinct_vllm_command_line_in_a_throwaway_container():
+    plan = build_plan(load_config(SIM_CONFIG))
+    step = next(s for s in plan.steps if s.id == "preflight/sim-1/vllm-flags")
+    assert [s.id for s in plan.steps_in("preflight")][-1] == step.id  # after the image checks
+    assert step.stdin == "vllm-check.py"
+    assert "docker run --rm -i --name spark-check-vllm-flags --network none" in step.command
+    assert "--gpus" not in step.command  # works on a node without a GPU
+    assert len(plan.vllm_argvs) == 2 and "--headless" in plan.vllm_argvs[1]
+    assert json.dumps(plan.vllm_argvs, separators=(",", ":")) in step.command.replace("'", "")
+
+
+def test_check_can_be_switched_off():
+    text = (CONFIGS / "dgx-spark-2node.yaml").read_text().replace("vllm:\n", "vllm:\n  check_flags: false\n", 1)
+    from spark_cluster.config import parse_config
+
+    plan = build_plan(parse_config(text))
+    assert not any(s.id.endswith("/vllm-flags") for s in plan.steps)
