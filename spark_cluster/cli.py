@@ -402,22 +402,29 @@ def status(
     window: float = typer.Option(0.5, "--window", help="Seconds over which throughput and progress are sampled."),
 ) -> None:
     """Is it serving, and if not, where is it broken? One verdict from every node, Ray and vLLM."""
+    from .status import begin_vllm
     from .status import status as get_status
 
     cfg = _load(config)
+    # vLLM's sampling window starts before paramiko is even imported: it overlaps the SSH work
+    first = begin_vllm(cfg, window, cfg.health.probe_timeout_s)
+
+    def get(vllm=None):
+        return _guard(lambda: get_status(cfg, nodes, window_s=window, vllm=vllm))
+
     with _nodes(cfg) as nodes:
         if watch and not as_json:
             from rich.live import Live
 
-            with Live(render_status(_guard(lambda: get_status(cfg, nodes, window_s=window))), console=out, auto_refresh=False) as live:
+            with Live(render_status(get(first)), console=out, auto_refresh=False) as live:
                 try:
                     while True:
                         time.sleep(interval)
-                        live.update(render_status(_guard(lambda: get_status(cfg, nodes, window_s=window))), refresh=True)
+                        live.update(render_status(get()), refresh=True)
                 except KeyboardInterrupt:
                     return
         while True:
-            rep = _guard(lambda: get_status(cfg, nodes, window_s=window))
+            rep, first = get(first), None
             if as_json:
                 sys.stdout.write(rep.model_dump_json(indent=None if watch else 2) + "\n")
                 sys.stdout.flush()

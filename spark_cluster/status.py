@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
 from .config import ClusterConfig
 from .errors import SparkClusterError
 from .plan import LABEL_PREFIX, Plan, build_plan
 from .render import quote
-from .transport import Nodes, SSHTransport
+
+if TYPE_CHECKING:  # paramiko is imported by whoever makes the Nodes, while vLLM is being sampled
+    from .transport import Nodes, SSHTransport
 
 Verdict = Literal["serving", "degraded", "stalled", "down", "starting"]
 SCHEMA_VERSION = 1
@@ -120,10 +122,18 @@ METRICS = {
 }
 
 
+_HELP_TYPE = re.compile(r"^# (HELP|TYPE) ")
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """The progress and load numbers of vLLM's /metrics, summed over label sets."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # vLLM's /metrics is ~60 KB of histograms; only the wanted families go through the parser
+    wanted = tuple(METRICS) + tuple(name.removesuffix("_count") for name in METRICS)
+    lines = [line for line in text.splitlines() if _HELP_TYPE.sub("", line).startswith(wanted)]
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for sample in family.samples:
             key = METRICS.get(sample.name)
             if key is not None:
@@ -154,15 +164,15 @@ def _sections(text: str) -> dict[str, list[str]]:
     return out
 
 
-def observe_node(t: SSHTransport, cfg: ClusterConfig, plan: Plan, timeout: float) -> NodeObs:
+def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: float,
+                 connected: "Optional[Future[float]]" = None) -> NodeObs:
     node = next(n for n in cfg.nodes if n.name == t.node)
     obs = NodeObs(name=node.name, role=node.role, reachable=False)
     script = NODE_SCRIPT.format(keys=" ".join(quote(k) for k in cfg.sysctl) or "kernel.ostype",
                                 filt=quote(f"label={LABEL_PREFIX}.cluster={cfg.name}"), p=LABEL_PREFIX)
-    t0 = time.monotonic()
     try:
-        t.connect()
-        obs.latency_ms = round((time.monotonic() - t0) * 1000, 1)
+        took = connected.result() if connected is not None else _connect(t)
+        obs.latency_ms = round(took * 1000, 1)
         r = t.run(script, timeout=timeout)
     except SparkClusterError as exc:
         obs.error = exc.message
@@ -201,7 +211,7 @@ def observe_node(t: SSHTransport, cfg: ClusterConfig, plan: Plan, timeout: float
 RAY_SNIPPET_TIMEOUT = 20
 
 
-def observe_ray(t: SSHTransport, cfg: ClusterConfig, plan: Plan, timeout: float) -> RayObs:
+def observe_ray(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: float) -> RayObs:
     step = next((s for s in plan.steps if s.kind == "wait-ray"), None)
     if step is None:
         return RayObs()
@@ -295,13 +305,41 @@ def read_watchdog_state(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
         return None
 
 
-def observe(cfg: ClusterConfig, nodes: Nodes, *, window_s: float = 1.0, probe_timeout_s: float = 5.0) -> Observation:
+def begin_vllm(cfg: ClusterConfig, window_s: float, probe_timeout_s: float) -> "Future[VLLMObs]":
+    """Start sampling vLLM now (in a thread): the window then overlaps whatever comes next
+    (imports, SSH connections). Pass the result to observe()/status() as `vllm`."""
+    fut: "Future[VLLMObs]" = Future()
+    fut.t0 = time.monotonic()  # type: ignore[attr-defined]
+
+    def run() -> None:
+        try:
+            fut.set_result(observe_vllm(cfg, window_s, probe_timeout_s))
+        except BaseException as exc:  # pragma: no cover - observe_vllm does not raise
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name="vllm-sampler", daemon=True).start()
+    return fut
+
+
+def _connect(t: "SSHTransport") -> float:
+    """Connect (or reuse the connection); returns the seconds it took."""
     t0 = time.monotonic()
+    t.connect()
+    return time.monotonic() - t0
+
+
+def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_timeout_s: float = 5.0,
+            vllm: "Optional[Future[VLLMObs]]" = None) -> Observation:
+    t0 = getattr(vllm, "t0", None) or time.monotonic()
     head = nodes[cfg.head.name]
     with ThreadPoolExecutor(max_workers=len(cfg.nodes) + 2) as pool:
-        vllm_fut = pool.submit(observe_vllm, cfg, window_s, probe_timeout_s)  # the sampling window starts first
+        # the sampling window starts first
+        vllm_fut = vllm if vllm is not None else pool.submit(observe_vllm, cfg, window_s, probe_timeout_s)
+        # SSH handshakes go on while the plan is built
+        connected = {n.name: pool.submit(_connect, nodes[n.name]) for n in cfg.nodes}
         plan = build_plan(cfg)
-        node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s) for n in cfg.nodes}
+        node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s, connected[n.name])
+                     for n in cfg.nodes}
         ray_fut = pool.submit(observe_ray, head, cfg, plan, RAY_SNIPPET_TIMEOUT)
         node_obs = [f.result() for f in node_futs.values()]
         head_ok = next(o for o in node_obs if o.name == cfg.head.name).reachable
@@ -376,7 +414,7 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
     return "serving", ""
 
 
-def status(cfg: ClusterConfig, nodes: Nodes, *, window_s: float = 0.5) -> StatusReport:
-    obs = observe(cfg, nodes, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s)
+def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "Optional[Future[VLLMObs]]" = None) -> StatusReport:
+    obs = observe(cfg, nodes, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s, vllm=vllm)
     word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes={n.name: n.address for n in cfg.nodes})
     return StatusReport(verdict=word, reason=reason, observation=obs)

@@ -188,6 +188,10 @@ class SSHTransport:
             transport = client.get_transport()
             if transport is not None:
                 transport.set_keepalive(15)
+                try:  # small request/reply exchanges: without this each channel open waits ~40 ms (Nagle + delayed ACK)
+                    transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except (AttributeError, OSError):
+                    pass  # not a TCP socket (ProxyCommand)
             self._client = client
             return client
 

@@ -151,6 +151,11 @@ def _write_node_files(node: SimNode, nodes: list[SimNode]) -> None:
     # every lookup would otherwise hang ~12 s
     (p / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
     (p / "swappiness").write_text(Path("/proc/sys/vm/swappiness").read_text())
+    # the node's own root shell start-up, as on a fresh box (Debian's skeleton: nothing for
+    # non-interactive shells). sshd runs every command through bash, which reads ~/.bashrc:
+    # the controller's own (here: pyenv set-up, ~0.2 s) must not be charged to each node command.
+    skel = Path("/etc/skel/.bashrc")
+    (p / "bashrc").write_text(skel.read_text() if skel.exists() else "# simulated node\n")
     (p / "etc-docker" / "daemon.json").write_text(json.dumps({"log-driver": "json-file", "log-opts": {"max-size": "50m"}}) + "\n")
     (p / "sshd_config").write_text(
         "\n".join([

@@ -2,7 +2,7 @@
 
 Runs inside the node's own network, mount, UTS, IPC and PID namespaces (started by
 spark_cluster.sim.cluster). Gives the node private /run, /tmp, /dev/shm, docker state,
-/etc/hosts, /etc/sysctl.d, /srv (models) and vm.swappiness, then starts the node's own
+/etc/hosts, /etc/sysctl.d, /srv (models), root's ~/.bashrc and vm.swappiness, then starts the node's own
 sshd and dockerd and reaps children forever. Killing this process ends the node: the
 kernel kills every process of its PID namespace (sshd, dockerd, containerd, containers).
 
@@ -39,11 +39,14 @@ def main() -> None:
         "resolv.conf": "/etc/resolv.conf",
         # vm.* sysctls are global to the machine: the node gets a private file instead
         "swappiness": "/proc/sys/vm/swappiness",
+        "bashrc": "/root/.bashrc",
     }
     for src, dst in binds.items():
         source = os.path.join(node_dir, src)
         if os.path.isdir(source):
             os.makedirs(dst, exist_ok=True)  # e.g. /var/lib/docker on a host without docker state
+        elif not os.path.exists(dst) and src == "bashrc":
+            continue  # the controller's root has no ~/.bashrc: nothing to hide
         sh("mount", "--bind", source, dst)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     os.makedirs("/run/docker", exist_ok=True)
