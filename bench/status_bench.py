@@ -31,12 +31,16 @@ from spark_cluster.status import status  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
 
 
-def config_for(n: int):
+def config_for(n: int, ghost: bool = False, connect_timeout_s: float = 2):
     data = yaml.safe_load((ROOT / "configs" / "local-sim.yaml").read_text())
     data["nodes"] = [
         {"name": cluster.node_name(i), "host": cluster.node_ip(i), "address": cluster.node_ip(i), "role": "head" if i == 1 else "worker"}
         for i in range(1, n + 1)
     ]
+    if ghost:  # an address of the simulated subnet where nothing answers
+        data["nodes"].append({"name": "ghost", "host": "10.99.0.99", "address": "10.99.0.99", "role": "worker"})
+        n += 1
+    data["ssh"]["connect_timeout_s"] = connect_timeout_s
     data["vllm"]["tensor_parallel_size"] = n
     data["state_dir"] = "/tmp/spark-cluster-status-bench"
     return parse_config(yaml.safe_dump(data))
@@ -86,6 +90,7 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes.split(",")]
     results = {}
     first = {}
+    dead = {}
     try:
         for n in sizes:
             cluster.up(n, log=lambda *_: None)
@@ -95,11 +100,22 @@ def main() -> None:
                 status(cfg, nodes)
             first[n] = time.monotonic() - t0
             results[n] = measure(cfg, args.repeat)
+            if n == sizes[0]:
+                ghost = []
+                for _ in range(3):  # fresh connections each time: the dead node is tried again
+                    t0 = time.monotonic()
+                    with Nodes(config_for(n, ghost=True)) as nodes:
+                        status(config_for(n, ghost=True), nodes)
+                    ghost.append(time.monotonic() - t0)
+                dead[n] = (statistics.median(ghost), first[n])
     finally:
         cluster.down(log=lambda *_: None)
     print("status wall time, simulated nodes without engine (median of %d, connections reused; first = cold connect)" % args.repeat)
     for n in sizes:
         print(f"  {n:3d} nodes: {statistics.median(results[n]):6.3f} s   first: {first[n]:6.3f} s")
+    for n, (with_ghost, cold) in dead.items():
+        print(f"  {n} nodes + 1 that does not answer (SSH connect timeout 2 s): {with_ghost:6.3f} s, "
+              f"{with_ghost - cold:+.3f} s over the cold {n}-node run")
     if 2 in results and 16 in results:
         print(f"  ratio 16/2: {statistics.median(results[16]) / statistics.median(results[2]):.2f}")
 

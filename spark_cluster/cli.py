@@ -70,7 +70,7 @@ def _check_vllm(cfg: ClusterConfig, p: Plan, target: str):
 
         with _nodes(cfg) as nodes:
             return Executor(cfg, nodes).check_vllm_flags()
-    python = resolve_python(target)
+    python = resolve_python(target, log=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False))
     return check_local(python, p.vllm_argvs)
 
 

@@ -143,7 +143,7 @@ def check_local(python: str | os.PathLike, argv: list[str], *, timeout: float = 
     return parse_output(p.stdout, p.stderr, p.returncode, where)
 
 
-def resolve_python(target: str) -> Path:
+def resolve_python(target: str, log=None) -> Path:
     """`--vllm` values other than `image`: an interpreter, a virtual environment, or a release."""
     from .vllm_env import ensure_env
 
@@ -156,5 +156,9 @@ def resolve_python(target: str) -> Path:
     if path.exists():
         return path
     if target[:1].isdigit():
-        return ensure_env(target)
+        from .vllm_env import CACHE, env_python
+
+        if log and not (env_python(target).parent.parent / ".complete").exists():
+            log(f"building a parser-only environment for vLLM {target} in {CACHE} (once: about 3 min, 4-5 GB)")
+        return ensure_env(target, log=log)
     raise VllmCheckError(f"--vllm {target}: not an interpreter, a virtual environment, a vLLM release (like 0.17.1) or `image`")
