@@ -133,9 +133,9 @@ def _vllm_line(cfg: ClusterConfig, check) -> str:
     if check is not None:
         verdict = "[green]accepts every flag[/]" if check.ok else f"[red]refuses {len(check.messages())} flag(s)[/]"
         return f"{escape(check.vllm_version or '?')} ({escape(check.where)}): {verdict}"
-    from .status import last_vllm_check
+    from .vllm_check import last_check
 
-    seen = last_vllm_check(cfg)
+    seen = last_check(cfg)
     checked = "flags checked in preflight by the image's own parser" if cfg.vllm.check_flags else "flag check off (vllm.check_flags)"
     if seen:
         return f"{escape(str(seen.get('vllm_version')))} [dim](image {escape(str(seen.get('image')))}, seen {escape(str(seen.get('checked_at'))[:19])})[/]; {checked}"

@@ -26,7 +26,7 @@ from .errors import SparkClusterError
 from .plan import LABEL_PREFIX, Plan, Step, build_plan, container_name
 from .render import quote, read_template
 from .transport import CommandTimeout, Nodes, Result, SSHTransport, TransportError
-from .vllm_check import VllmCheck, VllmCheckError, parse_output
+from .vllm_check import VllmCheck, VllmCheckError, last_check, parse_output
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -212,7 +212,7 @@ class Executor:
             self.emit("step-ok" if not problems else "step-checked", s, duration_s=round(r.duration_s, 3))
         head_image = outputs.get(self.cfg.head.name, {}).get(f"preflight/{self.cfg.head.name}/image")
         image_id = head_image.stdout.strip() if head_image is not None and head_image.ok else None
-        seen = self._last_vllm_check()
+        seen = last_check(self.cfg) or {}
         if vllm_step is not None and image_id and seen.get("ok") and seen.get("image_id") == image_id \
                 and seen.get("argv_hash") == self._argv_hash():
             self.emit("step-skip", vllm_step, reason=f"checked before: vLLM {seen.get('vllm_version')}, same image ID and flags")
@@ -255,13 +255,6 @@ class Executor:
 
     def _argv_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.plan.vllm_argvs).encode()).hexdigest()[:16]
-
-    def _last_vllm_check(self) -> dict[str, Any]:
-        try:
-            data = json.loads((self.cfg.resolved_state_dir() / "vllm.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
 
     def _remember_vllm(self, check: VllmCheck, image_id: Optional[str]) -> None:
         """The vLLM version found in the image, for `status` and `plan`, and to skip the same check

@@ -100,15 +100,6 @@ class StatusReport(BaseModel):
     observation: Observation
 
 
-def last_vllm_check(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
-    """What the last preflight found in the image (state_dir/vllm.json), when it is this image."""
-    try:
-        data = json.loads((cfg.resolved_state_dir() / "vllm.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("image") == cfg.container.image else None
-
-
 # ---- metrics -----------------------------------------------------------------------------------
 
 METRICS = {
@@ -347,7 +338,9 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
         vllm_obs = vllm_fut.result()
     vllm_obs.progress_age_s = _progress_age(cfg, vllm_obs, time.time())
     if vllm_obs.version is None:
-        seen = last_vllm_check(cfg)
+        from .vllm_check import last_check
+
+        seen = last_check(cfg)
         if seen and seen.get("vllm_version"):
             vllm_obs.version, vllm_obs.version_source = str(seen["vllm_version"]), "preflight"
     return Observation(

@@ -126,6 +126,15 @@ def parse_output(stdout: str, stderr: str, exit_status: int, where: str) -> Vllm
     )
 
 
+def last_check(cfg: ClusterConfig) -> Optional[dict]:
+    """What the last check of this image found (state_dir/vllm.json: version, image ID, argv hash, ok)."""
+    try:
+        data = json.loads((cfg.resolved_state_dir() / "vllm.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("image") == cfg.container.image else None
+
+
 def check_local(python: str | os.PathLike, argv: list[str], *, timeout: float = 600) -> VllmCheck:
     """Run the check with a local interpreter that imports vllm (a parser-only environment)."""
     where = str(python)
