@@ -101,8 +101,7 @@ def parse_error(message, sub):
         words = m.group(1).split()
         flags = [w for w in words if w.startswith("-")] or words
         flag = flags[0].split("=")[0]
-        return problem(flag, None, f"vLLM does not know the flag {flag}", None) | {
-            "suggestion": closest(flag, option_strings(sub))}
+        return problem(flag, flag, f"vLLM does not know the flag {flag}", option_strings(sub)) | {"value": None}
     m = re.search(r"argument ([^:]+): invalid choice: '?([^' ]*)'? \(choose from (.*)\)", message)
     if m:
         flag = m.group(1).split("/")[0]
@@ -162,9 +161,8 @@ def check(argv):
 
 
 def registered(manager):
-    for name in ("list_registered",):
-        if hasattr(manager, name):
-            return list(getattr(manager, name)())
+    if hasattr(manager, "list_registered"):
+        return list(manager.list_registered())
     for attr in ("tool_parsers", "reasoning_parsers"):
         if hasattr(manager, attr):
             return list(getattr(manager, attr))

@@ -50,7 +50,7 @@ def test_problems_name_flag_value_suggestion_and_config_key():
 
 
 def test_a_flag_from_extra_args_points_at_extra_args():
-    cfg = load_config(SIM_CONFIG).model_copy(deep=True)
+    cfg = load_config(SIM_CONFIG)
     cfg = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"extra_args": ["--tensor-paralel-size=2"]})})
     check = parse_output(output(vllm_version="0.32.0", problems=[
         {"flag": "--tensor-paralel-size", "message": "vLLM does not know the flag --tensor-paralel-size", "suggestion": "--tensor-parallel-size"}]),
