@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 STAMP := $(VENV)/.installed.stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install sim-deps test test-unit test-contract demo demo-down golden docs clean
+.PHONY: install sim-deps check test test-unit test-contract demo demo-down golden docs clean
 SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables
 
 $(STAMP): pyproject.toml
@@ -27,6 +27,11 @@ sim-deps:
 ## the whole suite, cluster tests included (what .ci/run runs)
 test: install sim-deps
 	$(PYTHON) -m pytest
+
+## the inner loop: lint and unit tests, no cluster, under a minute
+check: install
+	$(PYTHON) -m ruff check spark_cluster tests bench
+	$(PYTHON) -m pytest -q -m "not cluster and not contract"
 
 ## fast unit run: no simulated cluster, no vLLM releases
 test-unit: install

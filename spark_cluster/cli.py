@@ -364,6 +364,9 @@ def render_status(rep) -> Table:
             + (f" restarts {c.restarts}" if c.restarts else "")
             + ("" if c.spec_current is not False else " [yellow](other config)[/]")
             for c in n.containers) or "[dim]none[/]"
+        for pr in n.processes:
+            cont += (f"\n  {pr.name} in {pr.container} [{'green' if pr.state == 'running' else 'red'}]{pr.state}[/]"
+                     + (f" pid {pr.pid}" if pr.pid else f" {pr.detail}"))
         mem = f"{n.mem_available_gib:.1f}/{n.mem_total_gib:.1f} GiB" if n.mem_total_gib else "?"
         nodes.add_row(f"{n.name} ({n.role})", f"{n.latency_ms:.0f} ms", sysctl, mem, n.gpu or "", cont)
     v = o.vllm
@@ -380,8 +383,17 @@ def render_status(rep) -> Table:
         eng.add_row("generation", f"{v.generation_tok_s or 0:.1f} tok/s over {v.window_s:.1f}s ({v.steps_in_window or 0:g} engine steps)")
         eng.add_row("last progress", f"{v.progress_age_s:g}s ago" if v.progress_age_s else "now")
     if o.ray.checked:
-        eng.add_row("ray", f"alive {', '.join(o.ray.alive) or 'none'}" + (f", dead {', '.join(o.ray.dead)}" if o.ray.dead else "")
+        eng.add_row("ray", f"alive {', '.join(o.ray.alive) or 'none'}" + (f", [red]dead {', '.join(o.ray.dead)}[/]" if o.ray.dead else "")
                     + (f", {o.ray.gpus:g} GPU" if o.ray.gpus else "") + (f" [red]{o.ray.error}[/]" if o.ray.error else ""))
+        for rn in o.ray.nodes:
+            res = ", ".join(f"{k} {v:g}" for k, v in sorted(rn.resources.items())
+                            if k in ("CPU", "GPU") or not (k.startswith("node:") or k.endswith("memory") or k.startswith("accelerator_type")))
+            eng.add_row("", f"{rn.ip} {'alive' if rn.alive else '[red]dead[/]'}: {res}")
+        for pg in o.ray.placement_groups:
+            where = ", ".join(f"{'+'.join(f'{k} {v:g}' for k, v in b.resources.items())} on {b.ip or 'pending'}" for b in pg.bundles)
+            eng.add_row("placement group", f"{pg.id[:12]} {pg.state} {pg.strategy or ''}: {where}")
+        if not o.ray.placement_groups and not o.ray.error:
+            eng.add_row("placement group", "[dim]none (vLLM has not placed its workers)[/]")
     if o.watchdog:
         w = o.watchdog
         eng.add_row("watchdog", f"{w.get('state')}" + (f", last restart {w.get('last_restart')} ({w.get('last_reason')})" if w.get("last_restart") else ""))
@@ -521,15 +533,33 @@ def sim_demo(
             Executor(cfg, ns, _reporter(False)).up()
             serving = time.monotonic()
             out.rule("[bold]4. what runs where")
+            ex = Executor(cfg, ns)
             for n in cfg.nodes:
                 for c in list_containers(ns[n.name], cfg.name):
                     out.print(f"{n.name:8} {c.name:22} {c.state}", highlight=False)
+                for p in ex.plan.processes():
+                    if p.node == n.name:
+                        fact = ex.process_fact(p)
+                        out.print(f"{n.name:8}   {p.name} in {p.container}: {fact.state} (pid {fact.pid})", highlight=False)
+            ray_step = next((s for s in ex.plan.steps if s.kind == "wait-ray"), None)
+            if ray_step is not None:
+                from .facts import parse_ray_state
+
+                r = ns[ray_step.node].run(ray_step.command, timeout=60)
+                ray = parse_ray_state(r.stdout, r.stderr)
+                ranks = ", ".join(f"{a.cls} on {a.ip}" for a in sorted(ray.actors, key=lambda a: a.ip or ""))
+                out.print(f"Ray: nodes alive {', '.join(ray.alive)}; vLLM ranks (Ray actors): {ranks or ray.error}", highlight=False)
         out.rule("[bold]5. a chat completion through the endpoint")
         import httpx
 
         body = {"model": cfg.model.name, "messages": [{"role": "user", "content": "Say hello to the Spark cluster."}], "max_tokens": 24}
-        resp = httpx.post(f"{cfg.endpoint()}/v1/chat/completions", json=body, timeout=120)
-        resp.raise_for_status()
+        try:
+            resp = httpx.post(f"{cfg.endpoint()}/v1/chat/completions", json=body, timeout=120)
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            from .sim.cluster import SimError
+
+            raise SimError(f"the chat completion through {cfg.endpoint()} failed: {exc}") from None
         msg = resp.json()["choices"][0]["message"]
         reply = msg.get("content") or msg.get("reasoning") or msg.get("reasoning_content") or ""
         out.print(f"[bold]reply[/] (random weights, so random words): {reply!r}", highlight=False)

@@ -23,7 +23,8 @@ import httpx
 
 from .config import ClusterConfig
 from .errors import SparkClusterError
-from .plan import LABEL_PREFIX, Plan, Step, build_plan, container_name
+from .facts import ProcessFact, RayState, parse_process, parse_ray_state, process_command
+from .plan import LABEL_PREFIX, Plan, ProcessSpec, Step, build_plan
 from .render import quote, read_template
 from .transport import CommandTimeout, Nodes, Result, SSHTransport, TransportError
 from .vllm_check import VllmCheck, VllmCheckError, last_check, parse_output
@@ -31,6 +32,9 @@ from .vllm_check import VllmCheck, VllmCheckError, last_check, parse_output
 Reporter = Callable[[dict[str, Any]], None]
 
 COMPONENT_ORDER = ["vllm", "ray-head", "vllm-worker", "ray-worker"]  # stop order: vLLM, head, workers
+# `docker exec -d` returns at once: polls (every 0.5 s) until the started process has written its PID
+PROCESS_START_POLLS = 40
+RAY_WORKER_STOP_S = 5
 
 
 class PreflightError(SparkClusterError):
@@ -379,14 +383,36 @@ class Executor:
         t0 = time.monotonic()
         r = self._run_step(step)
         if not r.ok:
-            raise StepError(step, f"docker run exited {r.exit_code}", r.tail())
-        self._done(step, t0, container=step.container.name, id=r.stdout.strip()[:12])
+            raise StepError(step, f"docker {'exec' if step.process else 'run'} exited {r.exit_code}", r.tail())
+        if step.process is None:
+            self._done(step, t0, container=step.container.name, id=r.stdout.strip()[:12])
+            return
+        # `docker exec -d` returns before the process runs: wait until it has written its PID
+        fact = ProcessFact(state="unknown")
+        for _ in range(PROCESS_START_POLLS):
+            fact = self.process_fact(step.process)
+            if fact.state == "running":
+                self._done(step, t0, container=step.process.container, pid=fact.pid)
+                return
+            time.sleep(0.5)
+        raise StepError(step, f"{step.process.name} did not start in {step.process.container}: {fact.detail}",
+                        _tail_logs(self.nodes[step.node], step.process.container))
 
-    def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path], graceful: bool = True) -> None:
+    def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path], graceful: bool = True, component: str = "") -> None:
         t = self.nodes[node]
+        stop = self.cfg.container.stop_timeout_s if graceful else 0
+        if component == "ray-worker":
+            # a Ray worker node keeps nothing worth a graceful stop; its `ray start --block` waits out
+            # the whole stop timeout once the head is gone (measured: 30 s of every down)
+            stop = min(stop, RAY_WORKER_STOP_S)
+        if graceful:
+            # a process hosted in the container (vLLM in the Ray head) stops first, while Ray still runs
+            for p in self.plan.processes():
+                if p.node == node and p.container == name:
+                    self.emit("process-stop", node=node, container=name, process=p.name)
+                    t.run(_stop_process_command(p, stop), timeout=stop + 30)
         if save_logs_to is not None:
             save_logs(t, name, save_logs_to)
-        stop = self.cfg.container.stop_timeout_s if graceful else 0
         # `docker rm -f` also ends a paused (frozen) container, which a SIGTERM never reaches
         t.run(f"docker stop -t {stop} {quote(name)} >/dev/null 2>&1; docker rm -f {quote(name)} >/dev/null 2>&1; true",
               timeout=stop + 60)
@@ -403,45 +429,53 @@ class Executor:
         self.emit("step-start", step)
         deadline = t0 + (step.deadline_s or 300)
         want = set(step.expect.get("alive_ips", []))
-        last: list[dict] = []
+        want_resources = {"GPU": float(step.expect["gpus"])} if "gpus" in step.expect else {}
+        want_resources.update({k: float(v) for k, v in step.expect.get("resources", {}).items()})
+        ray = RayState(error="not asked yet")
         while True:
             try:
                 r = self.nodes[step.node].run(step.command, timeout=step.timeout_s)
-                for line in r.stdout.splitlines():
-                    if line.startswith("SPARK_CLUSTER_RAY_NODES "):
-                        try:
-                            last = json.loads(line.split(" ", 1)[1])
-                        except ValueError:
-                            pass
+                ray = parse_ray_state(r.stdout, r.stderr)
             except CommandTimeout:
                 pass
-            alive = {n["ip"] for n in last if n.get("alive")}
-            gpus = sum(float(n.get("resources", {}).get("GPU", 0)) for n in last if n.get("alive"))
-            if want <= alive and gpus >= float(step.expect.get("gpus", 0)):
-                self._done(step, t0, alive=sorted(alive), gpus=gpus)
+            alive = set(ray.alive)
+            short = {k: ray.total(k) for k, v in want_resources.items() if ray.total(k) < v}
+            if want <= alive and not short:
+                self._done(step, t0, alive=sorted(alive), resources={k: ray.total(k) for k in want_resources})
                 return
-            self._check_containers_alive(step)
+            self._check_members_alive(step)
             if time.monotonic() > deadline:
                 missing = [n for n in self.cfg.nodes if n.address not in alive]
                 details = []
                 for n in missing:
-                    name = container_name(self.cfg, "ray-head" if n.role == "head" else "ray-worker")
+                    name = next(s.container.name for s in self.plan.steps if s.container and s.node == n.name)
                     details.append(f"  {n.name} ({n.address}) has not joined; last lines of {name}:\n" + _tail_logs(self.nodes[n.name], name))
-                msg = (f"Ray shows {len(alive)} of {len(want)} nodes after {step.deadline_s:g}s"
-                       + (f", {gpus:g} of {step.expect.get('gpus')} GPUs" if "gpus" in step.expect else ""))
-                raise StepError(step, msg + "; missing: " + ", ".join(n.name for n in missing), "\n".join(details))
+                msg = f"Ray shows {len(alive)} of {len(want)} nodes after {step.deadline_s:g}s"
+                msg += "".join(f", {ray.total(k):g} of {want_resources[k]:g} {k}" for k in short)
+                if missing:
+                    msg += "; missing: " + ", ".join(n.name for n in missing)
+                raise StepError(step, msg, "\n".join(details))
             time.sleep(self.cfg.health.poll_interval_s)
 
-    def _check_containers_alive(self, step: Step) -> None:
-        """Fail fast when a container the wait depends on has exited."""
-        for s in self.plan.steps:
-            if s.container is None or self.plan.steps.index(s) > self.plan.steps.index(step):
-                continue
-            r = self.nodes[s.node].run(f"docker inspect -f '{{{{.State.Status}}}} {{{{.State.ExitCode}}}}' {quote(s.container.name)}", timeout=30)
-            state = r.stdout.strip()
-            if r.ok and not state.startswith("running"):
-                raise StepError(step, f"container {s.container.name} on {s.node} is {state}",
-                                _tail_logs(self.nodes[s.node], s.container.name))
+    def _check_members_alive(self, step: Step) -> None:
+        """Fail fast when a container or process the wait depends on has ended."""
+        upto = self.plan.steps.index(step)
+        for s in self.plan.steps[:upto + 1]:
+            if s.container is not None:
+                r = self.nodes[s.node].run(f"docker inspect -f '{{{{.State.Status}}}} {{{{.State.ExitCode}}}}' {quote(s.container.name)}", timeout=30)
+                state = r.stdout.strip()
+                if r.ok and not state.startswith("running"):
+                    raise StepError(step, f"container {s.container.name} on {s.node} is {state}",
+                                    _tail_logs(self.nodes[s.node], s.container.name))
+            elif s.process is not None:
+                fact = self.process_fact(s.process)
+                if fact.state == "gone":
+                    raise StepError(step, f"{s.process.name} in {s.process.container} on {s.node} has exited ({fact.detail})",
+                                    _tail_logs(self.nodes[s.node], s.process.container))
+
+    def process_fact(self, p: ProcessSpec) -> ProcessFact:
+        r = self.nodes[p.node].run(process_command(p), timeout=30)
+        return parse_process(p, r.exit_code, r.stdout, r.stderr)
 
     def wait_ready(self, steps: list[Step]) -> None:
         deadline_start = time.monotonic()
@@ -459,13 +493,30 @@ class Executor:
                         break
                     if time.monotonic() - last_check > 10:
                         last_check = time.monotonic()
-                        self._check_containers_alive(self.plan.steps[-1])
+                        self._check_members_alive(self.plan.steps[-1])
                     if time.monotonic() > deadline:
                         raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
-                                        _tail_logs(self.nodes[self.cfg.head.name], container_name(self.cfg, "vllm")))
+                                        _tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container))
                     time.sleep(self.cfg.health.poll_interval_s)
 
     # ---- up / down ----------------------------------------------------------------------
+    def _why_recreate(self, members: list[Step], found: dict[tuple[str, str], Existing]) -> str:
+        """Why the group must be (re)created, or "" when every member runs as planned."""
+        for s in members:
+            if s.container is not None:
+                c = found.get((s.node, s.container.name))
+                if c is None:
+                    return f"{s.container.name} on {s.node} missing"
+                if not c.running:
+                    return f"{s.container.name} on {s.node} {c.state}"
+                if c.spec_hash != s.container.labels[f"{LABEL_PREFIX}.spec-hash"]:
+                    return f"{s.container.name} on {s.node} changed"
+            elif s.process is not None:
+                fact = self.process_fact(s.process)
+                if fact.state != "running":
+                    return f"{s.process.name} in {s.process.container} on {s.node} not running ({fact.detail})"
+        return ""
+
     def up(self, *, stop_after: str | None = None) -> UpResult:
         """Run the plan. stop_after: a phase name to stop after (e.g. "wait-ray"), for partial bring-up."""
         from .plan import PHASES
@@ -484,41 +535,33 @@ class Executor:
             self.prepare()
             phases["prepare"] = time.monotonic() - t
             found = {(c.node, c.name): c for cs in existing.values() for c in cs}
-            starts = [s for s in self.plan.steps if s.kind == "start" and s.phase in allowed]
-            # the first container that is missing, stopped or from another spec, and every
-            # later one, is (re)created; earlier ones are kept
-            first_change = len(starts)
-            for i, s in enumerate(starts):
-                c = found.get((s.node, s.container.name))
-                if c is None or not c.running or c.spec_hash != s.container.labels[f"{LABEL_PREFIX}.spec-hash"]:
-                    first_change = i
-                    break
-            if self.cfg.executor == "native" and first_change < len(starts):
-                # the ranks of vLLM's native multi-node mode form one group: a rank 0 restarted
-                # alone would leave the headless workers orphaned, so the group restarts whole
-                first_change = 0
-            wanted = {(s.node, s.container.name) for s in starts}
+            members = [s for s in self.plan.steps if s.kind in ("start", "exec") and s.phase in allowed]
+            why = self._why_recreate(members, found)
+            # The group restarts whole, in order: a vLLM rank 0 (or Ray head) restarted alone would
+            # leave the workers' ranks (or raylets) orphaned.
+            recreate = members if why else []
+            wanted = {(s.node, s.container.name) for s in members if s.container}
             stale = [c for c in found.values() if (c.node, c.name) not in wanted]
-            recreate = starts[first_change:]
-            kept = [s.container.name + "@" + s.node for s in starts[:first_change]]
+            kept = [] if why else [member_name(s) for s in members]
             if recreate or stale:
                 logs = self.logs_dir("replaced")
-                gone = [(s.node, s.container.name) for s in recreate if (s.node, s.container.name) in found] + [(c.node, c.name) for c in stale]
+                gone = [(s.node, s.container.name) for s in recreate if s.container and (s.node, s.container.name) in found]
+                gone += [(c.node, c.name) for c in stale]
                 for node, name in sorted(gone, key=lambda x: _stop_rank(found[x].component)):
-                    self.emit("container-remove", node=node, container=name, reason="changed or not running")
-                    self._remove(node, name, save_logs_to=logs)
-            for s in starts[:first_change]:
+                    self.emit("container-remove", node=node, container=name, reason=why or "not in the plan")
+                    self._remove(node, name, save_logs_to=logs, component=found[(node, name)].component)
+            for s in members if not why else []:
                 self.emit("step-skip", s, reason="unchanged and running")
             phases["start"] = 0.0
             for s in self.plan.steps:
                 if s.phase not in allowed:
                     continue
                 t = time.monotonic()
-                if s.kind == "start" and s in recreate:
+                if s.kind in ("start", "exec") and s in recreate:
                     self._start(s)
                     phases["start"] += time.monotonic() - t
                 elif s.kind == "wait-ray":
-                    if any(r.container.component.startswith("ray-") for r in recreate):
+                    if recreate:
                         self.wait_ray(s)
                         phases["wait-ray"] = time.monotonic() - t
                     else:
@@ -530,7 +573,7 @@ class Executor:
         finally:
             self.release_lock()
         total = time.monotonic() - t_start
-        result = UpResult(changed=bool(recreate or stale), recreated=[s.container.name + "@" + s.node for s in recreate],
+        result = UpResult(changed=bool(recreate or stale), recreated=[member_name(s) for s in recreate],
                           kept=kept, phases={k: round(v, 2) for k, v in phases.items()}, total_s=round(total, 2))
         self.emit("up-done", changed=result.changed, recreated=result.recreated, kept=result.kept, phases=result.phases, total_s=result.total_s)
         return result
@@ -560,7 +603,7 @@ class Executor:
 
                 def remove(c: Existing) -> None:
                     self.emit("container-remove", node=c.node, container=c.name, reason="down")
-                    self._remove(c.node, c.name, save_logs_to=logs, graceful=graceful)
+                    self._remove(c.node, c.name, save_logs_to=logs, graceful=graceful, component=c.component)
 
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -571,6 +614,20 @@ class Executor:
         finally:
             if lock:
                 self.release_lock()
+
+
+def member_name(s: Step) -> str:
+    """How a container or hosted process of the group is named in results and events."""
+    if s.process is not None:
+        return f"{s.process.container}/{s.process.name}@{s.node}"
+    return f"{s.container.name}@{s.node}"
+
+
+def _stop_process_command(p: ProcessSpec, timeout_s: int) -> str:
+    """SIGTERM to a process hosted in a container, then wait (bounded) until it has exited."""
+    script = ('p=$(cat "$1" 2>/dev/null) || exit 0; kill -TERM "$p" 2>/dev/null || exit 0; i=0; '
+              'while [ -e "/proc/$p" ] && [ "$i" -lt "$2" ]; do sleep 0.5; i=$((i+1)); done')
+    return f"docker exec {quote(p.container)} sh -c {quote(script)} stop {quote(p.pid_file)} {timeout_s * 2} >/dev/null 2>&1; true"
 
 
 def _stop_rank(component: str) -> int:

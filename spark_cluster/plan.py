@@ -16,6 +16,8 @@ from .config import ClusterConfig, Mount, Node
 from .render import MASK, quote, read_template, render, render_argv
 
 LABEL_PREFIX = "spark-cluster"
+# where the vLLM process started in the Ray head container writes its PID
+VLLM_PID_FILE = "/tmp/spark-cluster-vllm.pid"
 Phase = Literal["preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready"]
 PHASES: tuple[str, ...] = ("preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready")
 
@@ -45,6 +47,26 @@ class ContainerSpec(Frozen):
     extra_args: list[str]
 
 
+class ProcessSpec(Frozen):
+    """A process started inside a running cluster container with `docker exec` (kind exec).
+
+    On the Ray path vLLM runs inside the Ray head container, as the card does it: Ray's driver
+    finds its own node's raylet by scanning the process table, which a container with its own PID
+    namespace cannot see. Its output goes to the container's log (PID 1's stdout), its PID to
+    pid_file, so `logs`, `status` and the watchdog find it."""
+
+    name: str
+    node: str
+    container: str = Field(description="The container it runs in.")
+    component: Literal["vllm"]
+    argv: list[str]
+    env: dict[str, str] = Field(description="Environment added to the container's for this process.")
+    pid_file: str
+    non_carry_over: list[str] = Field(
+        description="Variables vLLM must not copy from its driver to the Ray workers (their values differ per node); "
+        "written to vLLM's ray_non_carry_over_env_vars.json before it starts.")
+
+
 class HttpRequest(Frozen):
     method: Literal["GET", "POST"]
     url: str
@@ -57,11 +79,12 @@ class Step(Frozen):
     id: str
     phase: Phase
     node: Optional[str]
-    kind: Literal["check", "run", "start", "wait-ray", "http"]
+    kind: Literal["check", "run", "start", "exec", "wait-ray", "http"]
     description: str
     command: Optional[str] = Field(None, description="Shell command run on the node over SSH (secrets masked unless revealed).")
     request: Optional[HttpRequest] = Field(None, description="HTTP request made by the controller (kind http).")
     container: Optional[ContainerSpec] = Field(None, description="The container this step creates (kind start).")
+    process: Optional[ProcessSpec] = Field(None, description="The process this step starts in a container (kind exec).")
     stdin: Optional[str] = Field(None, description="Template file (templates/) fed to the command on standard input.")
     timeout_s: float = Field(..., description="Deadline of one attempt.")
     deadline_s: Optional[float] = Field(None, description="For polls: keep trying until this many seconds have passed.")
@@ -83,12 +106,29 @@ class Plan(Frozen):
     def containers(self) -> list[ContainerSpec]:
         return [s.container for s in self.steps if s.container is not None]
 
+    def processes(self) -> list[ProcessSpec]:
+        return [s.process for s in self.steps if s.process is not None]
+
+    @property
+    def api_container(self) -> str:
+        """The container whose log holds the vLLM API server's output (on the head)."""
+        proc = next(iter(self.processes()), None)
+        if proc is not None:
+            return proc.container
+        return next(c.name for c in self.containers() if c.component == "vllm")
+
     def steps_in(self, phase: str) -> list[Step]:
         return [s for s in self.steps if s.phase == phase]
 
 
 def container_name(cfg: ClusterConfig, component: str) -> str:
     return f"{cfg.name}-{component}"
+
+
+def ray_state_command(cfg: ClusterConfig) -> str:
+    """Ray's node table and placement groups, asked from inside the head container (facts.parse_ray_state reads it)."""
+    code = "\n".join(line for line in read_template("ray-state.py").splitlines() if not line.startswith("#"))
+    return f"docker exec {quote(container_name(cfg, 'ray-head'))} python3 -c {quote(code.strip())}"
 
 
 def _hash(data: Any) -> str:
@@ -120,7 +160,6 @@ class _Builder:
         self.steps: list[Step] = []
         s = cfg.node_ssh(cfg.head)
         self.sudo = "sudo -n " if s.sudo else ""
-        self.ray_tmp = f"/tmp/spark-cluster/{cfg.name}/ray"
 
     # ---- helpers ------------------------------------------------------------------------
     def add(self, **kw: Any) -> None:
@@ -141,7 +180,8 @@ class _Builder:
             gpu_memory_utilization=self.util,
         )
 
-    def spec(self, node: Node, component: str, entrypoint: str, command: list[str], extra_env: dict[str, str], mounts: list[Mount]) -> ContainerSpec:
+    def spec(self, node: Node, component: str, entrypoint: str, command: list[str], extra_env: dict[str, str], mounts: list[Mount],
+             hosts: Optional[ProcessSpec] = None) -> ContainerSpec:
         cfg, c = self.cfg, self.cfg.container
         env = _masked({**node_env(cfg, node), **extra_env}, self.secrets, self.reveal)
         all_mounts = [Mount(source=cfg.model.path, target=cfg.model.in_container, read_only=True)] + c.mount_list() + mounts
@@ -163,7 +203,10 @@ class _Builder:
             extra_args=c.extra_args,
         )
         # the spec hash covers the masked spec: identical in shown and executed plans
-        spec_hash = _hash({**body, "env": _masked(body["env"], self.secrets, False), "mounts": [m.model_dump() for m in all_mounts]})
+        # a container hosting a process (the Ray head hosting vLLM) is recreated when the process changes
+        hosted = None if hosts is None else {**hosts.model_dump(), "env": _masked(hosts.env, self.secrets, False)}
+        spec_hash = _hash({**body, "env": _masked(body["env"], self.secrets, False), "mounts": [m.model_dump() for m in all_mounts],
+                           **({"hosts": hosted} if hosted else {})})
         labels = {
             f"{LABEL_PREFIX}.cluster": cfg.name,
             f"{LABEL_PREFIX}.node": node.name,
@@ -272,15 +315,19 @@ class _Builder:
 
     def start_ray(self) -> None:
         cfg = self.cfg
-        ray_mount = [Mount(source=self.ray_tmp, target="/tmp/ray", read_only=False)]
         for node in cfg.workers:
             spec = self.spec(node, "ray-worker", "ray", self.ray_argv(node), {}, [])
             self.start("start-workers", node, spec, f"Ray worker joining {cfg.head.address}:{cfg.ray.port}")
         head = cfg.head
-        spec = self.spec(head, "ray-head", "ray", self.ray_argv(head), {}, ray_mount)
+        argv = self.vllm_argv(None)
+        self.vllm = argv
+        serve = ProcessSpec(
+            name="vllm", node=head.name, container=container_name(cfg, "ray-head"), component="vllm",
+            argv=["vllm", *argv], env=_masked({"RAY_ADDRESS": f"{head.address}:{cfg.ray.port}"}, self.secrets, self.reveal),
+            pid_file=VLLM_PID_FILE, non_carry_over=self.per_node_env_names(),
+        )
+        spec = self.spec(head, "ray-head", "ray", self.ray_argv(head), {}, [], hosts=serve)
         self.start("start-head", head, spec, f"Ray head on port {cfg.ray.port}")
-        # runs inside the head container: prints Ray's node table as one JSON line
-        snippet = read_template("ray-nodes.py")
         expect: dict[str, Any] = {"alive_ips": sorted(n.address for n in cfg.nodes)}
         if cfg.container.gpus:
             expect["gpus"] = cfg.total_gpus
@@ -288,15 +335,20 @@ class _Builder:
             expect.setdefault("resources", {})[key] = amount * len(cfg.nodes)
         self.add(id=f"wait-ray/{head.name}/nodes", phase="wait-ray", node=head.name, kind="wait-ray",
                  description=f"wait until Ray shows all {len(cfg.nodes)} nodes alive",
-                 command=f"docker exec {quote(container_name(cfg, 'ray-head'))} python3 -c {quote(snippet)}",
-                 timeout_s=60, deadline_s=cfg.health.ray_join_timeout_s, expect=expect)
-        # vLLM runs in its own container on the head; it joins the Ray cluster as a driver
-        # through the head's Ray session folder (shared mount) and RAY_ADDRESS.
-        argv = self.vllm_argv(None)
-        self.vllm = argv
-        env = {"RAY_ADDRESS": f"{head.address}:{cfg.ray.port}"}
-        spec = self.spec(head, "vllm", "vllm", argv, env, ray_mount)
-        self.start("serve", head, spec, f"vllm serve over the Ray executor (TP={cfg.tensor_parallel_size})")
+                 command=ray_state_command(cfg), timeout_s=60, deadline_s=cfg.health.ray_join_timeout_s, expect=expect)
+        # vLLM joins Ray as its driver from inside the head container, as the card runs it
+        self.add(id=f"serve/{head.name}/vllm", phase="serve", node=head.name, kind="exec",
+                 description=f"vllm serve over the Ray executor (TP={cfg.tensor_parallel_size}), inside {serve.container}",
+                 command=render("docker-exec.j2", p=serve), process=serve, timeout_s=self.ssh_timeout(head),
+                 expect={"process": serve.name})
+
+    def per_node_env_names(self) -> list[str]:
+        """Variables whose values differ between nodes. vLLM's Ray executor copies VLLM_*, NCCL_* and
+        other variables from its driver (the head) to every Ray worker, which would overwrite a
+        worker's own NCCL interface or CPU binding with the head's."""
+        envs = [node_env(self.cfg, n) for n in self.cfg.nodes]
+        keys = set().union(*envs) - {"VLLM_HOST_IP"}  # vLLM never copies this one
+        return sorted(k for k in keys if len({e.get(k) for e in envs}) > 1)
 
     def start_native(self) -> None:
         cfg = self.cfg
@@ -330,7 +382,8 @@ class _Builder:
         if not cfg.vllm.check_flags:
             return
         head = cfg.head
-        api = next(s.container for s in self.steps if s.container and s.container.component == "vllm")
+        # the mounts of the container vLLM runs in (its own, or the Ray head's)
+        api = next(s.container for s in self.steps if s.container and s.container.component in ("vllm", "ray-head"))
         name = container_name(cfg, "check-vllm-flags")
         words = ["docker", "run", "--rm", "-i", "--name", name, "--network", "none",
                  "--label", f"{LABEL_PREFIX}.check={cfg.name}"]

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from .config import ClusterConfig
 from .errors import SparkClusterError
+from .facts import RayNode, RayPlacementGroup, parse_process, parse_ray_state, process_command
 from .plan import LABEL_PREFIX, Plan, build_plan
 from .render import quote
 
@@ -40,6 +41,15 @@ class ContainerObs(BaseModel):
     spec_current: Optional[bool] = Field(None, description="Whether the container matches the current cluster.yaml (its spec hash).")
 
 
+class ProcessObs(BaseModel):
+    name: str
+    container: str = Field(description="The container it runs in.")
+    component: str
+    state: str  # running, gone, unknown (its container is not running)
+    pid: Optional[int] = None
+    detail: str = ""
+
+
 class NodeObs(BaseModel):
     name: str
     role: str
@@ -51,6 +61,7 @@ class NodeObs(BaseModel):
     mem_available_gib: Optional[float] = None
     gpu: Optional[str] = Field(None, description="nvidia-smi memory use, or why there is none (GB10 reports N/A: unified memory)")
     containers: list[ContainerObs] = Field(default_factory=list)
+    processes: list[ProcessObs] = Field(default_factory=list, description="Processes started in containers (vLLM in the Ray head).")
 
 
 class RayObs(BaseModel):
@@ -58,6 +69,9 @@ class RayObs(BaseModel):
     alive: list[str] = Field(default_factory=list)
     dead: list[str] = Field(default_factory=list)
     gpus: float = 0
+    nodes: list[RayNode] = Field(default_factory=list, description="Ray's node table: address, alive, resources.")
+    placement_groups: list[RayPlacementGroup] = Field(default_factory=list, description="Placement groups not removed: the engine's.")
+    actors: int = Field(0, description="Live Ray actors (vLLM's workers).")
     error: Optional[str] = None
 
 
@@ -139,7 +153,7 @@ echo "@@sysctl"; sysctl -n {keys} 2>&1
 echo "@@meminfo"; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo
 echo "@@gpu"; if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader 2>&1 | head -n 4; else echo "no nvidia-smi"; fi
 echo "@@containers"; ids=$(docker ps -aq --filter {filt}); if [ -n "$ids" ]; then docker inspect --format '{{{{.Name}}}}|{{{{index .Config.Labels "{p}.component"}}}}|{{{{.State.Status}}}}|{{{{.Image}}}}|{{{{.State.StartedAt}}}}|{{{{.RestartCount}}}}|{{{{.State.ExitCode}}}}|{{{{index .Config.Labels "{p}.spec-hash"}}}}' $ids; fi
-echo "@@end"
+{procs}echo "@@end"
 """
 
 
@@ -159,8 +173,12 @@ def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: flo
                  connected: "Optional[Future[float]]" = None) -> NodeObs:
     node = next(n for n in cfg.nodes if n.name == t.node)
     obs = NodeObs(name=node.name, role=node.role, reachable=False)
+    procs = [p for p in plan.processes() if p.node == node.name]
+    # each hosted process: its fact command, then its exit code on a line of its own
+    probe = "".join(f'echo "@@process {i}"; {process_command(p)} 2>&1; echo "##rc $?"\n' for i, p in enumerate(procs))
     script = NODE_SCRIPT.format(keys=" ".join(quote(k) for k in cfg.sysctl) or "kernel.ostype",
-                                filt=quote(f"label={LABEL_PREFIX}.cluster={cfg.name}"), p=LABEL_PREFIX)
+                                filt=quote(f"label={LABEL_PREFIX}.cluster={cfg.name}"), p=LABEL_PREFIX,
+                                procs=probe)
     try:
         took = connected.result() if connected is not None else _connect(t)
         obs.latency_ms = round(took * 1000, 1)
@@ -196,6 +214,12 @@ def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: flo
     for name, spec in wanted.items():
         if name not in seen:
             obs.containers.append(ContainerObs(name=name, component=spec.component, state="missing"))
+    for i, p in enumerate(procs):
+        lines = sec.get(f"process {i}", [])
+        rc = next((int(x.split()[1]) for x in lines if x.startswith("##rc ")), 1)
+        fact = parse_process(p, rc, "\n".join(x for x in lines if not x.startswith("##rc ")))
+        obs.processes.append(ProcessObs(name=p.name, container=p.container, component=p.component, state=fact.state,
+                                        pid=fact.pid, detail=fact.detail))
     return obs
 
 
@@ -212,15 +236,9 @@ def observe_ray(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: floa
     except SparkClusterError as exc:
         obs.error = exc.message
         return obs
-    for line in r.stdout.splitlines():
-        if line.startswith("SPARK_CLUSTER_RAY_NODES "):
-            nodes = json.loads(line.split(" ", 1)[1])
-            obs.alive = sorted(n["ip"] for n in nodes if n.get("alive"))
-            obs.dead = sorted(n["ip"] for n in nodes if not n.get("alive") and n["ip"] not in obs.alive)
-            obs.gpus = sum(float(n.get("resources", {}).get("GPU", 0)) for n in nodes if n.get("alive"))
-            return obs
-    obs.error = (r.stderr.strip() or r.stdout.strip() or "no answer").splitlines()[-1][:300]
-    return obs
+    ray = parse_ray_state(r.stdout, r.stderr)
+    return RayObs(checked=True, alive=ray.alive, dead=ray.dead, gpus=ray.total("GPU"), nodes=ray.nodes,
+                  placement_groups=ray.engine_placement_groups(), actors=len(ray.actors), error=ray.error)
 
 
 def observe_vllm(cfg: ClusterConfig, window_s: float, timeout: float) -> VLLMObs:
@@ -363,6 +381,10 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
     unreachable = [n.name for n in obs.nodes if not n.reachable]
     not_running = [f"{c.name} on {n.name} is {c.state}" for n in obs.nodes for c in n.containers
                    if c.state not in ("running", "paused")]
+    not_running += [f"{p.name} in {p.container} on {n.name} has exited ({p.detail})" for n in obs.nodes for p in n.processes
+                    if p.state == "gone"]
+    not_started = [f"{p.name} not started yet in {p.container} on {n.name}" for n in obs.nodes for p in n.processes
+                   if p.state == "not-started"]
     frozen = [f"{c.name} on {n.name} is paused" for n in obs.nodes for c in n.containers if c.state == "paused"]
     ray_missing = []
     if obs.ray.checked and obs.ray.error is None:
@@ -376,6 +398,8 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
         return "down", "; ".join(not_running)
     if ray_missing:
         return "down", f"Ray does not see node(s) {', '.join(ray_missing)} alive"
+    if not_started:
+        return "starting", "; ".join(not_started)
     if not answering:
         if v.health is not None:
             return "down" if v.health >= 500 and v.health != 503 else "starting", f"/health answers {v.health}"

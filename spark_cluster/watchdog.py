@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,12 +25,16 @@ from .config import ClusterConfig
 from .decide import Action, Sample, State, decide, restarted
 from .errors import SparkClusterError
 from .executor import Executor, list_containers, save_logs
+from .facts import parse_process, parse_ray_state, process_command
 from .plan import build_plan
 from .render import quote
 from .status import parse_metrics
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
+# Ray marks a frozen node dead only after ~30-80 s of missed health checks: a probe every 15 s
+# adds little to that, and the hang itself is caught sooner by progress and the canary.
+RAY_PROBE_INTERVAL_S = 15.0
 
 
 def _iso(t: float | None = None) -> str:
@@ -58,6 +62,12 @@ class Watchdog:
         self.state_path = self.dir / "watchdog.json"
         self.plan = build_plan(cfg)
         self.expected = {(s.node, s.container.name) for s in self.plan.steps if s.container is not None}
+        self.ray_step = next((s for s in self.plan.steps if s.kind == "wait-ray"), None)
+        # Ray's membership is asked in the background (importing Ray costs a second or two of CPU on
+        # the head): at most one probe in flight, started at most every RAY_PROBE_INTERVAL_S
+        self.ray_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-probe")
+        self.ray_probe: Optional[Future[list[str]]] = None
+        self.ray_probe_started = float("-inf")
         self.state = self._load_state()
         self.trail: deque[dict[str, Any]] = deque(maxlen=200)
         self.samples: deque[dict[str, Any]] = deque(maxlen=60)
@@ -110,9 +120,26 @@ class Watchdog:
         base = cfg.endpoint()
         t_probe = cfg.health.probe_timeout_s
 
-        def node_probe(t) -> tuple[str, Optional[list]]:
+        def node_probe(t) -> tuple[str, Optional[list[str]]]:
+            """What is gone on this node (containers, hosted processes); None when it does not answer."""
             try:
-                return t.node, list_containers(t, cfg.name, timeout=t_probe + 5)
+                have = {c.name: c.state for c in list_containers(t, cfg.name, timeout=t_probe + 5)}
+                gone = []
+                for n, name in sorted(self.expected):
+                    if n != t.node:
+                        continue
+                    st = have.get(name)
+                    if st is None:
+                        gone.append(f"{name} on {n} missing")
+                    elif st not in ("running", "paused"):
+                        gone.append(f"{name} on {n} {st}")
+                for p in self.plan.processes():
+                    if p.node == t.node and have.get(p.container) == "running":
+                        r = t.run(process_command(p), timeout=t_probe + 5)
+                        fact = parse_process(p, r.exit_code, r.stdout, r.stderr)
+                        if fact.state in ("gone", "not-started"):
+                            gone.append(f"{p.name} in {p.container} on {t.node} {fact.state} ({fact.detail})")
+                return t.node, gone
             except SparkClusterError:
                 return t.node, None
 
@@ -129,20 +156,9 @@ class Watchdog:
             except ValueError:
                 metrics = {}
             results = [f.result() for f in futs]
-        unreachable = tuple(n for n, cs in results if cs is None)
-        gone = []
-        for node, cs in results:
-            if cs is None:
-                continue
-            have = {c.name: c.state for c in cs}
-            for (n, name) in sorted(self.expected):
-                if n != node:
-                    continue
-                st = have.get(name)
-                if st is None:
-                    gone.append(f"{name} on {node} missing")
-                elif st not in ("running", "paused"):
-                    gone.append(f"{name} on {node} {st}")
+        ray_gone = self._ray_members_gone()
+        unreachable = tuple(n for n, g in results if g is None)
+        gone = [x for _, g in results if g for x in g] + ray_gone
         canary_ok = canary_s = None
         if self.canary_result is not None:
             canary_ok, canary_s = self.canary_result
@@ -156,6 +172,32 @@ class Watchdog:
         )
         self.samples.append(dataclasses.asdict(sample))
         return sample
+
+    def _ray_members_gone(self) -> list[str]:
+        """The result of the last finished Ray probe (then a new one starts), or nothing yet."""
+        if self.ray_step is None:
+            return []
+        gone: list[str] = []
+        if self.ray_probe is not None and self.ray_probe.done():
+            gone = self.ray_probe.result()
+            self.ray_probe = None
+        if self.ray_probe is None and time.monotonic() - self.ray_probe_started >= RAY_PROBE_INTERVAL_S:
+            self.ray_probe_started = time.monotonic()
+            self.ray_probe = self.ray_pool.submit(self._ask_ray)
+        return gone
+
+    def _ask_ray(self) -> list[str]:
+        """Nodes Ray lists as dead or does not list (members gone); nothing when Ray cannot be asked."""
+        cfg = self.cfg
+        try:
+            r = self.nodes[cfg.head.name].run(self.ray_step.command, timeout=max(cfg.health.probe_timeout_s, 30))
+        except SparkClusterError:
+            return []
+        ray = parse_ray_state(r.stdout, r.stderr)
+        if ray.error:
+            return []
+        return [f"Ray lists node {n.name} ({n.address}) {'dead' if n.address in ray.dead else 'missing'}"
+                for n in cfg.nodes if n.address not in ray.alive]
 
     def canary(self) -> tuple[bool, float]:
         body = {"model": self.cfg.model.name, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
@@ -189,9 +231,10 @@ class Watchdog:
 
         with ThreadPoolExecutor(max_workers=len(self.cfg.nodes)) as pool:
             list(pool.map(grab, [self.nodes[n.name] for n in self.cfg.nodes]))
-        if self.cfg.executor == "ray":
+        if self.ray_step is not None:
             try:
-                r = self.nodes[self.cfg.head.name].run(f"docker exec {quote(self.cfg.name + '-ray-head')} ray status", timeout=30)
+                r = self.nodes[self.cfg.head.name].run(f"docker exec {quote(self.cfg.name + '-ray-head')} ray status; {self.ray_step.command}",
+                                                       timeout=60)
                 (d / "ray-status.txt").write_text(r.stdout + r.stderr)
             except SparkClusterError as exc:
                 (d / "ray-status.txt").write_text(f"unavailable: {exc}\n")
@@ -214,6 +257,7 @@ class Watchdog:
         except SparkClusterError as exc:
             ok, error = False, str(exc)
         took = round(time.monotonic() - t0, 1)
+        self.ray_probe = None  # an answer about the previous generation is no news about this one
         self.state = restarted(self.state, self.clock())
         self.event("restart-done" if ok else "restart-failed", seconds=took, error=error)
 
@@ -260,3 +304,4 @@ class Watchdog:
             self.event("watch-stop", state=self.state.phase)
             self.save_state()
             self.http.close()
+            self.ray_pool.shutdown(wait=False, cancel_futures=True)

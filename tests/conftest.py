@@ -34,16 +34,18 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
 # One per machine (fixed names and subnet): tests marked `cluster` share one session-scoped
 # instance, created on first use and torn down at the end of the session, also on failure.
 
-SIM_CONFIG = CONFIGS / "local-sim.yaml"
+SIM_CONFIG = CONFIGS / "local-sim.yaml"  # the card's path: vLLM over Ray
+# Every test that runs the engine runs on both executors, each with its own sim config
+SIM_CONFIGS = {"ray": SIM_CONFIG, "native": CONFIGS / "local-sim-native.yaml"}
 
 
-def sim_variant(**changes):
-    """configs/local-sim.yaml with dotted keys changed, e.g. sim_variant(executor="ray", **{"health.ray_join_timeout_s": 30})."""
+def sim_variant(base: str = "ray", **changes):
+    """A sim config (by executor) with dotted keys changed, e.g. sim_variant(**{"health.ray_join_timeout_s": 30})."""
     import yaml
 
     from spark_cluster.config import parse_config
 
-    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data = yaml.safe_load(SIM_CONFIGS[base].read_text())
     for dotted, value in changes.items():
         d = data
         *path, last = dotted.split(".")
@@ -76,9 +78,51 @@ def sim(sim_image):
 
 @pytest.fixture(scope="session")
 def sim_cfg(sim):
+    """The built-in simulated cluster's config (Ray executor), for tests that need one executor."""
     from spark_cluster.config import load_config
 
     return load_config(SIM_CONFIG)
+
+
+@pytest.fixture(scope="session", params=sorted(SIM_CONFIGS))
+def engine_cfg(request, sim):
+    """Each simulated config in turn: tests using it run on both executors (pytest groups them by
+    executor, so the cluster switches executor once)."""
+    from spark_cluster.config import load_config
+
+    return load_config(SIM_CONFIGS[request.param])
+
+
+def worker_container(cfg) -> str:
+    """The container on the worker node that holds a tensor-parallel rank."""
+    return f"{cfg.name}-ray-worker" if cfg.executor == "ray" else f"{cfg.name}-vllm-worker"
+
+
+def group_containers(cfg) -> set[str]:
+    from spark_cluster.plan import build_plan
+
+    return {c.name for c in build_plan(cfg).containers()}
+
+
+def kill_vllm_api(cfg) -> None:
+    """kill -9 the vLLM API server process itself, from its node."""
+    from spark_cluster.plan import VLLM_PID_FILE
+    from spark_cluster.transport import Nodes
+
+    head = cfg.head.name
+    with Nodes(cfg) as nodes:
+        if cfg.executor == "ray":  # vLLM runs in the Ray head container, its PID in the pid file
+            nodes[head].run(f"docker exec {cfg.name}-ray-head sh -c 'kill -9 $(cat {VLLM_PID_FILE})'").check()
+        else:
+            nodes[head].run(f"kill -9 $(docker inspect -f '{{{{.State.Pid}}}}' {cfg.name}-vllm)").check()
+
+
+def ray_leftovers(cfg) -> dict[str, str]:
+    """Ray's processes on every node (raylet, GCS, Ray workers): empty after down."""
+    from spark_cluster.transport import Nodes
+
+    with Nodes(cfg) as nodes:
+        return {n: r.stdout.strip() for n, r in nodes.map(lambda t: t.run("pgrep -af '[r]aylet|[g]cs_server|[R]ayWorker' || true")).items()}
 
 
 def sim_docker(node: str, *args: str, check: bool = True, timeout: float = 120):
@@ -86,3 +130,38 @@ def sim_docker(node: str, *args: str, check: bool = True, timeout: float = 120):
     from spark_cluster.sim import cluster
 
     return cluster.node_exec(node, "docker", *args, check=check, timeout=timeout)
+
+
+def generation(cfg) -> dict:
+    """What the cluster runs now: container IDs, the PIDs (as each node sees them) of Ray's and
+    vLLM's processes, and on Ray its placement groups and live actors (Ray's own state listing)."""
+    from spark_cluster.executor import list_containers
+    from spark_cluster.facts import parse_ray_state
+    from spark_cluster.plan import build_plan
+    from spark_cluster.transport import Nodes
+
+    pattern = "[r]aylet|[g]cs_server|[R]ayWorker|[v]llm serve|VLLM::"
+    with Nodes(cfg) as nodes:
+        pids = {n: set(r.stdout.split()) for n, r in nodes.map(lambda t: t.run(f"pgrep -f '{pattern}' || true")).items()}
+        ids = {c.id for n in nodes.by_name for c in list_containers(nodes[n], cfg.name)}
+        ray = None
+        if cfg.executor == "ray":
+            step = next(s for s in build_plan(cfg).steps if s.kind == "wait-ray")
+            r = nodes[cfg.head.name].run(step.command, timeout=60)
+            ray = parse_ray_state(r.stdout, r.stderr)
+            assert ray.error is None, ray.error
+    return {"containers": ids, "pids": pids, "ray": ray}
+
+
+def assert_nothing_of(before: dict, after: dict, cfg) -> None:
+    """Nothing of the `before` generation survives in `after`, on any node: no container, no
+    process, no placement group, no actor; and `after` is one complete generation."""
+    assert before["containers"] and not before["containers"] & after["containers"]
+    for node, pids in before["pids"].items():
+        assert pids and not pids & after["pids"][node], f"{node}: processes of the previous generation survive"
+    if cfg.executor == "ray":
+        old, new = before["ray"], after["ray"]
+        assert not {pg.id for pg in old.placement_groups} & {pg.id for pg in new.placement_groups}
+        assert [pg.state for pg in new.engine_placement_groups()] == ["CREATED"]
+        assert sorted(a.ip for a in new.actors) == sorted(n.address for n in cfg.nodes)  # one vLLM rank per node
+        assert not {(a.ip, a.pid) for a in old.actors} & {(a.ip, a.pid) for a in new.actors}

@@ -22,7 +22,7 @@ def test_plan_card_config_shows_worker_before_head():
                    "--tensor-parallel-size 2", "--distributed-executor-backend ray", "--gpu-memory-utilization 0.5",
                    "vm.swappiness=1"]:
         assert needle in text, needle
-    assert text.index("--name spark-ray-worker") < text.index("--name spark-ray-head") < text.index("--name spark-vllm")
+    assert text.index("--name spark-ray-worker") < text.index("--name spark-ray-head") < text.index("spark-ray-head \\\n  sh -c")
     assert "cluster.yaml vllm.gpu_memory_utilization" in text
 
 

@@ -88,8 +88,55 @@ def test_containers_labelled_with_cluster_and_spec_hash(card_yaml):
     before = {c.name: c.labels["spark-cluster.spec-hash"] for c in plan.containers()}
     after = {c.name: c.labels["spark-cluster.spec-hash"] for c in changed.containers()}
     assert before["spark-ray-worker"] == after["spark-ray-worker"]  # only vLLM changed
-    assert before["spark-vllm"] != after["spark-vllm"]
+    # vLLM runs inside the Ray head container: a changed vLLM flag is a changed head
+    assert before["spark-ray-head"] != after["spark-ray-head"]
     assert plan.plan_hash != changed.plan_hash
+
+
+def test_vllm_runs_inside_the_ray_head_container_as_the_card_does(card_yaml):
+    """Ray's driver finds its node's raylet in the process table: vLLM is started in the head
+    container (docker exec), after Ray shows every node, and joins Ray at the head's address."""
+    plan = plan_of(card_yaml)
+    assert [c.name for c in plan.containers()] == ["spark-ray-worker", "spark-ray-head"]
+    step = next(s for s in plan.steps if s.id == "serve/spark-1/vllm")
+    assert step.kind == "exec" and step.process.container == "spark-ray-head"
+    argv = run_with_stub_docker(step.command)
+    assert argv[:5] == ["exec", "-d", "-e", "RAY_ADDRESS=192.168.100.10:6399", "spark-ray-head"]
+    assert argv[argv.index("vllm"):argv.index("vllm") + 2] == ["vllm", "serve"]
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
+    assert plan.api_container == "spark-ray-head"
+    head = next(c for c in plan.containers() if c.name == "spark-ray-head")
+    assert not any(m.target == "/tmp/ray" for m in head.mounts)  # Ray's session stays in the container
+
+
+def test_launch_script_writes_pid_and_non_carry_over_list_then_execs_vllm(card_yaml, tmp_path):
+    """The launch script of the exec step, run for real in bash with a stand-in vllm on PATH."""
+    text = edit(card_yaml, lambda d: d["nodes"][1].update(nccl={"socket_ifname": "enp1s0f1np1"}))
+    step = next(s for s in plan_of(text).steps if s.id == "serve/spark-1/vllm")
+    assert step.process.non_carry_over == ["NCCL_SOCKET_IFNAME"]  # only what differs between nodes
+    argv = run_with_stub_docker(step.command)
+    script, words = argv[argv.index("-c") + 1], argv[argv.index("-c") + 2:]
+    pid_file = tmp_path / "vllm.pid"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "vllm").write_text('#!/bin/sh\necho "vllm $*"\n')
+    (bindir / "vllm").chmod(0o755)
+    log = tmp_path / "pid1-stdout"
+    script = script.replace("/proc/1/fd/1", str(log))  # PID 1's stdout is the container's log
+    words[1] = str(pid_file)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    res = subprocess.run(["sh", "-c", script, *words], capture_output=True, text=True, env=env, timeout=10)
+    assert res.returncode == 0, res.stderr
+    assert pid_file.read_text().isdigit()
+    assert json.loads((tmp_path / ".config" / "vllm" / "ray_non_carry_over_env_vars.json").read_text()) == ["NCCL_SOCKET_IFNAME"]
+    assert log.read_text().startswith("vllm serve /models/Qwen3.5-122B-A10B-int4-AutoRound --served-model-name")
+
+
+def test_card_config_carries_every_variable_over(card_yaml):
+    """Only VLLM_HOST_IP differs between the card's nodes, and vLLM never copies that one."""
+    step = next(s for s in plan_of(card_yaml).steps if s.id == "serve/spark-1/vllm")
+    assert step.process.non_carry_over == []
+    assert "ray_non_carry_over" in step.command  # the script is there, it writes nothing for []
 
 
 def test_no_rm_logs_are_kept(card_yaml):
@@ -128,10 +175,11 @@ def test_hostile_model_path_is_inert(card_yaml, tmp_path):
     canary = tmp_path / "pwned"
     evil = f"/m/x; touch {canary}; $(touch {canary}) `touch {canary}` '\" \n"
     plan = plan_of(edit(card_yaml, lambda d: d["model"].update(path=evil, container_path=evil, served_name=evil)))
+    head = next(s for s in plan.steps if s.id == "start-head/spark-1/ray-head")
+    assert f"{evil}:{evil}:ro" in run_with_stub_docker(head.command)
     vllm = next(s for s in plan.steps if s.id == "serve/spark-1/vllm")
     argv = run_with_stub_docker(vllm.command)
     assert not canary.exists()
-    assert f"{evil}:{evil}:ro" in argv
     assert argv[argv.index("serve") + 1] == evil
     assert argv[argv.index("--served-model-name") + 1] == evil
 

@@ -17,7 +17,7 @@ from spark_cluster.executor import Executor
 from spark_cluster.sim import cluster
 from spark_cluster.transport import Nodes
 
-from .conftest import sim_docker, sim_variant
+from .conftest import sim_docker, sim_variant, worker_container
 
 pytestmark = pytest.mark.cluster
 
@@ -76,9 +76,9 @@ def test_host_keys_are_checked_strictly(sim, sim_cfg, tmp_path):
 
 
 def test_ray_path_forms_a_cluster_worker_first(sim):
-    """The card's Ray path as far as the CPU platform allows: worker container first, then the
-    head; Ray then shows every node alive. (vLLM's CPU build refuses the Ray executor itself.)"""
-    cfg = sim_variant(executor="ray", **{"health.ray_join_timeout_s": 120})
+    """The card's Ray path up to Ray itself: worker container first, then the head; Ray then shows
+    every node alive with the resource vLLM will place its ranks on."""
+    cfg = sim_variant(**{"health.ray_join_timeout_s": 120})
     events = []
     with Nodes(cfg) as nodes:
         ex = Executor(cfg, nodes, events.append)
@@ -87,21 +87,23 @@ def test_ray_path_forms_a_cluster_worker_first(sim):
             started = [e["step"] for e in events if e["event"] == "step-ok" and e["phase"] in ("start-workers", "start-head")]
             assert started == ["start-workers/sim-2/ray-worker", "start-head/sim-1/ray-head"]
             done = next(e for e in events if e["event"] == "step-ok" and e["phase"] == "wait-ray")
-            assert done["alive"] == ["10.99.0.11", "10.99.0.12"]
+            assert done["alive"] == ["10.99.0.11", "10.99.0.12"] and done["resources"] == {"vllm_cpu": 2.0}
         finally:
             ex.down()
         left = nodes.map(lambda t: t.run("docker ps -aq; pgrep -f '[r]aylet|[g]cs_server' || true").stdout.strip())
         assert left == {"sim-1": "", "sim-2": ""}
 
 
-def test_engine_spans_both_nodes(sim, sim_cfg):
-    """Pausing the worker node's vLLM container hangs a new 1-token completion while /health says 200."""
-    with Nodes(sim_cfg) as nodes:
-        Executor(sim_cfg, nodes).up()
-    url = sim_cfg.endpoint()
+def test_engine_spans_both_nodes(sim, engine_cfg):
+    """Pausing the worker node's container (its vLLM rank, or its Ray node holding the rank) hangs a
+    new 1-token completion while /health says 200."""
+    with Nodes(engine_cfg) as nodes:
+        Executor(engine_cfg, nodes).up()
+    url = engine_cfg.endpoint()
     body = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 1}
     assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
-    sim_docker("sim-2", "pause", "spark-vllm-worker")
+    worker = worker_container(engine_cfg)
+    sim_docker("sim-2", "pause", worker)
     try:
         t0 = time.monotonic()
         with pytest.raises(httpx.TimeoutException):
@@ -109,7 +111,7 @@ def test_engine_spans_both_nodes(sim, sim_cfg):
         assert time.monotonic() - t0 >= 19
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
     finally:
-        sim_docker("sim-2", "unpause", "spark-vllm-worker")
+        sim_docker("sim-2", "unpause", worker)
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
     assert r.status_code == 200 and r.json()["choices"]
 

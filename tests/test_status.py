@@ -12,7 +12,7 @@ from spark_cluster.executor import Executor
 from spark_cluster.status import status
 from spark_cluster.transport import Nodes
 
-from .conftest import ROOT, sim_docker
+from .conftest import ROOT, group_containers, sim_docker, worker_container
 
 pytestmark = pytest.mark.cluster
 RECORD = ROOT / "tests" / "data" / "observations"
@@ -22,6 +22,8 @@ def record(name: str, rep) -> None:
     """Keep real observations for the verdict's table-driven tests (RECORD_OBSERVATIONS=1)."""
     import os
 
+    if rep.observation.executor != "native":
+        name = f"{name}-{rep.observation.executor}"
     if os.environ.get("RECORD_OBSERVATIONS"):
         RECORD.mkdir(parents=True, exist_ok=True)
         (RECORD / f"{name}.json").write_text(json.dumps({"verdict": rep.verdict, "observation": rep.observation.model_dump()}, indent=1) + "\n")
@@ -33,16 +35,23 @@ def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500,
     return load(url, "tiny-qwen3", n, stop, max_tokens=max_tokens, repeat=repeat)
 
 
-def test_status_serving_down_stalled(sim, sim_cfg):
-    cfg = sim_cfg
+def test_status_serving_down_stalled(sim, engine_cfg):
+    cfg = engine_cfg
     url = cfg.endpoint()
+    worker = worker_container(cfg)
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).up()
         rep = status(cfg, nodes)
         record("serving-idle", rep)
         assert rep.verdict == "serving", rep.reason
-        assert {c.name for n in rep.observation.nodes for c in n.containers} == {"spark-vllm", "spark-vllm-worker"}
+        assert {c.name for n in rep.observation.nodes for c in n.containers} == group_containers(cfg)
         assert rep.observation.nodes[0].sysctl == {"vm.swappiness": {"expected": "1", "actual": "1"}}
+        if cfg.executor == "ray":  # Ray with both nodes alive, and the engine's placement group across them
+            ray = rep.observation.ray
+            assert ray.alive == ["10.99.0.11", "10.99.0.12"] and ray.error is None and ray.actors == 2
+            assert [n.resources.get("vllm_cpu") for n in ray.nodes] == [1.0, 1.0]
+            assert [sorted(b.ip for b in pg.bundles) for pg in ray.placement_groups] == [["10.99.0.11", "10.99.0.12"]]
+            assert [(p.name, p.state) for p in rep.observation.nodes[0].processes] == [("vllm", "running")]
 
         stop = threading.Event()
         threads = stream_load(url, 4, stop)
@@ -56,7 +65,7 @@ def test_status_serving_down_stalled(sim, sim_cfg):
             record("serving-busy", rep)
             assert rep.verdict == "serving", rep.reason
 
-            sim_docker("sim-2", "pause", "spark-vllm-worker")
+            sim_docker("sim-2", "pause", worker)
             try:
                 rep = status(cfg, nodes)
                 record("stalled-paused-worker", rep)
@@ -65,7 +74,7 @@ def test_status_serving_down_stalled(sim, sim_cfg):
                 assert rep.observation.vllm.steps_in_window == 0 and rep.observation.vllm.running > 0
                 assert "sim-2" in rep.reason
             finally:
-                sim_docker("sim-2", "unpause", "spark-vllm-worker")
+                sim_docker("sim-2", "unpause", worker)
             rep = status(cfg, nodes)
             assert rep.verdict == "serving", rep.reason
         finally:
@@ -73,11 +82,11 @@ def test_status_serving_down_stalled(sim, sim_cfg):
             for t in threads:
                 t.join(timeout=30)
 
-        sim_docker("sim-2", "stop", "-t", "1", "spark-vllm-worker")
+        sim_docker("sim-2", "stop", "-t", "1", worker)
         rep = status(cfg, nodes)
         record("down-worker-stopped", rep)
         assert rep.verdict == "down"
-        assert "spark-vllm-worker on sim-2 is exited" in rep.reason
+        assert f"{worker} on sim-2 is exited" in rep.reason
         Executor(cfg, nodes).down()
         rep = status(cfg, nodes)
         assert rep.verdict == "down" and "missing" in rep.reason
@@ -118,7 +127,7 @@ def test_logs_command_shows_every_container(sim, sim_cfg):
     try:
         res = CliRunner().invoke(app, ["logs", str(SIM_CONFIG), "sim-2", "--tail", "5"])
         assert res.exit_code == 0, res.output
-        assert "== sim-2 spark-vllm-worker (running)" in res.output
+        assert "== sim-2 spark-ray-worker (running)" in res.output
         res = CliRunner().invoke(app, ["logs", str(SIM_CONFIG), "sim-9"])
         assert res.exit_code == 2 and "no node 'sim-9'" in res.output
     finally:

@@ -11,11 +11,12 @@ import yaml
 from openai import OpenAI
 
 from spark_cluster.config import parse_config
-from spark_cluster.executor import Executor, LockedError, PreflightError, StepError, list_containers
+from spark_cluster.executor import Executor, LockedError, PreflightError, StepError, list_containers, member_name
+from spark_cluster.plan import build_plan
 from spark_cluster.sim import cluster
 from spark_cluster.transport import HostKeyError, Nodes
 
-from .conftest import SIM_CONFIG, run_cli, sim_docker, sim_variant
+from .conftest import SIM_CONFIG, SIM_CONFIGS, generation, ray_leftovers, run_cli, sim_docker, sim_variant, worker_container
 
 pytestmark = pytest.mark.cluster
 
@@ -27,19 +28,21 @@ def containers(cfg) -> dict[str, dict[str, str]]:
         return {n: {c.name: c.id for c in list_containers(nodes[n], cfg.name)} for n in nodes.by_name}
 
 
-def ray_processes(cfg) -> dict[str, str]:
-    with Nodes(cfg) as nodes:
-        return {n: r.stdout.strip() for n, r in nodes.map(lambda t: t.run("pgrep -af '[r]aylet|[g]cs_server|[R]ayWorker' || true")).items()}
+def members(cfg) -> list[str]:
+    """The group's containers and hosted processes in start order, as `up` names them."""
+    return [member_name(s) for s in build_plan(cfg).steps if s.kind in ("start", "exec")]
 
 
-def test_up_serves_is_idempotent_and_down_cleans(sim, sim_cfg, tmp_path):
-    cfg = sim_cfg
+def test_up_serves_is_idempotent_and_down_cleans(sim, engine_cfg):
+    cfg = engine_cfg
     (cfg.resolved_state_dir() / "vllm.json").unlink(missing_ok=True)  # the image's vLLM check runs afresh
     events: list[dict] = []
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).down()
         first = Executor(cfg, nodes, events.append).up()
-    assert first.changed and first.recreated == ["spark-vllm-worker@sim-2", "spark-vllm@sim-1"]
+    assert first.changed and first.recreated == members(cfg)
+    assert first.recreated == {"ray": ["spark-ray-worker@sim-2", "spark-ray-head@sim-1", "spark-ray-head/vllm@sim-1"],
+                               "native": ["spark-vllm-worker@sim-2", "spark-vllm@sim-1"]}[cfg.executor]
     flags = [e for e in events if e.get("step") == "preflight/sim-1/vllm-flags" and e["event"] != "step-start"]
     assert [(e["event"], e.get("vllm_version")) for e in flags] == [("step-ok", "0.32.0")]
 
@@ -48,12 +51,16 @@ def test_up_serves_is_idempotent_and_down_cleans(sim, sim_cfg, tmp_path):
     msg = reply.choices[0].message
     text = msg.content or (msg.model_extra or {}).get("reasoning") or ""
     assert isinstance(text, str) and text.strip()
+    if cfg.executor == "ray":  # Ray's own listing: one vLLM rank (actor) on each node, one placement group
+        ray = generation(cfg)["ray"]
+        assert sorted(a.ip for a in ray.actors) == ["10.99.0.11", "10.99.0.12"]
+        assert [sorted(b.ip for b in pg.bundles) for pg in ray.engine_placement_groups()] == [["10.99.0.11", "10.99.0.12"]]
 
     ids = containers(cfg)
     events.clear()
     with Nodes(cfg) as nodes:
         again = Executor(cfg, nodes, events.append).up()
-    assert not again.changed and again.recreated == []
+    assert not again.changed and again.recreated == [] and again.kept == members(cfg)
     flags = [e for e in events if e.get("step") == "preflight/sim-1/vllm-flags"]
     assert [e["event"] for e in flags] == ["step-skip"] and "same image ID and flags" in flags[0]["reason"]
     assert containers(cfg) == ids  # same container IDs: nothing recreated
@@ -61,19 +68,21 @@ def test_up_serves_is_idempotent_and_down_cleans(sim, sim_cfg, tmp_path):
     with Nodes(cfg) as nodes:
         logs = Executor(cfg, nodes).down()
     assert containers(cfg) == {"sim-1": {}, "sim-2": {}}
-    assert ray_processes(cfg) == {"sim-1": "", "sim-2": ""}
+    assert ray_leftovers(cfg) == {"sim-1": "", "sim-2": ""}
     saved = sorted(p.name for p in logs.iterdir())
-    assert saved == ["sim-1--spark-vllm.log", "sim-2--spark-vllm-worker.log"]
-    assert "Starting vLLM" in (logs / "sim-1--spark-vllm.log").read_text() or (logs / "sim-1--spark-vllm.log").stat().st_size > 0
+    api_log = f"sim-1--{build_plan(cfg).api_container}.log"
+    assert saved == sorted([api_log, f"sim-2--{worker_container(cfg)}.log"])
+    assert "(APIServer pid=" in (logs / api_log).read_text()  # the API server's own output is in the saved log
     with Nodes(cfg) as nodes:  # down again: nothing to do, no error
         assert Executor(cfg, nodes).down() is None
 
 
-def test_changed_config_restarts_the_native_group_in_order(sim, sim_cfg):
-    with Nodes(sim_cfg) as nodes:
-        Executor(sim_cfg, nodes).up()
-    before = containers(sim_cfg)
-    data = yaml.safe_load(SIM_CONFIG.read_text())
+def test_changed_config_restarts_the_whole_group_in_order(sim, engine_cfg):
+    cfg = engine_cfg
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).up()
+    before = containers(cfg)
+    data = yaml.safe_load(SIM_CONFIGS[cfg.executor].read_text())
     data["nodes"][0]["env"]["EXTRA_HEAD_SETTING"] = "1"
     changed = parse_config(yaml.safe_dump(data))
     events = []
@@ -82,15 +91,23 @@ def test_changed_config_restarts_the_native_group_in_order(sim, sim_cfg):
             res = Executor(changed, nodes, events.append).up()
         finally:
             Executor(changed, nodes).down()
-    # only rank 0's spec changed, yet both ranks restart (a lone rank 0 would orphan the worker)
-    assert res.recreated == ["spark-vllm-worker@sim-2", "spark-vllm@sim-1"]
+    # only the head's spec changed, yet the whole group restarts (a lone rank 0 or Ray head would
+    # orphan the worker's rank or raylet)
+    assert res.recreated == members(cfg)
     removed = [e["container"] for e in events if e["event"] == "container-remove"]
-    assert removed == ["spark-vllm", "spark-vllm-worker"]  # vLLM API first, then the worker rank
+    started = [e["step"] for e in events if e["event"] == "step-ok" and e["phase"] in ("start-workers", "start-head", "serve")]
+    if cfg.executor == "ray":  # vLLM stopped first (while Ray still runs), then the head, then the worker
+        stopped = [e["process"] for e in events if e["event"] == "process-stop"]
+        assert stopped == ["vllm"] and removed == ["spark-ray-head", "spark-ray-worker"]
+        assert started == ["start-workers/sim-2/ray-worker", "start-head/sim-1/ray-head", "serve/sim-1/vllm"]
+    else:  # vLLM API first, then the worker rank
+        assert removed == ["spark-vllm", "spark-vllm-worker"]
+        assert started == ["start-workers/sim-2/vllm-worker", "serve/sim-1/vllm"]
     assert before["sim-1"]  # it was running before
 
 
 def test_worker_that_cannot_reach_the_head_is_named(sim):
-    cfg = sim_variant(executor="ray", **{"health.ray_join_timeout_s": 30})
+    cfg = sim_variant(**{"health.ray_join_timeout_s": 30})
     block = ["ip", "netns", "exec", "scsim-sim-2", "iptables", "-I", "OUTPUT", "-d", "10.99.0.11", "-p", "tcp", "-j", "DROP"]
     subprocess.run(block, check=True)
     waiting_since: list[float] = []

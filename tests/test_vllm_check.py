@@ -59,7 +59,8 @@ def test_a_flag_from_extra_args_points_at_extra_args():
 
 
 def test_plan_checks_every_distinct_vllm_command_line_in_a_throwaway_container():
-    plan = build_plan(load_config(SIM_CONFIG))
+    assert len(build_plan(load_config(SIM_CONFIG)).vllm_argvs) == 1  # Ray: one vllm serve, on the head
+    plan = build_plan(load_config(CONFIGS / "local-sim-native.yaml"))
     step = next(s for s in plan.steps if s.id == "preflight/sim-1/vllm-flags")
     assert [s.id for s in plan.steps_in("preflight")][-1] == step.id  # after the image checks
     assert step.stdin == "vllm-check.py"

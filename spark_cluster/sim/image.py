@@ -37,6 +37,9 @@ IMAGE_ENV = [
     "VLLM_NO_USAGE_STATS=1",
     "DO_NOT_TRACK=1",
     "RAY_USAGE_STATS_ENABLED=0",
+    # the Ray custom resource that stands in for a GPU: activates templates/sim/ray_on_cpu.py, which
+    # lets vLLM's CPU build run the Ray executor (this image only; never a Spark's)
+    "SPARK_CLUSTER_SIM_RAY_RESOURCE=vllm_cpu",
 ]
 MODEL_NAME = "tiny-qwen3"
 # bump when the way the archive is assembled here changes (the templates are hashed themselves)
@@ -55,7 +58,7 @@ class Image:
 def _inputs_hash() -> str:
     h = hashlib.sha256()
     h.update(json.dumps([BUILD_RECIPE, DEBIAN_SUITE, MIRROR, DEB_PACKAGES, REQUIREMENTS, IMAGE_ENV]).encode())
-    for name in ("customize.sh", "make_tiny_model.py", "amx_permission.py"):
+    for name in ("customize.sh", "make_tiny_model.py", "amx_permission.py", "ray_on_cpu.py"):
         h.update((templates_dir() / "sim" / name).read_bytes())
     return h.hexdigest()[:12]
 

@@ -28,6 +28,9 @@ printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\n' "$vllm_version" > "$ro
 # AMX permission at every interpreter start (.pth: Debian's own sitecustomize shadows a venv one)
 cp "$tdir/amx_permission.py" "$root$sp/spark_cluster_sim_amx.py"
 echo "import spark_cluster_sim_amx" > "$root$sp/spark_cluster_sim_amx.pth"
+# vLLM's CPU build over the Ray executor (simulation only; active when SPARK_CLUSTER_SIM_RAY_RESOURCE is set)
+cp "$tdir/ray_on_cpu.py" "$root$sp/spark_cluster_sim_ray.py"
+echo "import spark_cluster_sim_ray" > "$root$sp/spark_cluster_sim_ray.pth"
 # the tiny model: random weights, tokenizer trained on local text
 cp "$tdir/make_tiny_model.py" "$root/tmp/make_tiny_model.py"
 run /opt/venv/bin/python /tmp/make_tiny_model.py /opt/models/tiny-qwen3
