@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Benchmark: failover on the local simulated cluster.
+"""Benchmark: failover on the local simulated cluster, on both executors.
 
-1. Under continuous streaming load, freeze the worker (`docker pause` of its vLLM container) and
-   measure MTTD (freeze -> hang confirmed), MTTR (freeze -> a new completion succeeds again) and
-   the restart-overhead part of MTTR (the ordered gang restart itself, mostly model load).
+1. Under continuous streaming load, freeze the worker (`docker pause` of the worker node's
+   container: its vLLM rank, or its Ray node holding the rank) and measure MTTD (freeze -> hang
+   confirmed), MTTR (freeze -> a new completion succeeds again) and the restart-overhead part of
+   MTTR (the ordered gang restart itself, mostly model load).
 2. A loaded soak with no fault (default 20 minutes), counting false restarts.
 
-Default watchdog settings. Usage (root, simulated cluster up with the image: `spark-cluster sim up`):
-    python bench/failover_bench.py [--faults 1] [--soak-minutes 20] [--streams 4]
+Default watchdog settings. Prints the figures of each executor side by side.
+Usage (root, simulated cluster up with the image: `spark-cluster sim up`):
+    python bench/failover_bench.py [--executors ray,native] [--faults 1] [--soak-minutes 20] [--streams 4]
 """
 
 from __future__ import annotations
@@ -57,15 +59,14 @@ def completion_ok(url: str, model: str) -> bool:
         return False
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--faults", type=int, default=1)
-    ap.add_argument("--soak-minutes", type=float, default=20)
-    ap.add_argument("--streams", type=int, default=4)
-    args = ap.parse_args()
-    data = yaml.safe_load((ROOT / "configs" / "local-sim.yaml").read_text())
-    data["state_dir"] = tempfile.mkdtemp(prefix="spark-cluster-failover-bench-")
+CONFIGS = {"ray": ROOT / "configs" / "local-sim.yaml", "native": ROOT / "configs" / "local-sim-native.yaml"}
+
+
+def measure(executor: str, args) -> dict:
+    data = yaml.safe_load(CONFIGS[executor].read_text())
+    data["state_dir"] = tempfile.mkdtemp(prefix=f"spark-cluster-failover-bench-{executor}-")
     cfg = parse_config(yaml.safe_dump(data))
+    worker = f"{cfg.name}-ray-worker" if executor == "ray" else f"{cfg.name}-vllm-worker"
     url, model = cfg.endpoint(), cfg.model.name
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).up()
@@ -82,7 +83,7 @@ def main() -> None:
             wait(events, lambda e: e["event"] == "state" and e["state"] == "healthy" and (not mttr or ts(e) > t_back), 600)
             time.sleep(10)
             t_freeze = time.time()
-            cluster.node_exec("sim-2", "docker", "pause", "spark-vllm-worker")
+            cluster.node_exec("sim-2", "docker", "pause", worker)
             d = wait(events, lambda e: e["event"] == "decision" and e["action"] == "restart" and ts(e) > t_freeze, 300)
             s = wait(events, lambda e: e["event"] == "restart-start" and ts(e) >= ts(d), 300)
             r = wait(events, lambda e: e["event"] in ("restart-done", "restart-failed") and ts(e) > ts(s), 900)
@@ -92,10 +93,11 @@ def main() -> None:
             mttd.append(ts(d) - t_freeze)
             mttr.append(t_back - t_freeze)
             overhead.append(ts(r) - ts(s))
-            print(f"fault {i + 1}: detected {mttd[-1]:.1f}s, serving again {mttr[-1]:.1f}s, restart itself {overhead[-1]:.1f}s ({r['event']})", flush=True)
+            print(f"{executor} fault {i + 1}: detected {mttd[-1]:.1f}s, serving again {mttr[-1]:.1f}s, "
+                  f"restart itself {overhead[-1]:.1f}s ({r['event']})", flush=True)
         restarts_before = len([e for e in events if e["event"] == "restart-start"])
         t_soak = time.monotonic()
-        print(f"soak: {args.soak_minutes:g} min under {args.streams} streams, no fault ...", flush=True)
+        print(f"{executor} soak: {args.soak_minutes:g} min under {args.streams} streams, no fault ...", flush=True)
         while time.monotonic() - t_soak < args.soak_minutes * 60:
             time.sleep(5)
         false_restarts = len([e for e in events if e["event"] == "restart-start"]) - restarts_before
@@ -105,10 +107,28 @@ def main() -> None:
         stop_wd.set()
         runner.join(timeout=120)
         nodes.close()
-    print(f"MTTD (freeze -> hang confirmed):      median {statistics.median(mttd):6.1f} s  runs {[round(x, 1) for x in mttd]}")
-    print(f"MTTR (freeze -> completion succeeds):  median {statistics.median(mttr):6.1f} s  runs {[round(x, 1) for x in mttr]}")
-    print(f"  of which the ordered gang restart:   median {statistics.median(overhead):6.1f} s")
-    print(f"false restarts in a {args.soak_minutes:g}-minute loaded soak: {false_restarts} (canaries sent: {canaries})")
+        with Nodes(cfg) as n:
+            Executor(cfg, n).down()
+    return {"MTTD freeze -> hang confirmed (s)": statistics.median(mttd),
+            "MTTR freeze -> completion OK (s)": statistics.median(mttr),
+            "  of which the gang restart (s)": statistics.median(overhead),
+            f"false restarts, {args.soak_minutes:g} min soak": false_restarts,
+            "  canaries sent in the soak": canaries}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--executors", default="ray,native", help="Comma-separated: ray (configs/local-sim.yaml), native (local-sim-native.yaml).")
+    ap.add_argument("--faults", type=int, default=1)
+    ap.add_argument("--soak-minutes", type=float, default=20)
+    ap.add_argument("--streams", type=int, default=4)
+    args = ap.parse_args()
+    executors = args.executors.split(",")
+    results = {x: measure(x, args) for x in executors}
+    print(f"medians over {args.faults} fault(s) each, default watchdog settings, {args.streams} streams")
+    print(f"{'':36}" + "".join(f"{x:>10}" for x in executors))
+    for k in results[executors[0]]:
+        print(f"{k:36}" + "".join(f"{results[x][k]:10.1f}" for x in executors))
 
 
 if __name__ == "__main__":

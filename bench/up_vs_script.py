@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Benchmark: wall time of `spark-cluster up` vs. a bare sequential shell script doing the same.
+"""Benchmark: wall time of `spark-cluster up` vs. a bare sequential shell script doing the same,
+on both executors.
 
 The script is what people paste today: the card's commands run one after another over ssh
-(sysctl, worker container, head container, then polling /health and one completion with curl),
-with the same waits. Both run on the local simulated cluster, in the same run, from a clean
-state each time. Prints both wall times, the ratio, and the per-phase times of `up`.
+(sysctl, worker container, head container, vllm serve, then polling /health and one completion
+with curl), with the same waits. Both run on the local simulated cluster, in the same run, from a
+clean state each time. Prints, per executor side by side: both wall times, the ratio, the
+per-phase times of `up` and the memory the cluster's containers use on every node once serving.
 
 Usage (root, simulated cluster up: `spark-cluster sim up`):
-    python bench/up_vs_script.py [--config configs/local-sim.yaml] [--rounds 1]
+    python bench/up_vs_script.py [--configs configs/local-sim.yaml,configs/local-sim-native.yaml] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def bare_script(cfg) -> str:
     plan = build_plan(cfg, reveal_secrets=True)
     lines = ["set -e"]
     for step in plan.steps:
-        if step.kind in ("run", "start"):
+        if step.kind in ("run", "start", "exec"):
             node = next(n for n in cfg.nodes if n.name == step.node)
             ep = resolve_endpoint(node, cfg.node_ssh(node))
             ssh = (f"ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={quote(ep.known_hosts)} "
@@ -53,20 +55,33 @@ def bare_script(cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=str(ROOT / "configs" / "local-sim.yaml"))
-    ap.add_argument("--rounds", type=int, default=1)
-    args = ap.parse_args()
-    cfg = load_config(args.config)
-    ups, scripts, phases = [], [], []
-    for _ in range(args.rounds):
+def memory_gib(cfg, nodes) -> dict[str, float]:
+    """Memory the cluster's containers use on each node (docker stats), in GiB."""
+    units = {"B": 1 / 2**30, "KiB": 1 / 2**20, "MiB": 1 / 2**10, "GiB": 1.0}
+    out = {}
+    for n in cfg.nodes:
+        r = nodes[n.name].run(f"docker stats --no-stream --format '{{{{.MemUsage}}}}' $(docker ps -q --filter label=spark-cluster.cluster={cfg.name})",
+                              timeout=60)
+        total = 0.0
+        for line in r.stdout.splitlines():
+            used = line.split("/")[0].strip()
+            num = used.rstrip("KMGiB")
+            total += float(num) * units[used[len(num):]]
+        out[n.name] = total
+    return out
+
+
+def measure(config: str, rounds: int) -> dict:
+    cfg = load_config(config)
+    ups, scripts, phases, mems = [], [], [], []
+    for _ in range(rounds):
         with Nodes(cfg) as nodes:
             Executor(cfg, nodes).down()
             t0 = time.monotonic()
             res = Executor(cfg, nodes).up()
             ups.append(time.monotonic() - t0)
             phases.append(res.phases)
+            mems.append(memory_gib(cfg, nodes))
             Executor(cfg, nodes).down()
         script = bare_script(cfg)
         t0 = time.monotonic()
@@ -74,12 +89,27 @@ def main() -> None:
         scripts.append(time.monotonic() - t0)
         with Nodes(cfg) as nodes:
             Executor(cfg, nodes).down()
-    up_s, sh_s = statistics.median(ups), statistics.median(scripts)
-    print(f"config: {args.config} ({len(cfg.nodes)} nodes, executor {cfg.executor}), rounds: {args.rounds}")
-    print(f"spark-cluster up     : {up_s:8.1f} s  (runs: {', '.join(f'{x:.1f}' for x in ups)})")
-    print(f"bare sequential ssh  : {sh_s:8.1f} s  (runs: {', '.join(f'{x:.1f}' for x in scripts)})")
-    print(f"ratio up / script    : {up_s / sh_s:8.2f}")
-    print("phases of up (median s): " + ", ".join(f"{k} {statistics.median(p[k] for p in phases if k in p):.1f}" for k in phases[0]))
+    rows = {"spark-cluster up (s)": statistics.median(ups), "bare sequential ssh (s)": statistics.median(scripts)}
+    rows["ratio up / script"] = rows["spark-cluster up (s)"] / rows["bare sequential ssh (s)"]
+    for k in phases[0]:
+        rows[f"  up phase {k} (s)"] = statistics.median(p[k] for p in phases if k in p)
+    for node in mems[0]:
+        rows[f"memory on {node}, serving (GiB)"] = statistics.median(m[node] for m in mems)
+    return {"executor": cfg.executor, "nodes": len(cfg.nodes), "rows": rows, "runs": (ups, scripts)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=f"{ROOT / 'configs' / 'local-sim.yaml'},{ROOT / 'configs' / 'local-sim-native.yaml'}",
+                    help="Comma-separated cluster files, measured one after the other (default: both executors).")
+    ap.add_argument("--rounds", type=int, default=1)
+    args = ap.parse_args()
+    results = [measure(c, args.rounds) for c in args.configs.split(",")]
+    keys = list(dict.fromkeys(k for r in results for k in r["rows"]))
+    print(f"rounds: {args.rounds}; medians")
+    print(f"{'':34}" + "".join(f"{r['executor']:>12}" for r in results))
+    for k in keys:
+        print(f"{k:34}" + "".join(f"{r['rows'][k]:12.2f}" if k in r["rows"] else f"{'-':>12}" for r in results))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class Sample:
     prompt_tokens_total: Optional[float] = None
     running: float = 0
     waiting: float = 0
-    gone: tuple[str, ...] = ()  # containers exited/missing, Ray members lost: definitive
+    gone: tuple[str, ...] = ()  # containers exited/missing, the vLLM process gone, Ray nodes dead or missing: definitive
     unreachable: tuple[str, ...] = ()  # nodes that did not answer SSH this time
     canary_ok: Optional[bool] = None  # result of a canary performed since the last sample
     canary_s: Optional[float] = None

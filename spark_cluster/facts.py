@@ -37,10 +37,11 @@ class RayPlacementGroup(BaseModel):
 
 
 class RayActor(BaseModel):
+    id: Optional[str] = None
     cls: Optional[str] = Field(None, alias="class")
     state: Optional[str] = None
     ip: Optional[str] = None
-    pid: Optional[int] = None
+    pid: Optional[int] = Field(None, description="As the actor's container sees it: the same number in every new container.")
 
     model_config = {"populate_by_name": True}
 

@@ -27,8 +27,9 @@ except Exception as exc:  # an older Ray: the nodes are what matters most
 try:
     from ray._private.state import actors
 
-    live = [{"class": a.get("ActorClassName"), "state": a.get("State"), "ip": (a.get("Address") or {}).get("IPAddress"),
-             "pid": a.get("Pid")} for a in actors().values() if a.get("State") != "DEAD"]
+    live = [{"id": actor_id, "class": a.get("ActorClassName"), "state": a.get("State"),
+             "ip": (a.get("Address") or {}).get("IPAddress"), "pid": a.get("Pid")}
+            for actor_id, a in actors().items() if a.get("State") != "DEAD"]
     print("SPARK_CLUSTER_RAY_ACTORS " + json.dumps(live))
 except Exception as exc:
     print("SPARK_CLUSTER_RAY_ACTORS_ERROR " + json.dumps(repr(exc)))

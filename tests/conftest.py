@@ -164,4 +164,5 @@ def assert_nothing_of(before: dict, after: dict, cfg) -> None:
         assert not {pg.id for pg in old.placement_groups} & {pg.id for pg in new.placement_groups}
         assert [pg.state for pg in new.engine_placement_groups()] == ["CREATED"]
         assert sorted(a.ip for a in new.actors) == sorted(n.address for n in cfg.nodes)  # one vLLM rank per node
-        assert not {(a.ip, a.pid) for a in old.actors} & {(a.ip, a.pid) for a in new.actors}
+        # actors by Ray's ID (their PIDs repeat: each new container numbers its processes afresh)
+        assert all(a.id for a in new.actors) and not {a.id for a in old.actors} & {a.id for a in new.actors}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 
 import httpx
@@ -69,6 +70,23 @@ class Running:
     def kinds(self, kind):
         return [e for e in self.events if e["event"] == kind]
 
+    def restart_succeeded(self):
+        done = self.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
+        assert done["event"] == "restart-done", done
+
+
+@contextmanager
+def streaming(cfg, n: int, **kw):
+    """n streaming completions in flight while the block runs; stopped and joined after it."""
+    stop = threading.Event()
+    threads = stream_load(cfg.endpoint(), n, stop, max_tokens=1800, **kw)
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
 
 def ids(cfg) -> dict[str, str]:
     with Nodes(cfg) as nodes:
@@ -94,9 +112,7 @@ def test_frozen_worker_under_load_is_detected_and_the_group_restarted(engine_cfg
     worker = worker_container(cfg)
     serving(cfg)
     before = generation(cfg)
-    stop = threading.Event()
-    threads = stream_load(cfg.endpoint(), 4, stop, max_tokens=1800)
-    try:
+    with streaming(cfg, 4):
         with Running(cfg) as w:
             w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
             deadline = time.monotonic() + 60
@@ -113,12 +129,7 @@ def test_frozen_worker_under_load_is_detected_and_the_group_restarted(engine_cfg
             # on Ray, before Ray's own heartbeat timeout (~65-80 s) ends the engine
             assert detect_s < 45
             incident = w.wait_for(lambda e: e["event"] == "incident", 60, "incident bundle")
-            done = w.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
-            assert done["event"] == "restart-done", done
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
+            w.restart_succeeded()
     assert completion_works(cfg)
     assert_nothing_of(before, generation(cfg), cfg)
     from pathlib import Path
@@ -158,8 +169,7 @@ def test_killed_worker_container_leads_to_a_restart(engine_cfg, tmp_path):
         sim_docker("sim-2", "kill", worker_container(cfg))
         decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 60, "restart decision")
         assert "member gone" in decision["reason"] and "sim-2" in decision["reason"]
-        done = w.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
-        assert done["event"] == "restart-done", done
+        w.restart_succeeded()
     assert completion_works(cfg)
     assert_nothing_of(before, generation(cfg), cfg)
 
@@ -174,8 +184,29 @@ def test_killed_vllm_process_leads_to_a_restart(engine_cfg, tmp_path):
         decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 60, "restart decision")
         gone = "vllm in spark-ray-head on sim-1 gone" if cfg.executor == "ray" else "spark-vllm on sim-1"
         assert "member gone" in decision["reason"] and gone in decision["reason"], decision["reason"]
-        done = w.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
-        assert done["event"] == "restart-done", done
+        w.restart_succeeded()
+    assert completion_works(cfg)
+    assert_nothing_of(before, generation(cfg), cfg)
+
+
+def test_engine_ended_by_rays_heartbeat_is_a_member_gone(sim, tmp_path):
+    """The Ray path's own ending of a frozen worker: with a stall window too long to confirm the
+    hang, Ray marks the frozen node dead after its heartbeat timeout, the engine dies and the API
+    exits; the watchdog restarts on that (a member gone), with the worker still frozen."""
+    cfg = cfg_with(tmp_path, "ray", stall_window_s=600)
+    serving(cfg)
+    before = generation(cfg)
+    with streaming(cfg, 2, repeat=True):
+        with Running(cfg) as w:
+            w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+            frozen_at = time.time()
+            sim_docker("sim-2", "pause", worker_container(cfg))
+            decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 240, "restart decision")
+            print(f"engine ended by Ray, restart decided {ts(decision) - frozen_at:.1f}s after the freeze: {decision['reason']}")
+            assert "member gone" in decision["reason"]
+            assert "vllm in spark-ray-head on sim-1 gone" in decision["reason"] or "Ray lists node sim-2" in decision["reason"]
+            assert not w.kinds("canary")  # no hang verdict: the stall window never ran out
+            w.restart_succeeded()
     assert completion_works(cfg)
     assert_nothing_of(before, generation(cfg), cfg)
 
@@ -184,18 +215,12 @@ def test_slow_but_progressing_engine_is_not_restarted(engine_cfg, tmp_path):
     """Much heavier load than the 2 cores can serve quickly: slow, queued, but moving."""
     cfg = cfg_with(tmp_path, engine_cfg.executor)
     serving(cfg)
-    stop = threading.Event()
-    threads = stream_load(cfg.endpoint(), 24, stop, max_tokens=1800, repeat=True)
-    try:
+    with streaming(cfg, 24, repeat=True):
         with Running(cfg) as w:
             time.sleep(90)
             assert not [e for e in w.events if e["event"] == "decision" and e["action"] == "restart"], w.events[-10:]
             loaded = [x for x in w.wd.samples if x["running"] + x["waiting"] > 0]
             assert len(loaded) >= 0.8 * len(w.wd.samples) and max(x["running"] for x in loaded) >= 16  # it really was loaded
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
 
 
 def test_circuit_breaker_trips_on_the_cluster(sim, tmp_path):

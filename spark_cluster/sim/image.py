@@ -74,17 +74,59 @@ def _sh(args: list[str], log, timeout: float) -> None:
         raise SimError(f"{args[0]} failed ({res.returncode}):\n{tail}")
 
 
+# Where the CPU build of torch comes from: PyPI only has the CUDA build under that version.
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# A folder of wheels holding torch's CPU build (e.g. a wheel cache of an offline machine)
+WHEELS_ENV = "SPARK_CLUSTER_SIM_WHEELS"
+DEFAULT_WHEELS = Path("/opt/wheels")
+
+
+def _has_torch_cpu(folder: Path) -> bool:
+    return any(folder.glob(f"torch-{TORCH_CPU_VERSION}+cpu-*.whl"))
+
+
+def torch_source(env: dict[str, str] | None = None, reachable=None) -> list[str]:
+    """pip arguments that make the CPU build of torch findable: the folder named by
+    SPARK_CLUSTER_SIM_WHEELS, else /opt/wheels when it holds the wheel, else PyTorch's CPU index.
+    Raises SimError naming both ways when none of them can serve it."""
+    env = os.environ if env is None else env
+    named = env.get(WHEELS_ENV)
+    if named:
+        if not _has_torch_cpu(Path(named)):
+            raise SimError(f"{WHEELS_ENV}={named} holds no torch-{TORCH_CPU_VERSION}+cpu wheel",
+                           hint=f"pip download --no-deps -d {named} torch=={TORCH_CPU_VERSION} --index-url {TORCH_CPU_INDEX}")
+        return ["--find-links", named]
+    if DEFAULT_WHEELS.is_dir() and _has_torch_cpu(DEFAULT_WHEELS):
+        return ["--find-links", str(DEFAULT_WHEELS)]
+    reachable = reachable or _index_reachable
+    why = reachable(TORCH_CPU_INDEX)
+    if why:
+        raise SimError(f"the CPU build of torch {TORCH_CPU_VERSION} (vLLM's CPU build needs it) cannot be had: "
+                       f"PyTorch's CPU index {TORCH_CPU_INDEX} is not reachable ({why}) and {WHEELS_ENV} names no wheel folder",
+                       hint=f"download torch-{TORCH_CPU_VERSION}+cpu on a machine with access and set {WHEELS_ENV} to its folder")
+    return ["--extra-index-url", TORCH_CPU_INDEX]
+
+
+def _index_reachable(url: str) -> str:
+    """'' when the index answers, else why not."""
+    import httpx
+
+    try:
+        httpx.head(url + "/torch/", timeout=10, follow_redirects=True).raise_for_status()
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
 def _wheels(log) -> Path:
     key = hashlib.sha256(json.dumps(REQUIREMENTS).encode()).hexdigest()[:12]
     dest = CACHE / f"wheels-{key}"
     if (dest / ".complete").exists():
         return dest
+    source = torch_source()
     dest.mkdir(parents=True, exist_ok=True)
-    args = ["python3", "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
-            "--dest", str(dest)]
-    if Path("/opt/wheels").is_dir():  # this machine keeps the CPU torch wheel there
-        args += ["--find-links", "/opt/wheels"]
-    _sh([shutil.which("python3") or "python3", *args[1:], *REQUIREMENTS], log, timeout=1800)
+    args = ["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:", "--dest", str(dest), *source]
+    _sh([shutil.which("python3") or "python3", *args, *REQUIREMENTS], log, timeout=1800)
     (dest / ".complete").write_text("ok\n")
     return dest
 
