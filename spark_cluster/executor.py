@@ -34,6 +34,7 @@ Reporter = Callable[[dict[str, Any]], None]
 COMPONENT_ORDER = ["vllm", "ray-head", "vllm-worker", "ray-worker"]  # stop order: vLLM, head, workers
 # `docker exec -d` returns at once: polls (every 0.5 s) until the started process has written its PID
 PROCESS_START_POLLS = 40
+# stop timeout of a Ray worker container (capped): see _remove
 RAY_WORKER_STOP_S = 5
 
 
@@ -550,8 +551,9 @@ class Executor:
                 for node, name in sorted(gone, key=lambda x: _stop_rank(found[x].component)):
                     self.emit("container-remove", node=node, container=name, reason=why or "not in the plan")
                     self._remove(node, name, save_logs_to=logs, component=found[(node, name)].component)
-            for s in members if not why else []:
-                self.emit("step-skip", s, reason="unchanged and running")
+            if not why:
+                for s in members:
+                    self.emit("step-skip", s, reason="unchanged and running")
             phases["start"] = 0.0
             for s in self.plan.steps:
                 if s.phase not in allowed:
