@@ -543,10 +543,9 @@ def sim_demo(
                         out.print(f"{n.name:8}   {p.name} in {p.container}: {fact.state} (pid {fact.pid})", highlight=False)
             ray_step = next((s for s in ex.plan.steps if s.kind == "wait-ray"), None)
             if ray_step is not None:
-                from .facts import parse_ray_state
+                from .facts import read_ray_state
 
-                r = ns[ray_step.node].run(ray_step.command, timeout=60)
-                ray = parse_ray_state(r.stdout, r.stderr)
+                ray = read_ray_state(ns[ray_step.node], ray_step.command, 60)
                 ranks = ", ".join(f"{a.cls} on {a.ip}" for a in sorted(ray.actors, key=lambda a: a.ip or ""))
                 out.print(f"Ray: nodes alive {', '.join(ray.alive)}; vLLM ranks (Ray actors): {ranks or ray.error}", highlight=False)
         out.rule("[bold]5. a chat completion through the endpoint")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from .config import ClusterConfig
 from .errors import SparkClusterError
-from .facts import RayNode, RayPlacementGroup, parse_process, parse_ray_state, process_command
+from .facts import RayNode, RayPlacementGroup, parse_process, process_command, read_ray_state
 from .plan import LABEL_PREFIX, Plan, build_plan
 from .render import quote
 
@@ -230,13 +230,7 @@ def observe_ray(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: floa
     step = next((s for s in plan.steps if s.kind == "wait-ray"), None)
     if step is None:
         return RayObs()
-    obs = RayObs(checked=True)
-    try:
-        r = t.run(step.command, timeout=timeout)
-    except SparkClusterError as exc:
-        obs.error = exc.message
-        return obs
-    ray = parse_ray_state(r.stdout, r.stderr)
+    ray = read_ray_state(t, step.command, timeout)
     return RayObs(checked=True, alive=ray.alive, dead=ray.dead, gpus=ray.total("GPU"), nodes=ray.nodes,
                   placement_groups=ray.engine_placement_groups(), actors=len(ray.actors), error=ray.error)
 

@@ -25,7 +25,7 @@ from .config import ClusterConfig
 from .decide import Action, Sample, State, decide, restarted
 from .errors import SparkClusterError
 from .executor import Executor, list_containers, save_logs
-from .facts import parse_process, parse_ray_state, process_command
+from .facts import parse_process, process_command, read_ray_state
 from .plan import build_plan
 from .render import quote
 from .status import parse_metrics
@@ -189,11 +189,7 @@ class Watchdog:
     def _ask_ray(self) -> list[str]:
         """Nodes Ray lists as dead or does not list (members gone); nothing when Ray cannot be asked."""
         cfg = self.cfg
-        try:
-            r = self.nodes[cfg.head.name].run(self.ray_step.command, timeout=max(cfg.health.probe_timeout_s, 30))
-        except SparkClusterError:
-            return []
-        ray = parse_ray_state(r.stdout, r.stderr)
+        ray = read_ray_state(self.nodes[cfg.head.name], self.ray_step.command, max(cfg.health.probe_timeout_s, 30))
         if ray.error:
             return []
         return [f"Ray lists node {n.name} ({n.address}) {'dead' if n.address in ray.dead else 'missing'}"

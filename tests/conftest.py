@@ -136,7 +136,7 @@ def generation(cfg) -> dict:
     """What the cluster runs now: container IDs, the PIDs (as each node sees them) of Ray's and
     vLLM's processes, and on Ray its placement groups and live actors (Ray's own state listing)."""
     from spark_cluster.executor import list_containers
-    from spark_cluster.facts import parse_ray_state
+    from spark_cluster.facts import read_ray_state
     from spark_cluster.plan import build_plan
     from spark_cluster.transport import Nodes
 
@@ -147,8 +147,7 @@ def generation(cfg) -> dict:
         ray = None
         if cfg.executor == "ray":
             step = next(s for s in build_plan(cfg).steps if s.kind == "wait-ray")
-            r = nodes[cfg.head.name].run(step.command, timeout=60)
-            ray = parse_ray_state(r.stdout, r.stderr)
+            ray = read_ray_state(nodes[cfg.head.name], step.command, 60)
             assert ray.error is None, ray.error
     return {"containers": ids, "pids": pids, "ray": ray}
 

@@ -73,3 +73,33 @@ def test_process_in_a_container_that_does_not_run_is_unknown():
 def test_process_command_quotes_the_container_and_pid_file():
     cmd = process_command(vllm_process())
     assert cmd.startswith("docker exec spark-ray-head sh -c '") and cmd.endswith(" pid /tmp/spark-cluster-vllm.pid")
+
+
+class FakeHeadThatDoesNotAnswer:
+    """A scripted fake transport: the SSH command fails as an unreachable node's does."""
+
+    def run(self, command, timeout):
+        from spark_cluster.transport import TransportError
+
+        raise TransportError("sim-1: SSH to 10.99.0.11 failed: timed out")
+
+
+class FakeHeadWithRecording:
+    def __init__(self, rec):
+        self.rec = rec
+
+    def run(self, command, timeout):
+        from spark_cluster.transport import Result
+
+        assert command == self.rec["command"]
+        return Result(node="sim-1", command=command, exit_code=self.rec["exit_code"], stdout=self.rec["stdout"],
+                      stderr=self.rec["stderr"], duration_s=0.1)
+
+
+def test_read_ray_state_runs_the_command_and_keeps_a_failure_as_the_error():
+    from spark_cluster.facts import read_ray_state
+
+    rec = json.loads((DATA / "ray-serving.json").read_text())
+    assert read_ray_state(FakeHeadWithRecording(rec), rec["command"], 30).alive == ["10.99.0.11", "10.99.0.12"]
+    ray = read_ray_state(FakeHeadThatDoesNotAnswer(), "docker exec ...", 30)
+    assert ray.error == "sim-1: SSH to 10.99.0.11 failed: timed out" and ray.nodes == []
