@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 from .config import WatchdogSettings
+from .facts import progressed
 
 Phase = Literal["starting", "healthy", "suspect", "backoff", "restarting", "failed"]
 ActionKind = Literal["canary", "restart", "alert"]
@@ -56,6 +57,7 @@ class Sample:
 
     @property
     def counters(self) -> tuple:
+        """In the order of facts.PROGRESS_COUNTERS."""
         return (self.steps_total, self.generation_tokens_total, self.prompt_tokens_total)
 
     @property
@@ -153,7 +155,7 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
         return state, None
 
     # --- progress ----------------------------------------------------------------------------
-    moved = state.last_counters is not None and x.counters != state.last_counters and any(v is not None for v in x.counters)
+    moved = state.last_counters is not None and progressed(state.last_counters, x.counters)
     if moved or state.last_progress is None:
         state = replace(state, last_progress=now)
     state = replace(state, last_counters=x.counters)

@@ -1,6 +1,27 @@
-"""Typed errors. Library code raises these; only the CLI maps them to exit codes."""
+"""Typed errors, every one with its exit code. Library code raises these; only the CLI turns
+them into exit codes and messages (README, "Exit codes", lists the same table; a test keeps
+them equal).
+
+    0  done (status: serving)      7  a node command failed        12 watchdog gave up (breaker)
+    1  other spark-cluster error   8  preflight refused            13 vLLM parser env not built
+    2  bad cluster.yaml or usage   9  a step of up/down failed     14 vLLM flag check could not run
+    3  status: not serving         10 another operation holds lock 15 vLLM refuses the flags
+    4  simulated cluster error     11 template broken              130 interrupted (Ctrl-C)
+    5  node unreachable / SSH      6  a node command timed out
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from .plan import Step
+    from .transport import Result
+
+# exit codes that are not errors of a class below
+EXIT_OK = 0
+EXIT_NOT_SERVING = 3
+EXIT_INTERRUPTED = 130
 
 
 class SparkClusterError(Exception):
@@ -13,12 +34,12 @@ class SparkClusterError(Exception):
         self.message = message
         self.hint = hint
 
-    def __str__(self) -> str:  # pragma: no cover - trivial
+    def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
 
 class ConfigError(SparkClusterError):
-    """cluster.yaml is missing, unreadable or invalid. Nothing has been contacted."""
+    """cluster.yaml is missing, unreadable or invalid, or a command line is wrong. Nothing has been contacted."""
 
     exit_code = 2
 
@@ -33,7 +54,120 @@ class ConfigError(SparkClusterError):
         return "\n".join(lines)
 
 
+class SimError(SparkClusterError):
+    """The simulated cluster cannot be created or removed."""
+
+    exit_code = 4
+
+
+class TransportError(SparkClusterError):
+    """The node could not be reached or would not let us in (nothing ran)."""
+
+    exit_code = 5
+
+
+class HostKeyError(TransportError):
+    """The node's SSH host key is unknown or changed: refused before anything runs."""
+
+
+class CommandTimeout(SparkClusterError):
+    """A node command did not finish in time; it was ended on the node too. `partial` keeps what it printed."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, partial: "Optional[Result]" = None):
+        super().__init__(message)
+        self.partial = partial
+
+    def __str__(self) -> str:
+        tail = self.partial.tail(5) if self.partial is not None else ""
+        return self.message + (f"\n  last output:\n{tail}" if tail else "")
+
+
+class CommandFailed(SparkClusterError):
+    """A node command exited non-zero where it must not."""
+
+    exit_code = 7
+
+    def __init__(self, result: "Result", what: str | None = None):
+        self.result = result
+        tail = result.tail()
+        msg = f"{result.node}: {what or 'command'} failed with exit code {result.exit_code}"
+        super().__init__(msg + (f"\n{tail}" if tail else ""))
+
+
+class PreflightError(SparkClusterError):
+    """A preflight check failed: nothing on any node was changed."""
+
+    exit_code = 8
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("preflight failed, nothing was changed:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class StepError(SparkClusterError):
+    """A step of `up` or `down` failed; the message says which, where, and the last log lines."""
+
+    exit_code = 9
+
+    def __init__(self, step: "Step", message: str, tail: str = ""):
+        self.step = step
+        where = step.node or "controller"
+        super().__init__(f"{where}: step {step.id} ({step.description}) failed: {message}" + (f"\n{tail}" if tail else ""))
+
+
+class LockedError(SparkClusterError):
+    """Another spark-cluster operation holds the cluster's lock on the head."""
+
+    exit_code = 10
+
+
 class RenderError(SparkClusterError):
     """A template could not be rendered (a bug or a broken templates/ folder)."""
 
     exit_code = 11
+
+
+class WatchdogFailed(SparkClusterError):
+    """The circuit breaker tripped (or the watchdog only observes): it stopped restarting."""
+
+    exit_code = 12
+
+
+class VllmEnvError(SparkClusterError):
+    """A parser-only vLLM environment could not be built."""
+
+    exit_code = 13
+
+
+class VllmCheckError(SparkClusterError):
+    """The flag check itself could not run (no vLLM in the image or environment, timeout...)."""
+
+    exit_code = 14
+
+
+class VllmArgsError(SparkClusterError):
+    """vLLM refuses the rendered `vllm serve` flags."""
+
+    exit_code = 15
+
+    def __init__(self, problems: list[str], where: str):
+        super().__init__(f"vLLM ({where}) refuses the `vllm serve` command line:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+def exit_codes() -> dict[int, str]:
+    """Exit code -> what it means (for the README table and its test)."""
+    table: dict[int, str] = {EXIT_OK: "done (`status`: serving)", EXIT_NOT_SERVING: "`status`: not serving",
+                             EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
+
+    def walk(cls: Any) -> None:
+        for sub in cls.__subclasses__():
+            if sub.exit_code not in table or sub.exit_code == cls.exit_code:
+                table.setdefault(sub.exit_code, (sub.__doc__ or sub.__name__).strip().splitlines()[0])
+            walk(sub)
+
+    table[SparkClusterError.exit_code] = "another spark-cluster error"
+    walk(SparkClusterError)
+    return dict(sorted(table.items()))

@@ -12,7 +12,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -22,11 +21,12 @@ from typing import Any, Callable, Optional
 import httpx
 
 from .config import ClusterConfig
-from .errors import SparkClusterError
-from .facts import ProcessFact, RayState, parse_process, parse_ray_state, process_command
+from .errors import CommandFailed, CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError  # noqa: F401
+from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_meminfo, parse_process,
+                    parse_ray_state, process_command)
 from .plan import LABEL_PREFIX, Plan, ProcessSpec, Step, build_plan
 from .render import quote, read_template
-from .transport import CommandTimeout, Nodes, Result, SSHTransport, TransportError
+from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck, VllmCheckError, last_check, parse_output
 
 Reporter = Callable[[dict[str, Any]], None]
@@ -38,43 +38,10 @@ PROCESS_START_POLLS = 40
 RAY_WORKER_STOP_S = 5
 
 
-class PreflightError(SparkClusterError):
-    exit_code = 8
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("preflight failed, nothing was changed:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-class StepError(SparkClusterError):
-    exit_code = 9
-
-    def __init__(self, step: Step, message: str, tail: str = ""):
-        self.step = step
-        where = step.node or "controller"
-        super().__init__(f"{where}: step {step.id} ({step.description}) failed: {message}" + (f"\n{tail}" if tail else ""))
 
 
-class LockedError(SparkClusterError):
-    exit_code = 10
-
-
-@dataclass
-class Existing:
-    """A cluster container found on a node."""
-
-    node: str
-    name: str
-    id: str
-    state: str
-    spec_hash: str
-    component: str
-    image_id: str = ""
-    started_at: str = ""
-
-    @property
-    def running(self) -> bool:
-        return self.state == "running"
 
 
 @dataclass
@@ -90,16 +57,13 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def list_containers(t: SSHTransport, cluster: str, timeout: float = 30) -> list[Existing]:
-    fmt = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"%s.spec-hash\"}}\t{{.Label \"%s.component\"}}" % (LABEL_PREFIX, LABEL_PREFIX)
-    res = t.run(f"docker ps -a --no-trunc --filter {quote(f'label={LABEL_PREFIX}.cluster={cluster}')} --format {quote(fmt)}",
-                timeout=timeout).check("listing cluster containers")
-    out = []
-    for line in res.stdout.splitlines():
-        parts = line.split("\t")
-        if len(parts) == 5:
-            out.append(Existing(t.node, parts[1], parts[0], parts[2], parts[3], parts[4]))
-    return out
+def list_containers(t: SSHTransport, cluster: str, timeout: float = 30) -> list[ContainerFact]:
+    """The cluster's containers on the node; raises when docker cannot be asked."""
+    r = t.run(containers_command(cluster), timeout=timeout)
+    fact = parse_containers(t.node, r.exit_code, r.stdout, r.stderr)
+    if fact.error is not None:
+        raise CommandFailed(r, "listing cluster containers")
+    return fact.containers
 
 
 class Executor:
@@ -174,7 +138,7 @@ class Executor:
         self.emit("step-ok", step, duration_s=round(time.monotonic() - t0, 3), **data)
 
     # ---- preflight ----------------------------------------------------------------------
-    def preflight(self, existing: dict[str, list[Existing]]) -> None:
+    def preflight(self, existing: dict[str, list[ContainerFact]]) -> None:
         steps = [s for s in self.plan.steps_in("preflight") if not s.expect.get("vllm_check")]
         vllm_step = next((s for s in self.plan.steps_in("preflight") if s.expect.get("vllm_check")), None)
         by_node: dict[str, list[Step]] = {}
@@ -321,8 +285,10 @@ class Executor:
                 return None
             if not r.ok:
                 return f"cannot read memory information: {r.tail(3).strip()}"
-            info = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+):\s+(\d+) kB", r.stdout, re.M)}
-            total, avail = info.get("MemTotal", 0) / 2**20, info.get("MemAvailable", 0) / 2**20
+            mem = parse_meminfo(r.stdout)
+            if not mem.known:
+                return f"cannot read memory information: {r.stdout.strip()[:200] or 'no output'}"
+            total, avail = mem.total_gib, mem.available_gib
             need = max(total * float(s.expect.get("min_available_fraction") or 0), float(s.expect.get("min_available_gib") or 0))
             if avail < need:
                 hint = "" if cfg.memory.drop_page_cache else " (memory.drop_page_cache: true may free page cache)"
@@ -371,7 +337,7 @@ class Executor:
                 raise res
 
     # ---- containers ---------------------------------------------------------------------
-    def existing(self) -> dict[str, list[Existing]]:
+    def existing(self) -> dict[str, list[ContainerFact]]:
         res = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
         out = {}
         for node, r in res.items():
@@ -461,14 +427,16 @@ class Executor:
     def _check_members_alive(self, step: Step) -> None:
         """Fail fast when a container or process the wait depends on has ended."""
         upto = self.plan.steps.index(step)
-        for s in self.plan.steps[:upto + 1]:
+        members = [s for s in self.plan.steps[:upto + 1] if s.container is not None or s.process is not None]
+        found = {(c.node, c.name): c for n in {s.node for s in members} for c in list_containers(self.nodes[n], self.cfg.name)}
+        for s in members:
             if s.container is not None:
-                r = self.nodes[s.node].run(f"docker inspect -f '{{{{.State.Status}}}} {{{{.State.ExitCode}}}}' {quote(s.container.name)}", timeout=30)
-                state = r.stdout.strip()
-                if r.ok and not state.startswith("running"):
+                c = found.get((s.node, s.container.name))
+                if c is None or not c.running:
+                    state = "missing" if c is None else f"{c.state} (exit code {c.exit_code})"
                     raise StepError(step, f"container {s.container.name} on {s.node} is {state}",
                                     _tail_logs(self.nodes[s.node], s.container.name))
-            elif s.process is not None:
+            else:
                 fact = self.process_fact(s.process)
                 if fact.state == "gone":
                     raise StepError(step, f"{s.process.name} in {s.process.container} on {s.node} has exited ({fact.detail})",
@@ -501,7 +469,7 @@ class Executor:
                     time.sleep(self.cfg.health.poll_interval_s)
 
     # ---- up / down ----------------------------------------------------------------------
-    def _why_recreate(self, members: list[Step], found: dict[tuple[str, str], Existing]) -> str:
+    def _why_recreate(self, members: list[Step], found: dict[tuple[str, str], ContainerFact]) -> str:
         """Why the group must be (re)created, or "" when every member runs as planned."""
         for s in members:
             if s.container is not None:
@@ -588,7 +556,7 @@ class Executor:
             self.acquire_lock("down")
         try:
             existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
-            found: list[Existing] = []
+            found: list[ContainerFact] = []
             for node, r in existing.items():
                 if isinstance(r, BaseException):
                     self.emit("node-unreachable", node=node, error=str(r))
@@ -603,7 +571,7 @@ class Executor:
                 if not batch:
                     continue
 
-                def remove(c: Existing) -> None:
+                def remove(c: ContainerFact) -> None:
                     self.emit("container-remove", node=c.node, container=c.name, reason="down")
                     self._remove(c.node, c.name, save_logs_to=logs, graceful=graceful, component=c.component)
 

@@ -6,13 +6,193 @@ cannot read becomes an error string in the fact, tested on recorded outputs in t
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional
+import re
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
 from .errors import SparkClusterError
-from .plan import ProcessSpec
 from .render import quote
+
+if TYPE_CHECKING:
+    from .plan import ProcessSpec
+
+LABEL_PREFIX = "spark-cluster"
+
+
+# ---- the cluster's containers on a node (docker inspect) ----------------------------------------
+
+
+class ContainerFact(BaseModel):
+    node: str = ""
+    name: str
+    id: str = ""
+    component: str = ""
+    state: str = Field(description="docker's State.Status: running, paused, exited, restarting, created, dead.")
+    image_id: str = ""
+    started_at: str = ""
+    restarts: int = 0
+    exit_code: Optional[int] = None
+    spec_hash: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+_CONTAINER_FIELDS = ("{{.Id}}", "{{.Name}}", '{{index .Config.Labels "%s.component"}}' % LABEL_PREFIX, "{{.State.Status}}",
+                     "{{.Image}}", "{{.State.StartedAt}}", "{{.RestartCount}}", "{{.State.ExitCode}}",
+                     '{{index .Config.Labels "%s.spec-hash"}}' % LABEL_PREFIX)
+_SEP = "|"
+
+
+def containers_command(cluster: str) -> str:
+    """Every container of the cluster on the node, one line each (nothing when there is none)."""
+    filt = quote(f"label={LABEL_PREFIX}.cluster={cluster}")
+    return (f"ids=$(docker ps -aq --no-trunc --filter {filt}) || exit $?; "
+            f'[ -z "$ids" ] || docker inspect --format {quote(_SEP.join(_CONTAINER_FIELDS))} $ids')
+
+
+class ContainersFact(BaseModel):
+    containers: list[ContainerFact] = Field(default_factory=list)
+    error: Optional[str] = Field(None, description="Why docker could not be asked (then containers is empty).")
+
+
+def parse_containers(node: str, exit_code: int, stdout: str, stderr: str = "") -> ContainersFact:
+    out = []
+    for line in stdout.splitlines():
+        parts = line.split(_SEP)
+        if len(parts) != len(_CONTAINER_FIELDS):
+            continue
+        cid, name, component, state, image, started, restarts, code, spec = parts
+        out.append(ContainerFact(node=node, name=name.lstrip("/"), id=cid, component=component, state=state, image_id=image,
+                                 started_at=started, restarts=int(restarts) if restarts.isdigit() else 0,
+                                 exit_code=int(code) if code.lstrip("-").isdigit() else None, spec_hash=spec))
+    # a container removed between `docker ps` and `docker inspect` is not an error: it is gone
+    if exit_code != 0 and not (out or "No such" in stderr):
+        why = (stderr.strip() or stdout.strip() or f"exit {exit_code}").splitlines()[-1][:300]
+        return ContainersFact(error=why)
+    return ContainersFact(containers=out)
+
+
+# ---- memory (/proc/meminfo) ----------------------------------------------------------------------
+
+MEMINFO_COMMAND = "grep -E '^(MemTotal|MemAvailable):' /proc/meminfo"
+
+
+class MemoryFact(BaseModel):
+    total_gib: Optional[float] = None
+    available_gib: Optional[float] = None
+
+    @property
+    def known(self) -> bool:
+        return self.total_gib is not None and self.available_gib is not None
+
+
+def parse_meminfo(text: str) -> MemoryFact:
+    kb = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s*(\w+):\s+(\d+) kB", text, re.M)}
+    gib = {k: round(v / 2**20, 2) for k, v in kb.items()}
+    return MemoryFact(total_gib=gib.get("MemTotal"), available_gib=gib.get("MemAvailable"))
+
+
+# ---- sysctl values -------------------------------------------------------------------------------
+
+
+def sysctl_command(keys: list[str]) -> str:
+    """One line per key, in order (an unknown key prints its error on its line)."""
+    return "".join(f"sysctl -n {quote(k)} 2>&1 | head -n 1; " for k in keys) or "true"
+
+
+def parse_sysctl(keys: list[str], stdout: str) -> dict[str, Optional[str]]:
+    lines = stdout.splitlines()
+    return {k: (lines[i].strip() if i < len(lines) else None) for i, k in enumerate(keys)}
+
+
+# ---- GPU (nvidia-smi) ----------------------------------------------------------------------------
+
+GPU_COMMAND = ("if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=name,memory.used,memory.total "
+               "--format=csv,noheader 2>&1 | head -n 8; else echo 'no nvidia-smi'; fi")
+
+
+class GpuFact(BaseModel):
+    names: list[str] = Field(default_factory=list)
+    unified_memory: bool = Field(False, description="nvidia-smi reports no memory of its own (GB10: CPU and GPU share it).")
+    memory: Optional[str] = Field(None, description="used / total as nvidia-smi reports it, when it does")
+    error: Optional[str] = None
+
+    def summary(self) -> Optional[str]:
+        if self.error:
+            return self.error
+        if not self.names:
+            return None
+        what = ", ".join(self.names)
+        return f"{what}: unified memory (see memory)" if self.unified_memory else f"{what}: {self.memory}"
+
+
+def parse_gpu(text: str) -> GpuFact:
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if not lines:
+        return GpuFact()
+    if lines[0] == "no nvidia-smi":
+        return GpuFact(error="no nvidia-smi")
+    names, memory, unified = [], [], False
+    for line in lines:
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) != 3:
+            return GpuFact(error=line[:200])
+        names.append(parts[0])
+        if "N/A" in parts[1] or "N/A" in parts[2]:
+            unified = True
+        else:
+            memory.append(f"{parts[1]} / {parts[2]}")
+    return GpuFact(names=names, unified_memory=unified, memory="; ".join(memory) or None)
+
+
+# ---- vLLM's /metrics: progress and load ----------------------------------------------------------
+
+METRICS = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage",
+    "vllm:gpu_cache_usage_perc": "kv_cache_usage",  # older releases
+    "vllm:iteration_tokens_total_count": "steps_total",
+    "vllm:generation_tokens_total": "generation_tokens_total",
+    "vllm:prompt_tokens_total": "prompt_tokens_total",
+}
+# the counters whose movement is progress: engine steps, generated and prompt tokens
+PROGRESS_COUNTERS = ("steps_total", "generation_tokens_total", "prompt_tokens_total")
+
+_HELP_TYPE = re.compile(r"^# (HELP|TYPE) ")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The progress and load numbers of vLLM's /metrics, summed over label sets."""
+    out: dict[str, float] = {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # vLLM's /metrics is ~60 KB of histograms; only the wanted families go through the parser
+    wanted = tuple(METRICS) + tuple(name.removesuffix("_count") for name in METRICS)
+    lines = [line for line in text.splitlines() if _HELP_TYPE.sub("", line).startswith(wanted)]
+    try:
+        families = list(text_string_to_metric_families("\n".join(lines) + "\n"))
+    except ValueError:
+        return {}
+    for family in families:
+        for sample in family.samples:
+            key = METRICS.get(sample.name)
+            if key is not None:
+                out[key] = out.get(key, 0.0) + float(sample.value)
+    return out
+
+
+def counters(metrics: dict[str, float]) -> tuple[Optional[float], ...]:
+    return tuple(metrics.get(k) for k in PROGRESS_COUNTERS)
+
+
+def progressed(before: tuple[Optional[float], ...], after: tuple[Optional[float], ...]) -> bool:
+    """The one definition of progress (status and the watchdog): any counter moved between two
+    readings. Busy is not dead: however slow, a movement is progress."""
+    return any(a is not None and b is not None and a != b for b, a in zip(before, after))
 
 
 # ---- Ray's own view (templates/ray-state.py, run inside the Ray head container) -----------------
@@ -114,7 +294,7 @@ class ProcessFact(BaseModel):
     detail: str = ""
 
 
-def process_command(p: ProcessSpec) -> str:
+def process_command(p: "ProcessSpec") -> str:
     """Prints the PID and command line of the process, or says why it is not there. Exit 0 only when it runs."""
     script = ('p=$(cat "$1" 2>/dev/null) || { echo "no pid file"; exit 3; }; '
               '[ -r "/proc/$p/cmdline" ] || { echo "pid $p gone"; exit 4; }; '
@@ -122,7 +302,7 @@ def process_command(p: ProcessSpec) -> str:
     return f"docker exec {quote(p.container)} sh -c {quote(script)} pid {quote(p.pid_file)}"
 
 
-def parse_process(p: ProcessSpec, exit_code: int, stdout: str, stderr: str = "") -> ProcessFact:
+def parse_process(p: "ProcessSpec", exit_code: int, stdout: str, stderr: str = "") -> ProcessFact:
     out = stdout.strip()
     if exit_code == 0 and out:
         pid, _, cmdline = out.partition(" ")

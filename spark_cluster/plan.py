@@ -13,9 +13,10 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ClusterConfig, Mount, Node
+from .facts import LABEL_PREFIX, MEMINFO_COMMAND
 from .render import MASK, quote, read_template, render, render_argv
 
-LABEL_PREFIX = "spark-cluster"
+__all__ = ["LABEL_PREFIX", "Plan", "Step", "ProcessSpec", "ContainerSpec", "build_plan"]
 # where the vLLM process started in the Ray head container writes its PID
 VLLM_PID_FILE = "/tmp/spark-cluster-vllm.pid"
 Phase = Literal["preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready"]
@@ -158,12 +159,14 @@ class _Builder:
         self.secrets = cfg.secret_names()
         self.util, self.util_source = cfg.gpu_memory_utilization()
         self.steps: list[Step] = []
-        s = cfg.node_ssh(cfg.head)
-        self.sudo = "sudo -n " if s.sudo else ""
 
     # ---- helpers ------------------------------------------------------------------------
     def add(self, **kw: Any) -> None:
         self.steps.append(Step(**kw))
+
+    def sudo(self, node: Node) -> str:
+        """The prefix of privileged commands on this node (its own ssh.sudo, else the cluster's)."""
+        return "sudo -n " if self.cfg.node_ssh(node).sudo else ""
 
     def ssh_timeout(self, node: Node) -> float:
         return float(self.cfg.node_ssh(node).command_timeout_s or 120)
@@ -260,17 +263,16 @@ class _Builder:
             self.add(id=f"preflight/{node.name}/memory", phase="preflight", node=node.name, kind="check",
                      description="enough available memory for the guarded utilization"
                      + (" (page cache dropped first)" if cfg.memory.drop_page_cache else ""),
-                     command=self.memory_command(),
+                     command=self.memory_command(node),
                      timeout_s=t, expect={"exit": 0, "min_available_fraction": self.min_free_fraction(),
                                           "min_available_gib": cfg.memory.min_free_gib,
                                           "drop_page_cache": cfg.memory.drop_page_cache})
 
-    def memory_command(self) -> str:
-        read = "grep -E '^(MemTotal|MemAvailable):' /proc/meminfo"
+    def memory_command(self, node: Node) -> str:
         if not self.cfg.memory.drop_page_cache:
-            return read
+            return MEMINFO_COMMAND
         # the page cache holds unified memory the model load needs (field notes, "What breaks" 2)
-        return f"sync && echo 3 | {self.sudo}tee /proc/sys/vm/drop_caches >/dev/null && {read}"
+        return f"sync && echo 3 | {self.sudo(node)}tee /proc/sys/vm/drop_caches >/dev/null && {MEMINFO_COMMAND}"
 
     def min_free_fraction(self) -> float:
         # vLLM takes `util` of total memory on unified boxes; it must be available before start.
@@ -294,7 +296,7 @@ class _Builder:
             t = self.ssh_timeout(node)
             self.add(id=f"prepare/{node.name}/sysctl", phase="prepare", node=node.name, kind="run",
                      description=f"apply and persist sysctls ({', '.join(f'{k}={v}' for k, v in cfg.sysctl.items())})",
-                     command=render("sysctl-apply.j2", sysctl=cfg.sysctl, content=content, path=cfg.sysctl_file, sudo=self.sudo),
+                     command=render("sysctl-apply.j2", sysctl=cfg.sysctl, content=content, path=cfg.sysctl_file, sudo=self.sudo(node)),
                      timeout_s=t, expect={"exit": 0})
             self.add(id=f"prepare/{node.name}/sysctl-verify", phase="prepare", node=node.name, kind="check",
                      description="read the sysctls back (kernel and persisted file)",

@@ -7,7 +7,6 @@ The verdict is one pure function of the observation, so it is tested on recorded
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,9 +18,10 @@ from pydantic import BaseModel, Field
 
 from .config import ClusterConfig
 from .errors import SparkClusterError
-from .facts import RayNode, RayPlacementGroup, parse_process, process_command, read_ray_state
+from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPlacementGroup, containers_command, counters,
+                    parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process, parse_sysctl, process_command,
+                    progressed, read_ray_state, sysctl_command)
 from .plan import LABEL_PREFIX, Plan, build_plan
-from .render import quote
 
 if TYPE_CHECKING:  # paramiko is imported by whoever makes the Nodes, while vLLM is being sampled
     from .transport import Nodes, SSHTransport
@@ -30,14 +30,9 @@ Verdict = Literal["serving", "degraded", "stalled", "down", "starting"]
 SCHEMA_VERSION = 1
 
 
-class ContainerObs(BaseModel):
-    name: str
-    component: str
-    state: str  # running, paused, exited, restarting, missing
-    image_id: str = ""
-    started_at: str = ""
-    restarts: int = 0
-    exit_code: Optional[int] = None
+class ContainerObs(ContainerFact):
+    """A container of the plan as seen on its node (state missing: the plan has it, the node does not)."""
+
     spec_current: Optional[bool] = Field(None, description="Whether the container matches the current cluster.yaml (its spec hash).")
 
 
@@ -93,6 +88,8 @@ class VLLMObs(BaseModel):
     steps_in_window: Optional[float] = None
     generation_tok_s: Optional[float] = Field(None, description="generation throughput over the sampling window")
     progress_age_s: Optional[float] = Field(None, description="seconds since the step/token counters last moved (across status runs)")
+    progressed: Optional[bool] = Field(None, description="whether any progress counter (steps, generated or prompt tokens) moved "
+                                                         "over the window (facts.progressed: the watchdog's rule too)")
 
 
 class Observation(BaseModel):
@@ -114,47 +111,15 @@ class StatusReport(BaseModel):
     observation: Observation
 
 
-# ---- metrics -----------------------------------------------------------------------------------
-
-METRICS = {
-    "vllm:num_requests_running": "running",
-    "vllm:num_requests_waiting": "waiting",
-    "vllm:kv_cache_usage_perc": "kv_cache_usage",
-    "vllm:gpu_cache_usage_perc": "kv_cache_usage",  # older releases
-    "vllm:iteration_tokens_total_count": "steps_total",
-    "vllm:generation_tokens_total": "generation_tokens_total",
-    "vllm:prompt_tokens_total": "prompt_tokens_total",
-}
-
-
-_HELP_TYPE = re.compile(r"^# (HELP|TYPE) ")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """The progress and load numbers of vLLM's /metrics, summed over label sets."""
-    out: dict[str, float] = {}
-    from prometheus_client.parser import text_string_to_metric_families
-
-    # vLLM's /metrics is ~60 KB of histograms; only the wanted families go through the parser
-    wanted = tuple(METRICS) + tuple(name.removesuffix("_count") for name in METRICS)
-    lines = [line for line in text.splitlines() if _HELP_TYPE.sub("", line).startswith(wanted)]
-    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
-        for sample in family.samples:
-            key = METRICS.get(sample.name)
-            if key is not None:
-                out[key] = out.get(key, 0.0) + float(sample.value)
-    return out
-
-
 # ---- probes (never raise) ----------------------------------------------------------------------
 
-NODE_SCRIPT = r"""
-echo "@@sysctl"; sysctl -n {keys} 2>&1
-echo "@@meminfo"; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo
-echo "@@gpu"; if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader 2>&1 | head -n 4; else echo "no nvidia-smi"; fi
-echo "@@containers"; ids=$(docker ps -aq --filter {filt}); if [ -n "$ids" ]; then docker inspect --format '{{{{.Name}}}}|{{{{index .Config.Labels "{p}.component"}}}}|{{{{.State.Status}}}}|{{{{.Image}}}}|{{{{.State.StartedAt}}}}|{{{{.RestartCount}}}}|{{{{.State.ExitCode}}}}|{{{{index .Config.Labels "{p}.spec-hash"}}}}' $ids; fi
-{procs}echo "@@end"
-"""
+def node_script(cfg: ClusterConfig, procs: list) -> str:
+    """One command per node for everything status and the watchdog read there, in sections; each
+    hosted process: its fact command, then its exit code on a line of its own."""
+    parts = [("sysctl", sysctl_command(list(cfg.sysctl))), ("meminfo", MEMINFO_COMMAND), ("gpu", GPU_COMMAND),
+             ("containers", containers_command(cfg.name) + " 2>&1")]
+    parts += [(f"process {i}", f'{process_command(p)} 2>&1; echo "##rc $?"') for i, p in enumerate(procs)]
+    return "".join(f'echo "@@{name}"; {{ {cmd}; }}\n' for name, cmd in parts) + 'echo "@@end"\n'
 
 
 def _sections(text: str) -> dict[str, list[str]]:
@@ -174,46 +139,30 @@ def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: flo
     node = next(n for n in cfg.nodes if n.name == t.node)
     obs = NodeObs(name=node.name, role=node.role, reachable=False)
     procs = [p for p in plan.processes() if p.node == node.name]
-    # each hosted process: its fact command, then its exit code on a line of its own
-    probe = "".join(f'echo "@@process {i}"; {process_command(p)} 2>&1; echo "##rc $?"\n' for i, p in enumerate(procs))
-    script = NODE_SCRIPT.format(keys=" ".join(quote(k) for k in cfg.sysctl) or "kernel.ostype",
-                                filt=quote(f"label={LABEL_PREFIX}.cluster={cfg.name}"), p=LABEL_PREFIX,
-                                procs=probe)
     try:
         took = connected.result() if connected is not None else _connect(t)
         obs.latency_ms = round(took * 1000, 1)
-        r = t.run(script, timeout=timeout)
+        r = t.run(node_script(cfg, procs), timeout=timeout)
     except SparkClusterError as exc:
         obs.error = exc.message
         return obs
     obs.reachable = True
     sec = _sections(r.stdout)
-    actual = sec.get("sysctl", [])
-    for i, (k, v) in enumerate(cfg.sysctl.items()):
-        obs.sysctl[k] = {"expected": str(v), "actual": actual[i].strip() if i < len(actual) else None}
-    mem = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+):\s+(\d+) kB", "\n".join(sec.get("meminfo", [])), re.M)}
-    if mem:
-        obs.mem_total_gib = round(mem.get("MemTotal", 0) / 2**20, 2)
-        obs.mem_available_gib = round(mem.get("MemAvailable", 0) / 2**20, 2)
-    gpu = " / ".join(sec.get("gpu", [])).strip()
-    obs.gpu = ("unified memory (nvidia-smi reports N/A): see memory" if "N/A" in gpu else gpu) or None
+    actual = parse_sysctl(list(cfg.sysctl), "\n".join(sec.get("sysctl", [])))
+    obs.sysctl = {k: {"expected": str(v), "actual": actual[k]} for k, v in cfg.sysctl.items()}
+    mem = parse_meminfo("\n".join(sec.get("meminfo", [])))
+    obs.mem_total_gib, obs.mem_available_gib = mem.total_gib, mem.available_gib
+    obs.gpu = parse_gpu("\n".join(sec.get("gpu", []))).summary()
     wanted = {s.container.name: s.container for s in plan.steps if s.container is not None and s.node == node.name}
-    seen = set()
-    for line in sec.get("containers", []):
-        parts = line.split("|")
-        if len(parts) != 8:
-            continue
-        name = parts[0].lstrip("/")
-        seen.add(name)
-        spec = wanted.get(name)
-        obs.containers.append(ContainerObs(
-            name=name, component=parts[1], state=parts[2], image_id=parts[3], started_at=parts[4],
-            restarts=int(parts[5] or 0), exit_code=int(parts[6]) if parts[6].lstrip("-").isdigit() else None,
-            spec_current=(spec.labels[f"{LABEL_PREFIX}.spec-hash"] == parts[7]) if spec else False,
-        ))
+    found = parse_containers(node.name, 0, "\n".join(sec.get("containers", [])))
+    for c in found.containers:
+        spec = wanted.get(c.name)
+        obs.containers.append(ContainerObs(**c.model_dump(), spec_current=spec is not None
+                                           and spec.labels[f"{LABEL_PREFIX}.spec-hash"] == c.spec_hash))
+    seen = {c.name for c in found.containers}
     for name, spec in wanted.items():
         if name not in seen:
-            obs.containers.append(ContainerObs(name=name, component=spec.component, state="missing"))
+            obs.containers.append(ContainerObs(node=node.name, name=name, component=spec.component, state="missing"))
     for i, p in enumerate(procs):
         lines = sec.get(f"process {i}", [])
         rc = next((int(x.split()[1]) for x in lines if x.startswith("##rc ")), 1)
@@ -269,6 +218,7 @@ def observe_vllm(cfg: ClusterConfig, window_s: float, timeout: float) -> VLLMObs
     for key, value in second.items():
         setattr(obs, key, value)
     obs.window_s = round(window, 2)
+    obs.progressed = progressed(counters(first), counters(second))
     if "steps_total" in first and "steps_total" in second:
         obs.steps_in_window = second["steps_total"] - first["steps_total"]
     if "generation_tokens_total" in first and "generation_tokens_total" in second:
@@ -366,6 +316,24 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
 # ---- the verdict: one pure function ------------------------------------------------------------
 
 
+def members_gone(nodes: list[NodeObs]) -> list[str]:
+    """Containers of the plan exited or missing, and hosted processes that have exited: definitively
+    gone, the group needs a restart. The one rule of `status` (down) and the watchdog (member gone).
+    A paused container is not gone (a frozen member: progress and the canary reveal it)."""
+    gone = [f"{c.name} on {n.name} is {c.state}" for n in nodes if n.reachable for c in n.containers
+            if c.state not in ("running", "paused")]
+    gone += [f"{p.name} in {p.container} on {n.name} has exited ({p.detail})" for n in nodes if n.reachable
+             for p in n.processes if p.state == "gone"]
+    return gone
+
+
+def ray_missing(ray: RayObs, expected_nodes: dict[str, str]) -> list[str]:
+    """Nodes Ray does not list alive (only when Ray could be asked)."""
+    if not ray.checked or ray.error is not None:
+        return []
+    return [name for name, ip in expected_nodes.items() if ip not in ray.alive]
+
+
 def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, str]) -> tuple[Verdict, str]:
     """Decide serving / degraded / stalled / down / starting from one observation.
 
@@ -373,16 +341,11 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
     """
     v = obs.vllm
     unreachable = [n.name for n in obs.nodes if not n.reachable]
-    not_running = [f"{c.name} on {n.name} is {c.state}" for n in obs.nodes for c in n.containers
-                   if c.state not in ("running", "paused")]
-    not_running += [f"{p.name} in {p.container} on {n.name} has exited ({p.detail})" for n in obs.nodes for p in n.processes
-                    if p.state == "gone"]
+    not_running = members_gone(obs.nodes)
     not_started = [f"{p.name} not started yet in {p.container} on {n.name}" for n in obs.nodes for p in n.processes
                    if p.state == "not-started"]
     frozen = [f"{c.name} on {n.name} is paused" for n in obs.nodes for c in n.containers if c.state == "paused"]
-    ray_missing = []
-    if obs.ray.checked and obs.ray.error is None:
-        ray_missing = [name for name, ip in expected_nodes.items() if ip not in obs.ray.alive]
+    missing_in_ray = ray_missing(obs.ray, expected_nodes)
     pending = (v.running or 0) + (v.waiting or 0)
     answering = v.health == 200
 
@@ -390,8 +353,8 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
         return "down", f"node(s) unreachable: {', '.join(unreachable)}"
     if not_running:
         return "down", "; ".join(not_running)
-    if ray_missing:
-        return "down", f"Ray does not see node(s) {', '.join(ray_missing)} alive"
+    if missing_in_ray:
+        return "down", f"Ray does not see node(s) {', '.join(missing_in_ray)} alive"
     if not_started:
         return "starting", "; ".join(not_started)
     if not answering:
@@ -402,7 +365,7 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
         return "starting", f"/v1/models does not list {served_model} yet"
     if frozen:
         return "stalled", "; ".join(frozen) + " (frozen: requests hang while /health answers)"
-    if pending > 0 and v.steps_in_window == 0 and not v.generation_tok_s:
+    if pending > 0 and v.progressed is False:
         age = v.progress_age_s if v.progress_age_s is not None else v.window_s
         return "stalled", (f"{pending:g} request(s) in flight or waiting and no engine step for {age:g}s, "
                            f"while /health answers 200")

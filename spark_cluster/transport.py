@@ -22,34 +22,18 @@ from typing import Callable, Iterable, Optional, TypeVar
 import paramiko
 
 from .config import ClusterConfig, Node, SSHSettings
-from .errors import SparkClusterError
+from .errors import CommandFailed, CommandTimeout, HostKeyError, SparkClusterError, TransportError  # noqa: F401 - re-exported
 from .render import quote
 
 T = TypeVar("T")
 
 
-class TransportError(SparkClusterError):
-    """The node could not be reached or would not let us in (nothing ran)."""
-
-    exit_code = 5
 
 
-class HostKeyError(TransportError):
-    """The node's SSH host key is unknown or changed: refused before anything runs."""
 
 
-class CommandTimeout(SparkClusterError):
-    exit_code = 6
 
 
-class CommandFailed(SparkClusterError):
-    exit_code = 7
-
-    def __init__(self, result: "Result", what: str | None = None):
-        self.result = result
-        tail = result.tail()
-        msg = f"{result.node}: {what or 'command'} failed with exit code {result.exit_code}"
-        super().__init__(msg + (f"\n{tail}" if tail else ""))
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Optional
 from pydantic import BaseModel, Field
 
 from .config import ClusterConfig
-from .errors import SparkClusterError
+from .errors import SparkClusterError, VllmArgsError, VllmCheckError  # noqa: F401 - re-exported
 from .render import read_template
 
 MARKER = "SPARK-CLUSTER-VLLM-CHECK "
@@ -44,20 +44,8 @@ FLAG_KEYS = {
 }
 
 
-class VllmCheckError(SparkClusterError):
-    """The check itself could not run (no vLLM in the image or environment, timeout...)."""
-
-    exit_code = 14
 
 
-class VllmArgsError(SparkClusterError):
-    """vLLM refuses the rendered `vllm serve` flags."""
-
-    exit_code = 15
-
-    def __init__(self, problems: list[str], where: str):
-        super().__init__(f"vLLM ({where}) refuses the `vllm serve` command line:\n" + "\n".join(f"  - {p}" for p in problems))
-        self.problems = problems
 
 
 class ArgProblem(BaseModel):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import SparkClusterError
+from .errors import SparkClusterError, VllmEnvError  # noqa: F401 - re-exported
 
 # the CPU build of PyTorch pip can install here (any torch imports far enough to build vLLM's parser)
 DEFAULT_TORCH = os.environ.get("SPARK_CLUSTER_VLLM_ENV_TORCH", "torch==2.13.0")
@@ -40,10 +40,6 @@ print(json.dumps(out))
 """
 
 
-class VllmEnvError(SparkClusterError):
-    """A parser-only vLLM environment could not be built."""
-
-    exit_code = 13
 
 
 def env_python(version: str, cache: Path = CACHE) -> Path:

@@ -23,12 +23,12 @@ import httpx
 
 from .config import ClusterConfig
 from .decide import Action, Sample, State, decide, restarted
-from .errors import SparkClusterError
+from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
 from .executor import Executor, list_containers, save_logs
-from .facts import parse_process, process_command, read_ray_state
+from .facts import parse_metrics
 from .plan import build_plan
 from .render import quote
-from .status import parse_metrics
+from .status import NodeObs, RayObs, VLLMObs, members_gone, observe_node, observe_ray, ray_missing
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -41,10 +41,20 @@ def _iso(t: float | None = None) -> str:
     return datetime.fromtimestamp(t if t is not None else time.time(), timezone.utc).isoformat(timespec="milliseconds")
 
 
-class WatchdogFailed(SparkClusterError):
-    """The circuit breaker tripped: the watchdog stopped restarting."""
 
-    exit_code = 12
+
+def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: dict[str, str], t: float,
+              canary: Optional[tuple[bool, float]] = None) -> Sample:
+    """What the decision needs from one observation: the same rules as `status` (members_gone,
+    ray_missing) over the same facts. Pure."""
+    gone = members_gone(nodes) + [f"Ray lists node {name} ({expected_nodes[name]}) {'dead' if expected_nodes[name] in ray.dead else 'missing'}"
+                                  for name in ray_missing(ray, expected_nodes)]
+    return Sample(
+        t=t, health=vllm.health, steps_total=vllm.steps_total, generation_tokens_total=vllm.generation_tokens_total,
+        prompt_tokens_total=vllm.prompt_tokens_total, running=vllm.running or 0, waiting=vllm.waiting or 0,
+        gone=tuple(gone), unreachable=tuple(n.name for n in nodes if not n.reachable),
+        canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None,
+    )
 
 
 class Watchdog:
@@ -61,12 +71,12 @@ class Watchdog:
         self.events_path = self.dir / "events.jsonl"
         self.state_path = self.dir / "watchdog.json"
         self.plan = build_plan(cfg)
-        self.expected = {(s.node, s.container.name) for s in self.plan.steps if s.container is not None}
+        self.expected_nodes = {n.name: n.address for n in cfg.nodes}
         self.ray_step = next((s for s in self.plan.steps if s.kind == "wait-ray"), None)
         # Ray's membership is asked in the background (importing Ray costs a second or two of CPU on
         # the head): at most one probe in flight, started at most every RAY_PROBE_INTERVAL_S
         self.ray_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-probe")
-        self.ray_probe: Optional[Future[list[str]]] = None
+        self.ray_probe: Optional[Future[RayObs]] = None
         self.ray_probe_started = float("-inf")
         self.state = self._load_state()
         self.trail: deque[dict[str, Any]] = deque(maxlen=200)
@@ -117,83 +127,36 @@ class Watchdog:
     def observe(self) -> Sample:
         now = self.clock()
         cfg = self.cfg
-        base = cfg.endpoint()
         t_probe = cfg.health.probe_timeout_s
-
-        def node_probe(t) -> tuple[str, Optional[list[str]]]:
-            """What is gone on this node (containers, hosted processes); None when it does not answer."""
-            try:
-                have = {c.name: c.state for c in list_containers(t, cfg.name, timeout=t_probe + 5)}
-                gone = []
-                for n, name in sorted(self.expected):
-                    if n != t.node:
-                        continue
-                    st = have.get(name)
-                    if st is None:
-                        gone.append(f"{name} on {n} missing")
-                    elif st not in ("running", "paused"):
-                        gone.append(f"{name} on {n} {st}")
-                for p in self.plan.processes():
-                    if p.node == t.node and have.get(p.container) == "running":
-                        r = t.run(process_command(p), timeout=t_probe + 5)
-                        fact = parse_process(p, r.exit_code, r.stdout, r.stderr)
-                        if fact.state in ("gone", "not-started"):
-                            gone.append(f"{p.name} in {p.container} on {t.node} {fact.state} ({fact.detail})")
-                return t.node, gone
-            except SparkClusterError:
-                return t.node, None
-
         with ThreadPoolExecutor(max_workers=len(cfg.nodes)) as pool:
-            futs = [pool.submit(node_probe, self.nodes[n.name]) for n in cfg.nodes]
-            health, metrics = None, {}
+            futs = [pool.submit(observe_node, self.nodes[n.name], cfg, self.plan, t_probe + 5) for n in cfg.nodes]
+            vllm = VLLMObs(endpoint=cfg.endpoint())
             try:
-                health = self.http.get(f"{base}/health", timeout=t_probe).status_code
-                text = self.http.get(f"{base}/metrics", timeout=t_probe).text
-                self.last_metrics_text = text
-                metrics = parse_metrics(text)
-            except httpx.HTTPError:
-                pass
-            except ValueError:
-                metrics = {}
-            results = [f.result() for f in futs]
-        ray_gone = self._ray_members_gone()
-        unreachable = tuple(n for n, g in results if g is None)
-        gone = [x for _, g in results if g for x in g] + ray_gone
-        canary_ok = canary_s = None
-        if self.canary_result is not None:
-            canary_ok, canary_s = self.canary_result
-            self.canary_result = None
-        sample = Sample(
-            t=now, health=health, steps_total=metrics.get("steps_total"),
-            generation_tokens_total=metrics.get("generation_tokens_total"),
-            prompt_tokens_total=metrics.get("prompt_tokens_total"),
-            running=metrics.get("running", 0) or 0, waiting=metrics.get("waiting", 0) or 0,
-            gone=tuple(gone), unreachable=unreachable, canary_ok=canary_ok, canary_s=canary_s,
-        )
+                vllm.health = self.http.get(f"{vllm.endpoint}/health", timeout=t_probe).status_code
+                self.last_metrics_text = self.http.get(f"{vllm.endpoint}/metrics", timeout=t_probe).text
+                vllm = vllm.model_copy(update=parse_metrics(self.last_metrics_text))
+            except httpx.HTTPError as exc:
+                vllm.error = f"{type(exc).__name__}: {exc}"
+            nodes = [f.result() for f in futs]
+        canary = self.canary_result
+        self.canary_result = None
+        sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary)
         self.samples.append(dataclasses.asdict(sample))
         return sample
 
-    def _ray_members_gone(self) -> list[str]:
-        """The result of the last finished Ray probe (then a new one starts), or nothing yet."""
+    def _ray_obs(self) -> RayObs:
+        """The answer of the last finished Ray probe (then a new one starts), or not checked yet."""
         if self.ray_step is None:
-            return []
-        gone: list[str] = []
+            return RayObs()
+        ray = RayObs()
         if self.ray_probe is not None and self.ray_probe.done():
-            gone = self.ray_probe.result()
+            ray = self.ray_probe.result()
             self.ray_probe = None
         if self.ray_probe is None and time.monotonic() - self.ray_probe_started >= RAY_PROBE_INTERVAL_S:
             self.ray_probe_started = time.monotonic()
-            self.ray_probe = self.ray_pool.submit(self._ask_ray)
-        return gone
-
-    def _ask_ray(self) -> list[str]:
-        """Nodes Ray lists as dead or does not list (members gone); nothing when Ray cannot be asked."""
-        cfg = self.cfg
-        ray = read_ray_state(self.nodes[cfg.head.name], self.ray_step.command, max(cfg.health.probe_timeout_s, 30))
-        if ray.error:
-            return []
-        return [f"Ray lists node {n.name} ({n.address}) {'dead' if n.address in ray.dead else 'missing'}"
-                for n in cfg.nodes if n.address not in ray.alive]
+            self.ray_probe = self.ray_pool.submit(observe_ray, self.nodes[self.cfg.head.name], self.cfg, self.plan,
+                                                  max(self.cfg.health.probe_timeout_s, 30))
+        return ray
 
     def canary(self) -> tuple[bool, float]:
         body = {"model": self.cfg.model.name, "prompt": "Hi", "max_tokens": 1, "temperature": 0}

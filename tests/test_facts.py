@@ -1,6 +1,6 @@
-"""The facts read from nodes: each parser on outputs recorded from the simulated cluster
-(tests/data/facts/*.json: the command, its exit code and output, and the fact it must give), and on
-the odd outputs a node can produce."""
+"""The facts read from nodes: each parser on outputs recorded from the simulated cluster and from
+real Sparks (tests/data/facts/*.json: where it was recorded, the command, its exit code and output,
+and the fact it must give), and on the odd outputs a node can produce."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import parse_process, parse_ray_state, process_command
+from spark_cluster.facts import (containers_command, parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process,
+                                 parse_ray_state, parse_sysctl, process_command, progressed, sysctl_command)
 from spark_cluster.plan import build_plan
 
 from .conftest import SIM_CONFIG
@@ -26,11 +27,14 @@ def vllm_process():
 @pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
 def test_recorded_output_gives_the_recorded_fact(path):
     rec = json.loads(path.read_text())
-    if rec["fact"] == "ray-state":
-        got = parse_ray_state(rec["stdout"], rec["stderr"]).model_dump(by_alias=True)
-    else:
-        got = parse_process(vllm_process(), rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump()
-    assert got == rec["parsed"]
+    parse = {
+        "ray-state": lambda: parse_ray_state(rec["stdout"], rec["stderr"]).model_dump(by_alias=True),
+        "process": lambda: parse_process(vllm_process(), rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
+        "containers": lambda: parse_containers("sim-1", rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
+        "meminfo": lambda: parse_meminfo(rec["stdout"]).model_dump(),
+        "gpu": lambda: parse_gpu(rec["stdout"]).model_dump(),
+    }[rec["fact"]]
+    assert parse() == rec["parsed"]
 
 
 def test_the_recordings_cover_serving_and_dead_ray_and_every_process_state():
@@ -103,3 +107,83 @@ def test_read_ray_state_runs_the_command_and_keeps_a_failure_as_the_error():
     assert read_ray_state(FakeHeadWithRecording(rec), rec["command"], 30).alive == ["10.99.0.11", "10.99.0.12"]
     ray = read_ray_state(FakeHeadThatDoesNotAnswer(), "docker exec ...", 30)
     assert ray.error == "sim-1: SSH to 10.99.0.11 failed: timed out" and ray.nodes == []
+
+
+def test_meminfo_of_a_real_spark_is_its_121_gib():
+    rec = json.loads((DATA / "meminfo-real-spark-idle.json").read_text())
+    mem = parse_meminfo(rec["stdout"])
+    assert (mem.total_gib, mem.available_gib) == (121.69, 38.31) and mem.known  # 127600816 kB, 40174336 kB
+    assert not parse_meminfo("grep: /proc/meminfo: No such file or directory").known
+    assert parse_meminfo("MemTotal:       1000 kB\n").available_gib is None
+
+
+def test_gpu_of_a_real_spark_is_unified_memory():
+    gpu = parse_gpu(json.loads((DATA / "gpu-real-spark.json").read_text())["stdout"])
+    assert gpu.names == ["NVIDIA GB10"] and gpu.unified_memory and gpu.summary() == "NVIDIA GB10: unified memory (see memory)"
+    discrete = parse_gpu("NVIDIA H100 80GB HBM3, 1024 MiB, 81559 MiB\n")
+    assert not discrete.unified_memory and discrete.summary() == "NVIDIA H100 80GB HBM3: 1024 MiB / 81559 MiB"
+    assert parse_gpu("no nvidia-smi").summary() == "no nvidia-smi"
+    failed = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+    assert parse_gpu(failed).error == failed and parse_gpu("").summary() is None
+
+
+def test_sysctl_one_line_per_key_in_order():
+    keys = ["vm.swappiness", "net.core.rmem_max", "vm.nope"]
+    assert sysctl_command(keys).count("sysctl -n ") == 3
+    got = parse_sysctl(keys, "1\n134217728\nsysctl: cannot stat /proc/sys/vm/nope: No such file or directory\n")
+    assert got["vm.swappiness"] == "1" and got["net.core.rmem_max"] == "134217728" and got["vm.nope"].startswith("sysctl: cannot stat")
+    assert parse_sysctl(keys, "1\n") == {"vm.swappiness": "1", "net.core.rmem_max": None, "vm.nope": None}
+
+
+CONTAINER_LINE = ("3f2c|/spark-ray-head|ray-head|running|sha256:ab|2026-11-29T12:00:00.5Z|0|0|1234abcd\n"
+                  "9e1d|/spark-ray-worker|ray-worker|exited|sha256:ab|2026-11-29T12:00:00.1Z|2|137|1234abcd\n")
+
+
+def test_containers_from_docker_inspect():
+    fact = parse_containers("sim-1", 0, CONTAINER_LINE)
+    head, worker = fact.containers
+    assert fact.error is None and head.name == "spark-ray-head" and head.running and head.spec_hash == "1234abcd"
+    assert (worker.state, worker.exit_code, worker.restarts, worker.node) == ("exited", 137, 2, "sim-1")
+    assert parse_containers("sim-1", 0, "").containers == []
+
+
+def test_containers_when_docker_cannot_be_asked_or_one_vanished():
+    down = parse_containers("sim-1", 1, "", "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n")
+    assert down.error.startswith("Cannot connect to the Docker daemon") and down.containers == []
+    # removed between `docker ps` and `docker inspect`: the others are still listed, and it is no error
+    raced = parse_containers("sim-1", 1, CONTAINER_LINE.splitlines()[0] + "\n", "Error: No such object: 9e1d\n")
+    assert raced.error is None and [c.name for c in raced.containers] == ["spark-ray-head"]
+    assert "label=spark-cluster.cluster=my cluster" in containers_command("my cluster").replace("'", "")
+
+
+METRICS_TEXT = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+# TYPE vllm:iteration_tokens_total histogram
+vllm:iteration_tokens_total_count{engine="0",model_name="m"} 41.0
+vllm:iteration_tokens_total_sum{engine="0",model_name="m"} 500.0
+vllm:generation_tokens_total{engine="0",model_name="m"} 400.0
+vllm:generation_tokens_total{engine="1",model_name="m"} 100.0
+vllm:prompt_tokens_total{engine="0",model_name="m"} 27.0
+"""
+
+
+def test_metrics_summed_over_label_sets():
+    m = parse_metrics(METRICS_TEXT)
+    assert m == {"running": 3.0, "waiting": 1.0, "steps_total": 41.0, "generation_tokens_total": 500.0, "prompt_tokens_total": 27.0}
+    assert parse_metrics("<html>502 Bad Gateway</html>") == {}
+    assert parse_metrics('vllm:num_requests_running{engine="0" 3.0\n') == {}
+
+
+@pytest.mark.parametrize("before,after,moved", [
+    ((10, 100, 5), (10, 100, 5), False),
+    ((10, 100, 5), (11, 100, 5), True),  # one engine step
+    ((10, 100, 5), (10, 100, 9), True),  # prompt tokens only: a long prefill is progress
+    ((None, 100, 5), (None, 101, 5), True),  # an older vLLM without the step counter
+    ((None, None, None), (10, 100, 5), False),  # a first reading is no movement
+    ((10, 100, 5), (None, None, None), False),  # nothing read: no evidence of progress
+    ((10, 100, 5), (0, 0, 0), True),  # counters reset (a new engine): they moved
+])
+def test_progress_is_any_counter_moving(before, after, moved):
+    assert progressed(before, after) is moved

@@ -26,7 +26,8 @@ def record(name: str, rep) -> None:
         name = f"{name}-{rep.observation.executor}"
     if os.environ.get("RECORD_OBSERVATIONS"):
         RECORD.mkdir(parents=True, exist_ok=True)
-        (RECORD / f"{name}.json").write_text(json.dumps({"verdict": rep.verdict, "observation": rep.observation.model_dump()}, indent=1) + "\n")
+        # no verdict kept: the case's name says what the cluster was made to show (its first word)
+        (RECORD / f"{name}.json").write_text(json.dumps({"case": name, "observation": rep.observation.model_dump()}, indent=1) + "\n")
 
 
 def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500, repeat: bool = False):

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import SparkClusterError
+from ..errors import SimError, SparkClusterError  # noqa: F401 - re-exported
 
 SIM_ROOT = Path(os.environ.get("SPARK_CLUSTER_SIM_ROOT", "/var/lib/spark-cluster-sim"))
 SUBNET = ipaddress.ip_network("10.99.0.0/24")
@@ -50,10 +50,6 @@ REQUIRED_TOOLS = {
 MAX_NODES = 32
 
 
-class SimError(SparkClusterError):
-    """The simulated cluster cannot be created or removed."""
-
-    exit_code = 4
 
 
 @dataclass
