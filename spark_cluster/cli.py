@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -221,6 +223,10 @@ def up(
             return Executor(cfg, nodes, _reporter(as_json)).up()
 
     res = _guard(run)
+    from .watchdog import reset_breaker
+
+    if reset_breaker(cfg, "a successful manual up") and not as_json:
+        out.print("[yellow]watchdog:[/] out of its failed state (the circuit breaker is reset)", highlight=False)
     if not as_json:
         if res.changed:
             out.print(f"[bold green]serving[/] at {cfg.endpoint()} (model {cfg.model.name}) after {res.total_s:.1f}s  "
@@ -270,11 +276,19 @@ def watch(
     as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop after this long (default: forever)."),
     print_unit: bool = typer.Option(False, "--print-unit", help="Print a systemd unit that runs this watchdog, and exit."),
+    reset: bool = typer.Option(False, "--reset", help="Take the watchdog out of its failed state (after the circuit breaker "
+                                                       "tripped and the cause is fixed), then watch."),
 ) -> None:
     """The failover watchdog: catches a hang under load (not only a crash) and restarts the whole group in order.
 
-    Events go to state_dir/events.jsonl; exit code 12 when the circuit breaker trips."""
+    Events go to state_dir/events.jsonl; exit code 12 when the circuit breaker trips (`--reset` or a successful `up` clears it)."""
     cfg = _load(config)
+    if reset:
+        from .watchdog import reset_breaker
+
+        done = reset_breaker(cfg, "watch --reset")
+        err.print("watchdog: " + ("out of its failed state (the circuit breaker is reset)" if done else "was not failed; nothing to reset"),
+                  highlight=False)
     if print_unit:
         import getpass
         import shutil
@@ -327,21 +341,62 @@ def logs(
     def run():
         with _nodes(cfg) as nodes:
             targets = [node] if node else names
-            for n in targets:
-                for c in list_containers(nodes[n], cfg.name):
-                    if follow:
-                        out.print(f"[bold]== {n} {c.name} ({c.state}) — following, Ctrl-C to stop[/]")
-                        cmd = f"docker logs --follow --tail {tail if tail else 'all'} {quote(c.name)} 2>&1"
-                        nodes[n].run(cmd, timeout=10**9, on_output=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-                    else:
-                        r = nodes[n].run(f"docker logs --tail {tail if tail else 'all'} {quote(c.name)} 2>&1", timeout=120)
-                        out.print(f"[bold]== {n} {c.name} ({c.state})[/]")
-                        sys.stdout.write(r.stdout)
+            found = [(n, c) for n in targets for c in list_containers(nodes[n], cfg.name)]
+            lines = f"--tail {tail if tail else 'all'}"
+            if not follow:
+                for n, c in found:
+                    r = nodes[n].run(f"docker logs {lines} {quote(c.name)} 2>&1", timeout=120)
+                    out.print(f"[bold]== {n} {c.name} ({c.state})[/]")
+                    sys.stdout.write(r.stdout)
+                return
+            # every container at once, each line prefixed with where it comes from
+            lock = threading.Lock()
+
+            def follow_one(n: str, name: str) -> None:
+                buf = [""]
+
+                def emit(text: str) -> None:
+                    buf[0] += text
+                    *done, buf[0] = buf[0].split("\n")
+                    with lock:
+                        for line in done:
+                            sys.stdout.write(f"{n}/{name} | {line}\n")
+                        sys.stdout.flush()
+
+                nodes[n].run(f"docker logs --follow {lines} {quote(name)} 2>&1", timeout=FOLLOW_LIMIT_S, on_output=emit)
+
+            out.print(f"[bold]== following {', '.join(f'{c.name}@{n}' for n, c in found) or 'nothing'}: Ctrl-C to stop[/]")
+            threads = [threading.Thread(target=follow_one, args=(n, c.name), daemon=True) for n, c in found]
+            for th in threads:
+                th.start()
+            while any(th.is_alive() for th in threads):
+                time.sleep(0.2)
 
     try:
         _guard(run)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+# `logs -f` runs until Ctrl-C: a week, as far as the node's own limit is concerned
+FOLLOW_LIMIT_S = 7 * 24 * 3600
+
+
+def age(started_at: str, now: Optional[datetime] = None) -> str:
+    """`up 4m`-style age of a container from docker's StartedAt (readable at 80 columns)."""
+    text = started_at.rstrip("Z")  # docker: UTC, nanoseconds
+    if "." in text:
+        whole, frac = text.split(".", 1)
+        text = f"{whole}.{frac[:6]}"
+    try:
+        t = datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return ""
+    secs = max(0, int(((now or datetime.now(timezone.utc)) - t).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"up {secs // size}{unit}"
+    return f"up {secs}s"
 
 
 VERDICT_STYLE = {"serving": "bold green", "degraded": "bold yellow", "stalled": "bold red", "down": "bold red", "starting": "bold cyan"}
@@ -360,7 +415,7 @@ def render_status(rep) -> Table:
         sysctl = ", ".join(f"{k}={v['actual']}" + ("" if v["actual"] == v["expected"] else f" [red](want {v['expected']})[/]") for k, v in n.sysctl.items())
         cont = "\n".join(
             f"{c.name} [{'green' if c.state == 'running' else 'red'}]{c.state}[/]"
-            + (f" since {c.started_at[:19]}" if c.started_at and c.state == "running" else "")
+            + (f" {age(c.started_at)}" if c.started_at and c.state == "running" else "")
             + (f" restarts {c.restarts}" if c.restarts else "")
             + ("" if c.spec_current is not False else " [yellow](other config)[/]")
             for c in n.containers) or "[dim]none[/]"

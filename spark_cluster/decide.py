@@ -93,6 +93,9 @@ class State:
     # grace applies when the engine was seen coming up (after our restart, or loading when the
     # watchdog started); a watchdog (re)started next to a serving engine needs none
     grace_on_ready: bool = False
+    # why the last restart failed (it may have changed nothing: the old, wedged engine can still
+    # answer /health, which must not count as the new generation being ready)
+    failed_restart: str = ""
 
 
 def backoff_s(consecutive: int, s: WatchdogSettings) -> float:
@@ -116,12 +119,18 @@ def _restart(state: State, now: float, reason: str, s: WatchdogSettings) -> tupl
     return new, Action("restart", reason, delay_s=delay)
 
 
-def restarted(state: State, now: float) -> State:
-    """The runner calls this when a restart has been carried out (ready or not)."""
+def restarted(state: State, now: float, error: str = "") -> State:
+    """The runner calls this when a restart has been carried out (ready or not); error: why it failed."""
     return replace(state, phase="starting", since=now, ready_at=None, restarts=state.restarts + (now,),
                    consecutive=state.consecutive + 1, last_restart=now, last_counters=None, last_progress=None,
                    suspect_since=None, canary_pending=False, healthy_since=None, backoff_until=None, unreachable_count={},
-                   grace_on_ready=True)
+                   grace_on_ready=True, failed_restart=error)
+
+
+def breaker_reset(state: State, now: float) -> State:
+    """A deliberate way out of `failed` (watch --reset, or a successful manual up): the restart
+    history is forgotten and the next observation is confirmed afresh."""
+    return replace(State(phase="starting", since=now), last_reason=f"reset after: {state.last_reason}" if state.last_reason else "")
 
 
 def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[State, Optional[Action]]:
@@ -130,6 +139,9 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
     if state.phase in ("backoff", "restarting"):
         # the runner is carrying the restart out; nothing to decide meanwhile
         return state, None
+    if state.phase == "starting" and state.failed_restart:
+        # nothing says the group was replaced: try again (with backoff, under the breaker)
+        return _restart(replace(state, failed_restart=""), now, f"the last restart failed: {state.failed_restart}", s)
 
     # --- who is gone, definitively -------------------------------------------------------------
     counts = {n: state.unreachable_count.get(n, 0) + 1 for n in x.unreachable}

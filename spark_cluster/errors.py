@@ -117,6 +117,12 @@ class StepError(SparkClusterError):
         super().__init__(f"{where}: step {step.id} ({step.description}) failed: {message}" + (f"\n{tail}" if tail else ""))
 
 
+class RemoveFailed(SparkClusterError):
+    """A container could not be stopped or removed; the message names what is left where."""
+
+    exit_code = 9
+
+
 class LockedError(SparkClusterError):
     """Another spark-cluster operation holds the cluster's lock on the head."""
 

@@ -14,24 +14,26 @@ import json
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import httpx
 
 from .config import ClusterConfig
-from .errors import CommandFailed, CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError  # noqa: F401
+from .errors import CommandFailed, CommandTimeout, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
 from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_meminfo, parse_process,
                     parse_ray_state, process_command)
-from .plan import LABEL_PREFIX, Plan, ProcessSpec, Step, build_plan
+from .plan import Plan, ProcessSpec, Step, build_plan
+from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
 from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck, VllmCheckError, last_check, parse_output
 
 Reporter = Callable[[dict[str, Any]], None]
 
-COMPONENT_ORDER = ["vllm", "ray-head", "vllm-worker", "ray-worker"]  # stop order: vLLM, head, workers
 # `docker exec -d` returns at once: polls (every 0.5 s) until the started process has written its PID
 PROCESS_START_POLLS = 40
 # stop timeout of a Ray worker container (capped): see _remove
@@ -86,6 +88,9 @@ class Executor:
     def connect_all(self) -> None:
         """Open (and so verify the host key of) every node's SSH connection before anything runs."""
         failed = [r for r in self.nodes.map(lambda t: t.connect()).values() if isinstance(r, BaseException)]
+        for r in failed:
+            if not isinstance(r, SparkClusterError):
+                raise r
         if failed:
             if len(failed) == 1:
                 raise failed[0]
@@ -117,10 +122,26 @@ class Executor:
         )
 
     def release_lock(self) -> None:
+        """Remove the lock; a failure is reported (the next operation from this host reclaims a
+        lock whose process is gone, another host would be refused until it is removed)."""
+        d = self._lock_dir()
         try:
-            self.nodes[self.cfg.head.name].run(f"rm -rf {quote(self._lock_dir())}", timeout=30)
-        except SparkClusterError:
-            pass
+            r = self.nodes[self.cfg.head.name].run(f"rm -rf {quote(d)}", timeout=30)
+            problem = None if r.ok else r.tail(3).strip()
+        except SparkClusterError as exc:
+            problem = exc.message
+        if problem:
+            self.emit("warning", node=self.cfg.head.name,
+                      message=f"could not release the lock {d} on {self.cfg.head.name} ({problem}): remove it by hand if another host runs spark-cluster")
+
+    @contextmanager
+    def locked(self, what: str) -> Iterator[None]:
+        """The cluster's lock on the head for the duration of one operation."""
+        self.acquire_lock(what)
+        try:
+            yield
+        finally:
+            self.release_lock()
 
     # ---- generic step running -----------------------------------------------------------
     def _run_step(self, step: Step) -> Result:
@@ -156,9 +177,11 @@ class Executor:
         problems: list[str] = []
         outputs: dict[str, dict[str, Result]] = {}
         for node, res in results.items():
-            if isinstance(res, BaseException):
-                problems.append(str(res) if isinstance(res, SparkClusterError) else f"{node}: {res!r}")
+            if isinstance(res, SparkClusterError):
+                problems.append(str(res))
                 continue
+            if isinstance(res, BaseException):
+                raise res  # a bug, not a finding about the node: never "nothing was changed"
             outputs[node] = res
         if problems:
             raise PreflightError(problems)
@@ -380,9 +403,13 @@ class Executor:
                     t.run(_stop_process_command(p, stop), timeout=stop + 30)
         if save_logs_to is not None:
             save_logs(t, name, save_logs_to)
-        # `docker rm -f` also ends a paused (frozen) container, which a SIGTERM never reaches
-        t.run(f"docker stop -t {stop} {quote(name)} >/dev/null 2>&1; docker rm -f {quote(name)} >/dev/null 2>&1; true",
-              timeout=stop + 60)
+        # `docker rm -f` also ends a paused (frozen) container, which a SIGTERM never reaches; then
+        # the container must be gone (exit 0 only when docker no longer knows it)
+        r = t.run(f"docker stop -t {stop} {quote(name)} >/dev/null 2>&1; docker rm -f {quote(name)} 2>&1 >/dev/null; "
+                  f"! docker container inspect {quote(name)} >/dev/null 2>&1", timeout=stop + 60)
+        if not r.ok:
+            raise RemoveFailed(f"{node}: container {name} could not be removed: {r.tail(3).strip() or 'docker still lists it'}",
+                               hint=f"remove it by hand on {node}: docker rm -f {name}")
 
     def logs_dir(self, what: str) -> Path:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -469,23 +496,6 @@ class Executor:
                     time.sleep(self.cfg.health.poll_interval_s)
 
     # ---- up / down ----------------------------------------------------------------------
-    def _why_recreate(self, members: list[Step], found: dict[tuple[str, str], ContainerFact]) -> str:
-        """Why the group must be (re)created, or "" when every member runs as planned."""
-        for s in members:
-            if s.container is not None:
-                c = found.get((s.node, s.container.name))
-                if c is None:
-                    return f"{s.container.name} on {s.node} missing"
-                if not c.running:
-                    return f"{s.container.name} on {s.node} {c.state}"
-                if c.spec_hash != s.container.labels[f"{LABEL_PREFIX}.spec-hash"]:
-                    return f"{s.container.name} on {s.node} changed"
-            elif s.process is not None:
-                fact = self.process_fact(s.process)
-                if fact.state != "running":
-                    return f"{s.process.name} in {s.process.container} on {s.node} not running ({fact.detail})"
-        return ""
-
     def up(self, *, stop_after: str | None = None) -> UpResult:
         """Run the plan. stop_after: a phase name to stop after (e.g. "wait-ray"), for partial bring-up."""
         from .plan import PHASES
@@ -494,8 +504,7 @@ class Executor:
         t_start = time.monotonic()
         phases: dict[str, float] = {}
         self.connect_all()
-        self.acquire_lock("up")
-        try:
+        with self.locked("up"):
             t = time.monotonic()
             existing = self.existing()
             self.preflight(existing)
@@ -503,35 +512,30 @@ class Executor:
             t = time.monotonic()
             self.prepare()
             phases["prepare"] = time.monotonic() - t
-            found = {(c.node, c.name): c for cs in existing.values() for c in cs}
+            found = [c for cs in existing.values() for c in cs]
             members = [s for s in self.plan.steps if s.kind in ("start", "exec") and s.phase in allowed]
-            why = self._why_recreate(members, found)
-            # The group restarts whole, in order: a vLLM rank 0 (or Ray head) restarted alone would
-            # leave the workers' ranks (or raylets) orphaned.
-            recreate = members if why else []
-            wanted = {(s.node, s.container.name) for s in members if s.container}
-            stale = [c for c in found.values() if (c.node, c.name) not in wanted]
-            kept = [] if why else [member_name(s) for s in members]
-            if recreate or stale:
+            running = {(c.node, c.name) for c in found if c.running}
+            processes = {member_name(s): self.process_fact(s.process) for s in members
+                         if s.process is not None and (s.node, s.process.container) in running}
+            todo = reconcile(members, found, processes)
+            if todo.remove:
                 logs = self.logs_dir("replaced")
-                gone = [(s.node, s.container.name) for s in recreate if s.container and (s.node, s.container.name) in found]
-                gone += [(c.node, c.name) for c in stale]
-                for node, name in sorted(gone, key=lambda x: _stop_rank(found[x].component)):
-                    self.emit("container-remove", node=node, container=name, reason=why or "not in the plan")
-                    self._remove(node, name, save_logs_to=logs, component=found[(node, name)].component)
-            if not why:
-                for s in members:
+                for c in todo.remove:
+                    self.emit("container-remove", node=c.node, container=c.name, reason=todo.why or "not in the plan")
+                    self._remove(c.node, c.name, save_logs_to=logs, component=c.component)
+            for s in members:
+                if s not in todo.start:
                     self.emit("step-skip", s, reason="unchanged and running")
             phases["start"] = 0.0
             for s in self.plan.steps:
                 if s.phase not in allowed:
                     continue
                 t = time.monotonic()
-                if s.kind in ("start", "exec") and s in recreate:
+                if s.kind in ("start", "exec") and s in todo.start:
                     self._start(s)
                     phases["start"] += time.monotonic() - t
                 elif s.kind == "wait-ray":
-                    if recreate:
+                    if todo.start:
                         self.wait_ray(s)
                         phases["wait-ray"] = time.monotonic() - t
                     else:
@@ -540,57 +544,57 @@ class Executor:
             if "ready" in allowed:
                 self.wait_ready(self.plan.steps_in("ready"))
                 phases["ready"] = time.monotonic() - t
-        finally:
-            self.release_lock()
-        total = time.monotonic() - t_start
-        result = UpResult(changed=bool(recreate or stale), recreated=[member_name(s) for s in recreate],
-                          kept=kept, phases={k: round(v, 2) for k, v in phases.items()}, total_s=round(total, 2))
-        self.emit("up-done", changed=result.changed, recreated=result.recreated, kept=result.kept, phases=result.phases, total_s=result.total_s)
+        result = UpResult(changed=todo.changed, recreated=[member_name(s) for s in todo.start], kept=todo.kept,
+                          phases={k: round(v, 2) for k, v in phases.items()}, total_s=round(time.monotonic() - t_start, 2))
+        self.emit("up-done", changed=result.changed, recreated=result.recreated, kept=result.kept, phases=result.phases,
+                  total_s=result.total_s)
         return result
 
     def down(self, *, lock: bool = True, graceful: bool = True) -> Path | None:
         """Stop and remove every cluster container: vLLM, the head, then the workers. graceful=False
-        kills at once (a wedged engine does not shut down cleanly anyway)."""
+        kills at once (a wedged engine does not shut down cleanly anyway). Raises RemoveFailed
+        naming what is left when a node could not be listed or a container could not be removed."""
         if lock:
             self.connect_all()
-            self.acquire_lock("down")
-        try:
-            existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
-            found: list[ContainerFact] = []
-            for node, r in existing.items():
-                if isinstance(r, BaseException):
-                    self.emit("node-unreachable", node=node, error=str(r))
-                    continue
-                found.extend(r)
-            if not found:
-                self.emit("down-done", removed=[], logs=None)
-                return None
-            logs = self.logs_dir("down")
-            for rank in range(len(COMPONENT_ORDER) + 1):
-                batch = [c for c in found if _stop_rank(c.component) == rank]
-                if not batch:
-                    continue
+            with self.locked("down"):
+                return self._down(graceful)
+        return self._down(graceful)
 
-                def remove(c: ContainerFact) -> None:
-                    self.emit("container-remove", node=c.node, container=c.name, reason="down")
-                    self._remove(c.node, c.name, save_logs_to=logs, graceful=graceful, component=c.component)
+    def _down(self, graceful: bool) -> Path | None:
+        existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
+        found: list[ContainerFact] = []
+        left: list[str] = []
+        for node, r in existing.items():
+            if isinstance(r, SparkClusterError):
+                self.emit("node-unreachable", node=node, error=str(r))
+                left.append(f"{node}: not listed ({r.message.splitlines()[0]})")
+                continue
+            if isinstance(r, BaseException):
+                raise r
+            found.extend(r)
+        logs = self.logs_dir("down") if found else None
+        removed: list[str] = []
+        for rank in range(len(COMPONENT_ORDER) + 1):
+            batch = [c for c in found if stop_rank(c.component) == rank]
+            if not batch:
+                continue
 
-                from concurrent.futures import ThreadPoolExecutor
+            def remove(c: ContainerFact) -> None:
+                self.emit("container-remove", node=c.node, container=c.name, reason="down")
+                self._remove(c.node, c.name, save_logs_to=logs, graceful=graceful, component=c.component)
 
-                with ThreadPoolExecutor(max_workers=len(batch)) as pool:
-                    list(pool.map(remove, batch))
-            self.emit("down-done", removed=[f"{c.name}@{c.node}" for c in found], logs=str(logs))
-            return logs
-        finally:
-            if lock:
-                self.release_lock()
-
-
-def member_name(s: Step) -> str:
-    """How a container or hosted process of the group is named in results and events."""
-    if s.process is not None:
-        return f"{s.process.container}/{s.process.name}@{s.node}"
-    return f"{s.container.name}@{s.node}"
+            with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+                for c, fut in [(c, pool.submit(remove, c)) for c in batch]:
+                    try:
+                        fut.result()
+                        removed.append(f"{c.name}@{c.node}")
+                    except SparkClusterError as exc:
+                        left.append(exc.message)
+        self.emit("down-done", removed=removed, left=left, logs=str(logs) if logs else None)
+        if left:
+            raise RemoveFailed("down did not remove everything:\n" + "\n".join(f"  - {x}" for x in left),
+                               hint="run down again once the node answers, or remove what is left by hand")
+        return logs
 
 
 def _stop_process_command(p: ProcessSpec, timeout_s: int) -> str:
@@ -598,10 +602,6 @@ def _stop_process_command(p: ProcessSpec, timeout_s: int) -> str:
     script = ('p=$(cat "$1" 2>/dev/null) || exit 0; kill -TERM "$p" 2>/dev/null || exit 0; i=0; '
               'while [ -e "/proc/$p" ] && [ "$i" -lt "$2" ]; do sleep 0.5; i=$((i+1)); done')
     return f"docker exec {quote(p.container)} sh -c {quote(script)} stop {quote(p.pid_file)} {timeout_s * 2} >/dev/null 2>&1; true"
-
-
-def _stop_rank(component: str) -> int:
-    return COMPONENT_ORDER.index(component) if component in COMPONENT_ORDER else len(COMPONENT_ORDER)
 
 
 def _indent(text: str) -> str:

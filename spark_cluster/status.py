@@ -293,10 +293,16 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
         plan = build_plan(cfg)
         node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s, connected[n.name])
                      for n in cfg.nodes}
-        ray_fut = pool.submit(observe_ray, head, cfg, plan, RAY_SNIPPET_TIMEOUT)
+
+        def ray_after_connect() -> RayObs:
+            # an unreachable head costs one connect timeout, not a second one here
+            if connected[cfg.head.name].exception() is not None:
+                return RayObs(checked=bool(plan.steps_in("wait-ray")), error="head unreachable")
+            return observe_ray(head, cfg, plan, RAY_SNIPPET_TIMEOUT)
+
+        ray_fut = pool.submit(ray_after_connect)
         node_obs = [f.result() for f in node_futs.values()]
-        head_ok = next(o for o in node_obs if o.name == cfg.head.name).reachable
-        ray_obs = ray_fut.result() if head_ok else RayObs(checked=bool(plan.steps_in("wait-ray")), error="head unreachable")
+        ray_obs = ray_fut.result()
         vllm_obs = vllm_fut.result()
     vllm_obs.progress_age_s = _progress_age(cfg, vllm_obs, time.time())
     if vllm_obs.version is None:

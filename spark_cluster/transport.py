@@ -9,6 +9,8 @@ TransportError; a command that ran and failed is a Result with a non-zero exit c
 from __future__ import annotations
 
 import getpass
+import logging
+import math
 import os
 import select
 import socket
@@ -26,6 +28,14 @@ from .errors import CommandFailed, CommandTimeout, HostKeyError, SparkClusterErr
 from .render import quote
 
 T = TypeVar("T")
+# paramiko logs (with a traceback) what it also raises, which we turn into one clear message:
+# a handler of its own keeps that off the user's terminal
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+# a command past its timeout gets SIGTERM on the node, then SIGKILL this much later
+REMOTE_KILL_AFTER_S = 5
+# the controller gives up waiting this much after the node should have ended the command
+LOCAL_GRACE_S = 10
 
 
 
@@ -137,6 +147,7 @@ class SSHTransport:
             client.set_missing_host_key_policy(
                 _TrustOnFirstUse(ep.known_hosts) if ep.trust_on_first_use else paramiko.RejectPolicy()
             )
+            t_connect = time.monotonic()
             try:
                 client.connect(
                     ep.hostname,
@@ -162,6 +173,9 @@ class SSHTransport:
                         f"{ep.node}: the SSH host key of {self._host_id()} is not in {ep.known_hosts}. Refusing to connect.",
                         hint="add it after checking it (ssh-keyscan), or set ssh.trust_on_first_use: true once",
                     ) from None
+                if "protocol banner" in str(exc) or time.monotonic() - t_connect >= ep.connect_timeout_s * 0.9:
+                    raise TransportError(f"{ep.node}: {self._host_id()} did not answer within {ep.connect_timeout_s:g}s "
+                                         "(it accepts connections but its SSH server says nothing: hung or overloaded?)") from None
                 if isinstance(exc, paramiko.AuthenticationException):
                     raise TransportError(f"{ep.node}: SSH authentication as {ep.user}@{self._host_id()} failed ({exc})") from None
                 raise TransportError(f"{ep.node}: SSH to {self._host_id()} failed: {exc}") from None
@@ -181,18 +195,29 @@ class SSHTransport:
 
     def run(self, command: str, *, timeout: float | None = None, input: bytes | None = None,
             on_output: Callable[[str], None] | None = None) -> Result:
-        """Run `command` through the node's shell; wait at most `timeout` seconds."""
+        """Run `command` through the node's shell; at most `timeout` seconds. The node ends it then
+        too (coreutils `timeout`, whose whole process group is signalled), so nothing lingers there;
+        CommandTimeout keeps what it printed until then."""
         limit = self.ep.command_timeout_s if timeout is None else timeout
         client = self.connect()
         t0 = time.monotonic()
+        remote = f"timeout -k {REMOTE_KILL_AFTER_S} {math.ceil(limit)} sh -c {quote(command)}"
+        out, err = bytearray(), bytearray()
+
+        def partial(code: int = -1) -> Result:
+            return Result(self.node, command, code, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0)
+
+        def timed_out() -> CommandTimeout:
+            return CommandTimeout(f"{self.node}: command did not finish within {limit:g}s: {_short(command)}", partial())
+
         try:
             chan = client.get_transport().open_session(timeout=self.ep.connect_timeout_s)
-            chan.exec_command(command)
+            chan.exec_command(remote)
             if input is not None:
                 chan.sendall(input)
             chan.shutdown_write()
-            out, err = bytearray(), bytearray()
-            deadline = t0 + limit
+            # the node's own limit ends the command first; this one only if the node stops answering
+            deadline = t0 + limit + REMOTE_KILL_AFTER_S + LOCAL_GRACE_S
             while True:
                 progressed = False
                 while chan.recv_ready():
@@ -208,7 +233,7 @@ class SSHTransport:
                     break
                 if time.monotonic() > deadline:
                     chan.close()
-                    raise CommandTimeout(f"{self.node}: command did not finish within {limit:g}s: {_short(command)}")
+                    raise timed_out()
                 if not progressed:
                     select.select([chan], [], [], 0.05)
             code = chan.recv_exit_status()
@@ -216,7 +241,9 @@ class SSHTransport:
         except (paramiko.SSHException, EOFError, OSError) as exc:
             self.close()
             raise TransportError(f"{self.node}: SSH connection lost while running {_short(command)}: {exc}") from None
-        return Result(self.node, command, code, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0)
+        if code in (124, 137) and time.monotonic() - t0 >= limit - 0.5:
+            raise timed_out()
+        return partial(code)
 
     def stream_to(self, command: str, target: "SSHTransport", target_command: str, *, timeout: float) -> tuple[Result, Result]:
         """Pipe the stdout of `command` here into the stdin of `target_command` on another node,
@@ -296,16 +323,16 @@ class Nodes:
     def __getitem__(self, name: str) -> SSHTransport:
         return self.by_name[name]
 
-    def map(self, fn: Callable[[SSHTransport], T], names: Iterable[str] | None = None) -> dict[str, T | BaseException]:
+    def map(self, fn: Callable[[SSHTransport], T], names: Iterable[str] | None = None) -> dict[str, T | Exception]:
         """Run fn on several nodes in parallel. Values are results or the exception raised."""
         names = list(names or self.by_name)
-        out: dict[str, T | BaseException] = {}
+        out: dict[str, T | Exception] = {}
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
             futures = {name: pool.submit(fn, self.by_name[name]) for name in names}
             for name, fut in futures.items():
                 try:
                     out[name] = fut.result()
-                except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                except Exception as exc:  # noqa: BLE001 - handed back to the caller (Ctrl-C is not)
                     out[name] = exc
         return out
 

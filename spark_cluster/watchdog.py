@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import httpx
 
 from .config import ClusterConfig
-from .decide import Action, Sample, State, decide, restarted
+from .decide import Action, Sample, State, breaker_reset, decide, restarted
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
 from .executor import Executor, list_containers, save_logs
 from .facts import parse_metrics
@@ -55,6 +55,25 @@ def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: 
         gone=tuple(gone), unreachable=tuple(n.name for n in nodes if not n.reachable),
         canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None,
     )
+
+
+RESET_HINT = ("the watchdog stays stopped until told otherwise: fix the cause, then `spark-cluster up CONFIG` "
+              "(a successful up resets it) or `spark-cluster watch --reset CONFIG`")
+
+
+def reset_breaker(cfg: ClusterConfig, why: str) -> bool:
+    """Take the watchdog out of `failed` (recorded in events.jsonl); False when it was not failed."""
+    wd = Watchdog(cfg, None)  # type: ignore[arg-type] - no node is contacted
+    try:
+        if wd.state.phase != "failed":
+            return False
+        previous = wd.state.last_reason
+        wd.state = breaker_reset(wd.state, wd.clock())
+        wd.save_state()
+        wd.event("breaker-reset", why=why, previous=previous)
+        return True
+    finally:
+        wd.close()
 
 
 class Watchdog:
@@ -217,7 +236,7 @@ class Watchdog:
             ok, error = False, str(exc)
         took = round(time.monotonic() - t0, 1)
         self.ray_probe = None  # an answer about the previous generation is no news about this one
-        self.state = restarted(self.state, self.clock())
+        self.state = restarted(self.state, self.clock(), error or "")
         self.event("restart-done" if ok else "restart-failed", seconds=took, error=error)
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -251,7 +270,7 @@ class Watchdog:
                 t0 = time.monotonic()
                 self.step()
                 if self.state.phase == "failed":
-                    raise WatchdogFailed(self.state.last_reason)
+                    raise WatchdogFailed(self.state.last_reason, hint=RESET_HINT)
                 if (stop and stop()) or (t_end is not None and time.monotonic() >= t_end):
                     return self.state
                 rest = self.s.period_s - (time.monotonic() - t0)
@@ -262,5 +281,8 @@ class Watchdog:
         finally:
             self.event("watch-stop", state=self.state.phase)
             self.save_state()
-            self.http.close()
-            self.ray_pool.shutdown(wait=False, cancel_futures=True)
+            self.close()
+
+    def close(self) -> None:
+        self.http.close()
+        self.ray_pool.shutdown(wait=False, cancel_futures=True)

@@ -29,9 +29,10 @@ def test_plan_card_config_shows_worker_before_head():
 def test_plan_json_is_the_same_plan():
     res = run_cli("plan", "--json", "configs/dgx-spark-2node.yaml")
     assert res.returncode == 0, res.stderr
-    data = json.loads(res.stdout)
-    assert [s["phase"] for s in data["steps"]][0] == "preflight"
-    assert data["vllm_argv"][0] == "serve"
+    from spark_cluster.config import load_config
+    from spark_cluster.plan import Plan, build_plan
+
+    assert Plan.model_validate_json(res.stdout) == build_plan(load_config(CONFIGS / "dgx-spark-2node.yaml"))
 
 
 def test_memory_cap_exit_2_without_contacting_anything(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spark_cluster.config import WatchdogSettings
-from spark_cluster.decide import IDLE_CANARY_S, UNREACHABLE_SAMPLES, Sample, State, backoff_s, decide, restarted
+from spark_cluster.decide import IDLE_CANARY_S, UNREACHABLE_SAMPLES, Sample, State, backoff_s, breaker_reset, decide, restarted
 
 S = WatchdogSettings()  # the defaults users get
 
@@ -190,3 +190,36 @@ def test_api_gone_silent_is_suspect_then_confirmed(health):
     c = ready()
     c.feed(60, progress=False, health=health, canary_result=False)
     assert "restart" in c.kinds()
+
+
+def test_a_restart_that_failed_is_not_taken_for_a_new_generation():
+    """The restart failed before changing anything (a node unreachable): the old, wedged engine
+    still answers /health. That is no reason to call it ready (with a grace period): try again,
+    with backoff, under the breaker."""
+    c = Clock(state=State(phase="healthy", since=900.0, ready_at=900.0, healthy_since=900.0))
+    c.state = restarted(c.state, c.t, error="sim-2: did not answer within 10s")
+    c.feed(S.period_s, progress=False, health=200)
+    assert c.state.phase != "healthy" and [a.kind for _, a in c.actions] == ["restart"]
+    assert "the last restart failed: sim-2: did not answer" in c.actions[0][1].reason
+    assert c.actions[0][1].delay_s == backoff_s(1, S) > 0
+
+
+def test_a_restart_that_worked_gets_its_grace():
+    c = Clock(state=State(phase="healthy", since=900.0, ready_at=900.0, healthy_since=900.0))
+    c.state = restarted(c.state, c.t)
+    c.feed(S.period_s, progress=False, health=200)
+    assert c.state.phase == "healthy" and c.actions == []
+
+
+def test_the_breaker_is_left_only_by_a_deliberate_reset():
+    c = Clock(s=WatchdogSettings(max_restarts_per_hour=1), state=State(phase="healthy", since=900.0, ready_at=900.0, healthy_since=900.0))
+    c.feed(S.period_s, progress=False, gone=["spark-vllm-worker on sim-2 is exited"])
+    c.state = restarted(c.state, c.t)
+    c.feed(S.period_s, progress=False, gone=["spark-vllm-worker on sim-2 is exited"])
+    assert c.state.phase == "failed" and [a.kind for _, a in c.actions] == ["restart", "alert"]
+    c.feed(120, progress=True, health=200)  # even a serving engine does not take it out
+    assert c.state.phase == "failed"
+    c.state = breaker_reset(c.state, c.t)
+    assert c.state.phase == "starting" and c.state.restarts == () and "circuit breaker" in c.state.last_reason
+    c.feed(S.period_s, progress=True, health=200)
+    assert c.state.phase == "healthy"

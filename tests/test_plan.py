@@ -207,7 +207,25 @@ def test_rendering_reads_only_templates(card_yaml):
 
 
 def test_plan_json_roundtrip(card_yaml):
+    """The JSON is the whole plan: read back, it is equal to the plan, step for step."""
+    from spark_cluster.plan import Plan
+
     plan = plan_of(card_yaml)
-    data = json.loads(plan.model_dump_json())
-    assert data["steps"][0]["phase"] == "preflight"
-    assert data["gpu_memory_utilization_source"].startswith("cluster.yaml")
+    back = Plan.model_validate_json(plan.model_dump_json())
+    assert back == plan and back.plan_hash == plan.plan_hash and len(back.steps) == len(plan.steps) > 10
+    assert json.loads(plan.model_dump_json())["gpu_memory_utilization_source"].startswith("cluster.yaml")
+
+
+def test_privileged_commands_follow_each_nodes_own_sudo(card_yaml):
+    """ssh.sudo set on one node only: that node's privileged commands get `sudo -n`, the others not."""
+    def worker_needs_sudo(d):
+        d.setdefault("ssh", {})["sudo"] = False
+        d["nodes"][1].setdefault("ssh", {})["sudo"] = True
+        d.setdefault("memory", {})["drop_page_cache"] = True
+        d["sysctl"] = {"vm.swappiness": 1}
+
+    plan = plan_of(edit(card_yaml, worker_needs_sudo))
+    head, worker = (n["name"] for n in yaml.safe_load(card_yaml)["nodes"][:2])
+    for step_kind in ("memory", "sysctl"):
+        by_node = {s.node: s.command for s in plan.steps if s.id.split("/")[-1] == step_kind}
+        assert "sudo -n " in by_node[worker] and "sudo" not in by_node[head], step_kind

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from spark_cluster.errors import SparkClusterError
+from spark_cluster.errors import CommandTimeout, SparkClusterError
 from spark_cluster.executor import Executor
 from spark_cluster.sim import cluster
 from spark_cluster.transport import Nodes
@@ -142,3 +142,19 @@ def _check_down_leaves_nothing():
     assert "scsim" not in Path("/proc/mounts").read_text()
     assert not any(Path("/sys/fs/cgroup").glob(f"*/{cluster.NS_PREFIX}*"))
     assert subprocess.run(["ip", "link", "show", cluster.HOST_VETH], capture_output=True).returncode != 0
+
+
+def test_a_command_past_its_timeout_keeps_its_output_and_is_ended_on_the_node(sim, sim_cfg):
+    with Nodes(sim_cfg) as nodes:
+        t = nodes["sim-2"]
+        t0 = time.monotonic()
+        with pytest.raises(CommandTimeout) as info:
+            t.run("echo started; sleep 300; echo never", timeout=2)
+        took = time.monotonic() - t0
+        assert info.value.partial is not None and info.value.partial.stdout == "started\n"
+        assert "did not finish within 2s" in str(info.value) and "started" in str(info.value)
+        assert took < 30, f"the node should have ended it after 2 s (+5 s to SIGKILL): {took:.1f}s"
+        # nothing of it lingers on the node
+        assert t.run("pgrep -af '[s]leep 300' || true").stdout.strip() == ""
+        # the connection is still good for the next command
+        assert t.run("echo ok", timeout=10).stdout == "ok\n"

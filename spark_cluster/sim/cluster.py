@@ -254,6 +254,25 @@ def _host_pid_of_init(node: SimNode) -> int | None:
         return None
 
 
+def node_pids(node: SimNode) -> list[int]:
+    """The node's unshare process and its init, if the PIDs in the (possibly stale) state file
+    still are them: a PID reused by an unrelated process since is never signalled."""
+    out = []
+    for pid in (node.pid, _host_pid_of_init(node)):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if pid else []
+        except OSError:
+            continue
+        if is_node_cmdline(cmdline, node):
+            out.append(pid)
+    return out
+
+
+def is_node_cmdline(argv: list[str], node: SimNode) -> bool:
+    """Whether a process's argv is the node's init (or the unshare that runs it)."""
+    return any(a.endswith("node_init.py") for a in argv) and str(node.path) in argv and node.name in argv
+
+
 def _nsenter(node: SimNode, *cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     pid = _host_pid_of_init(node)
     if pid is None:
@@ -383,12 +402,11 @@ def down(*, log=print) -> None:
     """
     nodes = load_state()
     for node in nodes:
-        for pid in (node.pid, _host_pid_of_init(node)):
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for pid in node_pids(node):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     names = [ns for ns in list_netns() if ns.startswith(NS_PREFIX)]
     deadline = time.monotonic() + 20
     for ns in names:

@@ -1,0 +1,155 @@
+"""FakeTransport / fake_nodes: a scripted stand-in for the SSH transport (as httpx's MockTransport
+is for HTTP), so `up` and `down` sequencing runs in milliseconds without any node.
+
+A FakeCluster keeps what a node would: its containers (created by `docker run`, removed by
+`docker rm`) and whether vLLM runs in the Ray head; every command is recorded in order, and a
+test can script any command's answer (by a substring of it) to inject a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from spark_cluster.config import ClusterConfig
+from spark_cluster.facts import LABEL_PREFIX
+from spark_cluster.plan import Plan, build_plan
+from spark_cluster.transport import Nodes, Result
+
+Answer = tuple[int, str, str]  # exit code, stdout, stderr
+
+
+@dataclass
+class FakeContainer:
+    name: str
+    component: str
+    spec_hash: str
+    state: str = "running"
+    id: str = ""
+
+
+@dataclass
+class FakeCluster:
+    cfg: ClusterConfig
+    containers: dict[str, dict[str, FakeContainer]] = field(default_factory=dict)  # node -> name -> container
+    vllm_running: bool = False
+    log: list[tuple[str, str]] = field(default_factory=list)  # (node, command) in order
+    scripted: list[tuple[str, str, Callable[[], Answer]]] = field(default_factory=list)  # (node or "*", substring, answer)
+    counter: int = 0
+
+    def __post_init__(self) -> None:
+        self.plan: Plan = build_plan(self.cfg, reveal_secrets=True)
+        self.by_command = {s.command: s for s in self.plan.steps if s.command}
+        for n in self.cfg.nodes:
+            self.containers.setdefault(n.name, {})
+
+    def script(self, substring: str, answer: "Answer | Callable[[], Answer]", node: str = "*") -> None:
+        """Answer commands containing substring (on node, or any) with this, or call it (it may raise)."""
+        self.scripted.append((node, substring, answer if callable(answer) else (lambda: answer)))
+
+    def serving(self) -> "FakeCluster":
+        """Every container of the plan running as planned, vLLM running: what a good `up` leaves."""
+        for c in self.plan.containers():
+            self.containers[c.node][c.name] = FakeContainer(c.name, c.component, c.labels[f"{LABEL_PREFIX}.spec-hash"])
+        self.vllm_running = True
+        return self
+
+    def commands(self, node: Optional[str] = None, containing: str = "") -> list[str]:
+        return [c for n, c in self.log if (node is None or n == node) and containing in c]
+
+    # ---- what a node answers ------------------------------------------------------------------
+    def answer(self, node: str, command: str) -> Answer:
+        self.log.append((node, command))
+        for where, part, fn in self.scripted:
+            if where in ("*", node) and part in command:
+                return fn()
+        step = self.by_command.get(command)
+        if command.startswith("mkdir ") and ".lock" in command:
+            return 0, "", ""
+        if "ids=$(docker ps -aq" in command:
+            lines = [f"{c.id}|/{c.name}|{c.component}|{c.state}|sha256:img|2026-11-29T12:00:00Z|0|0|{c.spec_hash}"
+                     for c in self.containers[node].values()]
+            return 0, "".join(line + "\n" for line in lines), ""
+        if step is not None and step.kind == "check":
+            return self._check(node, step)
+        if step is not None and step.kind == "start":
+            self.counter += 1
+            c = step.container
+            self.containers[node][c.name] = FakeContainer(c.name, c.component, c.labels[f"{LABEL_PREFIX}.spec-hash"], id=f"c{self.counter}")
+            return 0, f"c{self.counter}\n", ""
+        if step is not None and step.kind == "exec":
+            self.vllm_running = True
+            return 0, "", ""
+        if step is not None and step.kind == "wait-ray":
+            nodes = [{"ip": n.address, "alive": True, "resources": {k: float(v) for k, v in self.cfg.ray.resources.items()}}
+                     for n in self.cfg.nodes]
+            return 0, f"SPARK_CLUSTER_RAY_NODES {json.dumps(nodes)}\n", ""
+        if "/proc/$p/cmdline" in command:  # the hosted process fact
+            p = self.plan.processes()[0]
+            return (0, f"309 {' '.join(p.argv)}\n", "") if self.vllm_running else (4, "pid 309 gone\n", "")
+        if "docker rm -f" in command:
+            name = shlex.split(command.split("docker rm -f", 1)[1])[0]
+            self.containers[node].pop(name, None)
+            if any(c.component == "ray-head" and c.name == name for c in self.plan.containers()):
+                self.vllm_running = False
+            return 0, "", ""
+        return 0, "", ""
+
+    def _check(self, node: str, step) -> Answer:
+        kind = step.id.rsplit("/", 1)[-1]
+        if kind == "image":
+            return 0, "sha256:img\n", ""
+        if kind == "model":
+            return 0, "config.json\t100\nmodel.safetensors\t1000\n", ""
+        if kind == "memory":
+            return 0, "MemTotal:       127600816 kB\nMemAvailable:   120000000 kB\n", ""
+        if kind == "sysctl-verify":
+            return 0, step.expect["stdout"], ""
+        if kind == "gpu-runtime":
+            return 0, '{"nvidia":{}}', ""
+        return 0, "", ""
+
+
+class FakeTransport:
+    """The SSHTransport interface, answered by a FakeCluster."""
+
+    def __init__(self, node: str, cluster: FakeCluster):
+        self.node = node
+        self.cluster = cluster
+
+    def connect(self) -> None:
+        return None
+
+    def run(self, command: str, *, timeout: float | None = None, input: bytes | None = None, on_output=None) -> Result:
+        code, out, err = self.cluster.answer(self.node, command)
+        return Result(self.node, command, code, out, err, 0.001)
+
+    def close(self) -> None:
+        return None
+
+
+def fake_nodes(cluster: FakeCluster) -> Nodes:
+    return Nodes(cluster.cfg, factory=lambda ep: FakeTransport(ep.node, cluster))
+
+
+def started(cluster: FakeCluster) -> list[str]:
+    """Containers created and processes started, in order, as `node:name`."""
+    out = []
+    for node, cmd in cluster.log:
+        step = cluster.by_command.get(cmd)
+        if step is not None and step.kind in ("start", "exec"):
+            out.append(f"{node}:{step.container.name if step.container else step.process.container + '/' + step.process.name}")
+    return out
+
+
+def removed(cluster: FakeCluster) -> list[str]:
+    out = []
+    for node, cmd in cluster.log:
+        m = re.search(r"docker rm -f (\S+)", cmd)
+        if m:
+            out.append(f"{node}:{shlex.split(m.group(1))[0]}")
+    return out
+
