@@ -20,6 +20,7 @@ from . import __version__
 from .config import ClusterConfig, load_config
 from .errors import SparkClusterError
 from .plan import PHASES, Plan, build_plan
+from . import timeouts
 
 app = typer.Typer(
     name="spark-cluster",
@@ -345,7 +346,7 @@ def logs(
             lines = f"--tail {tail if tail else 'all'}"
             if not follow:
                 for n, c in found:
-                    r = nodes[n].run(f"docker logs {lines} {quote(c.name)} 2>&1", timeout=120)
+                    r = nodes[n].run(f"docker logs {lines} {quote(c.name)} 2>&1", timeout=timeouts.LOG_DUMP_S)
                     out.print(f"[bold]== {n} {c.name} ({c.state})[/]")
                     sys.stdout.write(r.stdout)
                 return
@@ -406,24 +407,27 @@ def render_status(rep) -> Table:
     o = rep.observation
     title = f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]" + (f"  {rep.reason}" if rep.reason else "")
     nodes = Table(title=None, expand=False, box=None, padding=(0, 1))
-    for col in ("node", "ssh", "sysctl", "memory avail/total", "gpu", "containers"):
+    for col in ("node", "ssh", "memory avail/total", "gpu", "sysctl"):
         nodes.add_column(col, overflow="fold")
+    members = Table(title=None, expand=False, box=None, padding=(0, 1))
+    for col in ("node", "container / process", "state"):
+        members.add_column(col, overflow="fold")
     for n in o.nodes:
         if not n.reachable:
-            nodes.add_row(n.name, f"[red]unreachable[/] {n.error or ''}", "", "", "", "")
+            nodes.add_row(n.name, f"[red]unreachable[/] {escape(n.error or '')}", "", "", "")
             continue
-        sysctl = ", ".join(f"{k}={v['actual']}" + ("" if v["actual"] == v["expected"] else f" [red](want {v['expected']})[/]") for k, v in n.sysctl.items())
-        cont = "\n".join(
-            f"{c.name} [{'green' if c.state == 'running' else 'red'}]{c.state}[/]"
-            + (f" {age(c.started_at)}" if c.started_at and c.state == "running" else "")
-            + (f" restarts {c.restarts}" if c.restarts else "")
-            + ("" if c.spec_current is not False else " [yellow](other config)[/]")
-            for c in n.containers) or "[dim]none[/]"
-        for pr in n.processes:
-            cont += (f"\n  {pr.name} in {pr.container} [{'green' if pr.state == 'running' else 'red'}]{pr.state}[/]"
-                     + (f" pid {pr.pid}" if pr.pid else f" {pr.detail}"))
+        sysctl = ", ".join(f"{k.split('.')[-1]}={v['actual']}" + ("" if v["actual"] == v["expected"] else f" [red](want {v['expected']})[/]")
+                           for k, v in n.sysctl.items())
         mem = f"{n.mem_available_gib:.1f}/{n.mem_total_gib:.1f} GiB" if n.mem_total_gib else "?"
-        nodes.add_row(f"{n.name} ({n.role})", f"{n.latency_ms:.0f} ms", sysctl, mem, n.gpu or "", cont)
+        nodes.add_row(f"{n.name} ({n.role})", f"{n.latency_ms:.0f} ms", mem, n.gpu or "", sysctl)
+        for c in n.containers:
+            members.add_row(n.name, c.name, f"[{'green' if c.state == 'running' else 'red'}]{c.state}[/]"
+                            + (f" {age(c.started_at)}" if c.started_at and c.state == "running" else "")
+                            + (f", {c.restarts} restarts" if c.restarts else "")
+                            + ("" if c.spec_current is not False else " [yellow](other config)[/]"))
+        for pr in n.processes:
+            members.add_row(n.name, f"  {pr.name} (in {pr.container})", f"[{'green' if pr.state == 'running' else 'red'}]{pr.state}[/]"
+                            + (f" pid {pr.pid}" if pr.pid else f" {escape(pr.detail)}"))
     v = o.vllm
     eng = Table.grid(padding=(0, 2))
     eng.add_row("endpoint", v.endpoint)
@@ -455,6 +459,8 @@ def render_status(rep) -> Table:
     grid = Table.grid()
     grid.add_row(title)
     grid.add_row(nodes)
+    if members.row_count:
+        grid.add_row(members)
     grid.add_row(eng)
     grid.add_row(f"[dim]{o.cluster} · {o.executor} · observed in {o.took_s:.2f}s at {o.ts}[/]")
     return grid
@@ -600,7 +606,7 @@ def sim_demo(
             if ray_step is not None:
                 from .facts import read_ray_state
 
-                ray = read_ray_state(ns[ray_step.node], ray_step.command, 60)
+                ray = read_ray_state(ns[ray_step.node], ray_step.command, timeouts.RAY_STATE_S)
                 ranks = ", ".join(f"{a.cls} on {a.ip}" for a in sorted(ray.actors, key=lambda a: a.ip or ""))
                 out.print(f"Ray: nodes alive {', '.join(ray.alive)}; vLLM ranks (Ray actors): {ranks or ray.error}", highlight=False)
         out.rule("[bold]5. a chat completion through the endpoint")
@@ -608,13 +614,13 @@ def sim_demo(
 
         body = {"model": cfg.model.name, "messages": [{"role": "user", "content": "Say hello to the Spark cluster."}], "max_tokens": 24}
         try:
-            resp = httpx.post(f"{cfg.endpoint()}/v1/chat/completions", json=body, timeout=120)
+            resp = httpx.post(f"{cfg.endpoint()}/v1/chat/completions", json=body, timeout=timeouts.DEMO_COMPLETION_S)
             resp.raise_for_status()
-        except httpx.HTTPError as exc:
+            msg = resp.json()["choices"][0]["message"]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
             from .sim.cluster import SimError
 
-            raise SimError(f"the chat completion through {cfg.endpoint()} failed: {exc}") from None
-        msg = resp.json()["choices"][0]["message"]
+            raise SimError(f"the chat completion through {cfg.endpoint()} failed: {type(exc).__name__}: {exc}") from None
         reply = msg.get("content") or msg.get("reasoning") or msg.get("reasoning_content") or ""
         out.print(f"[bold]reply[/] (random weights, so random words): {reply!r}", highlight=False)
         out.print(f"[bold green]time to serving:[/] {serving - t_up:.1f}s for `up`, {serving - t0:.1f}s from the start of the demo", highlight=False)

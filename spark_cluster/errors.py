@@ -1,14 +1,6 @@
 """Typed errors, every one with its exit code. Library code raises these; only the CLI turns
-them into exit codes and messages (README, "Exit codes", lists the same table; a test keeps
-them equal).
-
-    0  done (status: serving)      7  a node command failed        12 watchdog gave up (breaker)
-    1  other spark-cluster error   8  preflight refused            13 vLLM parser env not built
-    2  bad cluster.yaml or usage   9  a step of up/down failed     14 vLLM flag check could not run
-    3  status: not serving         10 another operation holds lock 15 vLLM refuses the flags
-    4  simulated cluster error     11 template broken              130 interrupted (Ctrl-C)
-    5  node unreachable / SSH      6  a node command timed out
-"""
+them into exit codes and messages. The first line of each class's docstring is what its exit code
+means in the README's table (`exit_codes()`; a test keeps the two equal)."""
 
 from __future__ import annotations
 
@@ -71,7 +63,9 @@ class HostKeyError(TransportError):
 
 
 class CommandTimeout(SparkClusterError):
-    """A node command did not finish in time; it was ended on the node too. `partial` keeps what it printed."""
+    """A node command did not finish in time (it was ended on the node too).
+
+    `partial` keeps what it printed until then."""
 
     exit_code = 6
 
@@ -107,7 +101,7 @@ class PreflightError(SparkClusterError):
 
 
 class StepError(SparkClusterError):
-    """A step of `up` or `down` failed; the message says which, where, and the last log lines."""
+    """A step of `up` failed, or `down` could not remove a container; the message says which, where, and the last log lines."""
 
     exit_code = 9
 
@@ -169,9 +163,8 @@ def exit_codes() -> dict[int, str]:
                              EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
 
     def walk(cls: Any) -> None:
-        for sub in cls.__subclasses__():
-            if sub.exit_code not in table or sub.exit_code == cls.exit_code:
-                table.setdefault(sub.exit_code, (sub.__doc__ or sub.__name__).strip().splitlines()[0])
+        for sub in cls.__subclasses__():  # in definition order: the first class of a code describes it
+            table.setdefault(sub.exit_code, (sub.__doc__ or sub.__name__).strip().splitlines()[0])
             walk(sub)
 
     table[SparkClusterError.exit_code] = "another spark-cluster error"

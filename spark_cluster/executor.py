@@ -9,7 +9,6 @@ can print a live view or JSON lines.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import socket
@@ -24,13 +23,15 @@ import httpx
 
 from .config import ClusterConfig
 from .errors import CommandFailed, CommandTimeout, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
-from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_meminfo, parse_process,
+from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_process,
                     parse_ray_state, process_command)
 from .plan import Plan, ProcessSpec, Step, build_plan
+from .checks import Check, ImagePresent, ReadBack, VllmFlags, differs, evaluate
 from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
 from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
-from .vllm_check import VllmCheck, VllmCheckError, last_check, parse_output
+from .vllm_check import VllmCheck, VllmCheckError, argv_hash, parse_output, passed_before, remember
+from . import timeouts
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -104,16 +105,16 @@ class Executor:
         head = self.nodes[self.cfg.head.name]
         holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": what, "since": _now()})
         d = self._lock_dir()
-        res = head.run(f"mkdir {quote(d)} 2>/dev/null && printf '%s' {quote(holder)} > {quote(d + '/holder')}", timeout=30)
+        res = head.run(f"mkdir {quote(d)} 2>/dev/null && printf '%s' {quote(holder)} > {quote(d + '/holder')}", timeout=timeouts.QUICK_S)
         if res.ok:
             return
-        info = head.run(f"cat {quote(d + '/holder')} 2>/dev/null", timeout=30).stdout.strip()
+        info = head.run(f"cat {quote(d + '/holder')} 2>/dev/null", timeout=timeouts.QUICK_S).stdout.strip()
         try:
             h = json.loads(info)
         except ValueError:
             h = {}
         if h.get("host") == socket.gethostname() and h.get("pid") and not _pid_alive(int(h["pid"])):
-            head.run(f"rm -rf {quote(d)}", timeout=30)
+            head.run(f"rm -rf {quote(d)}", timeout=timeouts.QUICK_S)
             return self.acquire_lock(what)
         who = f"{h.get('command', '?')} by pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('since', '?')}" if h else "unknown holder"
         raise LockedError(
@@ -126,7 +127,7 @@ class Executor:
         lock whose process is gone, another host would be refused until it is removed)."""
         d = self._lock_dir()
         try:
-            r = self.nodes[self.cfg.head.name].run(f"rm -rf {quote(d)}", timeout=30)
+            r = self.nodes[self.cfg.head.name].run(f"rm -rf {quote(d)}", timeout=timeouts.QUICK_S)
             problem = None if r.ok else r.tail(3).strip()
         except SparkClusterError as exc:
             problem = exc.message
@@ -160,8 +161,8 @@ class Executor:
 
     # ---- preflight ----------------------------------------------------------------------
     def preflight(self, existing: dict[str, list[ContainerFact]]) -> None:
-        steps = [s for s in self.plan.steps_in("preflight") if not s.expect.get("vllm_check")]
-        vllm_step = next((s for s in self.plan.steps_in("preflight") if s.expect.get("vllm_check")), None)
+        steps = [s for s in self.plan.steps_in("preflight") if not isinstance(s.check, VllmFlags)]
+        vllm_step = next((s for s in self.plan.steps_in("preflight") if isinstance(s.check, VllmFlags)), None)
         by_node: dict[str, list[Step]] = {}
         for s in steps:
             by_node.setdefault(s.node, []).append(s)
@@ -186,27 +187,27 @@ class Executor:
         if problems:
             raise PreflightError(problems)
         running_here = {n: any(c.running for c in cs) for n, cs in existing.items()}
-        same: dict[str, dict[str, str]] = {}
+        same: dict[str, tuple[Check, dict[str, str]]] = {}
         for node, res in outputs.items():
             for s in by_node[node]:
                 r = res[s.id]
-                kind = s.id.rsplit("/", 1)[-1]
-                problem = self._evaluate(s, kind, r, running_here.get(node, False))
+                problem = evaluate(s.check, r.exit_code, r.stdout, r.stderr, cluster_running=running_here.get(node, False))
                 if problem:
                     problems.append(f"{node}: {problem}")
-                elif s.expect.get("same_on_all_nodes"):
-                    same.setdefault(kind, {})[node] = r.stdout
-        for kind, values in same.items():
-            if len(set(values.values())) > 1:
-                problems.append(self._differs(kind, values))
+                elif s.check.same_on_all_nodes:
+                    same.setdefault(s.check.kind, (s.check, {}))[1][node] = r.stdout
+        for check, values in same.values():
+            problem = differs(check, values, self.cfg.head.name)
+            if problem:
+                problems.append(problem)
         for s in steps:
             r = outputs[s.node][s.id]
             self.emit("step-ok" if not problems else "step-checked", s, duration_s=round(r.duration_s, 3))
-        head_image = outputs.get(self.cfg.head.name, {}).get(f"preflight/{self.cfg.head.name}/image")
+        head_image = next((outputs[s.node][s.id] for s in steps
+                           if s.node == self.cfg.head.name and isinstance(s.check, ImagePresent) and s.node in outputs), None)
         image_id = head_image.stdout.strip() if head_image is not None and head_image.ok else None
-        seen = last_check(self.cfg) or {}
-        if vllm_step is not None and image_id and seen.get("ok") and seen.get("image_id") == image_id \
-                and seen.get("argv_hash") == self._argv_hash():
+        seen = passed_before(self.cfg, image_id, argv_hash(self.plan.vllm_argvs)) if image_id else None
+        if vllm_step is not None and seen:
             self.emit("step-skip", vllm_step, reason=f"checked before: vLLM {seen.get('vllm_version')}, same image ID and flags")
         elif vllm_step is not None and image_id:
             # needs the image on the head: runs after the image checks (and fetches)
@@ -232,33 +233,24 @@ class Executor:
             if not self.cfg.vllm.check_flags:  # asked for explicitly: check even when preflight would not
                 cfg = self.cfg.model_copy(update={"vllm": self.cfg.vllm.model_copy(update={"check_flags": True})})
                 plan = build_plan(cfg, reveal_secrets=True)
-            step = next(s for s in plan.steps if s.expect.get("vllm_check"))
+            step = next(s for s in plan.steps if isinstance(s.check, VllmFlags))
         t = self.nodes[step.node]
         where = f"image {self.cfg.container.image} on {step.node}"
         try:
             r = t.run(step.command, timeout=step.timeout_s, input=read_template(step.stdin).encode())
         except CommandTimeout:
-            t.run(f"docker rm -f {quote(step.expect['container'])} >/dev/null 2>&1; true", timeout=60)
+            t.run(f"docker rm -f {quote(step.check.container)} >/dev/null 2>&1; true", timeout=timeouts.CLEANUP_S)
             raise VllmCheckError(f"checking the vllm serve flags with {where} took longer than {step.timeout_s:g} s "
                                  "(vllm.check_timeout_s)") from None
         check = parse_output(r.stdout, r.stderr, r.exit_code, where)
         self._remember_vllm(check, image_id)
         return check
 
-    def _argv_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.plan.vllm_argvs).encode()).hexdigest()[:16]
-
     def _remember_vllm(self, check: VllmCheck, image_id: Optional[str]) -> None:
         """The vLLM version found in the image, for `status` and `plan`, and to skip the same check
-        on the next `up` or watchdog restart (same image ID, same flags): state_dir/vllm.json."""
-        try:
-            d = self.cfg.resolved_state_dir()
-            d.mkdir(parents=True, exist_ok=True)
-            record = {"image": self.cfg.container.image, "image_id": image_id, "argv_hash": self._argv_hash(),
-                      "vllm_version": check.vllm_version, "checked_at": _now(), "where": check.where, "ok": check.ok}
-            (d / "vllm.json").write_text(json.dumps(record, indent=2) + "\n")
-        except OSError:
-            pass
+        on the next `up` or watchdog restart (same image ID, same flags)."""
+        remember(self.cfg, {"image": self.cfg.container.image, "image_id": image_id, "argv_hash": argv_hash(self.plan.vllm_argvs),
+                            "vllm_version": check.vllm_version, "checked_at": _now(), "where": check.where, "ok": check.ok})
 
     def _fetch_missing_images(self, results: dict, by_node: dict[str, list[Step]]) -> dict:
         """Nodes without the image: `docker pull` it, or else stream it from a node that has it
@@ -268,74 +260,21 @@ class Executor:
         for node, res in results.items():
             if isinstance(res, BaseException):
                 continue
-            step = next(s for s in by_node[node] if s.id.endswith("/image"))
+            step = next(s for s in by_node[node] if isinstance(s.check, ImagePresent))
             (have if res[step.id].ok else missing).append(node)
         for node in missing:
             t = self.nodes[node]
-            step = next(s for s in by_node[node] if s.id.endswith("/image"))
+            step = next(s for s in by_node[node] if isinstance(s.check, ImagePresent))
             self.emit("image-fetch", node=node, image=image, how="docker pull")
-            pulled = t.run(f"docker pull --quiet {quote(image)}", timeout=3600)
+            pulled = t.run(f"docker pull --quiet {quote(image)}", timeout=timeouts.IMAGE_TRANSFER_S)
             if not pulled.ok and have:
                 source = self.nodes[have[0]]
                 self.emit("image-fetch", node=node, image=image, how=f"stream from {source.node}")
-                save, load = source.stream_to(f"docker save {quote(image)}", t, "docker load", timeout=3600)
+                save, load = source.stream_to(f"docker save {quote(image)}", t, "docker load", timeout=timeouts.IMAGE_TRANSFER_S)
                 if not (save.ok and load.ok):
                     self.emit("image-fetch-failed", node=node, error=(save.stderr + load.stderr)[-500:])
             results[node][step.id] = t.run(step.command, timeout=step.timeout_s)
         return results
-
-    def _evaluate(self, s: Step, kind: str, r: Result, cluster_running: bool) -> str | None:
-        cfg = self.cfg
-        if kind == "docker":
-            return None if r.ok else f"docker does not answer ({r.tail(3).strip()}): install Docker and let the SSH user use it (docker group)"
-        if kind == "image":
-            return None if r.ok else (f"image {cfg.container.image} is not on this node and could not be pulled or copied from "
-                                      f"another node: `docker pull {cfg.container.image}` there, or load it by hand")
-        if kind == "model":
-            if not r.ok:
-                return f"model folder {cfg.model.path} is missing or unreadable: copy the model there (same files on every node)"
-            if not r.stdout.strip():
-                return f"model folder {cfg.model.path} is empty"
-            return None
-        if kind == "gpu-runtime":
-            return None if r.ok and "nvidia" in r.stdout else "the NVIDIA container runtime is missing: install nvidia-container-toolkit (GPUs are requested)"
-        if kind == "ports":
-            if not r.stdout.strip() or cluster_running:
-                return None
-            return f"port(s) {', '.join(map(str, s.expect['ports']))} already in use by something else: {r.stdout.strip().splitlines()[0]}"
-        if kind == "memory":
-            if cluster_running:
-                return None
-            if not r.ok:
-                return f"cannot read memory information: {r.tail(3).strip()}"
-            mem = parse_meminfo(r.stdout)
-            if not mem.known:
-                return f"cannot read memory information: {r.stdout.strip()[:200] or 'no output'}"
-            total, avail = mem.total_gib, mem.available_gib
-            need = max(total * float(s.expect.get("min_available_fraction") or 0), float(s.expect.get("min_available_gib") or 0))
-            if avail < need:
-                hint = "" if cfg.memory.drop_page_cache else " (memory.drop_page_cache: true may free page cache)"
-                return f"only {avail:.1f} GiB of {total:.1f} GiB available, {need:.1f} GiB needed for gpu_memory_utilization {self.plan.gpu_memory_utilization}{hint}"
-            return None
-        return None if r.ok else f"{s.description}: {r.tail(3).strip()}"
-
-    def _differs(self, kind: str, values: dict[str, str]) -> str:
-        head = self.cfg.head.name
-        ref = values.get(head, next(iter(values.values())))
-        bad = [n for n, v in values.items() if v != ref]
-        if kind == "image":
-            ids = ", ".join(f"{n}={v.strip()[:19]}" for n, v in values.items())
-            return f"image {self.cfg.container.image} differs between nodes ({ids}): load the same image everywhere"
-        if kind == "model":
-            ref_set = set(ref.splitlines())
-            details = []
-            for n in bad:
-                other = set(values[n].splitlines())
-                missing = sorted(x.split("\t")[0] for x in ref_set - other)[:5]
-                extra = sorted(x.split("\t")[0] for x in other - ref_set)[:5]
-                details.append(f"{n}: missing or different {missing}, extra {extra}")
-            return f"model folder {self.cfg.model.path} differs from {head}'s: " + "; ".join(details)
-        return f"{kind} differs between nodes: {', '.join(bad)}"
 
     # ---- prepare ------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -350,9 +289,10 @@ class Executor:
                 r = self._run_step(s)
                 if not r.ok:
                     raise StepError(s, f"exit code {r.exit_code}", r.tail())
-                want = s.expect.get("stdout")
-                if want is not None and r.stdout != want:
-                    raise StepError(s, "the value did not stick", f"    expected:\n{_indent(want)}\n    read back:\n{_indent(r.stdout)}")
+                problem = evaluate(s.check, r.exit_code, r.stdout, r.stderr) if s.check is not None else None
+                if problem:
+                    shown = f"    expected:\n{_indent(s.check.stdout)}\n    read back:\n{_indent(r.stdout)}" if isinstance(s.check, ReadBack) else ""
+                    raise StepError(s, problem, shown)
                 self._done(s, t0)
 
         for node, res in self.nodes.map(run_node, by_node.keys()).items():
@@ -384,7 +324,7 @@ class Executor:
             if fact.state == "running":
                 self._done(step, t0, container=step.process.container, pid=fact.pid)
                 return
-            time.sleep(0.5)
+            time.sleep(timeouts.PROCESS_POLL_S)
         raise StepError(step, f"{step.process.name} did not start in {step.process.container}: {fact.detail}",
                         _tail_logs(self.nodes[step.node], step.process.container))
 
@@ -400,13 +340,13 @@ class Executor:
             for p in self.plan.processes():
                 if p.node == node and p.container == name:
                     self.emit("process-stop", node=node, container=name, process=p.name)
-                    t.run(_stop_process_command(p, stop), timeout=stop + 30)
+                    t.run(_stop_process_command(p, stop), timeout=stop + timeouts.PROCESS_STOP_EXTRA_S)
         if save_logs_to is not None:
             save_logs(t, name, save_logs_to)
         # `docker rm -f` also ends a paused (frozen) container, which a SIGTERM never reaches; then
         # the container must be gone (exit 0 only when docker no longer knows it)
         r = t.run(f"docker stop -t {stop} {quote(name)} >/dev/null 2>&1; docker rm -f {quote(name)} 2>&1 >/dev/null; "
-                  f"! docker container inspect {quote(name)} >/dev/null 2>&1", timeout=stop + 60)
+                  f"! docker container inspect {quote(name)} >/dev/null 2>&1", timeout=stop + timeouts.REMOVE_EXTRA_S)
         if not r.ok:
             raise RemoveFailed(f"{node}: container {name} could not be removed: {r.tail(3).strip() or 'docker still lists it'}",
                                hint=f"remove it by hand on {node}: docker rm -f {name}")
@@ -422,9 +362,8 @@ class Executor:
         t0 = time.monotonic()
         self.emit("step-start", step)
         deadline = t0 + (step.deadline_s or 300)
-        want = set(step.expect.get("alive_ips", []))
-        want_resources = {"GPU": float(step.expect["gpus"])} if "gpus" in step.expect else {}
-        want_resources.update({k: float(v) for k, v in step.expect.get("resources", {}).items()})
+        want = set(step.check.alive_ips)
+        want_resources = dict(step.check.resources)
         ray = RayState(error="not asked yet")
         while True:
             try:
@@ -470,12 +409,12 @@ class Executor:
                                     _tail_logs(self.nodes[s.node], s.process.container))
 
     def process_fact(self, p: ProcessSpec) -> ProcessFact:
-        r = self.nodes[p.node].run(process_command(p), timeout=30)
+        r = self.nodes[p.node].run(process_command(p), timeout=timeouts.QUICK_S)
         return parse_process(p, r.exit_code, r.stdout, r.stderr)
 
     def wait_ready(self, steps: list[Step]) -> None:
         deadline_start = time.monotonic()
-        last_check = 0.0
+        last_alive_check = 0.0
         with httpx.Client() as http:
             for step in steps:
                 t0 = time.monotonic()
@@ -487,8 +426,8 @@ class Executor:
                     if ok:
                         self._done(step, t0)
                         break
-                    if time.monotonic() - last_check > 10:
-                        last_check = time.monotonic()
+                    if time.monotonic() - last_alive_check > 10:
+                        last_alive_check = time.monotonic()
                         self._check_members_alive(self.plan.steps[-1])
                     if time.monotonic() > deadline:
                         raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
@@ -610,7 +549,7 @@ def _indent(text: str) -> str:
 
 def _tail_logs(t: SSHTransport, name: str, lines: int = 20) -> str:
     try:
-        r = t.run(f"docker logs --tail {lines} {quote(name)} 2>&1", timeout=30)
+        r = t.run(f"docker logs --tail {lines} {quote(name)} 2>&1", timeout=timeouts.QUICK_S)
         return _indent(r.stdout.strip() or "(no output)")
     except SparkClusterError as exc:
         return _indent(f"(could not read logs: {exc})")
@@ -619,7 +558,7 @@ def _tail_logs(t: SSHTransport, name: str, lines: int = 20) -> str:
 def save_logs(t: SSHTransport, name: str, folder: Path) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        r = t.run(f"docker logs --timestamps {quote(name)} 2>&1", timeout=120)
+        r = t.run(f"docker logs --timestamps {quote(name)} 2>&1", timeout=timeouts.LOG_DUMP_S)
     except SparkClusterError:
         return None
     path = folder / f"{t.node}--{name}.log"
@@ -628,26 +567,25 @@ def save_logs(t: SSHTransport, name: str, folder: Path) -> Path | None:
 
 
 def _http_check(http: httpx.Client, step: Step) -> tuple[bool, str]:
-    req = step.request
+    req, want = step.request, step.check
     try:
         resp = http.request(req.method, req.url, json=req.json_body, timeout=step.timeout_s)
     except httpx.HTTPError as exc:
         return False, f"{type(exc).__name__}: {exc}"
-    if resp.status_code != step.expect.get("status", 200):
+    if resp.status_code != want.status:
         return False, f"HTTP {resp.status_code}: {resp.text[:200]}"
-    if "model" in step.expect:
-        try:
-            ids = [m["id"] for m in resp.json().get("data", [])]
-        except ValueError:
-            return False, "not JSON"
-        if step.expect["model"] not in ids:
-            return False, f"served models are {ids}, not {step.expect['model']}"
-    if step.expect.get("choices"):
-        try:
-            if not resp.json().get("choices"):
-                return False, "no choices in the completion"
-        except ValueError:
-            return False, "not JSON"
+    if not (want.model or want.choices):
+        return True, ""
+    try:
+        body = resp.json()
+        if want.model is not None:
+            ids = [m["id"] for m in body.get("data", [])]
+            if want.model not in ids:
+                return False, f"served models are {ids}, not {want.model}"
+        if want.choices and not body.get("choices"):
+            return False, "no choices in the completion"
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return False, f"not the expected JSON: {resp.text[:200]}"
     return True, ""
 
 

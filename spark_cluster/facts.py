@@ -195,7 +195,7 @@ def progressed(before: tuple[Optional[float], ...], after: tuple[Optional[float]
     return any(a is not None and b is not None and a != b for b, a in zip(before, after))
 
 
-# ---- Ray's own view (templates/ray-state.py, run inside the Ray head container) -----------------
+# ---- Ray's own view (templates/node-scripts/ray-state.py, run inside the Ray head container) -----------------
 
 
 class RayNode(BaseModel):

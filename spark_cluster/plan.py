@@ -10,11 +10,14 @@ import hashlib
 import json
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .checks import (Check, DockerAnswers, HttpAnswer, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ProcessRuns, RayMembers,
+                     ReadBack, RuntimeListed, VllmFlags)
 from .config import ClusterConfig, Mount, Node
 from .facts import LABEL_PREFIX, MEMINFO_COMMAND
 from .render import MASK, quote, read_template, render, render_argv
+from . import timeouts
 
 __all__ = ["LABEL_PREFIX", "Plan", "Step", "ProcessSpec", "ContainerSpec", "build_plan"]
 # where the vLLM process started in the Ray head container writes its PID
@@ -89,7 +92,13 @@ class Step(Frozen):
     stdin: Optional[str] = Field(None, description="Template file (templates/) fed to the command on standard input.")
     timeout_s: float = Field(..., description="Deadline of one attempt.")
     deadline_s: Optional[float] = Field(None, description="For polls: keep trying until this many seconds have passed.")
-    expect: dict[str, Any] = Field(default_factory=dict, description="What the result must show (evaluated by the executor).")
+    check: Optional[Check] = Field(None, description="What the result must show (spark_cluster.checks); without one: exit code 0.")
+
+    @model_validator(mode="after")
+    def _checks_have_a_check(self) -> "Step":
+        if self.kind in ("check", "wait-ray", "http") and self.check is None:
+            raise ValueError(f"step {self.id} ({self.kind}) has no check: it would pass on any result")
+        return self
 
 
 class Plan(Frozen):
@@ -128,7 +137,7 @@ def container_name(cfg: ClusterConfig, component: str) -> str:
 
 def ray_state_command(cfg: ClusterConfig) -> str:
     """Ray's node table and placement groups, asked from inside the head container (facts.parse_ray_state reads it)."""
-    code = "\n".join(line for line in read_template("ray-state.py").splitlines() if not line.startswith("#"))
+    code = "\n".join(line for line in read_template("node-scripts/ray-state.py").splitlines() if not line.startswith("#"))
     return f"docker exec {quote(container_name(cfg, 'ray-head'))} python3 -c {quote(code.strip())}"
 
 
@@ -228,7 +237,6 @@ class _Builder:
             command=render("docker-run.j2", c=spec),
             container=spec,
             timeout_s=self.ssh_timeout(node),
-            expect={"running": spec.name},
         )
 
     # ---- phases -------------------------------------------------------------------------
@@ -239,34 +247,34 @@ class _Builder:
             t = self.ssh_timeout(node)
             self.add(id=f"preflight/{node.name}/docker", phase="preflight", node=node.name, kind="check",
                      description="docker answers", command="docker version --format '{{.Server.Version}}'",
-                     timeout_s=t, expect={"exit": 0})
+                     timeout_s=t, check=DockerAnswers())
             self.add(id=f"preflight/{node.name}/image", phase="preflight", node=node.name, kind="check",
                      description="image present, same ID on every node",
                      command=f"docker image inspect --format '{{{{.Id}}}}' {quote(cfg.container.image)}",
-                     timeout_s=t, expect={"exit": 0, "same_on_all_nodes": True})
+                     timeout_s=t, check=ImagePresent(image=cfg.container.image))
             self.add(id=f"preflight/{node.name}/model", phase="preflight", node=node.name, kind="check",
                      description="model folder present, same files and sizes on every node",
                      command=f"cd {quote(model)} && find . -type f -printf '%P\\t%s\\n' | LC_ALL=C sort",
-                     timeout_s=t, expect={"exit": 0, "same_on_all_nodes": True, "not_empty": True})
+                     timeout_s=t, check=ModelFiles(path=model))
             if cfg.container.gpus:
                 self.add(id=f"preflight/{node.name}/gpu-runtime", phase="preflight", node=node.name, kind="check",
                          description="NVIDIA container runtime present (GPUs are requested)",
                          command="docker info --format '{{json .Runtimes}}'",
-                         timeout_s=t, expect={"exit": 0, "contains": "nvidia"})
+                         timeout_s=t, check=RuntimeListed(runtime="nvidia"))
             ports = self.node_ports(node)
             if ports:
                 filt = " or ".join(f"sport = :{p}" for p in ports)
                 self.add(id=f"preflight/{node.name}/ports", phase="preflight", node=node.name, kind="check",
                          description=f"ports {', '.join(map(str, ports))} free",
                          command=f"ss -Htln {quote('( ' + filt + ' )')}",
-                         timeout_s=t, expect={"exit": 0, "empty": True, "ports": ports})
+                         timeout_s=t, check=PortsFree(ports=ports))
             self.add(id=f"preflight/{node.name}/memory", phase="preflight", node=node.name, kind="check",
                      description="enough available memory for the guarded utilization"
                      + (" (page cache dropped first)" if cfg.memory.drop_page_cache else ""),
                      command=self.memory_command(node),
-                     timeout_s=t, expect={"exit": 0, "min_available_fraction": self.min_free_fraction(),
-                                          "min_available_gib": cfg.memory.min_free_gib,
-                                          "drop_page_cache": cfg.memory.drop_page_cache})
+                     timeout_s=t, check=MemoryAvailable(min_available_fraction=self.min_free_fraction(),
+                                                        min_available_gib=float(cfg.memory.min_free_gib or 0),
+                                                        gpu_memory_utilization=self.util, drop_page_cache=cfg.memory.drop_page_cache))
 
     def memory_command(self, node: Node) -> str:
         if not self.cfg.memory.drop_page_cache:
@@ -297,11 +305,11 @@ class _Builder:
             self.add(id=f"prepare/{node.name}/sysctl", phase="prepare", node=node.name, kind="run",
                      description=f"apply and persist sysctls ({', '.join(f'{k}={v}' for k, v in cfg.sysctl.items())})",
                      command=render("sysctl-apply.j2", sysctl=cfg.sysctl, content=content, path=cfg.sysctl_file, sudo=self.sudo(node)),
-                     timeout_s=t, expect={"exit": 0})
+                     timeout_s=t)
             self.add(id=f"prepare/{node.name}/sysctl-verify", phase="prepare", node=node.name, kind="check",
                      description="read the sysctls back (kernel and persisted file)",
                      command=render("sysctl-verify.j2", sysctl=cfg.sysctl, path=cfg.sysctl_file),
-                     timeout_s=t, expect={"exit": 0, "stdout": expected})
+                     timeout_s=t, check=ReadBack(stdout=expected))
 
     def ray_argv(self, node: Node) -> list[str]:
         cfg = self.cfg
@@ -330,19 +338,17 @@ class _Builder:
         )
         spec = self.spec(head, "ray-head", "ray", self.ray_argv(head), {}, [], hosts=serve)
         self.start("start-head", head, spec, f"Ray head on port {cfg.ray.port}")
-        expect: dict[str, Any] = {"alive_ips": sorted(n.address for n in cfg.nodes)}
-        if cfg.container.gpus:
-            expect["gpus"] = cfg.total_gpus
-        for key, amount in cfg.ray.resources.items():
-            expect.setdefault("resources", {})[key] = amount * len(cfg.nodes)
+        resources = {"GPU": float(cfg.total_gpus)} if cfg.container.gpus else {}
+        resources.update({key: float(amount * len(cfg.nodes)) for key, amount in cfg.ray.resources.items()})
         self.add(id=f"wait-ray/{head.name}/nodes", phase="wait-ray", node=head.name, kind="wait-ray",
                  description=f"wait until Ray shows all {len(cfg.nodes)} nodes alive",
-                 command=ray_state_command(cfg), timeout_s=60, deadline_s=cfg.health.ray_join_timeout_s, expect=expect)
+                 command=ray_state_command(cfg), timeout_s=timeouts.RAY_STATE_S, deadline_s=cfg.health.ray_join_timeout_s,
+                 check=RayMembers(alive_ips=sorted(n.address for n in cfg.nodes), resources=resources))
         # vLLM joins Ray as its driver from inside the head container, as the card runs it
         self.add(id=f"serve/{head.name}/vllm", phase="serve", node=head.name, kind="exec",
                  description=f"vllm serve over the Ray executor (TP={cfg.tensor_parallel_size}), inside {serve.container}",
                  command=render("docker-exec.j2", p=serve), process=serve, timeout_s=self.ssh_timeout(head),
-                 expect={"process": serve.name})
+                 check=ProcessRuns(name=serve.name))
 
     def per_node_env_names(self) -> list[str]:
         """Variables whose values differ between nodes. vLLM's Ray executor copies VLLM_*, NCCL_* and
@@ -398,8 +404,8 @@ class _Builder:
         step = Step(id=f"preflight/{head.name}/vllm-flags", phase="preflight", node=head.name, kind="check",
                     description="the image's vLLM accepts every `vllm serve` flag (its parser and validate(), "
                     "tool/reasoning parser and executor names; throwaway container, no GPU)",
-                    command=f"docker rm -f {quote(name)} >/dev/null 2>&1; {run}", stdin="vllm-check.py",
-                    timeout_s=cfg.vllm.check_timeout_s, expect={"vllm_check": True, "container": name})
+                    command=f"docker rm -f {quote(name)} >/dev/null 2>&1; {run}", stdin="node-scripts/vllm-check.py",
+                    timeout_s=cfg.vllm.check_timeout_s, check=VllmFlags(container=name))
         last = max(i for i, s in enumerate(self.steps) if s.phase == "preflight")
         self.steps.insert(last + 1, step)
 
@@ -409,16 +415,16 @@ class _Builder:
         name = cfg.model.name
         self.add(id="ready/health", phase="ready", node=None, kind="http", description="/health answers 200",
                  request=HttpRequest(method="GET", url=f"{base}/health"), command=f"GET {base}/health",
-                 timeout_s=h.probe_timeout_s, deadline_s=h.ready_timeout_s, expect={"status": 200})
+                 timeout_s=h.probe_timeout_s, deadline_s=h.ready_timeout_s, check=HttpAnswer())
         self.add(id="ready/models", phase="ready", node=None, kind="http", description=f"/v1/models lists {name}",
                  request=HttpRequest(method="GET", url=f"{base}/v1/models"), command=f"GET {base}/v1/models",
-                 timeout_s=h.probe_timeout_s, deadline_s=h.ready_timeout_s, expect={"status": 200, "model": name})
+                 timeout_s=h.probe_timeout_s, deadline_s=h.ready_timeout_s, check=HttpAnswer(model=name))
         body = {"model": name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
         self.add(id="ready/completion", phase="ready", node=None, kind="http",
                  description="one real completion succeeds",
                  request=HttpRequest(method="POST", url=f"{base}/v1/completions", json_body=body),
                  command=f"POST {base}/v1/completions {json.dumps(body)}",
-                 timeout_s=h.completion_timeout_s, deadline_s=h.ready_timeout_s, expect={"status": 200, "choices": True})
+                 timeout_s=h.completion_timeout_s, deadline_s=h.ready_timeout_s, check=HttpAnswer(choices=True))
 
     def build(self) -> Plan:
         self.preflight()

@@ -172,6 +172,7 @@ def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: flo
     return obs
 
 
+# asking Ray for status: shorter than an up's wait (status must answer quickly; the probe imports Ray)
 RAY_SNIPPET_TIMEOUT = 20
 
 

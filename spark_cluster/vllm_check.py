@@ -1,6 +1,6 @@
 """Check the rendered `vllm serve` flags with vLLM's own parser, before anything starts.
 
-The check script (templates/vllm-check.py) builds vLLM's `serve` parser the way vLLM's CLI
+The check script (templates/node-scripts/vllm-check.py) builds vLLM's `serve` parser the way vLLM's CLI
 does, parses the argv, runs the subcommand's validate() and then checks what argparse does not:
 the tool call parser, reasoning parser and distributed executor backend names. It runs either
 in a throwaway container of the cluster's image on the head node (preflight, plan/validate
@@ -9,6 +9,7 @@ in a throwaway container of the cluster's image on the head node (preflight, pla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from .errors import SparkClusterError, VllmArgsError, VllmCheckError  # noqa: F4
 from .render import read_template
 
 MARKER = "SPARK-CLUSTER-VLLM-CHECK "
-SCRIPT = "vllm-check.py"
+SCRIPT = "node-scripts/vllm-check.py"
 # which cluster.yaml key renders a flag (for the error message)
 FLAG_KEYS = {
     "--tool-call-parser": "vllm.tool_call_parser",
@@ -114,13 +115,45 @@ def parse_output(stdout: str, stderr: str, exit_status: int, where: str) -> Vllm
     )
 
 
-def last_check(cfg: ClusterConfig) -> Optional[dict]:
-    """What the last check of this image found (state_dir/vllm.json: version, image ID, argv hash, ok)."""
+# how many checks state_dir/vllm.json remembers (image ID x flags: e.g. both executors of one image)
+REMEMBERED_CHECKS = 8
+
+
+def _records(cfg: ClusterConfig) -> list[dict]:
     try:
         data = json.loads((cfg.resolved_state_dir() / "vllm.json").read_text())
     except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("image") == cfg.container.image else None
+        return []
+    if isinstance(data, dict) and isinstance(data.get("checks"), list):
+        return [r for r in data["checks"] if isinstance(r, dict)]
+    return [data] if isinstance(data, dict) else []  # the one-record file of earlier versions
+
+
+def last_check(cfg: ClusterConfig) -> Optional[dict]:
+    """The newest check of this image (version, image ID, argv hash, ok), for `status` and `plan`."""
+    return next((r for r in _records(cfg) if r.get("image") == cfg.container.image), None)
+
+
+def passed_before(cfg: ClusterConfig, image_id: str, argv_hash: str) -> Optional[dict]:
+    """A passed check of exactly this image ID and these flags: no need to run it again."""
+    return next((r for r in _records(cfg) if r.get("ok") and r.get("image_id") == image_id and r.get("argv_hash") == argv_hash), None)
+
+
+def argv_hash(argvs: list[list[str]]) -> str:
+    return hashlib.sha256(json.dumps(argvs).encode()).hexdigest()[:16]
+
+
+def remember(cfg: ClusterConfig, record: dict) -> None:
+    """Keep a check's result in state_dir/vllm.json, newest first (best effort: a read-only
+    state_dir only means the check runs again next time)."""
+    key = (record.get("image_id"), record.get("argv_hash"))
+    rest = [r for r in _records(cfg) if (r.get("image_id"), r.get("argv_hash")) != key]
+    try:
+        d = cfg.resolved_state_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "vllm.json").write_text(json.dumps({"checks": [record, *rest][:REMEMBERED_CHECKS]}, indent=2) + "\n")
+    except OSError:
+        pass
 
 
 def check_local(python: str | os.PathLike, argv: list[str], *, timeout: float = 600) -> VllmCheck:

@@ -47,7 +47,14 @@ def env_python(version: str, cache: Path = CACHE) -> Path:
 
 
 def _run(cmd: list[str], log, timeout: float) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        partial = ((exc.stdout or b"") + (exc.stderr or b""))
+        partial = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+        raise VllmEnvError(f"`{' '.join(cmd[:8])}` did not finish within {timeout:g}s; its last output:\n{partial[-2000:]}") from None
+    except OSError as exc:
+        raise VllmEnvError(f"`{cmd[0]}` cannot run: {exc}") from None
     if log:
         log(" ".join(c if len(c) < 60 else c[:57] + "..." for c in cmd[:8]) + (" ..." if len(cmd) > 8 else ""))
     if p.returncode != 0:

@@ -30,6 +30,7 @@ from .plan import build_plan
 from .render import quote
 from .status import NodeObs, RayObs, VLLMObs, members_gone, observe_node, observe_ray, ray_missing
 from .transport import Nodes
+from . import timeouts
 
 EventSink = Callable[[dict[str, Any]], None]
 # Ray marks a frozen node dead only after ~30-80 s of missed health checks: a probe every 15 s
@@ -148,7 +149,7 @@ class Watchdog:
         cfg = self.cfg
         t_probe = cfg.health.probe_timeout_s
         with ThreadPoolExecutor(max_workers=len(cfg.nodes)) as pool:
-            futs = [pool.submit(observe_node, self.nodes[n.name], cfg, self.plan, t_probe + 5) for n in cfg.nodes]
+            futs = [pool.submit(observe_node, self.nodes[n.name], cfg, self.plan, t_probe + timeouts.NODE_PROBE_EXTRA_S) for n in cfg.nodes]
             vllm = VLLMObs(endpoint=cfg.endpoint())
             try:
                 vllm.health = self.http.get(f"{vllm.endpoint}/health", timeout=t_probe).status_code
@@ -174,7 +175,7 @@ class Watchdog:
         if self.ray_probe is None and time.monotonic() - self.ray_probe_started >= RAY_PROBE_INTERVAL_S:
             self.ray_probe_started = time.monotonic()
             self.ray_probe = self.ray_pool.submit(observe_ray, self.nodes[self.cfg.head.name], self.cfg, self.plan,
-                                                  max(self.cfg.health.probe_timeout_s, 30))
+                                                  max(self.cfg.health.probe_timeout_s, timeouts.QUICK_S))
         return ray
 
     def canary(self) -> tuple[bool, float]:
@@ -202,7 +203,7 @@ class Watchdog:
             try:
                 for c in list_containers(t, self.cfg.name):
                     save_logs(t, c.name, d / "logs")
-                r = t.run("docker ps -a; echo; free -m; echo; uptime", timeout=20)
+                r = t.run("docker ps -a; echo; free -m; echo; uptime", timeout=timeouts.INCIDENT_HOST_S)
                 (d / f"{t.node}-host.txt").write_text(r.stdout + r.stderr)
             except SparkClusterError as exc:
                 (d / f"{t.node}-error.txt").write_text(str(exc))
@@ -212,7 +213,7 @@ class Watchdog:
         if self.ray_step is not None:
             try:
                 r = self.nodes[self.cfg.head.name].run(f"docker exec {quote(self.cfg.name + '-ray-head')} ray status; {self.ray_step.command}",
-                                                       timeout=60)
+                                                       timeout=timeouts.RAY_STATE_S)
                 (d / "ray-status.txt").write_text(r.stdout + r.stderr)
             except SparkClusterError as exc:
                 (d / "ray-status.txt").write_text(f"unavailable: {exc}\n")

@@ -99,16 +99,17 @@ class FakeCluster:
         return 0, "", ""
 
     def _check(self, node: str, step) -> Answer:
-        kind = step.id.rsplit("/", 1)[-1]
-        if kind == "image":
+        """What a healthy node answers to each kind of check."""
+        kind = step.check.kind
+        if kind == "image-present":
             return 0, "sha256:img\n", ""
-        if kind == "model":
+        if kind == "model-files":
             return 0, "config.json\t100\nmodel.safetensors\t1000\n", ""
-        if kind == "memory":
+        if kind == "memory-available":
             return 0, "MemTotal:       127600816 kB\nMemAvailable:   120000000 kB\n", ""
-        if kind == "sysctl-verify":
-            return 0, step.expect["stdout"], ""
-        if kind == "gpu-runtime":
+        if kind == "read-back":
+            return 0, step.check.stdout, ""
+        if kind == "runtime-listed":
             return 0, '{"nvidia":{}}', ""
         return 0, "", ""
 
@@ -126,6 +127,11 @@ class FakeTransport:
     def run(self, command: str, *, timeout: float | None = None, input: bytes | None = None, on_output=None) -> Result:
         code, out, err = self.cluster.answer(self.node, command)
         return Result(self.node, command, code, out, err, 0.001)
+
+    def stream_to(self, command: str, target: "FakeTransport", target_command: str, *, timeout: float) -> tuple[Result, Result]:
+        code, out, err = self.cluster.answer(self.node, command)
+        code2, out2, err2 = self.cluster.answer(target.node, target_command)
+        return Result(self.node, command, code, "", err, 0.001), Result(target.node, target_command, code2, out2, err2, 0.001)
 
     def close(self) -> None:
         return None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from spark_cluster.cli import app
 
-from .conftest import CONFIGS, run_cli
+from .conftest import CONFIGS, ROOT, run_cli
 
 
 def test_plan_card_config_shows_worker_before_head():
@@ -106,3 +108,75 @@ def test_error_values_are_shown_literally(tmp_path):
     cfg.write_text((CONFIGS / "dgx-spark-2node.yaml").read_text().replace("shm_size: 10.24g", 'shm_size: "[bold]1g[/]"'))
     res = run_cli("validate", str(cfg))
     assert res.returncode == 2 and "container.shm_size = '[bold]1g[/]'" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["serving-busy", "stalled-paused-worker"])
+def test_status_reads_at_80_columns(name):
+    """Each container on one line, with its age (`up 2d`), not a wrapped ISO start time."""
+    from rich.console import Console
+
+    from spark_cluster.cli import render_status
+    from spark_cluster.status import Observation, StatusReport
+
+    obs = Observation.model_validate(json.loads((ROOT / "tests" / "data" / "observations" / f"{name}.json").read_text())["observation"])
+    console = Console(width=80, record=True, color_system=None)
+    console.print(render_status(StatusReport(verdict="serving", reason="", observation=obs)))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    for n in obs.nodes:
+        for c in n.containers:
+            [line] = [line for line in lines if f" {c.name} " in line]
+            assert n.name in line and c.state in line
+            if c.state == "running":
+                assert re.search(r"running up \d+[smhd]\b", line), line
+    assert not any(re.search(r"\d{4}-\d\d-\d\dT\d\d", line) for line in lines[:-1])  # no ISO times but the footer's
+
+
+def test_container_age():
+    from datetime import datetime, timezone
+
+    from spark_cluster.cli import age
+
+    now = datetime(2026, 11, 29, 12, 4, 30, tzinfo=timezone.utc)
+    assert age("2026-11-29T12:00:00.123456789Z", now) == "up 4m"
+    assert age("2026-11-29T12:04:00Z", now) == "up 30s"
+    assert age("2026-11-27T11:00:00Z", now) == "up 2d"
+    assert age("garbage", now) == ""
+
+
+def test_readme_exit_code_table_is_the_code():
+    from spark_cluster.errors import exit_codes
+
+    text = (ROOT / "README.md").read_text()
+    table = text.split("### Exit codes", 1)[1].split("\n\n")[1]
+    rows = [line.split(" | ", 1) for line in table.splitlines()[2:]]
+    assert {int(code.strip("| ")): meaning.rstrip(" |") for code, meaning in rows} == exit_codes()
+
+
+def test_every_error_class_lives_in_errors_with_its_own_exit_code():
+    import inspect
+
+    from spark_cluster import errors
+
+    found = _subclasses(errors.SparkClusterError)  # after importing every module of the package
+    assert len(found) >= 15
+    for cls in found:
+        assert inspect.getmodule(cls) is errors, f"{cls.__name__} is defined in {cls.__module__}, not spark_cluster.errors"
+
+
+def _subclasses(cls):
+    import importlib
+    import pkgutil
+
+    import spark_cluster
+
+    for m in pkgutil.walk_packages(spark_cluster.__path__, "spark_cluster."):
+        if m.name.endswith("__main__"):
+            continue
+        importlib.import_module(m.name)
+    out, todo = [], [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            out.append(sub)
+            todo.append(sub)
+    return out

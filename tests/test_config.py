@@ -26,8 +26,15 @@ def problems(text: str, source: str = "cluster.yaml") -> str:
 
 @pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
+    """Each shipped config loads, plans a start step on every node (workers before the head), and
+    survives a round trip through its own JSON (what `validate --json` prints) unchanged."""
+    from spark_cluster.plan import build_plan
+
     cfg = load_config(path)
-    assert cfg.head.role == "head"
+    plan = build_plan(cfg)
+    started = [s.node for s in plan.steps if s.kind == "start"]
+    assert set(started) == {n.name for n in cfg.nodes} and started[-1] == cfg.head.name
+    assert ClusterConfig.model_validate_json(cfg.model_dump_json()) == cfg
 
 
 def test_card_config_values(card_yaml):

@@ -1,6 +1,6 @@
 """Golden tests: config in, plan out, per node and step, for every example config.
 
-After an intended change: `UPDATE_GOLDEN=1 make test-unit`, then review the diff of tests/golden/.
+After an intended change: `make golden`, then review the diff of tests/golden/
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def readable(plan) -> str:
     lines = []
     for step in plan.steps:
         lines.append(f"## {step.id}  [{step.kind} on {step.node or 'controller'}] {step.description}")
-        if step.expect:
-            lines.append(f"# expect {json.dumps(step.expect, sort_keys=True)}")
+        if step.check is not None:
+            lines.append(f"# check {json.dumps(step.check.model_dump(), sort_keys=True)}")
         lines.append(step.command or "")
         if step.stdin:
             lines.append(f"# stdin templates/{step.stdin}")
@@ -41,5 +41,5 @@ def test_plan_matches_golden(path):
         if os.environ.get("UPDATE_GOLDEN"):
             golden.parent.mkdir(exist_ok=True)
             golden.write_text(text)
-        assert golden.exists(), f"{golden} missing: run UPDATE_GOLDEN=1 pytest tests/test_golden.py"
-        assert text == golden.read_text(), f"plan of {path.name} changed: review, then UPDATE_GOLDEN=1"
+        assert golden.exists(), f"{golden} missing: run make golden"
+        assert text == golden.read_text(), f"plan of {path.name} changed: if intended, run make golden and review the diff"

@@ -54,7 +54,7 @@ def test_worker_containers_start_before_head_and_vllm(card_yaml):
 
 def test_wait_ray_expects_every_node(card_yaml):
     step = next(s for s in plan_of(card_yaml).steps if s.kind == "wait-ray")
-    assert step.expect == {"alive_ips": ["192.168.100.10", "192.168.100.11"], "gpus": 2}
+    assert step.check.alive_ips == ["192.168.100.10", "192.168.100.11"] and step.check.resources == {"GPU": 2.0}
     assert step.deadline_s == 300
 
 

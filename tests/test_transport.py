@@ -27,3 +27,27 @@ def test_defaults_without_ssh_config(tmp_path):
     ep = resolve_endpoint(cfg.nodes[1], SSHSettings(config_file=str(tmp_path / "none")))
     assert (ep.hostname, ep.port, ep.connect_timeout_s) == ("10.99.0.12", 22, 10.0)
     assert ep.trust_on_first_use is False
+
+
+def test_nodes_map_hands_back_errors_but_never_swallows_ctrl_c():
+    import pytest
+
+    from spark_cluster.errors import TransportError
+
+    from .fakes import FakeCluster, fake_nodes
+
+    nodes = fake_nodes(FakeCluster(parse_config(SIM_CONFIG.read_text())))
+
+    def fail(t):
+        if t.node == "sim-2":
+            raise TransportError("sim-2: unreachable")
+        return t.node
+
+    got = nodes.map(fail)
+    assert got["sim-1"] == "sim-1" and isinstance(got["sim-2"], TransportError)
+
+    def interrupted(t):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        nodes.map(interrupted)

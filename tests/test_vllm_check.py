@@ -63,7 +63,7 @@ def test_plan_checks_every_distinct_vllm_command_line_in_a_throwaway_container()
     plan = build_plan(load_config(CONFIGS / "local-sim-native.yaml"))
     step = next(s for s in plan.steps if s.id == "preflight/sim-1/vllm-flags")
     assert [s.id for s in plan.steps_in("preflight")][-1] == step.id  # after the image checks
-    assert step.stdin == "vllm-check.py"
+    assert step.stdin == "node-scripts/vllm-check.py"
     assert "docker run --rm -i --name spark-check-vllm-flags --network none" in step.command
     assert "--gpus" not in step.command  # works on a node without a GPU
     assert len(plan.vllm_argvs) == 2 and "--headless" in plan.vllm_argvs[1]
@@ -76,3 +76,34 @@ def test_check_can_be_switched_off():
 
     plan = build_plan(parse_config(text))
     assert not any(s.id.endswith("/vllm-flags") for s in plan.steps)
+
+
+def test_a_parser_environment_step_past_its_time_is_a_clear_error():
+    """A pip install that hangs (no index reachable) ends as VllmEnvError with its last output,
+    not a subprocess traceback."""
+    import sys
+
+    from spark_cluster.vllm_env import VllmEnvError, _run
+
+    with pytest.raises(VllmEnvError) as info:
+        _run([sys.executable, "-c", "import time; print('Collecting vllm', flush=True); time.sleep(30)"], None, 1)
+    assert "did not finish within 1s" in str(info.value) and "Collecting vllm" in str(info.value)
+    with pytest.raises(VllmEnvError, match="cannot run"):
+        _run(["/nonexistent/python3", "-V"], None, 5)
+
+
+def test_checks_of_both_executors_are_remembered(tmp_path):
+    """Switching executor (other flags, same image) and back must not check the image's vLLM again."""
+    from spark_cluster.vllm_check import argv_hash, last_check, passed_before, remember
+
+    cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})
+    (tmp_path / "vllm.json").write_text(json.dumps({"image": cfg.container.image, "image_id": "sha256:1", "argv_hash": "old",
+                                                    "vllm_version": "0.31.0", "ok": True}))  # an earlier version's one record
+    assert passed_before(cfg, "sha256:1", "old")["vllm_version"] == "0.31.0"
+    ray, native = argv_hash([["serve", "--a"]]), argv_hash([["serve", "--b"]])
+    for h in (ray, native):
+        remember(cfg, {"image": cfg.container.image, "image_id": "sha256:1", "argv_hash": h, "vllm_version": "0.32.0", "ok": True})
+    assert passed_before(cfg, "sha256:1", ray) and passed_before(cfg, "sha256:1", native) and passed_before(cfg, "sha256:1", "old")
+    assert passed_before(cfg, "sha256:2", ray) is None  # another image
+    remember(cfg, {"image": cfg.container.image, "image_id": "sha256:1", "argv_hash": ray, "vllm_version": "0.32.0", "ok": False})
+    assert passed_before(cfg, "sha256:1", ray) is None and last_check(cfg)["ok"] is False

@@ -1,0 +1,27 @@
+"""Every fixed time limit of spark-cluster in one place, each with why it is what it is. (What a
+user may want to change lives in cluster.yaml: ssh.*_timeout_s, health.*, watchdog.*, vllm.check_timeout_s.)"""
+
+# Small node commands (take or release the lock, read a process or the last log lines): they
+# answer in well under a second; 30 s allows for a node under heavy load (a model loading).
+QUICK_S = 30
+# A container's whole log (saved by down and into incident bundles): megabytes over SSH.
+LOG_DUMP_S = 120
+# `docker pull` of the image, or `docker save | docker load` through the controller: images for
+# Sparks are 10-25 GB, and the management link may be 1 GbE or WiFi.
+IMAGE_TRANSFER_S = 3600
+# Removing a throwaway container (the vLLM flag check's, after it timed out).
+CLEANUP_S = 60
+# Beyond a container's stop timeout: docker's own stop and removal of a big container.
+REMOVE_EXTRA_S = 60
+# Beyond a hosted process's stop timeout: `docker exec` into a busy container.
+PROCESS_STOP_EXTRA_S = 30
+# Asking Ray for its state inside the head container: the probe imports Ray (1-3 s of CPU on the head).
+RAY_STATE_S = 60
+# The watchdog's node probe: health.probe_timeout_s plus this for SSH and docker on a loaded node.
+NODE_PROBE_EXTRA_S = 5
+# Host facts (docker ps, free, uptime) in an incident bundle.
+INCIDENT_HOST_S = 20
+# How often `up` polls a starting process for its PID file.
+PROCESS_POLL_S = 0.5
+# A chat completion of the simulated cluster's demo (a tiny model on CPU).
+DEMO_COMPLETION_S = 120

@@ -1,0 +1,97 @@
+"""`up` and `down` sequencing on a scripted fake transport (tests/fakes.py): milliseconds, no node.
+What the simulated cluster proves for real (tests/test_up.py), these prove for every branch."""
+
+from __future__ import annotations
+
+import pytest
+
+from spark_cluster.config import load_config
+from spark_cluster.errors import PreflightError, RemoveFailed
+from spark_cluster.executor import Executor
+
+from .conftest import SIM_CONFIGS
+from .fakes import FakeCluster, fake_nodes, removed, started
+
+
+@pytest.fixture(params=sorted(SIM_CONFIGS))
+def cfg(request, tmp_path):
+    c = load_config(SIM_CONFIGS[request.param])
+    return c.model_copy(update={"state_dir": str(tmp_path), "vllm": c.vllm.model_copy(update={"check_flags": False})})
+
+
+def up(cluster: FakeCluster, events=None):
+    return Executor(cluster.cfg, fake_nodes(cluster), (events.append if events is not None else None)).up(stop_after="serve")
+
+
+def test_a_serving_cluster_is_kept_whole(cfg):
+    fake = FakeCluster(cfg).serving()
+    res = up(fake)
+    assert not res.changed and res.recreated == [] and len(res.kept) == len(fake.plan.containers()) + len(fake.plan.processes())
+    assert started(fake) == [] and removed(fake) == []
+    assert fake.commands(containing="rm -rf /tmp/spark-cluster-spark.lock")  # the lock was released
+
+
+def test_an_empty_cluster_starts_workers_first(cfg):
+    fake = FakeCluster(cfg)
+    res = up(fake)
+    want = {"ray": ["sim-2:spark-ray-worker", "sim-1:spark-ray-head", "sim-1:spark-ray-head/vllm"],
+            "native": ["sim-2:spark-vllm-worker", "sim-1:spark-vllm"]}[cfg.executor]
+    assert started(fake) == want and removed(fake) == [] and res.changed
+
+
+def test_a_dead_worker_restarts_the_group_api_first_down_workers_first_up(cfg):
+    fake = FakeCluster(cfg).serving()
+    worker = next(c for c in fake.plan.containers() if c.node == "sim-2")
+    fake.containers["sim-2"][worker.name].state = "exited"
+    events: list[dict] = []
+    res = up(fake, events)
+    head = next(c for c in fake.plan.containers() if c.node == "sim-1")
+    assert removed(fake) == [f"sim-1:{head.name}", f"sim-2:{worker.name}"]
+    assert started(fake)[:2] == [f"sim-2:{worker.name}", f"sim-1:{head.name}"] and res.changed
+    reasons = {e["reason"] for e in events if e["event"] == "container-remove"}
+    assert reasons == {f"{worker.name} on sim-2 exited"}
+    if cfg.executor == "ray":  # vLLM is asked to stop first (SIGTERM while Ray still runs)
+        log = [c for _, c in fake.log]
+        sigterm = next(i for i, c in enumerate(log) if "kill -TERM" in c)
+        assert sigterm < next(i for i, c in enumerate(log) if f"docker rm -f {head.name}" in c)
+
+
+def test_a_node_that_fails_a_check_changes_nothing(cfg):
+    fake = FakeCluster(cfg)
+    fake.script("docker image inspect", (1, "", "Error: No such image"), node="sim-2")
+    fake.script("docker pull", (1, "", "no registry"), node="sim-2")
+    fake.script("docker save", (1, "", "cannot save"))
+    with pytest.raises(PreflightError, match="sim-2: image .* is not on this node"):
+        up(fake)
+    assert started(fake) == [] and removed(fake) == []
+
+
+def test_a_bug_in_a_node_probe_is_not_reported_as_a_node_problem(cfg):
+    fake = FakeCluster(cfg)
+
+    def broken():
+        raise KeyError("MemTotal")
+
+    fake.script("/proc/meminfo", broken)
+    with pytest.raises(KeyError):  # not PreflightError("nothing was changed"): a bug is a bug
+        up(fake)
+
+
+def test_down_reports_a_container_it_could_not_remove_and_removes_the_rest(cfg):
+    fake = FakeCluster(cfg).serving()
+    worker = next(c for c in fake.plan.containers() if c.node == "sim-2")
+    fake.script(f"docker rm -f {worker.name}", (1, "Error response from daemon: device or resource busy\n", ""), node="sim-2")
+    with pytest.raises(RemoveFailed, match=f"sim-2: container {worker.name} could not be removed: Error response from daemon"):
+        Executor(cfg, fake_nodes(fake)).down()
+    assert list(fake.containers["sim-1"]) == [] and list(fake.containers["sim-2"]) == [worker.name]
+    assert fake.commands(containing="rm -rf /tmp/spark-cluster-spark.lock")
+
+
+def test_a_lock_that_cannot_be_released_is_reported(cfg):
+    fake = FakeCluster(cfg).serving()
+    fake.script("rm -rf /tmp/spark-cluster-spark.lock", (1, "", "rm: cannot remove: Read-only file system"))
+    events: list[dict] = []
+    up(fake, events)
+    [warning] = [e for e in events if e["event"] == "warning"]
+    assert "could not release the lock /tmp/spark-cluster-spark.lock on sim-1" in warning["message"]
+    assert "Read-only file system" in warning["message"]
