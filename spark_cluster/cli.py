@@ -17,10 +17,10 @@ from rich.panel import Panel
 from rich.table import Table
 
 from . import __version__
+from . import timeouts
 from .config import ClusterConfig, load_config
 from .errors import SparkClusterError
 from .plan import PHASES, Plan, build_plan
-from . import timeouts
 
 app = typer.Typer(
     name="spark-cluster",

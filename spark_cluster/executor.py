@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import httpx
 
+from . import timeouts
 from .config import ClusterConfig
 from .errors import CommandFailed, CommandTimeout, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
 from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_process,
@@ -31,7 +32,6 @@ from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
 from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck, VllmCheckError, argv_hash, parse_output, passed_before, remember
-from . import timeouts
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -39,12 +39,6 @@ Reporter = Callable[[dict[str, Any]], None]
 PROCESS_START_POLLS = 40
 # stop timeout of a Ray worker container (capped): see _remove
 RAY_WORKER_STOP_S = 5
-
-
-
-
-
-
 
 
 @dataclass

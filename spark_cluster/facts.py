@@ -100,7 +100,7 @@ def parse_meminfo(text: str) -> MemoryFact:
 
 def sysctl_command(keys: list[str]) -> str:
     """One line per key, in order (an unknown key prints its error on its line)."""
-    return "".join(f"sysctl -n {quote(k)} 2>&1 | head -n 1; " for k in keys) or "true"
+    return "; ".join(f"sysctl -n {quote(k)} 2>&1 | head -n 1" for k in keys) or "true"
 
 
 def parse_sysctl(keys: list[str], stdout: str) -> dict[str, Optional[str]]:

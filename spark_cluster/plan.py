@@ -12,12 +12,12 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from . import timeouts
 from .checks import (Check, DockerAnswers, HttpAnswer, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ProcessRuns, RayMembers,
                      ReadBack, RuntimeListed, VllmFlags)
 from .config import ClusterConfig, Mount, Node
 from .facts import LABEL_PREFIX, MEMINFO_COMMAND
 from .render import MASK, quote, read_template, render, render_argv
-from . import timeouts
 
 __all__ = ["LABEL_PREFIX", "Plan", "Step", "ProcessSpec", "ContainerSpec", "build_plan"]
 # where the vLLM process started in the Ray head container writes its PID

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import httpx
 
+from . import timeouts
 from .config import ClusterConfig
 from .decide import Action, Sample, State, breaker_reset, decide, restarted
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
@@ -30,7 +31,6 @@ from .plan import build_plan
 from .render import quote
 from .status import NodeObs, RayObs, VLLMObs, members_gone, observe_node, observe_ray, ray_missing
 from .transport import Nodes
-from . import timeouts
 
 EventSink = Callable[[dict[str, Any]], None]
 # Ray marks a frozen node dead only after ~30-80 s of missed health checks: a probe every 15 s
@@ -40,8 +40,6 @@ RAY_PROBE_INTERVAL_S = 15.0
 
 def _iso(t: float | None = None) -> str:
     return datetime.fromtimestamp(t if t is not None else time.time(), timezone.utc).isoformat(timespec="milliseconds")
-
-
 
 
 def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: dict[str, str], t: float,

@@ -223,3 +223,26 @@ def test_the_breaker_is_left_only_by_a_deliberate_reset():
     assert c.state.phase == "starting" and c.state.restarts == () and "circuit breaker" in c.state.last_reason
     c.feed(S.period_s, progress=True, health=200)
     assert c.state.phase == "healthy"
+
+
+def test_watch_reset_takes_a_tripped_breaker_out_of_failed_and_says_so(tmp_path):
+    """What `watch --reset` and a successful `up` do: no node is contacted."""
+    import json
+
+    from spark_cluster.config import load_config
+    from spark_cluster.watchdog import RESET_HINT, Watchdog, reset_breaker
+
+    from .conftest import SIM_CONFIG
+
+    cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})
+    assert reset_breaker(cfg, "watch --reset") is False  # nothing to reset
+    wd = Watchdog(cfg, None)
+    wd.state = State(phase="failed", since=1.0, restarts=(1.0, 2.0, 3.0), last_reason="circuit breaker: 3 restarts")
+    wd.save_state()
+    wd.close()
+    assert reset_breaker(cfg, "watch --reset") is True
+    saved = json.loads((tmp_path / "watchdog.json").read_text())
+    assert saved["state"] == "starting" and saved["restarts_last_hour"] == 0
+    [event] = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines() if "breaker-reset" in line]
+    assert event["why"] == "watch --reset" and event["previous"] == "circuit breaker: 3 restarts"
+    assert "spark-cluster up" in RESET_HINT and "watch --reset" in RESET_HINT

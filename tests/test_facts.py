@@ -187,3 +187,37 @@ def test_metrics_summed_over_label_sets():
 ])
 def test_progress_is_any_counter_moving(before, after, moved):
     assert progressed(before, after) is moved
+
+
+def test_every_node_command_is_valid_shell():
+    """`sh -n` (parse only) over each fact command and the status/watchdog node script, as they reach a node."""
+    import subprocess
+
+    from spark_cluster.facts import GPU_COMMAND, MEMINFO_COMMAND
+    from spark_cluster.status import node_script
+
+    cfg = load_config(SIM_CONFIG)
+    cfg = cfg.model_copy(update={"sysctl": {"vm.swappiness": 1, "net.core.rmem_max": 1 << 27}})
+    plan = build_plan(cfg)
+    scripts = [containers_command("a b"), MEMINFO_COMMAND, GPU_COMMAND, sysctl_command(["vm.swappiness", "x.y"]), sysctl_command([]),
+               process_command(vllm_process()), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), [])]
+    for script in scripts:
+        res = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+        assert res.returncode == 0, f"{res.stderr}\n{script}"
+
+
+def test_node_script_sections_on_a_stubbed_node():
+    """The node script run by a real shell with docker/sysctl/grep stubbed: every section arrives."""
+    import subprocess
+
+    from spark_cluster.status import _sections, node_script
+
+    cfg = load_config(SIM_CONFIG)
+    stubs = ("sysctl() { echo 1; }\n"
+             "docker() { case \"$1\" in ps) echo abc;; inspect) printf '%s\\n' 'abc|/spark-ray-head|ray-head|running|sha256:1|2026-11-29T12:00:00Z|0|0|h';;"
+             " exec) echo '309 vllm serve /models/tiny-qwen3';; esac; }\n")
+    res = subprocess.run(["sh", "-c", stubs + node_script(cfg, build_plan(cfg).processes())], capture_output=True, text=True)
+    sec = _sections(res.stdout)
+    assert sec["sysctl"] == ["1"] and sec["containers"][0].startswith("abc|/spark-ray-head|") and "end" in sec
+    assert sec["process 0"] == ["309 vllm serve /models/tiny-qwen3", "##rc 0"]
+    assert any(line.startswith("MemTotal:") for line in sec["meminfo"])  # this machine's own /proc/meminfo
