@@ -182,7 +182,7 @@ def test_killed_vllm_process_leads_to_a_restart(engine_cfg, tmp_path):
         w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
         kill_vllm_api(cfg)
         decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 60, "restart decision")
-        gone = "vllm in spark-ray-head on sim-1 gone" if cfg.executor == "ray" else "spark-vllm on sim-1"
+        gone = "vllm in spark-ray-head on sim-1 has exited" if cfg.executor == "ray" else "spark-vllm on sim-1"
         assert "member gone" in decision["reason"] and gone in decision["reason"], decision["reason"]
         w.restart_succeeded()
     assert completion_works(cfg)
@@ -204,7 +204,7 @@ def test_engine_ended_by_rays_heartbeat_is_a_member_gone(sim, tmp_path):
             decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 240, "restart decision")
             print(f"engine ended by Ray, restart decided {ts(decision) - frozen_at:.1f}s after the freeze: {decision['reason']}")
             assert "member gone" in decision["reason"]
-            assert "vllm in spark-ray-head on sim-1 gone" in decision["reason"] or "Ray lists node sim-2" in decision["reason"]
+            assert "vllm in spark-ray-head on sim-1 has exited" in decision["reason"] or "Ray lists node sim-2" in decision["reason"]
             assert not w.kinds("canary")  # no hang verdict: the stall window never ran out
             w.restart_succeeded()
     assert completion_works(cfg)
@@ -212,12 +212,13 @@ def test_engine_ended_by_rays_heartbeat_is_a_member_gone(sim, tmp_path):
 
 
 def test_slow_but_progressing_engine_is_not_restarted(engine_cfg, tmp_path):
-    """Much heavier load than the 2 cores can serve quickly: slow, queued, but moving."""
+    """Much heavier load than the 2 cores can serve quickly: slow, queued, but moving, for three
+    stall windows and more (longer soaks: bench/failover_bench.py)."""
     cfg = cfg_with(tmp_path, engine_cfg.executor)
     serving(cfg)
     with streaming(cfg, 24, repeat=True):
         with Running(cfg) as w:
-            time.sleep(90)
+            time.sleep(3 * cfg.watchdog.stall_window_s + cfg.watchdog.canary_timeout_s)
             assert not [e for e in w.events if e["event"] == "decision" and e["action"] == "restart"], w.events[-10:]
             loaded = [x for x in w.wd.samples if x["running"] + x["waiting"] > 0]
             assert len(loaded) >= 0.8 * len(w.wd.samples) and max(x["running"] for x in loaded) >= 16  # it really was loaded
