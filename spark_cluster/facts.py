@@ -49,8 +49,10 @@ _SEP = "|"
 def containers_command(cluster: str) -> str:
     """Every container of the cluster on the node, one line each (nothing when there is none)."""
     filt = quote(f"label={LABEL_PREFIX}.cluster={cluster}")
-    return (f"ids=$(docker ps -aq --no-trunc --filter {filt}) || exit $?; "
-            f'[ -z "$ids" ] || docker inspect --format {quote(_SEP.join(_CONTAINER_FIELDS))} $ids')
+    # one compound command, no `exit`: it is also a section of the status/watchdog node script
+    return (f"if ids=$(docker ps -aq --no-trunc --filter {filt} 2>&1); then "
+            f'[ -z "$ids" ] || docker inspect --format {quote(_SEP.join(_CONTAINER_FIELDS))} $ids; '
+            'else echo "$ids" >&2; false; fi')
 
 
 class ContainersFact(BaseModel):

@@ -117,7 +117,7 @@ def node_script(cfg: ClusterConfig, procs: list) -> str:
     """One command per node for everything status and the watchdog read there, in sections; each
     hosted process: its fact command, then its exit code on a line of its own."""
     parts = [("sysctl", sysctl_command(list(cfg.sysctl))), ("meminfo", MEMINFO_COMMAND), ("gpu", GPU_COMMAND),
-             ("containers", containers_command(cfg.name) + " 2>&1")]
+             ("containers", containers_command(cfg.name) + ' 2>&1; echo "##rc $?"')]
     parts += [(f"process {i}", f'{process_command(p)} 2>&1; echo "##rc $?"') for i, p in enumerate(procs)]
     return "".join(f'echo "@@{name}"; {{ {cmd}; }}\n' for name, cmd in parts) + 'echo "@@end"\n'
 
@@ -146,15 +146,29 @@ def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: flo
     except SparkClusterError as exc:
         obs.error = exc.message
         return obs
-    obs.reachable = True
-    sec = _sections(r.stdout)
+    return parse_node_output(cfg, plan, obs.model_copy(update={"reachable": True}), r.stdout)
+
+
+def _rc(lines: list[str]) -> tuple[int, str]:
+    """A section's exit code (its `##rc N` line) and the rest of its output."""
+    rc = next((int(x.split()[1]) for x in lines if x.startswith("##rc ")), 1)
+    return rc, "\n".join(x for x in lines if not x.startswith("##rc "))
+
+
+def parse_node_output(cfg: ClusterConfig, plan: Plan, obs: NodeObs, stdout: str) -> NodeObs:
+    """What the node script printed, as the node's observation (pure: tested on stubbed nodes)."""
+    node = obs.name
+    procs = [p for p in plan.processes() if p.node == node]
+    sec = _sections(stdout)
     actual = parse_sysctl(list(cfg.sysctl), "\n".join(sec.get("sysctl", [])))
     obs.sysctl = {k: {"expected": str(v), "actual": actual[k]} for k, v in cfg.sysctl.items()}
     mem = parse_meminfo("\n".join(sec.get("meminfo", [])))
     obs.mem_total_gib, obs.mem_available_gib = mem.total_gib, mem.available_gib
     obs.gpu = parse_gpu("\n".join(sec.get("gpu", []))).summary()
-    wanted = {s.container.name: s.container for s in plan.steps if s.container is not None and s.node == node.name}
-    found = parse_containers(node.name, 0, "\n".join(sec.get("containers", [])))
+    wanted = {s.container.name: s.container for s in plan.steps if s.container is not None and s.node == node}
+    found = parse_containers(node, *_rc(sec.get("containers", [])))
+    if found.error is not None:
+        obs.error = f"docker does not answer: {found.error}"
     for c in found.containers:
         spec = wanted.get(c.name)
         obs.containers.append(ContainerObs(**c.model_dump(), spec_current=spec is not None
@@ -162,11 +176,10 @@ def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: flo
     seen = {c.name for c in found.containers}
     for name, spec in wanted.items():
         if name not in seen:
-            obs.containers.append(ContainerObs(node=node.name, name=name, component=spec.component, state="missing"))
+            obs.containers.append(ContainerObs(node=node, name=name, component=spec.component, state="missing"))
     for i, p in enumerate(procs):
-        lines = sec.get(f"process {i}", [])
-        rc = next((int(x.split()[1]) for x in lines if x.startswith("##rc ")), 1)
-        fact = parse_process(p, rc, "\n".join(x for x in lines if not x.startswith("##rc ")))
+        rc, out = _rc(sec.get(f"process {i}", []))
+        fact = parse_process(p, rc, out)
         obs.processes.append(ProcessObs(name=p.name, container=p.container, component=p.component, state=fact.state,
                                         pid=fact.pid, detail=fact.detail))
     return obs
@@ -358,6 +371,9 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
 
     if unreachable:
         return "down", f"node(s) unreachable: {', '.join(unreachable)}"
+    no_docker = [f"{n.name}: {n.error}" for n in obs.nodes if n.reachable and n.error]
+    if no_docker:
+        return "down", "; ".join(no_docker)
     if not_running:
         return "down", "; ".join(not_running)
     if missing_in_ray:

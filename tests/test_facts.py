@@ -206,18 +206,41 @@ def test_every_node_command_is_valid_shell():
         assert res.returncode == 0, f"{res.stderr}\n{script}"
 
 
-def test_node_script_sections_on_a_stubbed_node():
-    """The node script run by a real shell with docker/sysctl/grep stubbed: every section arrives."""
+STUB_DOCKER = ("docker() { case \"$1\" in ps) echo abc;; inspect) printf '%s\\n' 'abc|/spark-ray-head|ray-head|running|sha256:1|2026-11-29T12:00:00Z|0|0|h';;"
+               " exec) echo '309 vllm serve /models/tiny-qwen3';; esac; }\n")
+STUB_NO_DOCKER = ("docker() { echo 'Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?' >&2;"
+                  " return 1; }\n")
+
+
+def on_stubbed_node(stubs: str):
+    """The node script run by a real shell with docker and sysctl stubbed, read as status reads it."""
     import subprocess
 
-    from spark_cluster.status import _sections, node_script
+    from spark_cluster.status import NodeObs, node_script, parse_node_output
 
     cfg = load_config(SIM_CONFIG)
-    stubs = ("sysctl() { echo 1; }\n"
-             "docker() { case \"$1\" in ps) echo abc;; inspect) printf '%s\\n' 'abc|/spark-ray-head|ray-head|running|sha256:1|2026-11-29T12:00:00Z|0|0|h';;"
-             " exec) echo '309 vllm serve /models/tiny-qwen3';; esac; }\n")
-    res = subprocess.run(["sh", "-c", stubs + node_script(cfg, build_plan(cfg).processes())], capture_output=True, text=True)
-    sec = _sections(res.stdout)
-    assert sec["sysctl"] == ["1"] and sec["containers"][0].startswith("abc|/spark-ray-head|") and "end" in sec
-    assert sec["process 0"] == ["309 vllm serve /models/tiny-qwen3", "##rc 0"]
-    assert any(line.startswith("MemTotal:") for line in sec["meminfo"])  # this machine's own /proc/meminfo
+    plan = build_plan(cfg)
+    res = subprocess.run(["sh", "-c", "sysctl() { echo 1; }\n" + stubs + node_script(cfg, plan.processes())], capture_output=True, text=True)
+    return parse_node_output(cfg, plan, NodeObs(name="sim-1", role="head", reachable=True), res.stdout)
+
+
+def test_node_script_read_on_a_stubbed_node():
+    obs = on_stubbed_node(STUB_DOCKER)
+    assert obs.error is None and obs.sysctl == {"vm.swappiness": {"expected": "1", "actual": "1"}}
+    assert [(c.name, c.state, c.spec_current) for c in obs.containers] == [("spark-ray-head", "running", False)]  # hash "h"
+    assert [(p.name, p.state, p.pid) for p in obs.processes] == [("vllm", "running", 309)]
+    assert obs.mem_total_gib and obs.mem_total_gib > 0  # this machine's own /proc/meminfo
+
+
+def test_a_node_whose_docker_does_not_answer_says_so():
+    from spark_cluster.status import verdict
+
+    obs = on_stubbed_node(STUB_NO_DOCKER)
+    assert obs.error.startswith("docker does not answer: Cannot connect to the Docker daemon")
+    assert [c.state for c in obs.containers] == ["missing"] and obs.processes[0].state == "unknown"
+    from .test_verdict import EXPECTED, obs as observation
+
+    seen = observation()
+    seen.nodes[0] = obs
+    word, reason = verdict(seen, served_model="tiny-qwen3", expected_nodes=EXPECTED)
+    assert word == "down" and reason.startswith("sim-1: docker does not answer")
