@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
 
 import paramiko
 
@@ -114,6 +114,23 @@ class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class Transport(Protocol):
+    """What the executor, status and the watchdog need of a node's connection: SSHTransport here,
+    tests/fakes.py's FakeTransport in the unit tests."""
+
+    @property
+    def node(self) -> str: ...
+
+    def connect(self) -> Any: ...
+
+    def run(self, command: str, *, timeout: float | None = None, input: bytes | None = None,
+            on_output: Callable[[str], None] | None = None) -> Result: ...
+
+    def stream_to(self, command: str, target: Any, target_command: str, *, timeout: float) -> tuple[Result, Result]: ...
+
+    def close(self) -> None: ...
 
 
 class SSHTransport:
@@ -316,7 +333,7 @@ def _short(command: str, n: int = 120) -> str:
 class Nodes:
     """The transports of a cluster, with a parallel map over nodes."""
 
-    def __init__(self, cfg: ClusterConfig, factory: Callable[[Endpoint], SSHTransport] = SSHTransport):
+    def __init__(self, cfg: ClusterConfig, factory: Callable[[Endpoint], Transport] = SSHTransport):
         self.cfg = cfg
         self.by_name = {n.name: factory(resolve_endpoint(n, cfg.node_ssh(n))) for n in cfg.nodes}
 
