@@ -308,9 +308,11 @@ def parse_process(p: "ProcessSpec", exit_code: int, stdout: str, stderr: str = "
     out = stdout.strip()
     if exit_code == 0 and out:
         pid, _, cmdline = out.partition(" ")
+        # the command line itself is never kept: it may carry a secret (`--api-key ...` in vllm.extra_args)
         if pid.isdigit() and p.argv[0] in cmdline and (len(p.argv) < 2 or p.argv[1] in cmdline):
-            return ProcessFact(state="running", pid=int(pid), detail=cmdline[:200])
-        return ProcessFact(state="gone", detail=f"pid {pid} is another process now: {cmdline[:100]}")
+            return ProcessFact(state="running", pid=int(pid), detail=" ".join(p.argv[:2]))
+        program = cmdline.split(" ", 1)[0].rsplit("/", 1)[-1][:60]
+        return ProcessFact(state="gone", detail=f"pid {pid} is another process now ({program})")
     if exit_code == 3:
         return ProcessFact(state="not-started", detail=out)
     if exit_code == 4:

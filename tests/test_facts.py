@@ -244,3 +244,13 @@ def test_a_node_whose_docker_does_not_answer_says_so():
     seen.nodes[0] = obs
     word, reason = verdict(seen, served_model="tiny-qwen3", expected_nodes=EXPECTED)
     assert word == "down" and reason.startswith("sim-1: docker does not answer")
+
+
+def test_a_process_fact_never_keeps_the_command_line():
+    """`--api-key` in vllm.extra_args ends up in vLLM's argv: status, events and incident bundles
+    show the process fact, so its command line must not be in it."""
+    p = vllm_process()
+    running = parse_process(p, 0, "309 /opt/venv/bin/python3 /opt/venv/bin/vllm serve /m --api-key sk-very-secret\n")
+    assert running.state == "running" and "sk-very-secret" not in running.model_dump_json()
+    other = parse_process(p, 0, "309 /usr/bin/python3 /srv/app.py --token sk-very-secret\n")
+    assert other.state == "gone" and other.detail == "pid 309 is another process now (python3)"
