@@ -364,7 +364,7 @@ def logs(
                             sys.stdout.write(f"{n}/{name} | {line}\n")
                         sys.stdout.flush()
 
-                nodes[n].run(f"docker logs --follow {lines} {quote(name)} 2>&1", timeout=FOLLOW_LIMIT_S, on_output=emit)
+                nodes[n].run(f"docker logs --follow {lines} {quote(name)} 2>&1", timeout=timeouts.FOLLOW_LIMIT_S, on_output=emit)
 
             out.print(f"[bold]== following {', '.join(f'{c.name}@{n}' for n, c in found) or 'nothing'}: Ctrl-C to stop[/]")
             threads = [threading.Thread(target=follow_one, args=(n, c.name), daemon=True) for n, c in found]
@@ -379,8 +379,6 @@ def logs(
         raise typer.Exit(130) from None
 
 
-# `logs -f` runs until Ctrl-C: a week, as far as the node's own limit is concerned
-FOLLOW_LIMIT_S = 7 * 24 * 3600
 
 
 def age(started_at: str, now: Optional[datetime] = None) -> str:

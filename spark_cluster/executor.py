@@ -35,10 +35,6 @@ from .vllm_check import VllmCheck, VllmCheckError, argv_hash, parse_output, pass
 
 Reporter = Callable[[dict[str, Any]], None]
 
-# `docker exec -d` returns at once: polls (every 0.5 s) until the started process has written its PID
-PROCESS_START_POLLS = 40
-# stop timeout of a Ray worker container (capped): see _remove
-RAY_WORKER_STOP_S = 5
 
 
 @dataclass
@@ -313,7 +309,7 @@ class Executor:
             return
         # `docker exec -d` returns before the process runs: wait until it has written its PID
         fact = ProcessFact(state="unknown")
-        for _ in range(PROCESS_START_POLLS):
+        for _ in range(round(timeouts.PROCESS_START_S / timeouts.PROCESS_POLL_S)):
             fact = self.process_fact(step.process)
             if fact.state == "running":
                 self._done(step, t0, container=step.process.container, pid=fact.pid)
@@ -328,7 +324,7 @@ class Executor:
         if component == "ray-worker":
             # a Ray worker node keeps nothing worth a graceful stop; its `ray start --block` waits out
             # the whole stop timeout once the head is gone (measured: 30 s of every down)
-            stop = min(stop, RAY_WORKER_STOP_S)
+            stop = min(stop, timeouts.RAY_WORKER_STOP_S)
         if graceful:
             # a process hosted in the container (vLLM in the Ray head) stops first, while Ray still runs
             for p in self.plan.processes():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 import httpx
 from pydantic import BaseModel, Field
 
+from . import timeouts
 from .config import ClusterConfig
 from .errors import SparkClusterError
 from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPlacementGroup, containers_command, counters,
@@ -185,8 +186,6 @@ def parse_node_output(cfg: ClusterConfig, plan: Plan, obs: NodeObs, stdout: str)
     return obs
 
 
-# asking Ray for status: shorter than an up's wait (status must answer quickly; the probe imports Ray)
-RAY_SNIPPET_TIMEOUT = 20
 
 
 def observe_ray(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: float) -> RayObs:
@@ -312,7 +311,7 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
             # an unreachable head costs one connect timeout, not a second one here
             if connected[cfg.head.name].exception() is not None:
                 return RayObs(checked=bool(plan.steps_in("wait-ray")), error="head unreachable")
-            return observe_ray(head, cfg, plan, RAY_SNIPPET_TIMEOUT)
+            return observe_ray(head, cfg, plan, timeouts.RAY_STATUS_S)
 
         ray_fut = pool.submit(ray_after_connect)
         node_obs = [f.result() for f in node_futs.values()]

@@ -21,7 +21,16 @@ RAY_STATE_S = 60
 NODE_PROBE_EXTRA_S = 5
 # Host facts (docker ps, free, uptime) in an incident bundle.
 INCIDENT_HOST_S = 20
-# How often `up` polls a starting process for its PID file.
+# How often `up` polls a starting process for its PID file, and for how long: `docker exec -d`
+# returns at once, the process writes its PID within a second unless something is wrong.
 PROCESS_POLL_S = 0.5
+PROCESS_START_S = 20
+# Stop timeout of a Ray worker container (capped): it keeps nothing worth a graceful stop, and its
+# `ray start --block` waits out the whole stop timeout once the head is gone.
+RAY_WORKER_STOP_S = 5
+# Asking Ray for `status`: shorter than an up's wait, status must answer quickly.
+RAY_STATUS_S = 20
+# `logs -f` runs until Ctrl-C: a week, as far as the node's own limit is concerned.
+FOLLOW_LIMIT_S = 7 * 24 * 3600
 # A chat completion of the simulated cluster's demo (a tiny model on CPU).
 DEMO_COMPLETION_S = 120
