@@ -212,7 +212,8 @@ def _nodes(cfg: ClusterConfig):
 def up(
     config: Path = CONFIG_ARG,
     as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines instead of a progress view."),
-    watch_after: bool = typer.Option(False, "--watch", help="Stay on after serving as the failover watchdog (like `watch`)."),
+    watch_after: bool = typer.Option(False, "--watch", help="Stay on after serving as the controller (like `controller`): "
+                                                            "watchdog, gateway, API, metrics, status page."),
 ) -> None:
     """Bring the cluster to serving: preflight, node tuning, workers then head, Ray, vLLM, a real completion."""
     from .executor import Executor
@@ -235,7 +236,46 @@ def up(
         else:
             out.print(f"[bold green]serving[/] at {cfg.endpoint()}: nothing changed (all containers up to date)", highlight=False)
     if watch_after:
-        _watch(cfg, as_json, None)
+        _controller(cfg, as_json)
+
+
+def _controller(cfg: ClusterConfig, as_json: bool) -> None:
+    from .controller import serve
+
+    if not as_json:
+        g = cfg.gateway
+        where = f"http://{'127.0.0.1' if g.host in ('0.0.0.0', '::') else g.host}:{g.port}"
+        out.print(f"controller: clients use [bold]{where}/v1[/] (OpenAI API, failover hidden); status page {where}/ ; "
+                  f"metrics {where}/metrics ; API docs {where}/docs", highlight=False)
+    try:
+        _guard(lambda: serve(cfg))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def controller(
+    config: Path = CONFIG_ARG,
+    print_unit: bool = typer.Option(False, "--print-unit", help="Print a systemd unit that runs this controller, and exit."),
+) -> None:
+    """The long-running controller: the watchdog, a gateway that holds requests while the group restarts
+    (/v1), the API (/api, /docs), Prometheus metrics (/metrics) and a status page (/), on gateway.port."""
+    cfg = _load(config)
+    if print_unit:
+        _print_unit(cfg, config, "controller")
+        return
+    _controller(cfg, False)
+
+
+def _print_unit(cfg: ClusterConfig, config: Path, command: str) -> None:
+    import getpass
+    import shutil
+
+    from .render import render
+
+    exe = shutil.which("spark-cluster") or f"{sys.executable} -m spark_cluster"
+    sys.stdout.write(render("spark-cluster-watch.service.j2", cluster=cfg.name, config=str(config.resolve()), command=command,
+                            state_dir=str(cfg.resolved_state_dir()), user=getpass.getuser(), executable=exe) + "\n")
 
 
 def _print_watch_event(as_json: bool):
@@ -291,14 +331,7 @@ def watch(
         err.print("watchdog: " + ("out of its failed state (the circuit breaker is reset)" if done else "was not failed; nothing to reset"),
                   highlight=False)
     if print_unit:
-        import getpass
-        import shutil
-
-        from .render import render
-
-        exe = shutil.which("spark-cluster") or f"{sys.executable} -m spark_cluster"
-        sys.stdout.write(render("spark-cluster-watch.service.j2", cluster=cfg.name, config=str(config.resolve()),
-                                state_dir=str(cfg.resolved_state_dir()), user=getpass.getuser(), executable=exe) + "\n")
+        _print_unit(cfg, config, "watch")
         return
     _watch(cfg, as_json, max_seconds)
 

@@ -413,6 +413,49 @@ class WatchdogSettings(Strict):
     enabled: bool = Field(True, description="Restart automatically (false: only observe and report).")
 
 
+class GatewaySettings(Strict):
+    """The controller's front door (`spark-cluster controller`): one port for clients (OpenAI API under /v1),
+    the controller's API (/api), Prometheus metrics (/metrics) and the status page (/)."""
+
+    host: str = Field("0.0.0.0", description="Address the controller listens on. Its status page and incident bundles are "
+                                             "readable by anyone who reaches it: bind to 127.0.0.1 or firewall it when that matters.")
+    port: int = Field(8080, ge=1, le=65535, description="Port clients use instead of vLLM's.")
+    hold_s: float = Field(600, ge=0, description="How long a request may wait while the cluster is not serving (restarting, "
+                                                 "backing off, starting, hang confirmed) before it gets 503 with Retry-After. "
+                                                 "A restart on Sparks reloads the model: minutes.")
+    max_held: int = Field(256, ge=0, description="Most requests held at once; past it new ones get 503 with Retry-After.")
+    max_body: str = Field("32m", description="Largest request body accepted (413 above it), as a size.")
+    connect_timeout_s: float = Field(5, gt=0, description="Deadline to connect to vLLM (a refused or late connection is retried while held).")
+    read_timeout_s: float = Field(900, gt=0, description="Longest silence from vLLM within one answer (between two chunks of a stream, "
+                                                         "or before a non-streamed answer) before the request fails.")
+    max_connections: int = Field(1024, ge=1, description="Connections to vLLM at once (httpx's default 100 is a known failure of routers "
+                                                         "with many concurrent streams).")
+    retry_after_s: int = Field(30, ge=1, description="Retry-After of a 503 past hold_s or max_held.")
+
+    @field_validator("max_body", mode="before")
+    @classmethod
+    def _max_body(cls, value: Any) -> str:
+        return _size(value)
+
+    def max_body_bytes(self) -> int:
+        return parse_size(self.max_body)
+
+
+class ApiSettings(Strict):
+    """Who may act through the controller's API (POST /api/restart, /api/watchdog/pause|resume)."""
+
+    token_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                     description="Environment variable holding the API's bearer token.")
+    token_file: Optional[str] = Field(None, description="File holding the API's bearer token (read at start). Default when neither is set: "
+                                                        "state_dir/api-token, created with a random token (mode 600) on first start.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "ApiSettings":
+        if self.token_env and self.token_file:
+            raise ValueError("give token_env or token_file, not both")
+        return self
+
+
 class ClusterConfig(Strict):
     """A spark-cluster: nodes, the container they run, and the vLLM engine across them."""
 
@@ -435,6 +478,8 @@ class ClusterConfig(Strict):
     memory: MemoryGuard = Field(default_factory=MemoryGuard, description="Unified-memory guard.")
     health: HealthSettings = Field(default_factory=HealthSettings, description="Deadlines.")
     watchdog: WatchdogSettings = Field(default_factory=WatchdogSettings, description="Failover controller.")
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings, description="The controller's front door: gateway, API, metrics, status page.")
+    api: ApiSettings = Field(default_factory=ApiSettings, description="The controller API's bearer token.")
     state_dir: Optional[str] = Field(None, description="Local folder for logs, events and incident bundles. Default: ~/.local/state/spark-cluster/<name>.")
 
     @field_validator("sysctl")
@@ -547,6 +592,13 @@ class ClusterConfig(Strict):
         for env in envs:
             names.update(k for k in env if SECRET_ENV_RE.search(k))
         return names
+
+    def secret_values(self) -> list[str]:
+        """The values of every secret variable, longest first (to mask them in anything shown)."""
+        names = self.secret_names()
+        envs = [self.container.env] + [n.env for n in self.nodes]
+        values = {str(v) for env in envs for k, v in env.items() if k in names and len(str(v)) >= 4}
+        return sorted(values, key=len, reverse=True)
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir or f"~/.local/state/spark-cluster/{self.name}").expanduser()

@@ -127,6 +127,23 @@ def restarted(state: State, now: float, error: str = "") -> State:
                    grace_on_ready=True, failed_restart=error)
 
 
+def requested_restart(state: State, now: float, reason: str) -> tuple[State, Action]:
+    """A person asked for a restart (POST /api/restart): carried out at once whatever the phase, with no
+    backoff and past the breaker (someone has looked); it counts in the restart history like any other."""
+    new = replace(state, phase="restarting", since=now, backoff_until=now, suspect_since=None, suspect_reason="",
+                  canary_pending=False, last_reason=reason, failed_restart="")
+    return new, Action("restart", reason)
+
+
+def resumed(state: State, now: float) -> State:
+    """The watchdog resumes after a pause: what it knew before the pause is stale, so it confirms afresh
+    (as a new controller process does); a failed watchdog stays failed."""
+    if state.phase == "failed":
+        return state
+    return replace(state, phase="starting", since=now, ready_at=None, suspect_since=None, suspect_reason="",
+                   canary_pending=False, grace_on_ready=False, unreachable_count={}, last_counters=None, last_progress=None)
+
+
 def breaker_reset(state: State, now: float) -> State:
     """A deliberate way out of `failed` (watch --reset, or a successful manual up): the restart
     history is forgotten and the next observation is confirmed afresh."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ import httpx
 
 from . import timeouts
 from .config import ClusterConfig
-from .decide import Action, Sample, State, breaker_reset, decide, restarted
+from .decide import Action, Sample, State, breaker_reset, decide, requested_restart, restarted, resumed
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
 from .executor import Executor, list_containers, save_logs
 from .facts import parse_metrics
@@ -77,12 +78,17 @@ def reset_breaker(cfg: ClusterConfig, why: str) -> bool:
 
 class Watchdog:
     def __init__(self, cfg: ClusterConfig, nodes: Nodes, *, on_event: EventSink | None = None,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] | None = None):
         self.cfg = cfg
         self.nodes = nodes
         self.s = cfg.watchdog
         self.clock = clock
-        self.sleep = sleep
+        # commands from another thread (the controller's API): carried out by the loop at once
+        self.woken = threading.Event()
+        self.sleep = sleep or self._nap
+        self.restart_requested: Optional[str] = None
+        self.paused = False
+        self._pause_wanted: Optional[bool] = None
         self.on_event = on_event or (lambda e: None)
         self.dir = cfg.resolved_state_dir()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +107,26 @@ class Watchdog:
         self.samples: deque[dict[str, Any]] = deque(maxlen=60)
         self.last_metrics_text = ""
         self.canary_result: Optional[tuple[bool, float]] = None
+        self.last_good: Optional[float] = None  # when the cluster was last seen healthy (time to detect)
+        self.decided_at: Optional[float] = None  # when the running restart was decided (time to recover)
         self.http = httpx.Client()
+
+    # ---- commands (thread-safe: they only set a flag and wake the loop) ------------------------
+    def _nap(self, seconds: float) -> None:
+        self.woken.wait(seconds)
+        self.woken.clear()
+
+    def request_restart(self, reason: str) -> None:
+        self.restart_requested = reason
+        self.woken.set()
+
+    def pause(self, paused: bool = True) -> None:
+        self._pause_wanted = paused
+        self.woken.set()
+
+    @property
+    def busy_restarting(self) -> bool:
+        return self.state.phase in ("backoff", "restarting") or self.restart_requested is not None
 
     # ---- persistence ----------------------------------------------------------------------
     def _load_state(self) -> State:
@@ -112,10 +137,7 @@ class Watchdog:
                    for k, v in data.get("decision", {}).items() if k in fields}
             st = State(**raw)
             # a new controller process first confirms what it sees: never acts on a stale phase
-            if st.phase != "failed":
-                st = dataclasses.replace(st, phase="starting", since=self.clock(), ready_at=None, suspect_since=None,
-                                         canary_pending=False, grace_on_ready=False, unreachable_count={})
-            return st
+            return resumed(st, self.clock())
         except (OSError, ValueError, TypeError):
             return State(phase="starting", since=self.clock())
 
@@ -236,19 +258,50 @@ class Watchdog:
         took = round(time.monotonic() - t0, 1)
         self.ray_probe = None  # an answer about the previous generation is no news about this one
         self.state = restarted(self.state, self.clock(), error or "")
-        self.event("restart-done" if ok else "restart-failed", seconds=took, error=error)
+        recover = round(self.clock() - self.decided_at, 1) if self.decided_at is not None else None
+        self.event("restart-done" if ok else "restart-failed", seconds=took, recover_s=recover, error=error)
 
     # ---- the loop ---------------------------------------------------------------------------
+    def _commands(self) -> None:
+        if self._pause_wanted is not None and self._pause_wanted != self.paused:
+            self.paused = self._pause_wanted
+            if self.paused:
+                self.event("watch-paused", state=self.state.phase)
+            else:
+                if self.state.phase == "failed":  # a person has looked: as `watch --reset`
+                    previous = self.state.last_reason
+                    self.state = breaker_reset(self.state, self.clock())
+                    self.event("breaker-reset", why="resumed through the controller's API", previous=previous)
+                self.state = resumed(self.state, self.clock())
+                self.event("watch-resumed", state=self.state.phase)
+        self._pause_wanted = None
+
     def step(self) -> Optional[Action]:
-        """One period: observe, decide, act. Returns the action taken (for tests and logs)."""
+        """One period: observe, decide, act. Returns the action taken (for tests and logs).
+        Paused: observe only. A restart asked for (the API) is carried out whatever the phase."""
+        self._commands()
         sample = self.observe()
         before = self.state.phase
-        self.state, action = decide(self.state, sample, self.clock(), self.s)
+        now = self.clock()
+        requested, self.restart_requested = self.restart_requested, None
+        if requested is not None:
+            self.state, action = requested_restart(self.state, now, requested)
+        elif self.paused:
+            return None
+        else:
+            self.state, action = decide(self.state, sample, now, self.s)
         if self.state.phase != before:
             self.event("state", state=self.state.phase, previous=before, reason=self.state.suspect_reason or self.state.last_reason,
                        running=sample.running, waiting=sample.waiting, health=sample.health)
+        if self.state.phase == "healthy":
+            self.last_good = now
         if action is not None:
-            self.event("decision", action=action.kind, reason=action.reason, delay_s=action.delay_s)
+            extra = {}
+            if action.kind == "restart":
+                self.decided_at = now
+                since = self.state.suspect_since or self.last_good  # the stall began, or the last good sample
+                extra["detect_s"] = round(now - since, 1) if since is not None else None
+            self.event("decision", action=action.kind, reason=action.reason, delay_s=action.delay_s, **extra)
             if action.kind == "canary":
                 ok, took = self.canary()
                 self.canary_result = (ok, took)
@@ -261,14 +314,16 @@ class Watchdog:
         self.save_state()
         return action
 
-    def run(self, *, max_seconds: float | None = None, stop: Callable[[], bool] | None = None) -> State:
+    def run(self, *, max_seconds: float | None = None, stop: Callable[[], bool] | None = None, stop_when_failed: bool = True) -> State:
+        """The loop. stop_when_failed: raise WatchdogFailed when the breaker trips (the CLI's `watch`);
+        the controller keeps observing instead (its page, metrics and gateway need the facts)."""
         t_end = None if max_seconds is None else time.monotonic() + max_seconds
         self.event("watch-start", state=self.state.phase, period_s=self.s.period_s)
         try:
             while True:
                 t0 = time.monotonic()
                 self.step()
-                if self.state.phase == "failed":
+                if self.state.phase == "failed" and stop_when_failed:
                     raise WatchdogFailed(self.state.last_reason, hint=RESET_HINT)
                 if (stop and stop()) or (t_end is not None and time.monotonic() >= t_end):
                     return self.state

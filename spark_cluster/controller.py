@@ -1,0 +1,331 @@
+"""The controller: one long-running process per cluster (`spark-cluster controller CONFIG`).
+
+It holds the watchdog (in a thread: observe, decide, restart the group in order), and serves on
+one port (cluster.yaml `gateway`):
+- /v1/*: the gateway, the OpenAI API clients use instead of vLLM's port (spark_cluster.gateway);
+- /api/*: status, events, samples, incidents; restart and pause/resume with a bearer token
+  (cluster.yaml `api`); OpenAPI docs at /docs;
+- /metrics: Prometheus; /healthz: the controller itself; /: the status page.
+Every watchdog event is pushed from its thread into the event loop, where it moves the gateway's
+door, the metrics and the event streams. Nothing shown carries a secret: events and status pass
+through `mask` with every secret value of cluster.yaml, and the token is never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.staticfiles import StaticFiles
+
+from .config import ClusterConfig
+from .errors import ConfigError
+from .gateway import Gateway, door_for_phase, error_body
+from .metrics import ControllerMetrics
+from .render import MASK, read_template
+from .transport import Nodes
+from .watchdog import Watchdog
+
+EVENTS_KEPT = 500
+STATUS_CACHE_S = 2.0  # /api/status is gathered over SSH (about a second): one gather serves every reader meanwhile
+
+
+def load_token(cfg: ClusterConfig) -> str:
+    """The API's bearer token: from the variable or file cluster.yaml names, else state_dir/api-token
+    (created with a random token, mode 600, on first start)."""
+    a = cfg.api
+    if a.token_env:
+        value = os.environ.get(a.token_env, "").strip()
+        if not value:
+            raise ConfigError(f"api.token_env names {a.token_env}, which is not set (or empty) in the controller's environment")
+        return value
+    path = Path(a.token_file).expanduser() if a.token_file else cfg.resolved_state_dir() / "api-token"
+    if not path.exists() and not a.token_file:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"api.token_file {path}: cannot be read ({exc.strerror})") from None
+    if not value:
+        raise ConfigError(f"api token file {path} is empty")
+    return value
+
+
+def mask(text: str, values: list[str]) -> str:
+    for v in values:
+        text = text.replace(v, MASK)
+    return text
+
+
+def tail_events(path: Path, n: int) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()[-n:]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+WatchdogFactory = Callable[[ClusterConfig, Nodes, Callable[[dict[str, Any]], None]], Watchdog]
+
+
+class Controller:
+    def __init__(self, cfg: ClusterConfig, *, token: Optional[str] = None, watchdog: Optional[WatchdogFactory] = None):
+        self.cfg = cfg
+        self.make_watchdog: WatchdogFactory = watchdog or (lambda cfg, nodes, on_event: Watchdog(cfg, nodes, on_event=on_event))
+        self.token = token if token is not None else load_token(cfg)
+        self.secrets = [v for v in cfg.secret_values() + [self.token] if v]
+        self.dir = cfg.resolved_state_dir()
+        self.events: deque[dict[str, Any]] = deque(tail_events(self.dir / "events.jsonl", EVENTS_KEPT), maxlen=EVENTS_KEPT)
+        self.subscribers: set[asyncio.Queue] = set()
+        self.wd: Optional[Watchdog] = None
+        self.metrics = ControllerMetrics(lambda: self.wd.samples[-1] if self.wd and self.wd.samples else None)
+        self.gateway: Optional[Gateway] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.stopping = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        self.nodes: Optional[Nodes] = None
+        self.status_nodes: Optional[Nodes] = None
+        self.status_lock = threading.Lock()
+        self.status_cache: tuple[float, Any] = (float("-inf"), None)
+        self.watchdog_error: Optional[str] = None
+
+    # ---- life -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.gateway = Gateway(self.cfg.endpoint(), self.cfg.gateway, self.metrics)
+        self.nodes = Nodes(self.cfg)
+        self.status_nodes = Nodes(self.cfg)
+        self.wd = self.make_watchdog(self.cfg, self.nodes, self._from_thread)
+        self.gateway.set_door(door_for_phase(self.wd.state.phase, self.wd.state.last_reason))
+        self.metrics.state.state(self.wd.state.phase)
+        self.thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        try:
+            self.wd.run(stop=self.stopping.is_set, stop_when_failed=False)
+        except Exception as exc:  # noqa: BLE001 - shown by /healthz and the page, the controller stays up
+            self.watchdog_error = f"{type(exc).__name__}: {exc}"
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self.wd is not None:
+            self.wd.woken.set()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join, 60)
+        for n in (self.nodes, self.status_nodes):
+            if n is not None:
+                n.close()
+        if self.gateway is not None:
+            await self.gateway.aclose()
+
+    # ---- events -----------------------------------------------------------------------------
+    def _from_thread(self, e: dict[str, Any]) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.on_event, e)
+
+    def on_event(self, e: dict[str, Any]) -> None:
+        e = json.loads(mask(json.dumps(e, default=str), self.secrets))
+        self.events.append(e)
+        self.metrics.on_event(e)
+        if self.gateway is not None:
+            self.gateway.on_event(e)
+        for q in list(self.subscribers):
+            if q.qsize() < 1000:
+                q.put_nowait(e)
+
+    # ---- what the API reads -----------------------------------------------------------------
+    def status_json(self) -> dict[str, Any]:
+        from .status import status
+
+        with self.status_lock:
+            t, rep = self.status_cache
+            if rep is None or time.monotonic() - t > STATUS_CACHE_S:
+                rep = json.loads(mask(status(self.cfg, self.status_nodes, window_s=0.5).model_dump_json(), self.secrets))
+                self.status_cache = (time.monotonic(), rep)
+            return rep
+
+    def watchdog_json(self) -> dict[str, Any]:
+        wd = self.wd
+        st = wd.state if wd else None
+        return {
+            "state": "paused" if wd and wd.paused else (st.phase if st else "starting"),
+            "reason": mask(st.suspect_reason or st.last_reason, self.secrets) if st else "",
+            "restarts_last_hour": len([t for t in st.restarts if time.time() - t < 3600]) if st else 0,
+            "last_restart": st.last_restart if st else None,
+            "gateway": {"door": self.gateway.door.mode if self.gateway else "hold",
+                        "reason": mask(self.gateway.door.reason, self.secrets) if self.gateway else "",
+                        "held": self.gateway.held if self.gateway else 0,
+                        "in_flight": len(self.gateway.flights) if self.gateway else 0},
+            "error": self.watchdog_error,
+        }
+
+    def incidents(self, n: int) -> list[dict[str, Any]]:
+        root = self.dir / "incidents"
+        out = []
+        for d in sorted((p for p in root.glob("*") if p.is_dir()), reverse=True)[:n]:
+            reason = (d / "reason.txt").read_text().strip() if (d / "reason.txt").exists() else ""
+            files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+            out.append({"name": d.name, "reason": mask(reason, self.secrets), "files": files})
+        return out
+
+
+def create_app(ctl: Controller) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await ctl.start()
+        try:
+            yield
+        finally:
+            await ctl.stop()
+
+    app = FastAPI(title=f"spark-cluster controller: {ctl.cfg.name}", lifespan=lifespan,
+                  description="The gateway (/v1, OpenAI-compatible, hides failover), the cluster's status and events, "
+                              "restart and pause/resume of the watchdog (bearer token), Prometheus metrics.")
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        if creds is None or not hmac.compare_digest(creds.credentials.encode(), ctl.token.encode()):
+            raise HTTPException(401, "a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; "
+                                     "default state_dir/api-token)", headers={"WWW-Authenticate": "Bearer"})
+
+    # ---- the gateway ----------------------------------------------------------------------------
+    max_body = ctl.cfg.gateway.max_body_bytes()
+
+    class Proxied(Response):
+        def __init__(self, body: bytes):
+            self.payload = body
+            self.background = None
+
+        async def __call__(self, scope, receive, send) -> None:
+            await ctl.gateway.serve(scope, receive, send, self.payload)
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=True,
+                   summary="The OpenAI API of vLLM, through the gateway")
+    async def v1(path: str, request: Request):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body:
+            return too_large()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                return too_large()
+        return Proxied(bytes(body))
+
+    def too_large() -> Response:
+        ctl.metrics.outcome("rejected")
+        return Response(error_body(f"the request body is larger than gateway.max_body ({ctl.cfg.gateway.max_body})",
+                                   "request_too_large", 413), status_code=413, media_type="application/json")
+
+    # ---- the API --------------------------------------------------------------------------------
+    @app.get("/healthz", summary="The controller itself (not the engine)")
+    def healthz():
+        alive = ctl.thread is not None and ctl.thread.is_alive()
+        body = {"controller": "ok" if alive else "watchdog stopped", **ctl.watchdog_json()}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/api/status", summary="The same JSON as `spark-cluster status --json`, plus the controller's view")
+    def api_status():
+        return {**ctl.status_json(), "controller": ctl.watchdog_json()}
+
+    @app.get("/api/events", summary="The watchdog's events: the last n as JSON, or a server-sent event stream "
+                                    "(Accept: text/event-stream) that starts with them")
+    async def api_events(request: Request, n: int = Query(100, ge=0, le=EVENTS_KEPT)):
+        last = list(ctl.events)[-n:] if n else []
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return last
+        q: asyncio.Queue = asyncio.Queue()
+        ctl.subscribers.add(q)
+
+        async def stream():
+            try:
+                for e in last:
+                    yield f"data: {json.dumps(e, default=str)}\n\n"
+                while not ctl.stopping.is_set():
+                    try:
+                        e = await asyncio.wait_for(q.get(), timeout=15)
+                        yield f"data: {json.dumps(e, default=str)}\n\n"
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+            finally:
+                ctl.subscribers.discard(q)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/api/samples", summary="The watchdog's last observations (counters, running, waiting), oldest first")
+    def api_samples():
+        return list(ctl.wd.samples) if ctl.wd else []
+
+    @app.get("/api/incidents", summary="The last incident bundles and their files (served under /incidents/)")
+    def api_incidents(n: int = Query(10, ge=1, le=100)):
+        return ctl.incidents(n)
+
+    @app.post("/api/restart", status_code=202, dependencies=[Depends(authorized)],
+              summary="Restart the whole group in order now (bearer token)")
+    def api_restart():
+        if ctl.wd is None or ctl.wd.busy_restarting:
+            raise HTTPException(409, "a restart is already under way")
+        ctl.wd.request_restart("requested through the controller's API")
+        return {"restart": "requested"}
+
+    @app.post("/api/watchdog/pause", dependencies=[Depends(authorized)], summary="Observe only: no automatic restart (bearer token)")
+    def api_pause():
+        ctl.wd.pause(True)
+        return {"watchdog": "pausing"}
+
+    @app.post("/api/watchdog/resume", dependencies=[Depends(authorized)], summary="Restart automatically again (bearer token)")
+    def api_resume():
+        ctl.wd.pause(False)
+        return {"watchdog": "resuming"}
+
+    @app.get("/health", include_in_schema=False)
+    def health():
+        door = ctl.gateway.door if ctl.gateway else None
+        ok = door is not None and door.mode == "open"
+        return JSONResponse({"gateway": door.mode if door else "hold", "reason": door.reason if door else ""}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def metrics():
+        return Response(ctl.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    page = read_template("status-page.html")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index():
+        return HTMLResponse(page.replace("{{ cluster }}", ctl.cfg.name))
+
+    app.mount("/incidents", StaticFiles(directory=ctl.dir / "incidents", check_dir=False), name="incidents")
+    return app
+
+
+def serve(cfg: ClusterConfig) -> None:
+    """Run the controller until SIGINT/SIGTERM (uvicorn handles both)."""
+    import uvicorn
+
+    ctl = Controller(cfg)
+    (ctl.dir / "incidents").mkdir(parents=True, exist_ok=True)
+    uvicorn.run(create_app(ctl), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=5, limit_concurrency=None, backlog=2048)

@@ -1,0 +1,358 @@
+"""The gateway: the OpenAI API clients use instead of vLLM's port, hiding failover.
+
+What routers in front of vLLM learned (shared/notes/gateway.md), as rules:
+- Hold, don't fail: while the cluster is not serving (starting, backing off, restarting, a hang
+  confirmed) new requests wait, bounded by `gateway.hold_s` and `gateway.max_held`, then 503
+  with Retry-After. When the watchdog has given up (circuit breaker), 503 at once.
+- Retry only before the first byte: a request that failed on the engine before anything reached
+  its client is sent again once the engine serves; a stream that already sent bytes is never
+  replayed: it ends with an error event and a clean close.
+- When the watchdog confirms a hang, what is in flight is acted on at once (streams get their
+  error event, requests that received nothing go back to waiting).
+- A client that goes away cancels its request upstream (the connection to vLLM is closed, and
+  vLLM aborts a request whose client is gone).
+- Bytes pass through unchanged and unbuffered, chunk by chunk; the engine's 4xx reach the client
+  unchanged and are never retried.
+
+The door's rules are pure functions (`door_after`, `admit`, `retry_status`), table-tested; the
+proxy itself is one ASGI callable per request (`Gateway.serve`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Literal, Optional
+
+import httpx
+
+from .config import GatewaySettings
+
+Mode = Literal["open", "hold", "closed"]
+Outcome = Literal["ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled"]
+OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled")
+
+# Headers that belong to one hop (RFC 9110 7.6.1), and those httpx or the server set themselves.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "transfer-encoding", "upgrade", "host", "content-length"})
+# Pause between two attempts while the door stays open (the watchdog may not know yet that the engine is gone).
+RETRY_PAUSES_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+# ---- the door: pure rules ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Door:
+    mode: Mode = "hold"
+    reason: str = "the controller is starting"
+
+
+def door_for_phase(phase: str, reason: str = "") -> Door:
+    """The door for a watchdog phase: open while it serves (suspect is still serving: busy is not dead)."""
+    if phase in ("healthy", "suspect", "paused"):
+        return Door("open", "")
+    if phase == "failed":
+        return Door("closed", reason or "the watchdog has given up")
+    what = {"starting": "the engine is starting", "backoff": "the engine is about to be restarted (backoff)",
+            "restarting": "the engine is being restarted"}.get(phase, f"the cluster is {phase}")
+    return Door("hold", what + (f": {reason}" if reason else ""))
+
+
+def door_after(door: Door, event: dict[str, Any]) -> tuple[Door, bool]:
+    """The door after one watchdog event, and whether what is in flight must be acted on now
+    (a restart was decided: the engine is hung or a member is gone). Pure."""
+    kind = event.get("event")
+    if kind == "state":
+        new = door_for_phase(str(event.get("state")), str(event.get("reason") or ""))
+        return new, new.mode == "hold" and event.get("state") in ("backoff", "restarting")
+    if kind == "decision" and event.get("action") == "restart":
+        return Door("hold", f"the engine is being restarted: {event.get('reason', '')}"), True
+    if kind == "restart-done":
+        return Door("open", ""), False  # `up` ended with a real completion: it serves
+    if kind == "watch-paused":
+        return Door("open", ""), False
+    return door, False
+
+
+@dataclass(frozen=True)
+class Admission:
+    verdict: Literal["pass", "hold", "reject"]
+    message: str = ""
+    retry_after: bool = False
+
+
+def admit(door: Door, held_now: int, s: GatewaySettings) -> Admission:
+    """What a new (or re-queued) request does at the door. Pure."""
+    if door.mode == "open":
+        return Admission("pass")
+    if door.mode == "closed":
+        return Admission("reject", f"not serving, and the watchdog has given up: {door.reason}")
+    if held_now >= s.max_held:
+        return Admission("reject", f"not serving ({door.reason}) and {held_now} requests are already waiting "
+                                   f"(gateway.max_held {s.max_held})", retry_after=True)
+    return Admission("hold")
+
+
+def retry_status(status: int, engine_answers: Optional[bool]) -> bool:
+    """May an error status from the engine be retried (it has reached no client yet)? 502/503/504
+    say the engine is unavailable; a 500 only when the engine no longer answers /health (a dying
+    engine); 4xx never (bad input is the engine's to judge). Pure."""
+    if status in (502, 503, 504):
+        return True
+    if status == 500:
+        return engine_answers is False
+    return False
+
+
+def error_body(message: str, kind: str = "service_unavailable", code: int = 503) -> bytes:
+    """OpenAI's error shape (clients raise it as an APIError)."""
+    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+
+
+# ---- the proxy --------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Flight:
+    """One request while it is with the engine."""
+
+    interrupt: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False  # the response's head went to the client: no retry from here on
+    finished: bool = False  # its last byte went too (a client leaving now changes nothing)
+    event_stream: bool = False
+    tail: bytes = b""  # the last bytes sent (an error event must start on an event boundary)
+
+
+class Observer:
+    """What the gateway reports (the controller's metrics implement it)."""
+
+    def outcome(self, outcome: str) -> None: ...
+    def first_byte(self, seconds: float) -> None: ...
+    def held(self, count: int) -> None: ...
+    def in_flight(self, count: int) -> None: ...
+
+
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class Gateway:
+    def __init__(self, upstream: str, settings: GatewaySettings, observer: Observer | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.upstream = upstream.rstrip("/")
+        self.s = settings
+        self.obs = observer or Observer()
+        self.door = Door()
+        self.changed = asyncio.Event()  # set (and replaced) at every change of the door
+        self.held = 0
+        self.flights: set[Flight] = set()
+        limits = httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=min(settings.max_connections, 256))
+        timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s, write=settings.read_timeout_s,
+                                pool=settings.connect_timeout_s)
+        self.client = httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # ---- the door ----------------------------------------------------------------------------
+    def set_door(self, door: Door, interrupt: bool = False) -> None:
+        if door != self.door:
+            self.door = door
+            self.changed.set()
+            self.changed = asyncio.Event()
+        if interrupt:
+            for f in list(self.flights):
+                f.interrupt.set()
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        door, interrupt = door_after(self.door, event)
+        self.set_door(door, interrupt)
+
+    async def _wait_for_door(self, deadline: float, gone: asyncio.Event) -> Optional[Admission]:
+        """None once the door is open; else why the request is refused. Counted as held while waiting."""
+        while True:
+            a = admit(self.door, self.held, self.s)
+            if a.verdict != "hold":
+                return None if a.verdict == "pass" else a
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Admission("reject", f"not serving again within gateway.hold_s ({self.s.hold_s:g}s): {self.door.reason}", retry_after=True)
+            self.held += 1
+            self.obs.held(self.held)
+            try:
+                await _first(self.changed.wait(), gone.wait(), timeout=left)
+            finally:
+                self.held -= 1
+                self.obs.held(self.held)
+            if gone.is_set():
+                return Admission("reject", "the client went away")
+
+    async def engine_answers(self) -> Optional[bool]:
+        try:
+            r = await self.client.get(f"{self.upstream}/health", timeout=min(5.0, self.s.connect_timeout_s))
+            return r.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # ---- one request -------------------------------------------------------------------------
+    async def serve(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend, body: bytes) -> Outcome:
+        t0 = time.monotonic()
+        deadline = t0 + self.s.hold_s
+        gone = asyncio.Event()
+        listener = asyncio.create_task(_until_disconnect(receive, gone))
+        held = attempts = 0
+        path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.decode("latin-1").lower() not in HOP_BY_HOP]
+        flight = Flight()
+        outcome: Outcome = "failed"
+        try:
+            while True:
+                if self.door.mode != "open":
+                    held = 1
+                refusal = await self._wait_for_door(deadline, gone)
+                if gone.is_set():
+                    outcome = "cancelled"
+                    return outcome
+                if refusal is not None:
+                    await self._refuse(send, refusal)
+                    outcome = "rejected"
+                    return outcome
+                attempts += 1
+                result = await self._attempt(flight, scope["method"], path, headers, body, send, gone, t0)
+                if result != "retry":
+                    outcome = result if result != "ok" else ("retried" if attempts > 1 else "held" if held else "ok")
+                    return outcome
+                # nothing reached the client: wait for the door (the watchdog is told of the failure by its own probes),
+                # pausing a little between attempts while it stays open
+                pause = RETRY_PAUSES_S[min(attempts - 1, len(RETRY_PAUSES_S) - 1)]
+                if time.monotonic() + pause >= deadline:
+                    await self._refuse(send, Admission("reject", f"the engine did not answer within gateway.hold_s ({self.s.hold_s:g}s)",
+                                                       retry_after=True))
+                    outcome = "rejected"
+                    return outcome
+                if self.door.mode == "open":
+                    await _first(gone.wait(), timeout=pause)
+                flight = Flight()
+        finally:
+            listener.cancel()
+            self.obs.outcome(outcome)
+
+    async def _refuse(self, send: ASGISend, a: Admission) -> None:
+        headers = [(b"content-type", b"application/json")]
+        if a.retry_after:
+            headers.append((b"retry-after", str(self.s.retry_after_s).encode()))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": error_body(a.message)})
+
+    async def _attempt(self, flight: Flight, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                       send: ASGISend, gone: asyncio.Event, t0: float) -> str:
+        """One try at the engine: ok | failed (an answer passed through) | retry (nothing reached the
+        client) | interrupted (a stream cut after its first byte) | cancelled (the client went away)."""
+        self.flights.add(flight)
+        self.obs.in_flight(len(self.flights))
+        exchange = asyncio.create_task(self._exchange(flight, method, path, headers, body, send, t0))
+        try:
+            stop = await _first(exchange, flight.interrupt.wait(), gone.wait())
+            if stop is exchange or flight.finished:
+                try:
+                    return await exchange
+                except OSError:  # writing to a client that went away
+                    return "cancelled"
+            exchange.cancel()  # closes the connection to vLLM, which aborts the request
+            await asyncio.gather(exchange, return_exceptions=True)
+            if gone.is_set():
+                return "cancelled"
+            if not flight.started:
+                return "retry"
+            await self._end_stream(send, flight, "the engine stopped answering and is being restarted (hang confirmed by the watchdog)")
+            return "interrupted"
+        finally:
+            if not exchange.done():
+                exchange.cancel()
+                await asyncio.gather(exchange, return_exceptions=True)
+            self.flights.discard(flight)
+            self.obs.in_flight(len(self.flights))
+
+    async def _exchange(self, flight: Flight, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                        send: ASGISend, t0: float) -> str:
+        req = self.client.build_request(method, self.upstream + path, headers=headers, content=body)
+        try:
+            resp = await self.client.send(req, stream=True)
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+                return "retry"
+            await self._refuse_status(send, 504, f"the engine did not answer within gateway.read_timeout_s ({self.s.read_timeout_s:g}s)")
+            return "failed"
+        except httpx.TransportError:
+            return "retry"  # refused, reset, closed before an answer: nothing reached the client
+        try:
+            if resp.status_code >= 500 and retry_status(resp.status_code, await self.engine_answers() if resp.status_code == 500 else None):
+                return "retry"
+            chunks = resp.aiter_raw()
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = b""
+            except httpx.TransportError:
+                return "retry"
+            flight.event_stream = resp.headers.get("content-type", "").startswith("text/event-stream")
+            out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items() if k.lower() not in HOP_BY_HOP]
+            if flight.event_stream:
+                out_headers.append((b"x-accel-buffering", b"no"))
+                out_headers.append((b"cache-control", b"no-cache"))
+            flight.started = True
+            self.obs.first_byte(time.monotonic() - t0)
+            await send({"type": "http.response.start", "status": resp.status_code, "headers": out_headers})
+            if first:
+                await self._send_chunk(send, flight, first)
+            try:
+                async for chunk in chunks:
+                    await self._send_chunk(send, flight, chunk)
+            except httpx.TransportError:
+                await self._end_stream(send, flight, "the engine's connection ended before the answer was complete")
+                return "interrupted"
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            flight.finished = True
+            return "failed" if resp.status_code >= 500 else "ok"
+        finally:
+            await resp.aclose()
+
+    async def _send_chunk(self, send: ASGISend, flight: Flight, chunk: bytes) -> None:
+        flight.tail = chunk[-2:]
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def _refuse_status(self, send: ASGISend, status: int, message: str) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": error_body(message, "upstream_timeout", status)})
+
+    async def _end_stream(self, send: ASGISend, flight: Flight, message: str) -> None:
+        """End a response that has started: an error event for an event stream, then a clean close."""
+        try:
+            if flight.event_stream:
+                sep = b"" if flight.tail in (b"\n\n", b"") else b"\n\n"
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": sep + b"data: " + error_body(message + "; the stream cannot be resumed: send the request again",
+                                                                 "engine_unavailable") + b"\n\n"})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client is gone as well
+
+
+async def _until_disconnect(receive: ASGIReceive, gone: asyncio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
+
+
+async def _first(*aws: Any, timeout: float | None = None) -> Any:
+    """Wait for the first of several awaitables; the others are cancelled (tasks passed in are
+    left running). Returns the finished task, or None on timeout."""
+    tasks = [a if isinstance(a, asyncio.Task) else asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t, a in zip(tasks, aws):
+            if t is not a and not t.done():
+                t.cancel()
+    return next(iter(done)) if done else None

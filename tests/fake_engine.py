@@ -1,0 +1,140 @@
+"""A fake vLLM (named as a fake): an OpenAI-style HTTP server on loopback whose behaviour a test
+scripts (answer, stream slowly, hang, fail with a status, refuse connections), recording what it
+received and when its streams were abandoned. Served by a real uvicorn in a thread, so the
+gateway in front of it is exercised over real sockets. Also the real-server helper for the
+controller's app (`Served`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """A real uvicorn server for an ASGI app, in a thread, on a free loopback port."""
+
+    def __init__(self, app: Any, port: Optional[int] = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
+        self.thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Served":
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    def __enter__(self) -> "Served":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class Script:
+    """What the fake engine does with the next requests (tests change it while it runs)."""
+
+    chunks: int = 5  # events per stream
+    chunk_delay_s: float = 0.05
+    hang: bool = False  # requests wait (without answering) until hang is cleared
+    status: int = 200  # an error status answered instead of a completion
+    health: int = 200
+    calls: int = 0
+    received: list[dict[str, Any]] = field(default_factory=list)
+    running: int = 0
+    abandoned: int = 0  # streams whose client went away before their end
+    abandoned_at: list[float] = field(default_factory=list)
+
+
+class FakeEngine:
+    def __init__(self, port: Optional[int] = None):
+        self.script = Script()
+        app = Starlette(routes=[
+            Route("/health", self.health),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models),
+        ])
+        self.served = Served(app, port)
+        self.url = self.served.url
+        self.port = self.served.port
+
+    def start(self) -> "FakeEngine":
+        self.served.start()
+        return self
+
+    def stop(self) -> None:
+        self.served.stop()
+
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=self.script.health)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "tiny-qwen3", "object": "model"}]})
+
+    async def completions(self, request: Request) -> Response:
+        sc = self.script
+        body = await request.body()
+        sc.calls += 1
+        sc.received.append({"headers": dict(request.headers), "body": body.decode()})
+        while sc.hang:
+            await asyncio.sleep(0.02)
+        if sc.status != 200:
+            return JSONResponse({"error": {"message": f"fake error {sc.status}", "type": "BadRequestError" if sc.status < 500 else "InternalServerError",
+                                           "code": sc.status}}, status_code=sc.status)
+        req = json.loads(body or b"{}")
+        if not req.get("stream"):
+            sc.running += 1
+            try:
+                await asyncio.sleep(sc.chunk_delay_s * sc.chunks)
+            finally:
+                sc.running -= 1
+            return JSONResponse({"id": "cmpl-fake", "object": "text_completion", "model": req.get("model"),
+                                 "choices": [{"index": 0, "text": "x" * sc.chunks, "finish_reason": "length"}]},
+                                headers={"x-fake": "1"})
+
+        async def events():
+            sc.running += 1
+            finished = False
+            try:
+                for i in range(sc.chunks):
+                    yield f'data: {{"id": "cmpl-fake", "choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n'.encode()
+                    await asyncio.sleep(sc.chunk_delay_s)
+                    while sc.hang:
+                        await asyncio.sleep(0.02)
+                yield b"data: [DONE]\n\n"
+                finished = True
+            finally:
+                sc.running -= 1
+                if not finished:
+                    sc.abandoned += 1
+                    sc.abandoned_at.append(time.monotonic())
+
+        return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,395 @@
+"""The gateway and the controller's API, fast: the door's rules as tables, then the real controller
+app (uvicorn, real sockets) in front of a fake vLLM, with a scripted watchdog standing in for the
+real one (the real one on the simulated cluster: tests/test_controller.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from spark_cluster.config import GatewaySettings, parse_config
+from spark_cluster.controller import Controller, create_app, load_token
+from spark_cluster.decide import State
+from spark_cluster.errors import ConfigError
+from spark_cluster.gateway import Admission, Door, admit, door_after, door_for_phase, retry_status
+from spark_cluster.metrics import restart_kind
+
+from .conftest import SIM_CONFIG
+from .fake_engine import FakeEngine, Served
+
+TOKEN = "test-token-7f3a9c"
+SECRET = "hf_secretvalue123456"
+
+
+# ---- the door's rules ---------------------------------------------------------------------------
+@pytest.mark.parametrize("door, event, expected, interrupt", [
+    (Door("hold"), {"event": "state", "state": "healthy"}, "open", False),
+    (Door("open"), {"event": "state", "state": "suspect"}, "open", False),  # busy is not dead
+    (Door("open"), {"event": "state", "state": "restarting"}, "hold", True),
+    (Door("open"), {"event": "state", "state": "backoff"}, "hold", True),
+    (Door("open"), {"event": "state", "state": "failed", "reason": "circuit breaker"}, "closed", False),
+    (Door("open"), {"event": "decision", "action": "restart", "reason": "hang confirmed"}, "hold", True),
+    (Door("open"), {"event": "decision", "action": "canary"}, "open", False),
+    (Door("hold"), {"event": "restart-done"}, "open", False),
+    (Door("hold"), {"event": "restart-failed"}, "hold", False),
+    (Door("hold"), {"event": "watch-paused"}, "open", False),
+    (Door("closed"), {"event": "incident"}, "closed", False),
+])
+def test_door_after_event(door, event, expected, interrupt):
+    new, act = door_after(door, event)
+    assert (new.mode, act) == (expected, interrupt)
+
+
+def test_door_reason_names_the_phase():
+    assert door_for_phase("backoff").reason.startswith("the engine is about to be restarted")
+    assert door_for_phase("failed", "circuit breaker: 4 restarts").reason == "circuit breaker: 4 restarts"
+
+
+@pytest.mark.parametrize("door, held, expected", [
+    (Door("open"), 999, Admission("pass")),
+    (Door("hold", "restarting"), 0, Admission("hold")),
+    (Door("hold", "restarting"), 2, Admission("reject", "not serving (restarting) and 2 requests are already waiting (gateway.max_held 2)", True)),
+    (Door("closed", "breaker"), 0, Admission("reject", "not serving, and the watchdog has given up: breaker")),
+])
+def test_admit(door, held, expected):
+    assert admit(door, held, GatewaySettings(max_held=2)) == expected
+
+
+@pytest.mark.parametrize("status, answers, retry", [
+    (502, None, True), (503, None, True), (504, None, True),
+    (500, False, True), (500, True, False),  # a 500 is retried only from an engine that no longer answers /health
+    (400, None, False), (404, None, False), (422, None, False), (429, None, False),
+])
+def test_retry_status(status, answers, retry):
+    assert retry_status(status, answers) is retry
+
+
+@pytest.mark.parametrize("reason, kind", [
+    ("hang confirmed: no progress for 20s", "hang"), ("member gone: spark-ray-worker on sim-2 exited", "member-gone"),
+    ("the last restart failed: x", "restart-failed"), ("requested through the controller's API", "requested"),
+    ("not ready 3600s after start", "not-ready"), ("something new", "other"),
+])
+def test_restart_kind(reason, kind):
+    assert restart_kind(reason) == kind
+
+
+# ---- the controller in front of a fake vLLM --------------------------------------------------------
+class ScriptedWatchdog:
+    """Stands in for the watchdog thread: the test sends its events."""
+
+    def __init__(self, cfg, nodes, on_event):
+        self.on_event = on_event
+        self.state = State(phase="healthy", since=time.time())
+        self.samples = deque([{"t": 1.0, "health": 200, "running": 2, "waiting": 1, "generation_tokens_total": 40.0,
+                               "prompt_tokens_total": 10.0, "steps_total": 30.0}], maxlen=60)
+        self.paused = False
+        self.woken = threading.Event()
+        self.restarts: list[str] = []
+        self.pauses: list[bool] = []
+
+    @property
+    def busy_restarting(self) -> bool:
+        return self.state.phase in ("backoff", "restarting")
+
+    def request_restart(self, reason: str) -> None:
+        self.restarts.append(reason)
+
+    def pause(self, paused: bool = True) -> None:
+        self.pauses.append(paused)
+
+    def run(self, stop, stop_when_failed):
+        while not stop():
+            self.woken.wait(0.05)
+
+    def emit(self, kind: str, **data) -> None:
+        self.on_event({"ts": "2026-11-29T00:00:00.000+00:00", "event": kind, "cluster": "spark", **data})
+
+
+class Rig:
+    def __init__(self, engine: FakeEngine, ctl: Controller, served: Served):
+        self.engine, self.ctl, self.served = engine, ctl, served
+        self.url = served.url
+        self.script = engine.script
+
+    @property
+    def wd(self) -> ScriptedWatchdog:
+        return self.ctl.wd  # type: ignore[return-value]
+
+    def emit(self, kind: str, **data) -> None:
+        self.wd.emit(kind, **data)
+        time.sleep(0.05)  # the event crosses into the controller's loop
+
+    def metric(self, name: str, **labels) -> float:
+        time.sleep(0.1)  # a request's outcome is counted just after its last byte went out
+        text = httpx.get(f"{self.url}/metrics").text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        raise KeyError(name)
+
+
+def rig_cfg(tmp_path, engine_url: str, **gateway):
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["vllm"]["endpoint"] = engine_url
+    data["state_dir"] = str(tmp_path / "state")
+    data["gateway"] = {"host": "127.0.0.1", "port": 8080, "hold_s": 20, "max_held": 8, "max_body": "1m", **gateway}
+    data["container"]["env"]["HF_TOKEN"] = SECRET
+    return parse_config(yaml.safe_dump(data))
+
+
+@pytest.fixture
+def rig(tmp_path, request):
+    gateway = getattr(request, "param", {})
+    engine = FakeEngine().start()
+    ctl = Controller(rig_cfg(tmp_path, engine.url, **gateway), token=TOKEN, watchdog=ScriptedWatchdog)
+    served = Served(create_app(ctl)).start()
+    try:
+        yield Rig(engine, ctl, served)
+    finally:
+        served.stop()
+        engine.stop()
+
+
+def sse_texts(lines) -> list[str]:
+    out = []
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(line[6:])
+    return out
+
+
+def test_requests_pass_through_unchanged_and_streams_are_not_buffered(rig):
+    r = httpx.post(f"{rig.url}/v1/completions?x=1", json={"model": "tiny-qwen3", "prompt": "hi"},
+                   headers={"Authorization": "Bearer client-key", "X-Custom": "kept"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "xxxxx" and r.headers["x-fake"] == "1"
+    got = rig.script.received[-1]
+    assert got["headers"]["authorization"] == "Bearer client-key" and got["headers"]["x-custom"] == "kept"
+    assert json.loads(got["body"]) == {"model": "tiny-qwen3", "prompt": "hi"}
+    # a stream arrives event by event as the engine sends them (0.3 s apart), not at the end
+    rig.script.chunks, rig.script.chunk_delay_s = 4, 0.3
+    arrivals = []
+    with httpx.stream("POST", f"{rig.url}/v1/completions", json={"model": "m", "prompt": "p", "stream": True}) as s:
+        assert s.headers["content-type"].startswith("text/event-stream") and s.headers["x-accel-buffering"] == "no"
+        assert "content-encoding" not in s.headers
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 5 and arrivals[-1] - arrivals[0] > 0.8
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="ok") == 2
+
+
+def test_engine_4xx_reaches_the_client_unchanged_and_is_not_retried(rig):
+    rig.script.status = 400
+    r = httpx.post(f"{rig.url}/v1/completions", json={"model": "nope"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "fake error 400"
+    assert rig.script.calls == 1
+
+
+def test_body_over_the_limit_is_refused_with_413(rig):
+    r = httpx.post(f"{rig.url}/v1/completions", content=b"x" * (1024 * 1024 + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "gateway.max_body" in r.json()["error"]["message"]
+    assert rig.script.calls == 0
+
+
+def test_requests_are_held_while_restarting_and_go_through_after(rig):
+    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    results = []
+    t = threading.Thread(target=lambda: results.append(httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}, timeout=30)))
+    t.start()
+    time.sleep(0.5)
+    assert rig.script.calls == 0 and rig.metric("spark_cluster_gateway_held_requests") == 1
+    assert httpx.get(f"{rig.url}/health").status_code == 503
+    rig.emit("restart-done", seconds=1.0, recover_s=2.0)
+    t.join(timeout=10)
+    assert results and results[0].status_code == 200
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="held") == 1
+    assert rig.metric("spark_cluster_gateway_held_requests") == 0
+    assert rig.metric("spark_cluster_last_recovery_seconds") == 2.0
+
+
+@pytest.mark.parametrize("rig", [{"hold_s": 1, "max_held": 1, "retry_after_s": 7}], indirect=True)
+def test_past_hold_s_or_max_held_a_request_gets_503_with_retry_after(rig):
+    rig.emit("state", state="backoff", previous="healthy", reason="member gone")
+    first = []
+    t = threading.Thread(target=lambda: first.append(httpx.post(f"{rig.url}/v1/completions", json={}, timeout=10)))
+    t.start()
+    time.sleep(0.3)
+    second = httpx.post(f"{rig.url}/v1/completions", json={}, timeout=10)  # max_held 1: refused at once
+    assert second.status_code == 503 and second.headers["retry-after"] == "7" and "max_held" in second.json()["error"]["message"]
+    t.join(timeout=10)
+    assert first[0].status_code == 503 and first[0].headers["retry-after"] == "7" and "hold_s" in first[0].json()["error"]["message"]
+    assert rig.script.calls == 0 and rig.metric("spark_cluster_gateway_requests_total", outcome="rejected") == 2
+
+
+def test_when_the_watchdog_has_given_up_nothing_is_held(rig):
+    rig.emit("state", state="failed", previous="starting", reason="circuit breaker: 4 restarts in the last hour")
+    t0 = time.monotonic()
+    r = httpx.post(f"{rig.url}/v1/completions", json={})
+    assert time.monotonic() - t0 < 1 and r.status_code == 503
+    assert "given up: circuit breaker" in r.json()["error"]["message"] and "retry-after" not in r.headers
+
+
+def test_a_request_refused_before_its_first_byte_is_retried_once_the_engine_is_back(tmp_path):
+    port = FakeEngine().port  # nothing listens there yet: connection refused
+    ctl = Controller(rig_cfg(tmp_path, f"http://127.0.0.1:{port}"), token=TOKEN, watchdog=ScriptedWatchdog)
+    with Served(create_app(ctl)) as served:
+        results = []
+        t = threading.Thread(target=lambda: results.append(httpx.post(f"{served.url}/v1/completions", json={"prompt": "p"}, timeout=30)))
+        t.start()
+        time.sleep(0.8)
+        engine = FakeEngine(port).start()
+        try:
+            t.join(timeout=15)
+            assert results and results[0].status_code == 200 and engine.script.calls == 1
+            text = httpx.get(f"{served.url}/metrics").text
+            assert 'spark_cluster_gateway_requests_total{outcome="retried"} 1.0' in text
+        finally:
+            engine.stop()
+
+
+@pytest.mark.parametrize("status, health, retried", [(503, 200, True), (500, 503, True), (500, 200, False)])
+def test_an_error_status_from_a_dying_engine_is_retried(rig, status, health, retried):
+    rig.script.status, rig.script.health = status, health
+    results = []
+    t = threading.Thread(target=lambda: results.append(httpx.post(f"{rig.url}/v1/completions", json={}, timeout=30)))
+    t.start()
+    time.sleep(0.6)
+    rig.script.status, rig.script.health = 200, 200
+    t.join(timeout=15)
+    assert results[0].status_code == (200 if retried else 500)
+    assert (rig.script.calls > 1) is retried
+
+
+def test_a_confirmed_hang_ends_started_streams_with_an_error_event_and_requeues_the_rest(rig):
+    rig.script.chunks, rig.script.chunk_delay_s = 50, 0.1
+    lines: list[str] = []
+    ended: list[float] = []
+
+    def stream():
+        with httpx.stream("POST", f"{rig.url}/v1/completions", json={"stream": True}, timeout=30) as s:
+            for line in s.iter_lines():
+                lines.append(line)
+        ended.append(time.monotonic())
+
+    plain = []
+    ts = threading.Thread(target=stream)
+    ts.start()
+    time.sleep(0.5)
+    rig.script.hang = True  # the engine freezes: the stream has started, the next request gets nothing
+    tp = threading.Thread(target=lambda: plain.append(httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}, timeout=30)))
+    tp.start()
+    time.sleep(0.5)
+    confirmed = time.monotonic()
+    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    ts.join(timeout=5)
+    assert ended and ended[0] - confirmed < 2, "the started stream was not ended at once"
+    events = sse_texts(lines)
+    assert events[0].startswith('{"id": "cmpl-fake"') and "error" in json.loads(events[-1])
+    assert json.loads(events[-1])["error"]["type"] == "engine_unavailable"
+    assert not plain, "the request that had received nothing must wait for the restart"
+    rig.script.hang, rig.script.chunks = False, 3
+    rig.emit("restart-done", seconds=1.0)
+    tp.join(timeout=10)
+    assert plain and plain[0].status_code == 200
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="interrupted") == 1
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="retried") == 1
+
+
+def test_a_client_that_goes_away_cancels_its_request_upstream(rig):
+    rig.script.chunks, rig.script.chunk_delay_s = 200, 0.05
+    with httpx.stream("POST", f"{rig.url}/v1/completions", json={"stream": True}, timeout=30) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                break
+        assert rig.script.running == 1
+        gone = time.monotonic()
+    deadline = time.monotonic() + 5
+    while rig.script.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rig.script.running == 0 and rig.script.abandoned == 1 and rig.script.abandoned_at[0] - gone < 2
+    # a held request whose client leaves is not sent later
+    rig.emit("state", state="restarting", previous="healthy", reason="hang confirmed")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{rig.url}/v1/completions", json={}, timeout=0.5)
+    time.sleep(0.3)
+    assert rig.metric("spark_cluster_gateway_held_requests") == 0
+    calls = rig.script.calls
+    rig.emit("restart-done", seconds=1.0)
+    time.sleep(0.5)
+    assert rig.script.calls == calls
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="cancelled") == 2
+
+
+def test_restart_and_pause_need_the_token(rig):
+    for path in ("/api/restart", "/api/watchdog/pause", "/api/watchdog/resume"):
+        assert httpx.post(rig.url + path).status_code == 401
+        assert httpx.post(rig.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert rig.wd.restarts == [] and rig.wd.pauses == []
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(f"{rig.url}/api/restart", headers=auth).status_code == 202
+    assert rig.wd.restarts == ["requested through the controller's API"]
+    assert httpx.post(f"{rig.url}/api/watchdog/pause", headers=auth).status_code == 200
+    assert httpx.post(f"{rig.url}/api/watchdog/resume", headers=auth).status_code == 200
+    assert rig.wd.pauses == [True, False]
+    rig.wd.state = State(phase="restarting")
+    assert httpx.post(f"{rig.url}/api/restart", headers=auth).status_code == 409
+
+
+def test_metrics_parse_and_count_restarts_by_reason(rig):
+    before = rig.metric("spark_cluster_restarts_total", reason="hang")
+    rig.emit("decision", action="restart", reason="hang confirmed: x", detect_s=31.5)
+    rig.emit("incident", reason="hang confirmed: x", bundle="/tmp/x")
+    rig.emit("restart-start", reason="hang confirmed: x", attempt=1)
+    rig.emit("state", state="healthy", previous="starting")
+    assert rig.metric("spark_cluster_restarts_total", reason="hang") == before + 1
+    assert rig.metric("spark_cluster_last_detect_seconds") == 31.5
+    assert rig.metric("spark_cluster_incidents_total") == 1
+    assert rig.metric("spark_cluster_state", spark_cluster_state="healthy") == 1
+    assert rig.metric("spark_cluster_engine_requests_running") == 2 and rig.metric("spark_cluster_engine_generation_tokens_total") == 40
+    names = {f.name for f in text_string_to_metric_families(httpx.get(f"{rig.url}/metrics").text)}
+    assert {"spark_cluster_gateway_time_to_first_byte_seconds", "spark_cluster_gateway_requests", "spark_cluster_restarts"} <= names
+
+
+def test_no_secret_in_events_or_metrics(rig):
+    rig.emit("restart-failed", error=f"docker run -e HF_TOKEN={SECRET} failed")  # as a failed step could say it
+    events = httpx.get(f"{rig.url}/api/events").text
+    assert "restart-failed" in events and SECRET not in events and "********" in events
+    for path in ("/api/events", "/metrics", "/healthz", "/"):
+        body = httpx.get(rig.url + path).text
+        assert SECRET not in body and TOKEN not in body, path
+
+
+def test_events_stream_as_server_sent_events(rig):
+    rig.emit("state", state="healthy", previous="starting")
+    got = []
+    with httpx.stream("GET", f"{rig.url}/api/events?n=1", headers={"Accept": "text/event-stream"}, timeout=10) as s:
+        threading.Timer(0.3, lambda: rig.wd.emit("canary", ok=True, seconds=0.1)).start()
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                got.append(json.loads(line[6:])["event"])
+            if len(got) == 2:
+                break
+    assert got == ["state", "canary"]
+
+
+def test_token_from_env_or_file_or_created(tmp_path, monkeypatch):
+    base = yaml.safe_load(SIM_CONFIG.read_text())
+    base["state_dir"] = str(tmp_path / "state")
+    cfg = parse_config(yaml.safe_dump(base))
+    made = load_token(cfg)
+    path = tmp_path / "state" / "api-token"
+    assert len(made) >= 32 and path.stat().st_mode & 0o777 == 0o600 and load_token(cfg) == made
+    monkeypatch.setenv("SC_TOKEN", "from-env")
+    assert load_token(parse_config(yaml.safe_dump({**base, "api": {"token_env": "SC_TOKEN"}}))) == "from-env"
+    with pytest.raises(ConfigError, match="SC_MISSING"):
+        load_token(parse_config(yaml.safe_dump({**base, "api": {"token_env": "SC_MISSING"}})))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_token(parse_config(yaml.safe_dump({**base, "api": {"token_file": str(tmp_path / "nope")}})))
