@@ -120,6 +120,7 @@ class Flight:
     finished: bool = False  # its last byte went too (a client leaving now changes nothing)
     event_stream: bool = False
     tail: bytes = b""  # the last bytes sent (an error event must start on an event boundary)
+    done_sent: bool = False  # an event stream's `data: [DONE]` went out: the client has the whole answer
 
 
 class Observer:
@@ -260,7 +261,7 @@ class Gateway:
             exchange.cancel()  # closes the connection to vLLM, which aborts the request
             await asyncio.gather(exchange, return_exceptions=True)
             if gone.is_set():
-                return "cancelled"
+                return "ok" if flight.done_sent else "cancelled"
             if not flight.started:
                 return "retry"
             await self._end_stream(send, flight, "the engine stopped answering and is being restarted (hang confirmed by the watchdog)")
@@ -318,6 +319,7 @@ class Gateway:
 
     async def _send_chunk(self, send: ASGISend, flight: Flight, chunk: bytes) -> None:
         flight.tail = chunk[-2:]
+        flight.done_sent = flight.event_stream and chunk.endswith(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def _refuse_status(self, send: ASGISend, status: int, message: str) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import httpx
 
@@ -30,3 +33,83 @@ def stream_load(url: str, model: str, n: int, stop: threading.Event, *, max_toke
     for t in threads:
         t.start()
     return threads
+
+
+@dataclass
+class Result:
+    """One request of `mixed_load`, as its client saw it (times: time.time())."""
+
+    kind: str  # stream | plain
+    start: float
+    end: float = 0.0
+    status: Optional[int] = None
+    first_byte: Optional[float] = None  # first event of a stream / the answer of a plain request
+    error_event: Optional[float] = None  # a stream that ended with an error event
+    error: str = ""
+    complete: bool = False  # the whole answer arrived ([DONE], or a 200 with choices)
+    tokens: int = 0
+
+    @property
+    def outcome(self) -> str:
+        if self.complete:
+            return "ok"
+        if self.kind == "stream" and self.first_byte is not None:
+            return "interrupted" if self.error_event is not None else "cut"  # cut: no error event, no [DONE]
+        return "failed"  # nothing usable reached the client
+
+
+def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s: float = 600) -> Result:
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": kind == "stream"}
+    r = Result(kind, time.time())
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=read_timeout_s)) as resp:
+            r.status = resp.status_code
+            if kind == "plain":
+                data = json.loads(resp.read() or b"{}")
+                r.first_byte = time.time()
+                r.complete = resp.status_code == 200 and bool(data.get("choices"))
+                r.tokens = (data.get("usage") or {}).get("completion_tokens", 0) if r.complete else 0
+                if not r.complete:
+                    r.error = str(data.get("error", {}).get("message", data))[:300]
+            else:
+                for line in resp.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if r.first_byte is None:
+                        r.first_byte = time.time()
+                    if line == "data: [DONE]":
+                        r.complete = resp.status_code == 200
+                        break
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        r.error_event, r.error = time.time(), str(event["error"].get("message"))[:300]
+                        break
+                    r.tokens += 1
+                if resp.status_code != 200 and not r.error:
+                    r.error = resp.read().decode(errors="replace")[:300]
+    except (httpx.HTTPError, ValueError) as exc:
+        r.error = f"{type(exc).__name__}: {exc}"[:300]
+    r.end = time.time()
+    return r
+
+
+def mixed_load(url: str, model: str, stop: threading.Event, *, streams: int = 2, plain: int = 2, stream_tokens: int = 400,
+               plain_tokens: int = 32) -> tuple[list[threading.Thread], list[Result]]:
+    """Clients sending streamed and non-streamed completions back to back until `stop`, each
+    request's result kept (what a client of the gateway sees during a failover)."""
+    results: list[Result] = []
+    lock = threading.Lock()
+
+    def client(kind: str, tokens: int) -> None:
+        while not stop.is_set():
+            r = one_request(url, model, kind, tokens)
+            with lock:
+                results.append(r)
+            if r.outcome == "failed":
+                time.sleep(0.5)
+
+    threads = [threading.Thread(target=client, args=("stream", stream_tokens), daemon=True) for _ in range(streams)]
+    threads += [threading.Thread(target=client, args=("plain", plain_tokens), daemon=True) for _ in range(plain)]
+    for t in threads:
+        t.start()
+    return threads, results

@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .gateway import OUTCOMES, Observer
+
+disable_created_metrics()  # the `_created` series only double the exposition here
 
 PHASES = ["starting", "healthy", "suspect", "backoff", "restarting", "failed", "paused"]
 RESTART_KINDS = ("hang", "member-gone", "not-ready", "restart-failed", "requested", "other")

@@ -66,6 +66,7 @@ class Script:
     hang: bool = False  # requests wait (without answering) until hang is cleared
     status: int = 200  # an error status answered instead of a completion
     health: int = 200
+    linger_s: float = 0.0  # how long a stream stays open after its `data: [DONE]`
     calls: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
     running: int = 0
@@ -131,6 +132,7 @@ class FakeEngine:
                         await asyncio.sleep(0.02)
                 yield b"data: [DONE]\n\n"
                 finished = True
+                await asyncio.sleep(sc.linger_s)
             finally:
                 sc.running -= 1
                 if not finished:

@@ -180,3 +180,13 @@ def _subclasses(cls):
             out.append(sub)
             todo.append(sub)
     return out
+
+
+@pytest.mark.parametrize("command, stays_up", [("controller", True), ("watch", False)])
+def test_systemd_unit_runs_the_command(command, stays_up):
+    r = run_cli(command, str(CONFIGS / "dgx-spark-2node.yaml"), "--print-unit")
+    assert r.returncode == 0, r.stderr
+    exec_line = next(line for line in r.stdout.splitlines() if line.startswith("ExecStart="))
+    assert exec_line.endswith(f" {command} {CONFIGS / 'dgx-spark-2node.yaml'}")
+    assert f"spark-cluster-{command}-spark.service" in r.stdout and "RestartPreventExitStatus=12" in r.stdout
+    assert ("the controller stays up" in r.stdout) is stays_up

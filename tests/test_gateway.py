@@ -328,6 +328,15 @@ def test_a_client_that_goes_away_cancels_its_request_upstream(rig):
     assert rig.metric("spark_cluster_gateway_requests_total", outcome="cancelled") == 2
 
 
+def test_a_client_that_leaves_after_the_last_event_has_its_whole_answer(rig):
+    rig.script.chunks, rig.script.linger_s = 2, 1.0  # the engine closes the stream a second after [DONE]
+    with httpx.stream("POST", f"{rig.url}/v1/completions", json={"stream": True}, timeout=30) as s:
+        assert "data: [DONE]" in (line for line in s.iter_lines())  # stops reading there and leaves
+    time.sleep(0.3)
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="ok") == 1
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="cancelled") == 0
+
+
 def test_restart_and_pause_need_the_token(rig):
     for path in ("/api/restart", "/api/watchdog/pause", "/api/watchdog/resume"):
         assert httpx.post(rig.url + path).status_code == 401

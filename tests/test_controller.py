@@ -1,0 +1,246 @@
+"""The controller as a user runs it (`spark-cluster controller cluster.yaml`, a process of its own)
+on the simulated cluster (Ray): its status page in a real browser, its metrics, clients that go
+away, the API's restart (token or not), and the circuit breaker closing the gateway's door.
+The tests share one controller and run in this order."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from spark_cluster.config import parse_config
+from spark_cluster.facts import parse_metrics
+
+from .browser import Browser
+from .conftest import ROOT, SIM_CONFIG, sim_docker, worker_container
+from .fake_engine import free_port
+from .test_watchdog import EventWaiter
+
+pytestmark = pytest.mark.cluster
+
+TOKEN = "controller-test-token-5d1e"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+class ControllerProcess(EventWaiter):
+    poll_s = 1.0
+
+    def __init__(self, cfg_path: Path, cfg, env: dict):
+        self.cfg = cfg
+        self.url = f"http://127.0.0.1:{cfg.gateway.port}"
+        self.log = open(cfg_path.with_suffix(".log"), "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(cfg_path)], cwd=ROOT,
+                                     env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, cfg_path.with_suffix(".log").read_text()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the controller did not answer /healthz"
+            time.sleep(0.3)
+
+    @property
+    def events(self) -> list[dict]:
+        return httpx.get(f"{self.url}/api/events?n=500", timeout=10).json()
+
+    def stopped(self) -> str | None:
+        return None if self.proc.poll() is None else f"the controller exited with {self.proc.returncode}"
+
+    def metric(self, name: str, **labels) -> float:
+        for fam in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def controller(sim, tmp_path_factory):
+    from spark_cluster.executor import Executor
+    from spark_cluster.transport import Nodes
+
+    tmp = tmp_path_factory.mktemp("controller")
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["state_dir"] = str(tmp / "state")
+    data["gateway"] = {"host": "127.0.0.1", "port": free_port(), "hold_s": 600}
+    data["api"] = {"token_env": "SPARK_CLUSTER_TEST_TOKEN"}
+    # one restart an hour (the API's, below), and a stall window too long to confirm a hang: the
+    # last test lets Ray's heartbeat end the engine, which trips the breaker
+    data["watchdog"] = {"max_restarts_per_hour": 1, "stall_window_s": 600}
+    path = tmp / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = parse_config(path.read_text())
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).up()
+    c = ControllerProcess(path, cfg, {"SPARK_CLUSTER_TEST_TOKEN": TOKEN})
+    try:
+        c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+        yield c
+    finally:
+        c.stop()
+        with Nodes(cfg) as nodes:
+            Executor(cfg, nodes).down()
+
+
+def test_status_page_shows_the_cluster_in_a_real_browser(controller):
+    with Browser() as browser:
+        page = browser.page()
+        page.goto(controller.url + "/")
+        page.wait("(document.body.dataset.loaded || '').split(' ').length >= 4", 60, "status, samples, events and incidents")
+        assert page.eval("document.getElementById('verdict').textContent") == "serving"
+        assert page.eval("document.getElementById('wd-state').textContent") == "healthy"
+        assert page.eval("document.getElementById('door').textContent") == "open"
+        nodes = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[0].textContent + ' ' + r.cells[1].textContent)")
+        assert nodes == ["sim-1 head", "sim-2 worker"]
+        containers = page.eval("document.getElementById('containers').textContent")
+        assert "spark-ray-head" in containers and "spark-ray-worker" in containers and "vllm" in containers
+        ray = page.eval("document.getElementById('ray').textContent")
+        assert "10.99.0.11" in ray and "10.99.0.12" in ray and "placement group" in ray and "CREATED" in ray
+        assert "watch-start" in page.eval("document.getElementById('timeline').textContent")
+        # new watchdog events reach the page live (server-sent events), without a reload: pause and
+        # resume the watchdog through the API
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert httpx.post(f"{controller.url}/api/watchdog/pause", headers=auth).status_code == 200
+        page.wait("document.getElementById('timeline').textContent.includes('watch-paused')", 20, "the pause, live")
+        assert httpx.post(f"{controller.url}/api/watchdog/resume", headers=auth).status_code == 200
+        page.wait("document.getElementById('timeline').textContent.includes('watch-resumed')", 20, "the resume, live")
+        # the throughput chart is drawn from the watchdog's samples once two exist
+        page.wait("document.querySelector('#throughput polyline') !== null", 30, "the throughput line")
+        shot = page.screenshot(ARTIFACTS / "status-page.png")
+        print(f"screenshot: {shot}")
+        assert shot.stat().st_size > 20_000
+        assert not page.console, page.console
+
+
+def test_metrics_parse_and_hold_no_secret(controller):
+    text = httpx.get(f"{controller.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["spark_cluster_state"].samples and controller.metric("spark_cluster_state", spark_cluster_state="healthy") == 1
+    assert controller.metric("spark_cluster_engine_up") == 1
+    assert "spark_cluster_gateway_time_to_first_byte_seconds" in families
+    status = httpx.get(f"{controller.url}/api/status", timeout=30)
+    assert status.status_code == 200 and status.json()["verdict"] == "serving"
+    events = httpx.get(f"{controller.url}/api/events").text
+    for body in (text, status.text, events):
+        assert TOKEN not in body
+    assert httpx.get(f"{controller.url}/docs").status_code == 200
+
+
+def vllm_running(cfg) -> float:
+    return parse_metrics(httpx.get(f"{cfg.endpoint()}/metrics", timeout=10).text).get("running") or 0
+
+
+def test_clients_that_disconnect_mid_stream_stop_their_requests_in_the_engine(controller):
+    cfg = controller.cfg
+    body = {"model": cfg.model.name, "prompt": "Once upon a time", "max_tokens": 1800, "ignore_eos": True, "stream": True}
+    clients = [httpx.Client(timeout=60) for _ in range(3)]
+    streams = [c.stream("POST", f"{controller.url}/v1/completions", json=body) for c in clients]
+    lines = []  # each stream's line iterator stays referenced: a dropped one closes its connection
+    try:
+        for s in streams:
+            lines.append(s.__enter__().iter_lines())
+            assert next(line for line in lines[-1] if line.startswith("data: "))
+        deadline = time.monotonic() + 20
+        while vllm_running(cfg) < 3:  # the engine's gauges follow its steps
+            assert time.monotonic() < deadline, f"the engine shows {vllm_running(cfg)} running requests, not 3"
+            time.sleep(0.5)
+    finally:
+        gone = time.monotonic()
+        for s, c in zip(streams, clients):
+            s.__exit__(None, None, None)
+            c.close()
+    while vllm_running(cfg) and time.monotonic() - gone < 10:
+        time.sleep(0.2)
+    took = time.monotonic() - gone
+    print(f"the engine's running requests dropped to 0 {took:.1f}s after the clients left")
+    assert vllm_running(cfg) == 0 and took < 5
+    assert controller.metric("spark_cluster_gateway_requests_total", outcome="cancelled") >= 3
+
+
+def test_api_restart_needs_the_token_then_restarts_the_group_once_while_clients_are_held(controller):
+    assert httpx.post(f"{controller.url}/api/restart").status_code == 401
+    assert httpx.post(f"{controller.url}/api/restart", headers={"Authorization": "Bearer nope"}).status_code == 401
+    time.sleep(2 * controller.cfg.watchdog.period_s)
+    assert not [e for e in controller.events if e["event"] == "restart-start"]
+    before = controller.metric("spark_cluster_restarts_total", reason="requested")
+    r = httpx.post(f"{controller.url}/api/restart", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 202
+    controller.wait_for(lambda e: e["event"] == "restart-start", 30, "restart start")
+    # a client arriving while the group restarts is held, then served
+    answers = []
+    body = {"model": controller.cfg.model.name, "prompt": "Hi", "max_tokens": 4}
+    t = threading.Thread(target=lambda: answers.append(httpx.post(f"{controller.url}/v1/completions", json=body, timeout=600)))
+    t.start()
+    done = controller.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
+    assert done["event"] == "restart-done", done
+    t.join(timeout=60)
+    assert answers and answers[0].status_code == 200 and answers[0].json()["choices"]
+    controller.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy" and e["ts"] > done["ts"], 60, "healthy again")
+    assert len([e for e in controller.events if e["event"] == "restart-start"]) == 1
+    assert controller.metric("spark_cluster_restarts_total", reason="requested") == before + 1
+    assert controller.metric("spark_cluster_gateway_requests_total", outcome="held") >= 1
+    assert controller.metric("spark_cluster_last_recovery_seconds") > 0
+
+
+def test_engine_ended_by_rays_heartbeat_is_a_member_gone_and_the_tripped_breaker_closes_the_door(controller):
+    """The Ray path's own ending of a frozen worker: the stall window (600 s) is too long to confirm
+    the hang, so Ray marks the frozen node dead after its heartbeat timeout, the engine dies and the
+    API exits; the watchdog sees a member gone (no canary). The API's restart counted, the breaker
+    (1 an hour) trips: the gateway refuses at once, saying so, and a new watchdog remembers."""
+    from spark_cluster.loadgen import stream_load
+    from spark_cluster.transport import Nodes
+    from spark_cluster.watchdog import Watchdog, WatchdogFailed
+
+    cfg = controller.cfg
+    stop = threading.Event()
+    threads = stream_load(controller.url, cfg.model.name, 2, stop, max_tokens=1800, repeat=True)
+    try:
+        time.sleep(5)
+        frozen_at = time.time()
+        sim_docker("sim-2", "pause", worker_container(cfg))
+        alert = controller.wait_for(lambda e: e["event"] == "alert", 240, "breaker alert")
+    finally:
+        stop.set()
+    print(f"engine ended by Ray; breaker alert {alert['ts']} ({time.time() - frozen_at:.1f}s after the freeze or less): {alert['reason']}")
+    assert "circuit breaker" in alert["reason"] and "member gone" in alert["reason"]
+    assert "vllm in spark-ray-head on sim-1 has exited" in alert["reason"] or "Ray lists node sim-2" in alert["reason"]
+    canaries = [e for e in controller.events if e["event"] == "canary" and datetime.fromisoformat(e["ts"]).timestamp() > frozen_at]
+    assert not canaries  # no hang verdict: the stall window never ran out
+    t0 = time.monotonic()
+    r = httpx.post(f"{controller.url}/v1/completions", json={"model": cfg.model.name, "prompt": "Hi", "max_tokens": 1}, timeout=30)
+    assert r.status_code == 503 and time.monotonic() - t0 < 2
+    assert "given up" in r.json()["error"]["message"] and "circuit breaker" in r.json()["error"]["message"]
+    assert controller.metric("spark_cluster_state", spark_cluster_state="failed") == 1
+    assert len([e for e in controller.events if e["event"] == "restart-start"]) == 1
+    for t in threads:
+        t.join(timeout=30)
+    # a new watchdog process remembers it failed, and does nothing
+    controller.stop()
+    with Nodes(cfg) as nodes:
+        with pytest.raises(WatchdogFailed):
+            Watchdog(cfg, nodes).run(max_seconds=5)
+    sim_docker("sim-2", "unpause", worker_container(cfg), check=False)
