@@ -109,10 +109,11 @@ def _restart(state: State, now: float, reason: str, s: WatchdogSettings) -> tupl
     recent = tuple(t for t in state.restarts if now - t < 3600)
     if len(recent) >= s.max_restarts_per_hour:
         msg = f"circuit breaker: {len(recent)} restarts in the last hour (limit {s.max_restarts_per_hour}); not restarting: {reason}"
-        return replace(state, phase="failed", since=now, restarts=recent, last_reason=msg), Action("alert", msg)
+        return replace(state, phase="failed", since=now, restarts=recent, last_reason=msg, suspect_since=None, suspect_reason=""), \
+            Action("alert", msg)
     if not s.enabled:
         msg = f"restart needed but the watchdog only observes (watchdog.enabled: false): {reason}"
-        return replace(state, phase="failed", since=now, last_reason=msg), Action("alert", msg)
+        return replace(state, phase="failed", since=now, last_reason=msg, suspect_since=None, suspect_reason=""), Action("alert", msg)
     delay = backoff_s(state.consecutive, s)
     new = replace(state, phase="backoff" if delay else "restarting", since=now, backoff_until=now + delay,
                   suspect_since=None, suspect_reason="", canary_pending=False, last_reason=reason)

@@ -37,8 +37,9 @@ OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected",
 # Headers that belong to one hop (RFC 9110 7.6.1), and those httpx or the server set themselves.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host", "content-length"})
-# Pause between two attempts while the door stays open (the watchdog may not know yet that the engine is gone).
-RETRY_PAUSES_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+# Pause between two attempts while the door stays open (the watchdog may not know yet that the engine
+# is gone). The first retry is at once: a kept-alive connection the engine had just closed fails that way.
+RETRY_PAUSES_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 # ---- the door: pure rules ---------------------------------------------------------------------
@@ -230,7 +231,7 @@ class Gateway:
                                                        retry_after=True))
                     outcome = "rejected"
                     return outcome
-                if self.door.mode == "open":
+                if self.door.mode == "open" and pause:
                     await _first(gone.wait(), timeout=pause)
                 flight = Flight()
         finally:

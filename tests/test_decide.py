@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 
 from spark_cluster.config import WatchdogSettings
-from spark_cluster.decide import IDLE_CANARY_S, UNREACHABLE_SAMPLES, Sample, State, backoff_s, breaker_reset, decide, restarted
+from spark_cluster.decide import (
+    IDLE_CANARY_S,
+    UNREACHABLE_SAMPLES,
+    Sample,
+    State,
+    backoff_s,
+    breaker_reset,
+    decide,
+    requested_restart,
+    restarted,
+    resumed,
+)
 
 S = WatchdogSettings()  # the defaults users get
 
@@ -246,3 +257,30 @@ def test_watch_reset_takes_a_tripped_breaker_out_of_failed_and_says_so(tmp_path)
     [event] = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines() if "breaker-reset" in line]
     assert event["why"] == "watch --reset" and event["previous"] == "circuit breaker: 3 restarts"
     assert "spark-cluster up" in RESET_HINT and "watch --reset" in RESET_HINT
+
+
+def test_a_tripped_breaker_names_itself_not_the_stall_before_it():
+    """What `failed` shows (the gateway's 503 says it): the breaker, not a suspicion left over."""
+    c = Clock(WatchdogSettings(max_restarts_per_hour=0))
+    c.feed(10, progress=False)  # ready
+    c.feed(S.grace_after_start_s, progress=True, running=2)
+    c.feed(S.period_s, progress=False, running=2)  # suspect: no progress with work in flight
+    assert c.state.suspect_reason
+    c.feed(S.period_s, progress=False, running=2, gone=["spark-ray-worker on sim-2 exited"])
+    assert c.state.phase == "failed" and c.state.suspect_reason == "" and c.state.last_reason.startswith("circuit breaker")
+
+
+def test_a_requested_restart_goes_past_backoff_and_breaker_and_counts():
+    failed = State(phase="failed", since=1.0, restarts=(1.0,), consecutive=3, last_reason="circuit breaker: x", suspect_reason="stall")
+    state, action = requested_restart(failed, 5.0, "requested through the controller's API")
+    assert (action.kind, action.delay_s) == ("restart", 0) and state.phase == "restarting" and state.suspect_reason == ""
+    after = restarted(state, 9.0)
+    assert after.restarts == (1.0, 9.0) and after.phase == "starting"
+
+
+def test_resume_confirms_afresh_but_a_failed_watchdog_stays_failed():
+    suspect = State(phase="suspect", since=1.0, ready_at=1.0, suspect_since=2.0, suspect_reason="stall", restarts=(1.0,))
+    fresh = resumed(suspect, 10.0)
+    assert (fresh.phase, fresh.ready_at, fresh.suspect_since, fresh.restarts) == ("starting", None, None, (1.0,))
+    failed = State(phase="failed", last_reason="circuit breaker")
+    assert resumed(failed, 10.0) is failed

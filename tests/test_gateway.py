@@ -306,9 +306,9 @@ def test_a_confirmed_hang_ends_started_streams_with_an_error_event_and_requeues_
 def test_a_client_that_goes_away_cancels_its_request_upstream(rig):
     rig.script.chunks, rig.script.chunk_delay_s = 200, 0.05
     with httpx.stream("POST", f"{rig.url}/v1/completions", json={"stream": True}, timeout=30) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: "):
-                break
+        lines = s.iter_lines()  # kept referenced: a dropped iterator closes the connection at once
+        assert next(line for line in lines if line.startswith("data: "))
+        time.sleep(0.3)
         assert rig.script.running == 1
         gone = time.monotonic()
     deadline = time.monotonic() + 5

@@ -206,6 +206,8 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     assert all(r.error_event - confirmed < 5 for r in by["interrupted"]), [r.error_event - confirmed for r in by["interrupted"]]
     held = [r for r in results if r.start < confirmed < r.first_byte and r.complete]
     assert held, "no request was held across the restart"
+    metrics = c.ctl.metrics.exposition().decode()
+    assert 'spark_cluster_restarts_total{reason="hang"} 1.0' in metrics and "spark_cluster_incidents_total 1.0" in metrics
     assert completion_works(cfg)
     assert_nothing_of(before, generation(cfg), cfg)
     from pathlib import Path
