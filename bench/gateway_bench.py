@@ -167,7 +167,7 @@ def main() -> None:
             stop = threading.Event()
             c0 = proc_cpu_s(proc.pid)
             t_run = time.monotonic()
-            threads, results = mixed_load(gateway, model, stop, streams=3, plain=2, stream_tokens=1500, plain_tokens=24)
+            threads, results = mixed_load(gateway, model, stop, streams=3, plain=2, stream_tokens=600, plain_tokens=24)
             time.sleep(15)
             frozen = time.time()
             cluster.node_exec("sim-2", "docker", "pause", f"{cfg.name}-ray-worker", check=True, timeout=60)
@@ -180,8 +180,8 @@ def main() -> None:
             cpu = proc_cpu_s(proc.pid) - c0
             took = time.monotonic() - t_run
             rss = proc_rss_mb(proc.pid)
-            counts = {o: sum(1 for r in results if r.outcome == o) for o in ("ok", "interrupted", "cut", "failed")}
-            plain_failed = sum(1 for r in results if r.kind == "plain" and not r.complete)
+            counts = {o: sum(1 for r in results if r.outcome == o) for o in ("ok", "interrupted", "cut", "failed", "stopped")}
+            plain_failed = sum(1 for r in results if r.kind == "plain" and not r.complete and not r.stopped)
             t_conf = datetime.fromisoformat(decision["ts"]).timestamp()
             lags = [r.error_event - t_conf for r in results if r.outcome == "interrupted"]
             above_idle = max(0.0, cpu - idle_cpu / 100 * took)  # the watchdog's own observing is in the idle figure

@@ -48,17 +48,22 @@ class Result:
     error: str = ""
     complete: bool = False  # the whole answer arrived ([DONE], or a 200 with choices)
     tokens: int = 0
+    stopped: bool = False  # the load ended while it was running (neither a success nor a failure)
 
     @property
     def outcome(self) -> str:
         if self.complete:
             return "ok"
+        if self.stopped:
+            return "stopped"
         if self.kind == "stream" and self.first_byte is not None:
             return "interrupted" if self.error_event is not None else "cut"  # cut: no error event, no [DONE]
         return "failed"  # nothing usable reached the client
 
 
-def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s: float = 600) -> Result:
+def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s: float = 600,
+                stop: Optional[threading.Event] = None) -> Result:
+    """One completion as a client sees it; a stream is left (and counted as stopped) once `stop` is set."""
     body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": kind == "stream"}
     r = Result(kind, time.time())
     try:
@@ -73,6 +78,9 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
                     r.error = str(data.get("error", {}).get("message", data))[:300]
             else:
                 for line in resp.iter_lines():
+                    if stop is not None and stop.is_set():
+                        r.stopped = True
+                        break
                     if not line.startswith("data: "):
                         continue
                     if r.first_byte is None:
@@ -102,7 +110,7 @@ def mixed_load(url: str, model: str, stop: threading.Event, *, streams: int = 2,
 
     def client(kind: str, tokens: int) -> None:
         while not stop.is_set():
-            r = one_request(url, model, kind, tokens)
+            r = one_request(url, model, kind, tokens, stop=stop)
             with lock:
                 results.append(r)
             if r.outcome == "failed":
