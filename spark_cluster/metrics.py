@@ -60,7 +60,7 @@ class ControllerMetrics(Observer):
         self.restarts = Counter("spark_cluster_restarts", "Restarts of the whole group, by reason.", ["reason"], registry=r)
         self.incidents = Counter("spark_cluster_incidents", "Incident bundles written (one per restart decision).", registry=r)
         self.detect = Gauge("spark_cluster_last_detect_seconds",
-                            "Time from the last good observation (or the start of the stall) to the last restart decision.", registry=r)
+                            "Time from the last observation that found the cluster healthy to the last restart decision.", registry=r)
         self.recover = Gauge("spark_cluster_last_recovery_seconds",
                              "Time from the last restart decision to serving again (backoff and model load included).", registry=r)
         self.requests = Counter("spark_cluster_gateway_requests", "Requests through the gateway by outcome: ok, held (then ok), "

@@ -299,8 +299,9 @@ class Watchdog:
             extra = {}
             if action.kind == "restart":
                 self.decided_at = now
-                since = self.state.suspect_since or self.last_good  # the stall began, or the last good sample
-                extra["detect_s"] = round(now - since, 1) if since is not None else None
+                # from the last observation that found it healthy (when a busy engine stalled; an idle engine's
+                # last progress can be long before its failure, so it is no measure)
+                extra["detect_s"] = round(now - self.last_good, 1) if self.last_good is not None else None
             self.event("decision", action=action.kind, reason=action.reason, delay_s=action.delay_s, **extra)
             if action.kind == "canary":
                 ok, took = self.canary()

@@ -284,3 +284,70 @@ def test_resume_confirms_afresh_but_a_failed_watchdog_stays_failed():
     assert (fresh.phase, fresh.ready_at, fresh.suspect_since, fresh.restarts) == ("starting", None, None, (1.0,))
     failed = State(phase="failed", last_reason="circuit breaker")
     assert resumed(failed, 10.0) is failed
+
+
+class ScriptedLoop:
+    """The real Watchdog.step over scripted samples and a fake clock: no node, no engine."""
+
+    def __init__(self, tmp_path):
+        from spark_cluster.config import load_config
+        from spark_cluster.watchdog import Watchdog
+
+        from .conftest import SIM_CONFIG
+
+        self.t = 1000.0
+        self.counter = 0.0
+        cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})
+        self.wd = Watchdog(cfg, None, clock=lambda: self.t)
+        self.events: list[dict] = []
+        self.wd.on_event = self.events.append
+        self.restarts: list[str] = []
+        self.wd.restart = lambda action: (self.restarts.append(action.reason), setattr(self.wd, "state", restarted(self.wd.state, self.t)))
+        self.wd.canary = lambda: (False, 10.0)
+
+    def step(self, seconds: float, *, progress: bool, running: float = 0):
+        self.t += seconds
+        self.counter += 1 if progress else 0
+
+        def observe() -> Sample:
+            canary, self.wd.canary_result = self.wd.canary_result, None  # as the real observe hands it on
+            return Sample(t=self.t, health=200, steps_total=self.counter, generation_tokens_total=self.counter, prompt_tokens_total=1.0,
+                          running=running, canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None)
+
+        self.wd.observe = observe
+        return self.wd.step()
+
+    def kinds(self, kind):
+        return [e for e in self.events if e["event"] == kind]
+
+
+def test_the_loop_reports_detection_from_the_last_healthy_observation(tmp_path):
+    """Not from the last progress: an engine idle for ten minutes that hangs on its next request
+    was not failing all that time."""
+    loop = ScriptedLoop(tmp_path)
+    loop.step(0, progress=True, running=2)  # ready
+    loop.step(61, progress=True, running=2)  # past the grace period
+    loop.step(600, progress=False, running=0)  # idle: healthy, no progress
+    stall_began = loop.t
+    while not loop.restarts:
+        loop.step(S.period_s, progress=False, running=2)
+        assert loop.t - stall_began < 120, loop.events
+    [decision] = [e for e in loop.kinds("decision") if e["action"] == "restart"]
+    assert decision["detect_s"] == loop.t - stall_began
+    loop.wd.close()
+
+
+def test_the_loop_carries_out_pause_resume_and_a_requested_restart(tmp_path):
+    loop = ScriptedLoop(tmp_path)
+    loop.step(0, progress=True)
+    loop.wd.pause(True)
+    assert loop.step(S.period_s, progress=False, running=2) is None and loop.kinds("watch-paused")
+    for _ in range(20):  # paused: a stall is observed, never acted on
+        assert loop.step(S.period_s, progress=False, running=2) is None
+    loop.wd.request_restart("requested through the controller's API")
+    action = loop.step(S.period_s, progress=False, running=2)
+    assert action.kind == "restart" and loop.restarts == ["requested through the controller's API"]
+    loop.wd.pause(False)
+    loop.step(S.period_s, progress=True)
+    assert loop.kinds("watch-resumed") and loop.wd.state.phase == "healthy"
+    loop.wd.close()
