@@ -265,7 +265,7 @@ class Gateway:
                 return "ok" if flight.done_sent else "cancelled"
             if not flight.started:
                 return "retry"
-            await self._end_stream(send, flight, "the engine stopped answering and is being restarted (hang confirmed by the watchdog)")
+            await self._end_stream(send, flight, f"the watchdog is restarting the engine ({self.door.reason or 'it stopped answering'})")
             return "interrupted"
         finally:
             if not exchange.done():
