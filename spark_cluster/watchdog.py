@@ -61,8 +61,12 @@ RESET_HINT = ("the watchdog stays stopped until told otherwise: fix the cause, t
               "(a successful up resets it) or `spark-cluster watch --reset CONFIG`")
 
 
+RESET_MARK = "breaker-reset"  # in state_dir: a reset asked for while a controller runs (it holds its state in memory)
+
+
 def reset_breaker(cfg: ClusterConfig, why: str) -> bool:
-    """Take the watchdog out of `failed` (recorded in events.jsonl); False when it was not failed."""
+    """Take the watchdog out of `failed` (recorded in events.jsonl); False when it was not failed.
+    A running controller sees the mark this leaves and resets its own breaker on its next period."""
     wd = Watchdog(cfg, None)  # type: ignore[arg-type] - no node is contacted
     try:
         if wd.state.phase != "failed":
@@ -70,6 +74,7 @@ def reset_breaker(cfg: ClusterConfig, why: str) -> bool:
         previous = wd.state.last_reason
         wd.state = breaker_reset(wd.state, wd.clock())
         wd.save_state()
+        (wd.dir / RESET_MARK).write_text(why + "\n")
         wd.event("breaker-reset", why=why, previous=previous)
         return True
     finally:
@@ -263,6 +268,14 @@ class Watchdog:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _commands(self) -> None:
+        mark = self.dir / RESET_MARK
+        if mark.exists():
+            why = mark.read_text().strip()
+            mark.unlink(missing_ok=True)
+            if self.state.phase == "failed":  # `up` or `watch --reset` ran while this loop held the breaker
+                previous = self.state.last_reason
+                self.state = breaker_reset(self.state, self.clock())
+                self.event("breaker-reset", why=why, previous=previous)
         if self._pause_wanted is not None and self._pause_wanted != self.paused:
             self.paused = self._pause_wanted
             if self.paused:

@@ -351,3 +351,23 @@ def test_the_loop_carries_out_pause_resume_and_a_requested_restart(tmp_path):
     loop.step(S.period_s, progress=True)
     assert loop.kinds("watch-resumed") and loop.wd.state.phase == "healthy"
     loop.wd.close()
+
+
+def test_a_running_loop_takes_a_breaker_reset_made_by_another_command(tmp_path):
+    """`up` or `watch --reset` while the controller runs: its breaker is in memory, and must not
+    overwrite the reset with `failed` on its next period."""
+    import json
+
+    from spark_cluster.watchdog import reset_breaker
+
+    loop = ScriptedLoop(tmp_path)
+    loop.step(0, progress=True)
+    loop.wd.state = State(phase="failed", since=loop.t, last_reason="circuit breaker: 3 restarts")
+    loop.wd.save_state()
+    assert reset_breaker(loop.wd.cfg, "a successful manual up") is True
+    loop.step(S.period_s, progress=True)
+    assert loop.wd.state.phase == "healthy" and [e["why"] for e in loop.kinds("breaker-reset")] == ["a successful manual up"]
+    assert json.loads((tmp_path / "watchdog.json").read_text())["state"] == "healthy"
+    loop.step(S.period_s, progress=True)
+    assert len(loop.kinds("breaker-reset")) == 1  # the mark is used once
+    loop.wd.close()
