@@ -30,13 +30,11 @@ def cfg_with(tmp_path, executor="ray", **watchdog):
 
 
 class EventWaiter:
-    """Waits for a watchdog event (subclasses say where the events are and whether it stopped)."""
+    """Waits for a watchdog event. Subclasses hold `events` (a list, or a property reading them) and
+    say whether the watchdog stopped."""
 
     poll_s = 0.5
-
-    @property
-    def events(self) -> list[dict]:
-        raise NotImplementedError
+    events: list[dict]
 
     def stopped(self) -> str | None:
         return None
