@@ -46,6 +46,14 @@ def _guard(fn: Callable[[], T]) -> T:
         raise typer.Exit(exc.exit_code) from None
 
 
+def _run_until_stopped(fn: Callable[[], T]) -> T:
+    """A long-running command: as _guard, and Ctrl-C ends it with exit code 130 (no traceback)."""
+    try:
+        return _guard(fn)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
 def _load(path: Path) -> ClusterConfig:
     return _guard(lambda: load_config(path))
 
@@ -247,10 +255,7 @@ def _controller(cfg: ClusterConfig, as_json: bool) -> None:
         where = f"http://{'127.0.0.1' if g.host in ('0.0.0.0', '::') else g.host}:{g.port}"
         out.print(f"controller: clients use [bold]{where}/v1[/] (OpenAI API, failover hidden); status page {where}/ ; "
                   f"metrics {where}/metrics ; API docs {where}/docs", highlight=False)
-    try:
-        _guard(lambda: serve(cfg))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    _run_until_stopped(lambda: serve(cfg))
 
 
 @app.command()
@@ -305,10 +310,7 @@ def _watch(cfg: ClusterConfig, as_json: bool, max_seconds: Optional[float]) -> N
         with _nodes(cfg) as nodes:
             return Watchdog(cfg, nodes, on_event=_print_watch_event(as_json)).run(max_seconds=max_seconds)
 
-    try:
-        _guard(run)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    _run_until_stopped(run)
 
 
 @app.command()
