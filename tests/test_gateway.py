@@ -127,7 +127,7 @@ class Rig:
         time.sleep(0.05)  # the event crosses into the controller's loop
 
     def metric(self, name: str, **labels) -> float:
-        time.sleep(0.1)  # a request's outcome is counted just after its last byte went out
+        time.sleep(0.05)  # a request's outcome is counted just after its last byte went out
         text = httpx.get(f"{self.url}/metrics").text
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
