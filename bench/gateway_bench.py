@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: the controller's gateway on the local simulated cluster (Ray executor).
+"""Benchmark: the controller's gateway on the local simulated cluster, for each executor in turn.
 
 1. Overhead: streamed completions sent alternately straight to vLLM and through the gateway, in
    the same run, one at a time (idle) and several at once (load): time to first token (p50, p90)
@@ -11,7 +11,7 @@
    frozen (`docker pause`) and the group restarts: requests by outcome as the clients saw them.
 
 Usage (root, simulated cluster up: `spark-cluster sim up`):
-    python bench/gateway_bench.py [--rounds 30] [--load 4] [--idle-seconds 30] [--no-failover]
+    python bench/gateway_bench.py [--executors ray,native] [--rounds 30] [--load 4] [--idle-seconds 30] [--no-failover]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.executor import Executor  # noqa: E402
 from spark_cluster.loadgen import mixed_load, one_request  # noqa: E402
+from spark_cluster.metrics import samples  # noqa: E402
 from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
 
@@ -117,12 +118,19 @@ def main() -> None:
     ap.add_argument("--load", type=int, default=4, help="streams at once in the loaded condition")
     ap.add_argument("--idle-seconds", type=float, default=30)
     ap.add_argument("--no-failover", action="store_true")
+    ap.add_argument("--executors", default="ray,native")
     args = ap.parse_args()
     if not any(n["running"] for n in cluster.status()["nodes"]):
         raise SystemExit("the simulated cluster is not up: spark-cluster sim up")
+    for executor in args.executors.split(","):
+        print(f"\n## executor: {executor}\n")
+        print("\n".join(run(executor, args)), flush=True)
 
+
+def run(executor: str, args: argparse.Namespace) -> list[str]:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
-    data = yaml.safe_load((ROOT / "configs/local-sim.yaml").read_text())
+    config = {"ray": "configs/local-sim.yaml", "native": "configs/local-sim-native.yaml"}[executor]
+    data = yaml.safe_load((ROOT / config).read_text())
     data["state_dir"] = str(tmp / "state")
     data["gateway"] = {"host": "127.0.0.1", "port": 8089}
     path = tmp / "cluster.yaml"
@@ -170,7 +178,8 @@ def main() -> None:
             threads, results = mixed_load(gateway, model, stop, streams=3, plain=2, stream_tokens=600, plain_tokens=24)
             time.sleep(15)
             frozen = time.time()
-            cluster.node_exec("sim-2", "docker", "pause", f"{cfg.name}-ray-worker", check=True, timeout=60)
+            worker = f"{cfg.name}-ray-worker" if executor == "ray" else f"{cfg.name}-vllm-worker"
+            cluster.node_exec("sim-2", "docker", "pause", worker, check=True, timeout=60)
             decision = wait_event(gateway, lambda e: e["event"] == "decision" and e["action"] == "restart", 180)
             done = wait_event(gateway, lambda e: e["event"] in ("restart-done", "restart-failed"), 600)
             time.sleep(20)  # clients keep going after the restart
@@ -194,18 +203,15 @@ def main() -> None:
             rows += [f"| non-streamed requests failed | {plain_failed} |",
                      f"| interrupted streams: error event after the hang was confirmed (max) | {max(lags):.2f} s |" if lags else
                      "| interrupted streams | none |"]
-            by_gateway = {}
-            text = httpx.get(f"{gateway}/metrics", timeout=10).text
-            for line in text.splitlines():
-                if line.startswith("spark_cluster_gateway_requests_total{"):
-                    by_gateway[line.split('"')[1]] = float(line.split()[-1])
+            by_gateway = {labels["outcome"]: value for labels, value in
+                          samples(httpx.get(f"{gateway}/metrics", timeout=10).text, "spark_cluster_gateway_requests_total")}
             rows += ["", "The gateway's own count (spark_cluster_gateway_requests_total): " +
                      ", ".join(f"{k} {v:g}" for k, v in by_gateway.items())]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
-    print("\n".join(rows))
+    return rows
 
 
 if __name__ == "__main__":

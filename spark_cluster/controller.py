@@ -30,11 +30,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.staticfiles import StaticFiles
 
+from . import timeouts
 from .config import ClusterConfig
 from .errors import ConfigError
 from .gateway import Gateway, door_for_phase, error_body
 from .metrics import ControllerMetrics
-from .render import MASK, read_template
+from .render import MASK, render
 from .transport import Nodes
 from .watchdog import Watchdog
 
@@ -133,7 +134,7 @@ class Controller:
         if self.wd is not None:
             self.wd.woken.set()
         if self.thread is not None:
-            await asyncio.to_thread(self.thread.join, 60)
+            await asyncio.to_thread(self.thread.join, timeouts.CONTROLLER_STOP_S)
         for n in (self.nodes, self.status_nodes):
             if n is not None:
                 n.close()
@@ -311,11 +312,11 @@ def create_app(ctl: Controller) -> FastAPI:
     def metrics():
         return Response(ctl.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    page = read_template("status-page.html")
+    page = render("status-page.html", cluster=ctl.cfg.name)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index():
-        return HTMLResponse(page.replace("{{ cluster }}", ctl.cfg.name))
+        return HTMLResponse(page)
 
     app.mount("/incidents", StaticFiles(directory=ctl.dir / "incidents", check_dir=False), name="incidents")
     return app
@@ -328,4 +329,4 @@ def serve(cfg: ClusterConfig) -> None:
     ctl = Controller(cfg)
     (ctl.dir / "incidents").mkdir(parents=True, exist_ok=True)
     uvicorn.run(create_app(ctl), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=5, limit_concurrency=None, backlog=2048)
+                access_log=False, timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S, limit_concurrency=None, backlog=2048)

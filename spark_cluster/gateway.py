@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable, Literal, Optional
 
 import httpx
 
+from . import timeouts
 from .config import GatewaySettings
 
 Mode = Literal["open", "hold", "closed"]
@@ -190,7 +191,7 @@ class Gateway:
 
     async def engine_answers(self) -> Optional[bool]:
         try:
-            r = await self.client.get(f"{self.upstream}/health", timeout=min(5.0, self.s.connect_timeout_s))
+            r = await self.client.get(f"{self.upstream}/health", timeout=min(timeouts.ENGINE_HEALTH_S, self.s.connect_timeout_s))
             return r.status_code == 200
         except httpx.HTTPError:
             return False

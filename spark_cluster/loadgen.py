@@ -11,30 +11,6 @@ from typing import Optional
 import httpx
 
 
-def stream_load(url: str, model: str, n: int, stop: threading.Event, *, max_tokens: int = 1500,
-                repeat: bool = False, read_timeout_s: float = 240) -> list[threading.Thread]:
-    """Start n long streaming completions in daemon threads; they end on `stop`. With repeat, each
-    stream is sent again when it ends (continuous load). Every request has a deadline."""
-
-    def one() -> None:
-        body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-        while not stop.is_set():
-            try:
-                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=read_timeout_s)) as r:
-                    for _ in r.iter_lines():
-                        if stop.is_set():
-                            return
-            except httpx.HTTPError:
-                time.sleep(1)
-            if not repeat:
-                return
-
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    return threads
-
-
 @dataclass
 class Result:
     """One request of `mixed_load`, as its client saw it (times: time.time())."""
@@ -121,3 +97,22 @@ def mixed_load(url: str, model: str, stop: threading.Event, *, streams: int = 2,
     for t in threads:
         t.start()
     return threads, results
+
+
+def stream_load(url: str, model: str, n: int, stop: threading.Event, *, max_tokens: int = 1500,
+                repeat: bool = False, read_timeout_s: float = 240) -> list[threading.Thread]:
+    """Start n long streaming completions in daemon threads; they end on `stop`. With repeat, each
+    stream is sent again when it ends (continuous load). Every request has a deadline."""
+
+    def one() -> None:
+        while not stop.is_set():
+            r = one_request(url, model, "stream", max_tokens, read_timeout_s, stop=stop)
+            if r.outcome == "failed":
+                time.sleep(1)
+            if not repeat:
+                return
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .gateway import OUTCOMES, Observer
@@ -21,6 +22,19 @@ disable_created_metrics()  # the `_created` series only double the exposition he
 PHASES = ["starting", "healthy", "suspect", "backoff", "restarting", "failed", "paused"]
 RESTART_KINDS = ("hang", "member-gone", "not-ready", "restart-failed", "requested", "other")
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples named `name` of a Prometheus exposition, as (labels, value), by prometheus-client's parser."""
+    return [(s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name]
+
+
+def sample_value(text: str, name: str, **labels: str) -> float:
+    """One sample's value (the first whose labels include `labels`); KeyError when there is none."""
+    for have, value in samples(text, name):
+        if all(have.get(k) == v for k, v in labels.items()):
+            return value
+    raise KeyError(f"{name}{labels}")
 
 
 def restart_kind(reason: str) -> str:

@@ -34,3 +34,9 @@ RAY_STATUS_S = 20
 FOLLOW_LIMIT_S = 7 * 24 * 3600
 # A chat completion of the simulated cluster's demo (a tiny model on CPU).
 DEMO_COMPLETION_S = 120
+# The gateway asks vLLM's /health whether a 500 came from a dying engine: a live one answers at once.
+ENGINE_HEALTH_S = 5
+# The controller's shutdown: the watchdog thread ends its period (a restart in progress is left to
+# the next controller, which confirms what it finds); open streams get this long to finish.
+CONTROLLER_STOP_S = 60
+GRACEFUL_SHUTDOWN_S = 5

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spark_cluster.config import parse_config
 from spark_cluster.facts import parse_metrics
+from spark_cluster.metrics import sample_value
 
 from .browser import Browser
 from .conftest import ROOT, SIM_CONFIG, sim_docker, worker_container
@@ -61,11 +62,7 @@ class ControllerProcess(EventWaiter):
         return None if self.proc.poll() is None else f"the controller exited with {self.proc.returncode}"
 
     def metric(self, name: str, **labels) -> float:
-        for fam in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=10).text):
-            for s in fam.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return s.value
-        raise KeyError(name)
+        return sample_value(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -19,7 +19,7 @@ from spark_cluster.controller import Controller, create_app, load_token
 from spark_cluster.decide import State
 from spark_cluster.errors import ConfigError
 from spark_cluster.gateway import Admission, Door, admit, door_after, door_for_phase, retry_status
-from spark_cluster.metrics import restart_kind
+from spark_cluster.metrics import restart_kind, sample_value
 
 from .conftest import SIM_CONFIG
 from .fake_engine import FakeEngine, Served
@@ -128,12 +128,7 @@ class Rig:
 
     def metric(self, name: str, **labels) -> float:
         time.sleep(0.05)  # a request's outcome is counted just after its last byte went out
-        text = httpx.get(f"{self.url}/metrics").text
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return s.value
-        raise KeyError(name)
+        return sample_value(httpx.get(f"{self.url}/metrics").text, name, **labels)
 
 
 def rig_cfg(tmp_path, engine_url: str, **gateway):
