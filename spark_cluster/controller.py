@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -326,6 +327,7 @@ def serve(cfg: ClusterConfig) -> None:
     """Run the controller until SIGINT/SIGTERM (uvicorn handles both)."""
     import uvicorn
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ctl = Controller(cfg)
     (ctl.dir / "incidents").mkdir(parents=True, exist_ok=True)
     uvicorn.run(create_app(ctl), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",

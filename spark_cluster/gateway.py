@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal, Optional
@@ -34,6 +35,7 @@ from .config import GatewaySettings
 Mode = Literal["open", "hold", "closed"]
 Outcome = Literal["ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled"]
 OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled")
+log = logging.getLogger("spark_cluster.gateway")  # one line per request that did not simply pass (ok ones are counted only)
 
 # Headers that belong to one hop (RFC 9110 7.6.1), and those httpx or the server set themselves.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -238,6 +240,9 @@ class Gateway:
         finally:
             listener.cancel()
             self.obs.outcome(outcome)
+            if outcome != "ok":
+                log.info("%s %s: %s after %.1fs (%d attempts%s)", scope["method"], path, outcome,
+                         time.monotonic() - t0, attempts, ", waited at the door" if held else "")
 
     async def _refuse(self, send: ASGISend, a: Admission) -> None:
         headers = [(b"content-type", b"application/json")]

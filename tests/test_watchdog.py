@@ -13,6 +13,8 @@ import yaml
 
 from spark_cluster.config import parse_config
 from spark_cluster.executor import Executor, list_containers
+from spark_cluster.gateway import OUTCOMES
+from spark_cluster.metrics import sample_value
 from spark_cluster.transport import Nodes
 from spark_cluster.watchdog import Watchdog
 
@@ -207,6 +209,11 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     held = [r for r in results if r.start < confirmed < r.first_byte and r.complete]
     assert held, "no request was held across the restart"
     metrics = c.ctl.metrics.exposition().decode()
+    # the gateway's own count agrees with what its clients saw
+    counted = {o: sample_value(metrics, "spark_cluster_gateway_requests_total", outcome=o) for o in OUTCOMES}
+    print(f"{cfg.executor}: the gateway counted {counted}")
+    assert counted["interrupted"] == len(by["interrupted"]) and counted["failed"] == 0, counted
+    assert counted["held"] + counted["retried"] >= len(held), (counted, len(held))
     assert 'spark_cluster_restarts_total{reason="hang"} 1.0' in metrics and "spark_cluster_incidents_total 1.0" in metrics
     assert completion_works(cfg)
     assert_nothing_of(before, generation(cfg), cfg)
