@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""Benchmark: failover on the local simulated cluster, on both executors.
+"""Benchmark: failover on the local simulated cluster, on both executors, default watchdog settings.
 
-1. Under continuous streaming load, freeze the worker (`docker pause` of the worker node's
-   container: its vLLM rank, or its Ray node holding the rank) and measure MTTD (freeze -> hang
-   confirmed), MTTR (freeze -> a new completion succeeds again) and the restart-overhead part of
-   MTTR (the ordered gang restart itself, mostly model load).
-2. A loaded soak with no fault (default 20 minutes), counting false restarts.
+For each executor:
+1. Engine start: a fresh `up` of the same config on a clean cluster (what a restart cannot avoid).
+2. Loaded hang: under continuous streaming load, freeze the worker (`docker pause` of the worker
+   node's container: its vLLM rank, or its Ray node holding the rank). MTTD (freeze -> hang
+   confirmed), the restart with its parts, MTTR (freeze -> a new completion succeeds).
+3. Idle hang: no load; the worker freezes just after an idle canary passed (the worst moment).
+4. Overhead = restart time - engine start time, loaded and idle: what the restart adds.
+5. Optionally a soak with no fault (--soak-minutes, 0 to skip): 8 long streams with fresh long
+   prompts near max_model_len (long prefills) plus short non-streamed requests; suspect states,
+   canaries and restarts counted, and the longest gap between two engine steps seen.
 
-Default watchdog settings. Prints the figures of each executor side by side.
+Prints the figures of each executor side by side, then the restart's parts.
 Usage (root, simulated cluster up with the image: `spark-cluster sim up`):
-    python bench/failover_bench.py [--executors ray,native] [--faults 1] [--soak-minutes 20] [--streams 4]
+    python bench/failover_bench.py [--executors ray,native] [--soak-minutes 20] [--soak-streams 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import random
 import sys
 import tempfile
 import threading
@@ -31,10 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.executor import Executor  # noqa: E402
-from spark_cluster.loadgen import stream_load  # noqa: E402
+from spark_cluster.facts import parse_metrics  # noqa: E402
+from spark_cluster.loadgen import mixed_load, random_prompt, stream_load  # noqa: E402
 from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
 from spark_cluster.watchdog import Watchdog  # noqa: E402
+
+CONFIGS = {"ray": ROOT / "configs" / "local-sim.yaml", "native": ROOT / "configs" / "local-sim-native.yaml"}
 
 
 def ts(e) -> float:
@@ -59,7 +67,71 @@ def completion_ok(url: str, model: str) -> bool:
         return False
 
 
-CONFIGS = {"ray": ROOT / "configs" / "local-sim.yaml", "native": ROOT / "configs" / "local-sim-native.yaml"}
+class Step:
+    """The longest time between two engine steps (vLLM's step counter), sampled every 0.25 s."""
+
+    def __init__(self, url: str):
+        self.url, self.longest, self.stop = url, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        last, changed = None, time.monotonic()
+        with httpx.Client(timeout=5) as http:
+            while not self.stop.wait(0.25):
+                try:
+                    steps = parse_metrics(http.get(f"{self.url}/metrics").text).get("steps_total")
+                except httpx.HTTPError:
+                    continue
+                now = time.monotonic()
+                if steps != last:
+                    if last is not None:
+                        self.longest = max(self.longest, now - changed)
+                    last, changed = steps, now
+
+
+def fault(executor: str, cfg, events, worker: str, *, idle: bool, after: float) -> dict:
+    url, model = cfg.endpoint(), cfg.model.name
+    if idle:  # the worst moment: an idle canary has just passed
+        wait(events, lambda e: e["event"] == "canary" and e["ok"] and ts(e) > after, cfg.watchdog.idle_canary_s + 120)
+    t_freeze = time.time()
+    cluster.node_exec("sim-2", "docker", "pause", worker)
+    d = wait(events, lambda e: e["event"] == "decision" and e["action"] == "restart" and ts(e) > t_freeze, 300)
+    r = wait(events, lambda e: e["event"] in ("restart-done", "restart-failed") and ts(e) > ts(d), 900)
+    while not completion_ok(url, model):
+        time.sleep(0.2)
+    out = {"mttd": ts(d) - t_freeze, "mttr": time.time() - t_freeze, "restart": r["seconds"], "phases": r["phases"], "ok": r["event"] == "restart-done"}
+    print(f"{executor} {'idle' if idle else 'loaded'} hang: confirmed {out['mttd']:.1f}s after the freeze ({d['reason']}); "
+          f"restart {out['restart']:.1f}s; serving again {out['mttr']:.1f}s after the freeze", flush=True)
+    return out
+
+
+def soak(executor: str, cfg, events, args) -> dict:
+    url, model = cfg.endpoint(), cfg.model.name
+    # prompts near max_model_len, leaving room for the answer (words -> tokens measured with vLLM's tokenizer)
+    sample = random_prompt(200, random.Random(1))
+    tokens = httpx.post(f"{url}/tokenize", json={"model": model, "prompt": sample}, timeout=30).json()["count"]
+    answer = 128
+    words = int((cfg.vllm.max_model_len - answer - 64) * 200 / tokens)
+    stop = threading.Event()
+    steps = Step(url)
+    t0 = time.time()
+    threads, results = mixed_load(url, model, stop, streams=args.soak_streams, plain=2, stream_tokens=answer, plain_tokens=16,
+                                  stream_prompt_words=words)
+    print(f"{executor} soak: {args.soak_minutes:g} min, {args.soak_streams} streams with fresh prompts of ~{words * tokens // 200} tokens "
+          f"(max_model_len {cfg.vllm.max_model_len}) + 2 short non-streamed clients ...", flush=True)
+    time.sleep(args.soak_minutes * 60)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    steps.stop.set()
+    late = [e for e in events if ts(e) >= t0]
+    return {"restarts": len([e for e in late if e["event"] == "restart-start"]),
+            "suspect": len([e for e in late if e["event"] == "state" and e["state"] == "suspect"]),
+            "canaries": len([e for e in late if e["event"] == "canary"]),
+            "failed canaries": len([e for e in late if e["event"] == "canary" and not e["ok"]]),
+            "requests": len([r for r in results if r.outcome == "ok"]),
+            "longest step": steps.longest}
 
 
 def measure(executor: str, args) -> dict:
@@ -69,66 +141,73 @@ def measure(executor: str, args) -> dict:
     worker = f"{cfg.name}-ray-worker" if executor == "ray" else f"{cfg.name}-vllm-worker"
     url, model = cfg.endpoint(), cfg.model.name
     with Nodes(cfg) as nodes:
-        Executor(cfg, nodes).up()
-    mttd, mttr, overhead = [], [], []
+        ex = Executor(cfg, nodes)
+        ex.down()
+        fresh = ex.up()
+    print(f"{executor} engine start (fresh up on a clean cluster): {fresh.total_s:.1f}s {fresh.phases}", flush=True)
     events: list[dict] = []
-    stop_load, stop_wd = threading.Event(), threading.Event()
-    stream_load(url, model, args.streams, stop_load, max_tokens=1500, repeat=True, read_timeout_s=120)
+    stop_wd = threading.Event()
     nodes = Nodes(cfg)
     wd = Watchdog(cfg, nodes, on_event=events.append)
     runner = threading.Thread(target=lambda: wd.run(stop=stop_wd.is_set), daemon=True)
     runner.start()
+    out: dict = {"start": fresh.total_s, "start phases": fresh.phases}
     try:
-        for i in range(args.faults):
-            wait(events, lambda e: e["event"] == "state" and e["state"] == "healthy" and (not mttr or ts(e) > t_back), 600)
-            time.sleep(10)
-            t_freeze = time.time()
-            cluster.node_exec("sim-2", "docker", "pause", worker)
-            d = wait(events, lambda e: e["event"] == "decision" and e["action"] == "restart" and ts(e) > t_freeze, 300)
-            s = wait(events, lambda e: e["event"] == "restart-start" and ts(e) >= ts(d), 300)
-            r = wait(events, lambda e: e["event"] in ("restart-done", "restart-failed") and ts(e) > ts(s), 900)
-            while not completion_ok(url, model):
-                time.sleep(0.2)
-            t_back = time.time()
-            mttd.append(ts(d) - t_freeze)
-            mttr.append(t_back - t_freeze)
-            overhead.append(ts(r) - ts(s))
-            print(f"{executor} fault {i + 1}: detected {mttd[-1]:.1f}s, serving again {mttr[-1]:.1f}s, "
-                  f"restart itself {overhead[-1]:.1f}s ({r['event']})", flush=True)
-        restarts_before = len([e for e in events if e["event"] == "restart-start"])
-        t_soak = time.monotonic()
-        print(f"{executor} soak: {args.soak_minutes:g} min under {args.streams} streams, no fault ...", flush=True)
-        while time.monotonic() - t_soak < args.soak_minutes * 60:
-            time.sleep(5)
-        false_restarts = len([e for e in events if e["event"] == "restart-start"]) - restarts_before
-        canaries = len([e for e in events if e["event"] == "canary" and ts(e) > time.time() - args.soak_minutes * 60])
-    finally:
+        wait(events, lambda e: e["event"] == "state" and e["state"] == "healthy", 600)
+        stop_load = threading.Event()
+        stream_load(url, model, args.streams, stop_load, max_tokens=1500, repeat=True, read_timeout_s=120)
+        time.sleep(15)
+        out["loaded"] = fault(executor, cfg, events, worker, idle=False, after=0)
         stop_load.set()
+        time.sleep(5)
+        out["idle"] = fault(executor, cfg, events, worker, idle=True, after=time.time())
+        if args.soak_minutes > 0:
+            out["soak"] = soak(executor, cfg, events, args)
+    finally:
         stop_wd.set()
         runner.join(timeout=120)
         nodes.close()
         with Nodes(cfg) as n:
             Executor(cfg, n).down()
-    return {"MTTD freeze -> hang confirmed (s)": statistics.median(mttd),
-            "MTTR freeze -> completion OK (s)": statistics.median(mttr),
-            "  of which the gang restart (s)": statistics.median(overhead),
-            f"false restarts, {args.soak_minutes:g} min soak": false_restarts,
-            "  canaries sent in the soak": canaries}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--executors", default="ray,native", help="Comma-separated: ray (configs/local-sim.yaml), native (local-sim-native.yaml).")
-    ap.add_argument("--faults", type=int, default=1)
+    ap.add_argument("--streams", type=int, default=4, help="Streams of the loaded hang.")
     ap.add_argument("--soak-minutes", type=float, default=20)
-    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--soak-streams", type=int, default=8)
     args = ap.parse_args()
     executors = args.executors.split(",")
-    results = {x: measure(x, args) for x in executors}
-    print(f"medians over {args.faults} fault(s) each, default watchdog settings, {args.streams} streams")
-    print(f"{'':36}" + "".join(f"{x:>10}" for x in executors))
-    for k in results[executors[0]]:
-        print(f"{k:36}" + "".join(f"{results[x][k]:10.1f}" for x in executors))
+    res = {x: measure(x, args) for x in executors}
+
+    def row(label: str, fn, fmt: str = "{:10.1f}") -> None:
+        print(f"{label:52}" + "".join(fmt.format(fn(res[x])) for x in executors))
+
+    print(f"\ndefault watchdog settings; loaded: {args.streams} streams; idle: frozen just after an idle canary")
+    print(f"{'':52}" + "".join(f"{x:>10}" for x in executors))
+    row("MTTD loaded: freeze -> hang confirmed (s)", lambda r: r["loaded"]["mttd"])
+    row("MTTD idle (s)", lambda r: r["idle"]["mttd"])
+    row("engine start: fresh up on a clean cluster (s)", lambda r: r["start"])
+    row("restart, loaded: decision -> restart done (s)", lambda r: r["loaded"]["restart"])
+    row("restart, idle (s)", lambda r: r["idle"]["restart"])
+    row("overhead loaded: restart - engine start (s)", lambda r: r["loaded"]["restart"] - r["start"])
+    row("overhead idle (s)", lambda r: r["idle"]["restart"] - r["start"])
+    row("MTTR loaded: freeze -> completion OK (s)", lambda r: r["loaded"]["mttr"])
+    row("MTTR idle (s)", lambda r: r["idle"]["mttr"])
+    if args.soak_minutes > 0:
+        print(f"soak: {args.soak_minutes:g} min, {args.soak_streams} long-prompt streams + 2 short clients, no fault")
+        for k in ("restarts", "suspect", "canaries", "failed canaries", "requests"):
+            row(f"  {k}", lambda r, k=k: r["soak"][k], "{:10d}")
+        row("  longest gap between two engine steps (s)", lambda r: r["soak"]["longest step"])
+    for x in executors:
+        r = res[x]
+        names = list(dict.fromkeys(["incident-bundle", "kill", *r["start phases"], *r["loaded"]["phases"]]))
+        print(f"\n{x}: where the time goes (s)\n{'part':40}{'fresh up':>10}{'loaded':>10}{'idle':>10}")
+        for n in names:
+            cells = [r["start phases"].get(n), r["loaded"]["phases"].get(n), r["idle"]["phases"].get(n)]
+            print(f"{n:40}" + "".join(f"{c:10.2f}" if c is not None else f"{'-':>10}" for c in cells))
 
 
 if __name__ == "__main__":

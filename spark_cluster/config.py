@@ -393,18 +393,21 @@ class HealthSettings(Strict):
     ready_timeout_s: float = Field(1800, gt=0, description="How long the model may take to load until a real completion succeeds (loads take minutes on Sparks).")
     probe_timeout_s: float = Field(5, gt=0, description="Deadline of one HTTP probe.")
     completion_timeout_s: float = Field(60, gt=0, description="Deadline of the readiness completion.")
-    poll_interval_s: float = Field(2, gt=0, description="Interval between polls while waiting.")
+    poll_interval_s: float = Field(2, gt=0, description="Interval between polls of Ray's membership while `up` waits for the nodes to join (each poll imports Ray in the head container; vLLM's readiness is polled every 0.25 s).")
 
 
 class WatchdogSettings(Strict):
     """The failover controller (`spark-cluster watch`). Defaults from shared/notes/field.md."""
 
-    period_s: float = Field(5, gt=0, description="Seconds between observations.")
+    period_s: float = Field(2, gt=0, description="Seconds between observations (one SSH command per node and two local HTTP requests).")
     stall_window_s: float = Field(
-        20, gt=0, description="No progress this long while work is pending makes the cluster suspect; then a canary decides. "
-        "With the period and the canary deadline, a hang is confirmed in about 35 s: before Ray's ~65 s dead-node timeout.",
+        10, gt=0, description="No progress this long while work is pending makes the cluster suspect; then a canary decides. "
+        "Longer than the longest healthy engine step (a decode step on Sparks: tens of ms; a long prefill chunk: a few seconds). "
+        "With the period and the canary deadline, a loaded hang is confirmed in about 15-20 s: well before Ray's ~65 s dead-node timeout.",
     )
-    canary_timeout_s: float = Field(10, gt=0, description="A suspect cluster is confirmed hung when a 1-token completion does not finish within this.")
+    canary_timeout_s: float = Field(5, gt=0, description="A suspect cluster is confirmed hung when a 1-token completion does not finish within this.")
+    idle_canary_s: float = Field(30, gt=0, description="An idle engine (nothing in flight, no progress) gets a 1-token canary this often: a hang "
+                                                       "nobody is waiting on yet is found within about this plus the canary deadline.")
     grace_after_start_s: float = Field(60, ge=0, description="No hang verdict this long after a (re)start became ready.")
     backoff_base_s: float = Field(10, ge=0, description="First restart backoff; doubles each consecutive restart (Kubernetes/GPUStack).")
     backoff_max_s: float = Field(300, ge=0, description="Cap of the restart backoff.")

@@ -94,7 +94,8 @@ WatchdogFactory = Callable[[ClusterConfig, Nodes, Callable[[dict[str, Any]], Non
 class Controller:
     def __init__(self, cfg: ClusterConfig, *, token: Optional[str] = None, watchdog: Optional[WatchdogFactory] = None):
         self.cfg = cfg
-        self.make_watchdog: WatchdogFactory = watchdog or (lambda cfg, nodes, on_event: Watchdog(cfg, nodes, on_event=on_event))
+        self.make_watchdog: WatchdogFactory = watchdog or (
+            lambda cfg, nodes, on_event: Watchdog(cfg, nodes, on_event=on_event, in_flight=self.in_flight))
         self.token = token if token is not None else load_token(cfg)
         self.secrets = [v for v in cfg.secret_values() + [self.token] if v]
         self.dir = cfg.resolved_state_dir()
@@ -141,6 +142,11 @@ class Controller:
                 n.close()
         if self.gateway is not None:
             await self.gateway.aclose()
+
+    def in_flight(self) -> int:
+        """Requests the gateway has sent the engine and not seen finish (read from the watchdog's thread:
+        the length of a set is one atomic read)."""
+        return len(self.gateway.flights) if self.gateway is not None else 0
 
     # ---- events -----------------------------------------------------------------------------
     def _from_thread(self, e: dict[str, Any]) -> None:

@@ -8,8 +8,12 @@ The rules, from what the field knows (shared/notes/field.md):
   tokens) means healthy, however slow. Latency alone never restarts anything.
 - Suspect: no progress while requests are running or waiting; or the API stops answering.
 - Confirmed hang: suspect for the whole stall window AND a 1-token canary completion does not
-  finish within its deadline. (Counters also freeze with running = 0 in some wedges, so an idle
-  engine gets a canary now and then too.)
+  finish within its deadline.
+- Do not trust the engine's own gauges alone: they freeze with the engine (a hang that starts as
+  requests arrive reads 0 running). Work in flight is what the engine reports or, where the
+  controller's gateway runs, what the gateway has sent it and not seen finish, whichever is more.
+  And an idle engine gets a canary every `idle_canary_s`, since nothing else would reveal a
+  wedge that nobody is waiting on yet.
 - Definitively gone: a cluster container exited or vanished, or a node unreachable for several
   periods in a row. That needs no canary.
 - After a (re)start became ready: a grace period without hang verdicts.
@@ -31,9 +35,6 @@ ActionKind = Literal["canary", "restart", "alert"]
 
 # Consecutive unreachable samples before a node counts as gone (a blip of SSH is not a failure).
 UNREACHABLE_SAMPLES = 3
-# An idle engine (nothing in flight) gets a canary this often: some wedges freeze the counters
-# with running = 0, and nothing else would reveal them.
-IDLE_CANARY_S = 60.0
 # A restart that has not become ready after this long is a failed attempt (the executor's own
 # readiness deadline ends it first; this is the backstop of the state machine).
 STARTING_LIMIT_S = 3600.0
@@ -50,6 +51,7 @@ class Sample:
     prompt_tokens_total: Optional[float] = None
     running: float = 0
     waiting: float = 0
+    gateway_in_flight: float = 0  # requests the controller's gateway has sent the engine and not seen finish
     gone: tuple[str, ...] = ()  # containers exited/missing, the vLLM process gone, Ray nodes dead or missing: definitive
     unreachable: tuple[str, ...] = ()  # nodes that did not answer SSH this time
     canary_ok: Optional[bool] = None  # result of a canary performed since the last sample
@@ -62,7 +64,8 @@ class Sample:
 
     @property
     def pending(self) -> float:
-        return (self.running or 0) + (self.waiting or 0)
+        """Requests in flight or waiting: the engine's gauges freeze with it, the gateway's count does not."""
+        return max((self.running or 0) + (self.waiting or 0), self.gateway_in_flight or 0)
 
 
 @dataclass(frozen=True)
@@ -208,8 +211,8 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
         consecutive = 0 if now - healthy_since >= s.backoff_reset_s else state.consecutive
         state = replace(state, phase="healthy", since=state.since if state.phase == "healthy" else now,
                         suspect_since=None, suspect_reason="", healthy_since=healthy_since, consecutive=consecutive)
-        if not moved and not in_grace and not state.canary_pending and (state.last_canary is None or now - state.last_canary >= IDLE_CANARY_S) \
-                and now - (state.last_progress or now) >= IDLE_CANARY_S:
+        if not moved and not in_grace and not state.canary_pending and (state.last_canary is None or now - state.last_canary >= s.idle_canary_s) \
+                and now - (state.last_progress or now) >= s.idle_canary_s:
             return replace(state, canary_pending=True), Action("canary", "idle engine: periodic canary")
         return state, None
 
@@ -217,7 +220,9 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
     if not answering:
         reason = "the API does not answer" if x.health is None else f"/health answers {x.health}"
     elif x.pending > 0:
-        reason = f"no progress for {now - (state.last_progress or now):.0f}s with {x.pending:g} request(s) in flight or waiting"
+        engine = (x.running or 0) + (x.waiting or 0)
+        reason = f"no progress for {now - (state.last_progress or now):.0f}s with {x.pending:g} request(s) in flight or waiting" + (
+            f" (the gateway's count; the engine reports {engine:g})" if x.pending > engine else "")
     else:
         return state, None
     if state.suspect_since is None:

@@ -67,6 +67,7 @@ class Executor:
         self.plan: Plan = build_plan(cfg, reveal_secrets=True)
         self.shown: Plan = build_plan(cfg)
         self.shown_by_id = {s.id: s for s in self.shown.steps}
+        self.phases: dict[str, float] = {}  # where the last up's time went, by part (see up)
 
     # ---- events -------------------------------------------------------------------------
     def emit(self, event: str, step: Step | None = None, **data: Any) -> None:
@@ -403,44 +404,48 @@ class Executor:
         return parse_process(p, r.exit_code, r.stdout, r.stderr)
 
     def wait_ready(self, steps: list[Step]) -> None:
+        """Poll each readiness check in turn (cheap HTTP: every timeouts.READY_POLL_S, so a ready engine
+        is seen at once), checking every 10 s that the members still run (fail fast when one died)."""
         deadline_start = time.monotonic()
-        last_alive_check = 0.0
+        last_alive_check = time.monotonic()
         with httpx.Client() as http:
             for step in steps:
-                t0 = time.monotonic()
-                self.emit("step-start", step)
-                deadline = deadline_start + (step.deadline_s or 600)
-                last_err = ""
-                while True:
-                    ok, last_err = _http_check(http, step)
-                    if ok:
-                        self._done(step, t0)
-                        break
-                    if time.monotonic() - last_alive_check > 10:
-                        last_alive_check = time.monotonic()
-                        self._check_members_alive(self.plan.steps[-1])
-                    if time.monotonic() > deadline:
-                        raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
-                                        _tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container))
-                    time.sleep(self.cfg.health.poll_interval_s)
+                with self.timed(step.id):
+                    t0 = time.monotonic()
+                    self.emit("step-start", step)
+                    deadline = deadline_start + (step.deadline_s or 600)
+                    while True:
+                        ok, last_err = _http_check(http, step)
+                        if ok:
+                            self._done(step, t0)
+                            break
+                        if time.monotonic() - last_alive_check > 10:
+                            last_alive_check = time.monotonic()
+                            self._check_members_alive(self.plan.steps[-1])
+                        if time.monotonic() > deadline:
+                            raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
+                                            _tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container))
+                        time.sleep(timeouts.READY_POLL_S)
 
     # ---- up / down ----------------------------------------------------------------------
     def up(self, *, stop_after: str | None = None) -> UpResult:
-        """Run the plan. stop_after: a phase name to stop after (e.g. "wait-ray"), for partial bring-up."""
+        """Run the plan. stop_after: a phase name to stop after (e.g. "wait-ray"), for partial bring-up.
+        Where the time went is kept in `self.phases` as it goes (in order, by step id), so a caller
+        still has it when up fails."""
         from .plan import PHASES
 
         allowed = set(PHASES[: PHASES.index(stop_after) + 1]) if stop_after else set(PHASES)
         t_start = time.monotonic()
-        phases: dict[str, float] = {}
-        self.connect_all()
-        with self.locked("up"):
-            t = time.monotonic()
-            existing = self.existing()
-            self.preflight(existing)
-            phases["preflight"] = time.monotonic() - t
-            t = time.monotonic()
-            self.prepare()
-            phases["prepare"] = time.monotonic() - t
+        self.phases = {}
+        with self.timed("lock"):
+            self.connect_all()
+            self.acquire_lock("up")
+        try:
+            with self.timed("preflight"):
+                existing = self.existing()
+                self.preflight(existing)
+            with self.timed("prepare"):
+                self.prepare()
             found = [c for cs in existing.values() for c in cs]
             members = [s for s in self.plan.steps if s.kind in ("start", "exec") and s.phase in allowed]
             running = {(c.node, c.name) for c in found if c.running}
@@ -448,48 +453,73 @@ class Executor:
                          if s.process is not None and (s.node, s.process.container) in running}
             todo = reconcile(members, found, processes)
             if todo.remove:
-                logs = self.logs_dir("replaced")
-                for c in todo.remove:
-                    self.emit("container-remove", node=c.node, container=c.name, reason=todo.why or "not in the plan")
-                    self._remove(c.node, c.name, save_logs_to=logs, component=c.component)
+                with self.timed("remove"):
+                    logs = self.logs_dir("replaced")
+                    for c in todo.remove:
+                        self.emit("container-remove", node=c.node, container=c.name, reason=todo.why or "not in the plan")
+                        self._remove(c.node, c.name, save_logs_to=logs, component=c.component)
             for s in members:
                 if s not in todo.start:
                     self.emit("step-skip", s, reason="unchanged and running")
-            phases["start"] = 0.0
             for s in self.plan.steps:
                 if s.phase not in allowed:
                     continue
-                t = time.monotonic()
                 if s.kind in ("start", "exec") and s in todo.start:
-                    self._start(s)
-                    phases["start"] += time.monotonic() - t
+                    with self.timed(s.id):
+                        self._start(s)
                 elif s.kind == "wait-ray":
                     if todo.start:
-                        self.wait_ray(s)
-                        phases["wait-ray"] = time.monotonic() - t
+                        with self.timed(s.id):
+                            self.wait_ray(s)
                     else:
                         self.emit("step-skip", s, reason="Ray unchanged")
-            t = time.monotonic()
             if "ready" in allowed:
                 self.wait_ready(self.plan.steps_in("ready"))
-                phases["ready"] = time.monotonic() - t
+        finally:
+            self.release_lock()
         result = UpResult(changed=todo.changed, recreated=[member_name(s) for s in todo.start], kept=todo.kept,
-                          phases={k: round(v, 2) for k, v in phases.items()}, total_s=round(time.monotonic() - t_start, 2))
+                          phases=dict(self.phases), total_s=round(time.monotonic() - t_start, 2))
         self.emit("up-done", changed=result.changed, recreated=result.recreated, kept=result.kept, phases=result.phases,
                   total_s=result.total_s)
         return result
 
-    def down(self, *, lock: bool = True, graceful: bool = True) -> Path | None:
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Record how long a part of up took in self.phases (also when it fails)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.monotonic() - t0, 2)
+
+    def down(self, *, lock: bool = True, graceful: bool = True, logs_to: Optional[Path] = None) -> Path | None:
         """Stop and remove every cluster container: vLLM, the head, then the workers. graceful=False
-        kills at once (a wedged engine does not shut down cleanly anyway). Raises RemoveFailed
+        kills at once (a wedged engine does not shut down cleanly anyway). The containers' logs are
+        saved under state_dir/logs, or in logs_to. Raises RemoveFailed
         naming what is left when a node could not be listed or a container could not be removed."""
         if lock:
             self.connect_all()
             with self.locked("down"):
-                return self._down(graceful)
-        return self._down(graceful)
+                return self._down(graceful, logs_to)
+        return self._down(graceful, logs_to)
 
-    def _down(self, graceful: bool) -> Path | None:
+    def _each(self, batch: list[ContainerFact], act: Callable[[ContainerFact], None]) -> list[str]:
+        """act on every container of a batch at once; what could not be done, as messages."""
+        failed: list[str] = []
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            for fut in [pool.submit(act, c) for c in batch]:
+                try:
+                    fut.result()
+                except SparkClusterError as exc:
+                    failed.append(exc.message)
+        return failed
+
+    def _kill(self, c: ContainerFact) -> None:
+        """SIGKILL (also reaches a paused container); failures are left to the removal that follows."""
+        self.emit("container-kill", node=c.node, container=c.name)
+        self.nodes[c.node].run(f"docker kill {quote(c.name)} >/dev/null 2>&1; true", timeout=timeouts.QUICK_S)
+
+    def _down(self, graceful: bool, logs_to: Optional[Path] = None) -> Path | None:
         existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
         found: list[ContainerFact] = []
         left: list[str] = []
@@ -501,24 +531,24 @@ class Executor:
             if isinstance(r, BaseException):
                 raise r
             found.extend(r)
-        logs = self.logs_dir("down") if found else None
+        logs = (logs_to or self.logs_dir("down")) if found else None
+        ranks = [[c for c in found if stop_rank(c.component) == rank] for rank in range(len(COMPONENT_ORDER) + 1)]
+        ranks = [batch for batch in ranks if batch]
+        if not graceful and ranks:
+            # a wedged group: SIGKILL in stop order (vLLM, the head, then the workers; a fraction of a
+            # second each), then save the logs and remove everything at once (seconds per container)
+            for batch in ranks:
+                self._each(batch, self._kill)
+            ranks = [[c for batch in ranks for c in batch]]
         removed: list[str] = []
-        for rank in range(len(COMPONENT_ORDER) + 1):
-            batch = [c for c in found if stop_rank(c.component) == rank]
-            if not batch:
-                continue
 
-            def remove(c: ContainerFact) -> None:
-                self.emit("container-remove", node=c.node, container=c.name, reason="down")
-                self._remove(c.node, c.name, save_logs_to=logs, graceful=graceful, component=c.component)
+        def remove(c: ContainerFact) -> None:
+            self.emit("container-remove", node=c.node, container=c.name, reason="down")
+            self._remove(c.node, c.name, save_logs_to=logs, graceful=graceful, component=c.component)
+            removed.append(f"{c.name}@{c.node}")
 
-            with ThreadPoolExecutor(max_workers=len(batch)) as pool:
-                for c, fut in [(c, pool.submit(remove, c)) for c in batch]:
-                    try:
-                        fut.result()
-                        removed.append(f"{c.name}@{c.node}")
-                    except SparkClusterError as exc:
-                        left.append(exc.message)
+        for batch in ranks:
+            left += self._each(batch, remove)
         self.emit("down-done", removed=removed, left=left, logs=str(logs) if logs else None)
         if left:
             raise RemoveFailed("down did not remove everything:\n" + "\n".join(f"  - {x}" for x in left),

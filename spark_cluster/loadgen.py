@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ class Result:
 
 
 def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s: float = 600,
-                stop: Optional[threading.Event] = None) -> Result:
+                stop: Optional[threading.Event] = None, prompt: str = "Once upon a time") -> Result:
     """One completion as a client sees it; a stream is left (and counted as stopped) once `stop` is set."""
-    body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": kind == "stream"}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": kind == "stream"}
     r = Result(kind, time.time())
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=read_timeout_s)) as resp:
@@ -77,16 +78,29 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
     return r
 
 
+def random_prompt(words: int, rng: random.Random) -> str:
+    """A prompt no cache has seen (prefix caching would make a repeated long prompt cheap)."""
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+WORDS = ("river", "stone", "lamp", "orbit", "copper", "meadow", "signal", "harbor", "violet", "engine", "winter", "paper",
+         "falcon", "silver", "garden", "thunder", "candle", "marble", "forest", "anchor", "velvet", "planet", "ember", "glacier")
+
+
 def mixed_load(url: str, model: str, stop: threading.Event, *, streams: int = 2, plain: int = 2, stream_tokens: int = 400,
-               plain_tokens: int = 32) -> tuple[list[threading.Thread], list[Result]]:
+               plain_tokens: int = 32, stream_prompt_words: int = 0, seed: int = 0) -> tuple[list[threading.Thread], list[Result]]:
     """Clients sending streamed and non-streamed completions back to back until `stop`, each
-    request's result kept (what a client of the gateway sees during a failover)."""
+    request's result kept (what a client of the gateway sees during a failover). stream_prompt_words:
+    each stream gets a fresh random prompt of that many words (long prefills), else a short one."""
     results: list[Result] = []
     lock = threading.Lock()
+    rng = random.Random(seed)
 
     def client(kind: str, tokens: int) -> None:
         while not stop.is_set():
-            r = one_request(url, model, kind, tokens, stop=stop)
+            with lock:
+                prompt = random_prompt(stream_prompt_words, rng) if kind == "stream" and stream_prompt_words else "Once upon a time"
+            r = one_request(url, model, kind, tokens, stop=stop, prompt=prompt)
             with lock:
                 results.append(r)
             if r.outcome == "failed":

@@ -19,12 +19,17 @@ PROCESS_STOP_EXTRA_S = 30
 RAY_STATE_S = 60
 # The watchdog's node probe: health.probe_timeout_s plus this for SSH and docker on a loaded node.
 NODE_PROBE_EXTRA_S = 5
-# Host facts (docker ps, free, uptime) in an incident bundle.
-INCIDENT_HOST_S = 20
+# What the nodes say in an incident bundle (host facts, Ray's status), asked in parallel: the restart
+# waits this long at most for them (what has not answered is noted as such).
+INCIDENT_S = 5
 # How often `up` polls a starting process for its PID file, and for how long: `docker exec -d`
 # returns at once, the process writes its PID within a second unless something is wrong.
 PROCESS_POLL_S = 0.5
 PROCESS_START_S = 20
+# How often `up` asks vLLM whether it is ready (/health, /v1/models, a completion): a local HTTP
+# request costs nothing next to a model load, and every second of polling slack is a second of a
+# restart. (Ray's membership is polled at health.poll_interval_s: each poll imports Ray on the head.)
+READY_POLL_S = 0.25
 # Stop timeout of a Ray worker container (capped): it keeps nothing worth a graceful stop, and its
 # `ray start --block` waits out the whole stop timeout once the head is gone.
 RAY_WORKER_STOP_S = 5

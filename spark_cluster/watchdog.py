@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,7 +26,7 @@ from . import timeouts
 from .config import ClusterConfig
 from .decide import Action, Sample, State, breaker_reset, decide, requested_restart, restarted, resumed
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
-from .executor import Executor, list_containers, save_logs
+from .executor import Executor
 from .facts import parse_metrics
 from .plan import build_plan
 from .render import quote
@@ -44,7 +44,7 @@ def _iso(t: float | None = None) -> str:
 
 
 def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: dict[str, str], t: float,
-              canary: Optional[tuple[bool, float]] = None) -> Sample:
+              canary: Optional[tuple[bool, float]] = None, gateway_in_flight: int = 0) -> Sample:
     """What the decision needs from one observation: the same rules as `status` (members_gone,
     ray_missing) over the same facts. Pure."""
     gone = members_gone(nodes) + [f"Ray lists node {name} ({expected_nodes[name]}) {'dead' if expected_nodes[name] in ray.dead else 'missing'}"
@@ -52,7 +52,7 @@ def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: 
     return Sample(
         t=t, health=vllm.health, steps_total=vllm.steps_total, generation_tokens_total=vllm.generation_tokens_total,
         prompt_tokens_total=vllm.prompt_tokens_total, running=vllm.running or 0, waiting=vllm.waiting or 0,
-        gone=tuple(gone), unreachable=tuple(n.name for n in nodes if not n.reachable),
+        gateway_in_flight=gateway_in_flight, gone=tuple(gone), unreachable=tuple(n.name for n in nodes if not n.reachable),
         canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None,
     )
 
@@ -83,7 +83,8 @@ def reset_breaker(cfg: ClusterConfig, why: str) -> bool:
 
 class Watchdog:
     def __init__(self, cfg: ClusterConfig, nodes: Nodes, *, on_event: EventSink | None = None,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] | None = None):
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] | None = None,
+                 in_flight: Callable[[], int] = lambda: 0):
         self.cfg = cfg
         self.nodes = nodes
         self.s = cfg.watchdog
@@ -95,6 +96,7 @@ class Watchdog:
         self.paused = False
         self._pause_wanted: Optional[bool] = None
         self.on_event = on_event or (lambda e: None)
+        self.in_flight = in_flight  # requests the controller's gateway has sent the engine and not seen finish
         self.dir = cfg.resolved_state_dir()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.events_path = self.dir / "events.jsonl"
@@ -107,6 +109,7 @@ class Watchdog:
         self.ray_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-probe")
         self.ray_probe: Optional[Future[RayObs]] = None
         self.ray_probe_started = float("-inf")
+        self.last_ray: Optional[RayObs] = None  # the last answer of a Ray probe (for incident bundles)
         self.state = self._load_state()
         self.trail: deque[dict[str, Any]] = deque(maxlen=200)
         self.samples: deque[dict[str, Any]] = deque(maxlen=60)
@@ -185,7 +188,7 @@ class Watchdog:
             nodes = [f.result() for f in futs]
         canary = self.canary_result
         self.canary_result = None
-        sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary)
+        sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary, self.in_flight())
         self.samples.append(dataclasses.asdict(sample))
         return sample
 
@@ -195,7 +198,7 @@ class Watchdog:
             return RayObs()
         ray = RayObs()
         if self.ray_probe is not None and self.ray_probe.done():
-            ray = self.ray_probe.result()
+            ray = self.last_ray = self.ray_probe.result()
             self.ray_probe = None
         if self.ray_probe is None and time.monotonic() - self.ray_probe_started >= RAY_PROBE_INTERVAL_S:
             self.ray_probe_started = time.monotonic()
@@ -215,6 +218,9 @@ class Watchdog:
 
     # ---- actions ----------------------------------------------------------------------------
     def incident_bundle(self, reason: str) -> Path:
+        """What the watchdog knew (decision trail, observations, the last metrics and Ray state, its
+        state) plus what the nodes say now (host facts, Ray's status), taken in parallel within
+        timeouts.INCIDENT_S: the restart waits for it. The containers' logs are added by the kill."""
         slug = re.sub(r"[^a-z0-9]+", "-", reason.lower())[:40].strip("-")
         d = self.dir / "incidents" / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{slug}"
         d.mkdir(parents=True, exist_ok=True)
@@ -223,48 +229,62 @@ class Watchdog:
         (d / "observations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in self.samples))
         (d / "metrics.txt").write_text(self.last_metrics_text)
         (d / "state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1, default=list))
+        if self.last_ray is not None:
+            (d / "ray-state.json").write_text(self.last_ray.model_dump_json(indent=1) + "\n")
 
-        def grab(t) -> None:
-            try:
-                for c in list_containers(t, self.cfg.name):
-                    save_logs(t, c.name, d / "logs")
-                r = t.run("docker ps -a; echo; free -m; echo; uptime", timeout=timeouts.INCIDENT_HOST_S)
-                (d / f"{t.node}-host.txt").write_text(r.stdout + r.stderr)
-            except SparkClusterError as exc:
-                (d / f"{t.node}-error.txt").write_text(str(exc))
+        def run(node: str, command: str) -> Callable[[], str]:
+            def go() -> str:
+                try:
+                    r = self.nodes[node].run(command, timeout=timeouts.INCIDENT_S)
+                    return r.stdout + r.stderr
+                except SparkClusterError as exc:
+                    return f"unavailable: {exc}\n"
+            return go
 
-        with ThreadPoolExecutor(max_workers=len(self.cfg.nodes)) as pool:
-            list(pool.map(grab, [self.nodes[n.name] for n in self.cfg.nodes]))
+        jobs = {f"{n.name}-host.txt": run(n.name, "docker ps -a; echo; free -m; echo; uptime") for n in self.cfg.nodes}
         if self.ray_step is not None:
-            try:
-                r = self.nodes[self.cfg.head.name].run(f"docker exec {quote(self.cfg.name + '-ray-head')} ray status; {self.ray_step.command}",
-                                                       timeout=timeouts.RAY_STATE_S)
-                (d / "ray-status.txt").write_text(r.stdout + r.stderr)
-            except SparkClusterError as exc:
-                (d / "ray-status.txt").write_text(f"unavailable: {exc}\n")
+            jobs["ray-status.txt"] = run(self.cfg.head.name, f"docker exec {quote(self.cfg.name + '-ray-head')} ray status; {self.ray_step.command}")
+        pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="incident")
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        wait(futures.values(), timeout=timeouts.INCIDENT_S)
+        for name, fut in futures.items():
+            (d / name).write_text(fut.result() if fut.done() else f"not captured within {timeouts.INCIDENT_S:g}s (the restart went on)\n")
+        pool.shutdown(wait=False, cancel_futures=True)
         return d
 
     def restart(self, action: Action) -> None:
+        """The ordered gang restart, timed by part: the incident bundle, the kill (logs saved into the
+        bundle), then `up`'s parts (executor.phases). The parts go into restart-done and the bundle."""
         if action.delay_s:
             self.event("backoff", seconds=action.delay_s, reason=action.reason)
             self.sleep(action.delay_s)
-        bundle = self.incident_bundle(action.reason)
-        self.event("incident", reason=action.reason, bundle=str(bundle))
+        phases: dict[str, float] = {}
         t0 = time.monotonic()
+        bundle = self.incident_bundle(action.reason)
+        phases["incident-bundle"] = round(time.monotonic() - t0, 2)
+        self.event("incident", reason=action.reason, bundle=str(bundle))
         self.event("restart-start", reason=action.reason, attempt=self.state.consecutive + 1)
         ex = Executor(self.cfg, self.nodes, report=lambda e: self.event(
             "executor", step_event=e.get("event"), **{k: v for k, v in e.items() if k not in ("ts", "event")}))
         ok, error = True, None
         try:
-            ex.down(graceful=False)
+            t = time.monotonic()
+            try:
+                ex.down(graceful=False, logs_to=bundle / "logs")
+            finally:
+                phases["kill"] = round(time.monotonic() - t, 2)
             ex.up()
         except SparkClusterError as exc:
             ok, error = False, str(exc)
+        phases.update(ex.phases)
         took = round(time.monotonic() - t0, 1)
         self.ray_probe = None  # an answer about the previous generation is no news about this one
+        self.last_ray = None
         self.state = restarted(self.state, self.clock(), error or "")
         recover = round(self.clock() - self.decided_at, 1) if self.decided_at is not None else None
-        self.event("restart-done" if ok else "restart-failed", seconds=took, recover_s=recover, error=error)
+        done = {"seconds": took, "recover_s": recover, "phases": phases, "error": error}
+        (bundle / "restart.json").write_text(json.dumps({"event": "restart-done" if ok else "restart-failed", **done}, indent=1) + "\n")
+        self.event("restart-done" if ok else "restart-failed", **done)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _commands(self) -> None:

@@ -87,6 +87,21 @@ def test_down_reports_a_container_it_could_not_remove_and_removes_the_rest(cfg):
     assert fake.commands(containing="rm -rf /tmp/spark-cluster-spark.lock")
 
 
+def test_a_kill_stops_the_group_in_order_then_removes_it_all_at_once(cfg, tmp_path):
+    """The watchdog's restart of a wedged group: SIGKILL, API side first, then the workers; only then
+    the (slow) removals; no graceful stop; the logs kept where the incident bundle wants them."""
+    fake = FakeCluster(cfg).serving()
+    names = {c.node: c.name for c in fake.plan.containers()}
+    Executor(cfg, fake_nodes(fake)).down(graceful=False, logs_to=tmp_path / "bundle-logs")
+    log = [c for _, c in fake.log]
+    kills = [i for i, c in enumerate(log) if c.startswith("docker kill")]
+    assert [log[i].split()[2] for i in kills] == [names["sim-1"], names["sim-2"]]
+    assert max(kills) < min(i for i, c in enumerate(log) if "docker rm -f" in c)
+    assert not [c for c in log if "kill -TERM" in c] and all("docker stop -t 0" in c for c in log if "docker rm -f" in c)
+    assert sorted(p.name for p in (tmp_path / "bundle-logs").iterdir()) == sorted(f"{n}--{c}.log" for n, c in names.items())
+    assert fake.containers == {"sim-1": {}, "sim-2": {}}
+
+
 def test_a_lock_that_cannot_be_released_is_reported(cfg):
     fake = FakeCluster(cfg).serving()
     fake.script("rm -rf /tmp/spark-cluster-spark.lock", (1, "", "rm: cannot remove: Read-only file system"))

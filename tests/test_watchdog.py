@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from contextlib import contextmanager
@@ -115,7 +116,10 @@ def serving(cfg):
 
 
 def completion_works(cfg) -> bool:
-    r = httpx.post(f"{cfg.endpoint()}/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    try:
+        r = httpx.post(f"{cfg.endpoint()}/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    except httpx.HTTPError:
+        return False
     return r.status_code == 200 and bool(r.json()["choices"])
 
 
@@ -184,8 +188,8 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
             # the time to detect the watchdog reports runs from the start of the stall (the freeze)
             assert abs(decision["detect_s"] - detect_s) < 10, (decision["detect_s"], detect_s)
             assert c.kinds("canary") and not c.kinds("canary")[-1]["ok"]
-            # on Ray, before Ray's own heartbeat timeout (~65-80 s) ends the engine
-            assert detect_s < 45
+            # within 25 s at default settings (on Ray, long before its heartbeat timeout, ~65-80 s, ends the engine)
+            assert detect_s < 25
             incident = c.wait_for(lambda e: e["event"] == "incident", 60, "incident bundle")
             done = c.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
             assert done["event"] == "restart-done", done
@@ -222,21 +226,72 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     bundle = Path(incident["bundle"])
     assert (bundle / "decision-trail.jsonl").read_text() and (bundle / "metrics.txt").read_text().count("vllm:") > 5
     assert sorted(p.name for p in (bundle / "logs").iterdir()) == sorted(f"{n}--{c}.log" for n, c in before_names(cfg))
-    if cfg.executor == "ray":
-        assert "SPARK_CLUSTER_RAY_NODES" in (bundle / "ray-status.txt").read_text()
+    if cfg.executor == "ray":  # Ray's view as the watchdog last saw it: both nodes
+        assert len(json.loads((bundle / "ray-state.json").read_text())["nodes"]) == 2
+        assert (bundle / "ray-status.txt").read_text()  # asked afresh, or noted as not answering in time
     events = (tmp_path / "state" / "events.jsonl").read_text()
     assert '"event": "restart-done"' in events
+    # where the restart's time went, in its event and in the bundle
+    phases = done["phases"]
+    print(f"{cfg.executor}: restart {done['seconds']}s: {phases}")
+    assert list(phases)[:2] == ["incident-bundle", "kill"] and "ready/health" in phases and "ready/completion" in phases
+    assert sum(phases.values()) <= done["seconds"] + 1
+    assert json.loads((bundle / "restart.json").read_text())["phases"] == phases
     # stop order of the gang restart: vLLM (API, or the Ray head holding it) first, then the worker;
     # start order: worker first
     ex = [e for e in c.events if e["event"] == "executor"]
-    removed = [e["container"] for e in ex if e.get("step_event") == "container-remove"]
+    killed = [e["container"] for e in ex if e.get("step_event") == "container-kill"]
     started = [e["step"] for e in ex if e.get("step_event") == "step-ok" and e["phase"] in ("start-workers", "start-head", "serve")]
     if cfg.executor == "ray":
-        assert removed == ["spark-ray-head", "spark-ray-worker"]
+        assert killed == ["spark-ray-head", "spark-ray-worker"]
         assert started == ["start-workers/sim-2/ray-worker", "start-head/sim-1/ray-head", "serve/sim-1/vllm"]
     else:
-        assert removed == ["spark-vllm", "spark-vllm-worker"]
+        assert killed == ["spark-vllm", "spark-vllm-worker"]
         assert started == ["start-workers/sim-2/vllm-worker", "serve/sim-1/vllm"]
+
+
+@pytest.mark.parametrize("when", ["idle", "arrival"])
+def test_a_hang_of_an_idle_engine_or_one_starting_as_requests_arrive_is_confirmed_within_45_s(sim, tmp_path, when):
+    """idle: the worker freezes just after an idle canary passed (the worst moment), nobody sends
+    anything. arrival: the worker freezes, then requests arrive through the gateway; the engine's
+    gauges then read 0 running, the gateway knows better. Observe-only (watchdog.enabled: false):
+    the decision is the same function whether it is carried out or not, so the engine is thawed
+    afterwards instead of restarted (the restart is what the frozen-worker test covers)."""
+    from spark_cluster.loadgen import one_request
+
+    cfg = cfg_with(tmp_path, "ray", enabled=False)
+    worker = worker_container(cfg)
+    serving(cfg)
+    stop = threading.Event()
+    clients: list[threading.Thread] = []
+    try:
+        with Controlled(cfg) as c:
+            c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+            if when == "idle":
+                c.wait_for(lambda e: e["event"] == "canary" and e["ok"], cfg.watchdog.idle_canary_s + 30, "an idle canary")
+            frozen_at = time.time()
+            sim_docker("sim-2", "pause", worker)
+            if when == "arrival":
+                clients = [threading.Thread(target=one_request, args=(c.url, cfg.model.name, kind, 16), kwargs={"stop": stop}, daemon=True)
+                           for kind in ("stream", "plain", "stream")]
+                for t in clients:
+                    t.start()
+            decision = c.wait_for(lambda e: e["event"] == "decision" and e["action"] == "alert", 90, "a hang confirmed")
+            detect_s = ts(decision) - frozen_at
+            print(f"{when} hang confirmed {detect_s:.1f}s after the freeze: {decision['reason']}")
+            assert "hang confirmed" in decision["reason"] and detect_s < 45
+            assert ("the gateway's count" if when == "arrival" else "idle engine") in decision["reason"]
+            assert not c.kinds("restart-start")
+    finally:
+        stop.set()
+        sim_docker("sim-2", "unpause", worker, check=False)
+        for t in clients:
+            t.join(timeout=60)
+    # thawed well before Ray's heartbeat timeout, the engine goes on; otherwise the next tests get a new one
+    if not completion_works(cfg):
+        with Nodes(cfg) as nodes:
+            Executor(cfg, nodes).down(graceful=False)
+        serving(cfg)
 
 
 def before_names(cfg) -> list[tuple[str, str]]:
@@ -283,7 +338,7 @@ def test_slow_but_progressing_engine_is_not_restarted(sim, tmp_path):
     serving(cfg)
     with streaming(cfg, 24, repeat=True):
         with Running(cfg) as w:
-            time.sleep(3 * cfg.watchdog.stall_window_s + cfg.watchdog.canary_timeout_s)
+            time.sleep(max(60, 3 * cfg.watchdog.stall_window_s + cfg.watchdog.canary_timeout_s))
             assert not [e for e in w.events if e["event"] == "decision" and e["action"] == "restart"], w.events[-10:]
             loaded = [x for x in w.wd.samples if x["running"] + x["waiting"] > 0]
             assert len(loaded) >= 0.8 * len(w.wd.samples) and max(x["running"] for x in loaded) >= 16  # it really was loaded
