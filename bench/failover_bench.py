@@ -161,7 +161,7 @@ def measure(executor: str, args) -> dict:
         stop_load.set()
         time.sleep(5)
         out["idle"] = fault(executor, cfg, events, worker, idle=True, after=time.time())
-        if args.soak_minutes > 0:
+        if args.soak_minutes > 0 and executor in args.soak_executors.split(","):
             out["soak"] = soak(executor, cfg, events, args)
     finally:
         stop_wd.set()
@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=4, help="Streams of the loaded hang.")
     ap.add_argument("--soak-minutes", type=float, default=20)
     ap.add_argument("--soak-streams", type=int, default=8)
+    ap.add_argument("--soak-executors", default="ray,native", help="Executors that get the soak (20 minutes each by default).")
     args = ap.parse_args()
     executors = args.executors.split(",")
     res = {x: measure(x, args) for x in executors}
@@ -196,11 +197,13 @@ def main() -> None:
     row("overhead idle (s)", lambda r: r["idle"]["restart"] - r["start"])
     row("MTTR loaded: freeze -> completion OK (s)", lambda r: r["loaded"]["mttr"])
     row("MTTR idle (s)", lambda r: r["idle"]["mttr"])
-    if args.soak_minutes > 0:
-        print(f"soak: {args.soak_minutes:g} min, {args.soak_streams} long-prompt streams + 2 short clients, no fault")
-        for k in ("restarts", "suspect", "canaries", "failed canaries", "requests"):
-            row(f"  {k}", lambda r, k=k: r["soak"][k], "{:10d}")
-        row("  longest gap between two engine steps (s)", lambda r: r["soak"]["longest step"])
+    soaked = [x for x in executors if "soak" in res[x]]
+    if soaked:
+        print(f"\nsoak: {args.soak_minutes:g} min, {args.soak_streams} long-prompt streams + 2 short clients, no fault")
+        print(f"{'':52}" + "".join(f"{x:>10}" for x in soaked))
+        for k in ("restarts", "suspect", "canaries", "failed canaries", "requests", "longest step"):
+            print(f"{'  ' + k + (' gap between two engine steps (s)' if k == 'longest step' else ''):52}" +
+                  "".join(f"{res[x]['soak'][k]:10.1f}" if k == "longest step" else f"{res[x]['soak'][k]:10d}" for x in soaked))
     for x in executors:
         r = res[x]
         names = list(dict.fromkeys(["incident-bundle", "kill", *r["start phases"], *r["loaded"]["phases"]]))

@@ -19,8 +19,8 @@ PROCESS_STOP_EXTRA_S = 30
 RAY_STATE_S = 60
 # The watchdog's node probe: health.probe_timeout_s plus this for SSH and docker on a loaded node.
 NODE_PROBE_EXTRA_S = 5
-# What the nodes say in an incident bundle (host facts, Ray's status), asked in parallel: the restart
-# waits this long at most for them (what has not answered is noted as such).
+# Host facts (docker ps, free, uptime) in an incident bundle, asked of every node at once: the
+# restart waits for them, and they answer in a fraction of a second unless the node is in trouble.
 INCIDENT_S = 5
 # How often `up` polls a starting process for its PID file, and for how long: `docker exec -d`
 # returns at once, the process writes its PID within a second unless something is wrong.

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,7 +29,6 @@ from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exporte
 from .executor import Executor
 from .facts import parse_metrics
 from .plan import build_plan
-from .render import quote
 from .status import NodeObs, RayObs, VLLMObs, members_gone, observe_node, observe_ray, ray_missing
 from .transport import Nodes
 
@@ -218,9 +217,11 @@ class Watchdog:
 
     # ---- actions ----------------------------------------------------------------------------
     def incident_bundle(self, reason: str) -> Path:
-        """What the watchdog knew (decision trail, observations, the last metrics and Ray state, its
-        state) plus what the nodes say now (host facts, Ray's status), taken in parallel within
-        timeouts.INCIDENT_S: the restart waits for it. The containers' logs are added by the kill."""
+        """What the watchdog knew (decision trail, observations, the last metrics, Ray's state as its
+        last probe saw it, its own state) plus each node's host facts now, asked in parallel within
+        timeouts.INCIDENT_S: the restart waits for the bundle. The containers' logs are added by the
+        kill. (Ray is not asked afresh: importing Ray on the head costs seconds of the restart, and a
+        probe at most RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
         slug = re.sub(r"[^a-z0-9]+", "-", reason.lower())[:40].strip("-")
         d = self.dir / "incidents" / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{slug}"
         d.mkdir(parents=True, exist_ok=True)
@@ -232,24 +233,16 @@ class Watchdog:
         if self.last_ray is not None:
             (d / "ray-state.json").write_text(self.last_ray.model_dump_json(indent=1) + "\n")
 
-        def run(node: str, command: str) -> Callable[[], str]:
-            def go() -> str:
-                try:
-                    r = self.nodes[node].run(command, timeout=timeouts.INCIDENT_S)
-                    return r.stdout + r.stderr
-                except SparkClusterError as exc:
-                    return f"unavailable: {exc}\n"
-            return go
+        def host(node: str) -> str:
+            try:
+                r = self.nodes[node].run("docker ps -a; echo; free -m; echo; uptime", timeout=timeouts.INCIDENT_S)
+                return r.stdout + r.stderr
+            except SparkClusterError as exc:
+                return f"unavailable: {exc}\n"
 
-        jobs = {f"{n.name}-host.txt": run(n.name, "docker ps -a; echo; free -m; echo; uptime") for n in self.cfg.nodes}
-        if self.ray_step is not None:
-            jobs["ray-status.txt"] = run(self.cfg.head.name, f"docker exec {quote(self.cfg.name + '-ray-head')} ray status; {self.ray_step.command}")
-        pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="incident")
-        futures = {name: pool.submit(job) for name, job in jobs.items()}
-        wait(futures.values(), timeout=timeouts.INCIDENT_S)
-        for name, fut in futures.items():
-            (d / name).write_text(fut.result() if fut.done() else f"not captured within {timeouts.INCIDENT_S:g}s (the restart went on)\n")
-        pool.shutdown(wait=False, cancel_futures=True)
+        with ThreadPoolExecutor(max_workers=len(self.cfg.nodes), thread_name_prefix="incident") as pool:
+            for n, text in zip(self.cfg.nodes, pool.map(host, [n.name for n in self.cfg.nodes])):
+                (d / f"{n.name}-host.txt").write_text(text)
         return d
 
     def restart(self, action: Action) -> None:

@@ -228,7 +228,6 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     assert sorted(p.name for p in (bundle / "logs").iterdir()) == sorted(f"{n}--{c}.log" for n, c in before_names(cfg))
     if cfg.executor == "ray":  # Ray's view as the watchdog last saw it: both nodes
         assert len(json.loads((bundle / "ray-state.json").read_text())["nodes"]) == 2
-        assert (bundle / "ray-status.txt").read_text()  # asked afresh, or noted as not answering in time
     events = (tmp_path / "state" / "events.jsonl").read_text()
     assert '"event": "restart-done"' in events
     # where the restart's time went, in its event and in the bundle
