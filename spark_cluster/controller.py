@@ -33,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from . import timeouts
 from .config import ClusterConfig
+from .decide import recent_restarts
 from .errors import ConfigError
 from .gateway import Gateway, door_for_phase, error_body
 from .metrics import ControllerMetrics
@@ -180,7 +181,7 @@ class Controller:
         return {
             "state": "paused" if wd and wd.paused else (st.phase if st else "starting"),
             "reason": mask(st.suspect_reason or st.last_reason, self.secrets) if st else "",
-            "restarts_last_hour": len([t for t in st.restarts if time.time() - t < 3600]) if st else 0,
+            "restarts_last_hour": len(recent_restarts(st, wd.clock())) if st and wd else 0,
             "last_restart": st.last_restart if st else None,
             "gateway": {"door": self.gateway.door.mode if self.gateway else "hold",
                         "reason": mask(self.gateway.door.reason, self.secrets) if self.gateway else "",

@@ -108,8 +108,16 @@ def backoff_s(consecutive: int, s: WatchdogSettings) -> float:
     return float(min(s.backoff_base_s * math.pow(2, consecutive - 1), s.backoff_max_s))
 
 
+BREAKER_WINDOW_S = 3600.0  # the circuit breaker counts restarts over the last hour
+
+
+def recent_restarts(state: State, now: float) -> tuple[float, ...]:
+    """The restarts the breaker counts (shown by the watchdog's state file and the controller too)."""
+    return tuple(t for t in state.restarts if now - t < BREAKER_WINDOW_S)
+
+
 def _restart(state: State, now: float, reason: str, s: WatchdogSettings) -> tuple[State, Action]:
-    recent = tuple(t for t in state.restarts if now - t < 3600)
+    recent = recent_restarts(state, now)
     if len(recent) >= s.max_restarts_per_hour:
         msg = f"circuit breaker: {len(recent)} restarts in the last hour (limit {s.max_restarts_per_hour}); not restarting: {reason}"
         return replace(state, phase="failed", since=now, restarts=recent, last_reason=msg, suspect_since=None, suspect_reason=""), \

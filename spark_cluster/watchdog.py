@@ -24,7 +24,7 @@ import httpx
 
 from . import timeouts
 from .config import ClusterConfig
-from .decide import Action, Sample, State, breaker_reset, decide, requested_restart, restarted, resumed
+from .decide import Action, Sample, State, breaker_reset, decide, recent_restarts, requested_restart, restarted, resumed
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
 from .executor import Executor
 from .facts import parse_metrics
@@ -155,7 +155,7 @@ class Watchdog:
             "since": _iso(st.since),
             "last_restart": _iso(st.last_restart) if st.last_restart else None,
             "last_reason": st.last_reason,
-            "restarts_last_hour": len([t for t in st.restarts if self.clock() - t < 3600]),
+            "restarts_last_hour": len(recent_restarts(st, self.clock())),
             "updated": _iso(self.clock()),
             "decision": dataclasses.asdict(st),
         }
