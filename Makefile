@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 STAMP := $(VENV)/.installed.stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install sim-deps check test test-unit test-contract demo demo-down golden docs clean
+.PHONY: install sim-deps check test test-unit test-contract test-scale demo demo-down golden docs clean
 SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables chromium
 
 $(STAMP): pyproject.toml
@@ -36,6 +36,10 @@ check: install
 ## fast unit run: no simulated cluster, no vLLM releases
 test-unit: install
 	$(PYTHON) -m pytest -m "not cluster and not contract"
+
+## four simulated nodes (TP=2 x PP=2) on both executors: up, status, failover, down (about 20 minutes)
+test-scale: install sim-deps
+	$(PYTHON) -m pytest -m scale -s
 
 ## the rendered flags against pinned vLLM releases' own parsers
 test-contract: install

@@ -77,6 +77,9 @@ class ControllerMetrics(Observer):
                             "Time from the last observation that found the cluster healthy to the last restart decision.", registry=r)
         self.recover = Gauge("spark_cluster_last_recovery_seconds",
                              "Time from the last restart decision to serving again (backoff and model load included).", registry=r)
+        self.restart_parts = Gauge("spark_cluster_last_restart_part_seconds",
+                                   "Where the last restart's time went: the incident bundle, the kill, then each part of up "
+                                   "(ready/health is the engine's own load).", ["part"], registry=r)
         self.requests = Counter("spark_cluster_gateway_requests", "Requests through the gateway by outcome: ok, held (then ok), "
                                 "retried (then ok), interrupted (a stream cut after its first byte), rejected (503), failed, "
                                 "cancelled (the client went away).", ["outcome"], registry=r)
@@ -120,8 +123,12 @@ class ControllerMetrics(Observer):
             self.restarts.labels(restart_kind(str(e.get("reason", "")))).inc()
         elif kind == "incident":
             self.incidents.inc()
-        elif kind == "restart-done" and e.get("recover_s") is not None:
-            self.recover.set(e["recover_s"])
+        elif kind in ("restart-done", "restart-failed"):
+            if kind == "restart-done" and e.get("recover_s") is not None:
+                self.recover.set(e["recover_s"])
+            self.restart_parts.clear()
+            for part, seconds in (e.get("phases") or {}).items():
+                self.restart_parts.labels(part).set(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,18 +63,25 @@ def sim_image():
     return image.build()
 
 
-@pytest.fixture(scope="session")
-def sim(sim_image):
-    """Two simulated nodes with the image and the model loaded. Yields the SimNode list."""
+@contextmanager
+def simulated(n: int, image):
+    """n simulated nodes with the image and the model loaded, removed at the end (also on failure)."""
     from spark_cluster.sim import cluster, provision
 
     cluster.check_prerequisites()
-    nodes = cluster.up(2)
+    nodes = cluster.up(n)
     try:
-        provision.provision(nodes, sim_image)
+        provision.provision(nodes, image)
         yield nodes
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def sim(sim_image):
+    """Two simulated nodes with the image and the model loaded. Yields the SimNode list."""
+    with simulated(2, sim_image) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,72 @@
+"""Four simulated nodes (`sim up --nodes 4`), TP=2 x PP=2, on both executors: up, status, a frozen
+worker under load restarted as a whole group in order, down. Not in `make test` (about 20 minutes
+for the two executors on 2 cores): `make test-scale`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from spark_cluster.config import parse_config
+from spark_cluster.executor import Executor, list_containers
+from spark_cluster.status import status
+from spark_cluster.transport import Nodes
+
+from .conftest import CONFIGS, assert_nothing_of, generation, ray_leftovers, sim_docker, simulated
+from .test_watchdog import Running, completion_works, streaming, ts
+
+pytestmark = [pytest.mark.cluster, pytest.mark.scale]
+
+SCALE_CONFIGS = {"ray": CONFIGS / "local-sim-4node.yaml", "native": CONFIGS / "local-sim-4node-native.yaml"}
+
+
+@pytest.fixture(scope="module")
+def sim4(sim_image):
+    with simulated(4, sim_image) as nodes:
+        yield nodes
+
+
+@pytest.mark.parametrize("executor", sorted(SCALE_CONFIGS))
+def test_four_nodes_serve_fail_over_as_one_group_and_come_down(sim4, tmp_path, executor):
+    data = yaml.safe_load(SCALE_CONFIGS[executor].read_text())
+    data["state_dir"] = str(tmp_path / "state")
+    cfg = parse_config(yaml.safe_dump(data))
+    assert len(cfg.nodes) == 4 and cfg.tensor_parallel_size == 2 and cfg.vllm.pipeline_parallel_size == 2
+    with Nodes(cfg) as nodes:
+        res = Executor(cfg, nodes).up()
+        print(f"{executor}: 4 nodes up in {res.total_s:.1f}s {res.phases}")
+        rep = status(cfg, nodes, window_s=0.5)
+    assert completion_works(cfg)
+    assert rep.verdict == "serving", rep.verdict
+    if executor == "ray":  # Ray shows the four nodes (and generation() below: one vLLM rank on each)
+        assert sorted(rep.observation.ray.alive) == sorted(n.address for n in cfg.nodes)
+    before = generation(cfg)
+
+    worker = f"{cfg.name}-ray-worker" if executor == "ray" else f"{cfg.name}-vllm-worker"
+    with streaming(cfg, 4, repeat=True):
+        with Running(cfg) as w:
+            w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 120, "healthy state")
+            t_freeze = time.time()
+            sim_docker("sim-4", "pause", worker)  # the last pipeline stage's second rank
+            decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 120, "restart decision")
+            print(f"{executor}: hang confirmed {ts(decision) - t_freeze:.1f}s after the freeze: {decision['reason']}")
+            assert "hang confirmed" in decision["reason"] and ts(decision) - t_freeze < 25
+            w.restart_succeeded()
+    done = w.kinds("restart-done")[-1]
+    print(f"{executor}: restart {done['seconds']}s {done['phases']}")
+    ex = [e for e in w.events if e["event"] == "executor"]
+    killed = [(e["node"], e["container"]) for e in ex if e.get("step_event") == "container-kill"]
+    started = [e["node"] for e in ex if e.get("step_event") == "step-ok" and e["phase"] in ("start-workers", "start-head", "serve")]
+    # the whole group, in order: the API side first down, last up; every worker node in between
+    assert killed[0][0] == "sim-1" and sorted(n for n, _ in killed[1:]) == ["sim-2", "sim-3", "sim-4"]
+    assert sorted(started[:3]) == ["sim-2", "sim-3", "sim-4"] and set(started[3:]) == {"sim-1"}
+    assert completion_works(cfg)
+    assert_nothing_of(before, generation(cfg), cfg)
+
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).down()
+        assert {n: list_containers(nodes[n], cfg.name) for n in nodes.by_name} == {n.name: [] for n in cfg.nodes}
+    if executor == "ray":
+        assert not any(ray_leftovers(cfg).values())
