@@ -559,6 +559,12 @@ class ClusterConfig(Strict):
             return self.vllm.tensor_parallel_size
         return max(1, self.total_gpus // self.vllm.pipeline_parallel_size)
 
+    @property
+    def parallelism(self) -> str:
+        """How the model is split, for people: "TP=2", "TP=2 x PP=2"."""
+        pp = self.vllm.pipeline_parallel_size
+        return f"TP={self.tensor_parallel_size}" + (f" x PP={pp}" if pp > 1 else "")
+
     def gpu_memory_utilization(self) -> tuple[float, str]:
         """The value passed to vLLM, and where it came from (shown by `plan`)."""
         util = self.vllm.gpu_memory_utilization

@@ -346,7 +346,7 @@ class _Builder:
                  check=RayMembers(alive_ips=sorted(n.address for n in cfg.nodes), resources=resources))
         # vLLM joins Ray as its driver from inside the head container, as the card runs it
         self.add(id=f"serve/{head.name}/vllm", phase="serve", node=head.name, kind="exec",
-                 description=f"vllm serve over the Ray executor (TP={cfg.tensor_parallel_size}), inside {serve.container}",
+                 description=f"vllm serve over the Ray executor ({cfg.parallelism}), inside {serve.container}",
                  command=render("docker-exec.j2", p=serve), process=serve, timeout_s=self.ssh_timeout(head),
                  check=ProcessRuns(name=serve.name))
 
@@ -374,7 +374,7 @@ class _Builder:
         argv = self.vllm_argv(native(cfg.head))
         self.vllm = argv
         spec = self.spec(cfg.head, "vllm", "vllm", argv, {}, [])
-        self.start("serve", cfg.head, spec, f"vllm serve rank 0 with the API (native multi-node, TP={cfg.tensor_parallel_size})")
+        self.start("serve", cfg.head, spec, f"vllm serve rank 0 with the API (native multi-node, {cfg.parallelism})")
 
     def vllm_argvs(self) -> list[list[str]]:
         out: list[list[str]] = [self.vllm]
