@@ -150,6 +150,62 @@ def parse_gpu(text: str) -> GpuFact:
     return GpuFact(names=names, unified_memory=unified, memory="; ".join(memory) or None)
 
 
+# ---- the cluster link: RDMA devices and their netdevs (ibdev2netdev), interfaces (ip addr) ----------
+# On a Spark each QSFP cage of the ConnectX-7 shows up twice (two PCIe functions): RDMA devices
+# rocep1s0f<N> and roceP2p1s0f<N>, netdevs enp1s0f<N>np<N> and enP2p1s0f<N>np<N>; full bandwidth on
+# one cable needs both twins (shared/notes/real-sparks.md).
+
+IBDEV2NETDEV_COMMAND = "ibdev2netdev"
+IP_ADDR_COMMAND = "ip addr"
+
+
+class RdmaPort(BaseModel):
+    device: str
+    port: int
+    netdev: str
+    up: bool
+
+
+_IBDEV = re.compile(r"^\s*(\S+) port (\d+) ==> (\S+) \((Up|Down)\)\s*$")
+
+
+def parse_ibdev2netdev(text: str) -> list[RdmaPort]:
+    """One RdmaPort per mapping line, in the order listed (systems differ: some list roceP2... first);
+    anything else (a shell prompt kept in a capture, a blank) is not a mapping and is skipped."""
+    return [RdmaPort(device=m.group(1), port=int(m.group(2)), netdev=m.group(3), up=m.group(4) == "Up")
+            for m in map(_IBDEV.match, text.splitlines()) if m]
+
+
+class NetInterface(BaseModel):
+    name: str
+    mtu: int
+    state: str = Field(description="the kernel's operational state: UP, DOWN, UNKNOWN")
+    carrier: bool = Field(description="a cable and a partner: LOWER_UP among the flags (NO-CARRIER: no cable or the other end down)")
+    addresses: list[str] = Field(default_factory=list, description="IPv4 addresses with their prefix length, e.g. 10.0.1.1/24")
+    altnames: list[str] = Field(default_factory=list)
+
+
+_IFACE = re.compile(r"^\s*\d+: ([^:@\s]+)(?:@\S+)?: <([^>]*)> mtu (\d+)\b.*?\bstate (\S+)")
+_INET = re.compile(r"^\s+inet ([0-9.]+/\d+)\s")
+_ALTNAME = re.compile(r"^\s+altname (\S+)")
+
+
+def parse_ip_addr(text: str) -> list[NetInterface]:
+    """`ip addr` (or `ip addr show DEV`): every interface with its MTU, state, carrier and IPv4
+    addresses. Lines before the first interface (a prompt) and IPv6 addresses are skipped."""
+    out: list[NetInterface] = []
+    for line in text.splitlines():
+        if m := _IFACE.match(line):
+            flags = m.group(2).split(",")
+            out.append(NetInterface(name=m.group(1), mtu=int(m.group(3)), state=m.group(4),
+                                    carrier="LOWER_UP" in flags and "NO-CARRIER" not in flags))
+        elif out and (m := _INET.match(line)):
+            out[-1].addresses.append(m.group(1))
+        elif out and (m := _ALTNAME.match(line)):
+            out[-1].altnames.append(m.group(1))
+    return out
+
+
 # ---- vLLM's /metrics: progress and load ----------------------------------------------------------
 
 METRICS = {

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process,
-                                 parse_ray_state, parse_sysctl, process_command, progressed, sysctl_command)
+from spark_cluster.facts import (containers_command, parse_containers, parse_gpu, parse_ibdev2netdev, parse_ip_addr, parse_meminfo,
+                                 parse_metrics, parse_process, parse_ray_state, parse_sysctl, process_command, progressed,
+                                 sysctl_command)
 from spark_cluster.plan import build_plan
 
 from .conftest import SIM_CONFIG
@@ -33,6 +34,8 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "containers": lambda: parse_containers("sim-1", rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
         "meminfo": lambda: parse_meminfo(rec["stdout"]).model_dump(),
         "gpu": lambda: parse_gpu(rec["stdout"]).model_dump(),
+        "ibdev2netdev": lambda: [x.model_dump() for x in parse_ibdev2netdev(rec["stdout"])],
+        "ip-addr": lambda: [x.model_dump() for x in parse_ip_addr(rec["stdout"])],
     }[rec["fact"]]
     assert parse() == rec["parsed"]
 
@@ -125,6 +128,48 @@ def test_gpu_of_a_real_spark_is_unified_memory():
     assert parse_gpu("no nvidia-smi").summary() == "no nvidia-smi"
     failed = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
     assert parse_gpu(failed).error == failed and parse_gpu("").summary() is None
+
+
+def recorded(case: str) -> str:
+    return json.loads((DATA / f"{case}.json").read_text())["stdout"]
+
+
+@pytest.mark.parametrize("case, up", [
+    # one cable in cage 0: both of its twins are up, cage 1's are down
+    ("ibdev-real-spark-direct-cable", {"rocep1s0f0": "enp1s0f0np0", "roceP2p1s0f0": "enP2p1s0f0np0"}),
+    # cage 1, listed roceP2 first
+    ("ibdev-real-spark-cage1-p2-first", {"roceP2p1s0f1": "enP2p1s0f1np1", "rocep1s0f1": "enp1s0f1np1"}),
+    # both cages cabled (a ring of three)
+    ("ibdev-real-spark-both-cages", {"rocep1s0f0": "enp1s0f0np0", "rocep1s0f1": "enp1s0f1np1",
+                                     "roceP2p1s0f0": "enP2p1s0f0np0", "roceP2p1s0f1": "enP2p1s0f1np1"}),
+    # the capture's trailing shell prompt is no device
+    ("ibdev-real-spark-trailing-prompt", {"roceP2p1s0f0": "enP2p1s0f0np0", "rocep1s0f0": "enp1s0f0np0"}),
+])
+def test_ibdev2netdev_of_real_sparks_maps_every_device_and_says_which_are_up(case, up):
+    ports = parse_ibdev2netdev(recorded(case))
+    assert len(ports) == 4 and {p.port for p in ports} == {1}
+    assert {p.device: p.netdev for p in ports if p.up} == up
+
+
+def test_ip_addr_of_a_real_spark_without_a_cable_shows_every_cx7_netdev_without_carrier():
+    ifaces = {i.name: i for i in parse_ip_addr(recorded("ip-addr-real-spark-no-cable"))}
+    assert list(ifaces) == ["lo", "enP7s7", "enp1s0f0np0", "enp1s0f1np1", "enP2p1s0f0np0", "enP2p1s0f1np1", "wlP9s9", "docker0"]
+    for name in ("enp1s0f0np0", "enp1s0f1np1", "enP2p1s0f0np0", "enP2p1s0f1np1"):
+        assert (ifaces[name].carrier, ifaces[name].state, ifaces[name].mtu, ifaces[name].addresses) == (False, "DOWN", 1500, [])
+    assert ifaces["wlP9s9"].carrier and ifaces["wlP9s9"].addresses == ["192.168.111.87/24"]  # the Wi-Fi: IPv4 only
+    assert ifaces["enP7s7"].altnames == ["enP7p1s0"] and ifaces["enP7s7"].addresses == []  # IPv6 link-local is not kept
+    assert not ifaces["docker0"].carrier and ifaces["docker0"].addresses == ["172.17.0.1/16"]
+
+
+@pytest.mark.parametrize("case, addresses", [
+    ("ip-addr-real-spark-static", ["10.0.1.1/24"]),
+    ("ip-addr-real-spark-link-local", ["169.254.20.98/16", "169.254.201.68/16"]),  # two nodes' captures in one block
+])
+def test_ip_addr_of_a_cabled_cx7_netdev_has_carrier_and_its_address(case, addresses):
+    ifaces = parse_ip_addr(recorded(case))
+    assert [i.name for i in ifaces] == ["enp1s0f0np0"] * len(addresses)
+    assert all(i.carrier and i.state == "UP" and i.mtu == 1500 for i in ifaces)
+    assert [a for i in ifaces for a in i.addresses] == addresses
 
 
 def test_sysctl_one_line_per_key_in_order():
