@@ -1,0 +1,78 @@
+"""Which link carries a node's cluster traffic (spark_cluster/link.py): table tests over facts
+recorded on real Sparks (tests/data/facts/, the same node's ibdev2netdev and ip addr where one was
+published) and the simulated nodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spark_cluster.facts import NetInterface, RdmaPort, parse_ibdev2netdev, parse_ip_addr
+from spark_cluster.link import LinkPick, pick_link, twin_key
+
+DATA = Path(__file__).parent / "data" / "facts"
+
+
+def recorded(case: str) -> str:
+    return json.loads((DATA / f"{case}.json").read_text())["stdout"]
+
+
+# spark-fb97 (KoyoImai/dgx_spark_cluster2): cage 0 cabled, 10.0.1.1/24 on enp1s0f0np0
+FB97_PORTS = parse_ibdev2netdev(recorded("ibdev-real-spark-trailing-prompt"))
+FB97_IFACES = parse_ip_addr(recorded("ip-addr-real-spark-static"))
+# the same node before its cable went in: every CX-7 netdev NO-CARRIER, the Wi-Fi has an address
+NO_CABLE_IFACES = parse_ip_addr(recorded("ip-addr-real-spark-no-cable"))
+NO_CABLE_PORTS = [p.model_copy(update={"up": False}) for p in FB97_PORTS]
+# the simulated node: no RDMA device, eth0 in the cluster's subnet
+SIM_IFACES = [NetInterface(name="lo", mtu=65536, state="UNKNOWN", carrier=True, addresses=["127.0.0.1/8"]),
+              NetInterface(name="eth0", mtu=1500, state="UP", carrier=True, addresses=["10.99.0.11/24"])]
+
+
+def half_down(ports: list[RdmaPort], device: str) -> list[RdmaPort]:
+    return [p.model_copy(update={"up": False}) if p.device == device else p for p in ports]
+
+
+@pytest.mark.parametrize("address, ports, ifaces, expected", [
+    # one cable: its netdev for sockets, both twins of the cage for RDMA
+    ("10.0.1.1", FB97_PORTS, FB97_IFACES, LinkPick("enp1s0f0np0", ("rocep1s0f0", "roceP2p1s0f0"), 1500)),
+    # one twin down: the other alone, and the note says what it costs
+    ("10.0.1.1", half_down(FB97_PORTS, "roceP2p1s0f0"), FB97_IFACES,
+     LinkPick("enp1s0f0np0", ("rocep1s0f0",), 1500, "roceP2p1s0f0 (the other half of this cable) is Down: about half the bandwidth")),
+    # no RDMA at all (the simulated cluster): sockets only
+    ("10.99.0.11", [], SIM_IFACES, LinkPick("eth0", (), 1500, "no RDMA devices: NCCL over TCP")),
+])
+def test_the_link_is_the_interface_holding_the_address_with_both_halves_of_its_cable(address, ports, ifaces, expected):
+    assert pick_link(address, ports, ifaces) == expected
+
+
+@pytest.mark.parametrize("address, ports, ifaces, words", [
+    # cable out: the address is nowhere, the message lists what there is
+    ("10.0.1.1", NO_CABLE_PORTS, NO_CABLE_IFACES,
+     ["no interface holds the node's address 10.0.1.1", "wlP9s9 192.168.111.87/24", "rocep1s0f0 -> enp1s0f0np0 (Down)"]),
+    # the address given is the Wi-Fi's: NCCL would not use RDMA
+    ("192.168.111.87", NO_CABLE_PORTS, NO_CABLE_IFACES, ["on wlP9s9, which is no RDMA device's netdev", "over TCP"]),
+    # the address is there but the link has no carrier
+    ("10.0.1.1", FB97_PORTS, [i.model_copy(update={"carrier": False}) for i in FB97_IFACES], ["enp1s0f0np0 holds 10.0.1.1 but has no carrier"]),
+    # carrier, but both RDMA halves down
+    ("10.0.1.1", NO_CABLE_PORTS, FB97_IFACES, ["its RDMA device(s) rocep1s0f0, roceP2p1s0f0 are Down"]),
+    # the same address on two interfaces
+    ("10.0.1.1", FB97_PORTS, FB97_IFACES + [FB97_IFACES[0].model_copy(update={"name": "enP2p1s0f0np0"})], ["on 2 interfaces", "ambiguous"]),
+])
+def test_no_link_can_be_picked_and_the_message_says_what_was_found(address, ports, ifaces, words):
+    why = pick_link(address, ports, ifaces)
+    assert isinstance(why, str)
+    for w in words:
+        assert w in why, why
+
+
+def test_the_socket_side_and_the_rdma_side_of_the_environment():
+    assert LinkPick("enp1s0f0np0", ("rocep1s0f0", "roceP2p1s0f0"), 1500).env() == {
+        "NCCL_SOCKET_IFNAME": "enp1s0f0np0", "GLOO_SOCKET_IFNAME": "enp1s0f0np0", "NCCL_IB_HCA": "rocep1s0f0,roceP2p1s0f0"}
+    assert LinkPick("eth0", (), 1500).env() == {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0"}
+
+
+@pytest.mark.parametrize("a, b", [("roceP2p1s0f1", "rocep1s0f1"), ("enP2p1s0f1np1", "enp1s0f1np1"), ("enP7s7", "enP7s7")])
+def test_twins_differ_only_in_the_pci_domain(a, b):
+    assert twin_key(a) == twin_key(b) == b
