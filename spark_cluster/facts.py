@@ -206,6 +206,40 @@ def parse_ip_addr(text: str) -> list[NetInterface]:
     return out
 
 
+# ---- platforms: the node's Docker daemon and an image (an amd64 image on an arm64 Spark) ---------
+
+DOCKER_PLATFORM_COMMAND = "docker version --format '{{.Server.Os}}/{{.Server.Arch}}'"
+
+
+def image_platform_command(image: str) -> str:
+    return f"docker image inspect --format '{{{{.Os}}}}/{{{{.Architecture}}}}{{{{if .Variant}}}}/{{{{.Variant}}}}{{{{end}}}}' {quote(image)}"
+
+
+_PLATFORM = re.compile(r"^\s*([a-z]+/[a-z0-9_]+(?:/v\d+)?)\s*$")
+_SERVER_OS_ARCH = re.compile(r"^Server:.*?^\s+OS/Arch:\s+(\S+)", re.M | re.S)
+
+
+def parse_platform(text: str) -> Optional[str]:
+    """os/arch[/variant] from one of the commands above, or from a whole `docker version` (its
+    Server section's OS/Arch, which is what containers run on); None when neither is there."""
+    if m := _SERVER_OS_ARCH.search(text):
+        return m.group(1)
+    lines = [x for x in text.splitlines() if x.strip()]
+    m = _PLATFORM.match(lines[0]) if len(lines) == 1 else None
+    return m.group(1) if m else None
+
+
+_ARCH_ALIASES = {"aarch64": "arm64", "arm64/v8": "arm64", "x86_64": "amd64", "x86-64": "amd64"}
+
+
+def same_platform(a: str, b: str) -> bool:
+    """linux/arm64 and linux/arm64/v8 (or aarch64) are one platform; linux/amd64 is another."""
+    def norm(p: str) -> str:
+        os_, _, arch = p.partition("/")
+        return f"{os_}/{_ARCH_ALIASES.get(arch, arch)}"
+    return norm(a) == norm(b)
+
+
 # ---- vLLM's /metrics: progress and load ----------------------------------------------------------
 
 METRICS = {

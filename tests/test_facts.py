@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, parse_containers, parse_gpu, parse_ibdev2netdev, parse_ip_addr, parse_meminfo,
-                                 parse_metrics, parse_process, parse_ray_state, parse_sysctl, process_command, progressed,
-                                 sysctl_command)
+from spark_cluster.facts import (containers_command, parse_containers, parse_gpu, image_platform_command, parse_ibdev2netdev, parse_ip_addr,
+                                 parse_meminfo, parse_metrics, parse_platform, parse_process, parse_ray_state, parse_sysctl,
+                                 process_command, progressed, same_platform, sysctl_command)
 from spark_cluster.plan import build_plan
 
 from .conftest import SIM_CONFIG
@@ -36,6 +36,7 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "gpu": lambda: parse_gpu(rec["stdout"]).model_dump(),
         "ibdev2netdev": lambda: [x.model_dump() for x in parse_ibdev2netdev(rec["stdout"])],
         "ip-addr": lambda: [x.model_dump() for x in parse_ip_addr(rec["stdout"])],
+        "platform": lambda: parse_platform(rec["stdout"]),
     }[rec["fact"]]
     assert parse() == rec["parsed"]
 
@@ -172,6 +173,22 @@ def test_ip_addr_of_a_cabled_cx7_netdev_has_carrier_and_its_address(case, addres
     assert [a for i in ifaces for a in i.addresses] == addresses
 
 
+def test_a_real_spark_runs_arm64_containers_and_an_amd64_image_is_another_platform():
+    spark = parse_platform(recorded("docker-version-real-spark"))  # the Server section, not the client's
+    assert spark == "linux/arm64"
+    # what `image_platform_command` prints for an amd64-only image, and for a multi-arch image's arm64 variant
+    assert not same_platform(spark, parse_platform("linux/amd64\n"))
+    assert same_platform(spark, parse_platform("linux/arm64/v8\n"))
+    assert same_platform("linux/aarch64", spark)
+    assert "{{.Architecture}}" in image_platform_command("nvcr.io/nvidia/vllm:25.11-py3")
+
+
+@pytest.mark.parametrize("text", ["", "Error response from daemon: No such image: x\n", "Cannot connect to the Docker daemon\n",
+                                  "linux/arm64\nlinux/amd64\n"])
+def test_no_platform_from_an_error_or_an_odd_answer(text):
+    assert parse_platform(text) is None
+
+
 def test_sysctl_one_line_per_key_in_order():
     keys = ["vm.swappiness", "net.core.rmem_max", "vm.nope"]
     assert sysctl_command(keys).count("sysctl -n ") == 3
@@ -238,14 +255,15 @@ def test_every_node_command_is_valid_shell():
     """`sh -n` (parse only) over each fact command and the status/watchdog node script, as they reach a node."""
     import subprocess
 
-    from spark_cluster.facts import GPU_COMMAND, MEMINFO_COMMAND
+    from spark_cluster.facts import DOCKER_PLATFORM_COMMAND, GPU_COMMAND, IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, MEMINFO_COMMAND
     from spark_cluster.status import node_script
 
     cfg = load_config(SIM_CONFIG)
     cfg = cfg.model_copy(update={"sysctl": {"vm.swappiness": 1, "net.core.rmem_max": 1 << 27}})
     plan = build_plan(cfg)
     scripts = [containers_command("a b"), MEMINFO_COMMAND, GPU_COMMAND, sysctl_command(["vm.swappiness", "x.y"]), sysctl_command([]),
-               process_command(vllm_process()), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), [])]
+               process_command(vllm_process()), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), []),
+               IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, DOCKER_PLATFORM_COMMAND, image_platform_command("a b'c")]
     for script in scripts:
         res = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
         assert res.returncode == 0, f"{res.stderr}\n{script}"
