@@ -206,6 +206,39 @@ def parse_ip_addr(text: str) -> list[NetInterface]:
     return out
 
 
+def ping_command(peer: str, packet_bytes: int, count: int = 3) -> str:
+    """Ping a peer with packets of packet_bytes (IP header included) that may not be fragmented:
+    a packet the size of the link's MTU gets through only if every hop takes that MTU."""
+    return f"ping -n -c {count} -i 0.2 -W 1 -M do -s {max(packet_bytes - 28, 0)} {quote(peer)}"
+
+
+class PingFact(BaseModel):
+    sent: int = 0
+    received: int = 0
+    rtt_avg_ms: Optional[float] = None
+    local_mtu: Optional[int] = Field(None, description="the sending side's MTU, when it refused a packet that large itself")
+    error: Optional[str] = Field(None, description="why nothing was sent (no route, no ping), or the last error ping printed")
+
+    @property
+    def answered(self) -> bool:
+        return self.received > 0
+
+
+_PING_STATS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+_PING_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
+_PING_MTU = re.compile(r"mtu ?= ?(\d+)")
+
+
+def parse_ping(exit_code: int, stdout: str, stderr: str = "") -> PingFact:
+    stats = _PING_STATS.search(stdout)
+    rtt = _PING_RTT.search(stdout)
+    mtu = _PING_MTU.search(stderr + stdout)
+    errors = [x.strip() for x in stderr.splitlines() if x.strip()]
+    return PingFact(sent=int(stats.group(1)) if stats else 0, received=int(stats.group(2)) if stats else 0,
+                    rtt_avg_ms=float(rtt.group(1)) if rtt else None, local_mtu=int(mtu.group(1)) if mtu else None,
+                    error=(errors[-1][:200] if errors else None) if exit_code != 0 else None)
+
+
 # ---- platforms: the node's Docker daemon and an image (an amd64 image on an arm64 Spark) ---------
 
 DOCKER_PLATFORM_COMMAND = "docker version --format '{{.Server.Os}}/{{.Server.Arch}}'"

@@ -1,5 +1,7 @@
-"""Which interface and RDMA devices carry a node's cluster traffic: a pure decision over the node's
-facts (facts.parse_ibdev2netdev, facts.parse_ip_addr) and its cluster address from cluster.yaml.
+"""The cluster link, as pure decisions over facts read from the nodes: which interface and RDMA
+devices carry a node's cluster traffic (facts.parse_ibdev2netdev, facts.parse_ip_addr and its
+cluster address from cluster.yaml), and whether a peer is reachable over it at the link's MTU
+(facts.parse_ping).
 
 On a Spark each QSFP cage of the ConnectX-7 is two PCIe functions, so one cable shows up as two
 RDMA devices (rocep1s0f<N>, roceP2p1s0f<N>) and two netdevs (enp1s0f<N>np<N>, enP2p1s0f<N>np<N>):
@@ -13,9 +15,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
-from .facts import NetInterface, RdmaPort
+from .facts import NetInterface, PingFact, RdmaPort
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,20 @@ def pick_link(address: str, ports: list[RdmaPort], ifaces: list[NetInterface]) -
     down = [p.device for p in twins if not p.up]
     note = f"{', '.join(down)} (the other half of this cable) is Down: about half the bandwidth" if down else ""
     return LinkPick(netdev=iface.name, hcas=up, mtu=iface.mtu, note=note)
+
+
+def reach_problem(node: str, peer_name: str, peer: str, mtu: int, small: PingFact, full: PingFact) -> Optional[str]:
+    """None when the peer answers packets of the link's MTU that may not be fragmented (`full`);
+    else what is wrong and the fix. `small`: the same with small packets, which tells a peer that
+    cannot be reached at all from an MTU that differs along the path."""
+    if not small.answered:
+        return (f"{node} cannot reach {peer_name} at {peer} over the cluster link ({small.error or 'no answer'}): "
+                f"check the cable (ibdev2netdev: Up on both ends) and that both nodes have their cluster address on it (ip addr)")
+    if full.answered:
+        return None
+    if full.local_mtu is not None:
+        return (f"{node}'s route to {peer_name} ({peer}) has MTU {full.local_mtu}, smaller than the link's {mtu}: "
+                f"set the same MTU on every interface of the link (ip link set <dev> mtu {mtu}, and in netplan to keep it)")
+    return (f"{node} reaches {peer_name} ({peer}) with small packets but not with {mtu}-byte packets that may not be "
+            f"fragmented: the MTU differs along the path ({peer_name}'s interface, or a switch port); set the same MTU "
+            f"on every end (ip link set <dev> mtu {mtu}, and in netplan to keep it)")

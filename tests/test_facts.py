@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, parse_containers, parse_gpu, image_platform_command, parse_ibdev2netdev, parse_ip_addr,
-                                 parse_meminfo, parse_metrics, parse_platform, parse_process, parse_ray_state, parse_sysctl,
-                                 process_command, progressed, same_platform, sysctl_command)
+from spark_cluster.facts import (containers_command, image_platform_command, parse_containers, parse_gpu, parse_ibdev2netdev,
+                                 parse_ip_addr, parse_meminfo, parse_metrics, parse_ping, parse_platform, parse_process,
+                                 parse_ray_state, parse_sysctl, ping_command, process_command, progressed, same_platform,
+                                 sysctl_command)
 from spark_cluster.plan import build_plan
 
 from .conftest import SIM_CONFIG
@@ -37,6 +38,7 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "ibdev2netdev": lambda: [x.model_dump() for x in parse_ibdev2netdev(rec["stdout"])],
         "ip-addr": lambda: [x.model_dump() for x in parse_ip_addr(rec["stdout"])],
         "platform": lambda: parse_platform(rec["stdout"]),
+        "ping": lambda: parse_ping(rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
     }[rec["fact"]]
     assert parse() == rec["parsed"]
 
@@ -263,7 +265,8 @@ def test_every_node_command_is_valid_shell():
     plan = build_plan(cfg)
     scripts = [containers_command("a b"), MEMINFO_COMMAND, GPU_COMMAND, sysctl_command(["vm.swappiness", "x.y"]), sysctl_command([]),
                process_command(vllm_process()), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), []),
-               IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, DOCKER_PLATFORM_COMMAND, image_platform_command("a b'c")]
+               IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, DOCKER_PLATFORM_COMMAND, image_platform_command("a b'c"),
+               ping_command("10.0.0.2; x", 9000)]
     for script in scripts:
         res = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
         assert res.returncode == 0, f"{res.stderr}\n{script}"

@@ -9,14 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from spark_cluster.facts import NetInterface, RdmaPort, parse_ibdev2netdev, parse_ip_addr
-from spark_cluster.link import LinkPick, pick_link, twin_key
+from spark_cluster.facts import NetInterface, RdmaPort, parse_ibdev2netdev, parse_ip_addr, parse_ping
+from spark_cluster.link import LinkPick, pick_link, reach_problem, twin_key
 
 DATA = Path(__file__).parent / "data" / "facts"
 
 
 def recorded(case: str) -> str:
     return json.loads((DATA / f"{case}.json").read_text())["stdout"]
+
+
+def ping(case: str):
+    rec = json.loads((DATA / f"ping-{case}.json").read_text())
+    return parse_ping(rec["exit_code"], rec["stdout"], rec["stderr"])
 
 
 # spark-fb97 (KoyoImai/dgx_spark_cluster2): cage 0 cabled, 10.0.1.1/24 on enp1s0f0np0
@@ -76,3 +81,22 @@ def test_the_socket_side_and_the_rdma_side_of_the_environment():
 @pytest.mark.parametrize("a, b", [("roceP2p1s0f1", "rocep1s0f1"), ("enP2p1s0f1np1", "enp1s0f1np1"), ("enP7s7", "enP7s7")])
 def test_twins_differ_only_in_the_pci_domain(a, b):
     assert twin_key(a) == twin_key(b) == b
+
+
+@pytest.mark.parametrize("small, full, words", [
+    ("ok", "ok", None),
+    # small packets pass, full-size ones vanish: an MTU differs along the path
+    ("ok", "peer-mtu-smaller", ["with small packets but not with 9000-byte packets", "ip link set <dev> mtu 9000"]),
+    # the sender itself refuses: its own route has the smaller MTU
+    ("ok", "local-mtu-smaller", ["has MTU 1500, smaller than the link's 9000"]),
+    ("unreachable", "unreachable", ["sim-1 cannot reach sim-2 at 10.77.0.2", "(no answer)", "ibdev2netdev"]),
+    ("no-route", "no-route", ["(ping: connect: Network is unreachable)"]),
+])
+def test_a_peer_is_reachable_at_the_links_mtu_or_the_message_says_what_differs(small, full, words):
+    why = reach_problem("sim-1", "sim-2", "10.77.0.2", 9000, ping(small), ping(full))
+    if words is None:
+        assert why is None
+    else:
+        assert why is not None
+        for w in words:
+            assert w in why, why
