@@ -239,6 +239,61 @@ def parse_ping(exit_code: int, stdout: str, stderr: str = "") -> PingFact:
                     error=(errors[-1][:200] if errors else None) if exit_code != 0 else None)
 
 
+# ---- the link's bandwidth: ib_write_bw (perftest) and nccl-tests --------------------------------
+
+
+class BandwidthFact(BaseModel):
+    gbits: Optional[float] = Field(None, description="the measured average, in Gb/s")
+    error: Optional[str] = None
+
+
+_NUMBER_ROW = re.compile(r"^\s*\d[\d.\s]*$")
+
+
+def _rows(lines: list[str], start: int) -> list[list[float]]:
+    """The rows of numbers right after a table's header line."""
+    out = []
+    for line in lines[start:]:
+        if not _NUMBER_ROW.match(line):
+            if out:
+                break
+            continue
+        out.append([float(x) for x in line.split()])
+    return out
+
+
+def parse_ib_write_bw(text: str) -> BandwidthFact:
+    """The client side's table: the mean of its "BW average" rows (one row, or one per interval with
+    --run_infinitely), in Gb/s whether it reports Gb/sec (--report_gbits) or MB/sec."""
+    lines = text.splitlines()
+    head = next((i for i, x in enumerate(lines) if "BW average[" in x), None)
+    if head is None:
+        tail = [x.strip() for x in lines if x.strip()]
+        return BandwidthFact(error=(tail[-1][:200] if tail else "no output"))
+    rows = [r for r in _rows(lines, head + 1) if len(r) >= 4]
+    if not rows:
+        return BandwidthFact(error="no result row after the table's header")
+    mean = sum(r[3] for r in rows) / len(rows)
+    return BandwidthFact(gbits=round(mean if "Gb/sec" in lines[head] else mean * 8 / 1000, 2))
+
+
+_NCCL_AVG = re.compile(r"^# Avg bus bandwidth\s*:\s*([\d.]+)", re.M)
+
+
+def parse_nccl_tests(text: str) -> BandwidthFact:
+    """nccl-tests' average bus bandwidth (GB/s) in Gb/s; when the output stops before that line, the
+    mean of the rows' bus bandwidth (out-of-place and in-place), as nccl-tests computes it."""
+    if m := _NCCL_AVG.search(text):
+        return BandwidthFact(gbits=round(float(m.group(1)) * 8, 2))
+    # size count type redop root | time algbw busbw #wrong (out-of-place) | time algbw busbw #wrong (in-place)
+    rows = [x.split() for x in text.splitlines() if not x.startswith("#") and x.split() and x.split()[0].isdigit()]
+    busbw = [float(r[i]) for r in rows if len(r) >= 13 for i in (7, 11)]
+    if not busbw:
+        tail = [x.strip() for x in text.splitlines() if x.strip()]
+        return BandwidthFact(error=(tail[-1][:200] if tail else "no output"))
+    return BandwidthFact(gbits=round(sum(busbw) / len(busbw) * 8, 2))
+
+
 # ---- platforms: the node's Docker daemon and an image (an amd64 image on an arm64 Spark) ---------
 
 DOCKER_PLATFORM_COMMAND = "docker version --format '{{.Server.Os}}/{{.Server.Arch}}'"

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, image_platform_command, parse_containers, parse_gpu, parse_ibdev2netdev,
-                                 parse_ip_addr, parse_meminfo, parse_metrics, parse_ping, parse_platform, parse_process,
+from spark_cluster.facts import (containers_command, image_platform_command, parse_containers, parse_gpu, parse_ib_write_bw,
+                                 parse_ibdev2netdev, parse_ip_addr, parse_meminfo, parse_metrics, parse_nccl_tests, parse_ping,
+                                 parse_platform, parse_process,
                                  parse_ray_state, parse_sysctl, ping_command, process_command, progressed, same_platform,
                                  sysctl_command)
 from spark_cluster.plan import build_plan
@@ -39,6 +40,8 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "ip-addr": lambda: [x.model_dump() for x in parse_ip_addr(rec["stdout"])],
         "platform": lambda: parse_platform(rec["stdout"]),
         "ping": lambda: parse_ping(rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
+        "ib_write_bw": lambda: parse_ib_write_bw(rec["stdout"]).model_dump(),
+        "nccl-tests": lambda: parse_nccl_tests(rec["stdout"]).model_dump(),
     }[rec["fact"]]
     assert parse() == rec["parsed"]
 
@@ -189,6 +192,27 @@ def test_a_real_spark_runs_arm64_containers_and_an_amd64_image_is_another_platfo
                                   "linux/arm64\nlinux/amd64\n"])
 def test_no_platform_from_an_error_or_an_odd_answer(text):
     assert parse_platform(text) is None
+
+
+def test_bandwidth_of_real_sparks_in_gbits():
+    # one rail of a GB10 tops out near 92-112 Gb/s; the two twins of one cable together near 190
+    rails = [parse_ib_write_bw(recorded(f"ib-write-bw-real-spark-rail{i}")).gbits for i in (0, 1)]
+    assert rails == [92.57, 97.28]
+    assert parse_ib_write_bw(recorded("ib-write-bw-real-gb10-4qp")).gbits == 111.61
+    # nccl-tests report GB/s: the healthy pair at 21.4 GB/s, the same pair degraded to 2.8 GB/s
+    healthy, degraded = (parse_nccl_tests(recorded(f"nccl-tests-real-spark-{x}")).gbits for x in ("healthy", "degraded"))
+    assert (healthy, degraded) == (171.23, 22.57)
+    # an excerpt without nccl-tests' own average: the rows' bus bandwidth, out-of-place and in-place (18.94, 20.95 GB/s)
+    assert parse_nccl_tests(recorded("nccl-tests-real-spark-no-average")).gbits == 159.56
+
+
+def test_bandwidth_in_mb_per_second_and_failed_runs():
+    table = " #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]\n 65536      5000             11000.00            11500.00             0.18\n"
+    assert parse_ib_write_bw(table).gbits == 92.0
+    failed = parse_ib_write_bw(" Couldn't connect to 10.0.0.2:18515\nUnable to init the socket connection\n")
+    assert failed.gbits is None and failed.error == "Unable to init the socket connection"
+    assert parse_nccl_tests("").error == "no output"
+    assert parse_nccl_tests("# nccl-tests version 2.18.3\nNCCL error: unhandled system error\n").error == "NCCL error: unhandled system error"
 
 
 def test_sysctl_one_line_per_key_in_order():
