@@ -150,6 +150,48 @@ def parse_gpu(text: str) -> GpuFact:
     return GpuFact(names=names, unified_memory=unified, memory="; ".join(memory) or None)
 
 
+# ---- a GPU inside a container: the NVIDIA runtime really works (`--gpus all` smoke run) -----------
+
+
+def gpu_smoke_command(image: str) -> str:
+    """What `up` relies on, run for real: a throwaway container of the cluster's image asking for
+    every GPU, listing them (docker info naming a runtime proves less)."""
+    return f"docker run --rm --gpus all --network none --entrypoint nvidia-smi {quote(image)} -L"
+
+
+class GpuSmokeFact(BaseModel):
+    gpus: list[str] = Field(default_factory=list, description="GPU names the container saw")
+    error: Optional[str] = None
+    fix: Optional[str] = None
+
+
+_SMOKE_GPU = re.compile(r"^GPU \d+: (.+?) \(UUID:", re.M)
+# what docker or the container prints when the GPU cannot reach it, and what fixes it
+_SMOKE_CAUSES = (
+    ("could not select device driver", "the NVIDIA Container Toolkit is not set up for Docker: install nvidia-container-toolkit, "
+                                       "then `sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker`"),
+    ("unknown or invalid runtime name: nvidia", "Docker has no `nvidia` runtime registered: `sudo nvidia-ctk runtime configure "
+                                                "--runtime=docker && sudo systemctl restart docker`"),
+    ("exec format error", "the image is built for another CPU architecture (an amd64 image on an arm64 Spark): use an arm64 "
+                          "or multi-arch image"),
+    ("executable file not found", "the image has no nvidia-smi: the NVIDIA runtime did not inject the driver's tools "
+                                  "(NVIDIA_DRIVER_CAPABILITIES must include utility), or the image is not a CUDA image"),
+    ("Failed to initialize NVML", "the container cannot talk to the driver (driver/library version mismatch after an "
+                                  "update: reboot the node)"),
+)
+
+
+def parse_gpu_smoke(exit_code: int, stdout: str, stderr: str = "") -> GpuSmokeFact:
+    gpus = _SMOKE_GPU.findall(stdout)
+    if exit_code == 0 and gpus:
+        return GpuSmokeFact(gpus=gpus)
+    text = (stderr + "\n" + stdout).strip()
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    fix = next((f for needle, f in _SMOKE_CAUSES if needle in text), None)
+    error = next((x for x in lines if any(n in x for n, _ in _SMOKE_CAUSES)), lines[-1] if lines else f"exit code {exit_code}")
+    return GpuSmokeFact(gpus=gpus, error="the container listed no GPU" if exit_code == 0 else error[:300], fix=fix)
+
+
 # ---- the cluster link: RDMA devices and their netdevs (ibdev2netdev), interfaces (ip addr) ----------
 # On a Spark each QSFP cage of the ConnectX-7 shows up twice (two PCIe functions): RDMA devices
 # rocep1s0f<N> and roceP2p1s0f<N>, netdevs enp1s0f<N>np<N> and enP2p1s0f<N>np<N>; full bandwidth on

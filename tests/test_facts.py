@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, image_platform_command, parse_containers, parse_gpu, parse_ib_write_bw,
+from spark_cluster.facts import (containers_command, gpu_smoke_command, image_platform_command, parse_containers, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
                                  parse_ibdev2netdev, parse_ip_addr, parse_meminfo, parse_metrics, parse_nccl_tests, parse_ping,
                                  parse_platform, parse_process,
                                  parse_ray_state, parse_sysctl, ping_command, process_command, progressed, same_platform,
@@ -42,6 +42,7 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "ping": lambda: parse_ping(rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
         "ib_write_bw": lambda: parse_ib_write_bw(rec["stdout"]).model_dump(),
         "nccl-tests": lambda: parse_nccl_tests(rec["stdout"]).model_dump(),
+        "gpu-smoke": lambda: parse_gpu_smoke(rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
     }[rec["fact"]]
     assert parse() == rec["parsed"]
 
@@ -215,6 +216,27 @@ def test_bandwidth_in_mb_per_second_and_failed_runs():
     assert parse_nccl_tests("# nccl-tests version 2.18.3\nNCCL error: unhandled system error\n").error == "NCCL error: unhandled system error"
 
 
+@pytest.mark.parametrize("case, words", [
+    ("gpu-smoke-no-toolkit", ["install nvidia-container-toolkit", "nvidia-ctk runtime configure"]),
+    ("gpu-smoke-no-nvidia-runtime", ["no `nvidia` runtime registered"]),
+    ("gpu-smoke-amd64-image", ["another CPU architecture", "arm64"]),
+])
+def test_a_gpu_smoke_run_that_fails_says_why_and_the_fix(case, words):
+    rec = json.loads((DATA / f"{case}.json").read_text())
+    fact = parse_gpu_smoke(rec["exit_code"], rec["stdout"], rec["stderr"])
+    assert fact.gpus == [] and fact.error and fact.error in rec["stderr"]
+    for w in words:
+        assert w in fact.fix
+
+
+def test_a_gpu_smoke_run_on_a_spark_lists_the_gb10_and_an_empty_list_is_no_success():
+    assert parse_gpu_smoke(0, recorded("gpu-smoke-real-spark")) == parse_gpu_smoke(0, "GPU 0: NVIDIA GB10 (UUID: GPU-1)\n")
+    assert parse_gpu_smoke(0, recorded("gpu-smoke-real-spark")).gpus == ["NVIDIA GB10"]
+    assert parse_gpu_smoke(0, "").error == "the container listed no GPU"
+    odd = parse_gpu_smoke(1, "", "something else went wrong\n")
+    assert odd.error == "something else went wrong" and odd.fix is None
+
+
 def test_sysctl_one_line_per_key_in_order():
     keys = ["vm.swappiness", "net.core.rmem_max", "vm.nope"]
     assert sysctl_command(keys).count("sysctl -n ") == 3
@@ -290,7 +312,7 @@ def test_every_node_command_is_valid_shell():
     scripts = [containers_command("a b"), MEMINFO_COMMAND, GPU_COMMAND, sysctl_command(["vm.swappiness", "x.y"]), sysctl_command([]),
                process_command(vllm_process()), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), []),
                IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, DOCKER_PLATFORM_COMMAND, image_platform_command("a b'c"),
-               ping_command("10.0.0.2; x", 9000)]
+               ping_command("10.0.0.2; x", 9000), gpu_smoke_command("img; rm -rf x")]
     for script in scripts:
         res = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
         assert res.returncode == 0, f"{res.stderr}\n{script}"
