@@ -150,6 +150,20 @@ def parse_gpu(text: str) -> GpuFact:
     return GpuFact(names=names, unified_memory=unified, memory="; ".join(memory) or None)
 
 
+# ---- a folder's files and sizes (the model on each node) -----------------------------------------
+
+
+def parse_file_listing(text: str) -> dict[str, int]:
+    """`find . -type f -printf '%P\\t%s\\n'` (the model check's listing): relative path -> size.
+    Lines that are not path<TAB>size are skipped."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        path, sep, size = line.rpartition("\t")
+        if sep and path and size.strip().isdigit():
+            out[path] = int(size)
+    return out
+
+
 # ---- a GPU inside a container: the NVIDIA runtime really works (`--gpus all` smoke run) -----------
 
 
