@@ -272,7 +272,8 @@ class PingFact(BaseModel):
     sent: int = 0
     received: int = 0
     rtt_avg_ms: Optional[float] = None
-    local_mtu: Optional[int] = Field(None, description="the sending side's MTU, when it refused a packet that large itself")
+    reported_mtu: Optional[int] = Field(None, description="the MTU the sender (\"local error: message too long, mtu=N\") or a hop on "
+                                                         "the path (\"Frag needed and DF set (mtu = N)\") reported for a packet too large")
     error: Optional[str] = Field(None, description="why nothing was sent (no route, no ping), or the last error ping printed")
 
     @property
@@ -291,7 +292,7 @@ def parse_ping(exit_code: int, stdout: str, stderr: str = "") -> PingFact:
     mtu = _PING_MTU.search(stderr + stdout)
     errors = [x.strip() for x in stderr.splitlines() if x.strip()]
     return PingFact(sent=int(stats.group(1)) if stats else 0, received=int(stats.group(2)) if stats else 0,
-                    rtt_avg_ms=float(rtt.group(1)) if rtt else None, local_mtu=int(mtu.group(1)) if mtu else None,
+                    rtt_avg_ms=float(rtt.group(1)) if rtt else None, reported_mtu=int(mtu.group(1)) if mtu else None,
                     error=(errors[-1][:200] if errors else None) if exit_code != 0 else None)
 
 
