@@ -153,9 +153,16 @@ def parse_gpu(text: str) -> GpuFact:
 # ---- a folder's files and sizes (the model on each node) -----------------------------------------
 
 
+def model_files_command(path: str) -> str:
+    """Every file under the folder with its size, symlinks followed: a Hugging Face snapshot folder
+    is symlinks into ../../blobs, and it is the files they point to that must be there and whole
+    (a broken symlink is not listed, so the node lacks that file)."""
+    return f"cd {quote(path)} && find -L . -type f -printf '%P\\t%s\\n' | LC_ALL=C sort"
+
+
 def parse_file_listing(text: str) -> dict[str, int]:
-    """`find . -type f -printf '%P\\t%s\\n'` (the model check's listing): relative path -> size.
-    Lines that are not path<TAB>size are skipped."""
+    """model_files_command's listing: relative path -> size. Lines that are not path<TAB>size are
+    skipped."""
     out: dict[str, int] = {}
     for line in text.splitlines():
         path, sep, size = line.rpartition("\t")

@@ -16,7 +16,7 @@ from . import timeouts
 from .checks import (Check, DockerAnswers, HttpAnswer, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ProcessRuns, RayMembers,
                      ReadBack, RuntimeListed, VllmFlags)
 from .config import ClusterConfig, Mount, Node
-from .facts import LABEL_PREFIX, MEMINFO_COMMAND
+from .facts import LABEL_PREFIX, MEMINFO_COMMAND, model_files_command
 from .render import MASK, quote, read_template, render, render_argv
 
 __all__ = ["LABEL_PREFIX", "Plan", "Step", "ProcessSpec", "ContainerSpec", "build_plan"]
@@ -254,7 +254,7 @@ class _Builder:
                      timeout_s=t, check=ImagePresent(image=cfg.container.image))
             self.add(id=f"preflight/{node.name}/model", phase="preflight", node=node.name, kind="check",
                      description="model folder present, same files and sizes on every node",
-                     command=f"cd {quote(model)} && find . -type f -printf '%P\\t%s\\n' | LC_ALL=C sort",
+                     command=model_files_command(model),
                      timeout_s=t, check=ModelFiles(path=model))
             if cfg.container.gpus:
                 self.add(id=f"preflight/{node.name}/gpu-runtime", phase="preflight", node=node.name, kind="check",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, gpu_smoke_command, image_platform_command, parse_containers, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
+from spark_cluster.facts import (containers_command, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
                                  parse_ibdev2netdev, parse_ip_addr, parse_meminfo, parse_metrics, parse_nccl_tests, parse_ping,
                                  parse_platform, parse_process,
                                  parse_ray_state, parse_sysctl, ping_command, process_command, progressed, same_platform,
@@ -235,6 +235,24 @@ def test_a_gpu_smoke_run_on_a_spark_lists_the_gb10_and_an_empty_list_is_no_succe
     assert parse_gpu_smoke(0, "").error == "the container listed no GPU"
     odd = parse_gpu_smoke(1, "", "something else went wrong\n")
     assert odd.error == "something else went wrong" and odd.fix is None
+
+
+def test_the_model_listing_follows_a_hugging_face_snapshots_symlinks(tmp_path):
+    """The real command in a real shell, on the layout of the Hugging Face cache: a snapshot folder
+    of symlinks into blobs/. A broken symlink (a copy that left it dangling) is not a file."""
+    import subprocess
+
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    (snap / "sub").mkdir(parents=True)
+    (repo / "blobs" / "b1").write_bytes(b"x" * 1000)
+    (repo / "blobs" / "b2").write_bytes(b"{}")
+    (snap / "model.safetensors").symlink_to("../../blobs/b1")
+    (snap / "sub" / "config.json").symlink_to("../../../blobs/b2")
+    (snap / "tokenizer.json").symlink_to("../../blobs/missing")
+    res = subprocess.run(["sh", "-c", model_files_command(str(snap))], capture_output=True, text=True)
+    assert parse_file_listing(res.stdout) == {"model.safetensors": 1000, "sub/config.json": 2}
 
 
 def test_sysctl_one_line_per_key_in_order():
