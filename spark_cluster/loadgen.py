@@ -54,11 +54,13 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
                 if not r.complete:
                     r.error = str(data.get("error", {}).get("message", data))[:300]
             else:
+                other: list[str] = []  # an error answer's body (a 503 of the gateway, say): read once, here
                 for line in resp.iter_lines():
                     if stop is not None and stop.is_set():
                         r.stopped = True
                         break
                     if not line.startswith("data: "):
+                        other.append(line)
                         continue
                     if r.first_byte is None:
                         r.first_byte = time.time()
@@ -71,7 +73,7 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
                         break
                     r.tokens += 1
                 if resp.status_code != 200 and not r.error:
-                    r.error = resp.read().decode(errors="replace")[:300]
+                    r.error = "\n".join(other).strip()[:300] or f"HTTP {resp.status_code}"
     except (httpx.HTTPError, ValueError) as exc:
         r.error = f"{type(exc).__name__}: {exc}"[:300]
     r.end = time.time()

@@ -401,3 +401,18 @@ def test_token_from_env_or_file_or_created(tmp_path, monkeypatch):
         load_token(parse_config(yaml.safe_dump({**base, "api": {"token_env": "SC_MISSING"}})))
     with pytest.raises(ConfigError, match="cannot be read"):
         load_token(parse_config(yaml.safe_dump({**base, "api": {"token_file": str(tmp_path / "nope")}})))
+
+
+def test_the_load_generator_reads_an_error_answer_to_a_stream_once():
+    """A stream answered with an error status (the gateway's 503 when the breaker tripped, say): the
+    client keeps the answer as its error instead of failing to read a body it already read."""
+    from spark_cluster.loadgen import one_request
+
+    engine = FakeEngine().start()
+    try:
+        engine.script.status = 503
+        r = one_request(engine.url, "tiny-qwen3", "stream", 4)
+    finally:
+        engine.stop()
+    assert (r.status, r.complete, r.first_byte) == (503, False, None)
+    assert "fake error 503" in r.error
