@@ -99,6 +99,11 @@ def overhead_rows(label: str, m: dict) -> list[str]:
         rows.append(f"| {label}: time to first token p{int(q * 100)} ({len(d['ttft'])} streams each) | {a:.1f} ms | {b:.1f} ms | {b / a:.3f} |")
     a, b = sum(d["tps"]) / len(d["tps"]), sum(g["tps"]) / len(g["tps"])
     rows.append(f"| {label}: generation throughput (mean of {len(d['tps'])} rounds) | {a:.1f} tokens/s | {b:.1f} tokens/s | {b / a:.3f} |")
+    # what the hop adds, paired round by round (the engine's own speed drifts between rounds on shared cores)
+    k = len(d["ttft"]) // len(d["tps"])  # streams per round
+    added = [(sum(g["ttft"][i:i + k]) - sum(d["ttft"][i:i + k])) / k * 1000 for i in range(0, len(d["ttft"]), k)]
+    rows.append(f"| {label}: time to first token added by the gateway, mean per stream of a round, median of {len(added)} paired "
+                f"rounds [p25, p75] | | {pct(added, 0.5):+.1f} ms [{pct(added, 0.25):+.1f}, {pct(added, 0.75):+.1f}] | |")
     return rows
 
 
