@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .facts import parse_meminfo
+from .facts import parse_file_listing, parse_meminfo
 
 
 class _Check(BaseModel):
@@ -154,12 +154,12 @@ def differs(check: Check, values: dict[str, str], head: str) -> Optional[str]:
         ids = ", ".join(f"{n}={v.strip()[:19]}" for n, v in values.items())
         return f"image {check.image} differs between nodes ({ids}): load the same image everywhere"
     if isinstance(check, ModelFiles):
-        ref_set = set(ref.splitlines())
+        want = parse_file_listing(ref)
         details = []
         for n in bad:
-            other = set(values[n].splitlines())
-            missing = sorted(x.split("\t")[0] for x in ref_set - other)[:5]
-            extra = sorted(x.split("\t")[0] for x in other - ref_set)[:5]
+            have = parse_file_listing(values[n])
+            missing = sorted(p for p, size in want.items() if have.get(p) != size)[:5]
+            extra = sorted(p for p, size in have.items() if want.get(p) != size)[:5]
             details.append(f"{n}: missing or different {missing}, extra {extra}")
         return f"model folder {check.path} differs from {head}'s: " + "; ".join(details)
     return f"{check.kind} differs between nodes: {', '.join(bad)}"

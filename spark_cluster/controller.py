@@ -337,7 +337,7 @@ def serve(cfg: ClusterConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ctl = Controller(cfg)
     (ctl.dir / "incidents").mkdir(parents=True, exist_ok=True)
-    # uvloop and httptools (uvicorn[standard]): the gateway's hop then adds about a millisecond to a
-    # request's first byte instead of about five (bench/gateway_bench.py)
+    # uvloop and httptools (uvicorn[standard]) for the gateway's hop, named so that a missing one
+    # stops the controller at start instead of falling back silently to the slower pure-Python ones
     uvicorn.run(create_app(ctl), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning", loop="uvloop", http="httptools",
                 access_log=False, timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S, limit_concurrency=None, backlog=2048)

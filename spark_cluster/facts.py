@@ -311,6 +311,12 @@ class BandwidthFact(BaseModel):
     error: Optional[str] = None
 
 
+def _last_line(text: str) -> str:
+    """What a tool that gave no result said last (its error, usually)."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
 _NUMBER_ROW = re.compile(r"^\s*\d[\d.\s]*$")
 
 
@@ -332,8 +338,7 @@ def parse_ib_write_bw(text: str) -> BandwidthFact:
     lines = text.splitlines()
     head = next((i for i, x in enumerate(lines) if "BW average[" in x), None)
     if head is None:
-        tail = [x.strip() for x in lines if x.strip()]
-        return BandwidthFact(error=(tail[-1][:200] if tail else "no output"))
+        return BandwidthFact(error=_last_line(text))
     rows = [r for r in _rows(lines, head + 1) if len(r) >= 4]
     if not rows:
         return BandwidthFact(error="no result row after the table's header")
@@ -353,8 +358,7 @@ def parse_nccl_tests(text: str) -> BandwidthFact:
     rows = [x.split() for x in text.splitlines() if not x.startswith("#") and x.split() and x.split()[0].isdigit()]
     busbw = [float(r[i]) for r in rows if len(r) >= 13 for i in (7, 11)]
     if not busbw:
-        tail = [x.strip() for x in text.splitlines() if x.strip()]
-        return BandwidthFact(error=(tail[-1][:200] if tail else "no output"))
+        return BandwidthFact(error=_last_line(text))
     return BandwidthFact(gbits=round(sum(busbw) / len(busbw) * 8, 2))
 
 

@@ -82,9 +82,8 @@ def reach_problem(node: str, peer_name: str, peer: str, mtu: int, small: PingFac
                 f"check the cable (ibdev2netdev: Up on both ends) and that both nodes have their cluster address on it (ip addr)")
     if full.answered:
         return None
+    fix = f"set the same MTU on every end of the link (ip link set <dev> mtu {mtu}, and in netplan to keep it)"
     if full.reported_mtu is not None:
-        return (f"the path from {node} to {peer_name} ({peer}) has MTU {full.reported_mtu}, smaller than the link's {mtu}: "
-                f"set the same MTU on every interface of the link (ip link set <dev> mtu {mtu}, and in netplan to keep it)")
+        return f"the path from {node} to {peer_name} ({peer}) has MTU {full.reported_mtu}, smaller than the link's {mtu}: {fix}"
     return (f"{node} reaches {peer_name} ({peer}) with small packets but not with {mtu}-byte packets that may not be "
-            f"fragmented: the MTU differs along the path ({peer_name}'s interface, or a switch port); set the same MTU "
-            f"on every end (ip link set <dev> mtu {mtu}, and in netplan to keep it)")
+            f"fragmented: the MTU differs along the path ({peer_name}'s interface, or a switch port); {fix}")

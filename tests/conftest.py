@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -38,6 +39,13 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
 SIM_CONFIG = CONFIGS / "local-sim.yaml"  # the card's path: vLLM over Ray
 # Every test that runs the engine runs on both executors, each with its own sim config
 SIM_CONFIGS = {"ray": SIM_CONFIG, "native": CONFIGS / "local-sim-native.yaml"}
+# outputs recorded on the simulated cluster and on real Sparks: the command, its exit code and output,
+# where it was recorded, and the fact a parser must give
+FACTS = Path(__file__).parent / "data" / "facts"
+
+
+def recording(case: str) -> dict:
+    return json.loads((FACTS / f"{case}.json").read_text())
 
 
 def sim_variant(base: str = "ray", **changes):

@@ -5,7 +5,6 @@ and the fact it must give), and on the odd outputs a node can produce."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,10 +16,9 @@ from spark_cluster.facts import (containers_command, gpu_smoke_command, image_pl
                                  sysctl_command)
 from spark_cluster.plan import build_plan
 
-from .conftest import SIM_CONFIG
+from .conftest import FACTS, SIM_CONFIG, recording
 
-DATA = Path(__file__).parent / "data" / "facts"
-RECORDED = sorted(DATA.glob("*.json"))
+RECORDED = sorted(FACTS.glob("*.json"))
 
 
 def vllm_process():
@@ -53,7 +51,7 @@ def test_the_recordings_cover_serving_and_dead_ray_and_every_process_state():
 
 
 def test_ray_state_on_a_serving_recording_names_nodes_group_and_ranks():
-    rec = json.loads((DATA / "ray-serving.json").read_text())
+    rec = recording("ray-serving")
     ray = parse_ray_state(rec["stdout"], rec["stderr"])
     assert ray.alive == ["10.99.0.11", "10.99.0.12"] and ray.dead == [] and ray.total("vllm_cpu") == 2
     [pg] = ray.engine_placement_groups()
@@ -113,14 +111,14 @@ class FakeHeadWithRecording:
 def test_read_ray_state_runs_the_command_and_keeps_a_failure_as_the_error():
     from spark_cluster.facts import read_ray_state
 
-    rec = json.loads((DATA / "ray-serving.json").read_text())
+    rec = recording("ray-serving")
     assert read_ray_state(FakeHeadWithRecording(rec), rec["command"], 30).alive == ["10.99.0.11", "10.99.0.12"]
     ray = read_ray_state(FakeHeadThatDoesNotAnswer(), "docker exec ...", 30)
     assert ray.error == "sim-1: SSH to 10.99.0.11 failed: timed out" and ray.nodes == []
 
 
 def test_meminfo_of_a_real_spark_is_its_121_gib():
-    rec = json.loads((DATA / "meminfo-real-spark-idle.json").read_text())
+    rec = recording("meminfo-real-spark-idle")
     mem = parse_meminfo(rec["stdout"])
     assert (mem.total_gib, mem.available_gib) == (121.69, 38.31) and mem.known  # 127600816 kB, 40174336 kB
     assert not parse_meminfo("grep: /proc/meminfo: No such file or directory").known
@@ -128,17 +126,13 @@ def test_meminfo_of_a_real_spark_is_its_121_gib():
 
 
 def test_gpu_of_a_real_spark_is_unified_memory():
-    gpu = parse_gpu(json.loads((DATA / "gpu-real-spark.json").read_text())["stdout"])
+    gpu = parse_gpu(recording("gpu-real-spark")["stdout"])
     assert gpu.names == ["NVIDIA GB10"] and gpu.unified_memory and gpu.summary() == "NVIDIA GB10: unified memory (see memory)"
     discrete = parse_gpu("NVIDIA H100 80GB HBM3, 1024 MiB, 81559 MiB\n")
     assert not discrete.unified_memory and discrete.summary() == "NVIDIA H100 80GB HBM3: 1024 MiB / 81559 MiB"
     assert parse_gpu("no nvidia-smi").summary() == "no nvidia-smi"
     failed = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
     assert parse_gpu(failed).error == failed and parse_gpu("").summary() is None
-
-
-def recorded(case: str) -> str:
-    return json.loads((DATA / f"{case}.json").read_text())["stdout"]
 
 
 @pytest.mark.parametrize("case, up", [
@@ -153,13 +147,13 @@ def recorded(case: str) -> str:
     ("ibdev-real-spark-trailing-prompt", {"roceP2p1s0f0": "enP2p1s0f0np0", "rocep1s0f0": "enp1s0f0np0"}),
 ])
 def test_ibdev2netdev_of_real_sparks_maps_every_device_and_says_which_are_up(case, up):
-    ports = parse_ibdev2netdev(recorded(case))
+    ports = parse_ibdev2netdev(recording(case)["stdout"])
     assert len(ports) == 4 and {p.port for p in ports} == {1}
     assert {p.device: p.netdev for p in ports if p.up} == up
 
 
 def test_ip_addr_of_a_real_spark_without_a_cable_shows_every_cx7_netdev_without_carrier():
-    ifaces = {i.name: i for i in parse_ip_addr(recorded("ip-addr-real-spark-no-cable"))}
+    ifaces = {i.name: i for i in parse_ip_addr(recording("ip-addr-real-spark-no-cable")["stdout"])}
     assert list(ifaces) == ["lo", "enP7s7", "enp1s0f0np0", "enp1s0f1np1", "enP2p1s0f0np0", "enP2p1s0f1np1", "wlP9s9", "docker0"]
     for name in ("enp1s0f0np0", "enp1s0f1np1", "enP2p1s0f0np0", "enP2p1s0f1np1"):
         assert (ifaces[name].carrier, ifaces[name].state, ifaces[name].mtu, ifaces[name].addresses) == (False, "DOWN", 1500, [])
@@ -173,14 +167,14 @@ def test_ip_addr_of_a_real_spark_without_a_cable_shows_every_cx7_netdev_without_
     ("ip-addr-real-spark-link-local", ["169.254.20.98/16", "169.254.201.68/16"]),  # two nodes' captures in one block
 ])
 def test_ip_addr_of_a_cabled_cx7_netdev_has_carrier_and_its_address(case, addresses):
-    ifaces = parse_ip_addr(recorded(case))
+    ifaces = parse_ip_addr(recording(case)["stdout"])
     assert [i.name for i in ifaces] == ["enp1s0f0np0"] * len(addresses)
     assert all(i.carrier and i.state == "UP" and i.mtu == 1500 for i in ifaces)
     assert [a for i in ifaces for a in i.addresses] == addresses
 
 
 def test_a_real_spark_runs_arm64_containers_and_an_amd64_image_is_another_platform():
-    spark = parse_platform(recorded("docker-version-real-spark"))  # the Server section, not the client's
+    spark = parse_platform(recording("docker-version-real-spark")["stdout"])  # the Server section, not the client's
     assert spark == "linux/arm64"
     # what `image_platform_command` prints for an amd64-only image, and for a multi-arch image's arm64 variant
     assert not same_platform(spark, parse_platform("linux/amd64\n"))
@@ -197,14 +191,14 @@ def test_no_platform_from_an_error_or_an_odd_answer(text):
 
 def test_bandwidth_of_real_sparks_in_gbits():
     # one rail of a GB10 tops out near 92-112 Gb/s; the two twins of one cable together near 190
-    rails = [parse_ib_write_bw(recorded(f"ib-write-bw-real-spark-rail{i}")).gbits for i in (0, 1)]
+    rails = [parse_ib_write_bw(recording(f"ib-write-bw-real-spark-rail{i}")["stdout"]).gbits for i in (0, 1)]
     assert rails == [92.57, 97.28]
-    assert parse_ib_write_bw(recorded("ib-write-bw-real-gb10-4qp")).gbits == 111.61
+    assert parse_ib_write_bw(recording("ib-write-bw-real-gb10-4qp")["stdout"]).gbits == 111.61
     # nccl-tests report GB/s: the healthy pair at 21.4 GB/s, the same pair degraded to 2.8 GB/s
-    healthy, degraded = (parse_nccl_tests(recorded(f"nccl-tests-real-spark-{x}")).gbits for x in ("healthy", "degraded"))
+    healthy, degraded = (parse_nccl_tests(recording(f"nccl-tests-real-spark-{x}")["stdout"]).gbits for x in ("healthy", "degraded"))
     assert (healthy, degraded) == (171.23, 22.57)
     # an excerpt without nccl-tests' own average: the rows' bus bandwidth, out-of-place and in-place (18.94, 20.95 GB/s)
-    assert parse_nccl_tests(recorded("nccl-tests-real-spark-no-average")).gbits == 159.56
+    assert parse_nccl_tests(recording("nccl-tests-real-spark-no-average")["stdout"]).gbits == 159.56
 
 
 def test_bandwidth_in_mb_per_second_and_failed_runs():
@@ -222,7 +216,7 @@ def test_bandwidth_in_mb_per_second_and_failed_runs():
     ("gpu-smoke-amd64-image", ["another CPU architecture", "arm64"]),
 ])
 def test_a_gpu_smoke_run_that_fails_says_why_and_the_fix(case, words):
-    rec = json.loads((DATA / f"{case}.json").read_text())
+    rec = recording(case)
     fact = parse_gpu_smoke(rec["exit_code"], rec["stdout"], rec["stderr"])
     assert fact.gpus == [] and fact.error and fact.error in rec["stderr"]
     for w in words:
@@ -230,8 +224,8 @@ def test_a_gpu_smoke_run_that_fails_says_why_and_the_fix(case, words):
 
 
 def test_a_gpu_smoke_run_on_a_spark_lists_the_gb10_and_an_empty_list_is_no_success():
-    assert parse_gpu_smoke(0, recorded("gpu-smoke-real-spark")) == parse_gpu_smoke(0, "GPU 0: NVIDIA GB10 (UUID: GPU-1)\n")
-    assert parse_gpu_smoke(0, recorded("gpu-smoke-real-spark")).gpus == ["NVIDIA GB10"]
+    assert parse_gpu_smoke(0, recording("gpu-smoke-real-spark")["stdout"]) == parse_gpu_smoke(0, "GPU 0: NVIDIA GB10 (UUID: GPU-1)\n")
+    assert parse_gpu_smoke(0, recording("gpu-smoke-real-spark")["stdout"]).gpus == ["NVIDIA GB10"]
     assert parse_gpu_smoke(0, "").error == "the container listed no GPU"
     odd = parse_gpu_smoke(1, "", "something else went wrong\n")
     assert odd.error == "something else went wrong" and odd.fix is None

@@ -4,31 +4,24 @@ published) and the simulated nodes."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from spark_cluster.facts import NetInterface, RdmaPort, parse_ibdev2netdev, parse_ip_addr, parse_ping
 from spark_cluster.link import LinkPick, pick_link, reach_problem, twin_key
 
-DATA = Path(__file__).parent / "data" / "facts"
-
-
-def recorded(case: str) -> str:
-    return json.loads((DATA / f"{case}.json").read_text())["stdout"]
+from .conftest import recording
 
 
 def ping(case: str):
-    rec = json.loads((DATA / f"ping-{case}.json").read_text())
+    rec = recording(f"ping-{case}")
     return parse_ping(rec["exit_code"], rec["stdout"], rec["stderr"])
 
 
 # spark-fb97 (KoyoImai/dgx_spark_cluster2): cage 0 cabled, 10.0.1.1/24 on enp1s0f0np0
-FB97_PORTS = parse_ibdev2netdev(recorded("ibdev-real-spark-trailing-prompt"))
-FB97_IFACES = parse_ip_addr(recorded("ip-addr-real-spark-static"))
+FB97_PORTS = parse_ibdev2netdev(recording("ibdev-real-spark-trailing-prompt")["stdout"])
+FB97_IFACES = parse_ip_addr(recording("ip-addr-real-spark-static")["stdout"])
 # the same node before its cable went in: every CX-7 netdev NO-CARRIER, the Wi-Fi has an address
-NO_CABLE_IFACES = parse_ip_addr(recorded("ip-addr-real-spark-no-cable"))
+NO_CABLE_IFACES = parse_ip_addr(recording("ip-addr-real-spark-no-cable")["stdout"])
 NO_CABLE_PORTS = [p.model_copy(update={"up": False}) for p in FB97_PORTS]
 # the simulated node: no RDMA device, eth0 in the cluster's subnet
 SIM_IFACES = [NetInterface(name="lo", mtu=65536, state="UNKNOWN", carrier=True, addresses=["127.0.0.1/8"]),
