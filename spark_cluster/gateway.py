@@ -27,19 +27,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal, Optional
 
-import httpx
-
 from . import timeouts
 from .config import GatewaySettings
+from .upstream import ConnectFailed, ConnectionLost, ReadTimeout, Upstream, UpstreamError
 
 Mode = Literal["open", "hold", "closed"]
 Outcome = Literal["ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled"]
 OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled")
 log = logging.getLogger("spark_cluster.gateway")  # one line per request that did not simply pass (ok ones are counted only)
 
-# Headers that belong to one hop (RFC 9110 7.6.1), and those httpx or the server set themselves.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "host", "content-length"})
+# Headers that belong to one hop (RFC 9110 7.6.1), and those the gateway's client or server set themselves;
+# `expect`: the controller's own server answers a client's 100-continue.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"})
 # Pause between two attempts while the door stays open (the watchdog may not know yet that the engine
 # is gone). The first retry is at once: a kept-alive connection the engine had just closed fails that way.
 RETRY_PAUSES_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -141,22 +141,18 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class Gateway:
-    def __init__(self, upstream: str, settings: GatewaySettings, observer: Observer | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        self.upstream = upstream.rstrip("/")
+    def __init__(self, upstream: str, settings: GatewaySettings, observer: Observer | None = None):
         self.s = settings
         self.obs = observer or Observer()
         self.door = Door()
         self.changed = asyncio.Event()  # set (and replaced) at every change of the door
         self.held = 0
         self.flights: set[Flight] = set()
-        limits = httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=min(settings.max_connections, 256))
-        timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s, write=settings.read_timeout_s,
-                                pool=settings.connect_timeout_s)
-        self.client = httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport)
+        self.engine = Upstream(upstream, max_connections=settings.max_connections, connect_timeout_s=settings.connect_timeout_s,
+                               read_timeout_s=settings.read_timeout_s)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.engine.aclose()
 
     # ---- the door ----------------------------------------------------------------------------
     def set_door(self, door: Door, interrupt: bool = False) -> None:
@@ -191,12 +187,8 @@ class Gateway:
             if gone.is_set():
                 return Admission("reject", "the client went away")
 
-    async def engine_answers(self) -> Optional[bool]:
-        try:
-            r = await self.client.get(f"{self.upstream}/health", timeout=min(timeouts.ENGINE_HEALTH_S, self.s.connect_timeout_s))
-            return r.status_code == 200
-        except httpx.HTTPError:
-            return False
+    async def engine_answers(self) -> bool:
+        return await self.engine.get_status("/health", min(timeouts.ENGINE_HEALTH_S, self.s.connect_timeout_s)) == 200
 
     # ---- one request -------------------------------------------------------------------------
     async def serve(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend, body: bytes) -> Outcome:
@@ -206,7 +198,7 @@ class Gateway:
         listener = asyncio.create_task(_until_disconnect(receive, gone))
         held = attempts = 0
         path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.decode("latin-1").lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
         flight = Flight()
         outcome: Outcome = "failed"
         try:
@@ -251,7 +243,7 @@ class Gateway:
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": error_body(a.message)})
 
-    async def _attempt(self, flight: Flight, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+    async def _attempt(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
                        send: ASGISend, gone: asyncio.Event, t0: float) -> str:
         """One try at the engine: ok | failed (an answer passed through) | retry (nothing reached the
         client) | interrupted (a stream cut after its first byte) | cancelled (the client went away)."""
@@ -280,49 +272,48 @@ class Gateway:
             self.flights.discard(flight)
             self.obs.in_flight(len(self.flights))
 
-    async def _exchange(self, flight: Flight, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+    async def _exchange(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
                         send: ASGISend, t0: float) -> str:
-        req = self.client.build_request(method, self.upstream + path, headers=headers, content=body)
         try:
-            resp = await self.client.send(req, stream=True)
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-                return "retry"
+            resp = await self.engine.send(method, path, headers, body)
+        except ConnectFailed:
+            return "retry"  # refused, unreachable, no free connection: nothing was sent
+        except ReadTimeout:
             await self._refuse_status(send, 504, f"the engine did not answer within gateway.read_timeout_s ({self.s.read_timeout_s:g}s)")
             return "failed"
-        except httpx.TransportError:
-            return "retry"  # refused, reset, closed before an answer: nothing reached the client
+        except ConnectionLost:
+            return "retry"  # reset or closed before an answer: nothing reached the client
         try:
-            if resp.status_code >= 500 and retry_status(resp.status_code, await self.engine_answers() if resp.status_code == 500 else None):
+            if resp.status >= 500 and retry_status(resp.status, await self.engine_answers() if resp.status == 500 else None):
                 return "retry"
-            chunks = resp.aiter_raw()
+            chunks = resp.chunks()
             try:
                 first = await chunks.__anext__()
             except StopAsyncIteration:
                 first = b""
-            except httpx.TransportError:
+            except UpstreamError:
                 return "retry"
-            flight.event_stream = resp.headers.get("content-type", "").startswith("text/event-stream")
-            out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.multi_items() if k.lower() not in HOP_BY_HOP]
+            flight.event_stream = resp.header(b"content-type").startswith(b"text/event-stream")
+            out_headers = [(k, v) for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
             if flight.event_stream:
                 out_headers.append((b"x-accel-buffering", b"no"))
                 out_headers.append((b"cache-control", b"no-cache"))
             flight.started = True
             self.obs.first_byte(time.monotonic() - t0)
-            await send({"type": "http.response.start", "status": resp.status_code, "headers": out_headers})
+            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             if first:
                 await self._send_chunk(send, flight, first)
             try:
                 async for chunk in chunks:
                     await self._send_chunk(send, flight, chunk)
-            except httpx.TransportError:
+            except UpstreamError:
                 await self._end_stream(send, flight, "the engine's connection ended before the answer was complete")
                 return "interrupted"
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             flight.finished = True
-            return "failed" if resp.status_code >= 500 else "ok"
+            return "failed" if resp.status >= 500 else "ok"
         finally:
-            await resp.aclose()
+            resp.close()
 
     async def _send_chunk(self, send: ASGISend, flight: Flight, chunk: bytes) -> None:
         flight.tail = chunk[-2:]

@@ -191,7 +191,12 @@ def test_engine_4xx_reaches_the_client_unchanged_and_is_not_retried(rig):
 def test_body_over_the_limit_is_refused_with_413(rig):
     r = httpx.post(f"{rig.url}/v1/completions", content=b"x" * (1024 * 1024 + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "gateway.max_body" in r.json()["error"]["message"]
+    # sent in chunks without a declared length: refused once the bytes pass the limit
+    r = httpx.post(f"{rig.url}/v1/completions", content=(b"x" * 65536 for _ in range(17)), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and "gateway.max_body" in r.json()["error"]["message"]
     assert rig.script.calls == 0
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="rejected") == 2
 
 
 def test_requests_are_held_while_restarting_and_go_through_after(rig):
