@@ -11,7 +11,7 @@
    frozen (`docker pause`) and the group restarts: requests by outcome as the clients saw them.
 
 Usage (root, simulated cluster up: `spark-cluster sim up`):
-    python bench/gateway_bench.py [--executors ray,native] [--rounds 30] [--load 4] [--idle-seconds 30] [--no-failover]
+    python bench/gateway_bench.py [--executors ray,native] [--rounds 100] [--loaded-rounds 30] [--load 4] [--idle-seconds 30] [--no-failover]
 """
 
 from __future__ import annotations
@@ -59,14 +59,14 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def block(url: str, model: str, k: int, tokens: int) -> list:
-    """k streamed completions sent at once; their results."""
-    results: list = [None] * k
+def block(url: str, clients: list[httpx.Client], model: str, tokens: int) -> list:
+    """One streamed completion per client, all sent at once; their results."""
+    results: list = [None] * len(clients)
 
     def one(i: int) -> None:
-        results[i] = one_request(url, model, "stream", tokens)
+        results[i] = one_request(url, model, "stream", tokens, client=clients[i])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(clients))]
     for t in threads:
         t.start()
     for t in threads:
@@ -77,17 +77,24 @@ def block(url: str, model: str, k: int, tokens: int) -> list:
 def measure(direct: str, gateway: str, model: str, rounds: int, k: int, tokens: int) -> dict[str, dict[str, list[float]]]:
     """Rounds of k streamed completions at once, straight to vLLM then through the gateway (the order
     swapped every round): every stream's time to first token, and each block's generation
-    throughput (tokens of all k streams / the block's wall time)."""
+    throughput (tokens of all k streams / the block's wall time). Each of the k clients keeps its
+    connections alive between rounds, as an application's OpenAI client does (a new httpx client per
+    request costs ~19 ms of the client's own CPU here, building its TLS context: noise on both sides)."""
     out = {"direct": {"ttft": [], "tps": []}, "gateway": {"ttft": [], "tps": []}}
-    for i in range(rounds):
-        pair = [("direct", direct), ("gateway", gateway)]
-        for name, url in (pair if i % 2 == 0 else pair[::-1]):
-            rs = block(url, model, k, tokens)
-            bad = [r.error for r in rs if not r.complete]
-            if bad:
-                raise SystemExit(f"{name}: request failed: {bad[0]}")
-            out[name]["ttft"] += [r.first_byte - r.start for r in rs]
-            out[name]["tps"].append(sum(r.tokens for r in rs) / (max(r.end for r in rs) - min(r.start for r in rs)))
+    clients = {name: [httpx.Client() for _ in range(k)] for name in out}
+    try:
+        for i in range(rounds):
+            pair = [("direct", direct), ("gateway", gateway)]
+            for name, url in (pair if i % 2 == 0 else pair[::-1]):
+                rs = block(url, clients[name], model, tokens)
+                bad = [r.error for r in rs if not r.complete]
+                if bad:
+                    raise SystemExit(f"{name}: request failed: {bad[0]}")
+                out[name]["ttft"] += [r.first_byte - r.start for r in rs]
+                out[name]["tps"].append(sum(r.tokens for r in rs) / (max(r.end for r in rs) - min(r.start for r in rs)))
+    finally:
+        for c in clients["direct"] + clients["gateway"]:
+            c.close()
     return out
 
 
@@ -119,7 +126,8 @@ def wait_event(url: str, pred, timeout: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=30, help="rounds per side and condition")
+    ap.add_argument("--rounds", type=int, default=100, help="rounds per side, idle (one stream: about a second per round)")
+    ap.add_argument("--loaded-rounds", type=int, default=30, help="rounds per side under load")
     ap.add_argument("--load", type=int, default=4, help="streams at once in the loaded condition")
     ap.add_argument("--idle-seconds", type=float, default=30)
     ap.add_argument("--no-failover", action="store_true")
@@ -169,7 +177,7 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
         one_request(direct, model, "stream", 8)  # warm both paths
         one_request(gateway, model, "stream", 8)
         idle = measure(direct, gateway, model, args.rounds, 1, 48)
-        loaded = measure(direct, gateway, model, args.rounds, args.load, 96)
+        loaded = measure(direct, gateway, model, args.loaded_rounds, args.load, 96)
 
         rows += ["| | direct to vLLM | through the gateway | gateway / direct |", "| --- | --- | --- | --- |"]
         rows += overhead_rows("idle (1 stream)", idle) + overhead_rows(f"under load ({args.load} streams at once)", loaded)

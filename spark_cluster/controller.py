@@ -353,6 +353,8 @@ def serve(cfg: ClusterConfig) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for chatty in ("httpx", "httpcore"):  # one line per watchdog probe (every period) would bury what matters
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     ctl = Controller(cfg)
     (ctl.dir / "incidents").mkdir(parents=True, exist_ok=True)
     # uvloop and httptools (uvicorn[standard]) for the gateway's hop, named so that a missing one

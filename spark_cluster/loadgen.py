@@ -39,12 +39,13 @@ class Result:
 
 
 def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s: float = 600,
-                stop: Optional[threading.Event] = None, prompt: str = "Once upon a time") -> Result:
-    """One completion as a client sees it; a stream is left (and counted as stopped) once `stop` is set."""
+                stop: Optional[threading.Event] = None, prompt: str = "Once upon a time", client: Optional[httpx.Client] = None) -> Result:
+    """One completion as a client sees it; a stream is left (and counted as stopped) once `stop` is set.
+    client: a kept-alive client, as an application's OpenAI client is (else a new connection each time)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": kind == "stream"}
     r = Result(kind, time.time())
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=read_timeout_s)) as resp:
+        with (client or httpx).stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=read_timeout_s)) as resp:
             r.status = resp.status_code
             if kind == "plain":
                 data = json.loads(resp.read() or b"{}")
