@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed.stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: install sim-deps check test test-unit test-contract test-scale demo demo-down golden docs clean
-SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables chromium
+SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables iputils-ping chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(STAMP)
 
 ## Debian packages the simulated cluster and the status page's browser test need (root); quick when they are there
 sim-deps:
-	@if ! command -v dockerd >/dev/null || ! command -v sshd >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v iptables >/dev/null || ! command -v chromium >/dev/null; then \
+	@if ! command -v dockerd >/dev/null || ! command -v sshd >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v iptables >/dev/null || ! command -v ping >/dev/null || ! command -v chromium >/dev/null; then \
 	  echo "installing: $(SIM_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SIM_PACKAGES) >/dev/null; \
 	fi

@@ -12,7 +12,8 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .facts import parse_file_listing, parse_meminfo
+from .facts import parse_clock, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_link, parse_meminfo, parse_platforms, parse_reach, same_platform
+from .link import LinkPick, pick_link, reach_problem
 
 
 class _Check(BaseModel):
@@ -41,11 +42,59 @@ class ModelFiles(_Check):
     same_on_all_nodes: bool = True
 
 
-class RuntimeListed(_Check):
-    """`docker info` lists the container runtime (nvidia, when GPUs are requested)."""
+class ImagePlatform(_Check):
+    """The image is built for the node's platform (an amd64 image on an arm64 Spark fails with `exec format error`)."""
 
-    kind: Literal["runtime-listed"] = "runtime-listed"
-    runtime: str = "nvidia"
+    kind: Literal["image-platform"] = "image-platform"
+    image: str
+
+
+class GpuWorks(_Check):
+    """A throwaway container of the image asking for every GPU lists them (`--gpus all` for real:
+    `docker info` naming an nvidia runtime proves less, and a Spark using CDI names none)."""
+
+    kind: Literal["gpu-works"] = "gpu-works"
+    image: str
+
+
+class SudoWorks(_Check):
+    """`sudo -n` works (ssh.sudo: the sysctls and the page cache need root)."""
+
+    kind: Literal["sudo-works"] = "sudo-works"
+
+
+class DiskFree(_Check):
+    """Free space where Docker keeps images and container logs."""
+
+    kind: Literal["disk-free"] = "disk-free"
+    min_gib: float
+
+
+class ClockInSync(_Check):
+    """The nodes' clocks agree within max_skew_s (read at once on every node; compared across nodes)."""
+
+    kind: Literal["clock"] = "clock"
+    max_skew_s: float
+    same_on_all_nodes: bool = True
+
+
+class ClusterLink(_Check):
+    """`nccl: auto`: the interface holding the node's cluster address, and its RDMA devices (link.pick_link)."""
+
+    kind: Literal["cluster-link"] = "cluster-link"
+    address: str
+
+
+class PeerReachable(_Check):
+    """The node reaches a peer's cluster address, with packets of the link's MTU that may not be
+    fragmented, leaving by the cluster link's interface when that is known (link.reach_problem)."""
+
+    kind: Literal["peer-reachable"] = "peer-reachable"
+    node: str
+    peer: str
+    address: str
+    mtu: Optional[int] = Field(None, description="link.mtu; None: the node's own MTU on the route's interface")
+    via: Optional[str] = Field(None, description="The cluster link's interface on this node (nccl.socket_ifname or detected), when known.")
 
 
 class PortsFree(_Check):
@@ -99,8 +148,8 @@ class HttpAnswer(_Check):
     choices: bool = Field(False, description="A completion must return choices.")
 
 
-Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, RuntimeListed, PortsFree, MemoryAvailable, ReadBack,
-                        VllmFlags, RayMembers, ProcessRuns, HttpAnswer], Field(discriminator="kind")]
+Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, PortsFree, MemoryAvailable,
+                        ReadBack, VllmFlags, RayMembers, ProcessRuns, HttpAnswer], Field(discriminator="kind")]
 
 
 def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, cluster_running: bool = False) -> Optional[str]:
@@ -117,10 +166,39 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
         if not ok:
             return f"model folder {check.path} is missing or unreadable: copy the model there (same files on every node)"
         return None if stdout.strip() else f"model folder {check.path} is empty"
-    if isinstance(check, RuntimeListed):
-        if ok and check.runtime in stdout:
+    if isinstance(check, ImagePlatform):
+        node, image = parse_platforms(stdout)
+        if image is None:
+            return None  # the image is not on the node: its own check says so
+        if node is None:
+            return f"cannot read the Docker daemon's platform: {tail or 'no output'}"
+        if same_platform(node, image):
             return None
-        return f"the {check.runtime} container runtime is missing: install nvidia-container-toolkit (GPUs are requested)"
+        return (f"image {check.image} is built for {image}, this node runs {node}: containers would fail with `exec format error`; "
+                f"use an image built for {node} (DGX Spark and GX10 are arm64: pick the arm64 tag or a multi-arch image)")
+    if isinstance(check, GpuWorks):
+        smoke = parse_gpu_smoke(exit_code, stdout, stderr)
+        if smoke.gpus or "No such image" in (stderr + stdout):  # an absent image: its own check says so
+            return None
+        return f"a container of {check.image} cannot use the GPU ({smoke.error})" + (f": {smoke.fix}" if smoke.fix else "")
+    if isinstance(check, SudoWorks):
+        return None if ok else (f"`sudo -n` does not work ({tail or f'exit code {exit_code}'}): ssh.sudo is true (sysctls and the page cache "
+                                "need root); allow the SSH user passwordless sudo (a file in /etc/sudoers.d/), or connect as root with ssh.sudo false")
+    if isinstance(check, DiskFree):
+        free = parse_df_free_gib(stdout)
+        if free is None:
+            return f"cannot read the free space of Docker's data root: {tail or 'no output'}"
+        if free >= check.min_gib:
+            return None
+        return (f"only {free:.1f} GiB free where Docker keeps images and container logs, {check.min_gib:g} GiB needed: "
+                "`docker system prune` removes unused images and stopped containers")
+    if isinstance(check, ClockInSync):
+        return None if parse_clock(stdout) is not None else f"cannot read the clock: {tail or 'no output'}"
+    if isinstance(check, ClusterLink):
+        pick = link_of(check, stdout)
+        return pick if isinstance(pick, str) else None
+    if isinstance(check, PeerReachable):
+        return peer_problem(check, stdout)
     if isinstance(check, PortsFree):
         if cluster_running or not stdout.strip():
             return None
@@ -153,6 +231,15 @@ def differs(check: Check, values: dict[str, str], head: str) -> Optional[str]:
     if isinstance(check, ImagePresent):
         ids = ", ".join(f"{n}={v.strip()[:19]}" for n, v in values.items())
         return f"image {check.image} differs between nodes ({ids}): load the same image everywhere"
+    if isinstance(check, ClockInSync):
+        clocks = {n: parse_clock(v) for n, v in values.items()}
+        known = {n: t for n, t in clocks.items() if t is not None}
+        if len(known) < 2 or max(known.values()) - min(known.values()) <= check.max_skew_s:
+            return None
+        base = known.get(head, min(known.values()))
+        ahead = ", ".join(f"{n} {t - base:+.1f}s" for n, t in known.items() if n != head)
+        return (f"the nodes' clocks differ by {max(known.values()) - min(known.values()):.1f}s (against {head}: {ahead}), more than "
+                f"{check.max_skew_s:g}s: turn on time sync on every node (timedatectl set-ntp true; chrony or systemd-timesyncd)")
     if isinstance(check, ModelFiles):
         want = parse_file_listing(ref)
         details = []
@@ -163,3 +250,43 @@ def differs(check: Check, values: dict[str, str], head: str) -> Optional[str]:
             details.append(f"{n}: missing or different {missing}, extra {extra}")
         return f"model folder {check.path} differs from {head}'s: " + "; ".join(details)
     return f"{check.kind} differs between nodes: {', '.join(bad)}"
+
+
+def link_of(check: ClusterLink, stdout: str) -> LinkPick | str:
+    """The link a ClusterLink step's output shows, or why none can be picked."""
+    ports, ifaces = parse_link(stdout)
+    return pick_link(check.address, ports, ifaces)
+
+
+def peer_problem(check: PeerReachable, stdout: str) -> Optional[str]:
+    reach = parse_reach(stdout)
+    where = f"link {reach.route_dev or '?'} to {check.peer}"
+    if check.via and reach.route_dev and reach.route_dev != check.via:
+        return (f"{where}: the traffic to {check.peer}'s cluster address {check.address} leaves by {reach.route_dev}, not by the cluster "
+                f"link {check.via} (route: {reach.route}): give both nodes their cluster addresses in one subnet on the ConnectX-7 link")
+    if not reach.mtu and reach.small.answered:
+        return f"{where}: cannot read the MTU of {reach.route_dev or 'the route to ' + check.address}: set link.mtu in cluster.yaml"
+    problem = reach_problem(check.node, check.peer, check.address, check.mtu or reach.mtu, reach.small, reach.full)
+    return f"{where}: {problem}" if problem else None
+
+
+def note(check: Check, stdout: str) -> Optional[str]:
+    """What a passed check found that is worth showing (`doctor`): the link picked, a half-speed cable, the round trip."""
+    if isinstance(check, ClusterLink):
+        pick = link_of(check, stdout)
+        if isinstance(pick, LinkPick):
+            hcas = f", RDMA {'+'.join(pick.hcas)}" if pick.hcas else ""
+            return f"{pick.netdev} (MTU {pick.mtu}{hcas})" + (f"; {pick.note}" if pick.note else "")
+    if isinstance(check, ImagePlatform):
+        node, image = parse_platforms(stdout)
+        return f"node {node}, image {image}" if node and image else None
+    if isinstance(check, DiskFree):
+        free = parse_df_free_gib(stdout)
+        return f"{free:.0f} GiB free" if free is not None else None
+    if isinstance(check, GpuWorks):
+        return ", ".join(parse_gpu_smoke(0, stdout).gpus) or None
+    if isinstance(check, PeerReachable):
+        reach = parse_reach(stdout)
+        if reach.full.answered:
+            return f"over {reach.route_dev}, MTU {check.mtu or reach.mtu} unfragmented, {reach.full.rtt_avg_ms} ms"
+    return None

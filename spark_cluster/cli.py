@@ -21,6 +21,7 @@ from . import timeouts
 from .config import ClusterConfig, load_config
 from .errors import SparkClusterError
 from .plan import PHASES, Plan, build_plan
+from .link import remembered as remembered_link
 
 app = typer.Typer(
     name="spark-cluster",
@@ -127,7 +128,7 @@ def plan(
 ) -> None:
     """Show, in execution order and per node, every command `up` will run. Contacts nothing (unless --vllm image)."""
     cfg = _load(config)
-    p = _guard(lambda: build_plan(cfg))
+    p = _guard(lambda: build_plan(cfg, links=remembered_link(cfg)))
     check = _guard(lambda: _check_vllm(cfg, p, vllm)) if vllm is not None else None
     if as_json:
         data = json.loads(p.model_dump_json())
@@ -153,6 +154,17 @@ def _vllm_line(cfg: ClusterConfig, check) -> str:
     return f"not checked yet ([bold]--vllm image[/] checks now); {checked}"
 
 
+def _link_line(cfg: ClusterConfig) -> str:
+    from .plan import NOT_DETECTED
+
+    links = remembered_link(cfg)
+    if not links:
+        return f"auto: not detected yet (`doctor` or `up` detects it; until then the variables show {escape(NOT_DETECTED)})"
+    return "auto, as last detected: " + "; ".join(
+        f"{escape(n)} {escape(p.netdev)}" + (f" + RDMA {escape(','.join(p.hcas))}" if p.hcas else " (no RDMA: NCCL over TCP)")
+        for n, p in links.items())
+
+
 def print_plan(p: Plan, cfg: ClusterConfig, check=None) -> None:
     head = Table.grid(padding=(0, 2))
     head.add_column(no_wrap=True)
@@ -163,6 +175,8 @@ def print_plan(p: Plan, cfg: ClusterConfig, check=None) -> None:
     head.add_row("model", f"{p.served_model}  ({cfg.model.path})")
     head.add_row("gpu-memory-utilization", f"{p.gpu_memory_utilization}  [dim]← {p.gpu_memory_utilization_source}[/]")
     head.add_row("vllm", _vllm_line(cfg, check))
+    if any(cfg.node_nccl(n).auto for n in cfg.nodes):
+        head.add_row("nccl", _link_line(cfg))
     head.add_row("plan hash", p.plan_hash)
     out.print(Panel(head, title="spark-cluster plan", expand=False))
     n = 0
@@ -245,6 +259,44 @@ def up(
             out.print(f"[bold green]serving[/] at {cfg.endpoint()}: nothing changed (all containers up to date)", highlight=False)
     if watch_after:
         _controller(cfg, as_json)
+
+
+@app.command()
+def doctor(
+    config: Path = CONFIG_ARG,
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+) -> None:
+    """Every check `up` makes before it starts anything (nodes, image, model, the cluster link and its MTU,
+    nccl: auto, memory, ports, the image's vLLM), as a table; changes nothing. Exit 0 only when `up` would
+    pass its preflight (8 otherwise)."""
+    from .errors import PreflightError
+    from .executor import Executor
+
+    cfg = _load(config)
+
+    def run():
+        with _nodes(cfg) as nodes:
+            return Executor(cfg, nodes).doctor()
+
+    findings = _guard(run)
+    bad = [f for f in findings if f.problem]
+    if as_json:
+        sys.stdout.write(json.dumps([{"node": f.node, "check": f.check, "description": f.description, "ok": not f.problem,
+                                      "problem": f.problem, "note": f.note} for f in findings], indent=2) + "\n")
+    else:
+        table = Table(title=f"doctor: cluster {cfg.name}", title_justify="left")
+        for col in ("node", "check", "", "found"):
+            table.add_column(col, overflow="fold")
+        for f in findings:
+            table.add_row(f.node or "all", escape(f.description), "[red]FAIL[/]" if f.problem else "[green]ok[/]",
+                          escape(f.problem or f.note or ""))
+        out.print(table)
+        if bad:
+            err.print(f"[bold red]{len(bad)} problem(s)[/]: `up` would stop before starting anything", highlight=False)
+        else:
+            out.print("[bold green]ready[/]: `up` would pass its preflight", highlight=False)
+    if bad:
+        raise typer.Exit(PreflightError.exit_code)
 
 
 def _controller(cfg: ClusterConfig, as_json: bool) -> None:

@@ -116,8 +116,17 @@ class NCCLSettings(Strict):
     ib_hca: Optional[str] = Field(None, description="NCCL_IB_HCA: the RoCE device(s), e.g. roceP2p1s0f0.")
     p2p_disable: Optional[bool] = Field(None, description="NCCL_P2P_DISABLE=1 (the card's setting for GB10). Default true.")
     ib_gid_index: Optional[int] = Field(None, ge=0, description="NCCL_IB_GID_INDEX, when RoCE needs an explicit GID index.")
+    auto: Optional[bool] = Field(None, description="Detect the link per node before anything starts: NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME "
+                                 "(the interface holding the node's address), NCCL_IB_HCA (the RDMA devices of both halves of its "
+                                 "ConnectX-7 cable). Values given here or in env win. `nccl: auto` is short for `nccl: {auto: true}`; "
+                                 "`plan` shows what the last detection found (state_dir/link.json).")
     debug: Optional[str] = Field(None, description="NCCL_DEBUG level, e.g. INFO to see NET/IB vs NET/Socket in the logs.")
     extra: dict[str, str] = Field(default_factory=dict, description="Any other NCCL_* variables.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_shorthand(cls, data: Any) -> Any:
+        return {"auto": True} if data == "auto" else data
 
     @field_validator("extra")
     @classmethod
@@ -444,6 +453,16 @@ class GatewaySettings(Strict):
         return parse_size(self.max_body)
 
 
+class LinkSettings(Strict):
+    """The link gate: before anything starts, every node must reach every other over the cluster
+    addresses with packets of the link's MTU that may not be fragmented."""
+
+    check: Literal["reach", "off"] = Field("reach", description="reach: ping every other node at the MTU (small packets too, to tell "
+                                                                 "an unreachable peer from an MTU that differs on the path); off: no gate.")
+    mtu: Optional[int] = Field(None, ge=576, le=65536, description="The MTU to test; default each node's own MTU on the interface toward the "
+                                                                   "peer (9000 where the ConnectX-7 link is set to jumbo frames).")
+
+
 class ApiSettings(Strict):
     """Who may act through the controller's API (POST /api/restart, /api/watchdog/pause|resume)."""
 
@@ -468,7 +487,8 @@ class ClusterConfig(Strict):
     )
     nodes: list[Node] = Field(..., min_length=1, description="The boxes. Exactly one has role head.")
     ssh: SSHSettings = Field(default_factory=SSHSettings, description="SSH defaults for every node.")
-    nccl: NCCLSettings = Field(default_factory=NCCLSettings, description="NCCL defaults for every node.")
+    nccl: NCCLSettings = Field(default_factory=NCCLSettings, description="NCCL defaults for every node (`auto`: detected per node).")
+    link: LinkSettings = Field(default_factory=LinkSettings, description="The link gate before anything starts.")
     sysctl: dict[str, Union[int, str]] = Field(
         default_factory=lambda: {"vm.swappiness": 1},
         description="Kernel settings applied on every node and persisted under /etc/sysctl.d/ (swap kills decode speed on Sparks).",

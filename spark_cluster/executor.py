@@ -26,8 +26,10 @@ from .config import ClusterConfig
 from .errors import CommandFailed, CommandTimeout, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
 from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_process,
                     parse_ray_state, process_command)
-from .plan import Plan, ProcessSpec, Step, build_plan
-from .checks import Check, ImagePresent, ReadBack, VllmFlags, differs, evaluate
+from .plan import NOT_DETECTED, Plan, ProcessSpec, Step, build_plan
+from .checks import Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, ReadBack, VllmFlags, differs, evaluate, link_of, note
+from .link import LinkPick, remembered as remembered_link
+from .link import remember as remember_link
 from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
 from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
@@ -35,6 +37,21 @@ from .vllm_check import VllmCheck, VllmCheckError, argv_hash, parse_output, pass
 
 Reporter = Callable[[dict[str, Any]], None]
 
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One preflight check's verdict on one node (node None: across nodes)."""
+
+    node: Optional[str]
+    check: str
+    description: str
+    problem: Optional[str] = None
+    note: Optional[str] = None
+
+    @property
+    def message(self) -> str:
+        return f"{self.node}: {self.problem}" if self.node else str(self.problem)
 
 
 @dataclass
@@ -64,8 +81,9 @@ class Executor:
         self.cfg = cfg
         self.nodes = nodes
         self.report = report or (lambda e: None)
-        self.plan: Plan = build_plan(cfg, reveal_secrets=True)
-        self.shown: Plan = build_plan(cfg)
+        links = remembered_link(cfg)  # `nccl: auto`: as last detected, until preflight detects again
+        self.plan: Plan = build_plan(cfg, reveal_secrets=True, links=links)
+        self.shown: Plan = build_plan(cfg, links=links)
         self.shown_by_id = {s.id: s for s in self.shown.steps}
         self.phases: dict[str, float] = {}  # where the last up's time went, by part (see up)
 
@@ -152,12 +170,21 @@ class Executor:
 
     # ---- preflight ----------------------------------------------------------------------
     def preflight(self, existing: dict[str, list[ContainerFact]]) -> None:
+        t0 = time.monotonic()
+        problems = [f.message for f in self.inspect(existing) if f.problem]
+        if problems:
+            raise PreflightError(problems)
+        self.emit("phase-done", phase="preflight", duration_s=round(time.monotonic() - t0, 3))
+
+    def inspect(self, existing: dict[str, list[ContainerFact]], *, fetch_images: bool = True) -> list[Finding]:
+        """Every preflight check on every node (in parallel; nothing changed except, with fetch_images,
+        the image pulled or streamed to a node that lacks it), as findings. With `nccl: auto` the link
+        found is remembered and the plan rebuilt with it before the checks are judged."""
         steps = [s for s in self.plan.steps_in("preflight") if not isinstance(s.check, VllmFlags)]
         vllm_step = next((s for s in self.plan.steps_in("preflight") if isinstance(s.check, VllmFlags)), None)
         by_node: dict[str, list[Step]] = {}
         for s in steps:
             by_node.setdefault(s.node, []).append(s)
-        t0 = time.monotonic()
         for s in steps:
             self.emit("step-start", s)
 
@@ -165,57 +192,94 @@ class Executor:
             return {s.id: t.run(s.command, timeout=s.timeout_s) for s in by_node[t.node]}
 
         results = self.nodes.map(run_node, by_node.keys())
-        results = self._fetch_missing_images(results, by_node)
-        problems: list[str] = []
+        if fetch_images:
+            results = self._fetch_missing_images(results, by_node)
+        findings: list[Finding] = []
         outputs: dict[str, dict[str, Result]] = {}
         for node, res in results.items():
             if isinstance(res, SparkClusterError):
-                problems.append(str(res))
+                findings.append(Finding(node, "ssh", "the node answers over SSH", str(res)))
                 continue
             if isinstance(res, BaseException):
                 raise res  # a bug, not a finding about the node: never "nothing was changed"
             outputs[node] = res
-        if problems:
-            raise PreflightError(problems)
+        self._detected_link(outputs)
+        checks = {s.id: s.check for s in self.plan.steps_in("preflight")}  # judged by the plan as detected
         running_here = {n: any(c.running for c in cs) for n, cs in existing.items()}
         same: dict[str, tuple[Check, dict[str, str]]] = {}
         for node, res in outputs.items():
             for s in by_node[node]:
-                r = res[s.id]
-                problem = evaluate(s.check, r.exit_code, r.stdout, r.stderr, cluster_running=running_here.get(node, False))
-                if problem:
-                    problems.append(f"{node}: {problem}")
-                elif s.check.same_on_all_nodes:
-                    same.setdefault(s.check.kind, (s.check, {}))[1][node] = r.stdout
+                r, check = res[s.id], checks[s.id]
+                problem = evaluate(check, r.exit_code, r.stdout, r.stderr, cluster_running=running_here.get(node, False))
+                findings.append(Finding(node, s.id, s.description, problem, None if problem else note(check, r.stdout)))
+                if not problem and check.same_on_all_nodes:
+                    same.setdefault(check.kind, (check, {}))[1][node] = r.stdout
         for check, values in same.values():
             problem = differs(check, values, self.cfg.head.name)
             if problem:
-                problems.append(problem)
+                findings.append(Finding(None, f"same/{check.kind}", f"{check.kind}: the same on every node", problem))
+        bad = any(f.problem for f in findings)
         for s in steps:
-            r = outputs[s.node][s.id]
-            self.emit("step-ok" if not problems else "step-checked", s, duration_s=round(r.duration_s, 3))
+            if s.node in outputs:
+                self.emit("step-ok" if not bad else "step-checked", s, duration_s=round(outputs[s.node][s.id].duration_s, 3))
+        if vllm_step is not None:
+            findings += self._vllm_findings(vllm_step, outputs, steps)
+        return findings
+
+    def doctor(self) -> list[Finding]:
+        """Every preflight check, changing nothing (no image fetched, no page cache dropped, no lock
+        taken): what `up` would find. A node that cannot be reached is a finding, not an error."""
+        if self.cfg.memory.drop_page_cache:  # read memory as it is; up drops the page cache first
+            cfg = self.cfg.model_copy(update={"memory": self.cfg.memory.model_copy(update={"drop_page_cache": False})})
+            links = remembered_link(cfg)
+            self.plan, self.shown = build_plan(cfg, reveal_secrets=True, links=links), build_plan(cfg, links=links)
+        listed = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
+        existing = {n: r for n, r in listed.items() if not isinstance(r, BaseException)}
+        return self.inspect(existing, fetch_images=False)
+
+    def _detected_link(self, outputs: dict[str, dict[str, Result]]) -> None:
+        """`nccl: auto`: the link each node's output shows; when every node has one, it is remembered
+        (state_dir/link.json) and the plan rebuilt with it (its containers' NCCL/Gloo variables)."""
+        picks: dict[str, LinkPick] = {}
+        for s in self.plan.steps_in("preflight"):
+            if isinstance(s.check, ClusterLink) and s.node in outputs:
+                pick = link_of(s.check, outputs[s.node][s.id].stdout)
+                if not isinstance(pick, LinkPick):
+                    return  # judged with the other checks
+                picks[s.node] = pick
+        auto = [n.name for n in self.cfg.nodes if self.cfg.node_nccl(n).auto]
+        if not auto or set(picks) != set(auto):
+            return
+        remember_link(self.cfg, picks)
+        self.plan = build_plan(self.cfg, reveal_secrets=True, links=picks)
+        self.shown = build_plan(self.cfg, links=picks)
+        self.shown_by_id = {s.id: s for s in self.shown.steps}
+        self.emit("link-detected", nodes={n: p.env() | ({"note": p.note} if p.note else {}) for n, p in picks.items()})
+
+    def _vllm_findings(self, vllm_step: Step, outputs: dict[str, dict[str, Result]], steps: list[Step]) -> list[Finding]:
         head_image = next((outputs[s.node][s.id] for s in steps
                            if s.node == self.cfg.head.name and isinstance(s.check, ImagePresent) and s.node in outputs), None)
         image_id = head_image.stdout.strip() if head_image is not None and head_image.ok else None
-        seen = passed_before(self.cfg, image_id, argv_hash(self.plan.vllm_argvs)) if image_id else None
-        if vllm_step is not None and seen:
+        if not image_id:
+            return []  # the image check says why
+        seen = passed_before(self.cfg, image_id, argv_hash(self.plan.vllm_argvs))
+        if seen:
             self.emit("step-skip", vllm_step, reason=f"checked before: vLLM {seen.get('vllm_version')}, same image ID and flags")
-        elif vllm_step is not None and image_id:
-            # needs the image on the head: runs after the image checks (and fetches)
-            self.emit("step-start", vllm_step)
-            t1 = time.monotonic()
-            try:
-                check = self.check_vllm_flags(vllm_step, image_id=image_id)
-            except VllmCheckError as exc:
-                problems.append(f"{vllm_step.node}: {exc}")
-                self.emit("step-failed", vllm_step, duration_s=round(time.monotonic() - t1, 3), error=str(exc))
-            else:
-                problems.extend(check.messages(self.cfg))
-                self.emit("step-ok" if check.ok else "step-failed", vllm_step, duration_s=round(time.monotonic() - t1, 3),
-                          vllm_version=check.vllm_version, problems=len(check.problems))
-        if problems:
-            raise PreflightError(problems)
-        self.emit("phase-done", phase="preflight", duration_s=round(time.monotonic() - t0, 3))
+            return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, None, f"checked before: vLLM {seen.get('vllm_version')}")]
+        # needs the image on the head: runs after the image checks (and fetches)
+        self.emit("step-start", vllm_step)
+        t1 = time.monotonic()
+        try:
+            check = self.check_vllm_flags(vllm_step, image_id=image_id)
+        except VllmCheckError as exc:
+            self.emit("step-failed", vllm_step, duration_s=round(time.monotonic() - t1, 3), error=str(exc))
+            return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, str(exc))]
+        self.emit("step-ok" if check.ok else "step-failed", vllm_step, duration_s=round(time.monotonic() - t1, 3),
+                  vllm_version=check.vllm_version, problems=len(check.problems))
+        messages = check.messages(self.cfg)
+        if not messages:
+            return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, None, f"vLLM {check.vllm_version}")]
+        return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, m) for m in messages]
 
     def check_vllm_flags(self, step: Optional[Step] = None, *, image_id: Optional[str] = None) -> VllmCheck:
         """Run the image's vLLM parser over the rendered argv (throwaway container on the head)."""
@@ -264,7 +328,9 @@ class Executor:
                 save, load = source.stream_to(f"docker save {quote(image)}", t, "docker load", timeout=timeouts.IMAGE_TRANSFER_S)
                 if not (save.ok and load.ok):
                     self.emit("image-fetch-failed", node=node, error=(save.stderr + load.stderr)[-500:])
-            results[node][step.id] = t.run(step.command, timeout=step.timeout_s)
+            for s in by_node[node]:  # read again what needs the image
+                if isinstance(s.check, (ImagePresent, ImagePlatform, GpuWorks)):
+                    results[node][s.id] = t.run(s.command, timeout=s.timeout_s)
         return results
 
     # ---- prepare ------------------------------------------------------------------------
@@ -301,6 +367,8 @@ class Executor:
         return out
 
     def _start(self, step: Step) -> None:
+        if step.container is not None and NOT_DETECTED in step.container.env.values():
+            raise StepError(step, "nccl: auto has not detected this node's link: preflight must run first")
         t0 = time.monotonic()
         r = self._run_step(step)
         if not r.ok:

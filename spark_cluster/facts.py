@@ -177,7 +177,7 @@ def parse_file_listing(text: str) -> dict[str, int]:
 def gpu_smoke_command(image: str) -> str:
     """What `up` relies on, run for real: a throwaway container of the cluster's image asking for
     every GPU, listing them (docker info naming a runtime proves less)."""
-    return f"docker run --rm --gpus all --network none --entrypoint nvidia-smi {quote(image)} -L"
+    return f"docker run --rm --pull never --gpus all --network none --entrypoint nvidia-smi {quote(image)} -L"
 
 
 class GpuSmokeFact(BaseModel):
@@ -211,6 +211,32 @@ def parse_gpu_smoke(exit_code: int, stdout: str, stderr: str = "") -> GpuSmokeFa
     fix = next((f for needle, f in _SMOKE_CAUSES if needle in text), None)
     error = next((x for x in lines if any(n in x for n, _ in _SMOKE_CAUSES)), lines[-1] if lines else f"exit code {exit_code}")
     return GpuSmokeFact(gpus=gpus, error="the container listed no GPU" if exit_code == 0 else error[:300], fix=fix)
+
+
+# ---- room on the node: free space where Docker keeps images and container logs ----------------------
+
+DOCKER_DISK_COMMAND = "d=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null); df -Pk \"${d:-/var/lib/docker}\""
+
+
+def parse_df_free_gib(text: str) -> Optional[float]:
+    """Available space (GiB) of the one filesystem `df -Pk PATH` lists; None when unreadable."""
+    rows = [x.split() for x in text.splitlines() if x.strip() and not x.startswith("Filesystem")]
+    try:
+        return int(rows[-1][3]) / 1024 ** 2
+    except (IndexError, ValueError):
+        return None
+
+
+# ---- the node's clock (nodes whose clocks differ by seconds make every log and metric disagree) ------
+
+CLOCK_COMMAND = "date +%s.%N"
+
+
+def parse_clock(text: str) -> Optional[float]:
+    try:
+        return float(text.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return None
 
 
 # ---- the cluster link: RDMA devices and their netdevs (ibdev2netdev), interfaces (ip addr) ----------
@@ -269,12 +295,6 @@ def parse_ip_addr(text: str) -> list[NetInterface]:
     return out
 
 
-def ping_command(peer: str, packet_bytes: int, count: int = 3) -> str:
-    """Ping a peer with packets of packet_bytes (IP header included) that may not be fragmented:
-    a packet the size of the link's MTU gets through only if every hop takes that MTU."""
-    return f"ping -n -c {count} -i 0.2 -W 1 -M do -s {max(packet_bytes - 28, 0)} {quote(peer)}"
-
-
 class PingFact(BaseModel):
     sent: int = 0
     received: int = 0
@@ -301,6 +321,62 @@ def parse_ping(exit_code: int, stdout: str, stderr: str = "") -> PingFact:
     return PingFact(sent=int(stats.group(1)) if stats else 0, received=int(stats.group(2)) if stats else 0,
                     rtt_avg_ms=float(rtt.group(1)) if rtt else None, reported_mtu=int(mtu.group(1)) if mtu else None,
                     error=(errors[-1][:200] if errors else None) if exit_code != 0 else None)
+
+
+# the node's side of the link in one read: RDMA devices (nothing when ibdev2netdev is not installed or
+# there is no ConnectX: the simulated nodes), then every interface
+LINK_COMMAND = f"{IBDEV2NETDEV_COMMAND} 2>/dev/null; echo {quote('=== ip addr')}; {IP_ADDR_COMMAND}"
+
+
+def parse_link(stdout: str) -> tuple[list[RdmaPort], list[NetInterface]]:
+    """LINK_COMMAND's output: the RDMA ports and the interfaces."""
+    rdma, _, ip = stdout.partition("=== ip addr\n")
+    return parse_ibdev2netdev(rdma), parse_ip_addr(ip)
+
+
+def reach_command(peer: str, mtu: Optional[int] = None) -> str:
+    """Can this node reach a peer over the cluster link, and at the link's MTU? One read: the route
+    to the peer (which interface the traffic leaves by), the MTU the test uses (`mtu`, else that
+    interface's own), a ping with small packets, then one with packets of that MTU that may not be
+    fragmented. Each ping's exit code precedes its output (parse_reach)."""
+    p = quote(peer)
+    # the interface's MTU as the kernel reports it over netlink (`ip`), which is right inside any network namespace
+    size = str(mtu) if mtu else "$(ip -o link show dev \"$dev\" 2>/dev/null | sed -n 's/.* mtu \\([0-9]*\\).*/\\1/p')"
+    return (f"r=$(ip -o route get {p} 2>&1); echo \"route: $r\"; "
+            f"dev=$(printf '%s' \"$r\" | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p'); mtu={size}; echo \"mtu: ${{mtu:-0}}\"; "
+            f"out=$(ping -n -c 2 -i 0.2 -W 1 {p} 2>&1); echo \"== small $?\"; echo \"$out\"; "
+            f"out=$(ping -n -c 2 -i 0.2 -W 1 -M do -s $(( ${{mtu:-0}} - 28 )) {p} 2>&1); echo \"== full $?\"; echo \"$out\"")
+
+
+class ReachFact(BaseModel):
+    route_dev: Optional[str] = Field(None, description="the interface the traffic to the peer leaves by")
+    route: str = ""
+    mtu: int = 0
+    small: PingFact = Field(default_factory=PingFact)
+    full: PingFact = Field(default_factory=PingFact)
+
+
+_REACH_SECTION = re.compile(r"^== (small|full) (\d+)$", re.M)
+_ROUTE_DEV = re.compile(r"\bdev (\S+)")
+
+
+def parse_reach(stdout: str) -> ReachFact:
+    route = next((x[len("route: "):].split("\\")[0].strip() for x in stdout.splitlines() if x.startswith("route: ")), "")
+    dev = _ROUTE_DEV.search(route)
+    mtu = re.search(r"^mtu: (\d+)$", stdout, re.M)
+    pings: dict[str, PingFact] = {}
+    marks = list(_REACH_SECTION.finditer(stdout))
+    for i, m in enumerate(marks):
+        text = stdout[m.end():marks[i + 1].start() if i + 1 < len(marks) else len(stdout)]
+        code = int(m.group(2))
+        if code == 127:
+            pings[m.group(1)] = PingFact(error="ping is not installed on the node (Debian/Ubuntu: apt install iputils-ping)")
+            continue
+        # ping's own complaints (stderr, merged) and "From <hop> ... Unreachable" lines are its errors
+        errors = "\n".join(x for x in text.splitlines() if x.startswith(("ping:", "From ")) or ": not found" in x)
+        pings[m.group(1)] = parse_ping(code, text, errors)
+    return ReachFact(route_dev=dev.group(1) if dev else None, route=route[:200], mtu=int(mtu.group(1)) if mtu else 0,
+                     small=pings.get("small", PingFact(error="no ping ran")), full=pings.get("full", PingFact(error="no ping ran")))
 
 
 # ---- the link's bandwidth: ib_write_bw (perftest) and nccl-tests --------------------------------
@@ -373,6 +449,16 @@ def image_platform_command(image: str) -> str:
 
 _PLATFORM = re.compile(r"^\s*([a-z]+/[a-z0-9_]+(?:/v\d+)?)\s*$")
 _SERVER_OS_ARCH = re.compile(r"^Server:.*?^\s+OS/Arch:\s+(\S+)", re.M | re.S)
+
+
+# the node's and the image's platform in one read (an image absent prints nothing after the mark)
+def platforms_command(image: str) -> str:
+    return f"{DOCKER_PLATFORM_COMMAND}; echo '=== image'; {image_platform_command(image)} 2>/dev/null"
+
+
+def parse_platforms(stdout: str) -> tuple[Optional[str], Optional[str]]:
+    node, _, image = stdout.partition("=== image\n")
+    return parse_platform(node), parse_platform(image)
 
 
 def parse_platform(text: str) -> Optional[str]:

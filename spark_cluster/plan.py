@@ -13,15 +13,18 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import timeouts
-from .checks import (Check, DockerAnswers, HttpAnswer, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ProcessRuns, RayMembers,
-                     ReadBack, RuntimeListed, VllmFlags)
+from .checks import (Check, ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, SudoWorks, HttpAnswer, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles,
+                     PeerReachable, PortsFree, ProcessRuns, RayMembers, ReadBack, VllmFlags)
 from .config import ClusterConfig, Mount, Node
-from .facts import LABEL_PREFIX, MEMINFO_COMMAND, model_files_command
+from .facts import CLOCK_COMMAND, DOCKER_DISK_COMMAND, LABEL_PREFIX, LINK_COMMAND, MEMINFO_COMMAND, gpu_smoke_command, model_files_command, platforms_command, reach_command
+from .link import LinkPick
 from .render import MASK, quote, read_template, render, render_argv
 
 __all__ = ["LABEL_PREFIX", "Plan", "Step", "ProcessSpec", "ContainerSpec", "build_plan"]
 # where the vLLM process started in the Ray head container writes its PID
 VLLM_PID_FILE = "/tmp/spark-cluster-vllm.pid"
+CLOCK_MAX_SKEW_S = 5.0  # clocks further apart make logs, events and metrics of the nodes disagree
+DISK_MIN_GIB = 10.0  # where Docker keeps images and container logs (a model load logs little; an image pull needs more)
 Phase = Literal["preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready"]
 PHASES: tuple[str, ...] = ("preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready")
 
@@ -145,10 +148,20 @@ def _hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def node_env(cfg: ClusterConfig, node: Node) -> dict[str, str]:
-    """Environment of a node's containers: NCCL (per node), vLLM's host IP, then user env."""
+# the value of a variable `nccl: auto` has not detected yet (shown by `plan`; `up` detects before it starts anything)
+NOT_DETECTED = "<auto: detected by preflight>"
+
+
+def node_env(cfg: ClusterConfig, node: Node, link: Optional[LinkPick] = None) -> dict[str, str]:
+    """Environment of a node's containers: NCCL (per node; with `nccl: auto` what was detected for
+    the variables not given), vLLM's host IP, then user env."""
+    nccl = cfg.node_nccl(node)
     env: dict[str, str] = {}
-    env.update(cfg.node_nccl(node).env())
+    if nccl.auto:
+        detected = link.env() if link is not None else {"NCCL_SOCKET_IFNAME": NOT_DETECTED, "GLOO_SOCKET_IFNAME": NOT_DETECTED,
+                                                        "NCCL_IB_HCA": NOT_DETECTED}
+        env.update(detected)
+    env.update(nccl.env())
     env["VLLM_HOST_IP"] = node.address
     env.update(cfg.container.env)
     env.update(node.env)
@@ -162,9 +175,10 @@ def _masked(env: dict[str, str], secrets: set[str], reveal: bool) -> dict[str, s
 
 
 class _Builder:
-    def __init__(self, cfg: ClusterConfig, reveal: bool) -> None:
+    def __init__(self, cfg: ClusterConfig, reveal: bool, links: dict[str, LinkPick]) -> None:
         self.cfg = cfg
         self.reveal = reveal
+        self.links = links
         self.secrets = cfg.secret_names()
         self.util, self.util_source = cfg.gpu_memory_utilization()
         self.steps: list[Step] = []
@@ -195,7 +209,7 @@ class _Builder:
     def spec(self, node: Node, component: str, entrypoint: str, command: list[str], extra_env: dict[str, str], mounts: list[Mount],
              hosts: Optional[ProcessSpec] = None) -> ContainerSpec:
         cfg, c = self.cfg, self.cfg.container
-        env = _masked({**node_env(cfg, node), **extra_env}, self.secrets, self.reveal)
+        env = _masked({**node_env(cfg, node, self.links.get(node.name)), **extra_env}, self.secrets, self.reveal)
         all_mounts = [Mount(source=cfg.model.path, target=cfg.model.in_container, read_only=True)] + c.mount_list() + mounts
         body = dict(
             name=container_name(cfg, component),
@@ -245,9 +259,19 @@ class _Builder:
         model = cfg.model.path
         for node in cfg.nodes:
             t = self.ssh_timeout(node)
+            # first on every node (the nodes run their checks in parallel): the clocks are read at about the same moment
+            self.add(id=f"preflight/{node.name}/clock", phase="preflight", node=node.name, kind="check",
+                     description=f"the clock agrees with the other nodes' within {CLOCK_MAX_SKEW_S:g}s", command=CLOCK_COMMAND,
+                     timeout_s=t, check=ClockInSync(max_skew_s=CLOCK_MAX_SKEW_S))
             self.add(id=f"preflight/{node.name}/docker", phase="preflight", node=node.name, kind="check",
                      description="docker answers", command="docker version --format '{{.Server.Version}}'",
                      timeout_s=t, check=DockerAnswers())
+            if cfg.node_ssh(node).sudo:
+                self.add(id=f"preflight/{node.name}/sudo", phase="preflight", node=node.name, kind="check",
+                         description="sudo -n works (ssh.sudo)", command="sudo -n true", timeout_s=t, check=SudoWorks())
+            self.add(id=f"preflight/{node.name}/disk", phase="preflight", node=node.name, kind="check",
+                     description=f"at least {DISK_MIN_GIB:g} GiB free where Docker keeps images and container logs",
+                     command=DOCKER_DISK_COMMAND, timeout_s=t, check=DiskFree(min_gib=DISK_MIN_GIB))
             self.add(id=f"preflight/{node.name}/image", phase="preflight", node=node.name, kind="check",
                      description="image present, same ID on every node",
                      command=f"docker image inspect --format '{{{{.Id}}}}' {quote(cfg.container.image)}",
@@ -256,11 +280,27 @@ class _Builder:
                      description="model folder present, same files and sizes on every node",
                      command=model_files_command(model),
                      timeout_s=t, check=ModelFiles(path=model))
+            self.add(id=f"preflight/{node.name}/platform", phase="preflight", node=node.name, kind="check",
+                     description="the image is built for the node's CPU architecture",
+                     command=platforms_command(cfg.container.image), timeout_s=t, check=ImagePlatform(image=cfg.container.image))
             if cfg.container.gpus:
-                self.add(id=f"preflight/{node.name}/gpu-runtime", phase="preflight", node=node.name, kind="check",
-                         description="NVIDIA container runtime present (GPUs are requested)",
-                         command="docker info --format '{{json .Runtimes}}'",
-                         timeout_s=t, check=RuntimeListed(runtime="nvidia"))
+                self.add(id=f"preflight/{node.name}/gpu", phase="preflight", node=node.name, kind="check",
+                         description="a container of the image sees the GPU (`--gpus all`, throwaway)",
+                         command=gpu_smoke_command(cfg.container.image), timeout_s=t, check=GpuWorks(image=cfg.container.image))
+            if cfg.node_nccl(node).auto:
+                self.add(id=f"preflight/{node.name}/link", phase="preflight", node=node.name, kind="check",
+                         description=f"the cluster link: the interface holding {node.address} and its RDMA devices (nccl: auto)",
+                         command=LINK_COMMAND, timeout_s=t, check=ClusterLink(address=node.address))
+            if cfg.link.check == "reach":
+                via = cfg.node_nccl(node).socket_ifname or (self.links[node.name].netdev if node.name in self.links else None)
+                for peer in cfg.nodes:
+                    if peer.name == node.name:
+                        continue
+                    self.add(id=f"preflight/{node.name}/reach-{peer.name}", phase="preflight", node=node.name, kind="check",
+                             description=f"reaches {peer.name} at {peer.address} with unfragmented packets of "
+                                         + (f"MTU {cfg.link.mtu}" if cfg.link.mtu else "the link's MTU"),
+                             command=reach_command(peer.address, cfg.link.mtu), timeout_s=t,
+                             check=PeerReachable(node=node.name, peer=peer.name, address=peer.address, mtu=cfg.link.mtu, via=via))
             ports = self.node_ports(node)
             if ports:
                 filt = " or ".join(f"sport = :{p}" for p in ports)
@@ -354,7 +394,7 @@ class _Builder:
         """Variables whose values differ between nodes. vLLM's Ray executor copies VLLM_*, NCCL_* and
         other variables from its driver (the head) to every Ray worker, which would overwrite a
         worker's own NCCL interface or CPU binding with the head's."""
-        envs = [node_env(self.cfg, n) for n in self.cfg.nodes]
+        envs = [node_env(self.cfg, n, self.links.get(n.name)) for n in self.cfg.nodes]
         keys = set().union(*envs) - {"VLLM_HOST_IP"}  # vLLM never copies this one
         return sorted(k for k in keys if len({e.get(k) for e in envs}) > 1)
 
@@ -453,6 +493,8 @@ class _Builder:
         )
 
 
-def build_plan(cfg: ClusterConfig, *, reveal_secrets: bool = False) -> Plan:
-    """The plan of `up`. Secrets are masked unless reveal_secrets (only the executor asks for that)."""
-    return _Builder(cfg, reveal_secrets).build()
+def build_plan(cfg: ClusterConfig, *, reveal_secrets: bool = False, links: Optional[dict[str, LinkPick]] = None) -> Plan:
+    """The plan of `up`. Secrets are masked unless reveal_secrets (only the executor asks for that).
+    links: what `nccl: auto` detected per node (link.remembered); without it those variables show
+    NOT_DETECTED."""
+    return _Builder(cfg, reveal_secrets, links or {}).build()

@@ -23,6 +23,7 @@ from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPla
                     parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process, parse_sysctl, process_command,
                     progressed, read_ray_state, sysctl_command)
 from .plan import LABEL_PREFIX, Plan, build_plan
+from .link import remembered as remembered_link
 
 if TYPE_CHECKING:  # paramiko is imported by whoever makes the Nodes, while vLLM is being sampled
     from .transport import Nodes, SSHTransport
@@ -303,7 +304,7 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
         vllm_fut = vllm if vllm is not None else pool.submit(observe_vllm, cfg, window_s, probe_timeout_s)
         # SSH handshakes go on while the plan is built
         connected = {n.name: pool.submit(_connect, nodes[n.name]) for n in cfg.nodes}
-        plan = build_plan(cfg)
+        plan = build_plan(cfg, links=remembered_link(cfg))
         node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s, connected[n.name])
                      for n in cfg.nodes}
 

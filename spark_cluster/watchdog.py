@@ -29,6 +29,7 @@ from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exporte
 from .executor import Executor
 from .facts import parse_metrics
 from .plan import build_plan
+from .link import remembered as remembered_link
 from .status import NodeObs, RayObs, VLLMObs, members_gone, observe_node, observe_ray, ray_missing
 from .transport import Nodes
 
@@ -100,7 +101,7 @@ class Watchdog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.events_path = self.dir / "events.jsonl"
         self.state_path = self.dir / "watchdog.json"
-        self.plan = build_plan(cfg)
+        self.plan = build_plan(cfg, links=remembered_link(cfg))
         self.expected_nodes = {n.name: n.address for n in cfg.nodes}
         self.ray_step = next((s for s in self.plan.steps if s.kind == "wait-ray"), None)
         # Ray's membership is asked in the background (importing Ray costs a second or two of CPU on

@@ -19,6 +19,8 @@ from spark_cluster.facts import LABEL_PREFIX
 from spark_cluster.plan import Plan, build_plan
 from spark_cluster.transport import Nodes, Result
 
+from .conftest import recording
+
 Answer = tuple[int, str, str]  # exit code, stdout, stderr
 
 
@@ -40,9 +42,12 @@ class FakeCluster:
     scripted: list[tuple[str, str, Callable[[], Answer]]] = field(default_factory=list)  # (node or "*", substring, answer)
     counter: int = 0
 
+    links: Optional[dict] = None  # `nccl: auto`: what the plan is built with (as detected by a preflight)
+
     def __post_init__(self) -> None:
-        self.plan: Plan = build_plan(self.cfg, reveal_secrets=True)
+        self.plan: Plan = build_plan(self.cfg, reveal_secrets=True, links=self.links)
         self.by_command = {s.command: s for s in self.plan.steps if s.command}
+        self.by_node_command = {(s.node, s.command): s for s in self.plan.steps if s.command}  # the same command differs in its check by node
         for n in self.cfg.nodes:
             self.containers.setdefault(n.name, {})
 
@@ -66,7 +71,7 @@ class FakeCluster:
         for where, part, fn in self.scripted:
             if where in ("*", node) and part in command:
                 return fn()
-        step = self.by_command.get(command)
+        step = self.by_node_command.get((node, command)) or self.by_command.get(command)
         if command.startswith("mkdir ") and ".lock" in command:
             return 0, "", ""
         if "ids=$(docker ps -aq" in command:
@@ -109,8 +114,18 @@ class FakeCluster:
             return 0, "MemTotal:       127600816 kB\nMemAvailable:   120000000 kB\n", ""
         if kind == "read-back":
             return 0, step.check.stdout, ""
-        if kind == "runtime-listed":
-            return 0, '{"nvidia":{}}', ""
+        if kind == "clock":
+            return 0, "1796000000.5\n", ""
+        if kind == "disk-free":
+            return 0, "Filesystem     1024-blocks     Used Available Capacity Mounted on\n/dev/vda 264212084 46646764 59744148 44% /var/lib/docker\n", ""
+        if kind == "image-platform":
+            return 0, "linux/amd64\n=== image\nlinux/amd64\n", ""
+        if kind == "gpu-works":
+            return 0, recording("gpu-smoke-real-spark")["stdout"], ""
+        if kind == "peer-reachable":  # recorded between two simulated nodes (the check reads no address from it)
+            return 0, recording("reach-sim-ok")["stdout"], ""
+        if kind == "cluster-link":  # a simulated node's link, holding this node's address
+            return 0, recording("link-sim")["stdout"].replace("10.99.0.11/24", f"{step.check.address}/24"), ""
         return 0, "", ""
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from spark_cluster.checks import (DockerAnswers, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ReadBack, RuntimeListed,
-                                  differs, evaluate)
+from spark_cluster.checks import (ClockInSync, DiskFree, DockerAnswers, GpuWorks, SudoWorks, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ReadBack,
+                                  differs, evaluate, note)
 from spark_cluster.plan import Step
 
 MEM = MemoryAvailable(min_available_fraction=0.8, min_available_gib=0, gpu_memory_utilization=0.8, drop_page_cache=False)
 SPARK_IDLE = "MemTotal:       127600816 kB\nMemAvailable:   40174336 kB\n"  # a real Spark (tests/data/facts)
 SPARK_FREE = "MemTotal:       127600816 kB\nMemAvailable:   118566368 kB\n"
+
+DF = "Filesystem     1024-blocks     Used Available Capacity Mounted on\n/dev/vda         264212084 46646764  59744148      44% /var/lib/docker\n"
 
 # check, exit code, stdout, stderr, cluster running, problem (a part of it) or None
 CASES = [
@@ -22,8 +24,26 @@ CASES = [
     ("model there", ModelFiles(path="/m"), 0, "config.json\t10\n", "", False, None),
     ("model empty", ModelFiles(path="/m"), 0, "", "", False, "model folder /m is empty"),
     ("model missing", ModelFiles(path="/m"), 1, "", "cd: /m: No such file", False, "model folder /m is missing"),
-    ("nvidia runtime", RuntimeListed(), 0, '{"io.containerd.runc.v2":{},"nvidia":{}}', "", False, None),
-    ("no nvidia runtime", RuntimeListed(), 0, '{"io.containerd.runc.v2":{},"runc":{}}', "", False, "install nvidia-container-toolkit"),
+    # the node's platform, then the image's (platforms_command); a real Spark's daemon is linux/arm64 (tests/data/facts)
+    ("image for the node", ImagePlatform(image="img:1"), 0, "linux/arm64\n=== image\nlinux/arm64/v8\n", "", False, None),
+    ("amd64 image on a Spark", ImagePlatform(image="img:1"), 0, "linux/arm64\n=== image\nlinux/amd64\n", "", False,
+     "image img:1 is built for linux/amd64, this node runs linux/arm64: containers would fail with `exec format error`"),
+    ("image absent: its own check says so", ImagePlatform(image="img:1"), 0, "linux/arm64\n=== image\n", "", False, None),
+    ("docker silent", ImagePlatform(image="img:1"), 1, "=== image\nlinux/arm64\n", "Cannot connect", False, "cannot read the Docker daemon's platform"),
+    # a `--gpus all` smoke run (recorded outputs in tests/data/facts/gpu-smoke-*)
+    ("GPU seen", GpuWorks(image="img:1"), 0, "GPU 0: NVIDIA GB10 (UUID: GPU-b0ec33a0-2589-53de-953c-0713d37d0794)\n", "", False, None),
+    ("no toolkit", GpuWorks(image="img:1"), 125, "", 'docker: Error response from daemon: could not select device driver "" with capabilities: [[gpu]].\n',
+     False, "a container of img:1 cannot use the GPU (docker: Error response from daemon: could not select device driver"),
+    ("amd64 image", GpuWorks(image="img:1"), 255, "", "exec /usr/bin/nvidia-smi: exec format error\n", False, "use an arm64 or multi-arch image"),
+    ("smoke without the image", GpuWorks(image="img:1"), 125, "", "docker: Error response from daemon: No such image: img:1\n", False, None),
+    ("sudo works", SudoWorks(), 0, "", "", False, None),
+    ("sudo asks for a password", SudoWorks(), 1, "", "sudo: a password is required\n", False, "allow the SSH user passwordless sudo"),
+    # df -Pk of Docker's data root, as the simulated node printed it
+    ("disk room", DiskFree(min_gib=10), 0, DF, "", False, None),
+    ("disk full", DiskFree(min_gib=100), 0, DF, "", False, "only 57.0 GiB free where Docker keeps images and container logs, 100 GiB needed"),
+    ("disk unreadable", DiskFree(min_gib=10), 1, "", "df: '/x': No such file or directory", False, "cannot read the free space"),
+    ("clock read", ClockInSync(max_skew_s=5), 0, "1796002773.803765185\n", "", False, None),
+    ("clock unreadable", ClockInSync(max_skew_s=5), 127, "", "sh: date: not found", False, "cannot read the clock"),
     ("ports free", PortsFree(ports=[8000]), 0, "", "", False, None),
     ("port taken", PortsFree(ports=[8000]), 0, "LISTEN 0 4096 0.0.0.0:8000 0.0.0.0:*\n", "", False, "already in use"),
     ("port taken by our own cluster", PortsFree(ports=[8000]), 0, "LISTEN 0 4096 0.0.0.0:8000\n", "", True, None),
@@ -64,3 +84,16 @@ def test_differs_names_the_nodes_and_files():
 def test_a_check_step_without_a_check_is_refused():
     with pytest.raises(ValidationError, match="has no check"):
         Step(id="preflight/a/x", phase="preflight", node="a", kind="check", description="x", command="true", timeout_s=1)
+
+
+def test_what_a_passed_check_found_is_shown():
+    assert note(GpuWorks(image="i"), "GPU 0: NVIDIA GB10 (UUID: GPU-b0ec33a0-2589-53de-953c-0713d37d0794)\n") == "NVIDIA GB10"
+    assert note(ImagePlatform(image="i"), "linux/arm64\n=== image\nlinux/arm64\n") == "node linux/arm64, image linux/arm64"
+    assert note(DockerAnswers(), "27.5.1\n") is None
+
+
+def test_clocks_are_compared_across_nodes():
+    clock = ClockInSync(max_skew_s=5)
+    assert differs(clock, {"a": "1000.0\n", "b": "1004.9\n"}, "a") is None
+    why = differs(clock, {"a": "1000.0\n", "b": "993.5\n", "c": "1001.0\n"}, "a")
+    assert why is not None and "differ by 7.5s (against a: b -6.5s, c +1.0s), more than 5s" in why and "timedatectl set-ntp true" in why

@@ -15,12 +15,26 @@ from spark_cluster.cli import app
 from .conftest import CONFIGS, ROOT, run_cli
 
 
-def test_plan_card_config_shows_worker_before_head():
-    res = run_cli("plan", "configs/dgx-spark-2node.yaml")
+def test_plan_card_config_shows_worker_before_head(tmp_path):
+    # the card's config names no interface (nccl: auto): before any detection `plan` says so ...
+    res = run_cli("plan", "configs/dgx-spark-2node.yaml", env={"HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "auto: not detected yet" in res.stdout and "-e 'NCCL_SOCKET_IFNAME=<auto: detected by preflight>'" in res.stdout
+    # ... and after one, it shows what was found (state_dir/link.json, as a real Spark's cable reads)
+    from spark_cluster.config import load_config
+    from spark_cluster.link import LinkPick, remember
+
+    cfg = load_config(CONFIGS / "dgx-spark-2node.yaml").model_copy(update={"state_dir": str(tmp_path / "state")})
+    remember(cfg, {n.name: LinkPick("enp1s0f0np0", ("rocep1s0f0", "roceP2p1s0f0"), 9000) for n in cfg.nodes})
+    path = tmp_path / "cluster.yaml"
+    path.write_text((CONFIGS / "dgx-spark-2node.yaml").read_text() + f"\nstate_dir: {tmp_path / 'state'}\n")
+    res = run_cli("plan", str(path))
     assert res.returncode == 0, res.stderr
     text = res.stdout
+    assert "auto, as last detected: spark-1 enp1s0f0np0 + RDMA rocep1s0f0,roceP2p1s0f0" in text and "<auto" not in text
     for needle in ["--shm-size 10.24g", "--network=host", "--ipc=host", "--privileged", "--gpus all",
-                   "NCCL_P2P_DISABLE=1", "NCCL_IB_HCA=roceP2p1s0f0", "NCCL_SOCKET_IFNAME=enP2p1s0f0np0",
+                   "NCCL_P2P_DISABLE=1", "NCCL_IB_HCA=rocep1s0f0,roceP2p1s0f0", "NCCL_SOCKET_IFNAME=enp1s0f0np0",
+                   "GLOO_SOCKET_IFNAME=enp1s0f0np0",
                    "--tensor-parallel-size 2", "--distributed-executor-backend ray", "--gpu-memory-utilization 0.5",
                    "vm.swappiness=1"]:
         assert needle in text, needle

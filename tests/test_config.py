@@ -195,6 +195,7 @@ def test_every_field_is_described():
 
 def test_per_node_overrides(card_yaml):
     def f(d):
+        d["nccl"]["ib_hca"] = "roceP2p1s0f0"
         d["nodes"][1]["nccl"] = {"socket_ifname": "enp1s0f1np1", "extra": {"NCCL_IB_TIMEOUT": "22"}}
         d["nodes"][1]["ssh"] = {"port": 2222}
 

@@ -9,10 +9,10 @@ import json
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
+from spark_cluster.facts import (containers_command, parse_link, parse_reach, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
                                  parse_ibdev2netdev, parse_ip_addr, parse_meminfo, parse_metrics, parse_nccl_tests, parse_ping,
                                  parse_platform, parse_process,
-                                 parse_ray_state, parse_sysctl, ping_command, process_command, progressed, same_platform,
+                                 parse_ray_state, parse_sysctl, platforms_command, process_command, reach_command, progressed, same_platform,
                                  sysctl_command)
 from spark_cluster.plan import build_plan
 
@@ -41,6 +41,8 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "ib_write_bw": lambda: parse_ib_write_bw(rec["stdout"]).model_dump(),
         "nccl-tests": lambda: parse_nccl_tests(rec["stdout"]).model_dump(),
         "gpu-smoke": lambda: parse_gpu_smoke(rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
+        "reach": lambda: parse_reach(rec["stdout"]).model_dump(),
+        "link": lambda: [[x.model_dump() for x in part] for part in parse_link(rec["stdout"])],
     }[rec["fact"]]
     assert parse() == rec["parsed"]
 
@@ -315,7 +317,8 @@ def test_every_node_command_is_valid_shell():
     """`sh -n` (parse only) over each fact command and the status/watchdog node script, as they reach a node."""
     import subprocess
 
-    from spark_cluster.facts import DOCKER_PLATFORM_COMMAND, GPU_COMMAND, IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, MEMINFO_COMMAND
+    from spark_cluster.facts import (CLOCK_COMMAND, DOCKER_DISK_COMMAND, DOCKER_PLATFORM_COMMAND, GPU_COMMAND, IBDEV2NETDEV_COMMAND,
+                                     IP_ADDR_COMMAND, LINK_COMMAND, MEMINFO_COMMAND)
     from spark_cluster.status import node_script
 
     cfg = load_config(SIM_CONFIG)
@@ -324,7 +327,8 @@ def test_every_node_command_is_valid_shell():
     scripts = [containers_command("a b"), MEMINFO_COMMAND, GPU_COMMAND, sysctl_command(["vm.swappiness", "x.y"]), sysctl_command([]),
                process_command(vllm_process()), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), []),
                IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, DOCKER_PLATFORM_COMMAND, image_platform_command("a b'c"),
-               ping_command("10.0.0.2; x", 9000), gpu_smoke_command("img; rm -rf x")]
+               reach_command("10.0.0.2; x"), reach_command("10.0.0.2; x", 9000), platforms_command("a b'c"), LINK_COMMAND,
+               DOCKER_DISK_COMMAND, CLOCK_COMMAND, gpu_smoke_command("img; rm -rf x")]
     for script in scripts:
         res = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
         assert res.returncode == 0, f"{res.stderr}\n{script}"

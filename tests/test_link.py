@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from spark_cluster.facts import NetInterface, RdmaPort, parse_ibdev2netdev, parse_ip_addr, parse_ping
+from spark_cluster.checks import ClusterLink, PeerReachable, evaluate, link_of, note, peer_problem
+from spark_cluster.facts import NetInterface, RdmaPort, parse_ibdev2netdev, parse_ip_addr, parse_link, parse_ping, parse_reach
 from spark_cluster.link import LinkPick, pick_link, reach_problem, twin_key
 
 from .conftest import recording
@@ -93,3 +94,65 @@ def test_a_peer_is_reachable_at_the_links_mtu_or_the_message_says_what_differs(s
         assert why is not None
         for w in words:
             assert w in why, why
+
+
+# ---- the link gate's one read per peer (facts.reach_command / parse_reach), recorded on the simulated nodes
+def reach(case: str):
+    return parse_reach(recording(f"reach-sim-{case}")["stdout"])
+
+
+def test_the_reach_read_gives_the_route_the_mtu_and_both_pings():
+    ok = reach("ok")
+    assert (ok.route_dev, ok.mtu, ok.route) == ("eth0", 1500, "10.99.0.12 dev eth0 src 10.99.0.11 uid 0")
+    assert ok.small.received == 2 and ok.full.received == 2 and ok.full.rtt_avg_ms == 0.061
+    lowered = reach("peer-mtu-smaller")
+    assert lowered.small.answered and not lowered.full.answered and lowered.full.reported_mtu is None
+    own = reach("own-mtu-smaller")  # sim-2, its eth0 at MTU 1400, told link.mtu 1500
+    assert own.mtu == 1500 and own.full.reported_mtu == 1400 and own.full.error == "ping: local error: message too long, mtu=1400"
+    gone = reach("unreachable")
+    assert not gone.small.answered and not gone.full.answered
+
+
+def test_a_node_without_ping_is_told_how_to_get_it():
+    # constructed: what reach_command prints when the shell cannot find ping (exit code 127)
+    out = "route: 10.0.1.2 dev enp1s0f0np0 src 10.0.1.1 uid 0\nmtu: 9000\n== small 127\nsh: 1: ping: not found\n== full 127\nsh: 1: ping: not found\n"
+    r = parse_reach(out)
+    assert not r.small.answered and "apt install iputils-ping" in r.small.error
+    assert "apt install iputils-ping" in peer_problem(PeerReachable(node="spark-1", peer="spark-2", address="10.0.1.2"), out)
+
+
+@pytest.mark.parametrize("case, node, peer, address, mtu, via, words", [
+    ("ok", "sim-1", "sim-2", "10.99.0.12", None, "eth0", None),
+    ("peer-mtu-smaller", "sim-1", "sim-2", "10.99.0.12", None, "eth0",
+     ["link eth0 to sim-2: sim-1 reaches sim-2 (10.99.0.12) with small packets but not with 1500-byte packets", "ip link set"]),
+    ("own-mtu-smaller", "sim-2", "sim-1", "10.99.0.11", 1500, None,
+     ["link eth0 to sim-1: the path from sim-2 to sim-1 (10.99.0.11) has MTU 1400, smaller than the link's 1500"]),
+    ("unreachable", "sim-1", "sim-2", "10.99.0.99", None, "eth0", ["sim-1 cannot reach sim-2 at 10.99.0.99 over the cluster link"]),
+    # the route to the peer leaves by another interface than the cluster link (a management network, Wi-Fi)
+    ("ok", "sim-1", "sim-2", "10.99.0.12", None, "enp1s0f0np0",
+     ["leaves by eth0, not by the cluster link enp1s0f0np0", "route: 10.99.0.12 dev eth0"]),
+])
+def test_the_link_gate_names_node_link_and_fix(case, node, peer, address, mtu, via, words):
+    check = PeerReachable(node=node, peer=peer, address=address, mtu=mtu, via=via)
+    rec = recording(f"reach-sim-{case}")
+    why = evaluate(check, rec["exit_code"], rec["stdout"], rec["stderr"])
+    if words is None:
+        assert why is None and note(check, rec["stdout"]) == "over eth0, MTU 1500 unfragmented, 0.061 ms"
+    else:
+        assert why is not None
+        for w in words:
+            assert w in why, why
+
+
+def test_nccl_auto_reads_the_simulated_nodes_link():
+    out = recording("link-sim")["stdout"]
+    assert parse_link(out) == ([], SIM_IFACES[:1] + [SIM_IFACES[1].model_copy(update={"altnames": []})])
+    assert evaluate(ClusterLink(address="10.99.0.11"), 0, out) is None
+    assert note(ClusterLink(address="10.99.0.11"), out) == "eth0 (MTU 1500); no RDMA devices: NCCL over TCP"
+    assert "no interface holds the node's address 10.99.0.12" in evaluate(ClusterLink(address="10.99.0.12"), 0, out)
+
+
+def test_nccl_auto_reads_a_real_sparks_link():
+    # ibdev2netdev and ip addr of one Spark (spark-fb97), as LINK_COMMAND prints them
+    out = recording("ibdev-real-spark-trailing-prompt")["stdout"] + "=== ip addr\n" + recording("ip-addr-real-spark-static")["stdout"]
+    assert link_of(ClusterLink(address="10.0.1.1"), out) == LinkPick("enp1s0f0np0", ("rocep1s0f0", "roceP2p1s0f0"), 1500)

@@ -9,9 +9,13 @@ import sys
 
 import yaml
 
+from spark_cluster.checks import ClusterLink, link_of
 from spark_cluster.config import parse_config
-from spark_cluster.plan import build_plan
+from spark_cluster.link import LinkPick
+from spark_cluster.plan import NOT_DETECTED, build_plan, node_env
 from spark_cluster.render import MASK, templates_dir
+
+from .conftest import CONFIGS, SIM_CONFIG, recording
 
 
 def plan_of(text: str, **kw):
@@ -28,11 +32,15 @@ def commands(plan) -> str:
     return "\n".join(s.command or "" for s in plan.steps)
 
 
+# what `nccl: auto` reads on a real Spark with one cable in cage 0 (tests/data/facts, spark-fb97)
+SPARK_LINK = LinkPick("enp1s0f0np0", ("rocep1s0f0", "roceP2p1s0f0"), 1500)
+
+
 def test_card_flags_and_env_all_present(card_yaml):
-    text = commands(plan_of(card_yaml))
+    text = commands(plan_of(card_yaml, links={"spark-1": SPARK_LINK, "spark-2": SPARK_LINK}))
     for needle in [
         "--shm-size 10.24g", "--network=host", "--ipc=host", "--privileged", "--gpus all",
-        "NCCL_P2P_DISABLE=1", "NCCL_IB_HCA=roceP2p1s0f0", "NCCL_SOCKET_IFNAME=enP2p1s0f0np0",
+        "NCCL_P2P_DISABLE=1", "NCCL_IB_HCA=rocep1s0f0,roceP2p1s0f0", "NCCL_SOCKET_IFNAME=enp1s0f0np0", "GLOO_SOCKET_IFNAME=enp1s0f0np0",
         "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS=3600", "--tensor-parallel-size 2", "--distributed-executor-backend ray",
         "--gpu-memory-utilization 0.5", "--max-model-len 225000", "--enforce-eager", "--enable-prefix-caching",
         "--reasoning-parser qwen3", "--enable-auto-tool-choice", "--tool-call-parser qwen3_xml", "--trust-remote-code",
@@ -229,3 +237,61 @@ def test_privileged_commands_follow_each_nodes_own_sudo(card_yaml):
     for step_kind in ("memory", "sysctl"):
         by_node = {s.node: s.command for s in plan.steps if s.id.split("/")[-1] == step_kind}
         assert "sudo -n " in by_node[worker] and "sudo" not in by_node[head], step_kind
+
+
+# ---- nccl: auto and the link gate ------------------------------------------------------------------
+def auto_sim(**nccl):
+    """The simulated cluster's config with `nccl: auto` in place of its hand-written interface names."""
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["nccl"] = {"auto": True, "p2p_disable": True, **nccl}
+    del data["container"]["env"]["GLOO_SOCKET_IFNAME"]
+    return parse_config(yaml.safe_dump(data))
+
+
+def sim_links(cfg):
+    """What the detection reads on each simulated node (link-sim recorded on sim-1, with the node's address)."""
+    out = recording("link-sim")["stdout"]
+    return {n.name: link_of(ClusterLink(address=n.address), out.replace("10.99.0.11/", f"{n.address}/")) for n in cfg.nodes}
+
+
+def test_nccl_auto_renders_the_hand_written_sim_environment():
+    hand = parse_config(SIM_CONFIG.read_text())
+    auto = auto_sim()
+    for node in auto.nodes:
+        assert node_env(auto, node, sim_links(auto)[node.name]) == node_env(hand, hand.nodes[[n.name for n in hand.nodes].index(node.name)])
+    # the same containers to the spec hash: switching the sim to `nccl: auto` recreates nothing
+    assert [(c.env, c.labels) for c in build_plan(auto, links=sim_links(auto)).containers()] == \
+           [(c.env, c.labels) for c in build_plan(hand).containers()]
+
+
+def test_nccl_auto_before_detection_shows_what_is_pending():
+    env = build_plan(auto_sim()).containers()[0].env
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == env["NCCL_IB_HCA"] == NOT_DETECTED
+    assert "nccl: auto" in next(s for s in build_plan(auto_sim()).steps if s.id == "preflight/sim-1/link").description
+
+
+def test_nccl_auto_keeps_the_values_given():
+    spark = LinkPick("enp1s0f0np0", ("rocep1s0f0", "roceP2p1s0f0"), 9000)
+    cfg = auto_sim(ib_hca="rocep1s0f0")
+    env = node_env(cfg, cfg.nodes[0], spark)
+    assert env["NCCL_IB_HCA"] == "rocep1s0f0" and env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "enp1s0f0np0"
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["nccl"] = "auto"  # the short form; GLOO_SOCKET_IFNAME of container.env wins over the detected one
+    cfg = parse_config(yaml.safe_dump(data))
+    assert cfg.nccl.auto and node_env(cfg, cfg.nodes[0], spark)["GLOO_SOCKET_IFNAME"] == "eth0"
+    # per node, a value of its own wins too (names differ between boxes)
+    data["nodes"][1]["nccl"] = {"socket_ifname": "enP2p1s0f1np1"}
+    cfg = parse_config(yaml.safe_dump(data))
+    assert node_env(cfg, cfg.nodes[1], spark)["NCCL_SOCKET_IFNAME"] == "enP2p1s0f1np1"
+
+
+def test_the_link_gate_pings_every_peer_from_every_node(card_yaml):
+    plan = plan_of(card_yaml)
+    reach = [s for s in plan.steps if s.check is not None and s.check.kind == "peer-reachable"]
+    assert [(s.node, s.check.peer, s.check.address, s.check.via) for s in reach] == [
+        ("spark-1", "spark-2", "192.168.100.11", None), ("spark-2", "spark-1", "192.168.100.10", None)]  # nccl: auto, not detected yet
+    assert all(s.phase == "preflight" for s in reach) and "-M do" in reach[0].command
+    assert "-s $(( ${mtu:-0} - 28 ))" in reach[0].command and "mtu=9000" in commands(plan_of(edit(card_yaml, lambda d: d.update(link={"mtu": 9000}))))
+    assert not [s for s in plan_of(edit(card_yaml, lambda d: d.update(link={"check": "off"}))).steps if s.check and s.check.kind == "peer-reachable"]
+    four = build_plan(parse_config((CONFIGS / "dgx-spark-4node.yaml").read_text()))
+    assert len([s for s in four.steps if s.check is not None and s.check.kind == "peer-reachable"]) == 12

@@ -32,7 +32,10 @@ shellish = st.one_of(
     st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=20),
 )
 
-STUBS = "".join(f'{name}() {{ printf "%s\\0" "$@"; }}\n' for name in ("docker", "sysctl", "tee", "ss", "grep", "cd", "find", "sort"))
+# every program a plan's commands call is replaced by an argv printer: nothing runs, nothing is addressed
+# (the link gate's `ip` and `ping` would reach for the example configs' node addresses)
+STUBS = "".join(f'{name}() {{ printf "%s\\0" "$@"; }}\n' for name in (
+    "docker", "sysctl", "tee", "ss", "grep", "cd", "find", "sort", "ip", "ping", "sed", "date", "df", "sudo", "ibdev2netdev"))
 
 
 SANDBOX = tempfile.mkdtemp(prefix="spark-cluster-quoting-")
@@ -40,7 +43,9 @@ SANDBOX = tempfile.mkdtemp(prefix="spark-cluster-quoting-")
 
 def words(command: str) -> list[str]:
     # run in an empty folder: if quoting ever broke, stray redirections land there, not in the repo
-    res = subprocess.run(["bash", "-c", STUBS + command], capture_output=True, timeout=10, cwd=SANDBOX, stdin=subprocess.DEVNULL)
+    # and with no PATH: a program added to a plan later and not stubbed here fails to start instead of running
+    res = subprocess.run(["/bin/bash", "-c", STUBS + command], capture_output=True, timeout=10, cwd=SANDBOX, stdin=subprocess.DEVNULL,
+                         env={"PATH": "/nonexistent"})
     return res.stdout.decode(errors="surrogateescape").split("\0")
 
 

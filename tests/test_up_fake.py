@@ -8,9 +8,11 @@ import pytest
 from spark_cluster.config import load_config
 from spark_cluster.errors import PreflightError, RemoveFailed
 from spark_cluster.executor import Executor
+from spark_cluster.link import remembered
 
-from .conftest import SIM_CONFIGS
+from .conftest import SIM_CONFIGS, recording
 from .fakes import FakeCluster, fake_nodes, removed, started
+from .test_plan import sim_links
 
 
 @pytest.fixture(params=sorted(SIM_CONFIGS))
@@ -110,3 +112,58 @@ def test_a_lock_that_cannot_be_released_is_reported(cfg):
     [warning] = [e for e in events if e["event"] == "warning"]
     assert "could not release the lock /tmp/spark-cluster-spark.lock on sim-1" in warning["message"]
     assert "Read-only file system" in warning["message"]
+
+
+def auto(cfg):
+    """The config with `nccl: auto` in place of its hand-written interface names."""
+    env = {k: v for k, v in cfg.container.env.items() if k != "GLOO_SOCKET_IFNAME"}
+    return cfg.model_copy(update={"nccl": cfg.nccl.model_copy(update={"auto": True, "socket_ifname": None}),
+                                  "container": cfg.container.model_copy(update={"env": env})})
+
+
+def test_nccl_auto_detects_before_anything_starts_remembers_and_starts_with_what_it_found(cfg):
+    cfg = auto(cfg)
+    fake = FakeCluster(cfg, links=sim_links(cfg))  # the plan `up` must arrive at
+    events: list[dict] = []
+    up(fake, events)
+    assert started(fake) == {"ray": ["sim-2:spark-ray-worker", "sim-1:spark-ray-head", "sim-1:spark-ray-head/vllm"],
+                             "native": ["sim-2:spark-vllm-worker", "sim-1:spark-vllm"]}[cfg.executor]
+    runs = fake.commands(containing="docker run")
+    assert runs and all("NCCL_SOCKET_IFNAME=eth0" in c and "GLOO_SOCKET_IFNAME=eth0" in c and "NCCL_IB_HCA" not in c for c in runs)
+    detected = next(e for e in events if e["event"] == "link-detected")
+    assert detected["nodes"]["sim-2"] == {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "note": "no RDMA devices: NCCL over TCP"}
+    # remembered: the next plan (status, the watchdog, `plan`) is the one that runs
+    assert remembered(cfg) == sim_links(cfg)
+    assert Executor(cfg, fake_nodes(fake)).plan == fake.plan
+
+
+def test_nccl_auto_that_finds_no_link_starts_nothing_and_says_what_it_found(cfg):
+    cfg = auto(cfg)
+    fake = FakeCluster(cfg)
+    fake.script("ibdev2netdev", (0, recording("link-sim")["stdout"].replace("10.99.0.11/24", "192.168.1.5/24"), ""), node="sim-2")
+    with pytest.raises(PreflightError, match=r"sim-2: no interface holds the node's address 10.99.0.12: interfaces with an IPv4 "
+                                             r"address: eth0 192.168.1.5/24; RDMA devices: none"):
+        up(fake)
+    assert started(fake) == [] and not fake.commands(containing="sysctl") and remembered(cfg) == {}
+
+
+def test_the_link_gate_stops_up_before_anything_changes(cfg):
+    fake = FakeCluster(cfg)
+    fake.script("ip -o route get 10.99.0.12", (0, recording("reach-sim-peer-mtu-smaller")["stdout"], ""), node="sim-1")
+    with pytest.raises(PreflightError) as info:
+        up(fake)
+    assert "sim-1: link eth0 to sim-2: sim-1 reaches sim-2 (10.99.0.12) with small packets but not with 1500-byte packets" in str(info.value)
+    assert "ip link set" in str(info.value) and "sim-2: link" not in str(info.value)
+    assert started(fake) == [] and not fake.commands(containing="sysctl")
+
+
+def test_doctor_reports_every_check_and_changes_nothing(cfg):
+    fake = FakeCluster(cfg)
+    fake.script("docker image inspect", (1, "", "Error: No such image"), node="sim-2")
+    findings = Executor(cfg, fake_nodes(fake)).doctor()
+    bad = [f for f in findings if f.problem]
+    assert [(f.node, f.check) for f in bad] == [("sim-2", "preflight/sim-2/image")]
+    assert {f.check for f in findings} >= {"preflight/sim-1/reach-sim-2", "preflight/sim-2/reach-sim-1", "preflight/sim-1/memory"}
+    assert next(f for f in findings if f.check == "preflight/sim-1/reach-sim-2").note == "over eth0, MTU 1500 unfragmented, 0.061 ms"
+    assert not fake.commands(containing="docker pull") and not fake.commands(containing="docker save")
+    assert not fake.commands(containing="mkdir /tmp/spark-cluster") and not fake.commands(containing="drop_caches")

@@ -46,6 +46,7 @@ REQUIRED_TOOLS = {
     "nsenter": "util-linux",
     "unshare": "util-linux",
     "mmdebstrap": "mmdebstrap",
+    "ping": "iputils-ping",  # the link gate pings every node from every node (preflight)
 }
 MAX_NODES = 32
 
