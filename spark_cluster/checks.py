@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .facts import parse_clock, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_link, parse_meminfo, parse_platforms, parse_reach, same_platform
+from .facts import parse_allreduce, parse_clock, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_link, parse_meminfo, parse_platforms, parse_reach, same_platform
 from .link import LinkPick, pick_link, reach_problem
 
 
@@ -97,6 +97,15 @@ class PeerReachable(_Check):
     via: Optional[str] = Field(None, description="The cluster link's interface on this node (nccl.socket_ifname or detected), when known.")
 
 
+class LinkBandwidth(_Check):
+    """A short all-reduce across every node (rank 0 reports the bus bandwidth) meets link.min_gbits."""
+
+    kind: Literal["link-bandwidth"] = "link-bandwidth"
+    rank: int
+    backend: Literal["nccl", "gloo"]
+    min_gbits: float
+
+
 class PortsFree(_Check):
     """Nothing listens on the ports (`ss` prints nothing); ignored while the cluster itself runs."""
 
@@ -148,7 +157,7 @@ class HttpAnswer(_Check):
     choices: bool = Field(False, description="A completion must return choices.")
 
 
-Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, PortsFree, MemoryAvailable,
+Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, LinkBandwidth, PortsFree, MemoryAvailable,
                         ReadBack, VllmFlags, RayMembers, ProcessRuns, HttpAnswer], Field(discriminator="kind")]
 
 
@@ -199,6 +208,8 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
         return pick if isinstance(pick, str) else None
     if isinstance(check, PeerReachable):
         return peer_problem(check, stdout)
+    if isinstance(check, LinkBandwidth):
+        return bandwidth_problem(check, exit_code, stdout, stderr)
     if isinstance(check, PortsFree):
         if cluster_running or not stdout.strip():
             return None
@@ -270,6 +281,25 @@ def peer_problem(check: PeerReachable, stdout: str) -> Optional[str]:
     return f"{where}: {problem}" if problem else None
 
 
+BANDWIDTH_REMEDIES = ("a link that came up degraded after a bad initialisation (8-25 Gb/s instead of 80 or more per rail) comes back "
+                      "after a reboot of both nodes, or 60 s without AC power; check that NCCL_IB_HCA names both halves of the cable "
+                      "(nccl: auto does), the same MTU on both ends, the cable seated")
+
+
+def bandwidth_problem(check: LinkBandwidth, exit_code: int, stdout: str, stderr: str) -> Optional[str]:
+    if "No such image" in stderr + stdout:
+        return None  # the image check says so
+    if check.rank:  # rank 0 reports the figure; another rank only its own failure
+        return None if exit_code == 0 else f"the bandwidth test failed here: {parse_allreduce(stderr + stdout).error}"
+    fact = parse_allreduce(stdout)
+    if fact.gbits is None:
+        return f"the bandwidth test gave no figure ({parse_allreduce(stderr + stdout).error})"
+    if fact.gbits >= check.min_gbits:
+        return None
+    where = "NCCL over the cluster link" if check.backend == "nccl" else "Gloo on CPU"
+    return f"the all-reduce across the nodes ({where}) reached {fact.gbits:.1f} Gb/s, below link.min_gbits {check.min_gbits:g}: {BANDWIDTH_REMEDIES}"
+
+
 def note(check: Check, stdout: str) -> Optional[str]:
     """What a passed check found that is worth showing (`doctor`): the link picked, a half-speed cable, the round trip."""
     if isinstance(check, ClusterLink):
@@ -285,6 +315,10 @@ def note(check: Check, stdout: str) -> Optional[str]:
         return f"{free:.0f} GiB free" if free is not None else None
     if isinstance(check, GpuWorks):
         return ", ".join(parse_gpu_smoke(0, stdout).gpus) or None
+    if isinstance(check, LinkBandwidth) and check.rank == 0:
+        gbits = parse_allreduce(stdout).gbits
+        how = "NCCL" if check.backend == "nccl" else "Gloo on CPU: no GPU requested, so not a RoCE figure"
+        return f"all-reduce bus bandwidth {gbits:.2f} Gb/s ({how})" if gbits is not None else None
     if isinstance(check, PeerReachable):
         reach = parse_reach(stdout)
         if reach.full.answered:

@@ -8,7 +8,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -208,7 +208,8 @@ def _reporter(as_json: bool):
         kind = e["event"]
         where = e.get("node") or "controller"
         if kind == "step-ok":
-            extra = f" [dim](vLLM {escape(str(e['vllm_version']))})[/]" if e.get("vllm_version") else ""
+            extra = f" [dim](vLLM {escape(str(e['vllm_version']))})[/]" if e.get("vllm_version") else \
+                f" [dim]({escape(str(e['note']))})[/]" if e.get("note") else ""
             out.print(f"[green]✓[/] [dim]{e['duration_s']:7.1f}s[/] {where:10} {e['phase']:13} {escape(e['description'])}{extra}", highlight=False)
         elif kind == "step-failed":
             out.print(f"[red]✗[/] [dim]{e.get('duration_s', 0):7.1f}s[/] {where:10} {e['phase']:13} {escape(e['description'])}", highlight=False)
@@ -297,6 +298,66 @@ def doctor(
             out.print("[bold green]ready[/]: `up` would pass its preflight", highlight=False)
     if bad:
         raise typer.Exit(PreflightError.exit_code)
+
+
+@app.command()
+def sync(
+    config: Path = CONFIG_ARG,
+    source: Optional[str] = typer.Option(None, "--from", help="The node to copy from (default: one with the whole model, the head first)."),
+    checksum: bool = typer.Option(False, "--checksum", help="Also compare every file's SHA-256 across nodes afterwards (reads it all)."),
+    max_rate: float = typer.Option(0, "--max-rate", help="Most MB/s to send (0: as fast as the link goes)."),
+    as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines."),
+) -> None:
+    """Make the model folder identical on every node: node to node over the cluster link (not through this
+    machine), from a node that has the whole model, resuming a copy that was cut off; a second sync copies
+    nothing. Exit 16 when the folders cannot be made identical."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from .model_sync import ModelSync
+
+    cfg = _load(config)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=False), TransferSpeedColumn(),
+                        TimeRemainingColumn(), console=out, disable=as_json)
+    tasks: dict[str, Any] = {}
+
+    def report(e: dict) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps(e) + "\n")
+            sys.stdout.flush()
+            return
+        kind = e["event"]
+        if kind == "sync-plan":
+            todo = {n: c for n, c in e["copies"].items() if c}
+            what = ", ".join(f"{n}: {c} file(s), {e['bytes'][n] / 1e9:.2f} GB" for n, c in todo.items()) or "nothing to copy"
+            progress.console.print(f"model {escape(cfg.model.path)}: {e['total_files']} files, {e['total_bytes'] / 1e9:.2f} GB on "
+                                   f"{escape(e['source'])}; {escape(what)}", highlight=False)
+        elif kind == "sync-start":
+            resumed = f", resuming {e['resumed_bytes'] / 1e9:.2f} GB already there" if e["resumed_bytes"] else ""
+            tasks[e["target"]] = progress.add_task(f"{e['target']} ({e['via']}{resumed})", total=e["bytes"] or 1)
+        elif kind == "sync-progress" and e["target"] in tasks:
+            progress.update(tasks[e["target"]], completed=e["bytes"])
+        elif kind == "sync-done" and e["target"] in tasks:
+            progress.update(tasks[e["target"]], completed=e["bytes"] or 1)
+        elif kind == "sync-checksums" and e["ok"]:
+            progress.console.print(f"SHA-256 of all {e['files']} files equal on {e['nodes']} nodes", highlight=False)
+
+    def run():
+        with _nodes(cfg) as nodes, progress:
+            return ModelSync(cfg, nodes, report).run(source=source, checksum=checksum, max_rate_mb_s=max_rate)
+
+    res = _run_until_stopped(run)
+    if not as_json:
+        copied = {n: c for n, c in res.files.items() if c}
+        if copied:
+            out.print("[bold green]in sync[/]: " + "; ".join(
+                f"{escape(n)} got {c} file(s), {res.sent[n] / 1e9:.2f} GB in {res.seconds[n]:.1f}s" for n, c in copied.items()), highlight=False)
+        else:
+            out.print(f"[bold green]in sync[/]: every node has the same {res.total_files} files "
+                      f"({res.total_bytes / 1e9:.2f} GB); nothing copied", highlight=False)
+        for n, extra in res.extra.items():
+            if extra:
+                err.print(f"[yellow]note:[/] {escape(n)} has {len(extra)} file(s) {escape(str(res.source))} does not have "
+                          f"(left alone), e.g. {escape(extra[0])}", highlight=False)
 
 
 def _controller(cfg: ClusterConfig, as_json: bool) -> None:

@@ -307,6 +307,8 @@ class ModelSettings(Strict):
     path: str = Field(..., description="Absolute path of the model folder on every node. It is mounted read-only into the containers.")
     container_path: Optional[str] = Field(None, description="Where the model appears inside the container. Default: the same path.")
     served_name: Optional[str] = Field(None, description="--served-model-name. Default: the folder's name.")
+    sync: bool = Field(False, description="`up` first makes the folder identical on every node (as `spark-cluster sync`: node to node over "
+                                          "the cluster link, from a node that has the whole model).")
 
     @field_validator("path", "container_path")
     @classmethod
@@ -457,8 +459,12 @@ class LinkSettings(Strict):
     """The link gate: before anything starts, every node must reach every other over the cluster
     addresses with packets of the link's MTU that may not be fragmented."""
 
-    check: Literal["reach", "off"] = Field("reach", description="reach: ping every other node at the MTU (small packets too, to tell "
-                                                                 "an unreachable peer from an MTU that differs on the path); off: no gate.")
+    check: Literal["reach", "bandwidth", "off"] = Field(
+        "reach", description="reach: ping every other node at the MTU (small packets too, to tell an unreachable peer from an MTU that "
+                             "differs on the path); bandwidth: that, then a short all-reduce across the nodes in the cluster's image with "
+                             "the containers' NCCL environment (Gloo on CPU without GPUs), refused below min_gbits; off: no gate.")
+    min_gbits: float = Field(80, ge=0, description="link.check bandwidth: the least bus bandwidth accepted, in Gb/s (NVIDIA's playbook: "
+                                                   "80 per rail; 8-25 means a link that came up degraded).")
     mtu: Optional[int] = Field(None, ge=576, le=65536, description="The MTU to test; default each node's own MTU on the interface toward the "
                                                                    "peer (9000 where the ConnectX-7 link is set to jumbo frames).")
 

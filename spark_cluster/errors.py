@@ -157,6 +157,12 @@ class VllmArgsError(SparkClusterError):
         self.problems = problems
 
 
+class SyncError(SparkClusterError):
+    """`sync` could not make the model folder identical on every node."""
+
+    exit_code = 16
+
+
 def exit_codes() -> dict[int, str]:
     """Exit code -> what it means (for the README table and its test)."""
     table: dict[int, str] = {EXIT_OK: "done (`status`: serving)", EXIT_NOT_SERVING: "`status`: not serving",

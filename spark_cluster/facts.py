@@ -440,6 +440,15 @@ def parse_nccl_tests(text: str) -> BandwidthFact:
 
 # ---- platforms: the node's Docker daemon and an image (an amd64 image on an arm64 Spark) ---------
 
+_ALLREDUCE = re.compile(r"^ALLREDUCE .*\bbusbw_gbits=([\d.]+)", re.M)
+
+
+def parse_allreduce(text: str) -> BandwidthFact:
+    """templates/node-scripts/allreduce.py's line (rank 0): the bus bandwidth in Gb/s."""
+    m = _ALLREDUCE.search(text)
+    return BandwidthFact(gbits=float(m.group(1))) if m else BandwidthFact(error=_last_line(text))
+
+
 DOCKER_PLATFORM_COMMAND = "docker version --format '{{.Server.Os}}/{{.Server.Arch}}'"
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import timeouts
-from .checks import (Check, ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, SudoWorks, HttpAnswer, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles,
+from .checks import (Check, ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, LinkBandwidth, SudoWorks, HttpAnswer, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles,
                      PeerReachable, PortsFree, ProcessRuns, RayMembers, ReadBack, VllmFlags)
 from .config import ClusterConfig, Mount, Node
 from .facts import CLOCK_COMMAND, DOCKER_DISK_COMMAND, LABEL_PREFIX, LINK_COMMAND, MEMINFO_COMMAND, gpu_smoke_command, model_files_command, platforms_command, reach_command
@@ -24,6 +24,9 @@ __all__ = ["LABEL_PREFIX", "Plan", "Step", "ProcessSpec", "ContainerSpec", "buil
 # where the vLLM process started in the Ray head container writes its PID
 VLLM_PID_FILE = "/tmp/spark-cluster-vllm.pid"
 CLOCK_MAX_SKEW_S = 5.0  # clocks further apart make logs, events and metrics of the nodes disagree
+BANDWIDTH_PORT = 29517  # the all-reduce's rendezvous on the head (link.check bandwidth)
+BANDWIDTH_MB = {"nccl": 256, "gloo": 64}  # per all-reduce: long enough to fill a 200 Gb/s link, short on CPU
+BANDWIDTH_ITERS = 10
 DISK_MIN_GIB = 10.0  # where Docker keeps images and container logs (a model load logs little; an image pull needs more)
 Phase = Literal["preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready"]
 PHASES: tuple[str, ...] = ("preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready")
@@ -316,6 +319,31 @@ class _Builder:
                                                         min_available_gib=float(cfg.memory.min_free_gib or 0),
                                                         gpu_memory_utilization=self.util, drop_page_cache=cfg.memory.drop_page_cache))
 
+    def link_bandwidth(self) -> None:
+        """link.check bandwidth: a short all-reduce across every node at once, in the cluster's image with
+        each node's own container environment (NCCL on GPUs; Gloo on CPU where no GPU is requested).
+        The executor runs these steps together, after the other checks (and `nccl: auto`) passed."""
+        cfg, c = self.cfg, self.cfg.container
+        if cfg.link.check != "bandwidth" or len(cfg.nodes) < 2:
+            return
+        backend = "nccl" if c.gpus else "gloo"
+        ranks = [cfg.head, *cfg.workers]
+        name = container_name(cfg, "check-bandwidth")
+        for rank, node in enumerate(ranks):
+            words = ["docker", "run", "--rm", "-i", "--name", name, "--network", "host", "--ipc", "host", "--shm-size", c.shm_size,
+                     "--label", f"{LABEL_PREFIX}.check={cfg.name}"]
+            words += (["--gpus", c.gpus] if c.gpus else []) + (["--privileged"] if c.privileged else []) + list(c.extra_args)
+            for key, value in _masked(node_env(cfg, node, self.links.get(node.name)), self.secrets, self.reveal).items():
+                words += ["-e", f"{key}={value}"]
+            words += ["--entrypoint", "python3", c.image, "-", str(rank), str(len(ranks)), cfg.head.address, str(BANDWIDTH_PORT), backend,
+                      str(BANDWIDTH_MB[backend]), str(BANDWIDTH_ITERS)]
+            self.add(id=f"preflight/{node.name}/bandwidth", phase="preflight", node=node.name, kind="check",
+                     description=f"all-reduce across the {len(ranks)} nodes ({backend}, rank {rank}): bus bandwidth at least "
+                                 f"{cfg.link.min_gbits:g} Gb/s",
+                     command=f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words),
+                     stdin="node-scripts/allreduce.py", timeout_s=timeouts.BANDWIDTH_S,
+                     check=LinkBandwidth(rank=rank, backend=backend, min_gbits=cfg.link.min_gbits))
+
     def memory_command(self, node: Node) -> str:
         if not self.cfg.memory.drop_page_cache:
             return MEMINFO_COMMAND
@@ -468,6 +496,7 @@ class _Builder:
 
     def build(self) -> Plan:
         self.preflight()
+        self.link_bandwidth()
         self.prepare()
         if self.cfg.executor == "ray":
             self.start_ray()

@@ -9,6 +9,8 @@ LOG_DUMP_S = 120
 # `docker pull` of the image, or `docker save | docker load` through the controller: images for
 # Sparks are 10-25 GB, and the management link may be 1 GbE or WiFi.
 IMAGE_TRANSFER_S = 3600
+BANDWIDTH_S = 300  # the all-reduce test: containers start, torch imports, ranks meet (60 s), 10 rounds
+SYNC_S = 4 * 3600  # one model copy between two nodes (63 GB: about a minute over the ConnectX-7 link, 10 over 1 GbE)
 # Removing a throwaway container (the vLLM flag check's, after it timed out).
 CLEANUP_S = 60
 # Beyond a container's stop timeout: docker's own stop and removal of a big container.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from spark_cluster.checks import (ClockInSync, DiskFree, DockerAnswers, GpuWorks, SudoWorks, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ReadBack,
+from spark_cluster.checks import (ClockInSync, DiskFree, LinkBandwidth, DockerAnswers, GpuWorks, SudoWorks, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ReadBack,
                                   differs, evaluate, note)
 from spark_cluster.plan import Step
 
@@ -13,6 +13,7 @@ MEM = MemoryAvailable(min_available_fraction=0.8, min_available_gib=0, gpu_memor
 SPARK_IDLE = "MemTotal:       127600816 kB\nMemAvailable:   40174336 kB\n"  # a real Spark (tests/data/facts)
 SPARK_FREE = "MemTotal:       127600816 kB\nMemAvailable:   118566368 kB\n"
 
+ALLREDUCE = "ALLREDUCE backend=nccl world=2 bytes=268435456 seconds=0.025000 busbw_gbits={}\n"
 DF = "Filesystem     1024-blocks     Used Available Capacity Mounted on\n/dev/vda         264212084 46646764  59744148      44% /var/lib/docker\n"
 
 # check, exit code, stdout, stderr, cluster running, problem (a part of it) or None
@@ -44,6 +45,17 @@ CASES = [
     ("disk unreadable", DiskFree(min_gib=10), 1, "", "df: '/x': No such file or directory", False, "cannot read the free space"),
     ("clock read", ClockInSync(max_skew_s=5), 0, "1796002773.803765185\n", "", False, None),
     ("clock unreadable", ClockInSync(max_skew_s=5), 127, "", "sh: date: not found", False, "cannot read the clock"),
+    # the all-reduce test: rank 0 prints the bus bandwidth (templates/node-scripts/allreduce.py)
+    ("bandwidth enough", LinkBandwidth(rank=0, backend="nccl", min_gbits=80), 0, ALLREDUCE.format(171.2), "", False, None),
+    ("bandwidth degraded", LinkBandwidth(rank=0, backend="nccl", min_gbits=80), 0, ALLREDUCE.format(23.4), "", False,
+     "reached 23.4 Gb/s, below link.min_gbits 80: a link that came up degraded"),
+    ("bandwidth test broke", LinkBandwidth(rank=0, backend="nccl", min_gbits=80), 1, "", "RuntimeError: NCCL error: unhandled system error\n", False,
+     "gave no figure (RuntimeError: NCCL error: unhandled system error)"),
+    ("bandwidth, another rank fine", LinkBandwidth(rank=1, backend="nccl", min_gbits=80), 0, "", "", False, None),
+    ("bandwidth, another rank broke", LinkBandwidth(rank=1, backend="nccl", min_gbits=80), 1, "", "torch.distributed.DistNetworkError: timed out\n",
+     False, "the bandwidth test failed here: torch.distributed.DistNetworkError: timed out"),
+    ("bandwidth without the image", LinkBandwidth(rank=0, backend="nccl", min_gbits=80), 125, "", "docker: Error response from daemon: No such image: i",
+     False, None),
     ("ports free", PortsFree(ports=[8000]), 0, "", "", False, None),
     ("port taken", PortsFree(ports=[8000]), 0, "LISTEN 0 4096 0.0.0.0:8000 0.0.0.0:*\n", "", False, "already in use"),
     ("port taken by our own cluster", PortsFree(ports=[8000]), 0, "LISTEN 0 4096 0.0.0.0:8000\n", "", True, None),

@@ -96,3 +96,16 @@ def test_an_unreachable_cluster_address_stops_doctor_and_up_before_anything_star
     path = write(tmp_path, data)
     cfg = parse_config(yaml.safe_dump({**data, "state_dir": str(tmp_path / "state")}))
     refused_before_anything_starts(cfg, path, ["sim-1: link eth0 to sim-2: sim-1 cannot reach sim-2 at 10.99.0.99 over the cluster link"])
+
+
+def test_the_bandwidth_test_runs_across_the_nodes_and_prints_a_figure(sim, sim_cfg, tmp_path):
+    data = sim_data()
+    data["link"] = {"check": "bandwidth", "min_gbits": 0.01}  # Gloo on 2 shared cores: a figure, not a RoCE one
+    r = run_cli("doctor", write(tmp_path, data), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    found = {f["check"]: f for f in json.loads(r.stdout)}
+    note = found["preflight/sim-1/bandwidth"]["note"]
+    assert note.startswith("all-reduce bus bandwidth ") and "Gloo on CPU" in note, note
+    gbits = float(note.split()[3])
+    print(f"\nsimulated link, all-reduce over Gloo: {gbits} Gb/s")
+    assert gbits > 0.01 and found["preflight/sim-2/bandwidth"]["ok"]

@@ -1,11 +1,19 @@
 """Which node the model is copied from and what each other node lacks (spark_cluster/sync.py):
-table tests over folder listings as the model check reads them (facts.parse_file_listing)."""
+table tests over folder listings as the model check reads them (facts.parse_file_listing); where a
+cut-off copy resumes (model_sync.py); the node-side copier itself, run here over loopback."""
 
 from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from spark_cluster.facts import parse_file_listing
+from spark_cluster.model_sync import parse_checksums, resume_points
+from spark_cluster.render import read_template
 from spark_cluster.sync import SyncPlan, plan_sync
 
 GB = 1 << 30
@@ -70,3 +78,68 @@ def test_nothing_is_copied_when_the_source_is_not_clear(listings, source, words)
 def test_the_listing_as_the_model_check_prints_it():
     text = "config.json\t1500\nsub dir/weights.safetensors\t5368709120\nodd line\n\tnot-a-path\n"
     assert parse_file_listing(text) == {"config.json": 1500, "sub dir/weights.safetensors": 5 * GB}
+
+
+def test_a_cut_off_copy_resumes_where_it_stopped():
+    want = {"a": 100, "b": 50, "c": 10}
+    assert resume_points(["a", "b", "c"], want, {"a": 40, "b": 80}) == [("a", 100, 40), ("b", 50, 0), ("c", 10, 0)]
+
+
+def test_checksums_as_sha256sum_prints_them():
+    out = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855  config.json\n" \
+          "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03 *sub/model.safetensors\nsha256sum: x: No such file\n"
+    assert parse_checksums(out) == {"config.json": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                                    "sub/model.safetensors": "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"}
+
+
+# ---- the node-side copier (templates/node-scripts/sync-node.py), run here over loopback ----------------
+def node_script(mode: str, *args: str, **prepend) -> subprocess.Popen:
+    head = "".join(f"{k} = {v!r}\n" for k, v in prepend.items())
+    proc = subprocess.Popen([sys.executable, "-", mode, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(head + read_template("node-scripts/sync-node.py"))
+    proc.stdin.close()
+    return proc
+
+
+def receiver(dest, partial, token="t0k"):
+    proc = node_script("receive", str(dest), str(partial), "127.0.0.1", "127.0.0.1", TOKEN=token)
+    line = proc.stdout.readline()
+    assert line.startswith("listening "), proc.stderr.read()
+    return proc, line.split()[1]
+
+
+def test_the_copier_resumes_a_partial_file_and_moves_each_file_in_only_when_whole(tmp_path):
+    src, dest, partial = tmp_path / "src", tmp_path / "dest", tmp_path / "dest.partial-sync"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "w.bin").write_bytes(bytes(range(256)) * 4096)
+    (src / "c.json").write_text("{}")
+    (partial / "sub").mkdir(parents=True)
+    (partial / "sub" / "w.bin").write_bytes((bytes(range(256)) * 4096)[:300000])  # what a cut-off copy left
+    recv, port = receiver(dest, partial)
+    send = node_script("send", str(src), "127.0.0.1", port, "0", TOKEN="t0k", FILES=[["sub/w.bin", 1048576, 300000], ["c.json", 2, 0]])
+    assert send.wait(30) == 0 and recv.wait(30) == 0, send.stderr.read() + recv.stderr.read()
+    assert (dest / "sub" / "w.bin").read_bytes() == (src / "sub" / "w.bin").read_bytes() and (dest / "c.json").read_text() == "{}"
+    assert send.stdout.read().strip() == f"sent {1048576 - 300000 + 2}"
+    assert not (partial / "sub" / "w.bin").exists()
+
+
+@pytest.mark.parametrize("path", ["../outside", "{tmp}/outside", "sub/../../outside"])
+def test_the_copier_refuses_a_path_outside_the_folder(tmp_path, path):
+    # every attempt aims inside tmp_path (an absolute path too): a broken check must not write anywhere else
+    path = path.format(tmp=tmp_path)
+    recv, port = receiver(tmp_path / "a" / "dest", tmp_path / "a" / "partial")
+    sock = socket.create_connection(("127.0.0.1", int(port)))
+    sock.sendall(b"t0k" + json.dumps([path, 1, 0]).encode() + b"\n" + b"x")
+    assert recv.wait(30) != 0 and "refused path" in recv.stderr.read()
+    sock.close()
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "a" / "outside").exists() and not (tmp_path / "a" / "dest").exists()
+
+
+def test_the_copier_takes_no_connection_without_the_token(tmp_path):
+    recv, port = receiver(tmp_path / "dest", tmp_path / "partial", token="right")
+    wrong = socket.create_connection(("127.0.0.1", int(port)))
+    wrong.sendall(b"wrong" + json.dumps(["a", 1, 0]).encode() + b"\nx")
+    wrong.close()
+    send = node_script("send", str(tmp_path), "127.0.0.1", port, "0", TOKEN="right", FILES=[])
+    assert send.wait(30) == 0 and recv.wait(30) == 0
+    assert not (tmp_path / "dest").exists()

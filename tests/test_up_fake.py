@@ -167,3 +167,27 @@ def test_doctor_reports_every_check_and_changes_nothing(cfg):
     assert next(f for f in findings if f.check == "preflight/sim-1/reach-sim-2").note == "over eth0, MTU 1500 unfragmented, 0.061 ms"
     assert not fake.commands(containing="docker pull") and not fake.commands(containing="docker save")
     assert not fake.commands(containing="mkdir /tmp/spark-cluster") and not fake.commands(containing="drop_caches")
+
+
+def test_model_sync_runs_before_the_preflight(cfg):
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"sync": True})})
+    fake = FakeCluster(cfg)
+    events: list[dict] = []
+    up(fake, events)
+    kinds = [e["event"] for e in events]
+    assert kinds.index("sync-plan") < kinds.index("step-start")
+    assert next(e for e in events if e["event"] == "sync-plan")["copies"] == {"sim-2": 0}  # the same files everywhere: nothing to copy
+
+
+def test_the_bandwidth_test_runs_on_every_node_after_the_other_checks(cfg):
+    cfg = cfg.model_copy(update={"link": cfg.link.model_copy(update={"check": "bandwidth", "min_gbits": 1})})
+    fake = FakeCluster(cfg)
+    findings = Executor(cfg, fake_nodes(fake)).doctor()
+    assert next(f for f in findings if f.check == "preflight/sim-1/bandwidth").note == \
+        "all-reduce bus bandwidth 4.47 Gb/s (Gloo on CPU: no GPU requested, so not a RoCE figure)"
+    log = [c for _, c in fake.log]
+    first_allreduce = next(i for i, c in enumerate(log) if "check-bandwidth" in c)
+    assert all(i < first_allreduce for i, c in enumerate(log) if "ip -o route get" in c)  # after the link gate
+    low = cfg.model_copy(update={"link": cfg.link.model_copy(update={"check": "bandwidth", "min_gbits": 80})})
+    with pytest.raises(PreflightError, match="sim-1: the all-reduce across the nodes \\(Gloo on CPU\\) reached 4.5 Gb/s, below link.min_gbits 80"):
+        up(FakeCluster(low))

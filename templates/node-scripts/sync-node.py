@@ -1,0 +1,114 @@
+# Runs on a node (python3 - receive|send ...; this text on standard input; spark_cluster/model_sync.py
+# prepends the transfer's one-time TOKEN and, for send, FILES): copies model files node to node
+# over the cluster link.
+#
+#   receive DEST PARTIAL BIND PEER   listen on BIND (the node's cluster address, a free port), accept
+#                                    one connection from PEER presenting TOKEN, then write each file
+#                                    announced into PARTIAL (resuming at the offset announced) and move
+#                                    it into DEST once whole. Prints "listening PORT", "got BYTES"
+#                                    every half second, "done PATH" per file.
+#   send SRC HOST PORT RATE          connect and send each file of FILES ([path, size, offset]) from
+#                                    its offset; RATE MB/s, 0 = unlimited.
+# Paths are relative and never leave DEST (".." and absolute paths are refused). Files arrive as
+# regular files (a symlink of the source, e.g. a Hugging Face snapshot, is read through), owned by
+# the SSH user.
+import json
+import os
+import socket
+import sys
+import time
+
+CHUNK = 1 << 20
+
+
+def safe(root, rel):
+    path = os.path.normpath(os.path.join(root, rel))
+    if os.path.isabs(rel) or not path.startswith(os.path.normpath(root) + os.sep):
+        raise SystemExit(f"refused path {rel!r}")
+    return path
+
+
+def recv_exact(conn, n):
+    buf = bytearray()
+    while len(buf) < n:
+        part = conn.recv(min(CHUNK, n - len(buf)))
+        if not part:
+            raise SystemExit("the sender went away")
+        buf += part
+    return bytes(buf)
+
+
+def receive(dest, partial, bind, peer):
+    srv = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+    srv.bind((bind, 0))
+    srv.listen(1)
+    srv.settimeout(120)
+    print(f"listening {srv.getsockname()[1]}", flush=True)
+    while True:
+        conn, addr = srv.accept()
+        if addr[0] == peer and recv_exact(conn, len(TOKEN)) == TOKEN.encode():  # noqa: F821 (prepended)
+            break
+        conn.close()
+    conn.settimeout(300)
+    got, shown = 0, time.monotonic()
+    while True:
+        head = bytearray()
+        while not head.endswith(b"\n"):
+            part = conn.recv(1)
+            if not part:
+                print(f"got {got}", flush=True)
+                return
+            head += part
+        path, size, offset = json.loads(head)
+        target, part_path = safe(dest, path), safe(partial, path)
+        os.makedirs(os.path.dirname(part_path), exist_ok=True)
+        with open(part_path, "ab") as f:
+            f.truncate(offset)
+            left = size - offset
+            while left:
+                data = conn.recv(min(CHUNK, left))
+                if not data:
+                    raise SystemExit(f"the sender went away in {path}")
+                f.write(data)
+                left -= len(data)
+                got += len(data)
+                if time.monotonic() - shown >= 0.5:
+                    print(f"got {got}", flush=True)
+                    shown = time.monotonic()
+        if os.path.getsize(part_path) != size:
+            raise SystemExit(f"{path}: {os.path.getsize(part_path)} bytes written, {size} expected")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(part_path, target)  # replaces a dangling symlink or a short file in one step
+        print(f"done {path}", flush=True)
+
+
+def send(src, host, port, rate):
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(TOKEN.encode())  # noqa: F821 (prepended)
+    per_s = float(rate) * 1e6
+    t0, sent = time.monotonic(), 0
+    for path, size, offset in FILES:  # noqa: F821 (prepended)
+        with open(safe(src, path), "rb") as f:
+            conn.sendall(json.dumps([path, size, offset]).encode() + b"\n")
+            f.seek(offset)
+            left = size - offset
+            while left:
+                data = f.read(min(CHUNK, left))
+                if not data:
+                    raise SystemExit(f"{path} is shorter than its listed {size} bytes")
+                conn.sendall(data)
+                left -= len(data)
+                sent += len(data)
+                if per_s:
+                    ahead = sent / per_s - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+    conn.shutdown(socket.SHUT_WR)
+    conn.recv(1)  # until the receiver closes: everything is written
+    print(f"sent {sent}", flush=True)
+
+
+if sys.argv[1] == "receive":
+    receive(*sys.argv[2:6])
+else:
+    send(*sys.argv[2:6])
