@@ -575,6 +575,9 @@ class ClusterConfig(Strict):
     def workers(self) -> list[Node]:
         return [n for n in self.nodes if n.role == "worker"]
 
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
     @property
     def total_gpus(self) -> int:
         return sum(n.gpus for n in self.nodes)

@@ -29,6 +29,7 @@ from .facts import (ContainerFact, ProcessFact, RayState, containers_command, pa
 from .plan import NOT_DETECTED, Plan, ProcessSpec, Step, build_plan
 from .checks import Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth, ReadBack, VllmFlags, differs, evaluate, link_of, note
 from .link import LinkPick, remembered as remembered_link
+from .model_sync import node_to_node
 from .link import remember as remember_link
 from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
 from .render import quote, read_template
@@ -331,8 +332,9 @@ class Executor:
                             "vllm_version": check.vllm_version, "checked_at": _now(), "where": check.where, "ok": check.ok})
 
     def _fetch_missing_images(self, results: dict, by_node: dict[str, list[Step]]) -> dict:
-        """Nodes without the image: `docker pull` it, or else stream it from a node that has it
-        (docker save | docker load through the controller, for nodes without registry access)."""
+        """Nodes without the image: `docker pull` it, or else copy it from a node that has it:
+        node to node over the cluster link (docker save there, docker load here), or, when that
+        fails, streamed through the controller (nodes that cannot open a port to each other)."""
         image = self.cfg.container.image
         have, missing = [], []
         for node, res in results.items():
@@ -347,10 +349,15 @@ class Executor:
             pulled = t.run(f"docker pull --quiet {quote(image)}", timeout=timeouts.IMAGE_TRANSFER_S)
             if not pulled.ok and have:
                 source = self.nodes[have[0]]
-                self.emit("image-fetch", node=node, image=image, how=f"stream from {source.node}")
-                save, load = source.stream_to(f"docker save {quote(image)}", t, "docker load", timeout=timeouts.IMAGE_TRANSFER_S)
-                if not (save.ok and load.ok):
-                    self.emit("image-fetch-failed", node=node, error=(save.stderr + load.stderr)[-500:])
+                self.emit("image-fetch", node=node, image=image, how=f"node to node from {source.node} over the cluster link")
+                _, _, why = node_to_node(source, t, self.cfg.node(source.node).address, self.cfg.node(node).address,
+                                         receive=f"receive-pipe {quote('docker load')}", send=f"send-pipe {quote('docker save ' + quote(image))}",
+                                         timeout_s=timeouts.IMAGE_TRANSFER_S)
+                if why:
+                    self.emit("image-fetch", node=node, image=image, how=f"streamed from {source.node} through the controller ({why})")
+                    save, load = source.stream_to(f"docker save {quote(image)}", t, "docker load", timeout=timeouts.IMAGE_TRANSFER_S)
+                    if not (save.ok and load.ok):
+                        self.emit("image-fetch-failed", node=node, error=(save.stderr + load.stderr)[-500:])
             for s in by_node[node]:  # read again what needs the image
                 if isinstance(s.check, (ImagePresent, ImagePlatform, GpuWorks)):
                     results[node][s.id] = t.run(s.command, timeout=s.timeout_s)

@@ -73,6 +73,59 @@ class SyncResult:
     extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
+def node_to_node(src: Any, dst: Any, src_address: str, dst_address: str, *, receive: str, send: str, rate_mb_s: float = 0,
+                 prepend: str = "", on_bytes: Optional[Callable[[int], None]] = None, timeout_s: float = timeouts.SYNC_S
+                 ) -> tuple[Optional[Result], Optional[Result], str]:
+    """One transfer over the cluster link with templates/node-scripts/sync-node.py: its receiving mode
+    (`receive`: mode and arguments) on dst, listening on dst's cluster address for one connection from
+    src's, then its sending mode (`send`) on src. Returns both results and, when it failed, why."""
+    token = secrets.token_hex(16)
+    script = read_template(SCRIPT)
+    port: list[int] = []
+    listening = threading.Event()
+    received: dict[str, Any] = {}
+
+    def on_output(text: str) -> None:
+        for line in text.splitlines():
+            if line.startswith("listening "):
+                port.append(int(line.split()[1]))
+                listening.set()
+            elif line.startswith("got ") and on_bytes is not None:
+                on_bytes(int(line.split()[1]))
+
+    def run_receiver() -> None:
+        try:
+            received["result"] = dst.run(f"python3 - {receive} {quote(dst_address)} {quote(src_address)}",
+                                         input=(f"TOKEN = {token!r}\n" + script).encode(), on_output=on_output, timeout=timeout_s)
+        except SparkClusterError as exc:
+            received["error"] = exc
+        finally:
+            listening.set()
+
+    def why_receiver() -> str:
+        if "error" in received:
+            return str(received["error"])
+        r: Optional[Result] = received.get("result")
+        return "no answer" if r is None else (r.tail(3).strip() or f"exit code {r.exit_code}")
+
+    receiver = threading.Thread(target=run_receiver, name=f"receive-{dst.node}", daemon=True)
+    receiver.start()
+    if not listening.wait(LISTENING_S) or not port:
+        receiver.join(timeout=timeouts.QUICK_S)
+        return None, received.get("result"), f"the receiver on {dst.node} did not start: {why_receiver()}"
+    try:
+        sent = src.run(f"python3 - {send} {quote(dst_address)} {port[0]} {rate_mb_s:g}",
+                       input=(f"TOKEN = {token!r}\n{prepend}" + script).encode(), timeout=timeout_s)
+    except SparkClusterError as exc:
+        return None, received.get("result"), f"sending from {src.node} failed: {exc}"
+    # a sender that failed leaves the receiver waiting for its connection (it gives up by itself): not waited for
+    receiver.join(timeout=timeouts.QUICK_S * 2 if sent.ok else 1)
+    got: Optional[Result] = received.get("result")
+    if not sent.ok or got is None or not got.ok:
+        return sent, got, f"sender: {sent.tail(3).strip() or f'exit {sent.exit_code}'}; receiver: {why_receiver()}"
+    return sent, got, ""
+
+
 class ModelSync:
     def __init__(self, cfg: ClusterConfig, nodes: Nodes, report: Reporter | None = None):
         self.cfg, self.nodes = cfg, nodes
@@ -122,62 +175,20 @@ class ModelSync:
         resumed = sum(offset for _, _, offset in todo)
         self.emit("sync-start", source=plan.source, target=target, files=len(todo), bytes=to_send, resumed_bytes=resumed,
                   via=f"{self.address[plan.source]} -> {self.address[target]}")
-        token = secrets.token_hex(16)
-        script = read_template(SCRIPT)
-        port: list[int] = []
-        listening = threading.Event()
-        received: dict[str, Any] = {}
-
-        def on_output(text: str) -> None:
-            for line in text.splitlines():
-                if line.startswith("listening "):
-                    port.append(int(line.split()[1]))
-                    listening.set()
-                elif line.startswith("got "):
-                    self.emit("sync-progress", target=target, bytes=int(line.split()[1]), total=to_send)
-
-        def receive() -> None:
-            try:
-                received["result"] = dst.run(
-                    f"python3 - receive {quote(self.path)} {quote(partial)} {quote(self.address[target])} {quote(self.address[plan.source])}",
-                    input=(f"TOKEN = {token!r}\n" + script).encode(), on_output=on_output, timeout=timeouts.SYNC_S)
-            except SparkClusterError as exc:
-                received["error"] = exc
-            finally:
-                listening.set()
-
         t0 = time.monotonic()
-        receiver = threading.Thread(target=receive, name=f"sync-receive-{target}", daemon=True)
-        receiver.start()
-        if not listening.wait(LISTENING_S) or not port:
-            receiver.join(timeout=timeouts.QUICK_S)
-            raise SyncError(f"the receiver on {target} did not start: {self._why(received)}")
         files_json = [[f, size, offset] for f, size, offset in todo]
-        try:
-            sent = src.run(f"python3 - send {quote(self.path)} {quote(self.address[target])} {port[0]} {max_rate:g}",
-                           input=(f"TOKEN = {token!r}\nFILES = {files_json!r}\n" + script).encode(), timeout=timeouts.SYNC_S)
-        except SparkClusterError as exc:
-            raise SyncError(f"sending from {plan.source} to {target} failed: {exc}") from None
-        receiver.join(timeout=timeouts.QUICK_S * 2)
-        got: Optional[Result] = received.get("result")
-        if not sent.ok or got is None or not got.ok:
+        _, _, why = node_to_node(
+            src, dst, self.address[plan.source], self.address[target],
+            receive=f"receive {quote(self.path)} {quote(partial)}", send=f"send {quote(self.path)}", rate_mb_s=max_rate,
+            prepend=f"FILES = {files_json!r}\n", on_bytes=lambda n: self.emit("sync-progress", target=target, bytes=n, total=to_send))
+        if why:
             raise SyncError(f"copying from {plan.source} to {target} failed (the files copied so far are kept in {partial} on "
-                            f"{target}; sync again to resume): sender: {sent.tail(3).strip() or f'exit {sent.exit_code}'}; "
-                            f"receiver: {self._why(received)}")
+                            f"{target}; sync again to resume): {why}")
         dst.run(f"find {quote(partial)} -depth -type d -empty -delete 2>/dev/null; true", timeout=timeouts.QUICK_S)
         took = time.monotonic() - t0
         result.files[target], result.sent[target], result.seconds[target] = len(todo), to_send, round(took, 2)
         self.emit("sync-done", target=target, files=len(todo), bytes=to_send, seconds=round(took, 2),
                   mb_s=round(to_send / 1e6 / took, 1) if took > 0 else None)
-
-    @staticmethod
-    def _why(received: dict[str, Any]) -> str:
-        if "error" in received:
-            return str(received["error"])
-        r: Optional[Result] = received.get("result")
-        if r is None:
-            return "no answer"
-        return r.tail(3).strip() or f"exit code {r.exit_code}"
 
     # ---- afterwards: every node lists the source's files at their sizes ----------------------------
     def _verify(self, plan: SyncPlan, want: Listing, checksum: bool) -> list[str]:

@@ -143,3 +143,18 @@ def test_the_copier_takes_no_connection_without_the_token(tmp_path):
     send = node_script("send", str(tmp_path), "127.0.0.1", port, "0", TOKEN="right", FILES=[])
     assert send.wait(30) == 0 and recv.wait(30) == 0
     assert not (tmp_path / "dest").exists()
+
+
+def test_the_copier_pipes_one_commands_output_into_anothers_input(tmp_path):
+    # the image's path between nodes: `docker save` on one, `docker load` on the other
+    (tmp_path / "image.tar").write_bytes(bytes(range(256)) * 8192)
+    recv = node_script("receive-pipe", f"cat > {tmp_path / 'loaded.tar'}", "127.0.0.1", "127.0.0.1", TOKEN="t0k")
+    port = recv.stdout.readline().split()[1]
+    send = node_script("send-pipe", f"cat {tmp_path / 'image.tar'}", "127.0.0.1", port, "0", TOKEN="t0k")
+    assert send.wait(30) == 0 and recv.wait(30) == 0, send.stderr.read() + recv.stderr.read()
+    assert (tmp_path / "loaded.tar").read_bytes() == (tmp_path / "image.tar").read_bytes()
+    # a command that fails on either side fails the transfer
+    recv = node_script("receive-pipe", "cat > /dev/null; exit 3", "127.0.0.1", "127.0.0.1", TOKEN="t0k")
+    port = recv.stdout.readline().split()[1]
+    send = node_script("send-pipe", "echo partial; exit 5", "127.0.0.1", port, "0", TOKEN="t0k")
+    assert send.wait(30) == 5 and recv.wait(30) == 3

@@ -186,10 +186,12 @@ def test_second_operation_is_refused_while_one_holds_the_lock(sim, sim_cfg):
             nodes["sim-1"].run("rm -rf /tmp/spark-cluster-spark.lock")
 
 
-def test_missing_image_is_streamed_from_a_node_that_has_it(sim, sim_cfg):
-    """No registry here: `docker pull` fails at once, so preflight copies the image from sim-1
-    (docker save | docker load through the controller) and sim-2 gets the same image ID. A small
-    image of its own (the node image is gigabytes: the path is the same, the bytes are not the point)."""
+def test_missing_image_is_copied_node_to_node_or_else_through_the_controller(sim, sim_cfg):
+    """No registry here: `docker pull` fails at once, so preflight copies the image from sim-1 over
+    the cluster link (docker save there, docker load on sim-2); when sim-2 cannot be reached that
+    way (a firewall), it is streamed through the controller. sim-2 gets the same image ID either
+    way. A small image of its own (the node image is gigabytes: the path is the same, the bytes are
+    not the point)."""
     tag = "spark-cluster-test/streamed:1"
     for node in ("sim-1", "sim-2"):
         sim_docker(node, "rmi", "-f", tag, check=False)
@@ -197,15 +199,25 @@ def test_missing_image_is_streamed_from_a_node_that_has_it(sim, sim_cfg):
     image_id = made.stdout.strip()
     cfg = sim_cfg.model_copy(update={"container": sim_cfg.container.model_copy(update={"image": tag}),
                                      "vllm": sim_cfg.vllm.model_copy(update={"check_flags": False})})
-    events = []
+    # sim-2 refuses new TCP connections from sim-1 (SSH from the controller still comes in)
+    block = ["ip", "netns", "exec", "scsim-sim-2", "iptables", "-I", "INPUT", "-s", "10.99.0.11", "-p", "tcp", "--syn", "-j", "DROP"]
     try:
-        with Nodes(cfg) as nodes:
-            Executor(cfg, nodes).down()
-            Executor(cfg, nodes, events.append).up(stop_after="preflight")
-        hows = [e["how"] for e in events if e["event"] == "image-fetch"]
-        assert hows == ["docker pull", "stream from sim-1"]
-        got = sim_docker("sim-2", "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
-        assert got == image_id and got.startswith("sha256:")
+        for firewalled, second in ((False, "node to node from sim-1 over the cluster link"), (True, "streamed from sim-1 through the controller")):
+            sim_docker("sim-2", "rmi", "-f", tag, check=False)
+            if firewalled:
+                subprocess.run(block, check=True)
+            events = []
+            try:
+                with Nodes(cfg) as nodes:
+                    Executor(cfg, nodes).down()
+                    Executor(cfg, nodes, events.append).up(stop_after="preflight")
+            finally:
+                if firewalled:
+                    subprocess.run([*block[:5], "-D", *block[6:]], check=True)
+            hows = [e["how"] for e in events if e["event"] == "image-fetch"]
+            assert hows[0] == "docker pull" and hows[1] == "node to node from sim-1 over the cluster link" and hows[-1].startswith(second), hows
+            got = sim_docker("sim-2", "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+            assert got == image_id and got.startswith("sha256:")
     finally:
         for node in ("sim-1", "sim-2"):
             sim_docker(node, "rmi", "-f", tag, check=False)

@@ -9,12 +9,15 @@
 #                                    every half second, "done PATH" per file.
 #   send SRC HOST PORT RATE          connect and send each file of FILES ([path, size, offset]) from
 #                                    its offset; RATE MB/s, 0 = unlimited.
+#   receive-pipe CMD BIND PEER       as receive, but the bytes go into CMD's standard input (docker load)
+#   send-pipe CMD HOST PORT RATE     as send, but the bytes are CMD's standard output (docker save IMAGE)
 # Paths are relative and never leave DEST (".." and absolute paths are refused). Files arrive as
 # regular files (a symlink of the source, e.g. a Hugging Face snapshot, is read through), owned by
 # the SSH user.
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -38,25 +41,53 @@ def recv_exact(conn, n):
     return bytes(buf)
 
 
-def receive(dest, partial, bind, peer):
+def accept(bind, peer):
+    """The one connection from the peer that presents the token."""
     srv = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
     srv.bind((bind, 0))
     srv.listen(1)
-    srv.settimeout(120)
+    srv.settimeout(60)  # the sender connects within seconds, or it failed
     print(f"listening {srv.getsockname()[1]}", flush=True)
     while True:
         conn, addr = srv.accept()
         if addr[0] == peer and recv_exact(conn, len(TOKEN)) == TOKEN.encode():  # noqa: F821 (prepended)
-            break
+            conn.settimeout(300)
+            return conn
         conn.close()
-    conn.settimeout(300)
-    got, shown = 0, time.monotonic()
+
+
+def connect(host, port):
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(TOKEN.encode())  # noqa: F821 (prepended)
+    return conn
+
+
+class Pace:
+    """Progress lines (receiving) and the rate limit (sending)."""
+
+    def __init__(self, rate=0):
+        self.per_s, self.t0, self.n, self.shown = float(rate) * 1e6, time.monotonic(), 0, time.monotonic()
+
+    def add(self, n, show=False):
+        self.n += n
+        if show and time.monotonic() - self.shown >= 0.5:
+            print(f"got {self.n}", flush=True)
+            self.shown = time.monotonic()
+        if self.per_s:
+            ahead = self.n / self.per_s - (time.monotonic() - self.t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def receive(dest, partial, bind, peer):
+    conn = accept(bind, peer)
+    pace = Pace()
     while True:
         head = bytearray()
         while not head.endswith(b"\n"):
             part = conn.recv(1)
             if not part:
-                print(f"got {got}", flush=True)
+                print(f"got {pace.n}", flush=True)
                 return
             head += part
         path, size, offset = json.loads(head)
@@ -71,10 +102,7 @@ def receive(dest, partial, bind, peer):
                     raise SystemExit(f"the sender went away in {path}")
                 f.write(data)
                 left -= len(data)
-                got += len(data)
-                if time.monotonic() - shown >= 0.5:
-                    print(f"got {got}", flush=True)
-                    shown = time.monotonic()
+                pace.add(len(data), show=True)
         if os.path.getsize(part_path) != size:
             raise SystemExit(f"{path}: {os.path.getsize(part_path)} bytes written, {size} expected")
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -83,10 +111,7 @@ def receive(dest, partial, bind, peer):
 
 
 def send(src, host, port, rate):
-    conn = socket.create_connection((host, int(port)), timeout=30)
-    conn.sendall(TOKEN.encode())  # noqa: F821 (prepended)
-    per_s = float(rate) * 1e6
-    t0, sent = time.monotonic(), 0
+    conn, pace = connect(host, port), Pace(rate)
     for path, size, offset in FILES:  # noqa: F821 (prepended)
         with open(safe(src, path), "rb") as f:
             conn.sendall(json.dumps([path, size, offset]).encode() + b"\n")
@@ -98,17 +123,41 @@ def send(src, host, port, rate):
                     raise SystemExit(f"{path} is shorter than its listed {size} bytes")
                 conn.sendall(data)
                 left -= len(data)
-                sent += len(data)
-                if per_s:
-                    ahead = sent / per_s - (time.monotonic() - t0)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                pace.add(len(data))
     conn.shutdown(socket.SHUT_WR)
     conn.recv(1)  # until the receiver closes: everything is written
-    print(f"sent {sent}", flush=True)
+    print(f"sent {pace.n}", flush=True)
 
 
-if sys.argv[1] == "receive":
-    receive(*sys.argv[2:6])
-else:
-    send(*sys.argv[2:6])
+def receive_pipe(cmd, bind, peer):
+    conn, pace = accept(bind, peer), Pace()
+    proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.PIPE)
+    while True:
+        data = conn.recv(CHUNK)
+        if not data:
+            break
+        proc.stdin.write(data)
+        pace.add(len(data), show=True)
+    proc.stdin.close()
+    code = proc.wait()
+    print(f"got {pace.n}", flush=True)
+    sys.exit(code)
+
+
+def send_pipe(cmd, host, port, rate):
+    conn, pace = connect(host, port), Pace(rate)
+    proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE)
+    while True:
+        data = proc.stdout.read(CHUNK)
+        if not data:
+            break
+        conn.sendall(data)
+        pace.add(len(data))
+    code = proc.wait()
+    conn.shutdown(socket.SHUT_WR)
+    conn.recv(1)
+    print(f"sent {pace.n}", flush=True)
+    sys.exit(code)
+
+
+{"receive": receive, "send": send, "receive-pipe": receive_pipe, "send-pipe": send_pipe}[sys.argv[1]](*sys.argv[2:])
