@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .facts import parse_allreduce, parse_clock, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_link, parse_meminfo, parse_platforms, parse_reach, same_platform
+from .facts import parse_allreduce, parse_clock, parse_rdma_bandwidth, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_link, parse_meminfo, parse_platforms, parse_reach, same_platform
 from .link import LinkPick, pick_link, reach_problem
 
 
@@ -55,6 +55,7 @@ class GpuWorks(_Check):
 
     kind: Literal["gpu-works"] = "gpu-works"
     image: str
+    unified: bool = Field(True, description="memory.unified: a GB10 seen with it off is refused (its memory guard and 0.85 cap would be off).")
 
 
 class SudoWorks(_Check):
@@ -104,6 +105,20 @@ class LinkBandwidth(_Check):
     rank: int
     backend: Literal["nccl", "gloo"]
     min_gbits: float
+
+
+class RdmaBandwidth(_Check):
+    """ib_write_bw per rail between the head (client) and each worker (server): every rail meets link.min_gbits."""
+
+    kind: Literal["rdma-bandwidth"] = "rdma-bandwidth"
+    serves: bool = Field(description="This node runs the servers (a worker); the head runs the clients and judges.")
+    min_gbits: float
+
+
+class PerftestPresent(_Check):
+    """Whether ib_write_bw is installed (never a problem: without it the bandwidth test is an all-reduce)."""
+
+    kind: Literal["perftest"] = "perftest"
 
 
 class PortsFree(_Check):
@@ -157,7 +172,7 @@ class HttpAnswer(_Check):
     choices: bool = Field(False, description="A completion must return choices.")
 
 
-Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, LinkBandwidth, PortsFree, MemoryAvailable,
+Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, LinkBandwidth, RdmaBandwidth, PerftestPresent, PortsFree, MemoryAvailable,
                         ReadBack, VllmFlags, RayMembers, ProcessRuns, HttpAnswer], Field(discriminator="kind")]
 
 
@@ -187,7 +202,13 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
                 f"use an image built for {node} (DGX Spark and GX10 are arm64: pick the arm64 tag or a multi-arch image)")
     if isinstance(check, GpuWorks):
         smoke = parse_gpu_smoke(exit_code, stdout, stderr)
-        if smoke.gpus or "No such image" in (stderr + stdout):  # an absent image: its own check says so
+        if "No such image" in (stderr + stdout):  # an absent image: its own check says so
+            return None
+        if smoke.gpus:
+            unified = [g for g in smoke.gpus if "GB10" in g]
+            if unified and not check.unified:
+                return (f"the GPU is {unified[0]}, whose memory is unified with the CPU's, but memory.unified is false: the 0.85 cap "
+                        "and the free-memory guard are off, and a model load can freeze the box; set memory.unified: true")
             return None
         return f"a container of {check.image} cannot use the GPU ({smoke.error})" + (f": {smoke.fix}" if smoke.fix else "")
     if isinstance(check, SudoWorks):
@@ -210,6 +231,10 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
         return peer_problem(check, stdout)
     if isinstance(check, LinkBandwidth):
         return bandwidth_problem(check, exit_code, stdout, stderr)
+    if isinstance(check, RdmaBandwidth):
+        return rdma_problem(check, exit_code, stdout, tail)
+    if isinstance(check, PerftestPresent):
+        return None
     if isinstance(check, PortsFree):
         if cluster_running or not stdout.strip():
             return None
@@ -300,6 +325,19 @@ def bandwidth_problem(check: LinkBandwidth, exit_code: int, stdout: str, stderr:
     return f"the all-reduce across the nodes ({where}) reached {fact.gbits:.1f} Gb/s, below link.min_gbits {check.min_gbits:g}: {BANDWIDTH_REMEDIES}"
 
 
+def rdma_problem(check: RdmaBandwidth, exit_code: int, stdout: str, tail: str) -> Optional[str]:
+    if check.serves:  # the head's clients report the figures
+        return None if exit_code == 0 else f"the ib_write_bw server failed here: {tail or f'exit code {exit_code}'}"
+    rails = parse_rdma_bandwidth(stdout)
+    if not rails:
+        return f"ib_write_bw gave no figure: {tail or f'exit code {exit_code}'}"
+    bad = [f"{rail}: {f.gbits:.1f} Gb/s" if f.gbits is not None else f"{rail}: no figure ({f.error})" for rail, f in rails.items()
+           if f.gbits is None or f.gbits < check.min_gbits]
+    if not bad:
+        return None
+    return f"ib_write_bw per rail below link.min_gbits {check.min_gbits:g} ({'; '.join(bad)}): {BANDWIDTH_REMEDIES}"
+
+
 def note(check: Check, stdout: str) -> Optional[str]:
     """What a passed check found that is worth showing (`doctor`): the link picked, a half-speed cable, the round trip."""
     if isinstance(check, ClusterLink):
@@ -315,6 +353,10 @@ def note(check: Check, stdout: str) -> Optional[str]:
         return f"{free:.0f} GiB free" if free is not None else None
     if isinstance(check, GpuWorks):
         return ", ".join(parse_gpu_smoke(0, stdout).gpus) or None
+    if isinstance(check, RdmaBandwidth) and not check.serves:
+        return "ib_write_bw per rail: " + ", ".join(f"{rail} {f.gbits:.1f} Gb/s" for rail, f in parse_rdma_bandwidth(stdout).items())
+    if isinstance(check, PerftestPresent):
+        return "ib_write_bw installed" if stdout.strip() else "no ib_write_bw (perftest): the bandwidth test is an all-reduce"
     if isinstance(check, LinkBandwidth) and check.rank == 0:
         gbits = parse_allreduce(stdout).gbits
         how = "NCCL" if check.backend == "nccl" else "Gloo on CPU: no GPU requested, so not a RoCE figure"

@@ -197,13 +197,17 @@ def print_plan(p: Plan, cfg: ClusterConfig, check=None) -> None:
                 out.print(f"  < standard input: templates/{step.stdin}", markup=False, highlight=False, style="dim")
 
 
+def _json_line(e: dict) -> None:
+    sys.stdout.write(json.dumps(e) + "\n")
+    sys.stdout.flush()
+
+
 def _reporter(as_json: bool):
     """Print executor events: JSON lines, or one readable line per finished step."""
 
     def report(e: dict) -> None:
         if as_json:
-            sys.stdout.write(json.dumps(e) + "\n")
-            sys.stdout.flush()
+            _json_line(e)
             return
         kind = e["event"]
         where = e.get("node") or "controller"
@@ -322,8 +326,7 @@ def sync(
 
     def report(e: dict) -> None:
         if as_json:
-            sys.stdout.write(json.dumps(e) + "\n")
-            sys.stdout.flush()
+            _json_line(e)
             return
         kind = e["event"]
         if kind == "sync-plan":

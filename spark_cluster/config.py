@@ -461,10 +461,13 @@ class LinkSettings(Strict):
 
     check: Literal["reach", "bandwidth", "off"] = Field(
         "reach", description="reach: ping every other node at the MTU (small packets too, to tell an unreachable peer from an MTU that "
-                             "differs on the path); bandwidth: that, then a short all-reduce across the nodes in the cluster's image with "
-                             "the containers' NCCL environment (Gloo on CPU without GPUs), refused below min_gbits; off: no gate.")
-    min_gbits: float = Field(80, ge=0, description="link.check bandwidth: the least bus bandwidth accepted, in Gb/s (NVIDIA's playbook: "
-                                                   "80 per rail; 8-25 means a link that came up degraded).")
+                             "differs on the path); bandwidth: that, then a bandwidth test refused below min_gbits: ib_write_bw per rail, "
+                             "head to each worker, when every node has perftest and its RDMA devices are known, else a short all-reduce "
+                             "across the nodes in the cluster's image with the containers' NCCL environment (Gloo on CPU without GPUs); "
+                             "off: no gate.")
+    min_gbits: float = Field(80, ge=0, description="link.check bandwidth: the least accepted, in Gb/s, per rail with ib_write_bw or as the "
+                                                   "all-reduce's bus bandwidth (NVIDIA's playbook: 80 per rail; 8-25 means a link that came up "
+                                                   "degraded).")
     mtu: Optional[int] = Field(None, ge=576, le=65536, description="The MTU to test; default each node's own MTU on the interface toward the "
                                                                    "peer (9000 where the ConnectX-7 link is set to jumbo frames).")
 

@@ -27,10 +27,10 @@ from .errors import CommandFailed, CommandTimeout, LockedError, PreflightError, 
 from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_process,
                     parse_ray_state, process_command)
 from .plan import NOT_DETECTED, Plan, ProcessSpec, Step, build_plan
-from .checks import Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth, ReadBack, VllmFlags, differs, evaluate, link_of, note
-from .link import LinkPick, remembered as remembered_link
-from .model_sync import node_to_node
-from .link import remember as remember_link
+from .checks import (Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth, PerftestPresent, RdmaBandwidth, ReadBack,
+                     VllmFlags, differs, evaluate, link_of, note)
+from .link import LinkPick, remember as remember_link, remembered as remembered_link
+from .model_sync import ModelSync, node_to_node
 from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
 from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
@@ -181,7 +181,7 @@ class Executor:
         """Every preflight check on every node (in parallel; nothing changed except, with fetch_images,
         the image pulled or streamed to a node that lacks it), as findings. With `nccl: auto` the link
         found is remembered and the plan rebuilt with it before the checks are judged."""
-        steps = [s for s in self.plan.steps_in("preflight") if not isinstance(s.check, (VllmFlags, LinkBandwidth))]
+        steps = [s for s in self.plan.steps_in("preflight") if not isinstance(s.check, (VllmFlags, LinkBandwidth, RdmaBandwidth))]
         vllm_step = next((s for s in self.plan.steps_in("preflight") if isinstance(s.check, VllmFlags)), None)
         by_node: dict[str, list[Step]] = {}
         for s in steps:
@@ -224,19 +224,23 @@ class Executor:
             if s.node in outputs:
                 self.emit("step-ok" if not bad else "step-checked", s, duration_s=round(outputs[s.node][s.id].duration_s, 3))
         if not bad:  # every node at once, with the plan as detected (its NCCL variables)
-            findings += self._bandwidth_findings()
+            perftest = [outputs[s.node][s.id].stdout.strip() for s in steps if isinstance(s.check, PerftestPresent) and s.node in outputs]
+            rdma = perftest and all(perftest) and any(isinstance(s.check, RdmaBandwidth) for s in self.plan.steps_in("preflight"))
+            findings += self._bandwidth_findings(RdmaBandwidth if rdma else LinkBandwidth)
         if vllm_step is not None:
             findings += self._vllm_findings(vllm_step, outputs, steps)
         return findings
 
-    def _bandwidth_findings(self) -> list[Finding]:
-        steps = {s.node: s for s in self.plan.steps_in("preflight") if isinstance(s.check, LinkBandwidth)}
+    def _bandwidth_findings(self, kind: type) -> list[Finding]:
+        """link.check bandwidth: ib_write_bw per rail when every node has it, else the all-reduce; every node at once."""
+        steps = {s.node: s for s in self.plan.steps_in("preflight") if isinstance(s.check, kind)}
         if not steps:
             return []
         for s in steps.values():
             self.emit("step-start", s)
         results = self.nodes.map(lambda t: t.run(steps[t.node].command, timeout=steps[t.node].timeout_s,
-                                                 input=read_template(steps[t.node].stdin).encode()), steps.keys())
+                                                 input=read_template(steps[t.node].stdin).encode() if steps[t.node].stdin else None),
+                                 steps.keys())
         findings = []
         for node, r in results.items():
             s = steps[node]
@@ -246,8 +250,9 @@ class Executor:
             if isinstance(r, BaseException):
                 raise r
             problem = evaluate(s.check, r.exit_code, r.stdout, r.stderr)
-            findings.append(Finding(node, s.id, s.description, problem, None if problem else note(s.check, r.stdout)))
-            self.emit("step-failed" if problem else "step-ok", s, duration_s=round(r.duration_s, 3), **({"note": note(s.check, r.stdout)} if not problem else {}))
+            found = None if problem else note(s.check, r.stdout)
+            findings.append(Finding(node, s.id, s.description, problem, found))
+            self.emit("step-failed" if problem else "step-ok", s, duration_s=round(r.duration_s, 3), note=found)
         return findings
 
     def doctor(self) -> list[Finding]:
@@ -541,8 +546,6 @@ class Executor:
         try:
             if self.cfg.model.sync:
                 with self.timed("sync"):
-                    from .model_sync import ModelSync
-
                     ModelSync(self.cfg, self.nodes, self.report).run()
             with self.timed("preflight"):
                 existing = self.existing()

@@ -422,6 +422,37 @@ def parse_ib_write_bw(text: str) -> BandwidthFact:
     return BandwidthFact(gbits=round(mean if "Gb/sec" in lines[head] else mean * 8 / 1000, 2))
 
 
+# NVIDIA's check-connectx-bandwidth: ib_write_bw per rail, 4 queue pairs, 5 seconds; a pass is 80 Gb/s or more per rail
+RDMA_BW_PORT = 18515  # rail i listens on RDMA_BW_PORT + i on the serving node
+PERFTEST_COMMAND = "command -v ib_write_bw || true"
+_IB_WRITE_BW = "ib_write_bw -q 4 -D 5 -F --report_gbits"
+
+
+def ib_write_bw_server_command(hcas: list[str]) -> str:
+    """On a worker: one ib_write_bw server per rail, in turn (each ends after its client)."""
+    return " && ".join(f"{_IB_WRITE_BW} -d {quote(h)} -p {RDMA_BW_PORT + i} >/dev/null" for i, h in enumerate(hcas))
+
+
+def ib_write_bw_client_command(hcas: list[str], peers: list[tuple[str, str, int]]) -> str:
+    """On the head: for each (peer name, its address, its rails), a client per rail (retried while
+    the peer's server starts), each output after a `== PEER HCA` line (parse_rdma_bandwidth)."""
+    parts = []
+    for name, address, rails in peers:
+        for i, hca in enumerate(hcas[:rails]):
+            run = f"{_IB_WRITE_BW} -d {quote(hca)} -p {RDMA_BW_PORT + i} {quote(address)}"
+            parts.append(f"echo {quote(f'== {name} {hca}')}; for t in $(seq 60); do {run} 2>&1 && break; sleep 0.5; done")
+    return "; ".join(parts)
+
+
+def parse_rdma_bandwidth(stdout: str) -> dict[str, BandwidthFact]:
+    """ib_write_bw_client_command's output: 'PEER HCA' -> that rail's figure."""
+    out: dict[str, BandwidthFact] = {}
+    marks = list(re.finditer(r"^== (\S+ \S+)$", stdout, re.M))
+    for i, m in enumerate(marks):
+        out[m.group(1)] = parse_ib_write_bw(stdout[m.end():marks[i + 1].start() if i + 1 < len(marks) else len(stdout)])
+    return out
+
+
 _NCCL_AVG = re.compile(r"^# Avg bus bandwidth\s*:\s*([\d.]+)", re.M)
 
 

@@ -13,10 +13,11 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import timeouts
-from .checks import (Check, ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, LinkBandwidth, SudoWorks, HttpAnswer, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles,
+from .checks import (Check, ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, LinkBandwidth, PerftestPresent, RdmaBandwidth, SudoWorks, HttpAnswer, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles,
                      PeerReachable, PortsFree, ProcessRuns, RayMembers, ReadBack, VllmFlags)
 from .config import ClusterConfig, Mount, Node
-from .facts import CLOCK_COMMAND, DOCKER_DISK_COMMAND, LABEL_PREFIX, LINK_COMMAND, MEMINFO_COMMAND, gpu_smoke_command, model_files_command, platforms_command, reach_command
+from .facts import (CLOCK_COMMAND, DOCKER_DISK_COMMAND, LABEL_PREFIX, LINK_COMMAND, MEMINFO_COMMAND, PERFTEST_COMMAND, gpu_smoke_command,
+                    ib_write_bw_client_command, ib_write_bw_server_command, model_files_command, platforms_command, reach_command)
 from .link import LinkPick
 from .render import MASK, quote, read_template, render, render_argv
 
@@ -289,7 +290,8 @@ class _Builder:
             if cfg.container.gpus:
                 self.add(id=f"preflight/{node.name}/gpu", phase="preflight", node=node.name, kind="check",
                          description="a container of the image sees the GPU (`--gpus all`, throwaway)",
-                         command=gpu_smoke_command(cfg.container.image), timeout_s=t, check=GpuWorks(image=cfg.container.image))
+                         command=gpu_smoke_command(cfg.container.image), timeout_s=t,
+                         check=GpuWorks(image=cfg.container.image, unified=cfg.memory.unified))
             if cfg.node_nccl(node).auto:
                 self.add(id=f"preflight/{node.name}/link", phase="preflight", node=node.name, kind="check",
                          description=f"the cluster link: the interface holding {node.address} and its RDMA devices (nccl: auto)",
@@ -326,6 +328,11 @@ class _Builder:
         cfg, c = self.cfg, self.cfg.container
         if cfg.link.check != "bandwidth" or len(cfg.nodes) < 2:
             return
+        for node in cfg.nodes:
+            self.add(id=f"preflight/{node.name}/perftest", phase="preflight", node=node.name, kind="check",
+                     description="ib_write_bw (perftest) installed? (else the bandwidth test is an all-reduce)",
+                     command=PERFTEST_COMMAND, timeout_s=self.ssh_timeout(node), check=PerftestPresent())
+        self.rdma_bandwidth()
         backend = "nccl" if c.gpus else "gloo"
         ranks = [cfg.head, *cfg.workers]
         name = container_name(cfg, "check-bandwidth")
@@ -343,6 +350,33 @@ class _Builder:
                      command=f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words),
                      stdin="node-scripts/allreduce.py", timeout_s=timeouts.BANDWIDTH_S,
                      check=LinkBandwidth(rank=rank, backend=backend, min_gbits=cfg.link.min_gbits))
+
+    def hcas(self, node: Node) -> list[str]:
+        """The node's RDMA devices on the cluster link: nccl.ib_hca as given, else as `nccl: auto` detected."""
+        given = self.cfg.node_nccl(node).ib_hca
+        if given:
+            return [h.strip() for h in given.split(",") if h.strip()]
+        link = self.links.get(node.name)
+        return list(link.hcas) if link is not None else []
+
+    def rdma_bandwidth(self) -> None:
+        """ib_write_bw per rail, head to each worker, when every node's RDMA devices are known: the
+        executor runs these instead of the all-reduce when every node has ib_write_bw installed."""
+        cfg = self.cfg
+        rails = {n.name: self.hcas(n) for n in cfg.nodes}
+        if not all(rails.values()):
+            return
+        for node in cfg.workers:
+            self.add(id=f"preflight/{node.name}/bandwidth-rdma", phase="preflight", node=node.name, kind="check",
+                     description=f"ib_write_bw servers, one per rail ({', '.join(rails[node.name])})",
+                     command=ib_write_bw_server_command(rails[node.name]), timeout_s=timeouts.BANDWIDTH_S,
+                     check=RdmaBandwidth(serves=True, min_gbits=cfg.link.min_gbits))
+        head = cfg.head
+        peers = [(n.name, n.address, len(rails[n.name])) for n in cfg.workers]
+        self.add(id=f"preflight/{head.name}/bandwidth-rdma", phase="preflight", node=head.name, kind="check",
+                 description=f"ib_write_bw to every worker, per rail: at least {cfg.link.min_gbits:g} Gb/s each (if perftest is everywhere)",
+                 command=ib_write_bw_client_command(rails[head.name], peers), timeout_s=timeouts.BANDWIDTH_S,
+                 check=RdmaBandwidth(serves=False, min_gbits=cfg.link.min_gbits))
 
     def memory_command(self, node: Node) -> str:
         if not self.cfg.memory.drop_page_cache:

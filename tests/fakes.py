@@ -120,6 +120,11 @@ class FakeCluster:
             return 0, "Filesystem     1024-blocks     Used Available Capacity Mounted on\n/dev/vda 264212084 46646764 59744148 44% /var/lib/docker\n", ""
         if kind == "link-bandwidth":  # as allreduce.py prints it on rank 0
             return 0, "ALLREDUCE backend=gloo world=2 bytes=67108864 seconds=0.120000 busbw_gbits=4.474\n" if step.check.rank == 0 else "", ""
+        if kind == "rdma-bandwidth":  # the head's clients print each rail's output after its mark (two recorded rails of a real Spark)
+            if step.check.serves:
+                return 0, "", ""
+            return 0, "".join(f"== {w.name} {hca}\n" + recording(f"ib-write-bw-real-spark-rail{i}")["stdout"]
+                              for w in self.cfg.workers for i, hca in enumerate(["rocep1s0f0", "roceP2p1s0f0"])), ""
         if kind == "image-platform":
             return 0, "linux/amd64\n=== image\nlinux/amd64\n", ""
         if kind == "gpu-works":

@@ -33,6 +33,9 @@ CASES = [
     ("docker silent", ImagePlatform(image="img:1"), 1, "=== image\nlinux/arm64\n", "Cannot connect", False, "cannot read the Docker daemon's platform"),
     # a `--gpus all` smoke run (recorded outputs in tests/data/facts/gpu-smoke-*)
     ("GPU seen", GpuWorks(image="img:1"), 0, "GPU 0: NVIDIA GB10 (UUID: GPU-b0ec33a0-2589-53de-953c-0713d37d0794)\n", "", False, None),
+    ("GB10 with memory.unified off", GpuWorks(image="img:1", unified=False), 0, "GPU 0: NVIDIA GB10 (UUID: GPU-b0ec33a0-2589-53de-953c-0713d37d0794)\n",
+     "", False, "the GPU is NVIDIA GB10, whose memory is unified with the CPU's, but memory.unified is false"),
+    ("a discrete GPU with memory.unified off", GpuWorks(image="img:1", unified=False), 0, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n", "", False, None),
     ("no toolkit", GpuWorks(image="img:1"), 125, "", 'docker: Error response from daemon: could not select device driver "" with capabilities: [[gpu]].\n',
      False, "a container of img:1 cannot use the GPU (docker: Error response from daemon: could not select device driver"),
     ("amd64 image", GpuWorks(image="img:1"), 255, "", "exec /usr/bin/nvidia-smi: exec format error\n", False, "use an arm64 or multi-arch image"),

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, parse_link, parse_reach, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
+from spark_cluster.facts import (containers_command, parse_link, parse_rdma_bandwidth, parse_reach, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
                                  parse_ibdev2netdev, parse_ip_addr, parse_meminfo, parse_metrics, parse_nccl_tests, parse_ping,
                                  parse_platform, parse_process,
                                  parse_ray_state, parse_sysctl, platforms_command, process_command, reach_command, progressed, same_platform,
@@ -318,7 +318,8 @@ def test_every_node_command_is_valid_shell():
     import subprocess
 
     from spark_cluster.facts import (CLOCK_COMMAND, DOCKER_DISK_COMMAND, DOCKER_PLATFORM_COMMAND, GPU_COMMAND, IBDEV2NETDEV_COMMAND,
-                                     IP_ADDR_COMMAND, LINK_COMMAND, MEMINFO_COMMAND)
+                                     IP_ADDR_COMMAND, LINK_COMMAND, MEMINFO_COMMAND, PERFTEST_COMMAND, ib_write_bw_client_command,
+                                     ib_write_bw_server_command)
     from spark_cluster.status import node_script
 
     cfg = load_config(SIM_CONFIG)
@@ -328,7 +329,8 @@ def test_every_node_command_is_valid_shell():
                process_command(vllm_process()), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), []),
                IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, DOCKER_PLATFORM_COMMAND, image_platform_command("a b'c"),
                reach_command("10.0.0.2; x"), reach_command("10.0.0.2; x", 9000), platforms_command("a b'c"), LINK_COMMAND,
-               DOCKER_DISK_COMMAND, CLOCK_COMMAND, gpu_smoke_command("img; rm -rf x")]
+               DOCKER_DISK_COMMAND, CLOCK_COMMAND, gpu_smoke_command("img; rm -rf x"), PERFTEST_COMMAND,
+               ib_write_bw_server_command(["a b", "c'd"]), ib_write_bw_client_command(["a b"], [("n 2", "10.0.0.2; x", 1)])]
     for script in scripts:
         res = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
         assert res.returncode == 0, f"{res.stderr}\n{script}"
@@ -382,3 +384,13 @@ def test_a_process_fact_never_keeps_the_command_line():
     assert running.state == "running" and "sk-very-secret" not in running.model_dump_json()
     other = parse_process(p, 0, "309 /usr/bin/python3 /srv/app.py --token sk-very-secret\n")
     assert other.state == "gone" and other.detail == "pid 309 is another process now (python3)"
+
+
+def test_the_rails_of_the_heads_ib_write_bw_clients_each_give_their_figure():
+    # the two rails of a real Spark (tests/data/facts/ib-write-bw-real-spark-rail*), as ib_write_bw_client_command marks them
+    out = "".join(f"== spark-2 {hca}\n" + recording(f"ib-write-bw-real-spark-rail{i}")["stdout"]
+                  for i, hca in enumerate(["rocep1s0f0", "roceP2p1s0f0"]))
+    out += "== spark-3 rocep1s0f0\nCouldn't connect to 10.0.0.3:18515\n"
+    rails = parse_rdma_bandwidth(out)
+    assert {k: v.gbits for k, v in rails.items()} == {"spark-2 rocep1s0f0": 92.57, "spark-2 roceP2p1s0f0": 97.28, "spark-3 rocep1s0f0": None}
+    assert rails["spark-3 rocep1s0f0"].error == "Couldn't connect to 10.0.0.3:18515"

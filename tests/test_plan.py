@@ -308,3 +308,15 @@ def test_the_bandwidth_test_runs_one_rank_per_node_in_the_image_with_the_nodes_e
     assert not [s for s in plan_of(card_yaml).steps if s.check is not None and s.check.kind == "link-bandwidth"]  # only when asked
     sim = build_plan(parse_config(edit(SIM_CONFIG.read_text(), lambda d: d.update(link={"check": "bandwidth"}))))
     assert {s.check.backend for s in sim.steps if s.check is not None and s.check.kind == "link-bandwidth"} == {"gloo"}  # no GPU
+
+
+def test_with_the_rdma_devices_known_the_plan_can_measure_each_rail_with_ib_write_bw(card_yaml):
+    text = edit(card_yaml, lambda d: d.update(link={"check": "bandwidth"}))
+    plan = plan_of(text, links={"spark-1": SPARK_LINK, "spark-2": SPARK_LINK})
+    rdma = {s.node: s for s in plan.steps if s.check is not None and s.check.kind == "rdma-bandwidth"}
+    assert rdma["spark-2"].check.serves and not rdma["spark-1"].check.serves  # workers serve, the head measures
+    assert rdma["spark-2"].command.count("ib_write_bw -q 4 -D 5 -F --report_gbits") == 2  # a server per rail, in turn
+    assert "-p 18516 192.168.100.11" in rdma["spark-1"].command and "== spark-2 roceP2p1s0f0" in rdma["spark-1"].command
+    assert {s.node for s in plan.steps if s.check is not None and s.check.kind == "perftest"} == {"spark-1", "spark-2"}
+    # the devices not known yet (nccl: auto before its first detection): the all-reduce only
+    assert not [s for s in plan_of(text).steps if s.check is not None and s.check.kind == "rdma-bandwidth"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from spark_cluster.checks import BANDWIDTH_REMEDIES
 from spark_cluster.config import load_config
 from spark_cluster.errors import PreflightError, RemoveFailed
 from spark_cluster.executor import Executor
@@ -191,3 +192,27 @@ def test_the_bandwidth_test_runs_on_every_node_after_the_other_checks(cfg):
     low = cfg.model_copy(update={"link": cfg.link.model_copy(update={"check": "bandwidth", "min_gbits": 80})})
     with pytest.raises(PreflightError, match="sim-1: the all-reduce across the nodes \\(Gloo on CPU\\) reached 4.5 Gb/s, below link.min_gbits 80"):
         up(FakeCluster(low))
+
+
+def test_with_perftest_on_every_node_the_bandwidth_test_is_ib_write_bw_per_rail(cfg):
+    cfg = cfg.model_copy(update={"link": cfg.link.model_copy(update={"check": "bandwidth", "min_gbits": 80}),
+                                 "nccl": cfg.nccl.model_copy(update={"ib_hca": "rocep1s0f0,roceP2p1s0f0"})})
+    fake = FakeCluster(cfg)
+    fake.script("command -v ib_write_bw", (0, "/usr/bin/ib_write_bw\n", ""))
+    findings = Executor(cfg, fake_nodes(fake)).doctor()
+    assert next(f for f in findings if f.check == "preflight/sim-1/bandwidth-rdma").note == \
+        "ib_write_bw per rail: sim-2 rocep1s0f0 92.6 Gb/s, sim-2 roceP2p1s0f0 97.3 Gb/s"
+    assert not [f for f in findings if f.problem] and not fake.commands(containing="check-bandwidth")  # no all-reduce
+    server = fake.commands(node="sim-2", containing="ib_write_bw -q 4 -D 5")
+    assert server and "-d rocep1s0f0 -p 18515" in server[0] and "-d roceP2p1s0f0 -p 18516" in server[0]
+    # one node without perftest: the all-reduce instead
+    fake = FakeCluster(cfg)
+    fake.script("command -v ib_write_bw", (0, "/usr/bin/ib_write_bw\n", ""), node="sim-1")
+    Executor(cfg, fake_nodes(fake)).doctor()
+    assert fake.commands(containing="check-bandwidth") and not fake.commands(containing="ib_write_bw -q 4")
+    # a rail below the threshold is named with the remedies
+    slow = cfg.model_copy(update={"link": cfg.link.model_copy(update={"check": "bandwidth", "min_gbits": 95})})
+    fake = FakeCluster(slow)
+    fake.script("command -v ib_write_bw", (0, "/usr/bin/ib_write_bw\n", ""))
+    bad = [f.problem for f in Executor(slow, fake_nodes(fake)).doctor() if f.problem]
+    assert bad == ["ib_write_bw per rail below link.min_gbits 95 (sim-2 rocep1s0f0: 92.6 Gb/s): " + BANDWIDTH_REMEDIES]
