@@ -288,6 +288,19 @@ def differs(check: Check, values: dict[str, str], head: str) -> Optional[str]:
     return f"{check.kind} differs between nodes: {', '.join(bad)}"
 
 
+STATE_MIN_GIB = 1.0  # the controller's state_dir: container logs saved by down and restarts, incident bundles, events
+
+
+def state_dir_problem(path: str, free_gib: Optional[float]) -> Optional[str]:
+    """The machine running spark-cluster has room for its state_dir (free_gib None: nothing of the path is readable)."""
+    if free_gib is None:
+        return f"state_dir {path} cannot be created or read here: set state_dir in cluster.yaml to a writable folder"
+    if free_gib >= STATE_MIN_GIB:
+        return None
+    return (f"only {free_gib:.2f} GiB free for state_dir {path} ({STATE_MIN_GIB:g} GiB needed: the logs `down` and restarts save, "
+            "incident bundles): free some space or set state_dir elsewhere")
+
+
 def link_of(check: ClusterLink, stdout: str) -> LinkPick | str:
     """The link a ClusterLink step's output shows, or why none can be picked."""
     ports, ifaces = parse_link(stdout)

@@ -28,7 +28,7 @@ from .facts import (ContainerFact, ProcessFact, RayState, containers_command, pa
                     parse_ray_state, process_command)
 from .plan import NOT_DETECTED, Plan, ProcessSpec, Step, build_plan
 from .checks import (Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth, PerftestPresent, RdmaBandwidth, ReadBack,
-                     VllmFlags, differs, evaluate, link_of, note)
+                     STATE_MIN_GIB, VllmFlags, differs, evaluate, link_of, note, state_dir_problem)
 from .link import LinkPick, remember as remember_link, remembered as remembered_link
 from .model_sync import ModelSync, node_to_node
 from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
@@ -204,6 +204,10 @@ class Executor:
             if isinstance(res, BaseException):
                 raise res  # a bug, not a finding about the node: never "nothing was changed"
             outputs[node] = res
+        state = self.cfg.resolved_state_dir()
+        room = state_dir_problem(str(state), _free_gib(state))
+        findings.append(Finding("controller", "state-dir", f"room for state_dir ({STATE_MIN_GIB:g} GiB)", room,
+                                None if room else f"{_free_gib(state):.0f} GiB free"))
         self._detected_link(outputs)
         checks = {s.id: s.check for s in self.plan.steps_in("preflight")}  # judged by the plan as detected
         running_here = {n: any(c.running for c in cs) for n, cs in existing.items()}
@@ -713,6 +717,19 @@ def _http_check(http: httpx.Client, step: Step) -> tuple[bool, str]:
     except (ValueError, AttributeError, KeyError, TypeError):
         return False, f"not the expected JSON: {resp.text[:200]}"
     return True, ""
+
+
+def _free_gib(path: Path) -> Optional[float]:
+    """Free space where path is (or would be created: its nearest existing parent)."""
+    import shutil
+
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free / 2**30
+            except OSError:
+                return None
+    return None
 
 
 def _pid_alive(pid: int) -> bool:

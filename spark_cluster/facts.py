@@ -325,7 +325,12 @@ def parse_ping(exit_code: int, stdout: str, stderr: str = "") -> PingFact:
 
 # the node's side of the link in one read: RDMA devices (nothing when ibdev2netdev is not installed or
 # there is no ConnectX: the simulated nodes), then every interface
-LINK_COMMAND = f"{IBDEV2NETDEV_COMMAND} 2>/dev/null; echo {quote('=== ip addr')}; {IP_ADDR_COMMAND}"
+# (without ibdev2netdev the same lines are made from sysfs: each RDMA device's netdev and its port's state, ACTIVE = Up)
+SYSFS_IBDEV2NETDEV = ("for d in /sys/class/infiniband/*; do [ -d \"$d\" ] || continue; s=$(cat \"$d/ports/1/state\" 2>/dev/null); "
+                      "case \"$s\" in *ACTIVE*) u=Up;; *) u=Down;; esac; for n in \"$d\"/device/net/*; do [ -e \"$n\" ] && "
+                      "echo \"${d##*/} port 1 ==> ${n##*/} ($u)\"; done; done")
+LINK_COMMAND = (f"if command -v {IBDEV2NETDEV_COMMAND} >/dev/null 2>&1; then {IBDEV2NETDEV_COMMAND} 2>/dev/null; else {SYSFS_IBDEV2NETDEV}; fi; "
+                f"echo {quote('=== ip addr')}; {IP_ADDR_COMMAND}")
 
 
 def parse_link(stdout: str) -> tuple[list[RdmaPort], list[NetInterface]]:

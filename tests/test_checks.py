@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from spark_cluster.checks import (ClockInSync, DiskFree, LinkBandwidth, DockerAnswers, GpuWorks, SudoWorks, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ReadBack,
-                                  differs, evaluate, note)
+                                  differs, evaluate, note, state_dir_problem)
 from spark_cluster.plan import Step
 
 MEM = MemoryAvailable(min_available_fraction=0.8, min_available_gib=0, gpu_memory_utilization=0.8, drop_page_cache=False)
@@ -112,3 +112,9 @@ def test_clocks_are_compared_across_nodes():
     assert differs(clock, {"a": "1000.0\n", "b": "1004.9\n"}, "a") is None
     why = differs(clock, {"a": "1000.0\n", "b": "993.5\n", "c": "1001.0\n"}, "a")
     assert why is not None and "differ by 7.5s (against a: b -6.5s, c +1.0s), more than 5s" in why and "timedatectl set-ntp true" in why
+
+
+def test_the_controller_needs_room_for_its_state_dir():
+    assert state_dir_problem("/var/lib/x", 20.0) is None
+    assert "only 0.25 GiB free for state_dir /var/lib/x (1 GiB needed" in state_dir_problem("/var/lib/x", 0.25)
+    assert "cannot be created or read here" in state_dir_problem("/nope", None)

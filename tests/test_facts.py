@@ -5,11 +5,12 @@ and the fact it must give), and on the odd outputs a node can produce."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (containers_command, parse_link, parse_rdma_bandwidth, parse_reach, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
+from spark_cluster.facts import (SYSFS_IBDEV2NETDEV, containers_command, parse_link, parse_rdma_bandwidth, parse_reach, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
                                  parse_ibdev2netdev, parse_ip_addr, parse_meminfo, parse_metrics, parse_nccl_tests, parse_ping,
                                  parse_platform, parse_process,
                                  parse_ray_state, parse_sysctl, platforms_command, process_command, reach_command, progressed, same_platform,
@@ -394,3 +395,17 @@ def test_the_rails_of_the_heads_ib_write_bw_clients_each_give_their_figure():
     rails = parse_rdma_bandwidth(out)
     assert {k: v.gbits for k, v in rails.items()} == {"spark-2 rocep1s0f0": 92.57, "spark-2 roceP2p1s0f0": 97.28, "spark-3 rocep1s0f0": None}
     assert rails["spark-3 rocep1s0f0"].error == "Couldn't connect to 10.0.0.3:18515"
+
+
+def test_without_ibdev2netdev_the_same_lines_come_from_sysfs(tmp_path):
+    # a Spark's sysfs as the kernel lays it out: /sys/class/infiniband/<dev>/ports/1/state, <dev>/device/net/<netdev>
+    for dev, netdev, state in [("rocep1s0f0", "enp1s0f0np0", "4: ACTIVE"), ("roceP2p1s0f0", "enP2p1s0f0np0", "4: ACTIVE"),
+                               ("rocep1s0f1", "enp1s0f1np1", "1: DOWN")]:
+        (tmp_path / dev / "ports" / "1").mkdir(parents=True)
+        (tmp_path / dev / "ports" / "1" / "state").write_text(state + "\n")
+        (tmp_path / dev / "device" / "net" / netdev).mkdir(parents=True)
+    out = subprocess.run(["sh", "-c", SYSFS_IBDEV2NETDEV.replace("/sys/class/infiniband", str(tmp_path))], capture_output=True, text=True).stdout
+    assert sorted((p.device, p.netdev, p.up) for p in parse_ibdev2netdev(out)) == [
+        ("roceP2p1s0f0", "enP2p1s0f0np0", True), ("rocep1s0f0", "enp1s0f0np0", True), ("rocep1s0f1", "enp1s0f1np1", False)]
+    empty = subprocess.run(["sh", "-c", SYSFS_IBDEV2NETDEV.replace("/sys/class/infiniband", str(tmp_path / "none"))], capture_output=True, text=True)
+    assert empty.stdout == ""  # no ConnectX (the simulated nodes): no lines
