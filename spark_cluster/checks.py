@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .facts import parse_allreduce, parse_clock, parse_rdma_bandwidth, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_link, parse_meminfo, parse_platforms, parse_reach, same_platform
+from .facts import parse_nccl_tests, parse_clock, parse_rdma_bandwidth, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_link, parse_meminfo, parse_platforms, parse_reach, same_platform
 from .link import LinkPick, pick_link, reach_problem
 
 
@@ -328,10 +328,10 @@ def bandwidth_problem(check: LinkBandwidth, exit_code: int, stdout: str, stderr:
     if "No such image" in stderr + stdout:
         return None  # the image check says so
     if check.rank:  # rank 0 reports the figure; another rank only its own failure
-        return None if exit_code == 0 else f"the bandwidth test failed here: {parse_allreduce(stderr + stdout).error}"
-    fact = parse_allreduce(stdout)
+        return None if exit_code == 0 else f"the bandwidth test failed here: {parse_nccl_tests(stderr + stdout).error}"
+    fact = parse_nccl_tests(stdout)
     if fact.gbits is None:
-        return f"the bandwidth test gave no figure ({parse_allreduce(stderr + stdout).error})"
+        return f"the bandwidth test gave no figure ({parse_nccl_tests(stderr + stdout).error})"
     if fact.gbits >= check.min_gbits:
         return None
     where = "NCCL over the cluster link" if check.backend == "nccl" else "Gloo on CPU"
@@ -371,7 +371,7 @@ def note(check: Check, stdout: str) -> Optional[str]:
     if isinstance(check, PerftestPresent):
         return "ib_write_bw installed" if stdout.strip() else "no ib_write_bw (perftest): the bandwidth test is an all-reduce"
     if isinstance(check, LinkBandwidth) and check.rank == 0:
-        gbits = parse_allreduce(stdout).gbits
+        gbits = parse_nccl_tests(stdout).gbits
         how = "NCCL" if check.backend == "nccl" else "Gloo on CPU: no GPU requested, so not a RoCE figure"
         return f"all-reduce bus bandwidth {gbits:.2f} Gb/s ({how})" if gbits is not None else None
     if isinstance(check, PeerReachable):

@@ -362,6 +362,14 @@ class ReachFact(BaseModel):
 
 
 _REACH_SECTION = re.compile(r"^== (small|full) (\d+)$", re.M)
+_RAIL_SECTION = re.compile(r"^== (\S+ \S+)$", re.M)
+
+
+def _sections(mark: re.Pattern[str], text: str) -> list[tuple[re.Match[str], str]]:
+    """Each line matching `mark` with the text after it, up to the next one (outputs of several
+    commands run in one read, each after its mark)."""
+    marks = list(mark.finditer(text))
+    return [(m, text[m.end():marks[i + 1].start() if i + 1 < len(marks) else len(text)]) for i, m in enumerate(marks)]
 _ROUTE_DEV = re.compile(r"\bdev (\S+)")
 
 
@@ -370,9 +378,7 @@ def parse_reach(stdout: str) -> ReachFact:
     dev = _ROUTE_DEV.search(route)
     mtu = re.search(r"^mtu: (\d+)$", stdout, re.M)
     pings: dict[str, PingFact] = {}
-    marks = list(_REACH_SECTION.finditer(stdout))
-    for i, m in enumerate(marks):
-        text = stdout[m.end():marks[i + 1].start() if i + 1 < len(marks) else len(stdout)]
+    for m, text in _sections(_REACH_SECTION, stdout):
         code = int(m.group(2))
         if code == 127:
             pings[m.group(1)] = PingFact(error="ping is not installed on the node (Debian/Ubuntu: apt install iputils-ping)")
@@ -451,19 +457,16 @@ def ib_write_bw_client_command(hcas: list[str], peers: list[tuple[str, str, int]
 
 def parse_rdma_bandwidth(stdout: str) -> dict[str, BandwidthFact]:
     """ib_write_bw_client_command's output: 'PEER HCA' -> that rail's figure."""
-    out: dict[str, BandwidthFact] = {}
-    marks = list(re.finditer(r"^== (\S+ \S+)$", stdout, re.M))
-    for i, m in enumerate(marks):
-        out[m.group(1)] = parse_ib_write_bw(stdout[m.end():marks[i + 1].start() if i + 1 < len(marks) else len(stdout)])
-    return out
+    return {m.group(1): parse_ib_write_bw(text) for m, text in _sections(_RAIL_SECTION, stdout)}
 
 
 _NCCL_AVG = re.compile(r"^# Avg bus bandwidth\s*:\s*([\d.]+)", re.M)
 
 
 def parse_nccl_tests(text: str) -> BandwidthFact:
-    """nccl-tests' average bus bandwidth (GB/s) in Gb/s; when the output stops before that line, the
-    mean of the rows' bus bandwidth (out-of-place and in-place), as nccl-tests computes it."""
+    """nccl-tests' average bus bandwidth (GB/s) in Gb/s (templates/node-scripts/allreduce.py prints
+    the same line); when the output stops before that line, the mean of the rows' bus bandwidth
+    (out-of-place and in-place), as nccl-tests computes it."""
     if m := _NCCL_AVG.search(text):
         return BandwidthFact(gbits=round(float(m.group(1)) * 8, 2))
     # size count type redop root | time algbw busbw #wrong (out-of-place) | time algbw busbw #wrong (in-place)
@@ -475,15 +478,6 @@ def parse_nccl_tests(text: str) -> BandwidthFact:
 
 
 # ---- platforms: the node's Docker daemon and an image (an amd64 image on an arm64 Spark) ---------
-
-_ALLREDUCE = re.compile(r"^ALLREDUCE .*\bbusbw_gbits=([\d.]+)", re.M)
-
-
-def parse_allreduce(text: str) -> BandwidthFact:
-    """templates/node-scripts/allreduce.py's line (rank 0): the bus bandwidth in Gb/s."""
-    m = _ALLREDUCE.search(text)
-    return BandwidthFact(gbits=float(m.group(1))) if m else BandwidthFact(error=_last_line(text))
-
 
 DOCKER_PLATFORM_COMMAND = "docker version --format '{{.Server.Os}}/{{.Server.Arch}}'"
 
