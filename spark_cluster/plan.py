@@ -335,21 +335,26 @@ class _Builder:
         self.rdma_bandwidth()
         backend = "nccl" if c.gpus else "gloo"
         ranks = [cfg.head, *cfg.workers]
-        name = container_name(cfg, "check-bandwidth")
+        options = ["--network", "host", "--ipc", "host", "--shm-size", c.shm_size] + (["--gpus", c.gpus] if c.gpus else []) \
+            + (["--privileged"] if c.privileged else []) + list(c.extra_args)
         for rank, node in enumerate(ranks):
-            words = ["docker", "run", "--rm", "-i", "--name", name, "--network", "host", "--ipc", "host", "--shm-size", c.shm_size,
-                     "--label", f"{LABEL_PREFIX}.check={cfg.name}"]
-            words += (["--gpus", c.gpus] if c.gpus else []) + (["--privileged"] if c.privileged else []) + list(c.extra_args)
-            for key, value in _masked(node_env(cfg, node, self.links.get(node.name)), self.secrets, self.reveal).items():
-                words += ["-e", f"{key}={value}"]
-            words += ["--entrypoint", "python3", c.image, "-", str(rank), str(len(ranks)), cfg.head.address, str(BANDWIDTH_PORT), backend,
-                      str(BANDWIDTH_MB[backend]), str(BANDWIDTH_ITERS)]
+            # the node's containers' environment (its NCCL/Gloo variables and tuning), its secrets left out: a collective needs none
+            env = {k: v for k, v in node_env(cfg, node, self.links.get(node.name)).items() if k not in self.secrets}
+            args = [str(rank), str(len(ranks)), cfg.head.address, str(BANDWIDTH_PORT), backend, str(BANDWIDTH_MB[backend]), str(BANDWIDTH_ITERS)]
             self.add(id=f"preflight/{node.name}/bandwidth", phase="preflight", node=node.name, kind="check",
                      description=f"all-reduce across the {len(ranks)} nodes ({backend}, rank {rank}): bus bandwidth at least "
                                  f"{cfg.link.min_gbits:g} Gb/s",
-                     command=f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words),
+                     command=self.python_in_image(container_name(cfg, "check-bandwidth"), options, env, args),
                      stdin="node-scripts/allreduce.py", timeout_s=timeouts.BANDWIDTH_S,
                      check=LinkBandwidth(rank=rank, backend=backend, min_gbits=cfg.link.min_gbits))
+
+    def python_in_image(self, name: str, options: list[str], env: dict[str, str], args: list[str]) -> str:
+        """A throwaway container of the cluster's image running python3 on the step's standard input
+        (a leftover of the same name removed first), labelled as the cluster's check."""
+        words = ["docker", "run", "--rm", "-i", "--name", name, *options, "--label", f"{LABEL_PREFIX}.check={self.cfg.name}"]
+        words += [w for k, v in env.items() for w in ("-e", f"{k}={v}")]
+        words += ["--entrypoint", "python3", self.cfg.container.image, "-", *args]
+        return f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words)
 
     def hcas(self, node: Node) -> list[str]:
         """The node's RDMA devices on the cluster link: nccl.ib_hca as given, else as `nccl: auto` detected."""
@@ -495,18 +500,13 @@ class _Builder:
         # the mounts of the container vLLM runs in (its own, or the Ray head's)
         api = next(s.container for s in self.steps if s.container and s.container.component in ("vllm", "ray-head"))
         name = container_name(cfg, "check-vllm-flags")
-        words = ["docker", "run", "--rm", "-i", "--name", name, "--network", "none",
-                 "--label", f"{LABEL_PREFIX}.check={cfg.name}"]
-        for m in api.mounts:
-            words += ["-v", f"{m.source}:{m.target}:ro"]
-        for key, value in (("VLLM_TARGET_DEVICE", "cpu"), ("HF_HUB_OFFLINE", "1"), ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
-            words += ["-e", f"{key}={value}"]
-        words += ["--entrypoint", "python3", cfg.container.image, "-", json.dumps(self.vllm_argvs(), separators=(",", ":"))]
-        run = " ".join(quote(w) for w in words)
+        mounts = [w for m in api.mounts for w in ("-v", f"{m.source}:{m.target}:ro")]
+        env = {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         step = Step(id=f"preflight/{head.name}/vllm-flags", phase="preflight", node=head.name, kind="check",
                     description="the image's vLLM accepts every `vllm serve` flag (its parser and validate(), "
                     "tool/reasoning parser and executor names; throwaway container, no GPU)",
-                    command=f"docker rm -f {quote(name)} >/dev/null 2>&1; {run}", stdin="node-scripts/vllm-check.py",
+                    command=self.python_in_image(name, ["--network", "none", *mounts], env, [json.dumps(self.vllm_argvs(), separators=(",", ":"))]),
+                    stdin="node-scripts/vllm-check.py",
                     timeout_s=cfg.vllm.check_timeout_s, check=VllmFlags(container=name))
         last = max(i for i, s in enumerate(self.steps) if s.phase == "preflight")
         self.steps.insert(last + 1, step)

@@ -306,6 +306,10 @@ def test_the_bandwidth_test_runs_one_rank_per_node_in_the_image_with_the_nodes_e
     assert words[:2] == ["docker", "run"] and "--gpus" in words and "NCCL_IB_HCA=rocep1s0f0,roceP2p1s0f0" in words
     assert words[-7:] == ["1", "2", "192.168.100.10", "29517", "nccl", "256", "10"] and steps[1].stdin == "node-scripts/allreduce.py"
     assert not [s for s in plan_of(card_yaml).steps if s.check is not None and s.check.kind == "link-bandwidth"]  # only when asked
+    # a secret of the containers' environment stays out of the throwaway container (the executed plan reveals secrets)
+    secret = edit(card_yaml, lambda d: (d.update(link={"check": "bandwidth"}), d["container"]["env"].update(HF_TOKEN="hf_secret")))
+    shown = [s.command for s in plan_of(secret, reveal_secrets=True).steps if s.check is not None and s.check.kind == "link-bandwidth"]
+    assert shown and not any("HF_TOKEN" in c or "hf_secret" in c for c in shown)
     sim = build_plan(parse_config(edit(SIM_CONFIG.read_text(), lambda d: d.update(link={"check": "bandwidth"}))))
     assert {s.check.backend for s in sim.steps if s.check is not None and s.check.kind == "link-bandwidth"} == {"gloo"}  # no GPU
 
