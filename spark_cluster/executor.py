@@ -205,9 +205,10 @@ class Executor:
                 raise res  # a bug, not a finding about the node: never "nothing was changed"
             outputs[node] = res
         state = self.cfg.resolved_state_dir()
-        room = state_dir_problem(str(state), _free_gib(state))
+        free = _free_gib(state)
+        room = state_dir_problem(str(state), free)
         findings.append(Finding("controller", "state-dir", f"room for state_dir ({STATE_MIN_GIB:g} GiB)", room,
-                                None if room else f"{_free_gib(state):.0f} GiB free"))
+                                None if room else f"{free:.0f} GiB free"))
         self._detected_link(outputs)
         checks = {s.id: s.check for s in self.plan.steps_in("preflight")}  # judged by the plan as detected
         running_here = {n: any(c.running for c in cs) for n, cs in existing.items()}

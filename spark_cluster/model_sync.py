@@ -39,10 +39,6 @@ def partial_dir(path: str) -> str:
     return path.rstrip("/") + ".partial-sync"
 
 
-def _listing_command(path: str) -> str:
-    return f"cd {quote(path)} 2>/dev/null && find . -type f -printf '%P\\t%s\\n' | LC_ALL=C sort"
-
-
 def _checksum_command(path: str, files: list[str]) -> str:
     return f"cd {quote(path)} && sha256sum -- {' '.join(quote(f) for f in files)}"
 
@@ -169,7 +165,7 @@ class ModelSync:
     def _copy(self, plan: SyncPlan, target: str, files: list[str], want: Listing, max_rate: float, result: SyncResult) -> None:
         src, dst = self.nodes[plan.source], self.nodes[target]
         partial = partial_dir(self.path)
-        have = parse_file_listing(dst.run(_listing_command(partial), timeout=timeouts.QUICK_S).stdout)
+        have = parse_file_listing(dst.run(model_files_command(partial), timeout=timeouts.QUICK_S).stdout)  # nothing there: empty
         todo = resume_points(files, want, have)
         to_send = sum(size - offset for _, size, offset in todo)
         resumed = sum(offset for _, _, offset in todo)

@@ -16,13 +16,14 @@ from spark_cluster.link import remembered
 from spark_cluster.plan import build_plan
 from spark_cluster.transport import Nodes
 
-from .conftest import SIM_CONFIG, run_cli
+from .conftest import SIM_CONFIG, SIM_CONFIGS, run_cli
 from .test_up import containers
 
 pytestmark = pytest.mark.cluster
 
 
 def write(tmp_path, data: dict) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data["state_dir"] = str(tmp_path / "state")
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -34,9 +35,10 @@ def sim_data() -> dict:
 
 
 def test_doctor_passes_and_nccl_auto_finds_the_sims_own_environment(sim, sim_cfg, tmp_path):
-    r = run_cli("doctor", write(tmp_path, sim_data()))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "reaches sim-2 at 10.99.0.12" in r.stdout and "over eth0, MTU 1500 unfragmented" in r.stdout and "`up` would pass" in r.stdout
+    for executor, config in SIM_CONFIGS.items():  # both executors' plans (their ports and flags differ)
+        r = run_cli("doctor", write(tmp_path / executor, yaml.safe_load(config.read_text())))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "reaches sim-2 at 10.99.0.12" in r.stdout and "over eth0, MTU 1500 unfragmented" in r.stdout and "`up` would pass" in r.stdout
 
     data = sim_data()
     data["nccl"] = "auto"  # in place of the hand-written interface names
