@@ -188,7 +188,7 @@ class _Conn(asyncio.Protocol):
 
 class Response:
     """An answer whose head has arrived; its body is read with `chunks()`; `close()` ends it (the
-    connection goes back to the pool only when the whole answer was read)."""
+    connection goes back to the pool only when the whole answer had arrived, else it is closed)."""
 
     def __init__(self, upstream: "Upstream", conn: _Conn):
         self._upstream, self._conn = upstream, conn

@@ -155,6 +155,7 @@ def send_pipe(cmd, host, port, rate):
         pace.add(len(data))
     code = proc.wait()
     conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(600)  # the receiving command may still be at work after the last byte (docker load unpacking layers)
     conn.recv(1)
     print(f"sent {pace.n}", flush=True)
     sys.exit(code)
