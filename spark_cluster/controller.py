@@ -222,6 +222,15 @@ async def _request_body(scope: dict[str, Any], receive: Any, limit: int) -> Opti
             return bytes(body)
 
 
+class _App(FastAPI):
+    """FastAPI with the gateway's paths (/v1/*) answered before anything else of the application."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            return await self.state.gateway(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(ctl: Controller) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -231,7 +240,7 @@ def create_app(ctl: Controller) -> FastAPI:
         finally:
             await ctl.stop()
 
-    app = FastAPI(title=f"spark-cluster controller: {ctl.cfg.name}", lifespan=lifespan,
+    app = _App(title=f"spark-cluster controller: {ctl.cfg.name}", lifespan=lifespan,
                   description="The gateway at /v1/* (vLLM's OpenAI API, passed through unchanged, hiding failover: not listed "
                               "below), the cluster's status and events, restart and pause/resume of the watchdog (bearer token), "
                               "Prometheus metrics.")
@@ -242,29 +251,24 @@ def create_app(ctl: Controller) -> FastAPI:
             raise HTTPException(401, "a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; "
                                      "default state_dir/api-token)", headers={"WWW-Authenticate": "Bearer"})
 
-    # ---- the gateway: /v1/* goes to it before FastAPI's routing and dependency machinery (the hop
-    # is counted in milliseconds against the engine's time to first token: bench/gateway_bench.py)
+    # ---- the gateway: /v1/* goes to it before Starlette's middleware, FastAPI's routing and
+    # dependency machinery (the hop is counted against the engine's time to first token, and every
+    # chunk of a stream passes through it: bench/gateway_bench.py)
     max_body = ctl.cfg.gateway.max_body_bytes()
 
-    class GatewayFirst:
-        def __init__(self, app: Any):
-            self.app = app
+    async def gateway(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            body = await _request_body(scope, receive, max_body)
+        except _BodyTooLarge:
+            ctl.metrics.outcome("rejected")
+            await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": error_body(
+                f"the request body is larger than gateway.max_body ({ctl.cfg.gateway.max_body})", "request_too_large", 413)})
+            return
+        if body is not None:  # else the client went away while sending it
+            await ctl.gateway.serve(scope, receive, send, body)
 
-        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-            if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-                return await self.app(scope, receive, send)
-            try:
-                body = await _request_body(scope, receive, max_body)
-            except _BodyTooLarge:
-                ctl.metrics.outcome("rejected")
-                await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": error_body(
-                    f"the request body is larger than gateway.max_body ({ctl.cfg.gateway.max_body})", "request_too_large", 413)})
-                return
-            if body is not None:  # else the client went away while sending it
-                await ctl.gateway.serve(scope, receive, send, body)
-
-    app.add_middleware(GatewayFirst)
+    app.state.gateway = gateway
 
     # ---- the API --------------------------------------------------------------------------------
     @app.get("/healthz", summary="The controller itself (not the engine)")

@@ -115,11 +115,26 @@ def error_body(message: str, kind: str = "service_unavailable", code: int = 503)
 
 
 # ---- the proxy --------------------------------------------------------------------------------
+class Signal(asyncio.Event):
+    """An asyncio.Event that also calls back when set: a request waits for its exchange, an
+    interruption and its client's leaving on one future, without a task per thing awaited (each
+    task is time on the hop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for callback in list(self.callbacks):
+            callback()
+
+
 @dataclass(eq=False)
 class Flight:
     """One request while it is with the engine."""
 
-    interrupt: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupt: Signal = field(default_factory=Signal)
     started: bool = False  # the response's head went to the client: no retry from here on
     finished: bool = False  # its last byte went too (a client leaving now changes nothing)
     event_stream: bool = False
@@ -168,7 +183,7 @@ class Gateway:
         door, interrupt = door_after(self.door, event)
         self.set_door(door, interrupt)
 
-    async def _wait_for_door(self, deadline: float, gone: asyncio.Event) -> Optional[Admission]:
+    async def _wait_for_door(self, deadline: float, gone: Signal) -> Optional[Admission]:
         """None once the door is open; else why the request is refused. Counted as held while waiting."""
         while True:
             a = admit(self.door, self.held, self.s)
@@ -194,7 +209,7 @@ class Gateway:
     async def serve(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend, body: bytes) -> Outcome:
         t0 = time.monotonic()
         deadline = t0 + self.s.hold_s
-        gone = asyncio.Event()
+        gone = Signal()
         listener = asyncio.create_task(_until_disconnect(receive, gone))
         held = attempts = 0
         path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
@@ -244,15 +259,15 @@ class Gateway:
         await send({"type": "http.response.body", "body": error_body(a.message)})
 
     async def _attempt(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                       send: ASGISend, gone: asyncio.Event, t0: float) -> str:
+                       send: ASGISend, gone: Signal, t0: float) -> str:
         """One try at the engine: ok | failed (an answer passed through) | retry (nothing reached the
         client) | interrupted (a stream cut after its first byte) | cancelled (the client went away)."""
         self.flights.add(flight)
         self.obs.in_flight(len(self.flights))
         exchange = asyncio.create_task(self._exchange(flight, method, path, headers, body, send, t0))
         try:
-            stop = await _first(exchange, flight.interrupt.wait(), gone.wait())
-            if stop is exchange or flight.finished:
+            await _until_one(exchange, flight.interrupt, gone)
+            if exchange.done() or flight.finished:
                 try:
                     return await exchange
                 except OSError:  # writing to a client that went away
@@ -286,11 +301,8 @@ class Gateway:
         try:
             if resp.status >= 500 and retry_status(resp.status, await self.engine_answers() if resp.status == 500 else None):
                 return "retry"
-            chunks = resp.chunks()
             try:
-                first = await chunks.__anext__()
-            except StopAsyncIteration:
-                first = b""
+                first = await resp.next_chunk()
             except UpstreamError:
                 return "retry"
             flight.event_stream = resp.header(b"content-type").startswith(b"text/event-stream")
@@ -304,7 +316,7 @@ class Gateway:
             if first:
                 await self._send_chunk(send, flight, first)
             try:
-                async for chunk in chunks:
+                while (chunk := await resp.next_chunk()) is not None:  # no async generator: a frame less per chunk
                     await self._send_chunk(send, flight, chunk)
             except UpstreamError:
                 await self._end_stream(send, flight, "the engine's connection ended before the answer was complete")
@@ -337,12 +349,32 @@ class Gateway:
             pass  # the client is gone as well
 
 
-async def _until_disconnect(receive: ASGIReceive, gone: asyncio.Event) -> None:
+async def _until_disconnect(receive: ASGIReceive, gone: Signal) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             gone.set()
             return
+
+
+async def _until_one(task: asyncio.Task, *signals: Signal) -> None:
+    """Until the task is done or one of the signals is set."""
+    wake = asyncio.get_running_loop().create_future()
+
+    def fire(*_: Any) -> None:
+        if not wake.done():
+            wake.set_result(None)
+
+    task.add_done_callback(fire)
+    for s in signals:
+        s.callbacks.append(fire)
+    try:
+        if not task.done() and not any(s.is_set() for s in signals):
+            await wake
+    finally:
+        task.remove_done_callback(fire)
+        for s in signals:
+            s.callbacks.remove(fire)
 
 
 async def _first(*aws: Any, timeout: float | None = None) -> Any:

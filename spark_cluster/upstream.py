@@ -199,13 +199,16 @@ class Response:
     def header(self, name: bytes) -> bytes:
         return next((v for k, v in self.headers if k.lower() == name), b"")
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def next_chunk(self) -> Optional[bytes]:
+        """The next piece of the body as it arrived (never empty); None at its end."""
         while True:
             chunk = await self._conn.next_chunk()
-            if chunk is None:
-                return
-            if chunk:
-                yield chunk
+            if chunk is None or chunk:
+                return chunk
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
 
     async def read(self) -> bytes:
         return b"".join([c async for c in self.chunks()])
