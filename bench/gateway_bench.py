@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark: the controller's gateway on the local simulated cluster, for each executor in turn.
 
-1. Overhead: streamed completions sent alternately straight to vLLM and through the gateway, in
-   the same run, one at a time (idle) and several at once (load): time to first token (p50, p90)
-   and generation throughput, with the ratios gateway / direct.
+1. Overhead: streamed completions sent in turn straight to vLLM, through the gateway and through a
+   bare relay (bytes copied both ways, nothing parsed or held back: the floor of any proxy on this
+   machine, where the engine's CPU ranks share the 2 cores with every hop), in the same run, one
+   at a time (idle) and several at once (load): time to first token (p50, p90) and generation
+   throughput, with the ratios to direct.
 2. Footprint of the controller process (`spark-cluster controller`, its own process): resident
    memory and CPU share while idle (the watchdog observing every period), and its CPU time per
    request under the load of the failover run.
@@ -40,6 +42,7 @@ from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RELAY_PORT = 8091
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -74,44 +77,80 @@ def block(url: str, clients: list[httpx.Client], model: str, tokens: int) -> lis
     return results
 
 
-def measure(direct: str, gateway: str, model: str, rounds: int, k: int, tokens: int) -> dict[str, dict[str, list[float]]]:
-    """Rounds of k streamed completions at once, straight to vLLM then through the gateway (the order
-    swapped every round): every stream's time to first token, and each block's generation
-    throughput (tokens of all k streams / the block's wall time). Each of the k clients keeps its
-    connections alive between rounds, as an application's OpenAI client does (a new httpx client per
-    request costs ~19 ms of the client's own CPU here, building its TLS context: noise on both sides)."""
-    out = {"direct": {"ttft": [], "tps": []}, "gateway": {"ttft": [], "tps": []}}
-    clients = {name: [httpx.Client() for _ in range(k)] for name in out}
+def measure(targets: dict[str, str], model: str, rounds: int, k: int, tokens: int) -> dict[str, dict[str, list[float]]]:
+    """Rounds of k streamed completions at once to each target in turn (the order rotated every
+    round): every stream's time to first token, and each block's generation throughput (tokens of
+    all k streams / the block's wall time). Each of the k clients keeps its connections alive between
+    rounds, as an application's OpenAI client does (a new httpx client per request costs ~19 ms of
+    the client's own CPU here, building its TLS context: noise on every side)."""
+    out: dict[str, dict[str, list[float]]] = {name: {"ttft": [], "tps": []} for name in targets}
+    clients = {name: [httpx.Client() for _ in range(k)] for name in targets}
+    names = list(targets)
     try:
         for i in range(rounds):
-            pair = [("direct", direct), ("gateway", gateway)]
-            for name, url in (pair if i % 2 == 0 else pair[::-1]):
-                rs = block(url, clients[name], model, tokens)
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                rs = block(targets[name], clients[name], model, tokens)
                 bad = [r.error for r in rs if not r.complete]
                 if bad:
                     raise SystemExit(f"{name}: request failed: {bad[0]}")
                 out[name]["ttft"] += [r.first_byte - r.start for r in rs]
                 out[name]["tps"].append(sum(r.tokens for r in rs) / (max(r.end for r in rs) - min(r.start for r in rs)))
     finally:
-        for c in clients["direct"] + clients["gateway"]:
-            c.close()
+        for cs in clients.values():
+            for c in cs:
+                c.close()
     return out
 
 
 def overhead_rows(label: str, m: dict) -> list[str]:
-    d, g = m["direct"], m["gateway"]
+    """A row per figure: direct, through the gateway, through the bare relay, and the ratios to direct."""
+    d, g, r = m["direct"], m["gateway"], m["relay"]
     rows = []
     for q in (0.5, 0.9):
-        a, b = pct(d["ttft"], q) * 1000, pct(g["ttft"], q) * 1000
-        rows.append(f"| {label}: time to first token p{int(q * 100)} ({len(d['ttft'])} streams each) | {a:.1f} ms | {b:.1f} ms | {b / a:.3f} |")
-    a, b = sum(d["tps"]) / len(d["tps"]), sum(g["tps"]) / len(g["tps"])
-    rows.append(f"| {label}: generation throughput (mean of {len(d['tps'])} rounds) | {a:.1f} tokens/s | {b:.1f} tokens/s | {b / a:.3f} |")
+        a, b, c = (pct(x["ttft"], q) * 1000 for x in (d, g, r))
+        rows.append(f"| {label}: time to first token p{int(q * 100)} ({len(d['ttft'])} streams each) | {a:.1f} ms | {b:.1f} ms | {c:.1f} ms "
+                    f"| {b / a:.3f} | {c / a:.3f} |")
+    a, b, c = (sum(x["tps"]) / len(x["tps"]) for x in (d, g, r))
+    rows.append(f"| {label}: generation throughput (mean of {len(d['tps'])} rounds) | {a:.1f} tokens/s | {b:.1f} tokens/s | {c:.1f} tokens/s "
+                f"| {b / a:.3f} | {c / a:.3f} |")
     # what the hop adds, paired round by round (the engine's own speed drifts between rounds on shared cores)
     k = len(d["ttft"]) // len(d["tps"])  # streams per round
-    added = [(sum(g["ttft"][i:i + k]) - sum(d["ttft"][i:i + k])) / k * 1000 for i in range(0, len(d["ttft"]), k)]
-    rows.append(f"| {label}: time to first token added by the gateway, mean per stream of a round, median of {len(added)} paired "
-                f"rounds [p25, p75] | | {pct(added, 0.5):+.1f} ms [{pct(added, 0.25):+.1f}, {pct(added, 0.75):+.1f}] | |")
+
+    def added(x: dict) -> list[float]:
+        return [(sum(x["ttft"][i:i + k]) - sum(d["ttft"][i:i + k])) / k * 1000 for i in range(0, len(d["ttft"]), k)]
+
+    ga, ra = added(g), added(r)
+    rows.append(f"| {label}: time to first token added, mean per stream of a round, median of {len(ga)} paired rounds [p25, p75] | "
+                f"| {pct(ga, 0.5):+.1f} ms [{pct(ga, 0.25):+.1f}, {pct(ga, 0.75):+.1f}] | {pct(ra, 0.5):+.1f} ms [{pct(ra, 0.25):+.1f}, "
+                f"{pct(ra, 0.75):+.1f}] | | |")
     return rows
+
+
+def relay(upstream: str, port: int) -> None:
+    """The floor of any proxy on this machine: bytes copied both ways between a client and vLLM
+    (uvloop, no HTTP parsing, nothing held back, no failover), in a process of its own."""
+    import asyncio
+
+    import uvloop
+
+    host, up_port = upstream.rsplit(":", 1)
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+        finally:
+            w.close()
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(host, int(up_port))
+        await asyncio.gather(pipe(cr, uw), pipe(ur, cw), return_exceptions=True)
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(main())
 
 
 def wait_event(url: str, pred, timeout: float) -> dict:
@@ -132,7 +171,10 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=30)
     ap.add_argument("--no-failover", action="store_true")
     ap.add_argument("--executors", default="ray,native")
+    ap.add_argument("--relay", nargs=2, metavar=("UPSTREAM", "PORT"), help=argparse.SUPPRESS)  # the bare relay's own process
     args = ap.parse_args()
+    if args.relay:
+        return relay(args.relay[0], int(args.relay[1]))
     if not any(n["running"] for n in cluster.status()["nodes"]):
         raise SystemExit("the simulated cluster is not up: spark-cluster sim up")
     for executor in args.executors.split(","):
@@ -154,6 +196,7 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
         Executor(cfg, nodes).up()
     log = open(tmp / "controller.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], stdout=log, stderr=subprocess.STDOUT)
+    bare = subprocess.Popen([sys.executable, __file__, "--relay", direct.split("//", 1)[1], str(RELAY_PORT)])
     rows: list[str] = []
     try:
         end = time.monotonic() + 60
@@ -174,12 +217,14 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
         idle_cpu = (proc_cpu_s(proc.pid) - c0) / (time.monotonic() - t0) * 100
         idle_rss = proc_rss_mb(proc.pid)
 
-        one_request(direct, model, "stream", 8)  # warm both paths
-        one_request(gateway, model, "stream", 8)
-        idle = measure(direct, gateway, model, args.rounds, 1, 48)
-        loaded = measure(direct, gateway, model, args.loaded_rounds, args.load, 96)
+        targets = {"direct": direct, "gateway": gateway, "relay": f"http://127.0.0.1:{RELAY_PORT}"}
+        for url in targets.values():  # warm every path
+            one_request(url, model, "stream", 8)
+        idle = measure(targets, model, args.rounds, 1, 48)
+        loaded = measure(targets, model, args.loaded_rounds, args.load, 96)
 
-        rows += ["| | direct to vLLM | through the gateway | gateway / direct |", "| --- | --- | --- | --- |"]
+        rows += ["| | direct to vLLM | through the gateway | through a bare relay | gateway / direct | relay / direct |",
+                 "| --- | --- | --- | --- | --- | --- |"]
         rows += overhead_rows("idle (1 stream)", idle) + overhead_rows(f"under load ({args.load} streams at once)", loaded)
         rows += ["", "| controller process | |", "| --- | --- |",
                  f"| resident memory, idle | {idle_rss:.0f} MB |", f"| CPU, idle (watchdog observing every {cfg.watchdog.period_s:g} s) | {idle_cpu:.2f} % of a core |"]
@@ -221,8 +266,10 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
             rows += ["", "The gateway's own count (spark_cluster_gateway_requests_total): " +
                      ", ".join(f"{k} {v:g}" for k, v in by_gateway.items())]
     finally:
+        bare.terminate()
         proc.terminate()
         proc.wait(timeout=60)
+        bare.wait(timeout=60)
         log.close()
     return rows
 
