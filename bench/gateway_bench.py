@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark: the controller's gateway on the local simulated cluster, for each executor in turn.
 
-1. Overhead: streamed completions sent in turn straight to vLLM, through the gateway and through a
-   bare relay (bytes copied both ways, nothing parsed or held back: the floor of any proxy on this
-   machine, where the engine's CPU ranks share the 2 cores with every hop), in the same run, one
-   at a time (idle) and several at once (load): time to first token (p50, p90) and generation
-   throughput, with the ratios to direct.
+1. Overhead: requests sent in turn straight to vLLM, through the gateway and through a bare relay
+   (bytes copied both ways, nothing parsed or held back: the floor of any proxy on this machine,
+   where the engine's CPU ranks share the 2 cores with every hop), in the same run: time to first
+   token (p50 with its 95 % interval, p90) of one-token streamed probes, idle (one at a time) and
+   under load (streams kept running through the same target); generation throughput of rounds of
+   streams, one at a time and several at once; the ratios to direct. Each with the cores shared
+   (as the simulated cluster runs: the engine computes on both) and with a spare core (the engine
+   confined to one, the controller, the relay and the clients on the other, as on a Spark whose
+   engine computes on its GPU).
 2. Footprint of the controller process (`spark-cluster controller`, its own process): resident
    memory and CPU share while idle (the watchdog observing every period), and its CPU time per
    request under the load of the failover run.
@@ -13,7 +17,7 @@
    frozen (`docker pause`) and the group restarts: requests by outcome as the clients saw them.
 
 Usage (root, simulated cluster up: `spark-cluster sim up`):
-    python bench/gateway_bench.py [--executors ray,native] [--rounds 100] [--loaded-rounds 30] [--load 4] [--idle-seconds 30] [--no-failover]
+    python bench/gateway_bench.py [--executors ray,native] [--probes 1000] [--rounds 30] [--loaded-rounds 20] [--load 4] [--cores shared,spare] [--idle-seconds 30] [--no-failover]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -36,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.executor import Executor  # noqa: E402
-from spark_cluster.loadgen import mixed_load, one_request  # noqa: E402
+from spark_cluster.loadgen import mixed_load, one_request, stream_load  # noqa: E402
 from spark_cluster.metrics import samples  # noqa: E402
 from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
@@ -77,12 +82,56 @@ def block(url: str, clients: list[httpx.Client], model: str, tokens: int) -> lis
     return results
 
 
-def measure(targets: dict[str, str], model: str, rounds: int, k: int, tokens: int) -> dict[str, dict[str, list[float]]]:
+def probe_ttft(targets: dict[str, str], model: str, n: int, direct: str, load: int = 0, per_phase: int = 25) -> dict[str, list[float]]:
+    """Time to first token (ms) of n one-token streamed completions per target, one at a time, the
+    targets in turn (the order rotated every turn); each target's client keeps its connection alive,
+    as an application's OpenAI client does (a new httpx client per request costs ~19 ms of the
+    client's own CPU here, building its TLS context: noise on every side). The first token is the prefill's whatever max_tokens is,
+    so a probe costs the engine ~20 ms instead of a whole stream: enough probes for the median to be
+    known to about 1 % (100 48-token streams gave ratios that moved 5-10 % between runs).
+    With load: in phases of per_phase probes, each with `load` long streams kept running through the
+    same target as its probes (a deployment whose every client uses that door); the probes start
+    once vLLM (`direct`) runs all of them."""
+    out: dict[str, list[float]] = {name: [] for name in targets}
+    clients = {name: httpx.Client() for name in targets}
+    names, step = list(targets), per_phase if load else 1
+    try:
+        for i in range(-(-n // step)):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                stop = threading.Event()
+                background = stream_load(targets[name], model, load, stop) if load else []
+                try:
+                    if load:
+                        wait_running(direct, load)
+                    for _ in range(step):
+                        r = one_request(targets[name], model, "stream", 1, client=clients[name])
+                        if not r.complete:
+                            raise SystemExit(f"{name}: request failed: {r.error}")
+                        out[name].append((r.first_byte - r.start) * 1000)
+                finally:
+                    stop.set()
+                    for t in background:
+                        t.join()
+    finally:
+        for c in clients.values():
+            c.close()
+    return out
+
+
+def wait_running(direct: str, k: int, timeout: float = 60) -> None:
+    """Until vLLM runs exactly k requests (the load's streams started; an earlier phase's left ones gone)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if samples(httpx.get(f"{direct}/metrics", timeout=10).text, "vllm:num_requests_running")[0][1] == k:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"vLLM did not come to {k} running requests in {timeout:g} s")
+
+
+def throughput(targets: dict[str, str], model: str, rounds: int, k: int, tokens: int) -> dict[str, dict[str, list[float]]]:
     """Rounds of k streamed completions at once to each target in turn (the order rotated every
-    round): every stream's time to first token, and each block's generation throughput (tokens of
-    all k streams / the block's wall time). Each of the k clients keeps its connections alive between
-    rounds, as an application's OpenAI client does (a new httpx client per request costs ~19 ms of
-    the client's own CPU here, building its TLS context: noise on every side)."""
+    round): each block's generation throughput (tokens of all k streams / the block's wall time),
+    and every stream's time to first token (each block sent right after the previous one ended)."""
     out: dict[str, dict[str, list[float]]] = {name: {"ttft": [], "tps": []} for name in targets}
     clients = {name: [httpx.Client() for _ in range(k)] for name in targets}
     names = list(targets)
@@ -93,7 +142,7 @@ def measure(targets: dict[str, str], model: str, rounds: int, k: int, tokens: in
                 bad = [r.error for r in rs if not r.complete]
                 if bad:
                     raise SystemExit(f"{name}: request failed: {bad[0]}")
-                out[name]["ttft"] += [r.first_byte - r.start for r in rs]
+                out[name]["ttft"] += [(r.first_byte - r.start) * 1000 for r in rs]
                 out[name]["tps"].append(sum(r.tokens for r in rs) / (max(r.end for r in rs) - min(r.start for r in rs)))
     finally:
         for cs in clients.values():
@@ -102,27 +151,31 @@ def measure(targets: dict[str, str], model: str, rounds: int, k: int, tokens: in
     return out
 
 
-def overhead_rows(label: str, m: dict) -> list[str]:
-    """A row per figure: direct, through the gateway, through the bare relay, and the ratios to direct."""
-    d, g, r = m["direct"], m["gateway"], m["relay"]
-    rows = []
-    for q in (0.5, 0.9):
-        a, b, c = (pct(x["ttft"], q) * 1000 for x in (d, g, r))
-        rows.append(f"| {label}: time to first token p{int(q * 100)} ({len(d['ttft'])} streams each) | {a:.1f} ms | {b:.1f} ms | {c:.1f} ms "
-                    f"| {b / a:.3f} | {c / a:.3f} |")
-    a, b, c = (sum(x["tps"]) / len(x["tps"]) for x in (d, g, r))
-    rows.append(f"| {label}: generation throughput (mean of {len(d['tps'])} rounds) | {a:.1f} tokens/s | {b:.1f} tokens/s | {c:.1f} tokens/s "
-                f"| {b / a:.3f} | {c / a:.3f} |")
-    # what the hop adds, paired round by round (the engine's own speed drifts between rounds on shared cores)
-    k = len(d["ttft"]) // len(d["tps"])  # streams per round
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A 95 % interval of the median, free of any assumed distribution (order statistics n/2 ± 0.98 √n)."""
+    v, n = sorted(values), len(values)
+    half = 0.98 * n ** 0.5
+    return v[max(0, int(n / 2 - half))], v[min(n - 1, int(n / 2 + half))]
 
-    def added(x: dict) -> list[float]:
-        return [(sum(x["ttft"][i:i + k]) - sum(d["ttft"][i:i + k])) / k * 1000 for i in range(0, len(d["ttft"]), k)]
 
-    ga, ra = added(g), added(r)
-    rows.append(f"| {label}: time to first token added, mean per stream of a round, median of {len(ga)} paired rounds [p25, p75] | "
-                f"| {pct(ga, 0.5):+.1f} ms [{pct(ga, 0.25):+.1f}, {pct(ga, 0.75):+.1f}] | {pct(ra, 0.5):+.1f} ms [{pct(ra, 0.25):+.1f}, "
-                f"{pct(ra, 0.75):+.1f}] | | |")
+def row(label: str, figures: list[float], unit: str, intervals: list[tuple[float, float]] | None = None) -> str:
+    """A table row: the figure of each target (direct first), then each other one's ratio to direct."""
+    cells = [f"{x:.1f} {unit}" + (f" [{lo:.1f}, {hi:.1f}]" if intervals else "")
+             for x, (lo, hi) in zip(figures, intervals or [(0, 0)] * len(figures))]
+    return f"| {label} | " + " | ".join(cells) + " | " + " | ".join(f"{x / figures[0]:.3f}" for x in figures[1:]) + " |"
+
+
+def overhead_rows(label: str, ttft: dict[str, list[float]], tput: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Rows for one condition: time to first token p50 (with its interval) and p90 of the probes,
+    generation throughput, and the time to first token of the throughput rounds' streams."""
+    names = list(ttft)
+    rows = [row(f"{label}: time to first token p50 [95 % interval] ({len(ttft[names[0]])} probes each)",
+                [pct(ttft[n], 0.5) for n in names], "ms", [median_interval(ttft[n]) for n in names]),
+            row(f"{label}: time to first token p90", [pct(ttft[n], 0.9) for n in names], "ms"),
+            row(f"{label}: generation throughput (mean of {len(tput[names[0]]['tps'])} rounds)",
+                [sum(tput[n]["tps"]) / len(tput[n]["tps"]) for n in names], "tokens/s"),
+            row(f"{label}: time to first token p50 of those rounds' streams ({len(tput[names[0]]['ttft'])} each, "
+                "each round sent as the previous one ended)", [pct(tput[n]["ttft"], 0.5) for n in names], "ms")]
     return rows
 
 
@@ -153,6 +206,40 @@ def relay(upstream: str, port: int) -> None:
     uvloop.run(main())
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process on these cores (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+@contextmanager
+def cores(mode: str, pids: list[int]):
+    """shared: as the simulated cluster runs, the engine's CPU ranks, the controller, the relay and
+    the clients all on the machine's cores. spare: the nodes' containers (vLLM, Ray) confined to
+    core 0, the controller, the relay and this process (the clients) to core 1: a hop with a core
+    the engine does not use, as on a Spark (20 cores, the engine computing on its GPU). Restored
+    afterwards."""
+    if mode == "shared":
+        yield
+        return
+    every = set(range(os.cpu_count() or 1))
+    if len(every) < 2:
+        raise SystemExit("--cores spare needs 2 cores at least")
+    containers = {n["name"]: cluster.node_exec(n["name"], "docker", "ps", "-q", timeout=60).stdout.split()
+                  for n in cluster.status()["nodes"]}
+    try:
+        for node, ids in containers.items():
+            cluster.node_exec(node, "docker", "update", "--cpuset-cpus", "0", *ids, timeout=60)
+        for pid in pids:
+            pin(pid, every - {0})
+        yield
+    finally:
+        for node, ids in containers.items():
+            cluster.node_exec(node, "docker", "update", "--cpuset-cpus", f"0-{max(every)}", *ids, check=False, timeout=60)
+        for pid in pids:
+            pin(pid, every)
+
+
 def wait_event(url: str, pred, timeout: float) -> dict:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -165,9 +252,12 @@ def wait_event(url: str, pred, timeout: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=100, help="rounds per side, idle (one stream: about a second per round)")
-    ap.add_argument("--loaded-rounds", type=int, default=30, help="rounds per side under load")
+    ap.add_argument("--probes", type=int, default=1000, help="one-token probes per target and condition (time to first token)")
+    ap.add_argument("--rounds", type=int, default=30, help="throughput rounds per target, idle (one 48-token stream: about a second)")
+    ap.add_argument("--loaded-rounds", type=int, default=20, help="throughput rounds per target under load")
     ap.add_argument("--load", type=int, default=4, help="streams at once in the loaded condition")
+    ap.add_argument("--cores", default="shared,spare", help="shared: the engine on every core, as the simulated cluster runs; "
+                    "spare: the engine on core 0, the controller, the relay and the clients on core 1 (as on a Spark)")
     ap.add_argument("--idle-seconds", type=float, default=30)
     ap.add_argument("--no-failover", action="store_true")
     ap.add_argument("--executors", default="ray,native")
@@ -220,12 +310,16 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
         targets = {"direct": direct, "gateway": gateway, "relay": f"http://127.0.0.1:{RELAY_PORT}"}
         for url in targets.values():  # warm every path
             one_request(url, model, "stream", 8)
-        idle = measure(targets, model, args.rounds, 1, 48)
-        loaded = measure(targets, model, args.loaded_rounds, args.load, 96)
-
         rows += ["| | direct to vLLM | through the gateway | through a bare relay | gateway / direct | relay / direct |",
                  "| --- | --- | --- | --- | --- | --- |"]
-        rows += overhead_rows("idle (1 stream)", idle) + overhead_rows(f"under load ({args.load} streams at once)", loaded)
+        for mode in args.cores.split(","):
+            with cores(mode, [os.getpid(), proc.pid, bare.pid]):
+                idle = probe_ttft(targets, model, args.probes, direct)
+                loaded = probe_ttft(targets, model, args.probes, direct, load=args.load)
+                idle_tput = throughput(targets, model, args.rounds, 1, 48)
+                loaded_tput = throughput(targets, model, args.loaded_rounds, args.load, 96)
+            rows += overhead_rows(f"{mode} cores, idle", idle, idle_tput)
+            rows += overhead_rows(f"{mode} cores, under load ({args.load} streams)", loaded, loaded_tput)
         rows += ["", "| controller process | |", "| --- | --- |",
                  f"| resident memory, idle | {idle_rss:.0f} MB |", f"| CPU, idle (watchdog observing every {cfg.watchdog.period_s:g} s) | {idle_cpu:.2f} % of a core |"]
 
