@@ -57,6 +57,8 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
             else:
                 other: list[str] = []  # an error answer's body (a 503 of the gateway, say): read once, here
                 for line in resp.iter_lines():
+                    if r.complete:
+                        continue  # the body's end after [DONE], read so that the connection is used again (as openai-python does)
                     if stop is not None and stop.is_set():
                         r.stopped = True
                         break
@@ -67,7 +69,7 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
                         r.first_byte = time.time()
                     if line == "data: [DONE]":
                         r.complete = resp.status_code == 200
-                        break
+                        continue
                     event = json.loads(line[6:])
                     if "error" in event:
                         r.error_event, r.error = time.time(), str(event["error"].get("message"))[:300]

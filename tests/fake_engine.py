@@ -104,7 +104,7 @@ class FakeEngine:
         sc = self.script
         body = await request.body()
         sc.calls += 1
-        sc.received.append({"headers": dict(request.headers), "body": body.decode()})
+        sc.received.append({"headers": dict(request.headers), "body": body.decode(), "peer": tuple(request.client or ())})
         while sc.hang:
             await asyncio.sleep(0.02)
         if sc.status != 200:

@@ -421,3 +421,19 @@ def test_the_load_generator_reads_an_error_answer_to_a_stream_once():
         engine.stop()
     assert (r.status, r.complete, r.first_byte) == (503, False, None)
     assert "fake error 503" in r.error
+
+
+def test_the_load_generator_reads_a_stream_to_its_end_so_a_kept_alive_client_reuses_its_connection():
+    """As openai-python does: the body's end after `data: [DONE]` is read, so the next request goes
+    over the same connection (the gateway bench's probes would otherwise pay a new connection each)."""
+    from spark_cluster.loadgen import one_request
+
+    engine = FakeEngine().start()
+    try:
+        engine.script.chunks, engine.script.chunk_delay_s = 2, 0.0
+        with httpx.Client() as client:
+            rs = [one_request(engine.url, "tiny-qwen3", "stream", 2, client=client) for _ in range(2)]
+    finally:
+        engine.stop()
+    assert [(r.complete, r.tokens) for r in rs] == [(True, 2), (True, 2)]
+    assert engine.script.received[0]["peer"] == engine.script.received[1]["peer"]
