@@ -265,6 +265,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.relay:
         return relay(args.relay[0], int(args.relay[1]))
+    if not set(args.cores.split(",")) <= {"shared", "spare"}:
+        raise SystemExit(f"--cores: shared, spare or both, not {args.cores!r}")
     if not any(n["running"] for n in cluster.status()["nodes"]):
         raise SystemExit("the simulated cluster is not up: spark-cluster sim up")
     for executor in args.executors.split(","):
