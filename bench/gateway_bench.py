@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.executor import Executor  # noqa: E402
 from spark_cluster.loadgen import mixed_load, one_request, stream_load  # noqa: E402
-from spark_cluster.metrics import samples  # noqa: E402
+from spark_cluster.metrics import sample_value, samples  # noqa: E402
 from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
 
@@ -82,6 +82,11 @@ def block(url: str, clients: list[httpx.Client], model: str, tokens: int) -> lis
     return results
 
 
+def rotated(names: list[str], i: int) -> list[str]:
+    """The targets in turn i's order: rotated by one each turn, so none always follows the same one."""
+    return names[i % len(names):] + names[:i % len(names)]
+
+
 def probe_ttft(targets: dict[str, str], model: str, n: int, direct: str, load: int = 0, per_phase: int = 25) -> dict[str, list[float]]:
     """Time to first token (ms) of n one-token streamed completions per target, one at a time, the
     targets in turn (the order rotated every turn); each target's client keeps its connection alive,
@@ -97,7 +102,7 @@ def probe_ttft(targets: dict[str, str], model: str, n: int, direct: str, load: i
     names, step = list(targets), per_phase if load else 1
     try:
         for i in range(-(-n // step)):
-            for name in names[i % len(names):] + names[:i % len(names)]:
+            for name in rotated(names, i):
                 stop = threading.Event()
                 background = stream_load(targets[name], model, load, stop) if load else []
                 try:
@@ -122,7 +127,7 @@ def wait_running(direct: str, k: int, timeout: float = 60) -> None:
     """Until vLLM runs exactly k requests (the load's streams started; an earlier phase's left ones gone)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if samples(httpx.get(f"{direct}/metrics", timeout=10).text, "vllm:num_requests_running")[0][1] == k:
+        if sample_value(httpx.get(f"{direct}/metrics", timeout=10).text, "vllm:num_requests_running") == k:
             return
         time.sleep(0.1)
     raise SystemExit(f"vLLM did not come to {k} running requests in {timeout:g} s")
@@ -137,7 +142,7 @@ def throughput(targets: dict[str, str], model: str, rounds: int, k: int, tokens:
     names = list(targets)
     try:
         for i in range(rounds):
-            for name in names[i % len(names):] + names[:i % len(names)]:
+            for name in rotated(names, i):
                 rs = block(targets[name], clients[name], model, tokens)
                 bad = [r.error for r in rs if not r.complete]
                 if bad:
@@ -160,8 +165,9 @@ def median_interval(values: list[float]) -> tuple[float, float]:
 
 def row(label: str, figures: list[float], unit: str, intervals: list[tuple[float, float]] | None = None) -> str:
     """A table row: the figure of each target (direct first), then each other one's ratio to direct."""
-    cells = [f"{x:.1f} {unit}" + (f" [{lo:.1f}, {hi:.1f}]" if intervals else "")
-             for x, (lo, hi) in zip(figures, intervals or [(0, 0)] * len(figures))]
+    cells = [f"{x:.1f} {unit}" for x in figures]
+    if intervals:
+        cells = [f"{c} [{lo:.1f}, {hi:.1f}]" for c, (lo, hi) in zip(cells, intervals)]
     return f"| {label} | " + " | ".join(cells) + " | " + " | ".join(f"{x / figures[0]:.3f}" for x in figures[1:]) + " |"
 
 
