@@ -35,7 +35,8 @@ from . import timeouts
 from .config import ClusterConfig
 from .decide import recent_restarts
 from .errors import ConfigError
-from .gateway import Gateway, door_for_phase, error_body
+from .front import FrontProtocol
+from .gateway import Gateway, door_for_phase
 from .metrics import ControllerMetrics
 from .render import MASK, render
 from .transport import Nodes
@@ -200,28 +201,6 @@ class Controller:
         return out
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _request_body(scope: dict[str, Any], receive: Any, limit: int) -> Optional[bytes]:
-    """A request's whole body (None when the client left while sending it); _BodyTooLarge past
-    `limit`, declared or sent."""
-    declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-    if declared.isdigit() and int(declared) > limit:
-        raise _BodyTooLarge
-    body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise _BodyTooLarge
-        if not message.get("more_body"):
-            return bytes(body)
-
-
 class _App(FastAPI):
     """FastAPI with the gateway's paths (/v1/*) answered before anything else of the application."""
 
@@ -251,22 +230,11 @@ def create_app(ctl: Controller) -> FastAPI:
             raise HTTPException(401, "a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; "
                                      "default state_dir/api-token)", headers={"WWW-Authenticate": "Bearer"})
 
-    # ---- the gateway: /v1/* goes to it before Starlette's middleware, FastAPI's routing and
-    # dependency machinery (the hop is counted against the engine's time to first token, and every
-    # chunk of a stream passes through it: bench/gateway_bench.py)
-    max_body = ctl.cfg.gateway.max_body_bytes()
-
+    # ---- the gateway: /v1/* on a connection uvicorn answers (spark_cluster.front keeps the others)
+    # goes to it before Starlette's middleware, FastAPI's routing and dependency machinery
     async def gateway(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        try:
-            body = await _request_body(scope, receive, max_body)
-        except _BodyTooLarge:
-            ctl.metrics.outcome("rejected")
-            await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": error_body(
-                f"the request body is larger than gateway.max_body ({ctl.cfg.gateway.max_body})", "request_too_large", 413)})
-            return
-        if body is not None:  # else the client went away while sending it
-            await ctl.gateway.serve(scope, receive, send, body)
+        assert ctl.gateway is not None  # made at the lifespan's start, before uvicorn answers anything
+        await ctl.gateway.serve_asgi(scope, receive, send)
 
     app.state.gateway = gateway
 
@@ -361,7 +329,12 @@ def serve(cfg: ClusterConfig) -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     ctl = Controller(cfg)
     (ctl.dir / "incidents").mkdir(parents=True, exist_ok=True)
-    # uvloop and httptools (uvicorn[standard]) for the gateway's hop, named so that a missing one
-    # stops the controller at start instead of falling back silently to the slower pure-Python ones
-    uvicorn.run(create_app(ctl), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning", loop="uvloop", http="httptools",
-                access_log=False, timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S, limit_concurrency=None, backlog=2048)
+    uvicorn.run(create_app(ctl), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning", **server_options(ctl))
+
+
+def server_options(ctl: Controller) -> dict[str, Any]:
+    """uvicorn's options for the controller: the gateway's own protocol in front (spark_cluster.front,
+    uvicorn's httptools protocol behind it), on uvloop, named so that a missing one stops the
+    controller at start instead of falling back silently to the slower pure-Python ones."""
+    return {"loop": "uvloop", "http": FrontProtocol.factory(lambda: ctl.gateway), "access_log": False,
+            "timeout_graceful_shutdown": timeouts.GRACEFUL_SHUTDOWN_S, "limit_concurrency": None, "backlog": 2048}

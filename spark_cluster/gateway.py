@@ -15,7 +15,9 @@ What routers in front of vLLM learned (shared/notes/gateway.md), as rules:
   unchanged and are never retried.
 
 The door's rules are pure functions (`door_after`, `admit`, `retry_status`), table-tested; the
-proxy itself is one ASGI callable per request (`Gateway.serve`).
+proxy itself is one coroutine per request (`Gateway.serve`), in the request's own task: it is
+called by the controller's front protocol (spark_cluster.front) straight from the parser, or
+through ASGI (`Gateway.serve_asgi`) on a connection uvicorn answers.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal, Optional
+from typing import Any, Awaitable, Callable, Literal, Optional, Protocol
 
 from . import timeouts
 from .config import GatewaySettings
@@ -140,6 +142,7 @@ class Flight:
     event_stream: bool = False
     tail: bytes = b""  # the last bytes sent (an error event must start on an event boundary)
     done_sent: bool = False  # an event stream's `data: [DONE]` went out: the client has the whole answer
+    cut: bool = False  # an interruption or the client's leaving cancelled the exchange
 
 
 class Observer:
@@ -148,11 +151,21 @@ class Observer:
     def outcome(self, outcome: str) -> None: ...
     def first_byte(self, seconds: float) -> None: ...
     def held(self, count: int) -> None: ...
-    def in_flight(self, count: int) -> None: ...
+    def count_in_flight(self, count: Callable[[], int]) -> None: ...
 
 
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class Writer(Protocol):
+    """A client the gateway can write a body's pieces to at once, from the engine connection's own
+    callback (spark_cluster.front): `write` returns False when the client reads slower than the
+    engine writes; `on_drain` is called when it has caught up."""
+
+    on_drain: Optional[Callable[[], None]]
+
+    def write(self, chunk: bytes) -> bool: ...
 
 
 class Gateway:
@@ -163,6 +176,8 @@ class Gateway:
         self.changed = asyncio.Event()  # set (and replaced) at every change of the door
         self.held = 0
         self.flights: set[Flight] = set()
+        self.max_body = settings.max_body_bytes()
+        self.obs.count_in_flight(lambda: len(self.flights))
         self.engine = Upstream(upstream, max_connections=settings.max_connections, connect_timeout_s=settings.connect_timeout_s,
                                read_timeout_s=settings.read_timeout_s)
 
@@ -206,14 +221,15 @@ class Gateway:
         return await self.engine.get_status("/health", min(timeouts.ENGINE_HEALTH_S, self.s.connect_timeout_s)) == 200
 
     # ---- one request -------------------------------------------------------------------------
-    async def serve(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend, body: bytes) -> Outcome:
+    async def serve(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: ASGISend,
+                    gone: Signal, writer: Optional[Writer] = None) -> Outcome:
+        """One request: `target` is the path and query as the client sent them, `send` takes ASGI's
+        response messages, `gone` is set when the client goes away; with a `writer`, a body's pieces
+        after the first go to it straight from the engine's connection."""
         t0 = time.monotonic()
         deadline = t0 + self.s.hold_s
-        gone = Signal()
-        listener = asyncio.create_task(_until_disconnect(receive, gone))
         held = attempts = 0
-        path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
         flight = Flight()
         outcome: Outcome = "failed"
         try:
@@ -229,7 +245,7 @@ class Gateway:
                     outcome = "rejected"
                     return outcome
                 attempts += 1
-                result = await self._attempt(flight, scope["method"], path, headers, body, send, gone, t0)
+                result = await self._attempt(flight, method, target, headers, body, send, gone, t0, writer)
                 if result != "retry":
                     outcome = result if result != "ok" else ("retried" if attempts > 1 else "held" if held else "ok")
                     return outcome
@@ -245,11 +261,35 @@ class Gateway:
                     await _first(gone.wait(), timeout=pause)
                 flight = Flight()
         finally:
-            listener.cancel()
             self.obs.outcome(outcome)
             if outcome != "ok":
-                log.info("%s %s: %s after %.1fs (%d attempts%s)", scope["method"], path, outcome,
+                log.info("%s %s: %s after %.1fs (%d attempts%s)", method, target, outcome,
                          time.monotonic() - t0, attempts, ", waited at the door" if held else "")
+
+    async def serve_asgi(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        """One request through ASGI (a connection uvicorn answers: spark_cluster.front hands it the
+        connections that asked for another path first): the body read with its limit, the client's
+        leaving watched by a listener task."""
+        try:
+            body = await _request_body(scope, receive, self.max_body)
+        except _BodyTooLarge:
+            await self.refuse_too_large(send)
+            return
+        if body is None:
+            return  # the client went away while sending it
+        gone = Signal()
+        listener = asyncio.create_task(_until_disconnect(receive, gone))
+        target = scope["raw_path"].decode("latin-1") + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+        try:
+            await self.serve(scope["method"], target, scope["headers"], body, send, gone)
+        finally:
+            listener.cancel()
+
+    async def refuse_too_large(self, send: ASGISend) -> None:
+        self.obs.outcome("rejected")
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": error_body(
+            f"the request body is larger than gateway.max_body ({self.s.max_body})", "request_too_large", 413)})
 
     async def _refuse(self, send: ASGISend, a: Admission) -> None:
         headers = [(b"content-type", b"application/json")]
@@ -259,21 +299,33 @@ class Gateway:
         await send({"type": "http.response.body", "body": error_body(a.message)})
 
     async def _attempt(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                       send: ASGISend, gone: Signal, t0: float) -> str:
+                       send: ASGISend, gone: Signal, t0: float, writer: Optional[Writer]) -> str:
         """One try at the engine: ok | failed (an answer passed through) | retry (nothing reached the
-        client) | interrupted (a stream cut after its first byte) | cancelled (the client went away)."""
+        client) | interrupted (a stream cut after its first byte) | cancelled (the client went away).
+        The exchange runs in the request's own task; an interruption or the client's leaving cancels
+        it (a task per exchange would be time on the hop)."""
+        task = asyncio.current_task()
+        assert task is not None
+
+        def cut() -> None:
+            if not flight.cut and not flight.finished:
+                flight.cut = True
+                task.cancel()  # closes the connection to vLLM, which aborts the request
+
         self.flights.add(flight)
-        self.obs.in_flight(len(self.flights))
-        exchange = asyncio.create_task(self._exchange(flight, method, path, headers, body, send, t0))
+        flight.interrupt.callbacks.append(cut)
+        gone.callbacks.append(cut)
         try:
-            await _until_one(exchange, flight.interrupt, gone)
-            if exchange.done() or flight.finished:
+            if flight.interrupt.is_set() or gone.is_set():
+                flight.cut = True
+            else:
                 try:
-                    return await exchange
+                    return await self._exchange(flight, method, path, headers, body, send, t0, writer)
+                except asyncio.CancelledError:
+                    if not flight.cut or task.uncancel() > 0:
+                        raise  # cancelled from outside (the server stops)
                 except OSError:  # writing to a client that went away
                     return "cancelled"
-            exchange.cancel()  # closes the connection to vLLM, which aborts the request
-            await asyncio.gather(exchange, return_exceptions=True)
             if gone.is_set():
                 return "ok" if flight.done_sent else "cancelled"
             if not flight.started:
@@ -281,14 +333,12 @@ class Gateway:
             await self._end_stream(send, flight, f"the watchdog is restarting the engine ({self.door.reason or 'it stopped answering'})")
             return "interrupted"
         finally:
-            if not exchange.done():
-                exchange.cancel()
-                await asyncio.gather(exchange, return_exceptions=True)
+            flight.interrupt.callbacks.remove(cut)
+            gone.callbacks.remove(cut)
             self.flights.discard(flight)
-            self.obs.in_flight(len(self.flights))
 
     async def _exchange(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                        send: ASGISend, t0: float) -> str:
+                        send: ASGISend, t0: float, writer: Optional[Writer]) -> str:
         try:
             resp = await self.engine.send(method, path, headers, body)
         except ConnectFailed:
@@ -315,6 +365,14 @@ class Gateway:
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             if first:
                 await self._send_chunk(send, flight, first)
+            if writer is not None:  # no task woken per piece: under load every token of every stream passes here
+                def sink(chunk: bytes) -> bool:
+                    flight.tail = chunk[-2:]
+                    flight.done_sent = flight.event_stream and chunk.endswith(b"data: [DONE]\n\n")
+                    return writer.write(chunk)
+
+                resp.splice(sink)
+                writer.on_drain = resp.resume
             try:
                 while (chunk := await resp.next_chunk()) is not None:  # no async generator: a frame less per chunk
                     await self._send_chunk(send, flight, chunk)
@@ -326,6 +384,8 @@ class Gateway:
             return "failed" if resp.status >= 500 else "ok"
         finally:
             resp.close()
+            if writer is not None:
+                writer.on_drain = None
 
     async def _send_chunk(self, send: ASGISend, flight: Flight, chunk: bytes) -> None:
         flight.tail = chunk[-2:]
@@ -349,32 +409,34 @@ class Gateway:
             pass  # the client is gone as well
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _request_body(scope: dict[str, Any], receive: ASGIReceive, limit: int) -> Optional[bytes]:
+    """A request's whole body (None when the client left while sending it); _BodyTooLarge past
+    `limit`, declared or sent."""
+    declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+    if declared.isdigit() and int(declared) > limit:
+        raise _BodyTooLarge
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise _BodyTooLarge
+        if not message.get("more_body"):
+            return bytes(body)
+
+
 async def _until_disconnect(receive: ASGIReceive, gone: Signal) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             gone.set()
             return
-
-
-async def _until_one(task: asyncio.Task, *signals: Signal) -> None:
-    """Until the task is done or one of the signals is set."""
-    wake = asyncio.get_running_loop().create_future()
-
-    def fire(*_: Any) -> None:
-        if not wake.done():
-            wake.set_result(None)
-
-    task.add_done_callback(fire)
-    for s in signals:
-        s.callbacks.append(fire)
-    try:
-        if not task.done() and not any(s.is_set() for s in signals):
-            await wake
-    finally:
-        task.remove_done_callback(fire)
-        for s in signals:
-            s.callbacks.remove(fire)
 
 
 async def _first(*aws: Any, timeout: float | None = None) -> Any:

@@ -89,15 +89,14 @@ class ControllerMetrics(Observer):
                               "Time from a request's arrival to the first byte of its answer (time held included).",
                               buckets=TTFB_BUCKETS, registry=r)
         r.register(EngineCollector(last_sample))
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)
+        self.outcomes = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}  # a label lookup less per request
         for kind in RESTART_KINDS:
             self.restarts.labels(kind)
         self.state.state("starting")
 
     # ---- the gateway's reports ------------------------------------------------------------------
     def outcome(self, outcome: str) -> None:
-        self.requests.labels(outcome).inc()
+        self.outcomes[outcome].inc()
 
     def first_byte(self, seconds: float) -> None:
         self.ttfb.observe(seconds)
@@ -105,8 +104,9 @@ class ControllerMetrics(Observer):
     def held(self, count: int) -> None:
         self.held_now.set(count)
 
-    def in_flight(self, count: int) -> None:
-        self.in_flight_now.set(count)
+    def count_in_flight(self, count: Callable[[], int]) -> None:
+        """Requests with the engine, counted when scraped (not set twice per request)."""
+        self.in_flight_now.set_function(count)
 
     # ---- the watchdog's events ------------------------------------------------------------------
     def on_event(self, e: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 from urllib.parse import urlsplit
 
 import httptools
@@ -52,6 +52,7 @@ class _Conn(asyncio.Protocol):
 
     def __init__(self, read_timeout_s: float):
         self.read_timeout_s = read_timeout_s
+        self.loop = asyncio.get_running_loop()  # made by create_connection, in the loop
         self.transport: Optional[asyncio.Transport] = None
         self.lost = False
         self._reset()
@@ -67,25 +68,32 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = False
         self.no_body = False
         self.paused = False
+        self.sink: Optional[Callable[[bytes], bool]] = None  # Response.splice
         self.timer: Optional[asyncio.TimerHandle] = None
+        self.last_read = 0.0
 
     # ---- the exchange ----------------------------------------------------------------------------
     def start(self, data: bytes, no_body: bool) -> asyncio.Future[None]:
         self._reset()
         self.no_body = no_body
-        loop = asyncio.get_running_loop()
-        self.head = loop.create_future()
-        self._arm(loop)
+        self.head = self.loop.create_future()
+        self._arm()
         assert self.transport is not None
         self.transport.write(data)
         return self.head
 
-    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _arm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = loop.call_later(self.read_timeout_s, self._timed_out)
+        self.last_read = self.loop.time()
+        self.timer = self.loop.call_at(self.last_read + self.read_timeout_s, self._timed_out)
 
     def _timed_out(self) -> None:
+        # a read moves `last_read` only (no timer per read): the deadline is checked here
+        deadline = self.last_read + self.read_timeout_s
+        if self.loop.time() < deadline:
+            self.timer = self.loop.call_at(deadline, self._timed_out)
+            return
         self._fail(ReadTimeout(f"vLLM sent nothing for {self.read_timeout_s:g}s"))
         if self.transport is not None:
             self.transport.close()
@@ -102,19 +110,17 @@ class _Conn(asyncio.Protocol):
         self.items.append(item)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
-        if len(self.items) >= HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        if len(self.items) >= HIGH_WATER:
+            self._pause()
 
     async def next_chunk(self) -> Optional[bytes]:
         """The next piece of the body as it arrived; None at its end."""
         while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = self.loop.create_future()
             await self.waiter
         item = self.items.popleft()
-        if self.paused and len(self.items) <= LOW_WATER and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
+        if self.paused and len(self.items) <= LOW_WATER:
+            self.resume()
         if item is _END:
             return None
         if isinstance(item, BaseException):
@@ -130,7 +136,7 @@ class _Conn(asyncio.Protocol):
             assert self.transport is not None
             self.transport.close()
             return
-        self._arm(asyncio.get_running_loop())
+        self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -169,8 +175,22 @@ class _Conn(asyncio.Protocol):
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self.complete:
+        if self.complete or not body:
+            return
+        if self.sink is None:
             self._push(body)
+        elif not self.sink(body):
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
 
     def on_message_complete(self) -> None:
         if self.complete or self.status < 200:
@@ -206,6 +226,26 @@ class Response:
             if chunk is None or chunk:
                 return chunk
 
+    def splice(self, sink: Callable[[bytes], bool]) -> None:
+        """From here on every piece of the body goes to `sink` as it is read, in the connection's
+        own callback (no task woken per piece); `next_chunk()` then returns only the end (None) or
+        raises. `sink` returns False when its reader is behind: reading from vLLM pauses until
+        `resume()`."""
+        conn = self._conn
+        keep_up = True
+        while conn.items and isinstance(conn.items[0], bytes):
+            keep_up = sink(conn.items.popleft())
+        conn.sink = sink
+        if not keep_up:
+            conn._pause()
+        elif not conn.items:
+            conn.resume()
+
+    def resume(self) -> None:
+        """Read from vLLM again (the sink's reader caught up)."""
+        if not self._closed:
+            self._conn.resume()
+
     async def chunks(self) -> AsyncIterator[bytes]:
         while (chunk := await self.next_chunk()) is not None:
             yield chunk
@@ -216,6 +256,7 @@ class Response:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._conn.sink = None
             self._upstream._release(self._conn)
 
 

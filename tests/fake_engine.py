@@ -30,10 +30,10 @@ def free_port() -> int:
 class Served:
     """A real uvicorn server for an ASGI app, in a thread, on a free loopback port."""
 
-    def __init__(self, app: Any, port: Optional[int] = None):
+    def __init__(self, app: Any, port: Optional[int] = None, **options: Any):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **options))
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> "Served":
@@ -67,6 +67,7 @@ class Script:
     status: int = 200  # an error status answered instead of a completion
     health: int = 200
     linger_s: float = 0.0  # how long a stream stays open after its `data: [DONE]`
+    pad: int = 0  # bytes of padding in each event (large streams)
     calls: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
     running: int = 0
@@ -104,7 +105,9 @@ class FakeEngine:
         sc = self.script
         body = await request.body()
         sc.calls += 1
-        sc.received.append({"headers": dict(request.headers), "body": body.decode(), "peer": tuple(request.client or ())})
+        target = request.scope["raw_path"] + (b"?" + request.scope["query_string"] if request.scope["query_string"] else b"")
+        sc.received.append({"headers": dict(request.headers), "body": body.decode(), "peer": tuple(request.client or ()),
+                            "target": target.decode("latin-1")})
         while sc.hang:
             await asyncio.sleep(0.02)
         if sc.status != 200:
@@ -126,8 +129,12 @@ class FakeEngine:
             finished = False
             try:
                 for i in range(sc.chunks):
-                    yield f'data: {{"id": "cmpl-fake", "choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n'.encode()
-                    await asyncio.sleep(sc.chunk_delay_s)
+                    event: dict[str, Any] = {"id": "cmpl-fake", "choices": [{"index": 0, "text": f"t{i}"}]}
+                    if sc.pad:
+                        event["pad"] = "p" * sc.pad
+                    yield b"data: " + json.dumps(event).encode() + b"\n\n"
+                    if sc.chunk_delay_s:
+                        await asyncio.sleep(sc.chunk_delay_s)
                     while sc.hang:
                         await asyncio.sleep(0.02)
                 yield b"data: [DONE]\n\n"

@@ -5,6 +5,7 @@ real one (the real one on the simulated cluster: tests/test_controller.py)."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -15,7 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from spark_cluster.config import GatewaySettings, parse_config
-from spark_cluster.controller import Controller, create_app, load_token
+from spark_cluster.controller import Controller, create_app, load_token, server_options
 from spark_cluster.decide import State
 from spark_cluster.errors import ConfigError
 from spark_cluster.gateway import Admission, Door, admit, door_after, door_for_phase, retry_status
@@ -98,6 +99,9 @@ class ScriptedWatchdog:
     def busy_restarting(self) -> bool:
         return self.state.phase in ("backoff", "restarting")
 
+    def clock(self) -> float:
+        return time.time()
+
     def request_restart(self, reason: str) -> None:
         self.restarts.append(reason)
 
@@ -142,10 +146,14 @@ def rig_cfg(tmp_path, engine_url: str, **gateway):
 
 @pytest.fixture
 def rig(tmp_path, request):
-    gateway = getattr(request, "param", {})
+    """The controller with a scripted watchdog in front of a fake engine, served as `controller` serves
+    it (param "server": "asgi": by plain uvicorn, every /v1/* request through ASGI, the path of a
+    connection handed to uvicorn)."""
+    gateway = dict(getattr(request, "param", {}))
+    asgi = gateway.pop("server", "front") == "asgi"
     engine = FakeEngine().start()
     ctl = Controller(rig_cfg(tmp_path, engine.url, **gateway), token=TOKEN, watchdog=ScriptedWatchdog)
-    served = Served(create_app(ctl)).start()
+    served = Served(create_app(ctl), **({} if asgi else server_options(ctl))).start()
     try:
         yield Rig(engine, ctl, served)
     finally:
@@ -161,6 +169,7 @@ def sse_texts(lines) -> list[str]:
     return out
 
 
+@pytest.mark.parametrize("rig", [{}, {"server": "asgi"}], indirect=True, ids=["front", "asgi"])
 def test_requests_pass_through_unchanged_and_streams_are_not_buffered(rig):
     r = httpx.post(f"{rig.url}/v1/completions?x=1", json={"model": "tiny-qwen3", "prompt": "hi"},
                    headers={"Authorization": "Bearer client-key", "X-Custom": "kept"})
@@ -188,6 +197,117 @@ def test_engine_4xx_reaches_the_client_unchanged_and_is_not_retried(rig):
     assert rig.script.calls == 1
 
 
+# ---- the front protocol (spark_cluster.front): one connection, several kinds of requests ------------
+def completion_request(target: str = "/v1/completions", body: bytes = b'{"prompt": "p"}', extra: str = "") -> bytes:
+    return (f"POST {target} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
+            ).encode() + body
+
+
+def read_answers(sock: socket.socket, count: int, timeout: float = 10) -> list[tuple[int, dict[str, str], bytes]]:
+    """`count` HTTP/1.1 answers from a socket: status, headers, body (chunked or sized)."""
+    sock.settimeout(timeout)
+    stream = sock.makefile("rb")
+    answers = []
+    for _ in range(count):
+        status = int(stream.readline().split()[1])
+        headers = {}
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            name, value = line.decode().split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        body = b""
+        if headers.get("transfer-encoding") == "chunked":
+            while size := int(stream.readline(), 16):
+                body += stream.read(size)
+                stream.readline()
+            stream.readline()
+        else:
+            body = stream.read(int(headers.get("content-length", 0)))
+        answers.append((status, headers, body))
+    return answers
+
+
+def connected(url: str, receive_buffer: int = 0) -> socket.socket:
+    host, port = url.split("//")[1].split(":")
+    sock = socket.socket()
+    if receive_buffer:  # before connecting: the window the client offers follows it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect((host, int(port)))
+    return sock
+
+
+def test_one_connection_moves_between_the_gateway_and_the_api_at_a_request(rig):
+    with connected(rig.url) as sock:  # gateway first, then the API (handed to uvicorn), then the gateway through ASGI
+        sock.sendall(completion_request())
+        (status, _, body), = read_answers(sock, 1)
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == "xxxxx"
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: gw\r\n\r\n")
+        (status, _, body), = read_answers(sock, 1)
+        assert status == 200 and b"spark_cluster_gateway_requests_total" in body
+        sock.sendall(completion_request())
+        (status, _, body), = read_answers(sock, 1)
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == "xxxxx"
+    with connected(rig.url) as sock:  # the API first: the whole connection is uvicorn's, /v1/* still reaches the gateway
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+        assert read_answers(sock, 1)[0][0] == 200
+        sock.sendall(completion_request())
+        assert read_answers(sock, 1)[0][0] == 200
+    assert rig.script.calls == 3 and rig.metric("spark_cluster_gateway_requests_total", outcome="ok") == 3
+
+
+def test_pipelined_requests_are_answered_in_order_and_the_target_passes_unchanged(rig):
+    rig.script.chunk_delay_s = 0.01
+    with connected(rig.url) as sock:
+        sock.sendall(completion_request("/v1/completions?a=%2F1", b'{"prompt": "first"}') +
+                     completion_request("/v1/completions?a=%2F2", b'{"prompt": "second", "stream": true}'))
+        first, second = read_answers(sock, 2)
+    assert first[0] == 200 and json.loads(first[2])["object"] == "text_completion"
+    assert second[0] == 200 and second[1]["content-type"].startswith("text/event-stream") and second[2].endswith(b"data: [DONE]\n\n")
+    assert [r["target"] for r in rig.script.received] == ["/v1/completions?a=%2F1", "/v1/completions?a=%2F2"]
+    assert [json.loads(r["body"])["prompt"] for r in rig.script.received] == ["first", "second"]
+    # another path pipelined behind a gateway request cannot be handed over: the first is answered, then the connection closes
+    with connected(rig.url) as sock:
+        sock.sendall(completion_request() + b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+        assert read_answers(sock, 1)[0][0] == 200
+        assert sock.recv(1) == b""
+
+
+def test_expect_100_continue_close_and_a_bad_request(rig):
+    body = json.dumps({"prompt": "p" * 2000}).encode()
+    with connected(rig.url) as sock:  # as curl sends a body over 1 KB: the head, then the body once told to go on
+        sock.sendall(completion_request(body=b"", extra="expect: 100-continue\r\n").replace(b"content-length: 0", b"content-length: %d" % len(body)))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        assert read_answers(sock, 1)[0][0] == 200
+    assert json.loads(rig.script.received[-1]["body"]) == json.loads(body)
+    with connected(rig.url) as sock:  # the client asks to close: the answer says so and the connection ends
+        sock.sendall(completion_request(extra="connection: close\r\n"))
+        (status, headers, _), = read_answers(sock, 1)
+        assert status == 200 and headers["connection"] == "close" and sock.recv(1) == b""
+    with connected(rig.url) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\ncontent-length: x\r\n\r\n")
+        (status, _, body), = read_answers(sock, 1)
+        assert status == 400 and sock.recv(1) == b""
+
+
+CHUNKS = 800
+
+
+def test_a_client_reading_slower_than_the_engine_writes_gets_every_byte_in_order(rig):
+    # 13 MB as fast as the engine can: more than the sockets' buffers on the way hold, so the
+    # engine finishes within the second only if the gateway keeps reading it for a client that does not
+    rig.script.chunks, rig.script.chunk_delay_s, rig.script.pad = CHUNKS, 0, 16384
+    with connected(rig.url, receive_buffer=16384) as sock:
+        sock.sendall(completion_request(body=b'{"stream": true}'))
+        time.sleep(1.0)  # nothing read: the gateway's buffer to this client fills, it stops reading from the engine
+        assert rig.script.running == 1
+        (status, _, body), = read_answers(sock, 1, timeout=30)
+    events = [json.loads(line[6:]) for line in body.decode().split("\n\n") if line.startswith("data: {")]
+    assert status == 200 and [e["choices"][0]["text"] for e in events] == [f"t{i}" for i in range(CHUNKS)]
+    assert body.endswith(b"data: [DONE]\n\n") and rig.script.abandoned == 0
+
+
+@pytest.mark.parametrize("rig", [{}, {"server": "asgi"}], indirect=True, ids=["front", "asgi"])
 def test_body_over_the_limit_is_refused_with_413(rig):
     r = httpx.post(f"{rig.url}/v1/completions", content=b"x" * (1024 * 1024 + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "gateway.max_body" in r.json()["error"]["message"]
@@ -240,7 +360,7 @@ def test_when_the_watchdog_has_given_up_nothing_is_held(rig):
 def test_a_request_refused_before_its_first_byte_is_retried_once_the_engine_is_back(tmp_path):
     port = FakeEngine().port  # nothing listens there yet: connection refused
     ctl = Controller(rig_cfg(tmp_path, f"http://127.0.0.1:{port}"), token=TOKEN, watchdog=ScriptedWatchdog)
-    with Served(create_app(ctl)) as served:
+    with Served(create_app(ctl), **server_options(ctl)) as served:
         results = []
         t = threading.Thread(target=lambda: results.append(httpx.post(f"{served.url}/v1/completions", json={"prompt": "p"}, timeout=30)))
         t.start()
@@ -268,6 +388,7 @@ def test_an_error_status_from_a_dying_engine_is_retried(rig, status, health, ret
     assert (rig.script.calls > 1) is retried
 
 
+@pytest.mark.parametrize("rig", [{}, {"server": "asgi"}], indirect=True, ids=["front", "asgi"])
 def test_a_confirmed_hang_ends_started_streams_with_an_error_event_and_requeues_the_rest(rig):
     rig.script.chunks, rig.script.chunk_delay_s = 50, 0.1
     lines: list[str] = []
@@ -303,6 +424,7 @@ def test_a_confirmed_hang_ends_started_streams_with_an_error_event_and_requeues_
     assert rig.metric("spark_cluster_gateway_requests_total", outcome="retried") == 1
 
 
+@pytest.mark.parametrize("rig", [{}, {"server": "asgi"}], indirect=True, ids=["front", "asgi"])
 def test_a_client_that_goes_away_cancels_its_request_upstream(rig):
     rig.script.chunks, rig.script.chunk_delay_s = 200, 0.05
     with httpx.stream("POST", f"{rig.url}/v1/completions", json={"stream": True}, timeout=30) as s:

@@ -132,12 +132,12 @@ class Controlled(EventWaiter):
     loopback port; clients go through `url`."""
 
     def __init__(self, cfg, token: str = "test-token"):
-        from spark_cluster.controller import Controller, create_app
+        from spark_cluster.controller import Controller, create_app, server_options
 
         from .fake_engine import Served
 
         self.ctl = Controller(cfg, token=token)
-        self.served = Served(create_app(self.ctl))
+        self.served = Served(create_app(self.ctl), **server_options(self.ctl))
         self.url = self.served.url
 
     def __enter__(self):
