@@ -107,7 +107,9 @@ class FrontProtocol(asyncio.Protocol):
 
     @classmethod
     def factory(cls, gateway: Callable[[], Optional[Gateway]]) -> Callable[..., asyncio.Protocol]:
-        """What uvicorn's `http` option takes: it calls it with its config and state per connection."""
+        """What uvicorn's `http` option takes: it calls it with its config and state per connection.
+        `gateway` gives the controller's gateway, made at the lifespan's start (uvicorn listens only
+        after it)."""
         def make(config: Any, server_state: Any, app_state: dict[str, Any], _loop: Optional[asyncio.AbstractEventLoop] = None) -> FrontProtocol:
             return cls(config, server_state, app_state, _loop, gateway=gateway)
         return make
@@ -116,7 +118,9 @@ class FrontProtocol(asyncio.Protocol):
                  gateway: Callable[[], Optional[Gateway]]):
         self.config, self.server_state, self.app_state = config, server_state, app_state
         self.loop = _loop or asyncio.get_event_loop()
-        self.gateway = gateway
+        made = gateway()
+        assert made is not None, "a connection before the lifespan's start"
+        self.gateway = made
         self.parser = httptools.HttpRequestParser(self)
         self.transport: Optional[asyncio.Transport] = None
         self.received = bytearray()  # what the client sent since a read began between two requests (a hand-over replays it)
@@ -213,10 +217,8 @@ class FrontProtocol(asyncio.Protocol):
         request.target = self.url
         request.method = self.parser.get_method().decode("ascii")
         request.keep_alive = self.parser.should_keep_alive()
-        gateway = self.gateway()
-        limit = gateway.max_body if gateway is not None else 0
         declared = next((v for k, v in request.headers if k.lower() == b"content-length"), b"")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isdigit() and int(declared) > self.gateway.max_body:
             self._too_large(request)
         elif any(k.lower() == b"expect" and v.lower() == b"100-continue" for k, v in request.headers):
             assert self.transport is not None
@@ -228,8 +230,7 @@ class FrontProtocol(asyncio.Protocol):
         if request is None or request.too_large:
             return
         request.size += len(body)
-        gateway = self.gateway()
-        if gateway is not None and request.size > gateway.max_body:
+        if request.size > self.gateway.max_body:
             self._too_large(request)
             return
         request.body.append(body)
@@ -273,15 +274,11 @@ class FrontProtocol(asyncio.Protocol):
             self.idle_timer = self.loop.call_later(self.config.timeout_keep_alive, self._idle)
 
     async def _answer(self, request: _Request) -> None:
-        gateway = self.gateway()
         try:
-            if request.too_large and gateway is not None:
-                await gateway.refuse_too_large(request.send)
-            elif gateway is None:  # uvicorn answers only after the lifespan's start, which makes it
-                await request.send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]})
-                await request.send({"type": "http.response.body", "body": error_body("the controller is starting")})
+            if request.too_large:
+                await self.gateway.refuse_too_large(request.send)
             else:
-                await gateway.serve(request.method, request.target.decode("latin-1"), request.headers, b"".join(request.body),
+                await self.gateway.serve(request.method, request.target.decode("latin-1"), request.headers, b"".join(request.body),
                                     request.send, request.gone, request)
         except Exception:  # noqa: BLE001 - a fault of the gateway's own: logged, the client gets an answer or a close
             log.exception("the gateway failed on %s %r", request.method, request.target)

@@ -144,6 +144,12 @@ class Flight:
     done_sent: bool = False  # an event stream's `data: [DONE]` went out: the client has the whole answer
     cut: bool = False  # an interruption or the client's leaving cancelled the exchange
 
+    def passing(self, chunk: bytes) -> bytes:
+        """Note a piece of the answer on its way to the client."""
+        self.tail = chunk[-2:]
+        self.done_sent = self.event_stream and chunk.endswith(b"data: [DONE]\n\n")
+        return chunk
+
 
 class Observer:
     """What the gateway reports (the controller's metrics implement it)."""
@@ -366,12 +372,7 @@ class Gateway:
             if first:
                 await self._send_chunk(send, flight, first)
             if writer is not None:  # no task woken per piece: under load every token of every stream passes here
-                def sink(chunk: bytes) -> bool:
-                    flight.tail = chunk[-2:]
-                    flight.done_sent = flight.event_stream and chunk.endswith(b"data: [DONE]\n\n")
-                    return writer.write(chunk)
-
-                resp.splice(sink)
+                resp.splice(lambda chunk: writer.write(flight.passing(chunk)))
                 writer.on_drain = resp.resume
             try:
                 while (chunk := await resp.next_chunk()) is not None:  # no async generator: a frame less per chunk
@@ -388,9 +389,7 @@ class Gateway:
                 writer.on_drain = None
 
     async def _send_chunk(self, send: ASGISend, flight: Flight, chunk: bytes) -> None:
-        flight.tail = chunk[-2:]
-        flight.done_sent = flight.event_stream and chunk.endswith(b"data: [DONE]\n\n")
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": flight.passing(chunk), "more_body": True})
 
     async def _refuse_status(self, send: ASGISend, status: int, message: str) -> None:
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
