@@ -36,7 +36,7 @@ from .config import ClusterConfig
 from .decide import recent_restarts
 from .errors import ConfigError
 from .front import FrontProtocol
-from .gateway import Gateway, door_for_phase
+from .gateway import PATHS, Gateway, door_for_phase
 from .metrics import ControllerMetrics
 from .render import MASK, render
 from .transport import Nodes
@@ -205,7 +205,7 @@ class _App(FastAPI):
     """FastAPI with the gateway's paths (/v1/*) answered before anything else of the application."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(PATHS):
             return await self.state.gateway(scope, receive, send)
         await super().__call__(scope, receive, send)
 

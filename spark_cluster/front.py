@@ -25,9 +25,9 @@ from typing import Any, Callable, Optional
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .gateway import Gateway, Signal, error_body
+from .gateway import PATHS, Gateway, Signal, error_body
 
-GATEWAY_PATHS = b"/v1/"
+GATEWAY_PATHS = PATHS.encode()
 MAX_PIPELINED = 16  # requests parsed while an earlier one is answered; past it the connection is closed
 log = logging.getLogger("spark_cluster.front")
 
@@ -74,15 +74,8 @@ class _Request:
             self.head = b"".join(head)
             self.started = True
             return
-        body = message.get("body", b"")
         more = message.get("more_body", False)
-        if self.no_body:
-            out = self.head
-        elif body:
-            out = b"%b%x\r\n%b\r\n%b" % (self.head, len(body), body, b"" if more else b"0\r\n\r\n")
-        else:
-            out = self.head if more else self.head + b"0\r\n\r\n"
-        self.head = b""
+        out = self._framed(message.get("body", b""), last=not more)
         if not more:
             self.complete = True
         if out:
@@ -96,10 +89,18 @@ class _Request:
         conn = self.conn
         if self.gone.is_set() or conn.transport is None or conn.transport.is_closing():
             return True  # nobody to write to: the gateway is about to be told
-        if not self.no_body:
-            conn.transport.write(b"%b%x\r\n%b\r\n" % (self.head, len(chunk), chunk))
-            self.head = b""
+        if out := self._framed(chunk, last=False):
+            conn.transport.write(out)
         return conn.drained is None
+
+    def _framed(self, body: bytes, last: bool) -> bytes:
+        """The head if it has not gone yet, then `body` as a chunk, then the end mark if `last`."""
+        out, self.head = self.head, b""
+        if self.no_body:
+            return out
+        if body:
+            out += b"%x\r\n%b\r\n" % (len(body), body)
+        return out + b"0\r\n\r\n" if last else out
 
 
 class FrontProtocol(asyncio.Protocol):

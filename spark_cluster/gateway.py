@@ -33,6 +33,7 @@ from . import timeouts
 from .config import GatewaySettings
 from .upstream import ConnectFailed, ConnectionLost, ReadTimeout, Upstream, UpstreamError
 
+PATHS = "/v1/"  # what the gateway answers on the controller's port (vLLM's OpenAI API)
 Mode = Literal["open", "hold", "closed"]
 Outcome = Literal["ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled"]
 OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled")

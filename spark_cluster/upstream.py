@@ -220,11 +220,8 @@ class Response:
         return next((v for k, v in self.headers if k.lower() == name), b"")
 
     async def next_chunk(self) -> Optional[bytes]:
-        """The next piece of the body as it arrived (never empty); None at its end."""
-        while True:
-            chunk = await self._conn.next_chunk()
-            if chunk is None or chunk:
-                return chunk
+        """The next piece of the body as it arrived (never empty: the connection keeps none); None at its end."""
+        return await self._conn.next_chunk()
 
     def splice(self, sink: Callable[[bytes], bool]) -> None:
         """From here on every piece of the body goes to `sink` as it is read, in the connection's
