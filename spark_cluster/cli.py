@@ -254,7 +254,7 @@ def up(
     res = _guard(run)
     from .watchdog import reset_breaker
 
-    if reset_breaker(cfg, "a successful manual up") and not as_json:
+    if reset_breaker(cfg, "a successful manual up", recreated=res.changed) and not as_json:
         out.print("[yellow]watchdog:[/] out of its failed state (the circuit breaker is reset)", highlight=False)
     if not as_json:
         if res.changed:

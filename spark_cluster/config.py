@@ -407,14 +407,18 @@ class HealthSettings(Strict):
     poll_interval_s: float = Field(2, gt=0, description="Interval between polls of Ray's membership while `up` waits for the nodes to join (each poll imports Ray in the head container; vLLM's readiness is polled every 0.25 s).")
 
 
+# vLLM's own deadline of one engine step across ranks (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS' default)
+VLLM_STEP_TIMEOUT_S = 300.0
+
+
 class WatchdogSettings(Strict):
     """The failover controller (`spark-cluster watch`). Defaults from shared/notes/field.md."""
 
     period_s: float = Field(2, gt=0, description="Seconds between observations (one SSH command per node and two local HTTP requests).")
     stall_window_s: float = Field(
-        10, gt=0, description="No progress this long while work is pending makes the cluster suspect; then a canary decides. "
-        "Longer than the longest healthy engine step (a decode step on Sparks: tens of ms; a long prefill chunk: a few seconds). "
-        "With the period and the canary deadline, a loaded hang is confirmed in about 15-20 s: well before Ray's ~65 s dead-node timeout.",
+        10, gt=0, description="No progress this long while work is pending: a hang when a rank is seen stopped or spinning at near-idle "
+        "power (confirmed at once), busy when every rank is seen working (up to busy_budget_s), else suspect until a canary decides. "
+        "A loaded hang is confirmed in about 12-20 s: well before Ray's ~65 s dead-node timeout.",
     )
     canary_timeout_s: float = Field(5, gt=0, description="A suspect cluster is confirmed hung when a 1-token completion does not finish within this.")
     idle_canary_s: float = Field(30, gt=0, description="An idle engine (nothing in flight, no progress) gets a 1-token canary this often: a hang "
@@ -425,6 +429,11 @@ class WatchdogSettings(Strict):
     backoff_reset_s: float = Field(600, ge=0, description="Healthy this long resets the backoff.")
     max_restarts_per_hour: int = Field(3, ge=0, description="Circuit breaker: more restarts than this in an hour stop the watchdog (state failed).")
     enabled: bool = Field(True, description="Restart automatically (false: only observe and report).")
+    busy_budget_s: Optional[float] = Field(
+        None, gt=0, description="How long a step may run without progress while every rank is seen working (GPU power above its idle "
+        "baseline, CPU ranks using CPU, a compile running) before the canary may confirm a hang. Default: the engine's own step "
+        "timeout, VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS of the head's container environment, else vLLM's 300 s: past it vLLM fails the "
+        "step itself.")
 
 
 class GatewaySettings(Strict):
@@ -627,6 +636,32 @@ class ClusterConfig(Strict):
             host = f"[{host}]"
         return f"http://{host}:{self.vllm.port}"
 
+    def engine_api_key(self) -> Optional[str]:
+        """The key vLLM's API server demands on /v1/* (its `--api-key`, else VLLM_API_KEY in the head's
+        container environment), or None. Readiness, the canary and status send it."""
+        args = self.vllm.extra_args
+        for i, arg in enumerate(args):
+            if arg == "--api-key" and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith("--api-key="):
+                return arg.split("=", 1)[1]
+        return {**self.container.env, **self.head.env}.get("VLLM_API_KEY") or None
+
+    def busy_budget_s(self) -> float:
+        """watchdog.busy_budget_s, else the engine's step timeout (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, vLLM's default 300 s)."""
+        if self.watchdog.busy_budget_s is not None:
+            return self.watchdog.busy_budget_s
+        value = {**self.container.env, **self.head.env}.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "")
+        try:
+            return float(value) if float(value) > 0 else VLLM_STEP_TIMEOUT_S
+        except ValueError:
+            return VLLM_STEP_TIMEOUT_S
+
+    def engine_headers(self) -> dict[str, str]:
+        """Headers of every request the controller itself sends to vLLM's API."""
+        key = self.engine_api_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def secret_names(self) -> set[str]:
         names = set(self.container.secret_env)
         envs = [self.container.env] + [n.env for n in self.nodes]
@@ -639,6 +674,9 @@ class ClusterConfig(Strict):
         names = self.secret_names()
         envs = [self.container.env] + [n.env for n in self.nodes]
         values = {str(v) for env in envs for k, v in env.items() if k in names and len(str(v)) >= 4}
+        key = self.engine_api_key()
+        if key and len(key) >= 4:
+            values.add(key)
         return sorted(values, key=len, reverse=True)
 
     def resolved_state_dir(self) -> Path:

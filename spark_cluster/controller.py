@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from . import timeouts
 from .config import ClusterConfig
-from .decide import recent_restarts
+from .decide import hour_restarts, recent_restarts
 from .errors import ConfigError
 from .front import FrontProtocol
 from .gateway import PATHS, Gateway, door_for_phase
@@ -182,7 +182,8 @@ class Controller:
         return {
             "state": "paused" if wd and wd.paused else (st.phase if st else "starting"),
             "reason": mask(st.suspect_reason or st.last_reason, self.secrets) if st else "",
-            "restarts_last_hour": len(recent_restarts(st, wd.clock())) if st and wd else 0,
+            "restarts_last_hour": len(hour_restarts(st, wd.clock())) if st and wd else 0,
+            "restarts_counted": len(recent_restarts(st, wd.clock())) if st and wd else 0,  # since the last deliberate start
             "last_restart": st.last_restart if st else None,
             "gateway": {"door": self.gateway.door.mode if self.gateway else "hold",
                         "reason": mask(self.gateway.door.reason, self.secrets) if self.gateway else "",

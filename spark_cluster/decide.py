@@ -9,6 +9,14 @@ The rules, from what the field knows (shared/notes/field.md):
 - Suspect: no progress while requests are running or waiting; or the API stops answering.
 - Confirmed hang: suspect for the whole stall window AND a 1-token canary completion does not
   finish within its deadline.
+- What the ranks are doing decides before the canary (spark_cluster.ranks): no progress while every
+  rank works (GPU power above its idle baseline, CPU ranks using CPU, a compile running) is `busy`:
+  no canary, no restart, up to the busy budget (the engine's own step timeout: past it vLLM would have
+  failed the step itself). No progress with a rank stopped, or spinning at near-idle power, is a
+  wedge: confirmed once the stall window has passed, without a canary. Where no rank could be read,
+  the stall window and the canary decide.
+- A canary the engine refuses (401/403: the controller's API key is missing or wrong) proves nothing
+  either way: an alert names the configuration error, and no canary confirms a hang until a restart.
 - Do not trust the engine's own gauges alone: they freeze with the engine (a hang that starts as
   requests arrive reads 0 running). Work in flight is what the engine reports or, where the
   controller's gateway runs, what the gateway has sent it and not seen finish, whichever is more.
@@ -27,10 +35,10 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
-from .config import WatchdogSettings
+from .config import VLLM_STEP_TIMEOUT_S, WatchdogSettings
 from .facts import progressed
 
-Phase = Literal["starting", "healthy", "suspect", "backoff", "restarting", "failed"]
+Phase = Literal["starting", "healthy", "busy", "suspect", "backoff", "restarting", "failed"]
 ActionKind = Literal["canary", "restart", "alert"]
 
 # Consecutive unreachable samples before a node counts as gone (a blip of SSH is not a failure).
@@ -56,6 +64,9 @@ class Sample:
     unreachable: tuple[str, ...] = ()  # nodes that did not answer SSH this time
     canary_ok: Optional[bool] = None  # result of a canary performed since the last sample
     canary_s: Optional[float] = None
+    canary_refused: Optional[int] = None  # 401/403: the engine refused the canary's API key (no verdict either way)
+    ranks: str = "unknown"  # ranks.group_activity: busy, wedged or unknown
+    rank_evidence: str = ""
 
     @property
     def counters(self) -> tuple:
@@ -99,6 +110,10 @@ class State:
     # why the last restart failed (it may have changed nothing: the old, wedged engine can still
     # answer /health, which must not count as the new generation being ready)
     failed_restart: str = ""
+    key_refused: bool = False  # the engine refused the canary's key: no canary confirms anything until a restart
+    # a deliberate start (`up` that recreated the group, `watch --reset`) begins a new restart budget:
+    # earlier restarts stay in the history, shown, and the breaker no longer counts them
+    budget_since: Optional[float] = None
 
 
 def backoff_s(consecutive: int, s: WatchdogSettings) -> float:
@@ -112,7 +127,13 @@ BREAKER_WINDOW_S = 3600.0  # the circuit breaker counts restarts over the last h
 
 
 def recent_restarts(state: State, now: float) -> tuple[float, ...]:
-    """The restarts the breaker counts (shown by the watchdog's state file and the controller too)."""
+    """The restarts the breaker counts: the last hour's since the last deliberate start (shown by the
+    watchdog's state file and the controller too)."""
+    return tuple(t for t in state.restarts if now - t < BREAKER_WINDOW_S and (state.budget_since is None or t >= state.budget_since))
+
+
+def hour_restarts(state: State, now: float) -> tuple[float, ...]:
+    """Every restart of the last hour, those before a deliberate start included (the history shown)."""
     return tuple(t for t in state.restarts if now - t < BREAKER_WINDOW_S)
 
 
@@ -133,10 +154,10 @@ def _restart(state: State, now: float, reason: str, s: WatchdogSettings) -> tupl
 
 def restarted(state: State, now: float, error: str = "") -> State:
     """The runner calls this when a restart has been carried out (ready or not); error: why it failed."""
-    return replace(state, phase="starting", since=now, ready_at=None, restarts=state.restarts + (now,),
+    return replace(state, phase="starting", since=now, ready_at=None, restarts=hour_restarts(state, now) + (now,),
                    consecutive=state.consecutive + 1, last_restart=now, last_counters=None, last_progress=None,
                    suspect_since=None, canary_pending=False, healthy_since=None, backoff_until=None, unreachable_count={},
-                   grace_on_ready=True, failed_restart=error)
+                   grace_on_ready=True, failed_restart=error, key_refused=False)
 
 
 def requested_restart(state: State, now: float, reason: str) -> tuple[State, Action]:
@@ -157,9 +178,16 @@ def resumed(state: State, now: float) -> State:
 
 
 def breaker_reset(state: State, now: float) -> State:
-    """A deliberate way out of `failed` (watch --reset, or a successful manual up): the restart
-    history is forgotten and the next observation is confirmed afresh."""
-    return replace(State(phase="starting", since=now), last_reason=f"reset after: {state.last_reason}" if state.last_reason else "")
+    """A deliberate way out of `failed` (watch --reset, or a successful manual up): a new restart
+    budget (the history is kept, not counted) and the next observation is confirmed afresh."""
+    return replace(State(phase="starting", since=now, restarts=hour_restarts(state, now), budget_since=now),
+                   last_reason=f"reset after: {state.last_reason}" if state.last_reason else "")
+
+
+def fresh_budget(state: State, now: float) -> State:
+    """A deliberate start that recreated the group (`up`): the restarts before it no longer count
+    towards the breaker, and the backoff starts over; the watchdog confirms the new group afresh."""
+    return replace(resumed(state, now), budget_since=now, consecutive=0, restarts=hour_restarts(state, now), failed_restart="")
 
 
 def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[State, Optional[Action]]:
@@ -203,6 +231,12 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
     in_grace = state.ready_at is not None and now - state.ready_at < s.grace_after_start_s
 
     # a canary result arrived
+    if x.canary_refused is not None:
+        state = replace(state, canary_pending=False, last_canary=now)
+        if not state.key_refused:
+            return replace(state, key_refused=True), Action(
+                "alert", f"configuration error: vLLM answers {x.canary_refused} to the canary (the controller's API key is missing "
+                         "or wrong: VLLM_API_KEY in container.env, or --api-key in vllm.extra_args); no canary can confirm a hang")
     if x.canary_ok is not None:
         state = replace(state, canary_pending=False, last_canary=now)
         if x.canary_ok:
@@ -219,7 +253,7 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
         consecutive = 0 if now - healthy_since >= s.backoff_reset_s else state.consecutive
         state = replace(state, phase="healthy", since=state.since if state.phase == "healthy" else now,
                         suspect_since=None, suspect_reason="", healthy_since=healthy_since, consecutive=consecutive)
-        if not moved and not in_grace and not state.canary_pending and (state.last_canary is None or now - state.last_canary >= s.idle_canary_s) \
+        if not moved and not in_grace and not state.canary_pending and not state.key_refused and (state.last_canary is None or now - state.last_canary >= s.idle_canary_s) \
                 and now - (state.last_progress or now) >= s.idle_canary_s:
             return replace(state, canary_pending=True), Action("canary", "idle engine: periodic canary")
         return state, None
@@ -229,8 +263,18 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
         reason = "the API does not answer" if x.health is None else f"/health answers {x.health}"
     elif x.pending > 0:
         engine = (x.running or 0) + (x.waiting or 0)
-        reason = f"no progress for {now - (state.last_progress or now):.0f}s with {x.pending:g} request(s) in flight or waiting" + (
+        stalled_s = now - (state.last_progress or now)
+        reason = f"no progress for {stalled_s:.0f}s with {x.pending:g} request(s) in flight or waiting" + (
             f" (the gateway's count; the engine reports {engine:g})" if x.pending > engine else "")
+        budget = s.busy_budget_s or VLLM_STEP_TIMEOUT_S
+        if x.ranks == "busy" and stalled_s < budget:
+            # one long step, a compile: the ranks work, nothing to confirm or restart
+            return replace(state, phase="busy", since=state.since if state.phase == "busy" else now, suspect_since=None,
+                           suspect_reason=f"{reason}; ranks working: {x.rank_evidence}"), None
+        if x.ranks == "wedged" and stalled_s >= s.stall_window_s and not in_grace:
+            return _restart(state, now, f"hang confirmed: {reason}, and {x.rank_evidence}", s)
+        if x.ranks == "busy":
+            reason += f", past the busy budget of {budget:g}s (the engine's step timeout)"
     else:
         return state, None
     if state.suspect_since is None:
@@ -239,6 +283,6 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
         state = replace(state, suspect_reason=reason)
     if in_grace:
         return state, None
-    if now - state.suspect_since >= s.stall_window_s and not state.canary_pending:
+    if now - state.suspect_since >= s.stall_window_s and not state.canary_pending and not state.key_refused:
         return replace(state, canary_pending=True), Action("canary", f"suspect: {reason}")
     return state, None

@@ -163,6 +163,17 @@ class SyncError(SparkClusterError):
     exit_code = 16
 
 
+class EngineKeyRefused(SparkClusterError):
+    """vLLM refuses the API key spark-cluster sends it (401/403): a configuration error, not a hang."""
+
+    exit_code = 17
+
+    def __init__(self, status: int, where: str):
+        super().__init__(f"vLLM answers {status} to {where}: it demands an API key spark-cluster does not have or has wrong",
+                         hint="give the engine's key as VLLM_API_KEY in container.env (or --api-key in vllm.extra_args); "
+                              "spark-cluster sends it with readiness, the canary and status")
+
+
 def exit_codes() -> dict[int, str]:
     """Exit code -> what it means (for the README table and its test)."""
     table: dict[int, str] = {EXIT_OK: "done (`status`: serving)", EXIT_NOT_SERVING: "`status`: not serving",

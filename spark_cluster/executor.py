@@ -23,7 +23,7 @@ import httpx
 
 from . import timeouts
 from .config import ClusterConfig
-from .errors import CommandFailed, CommandTimeout, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
+from .errors import CommandFailed, CommandTimeout, EngineKeyRefused, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
 from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_process,
                     parse_ray_state, process_command)
 from .plan import NOT_DETECTED, Plan, ProcessSpec, Step, build_plan
@@ -516,7 +516,7 @@ class Executor:
         is seen at once), checking every 10 s that the members still run (fail fast when one died)."""
         deadline_start = time.monotonic()
         last_alive_check = time.monotonic()
-        with httpx.Client() as http:
+        with httpx.Client(headers=self.cfg.engine_headers()) as http:
             for step in steps:
                 with self.timed(step.id):
                     t0 = time.monotonic()
@@ -703,6 +703,8 @@ def _http_check(http: httpx.Client, step: Step) -> tuple[bool, str]:
         resp = http.request(req.method, req.url, json=req.json_body, timeout=step.timeout_s)
     except httpx.HTTPError as exc:
         return False, f"{type(exc).__name__}: {exc}"
+    if resp.status_code in (401, 403):  # the engine answers: waiting longer will not change its mind
+        raise EngineKeyRefused(resp.status_code, f"{req.method} {httpx.URL(req.url).path}")
     if resp.status_code != want.status:
         return False, f"HTTP {resp.status_code}: {resp.text[:200]}"
     if not (want.model or want.choices):

@@ -56,8 +56,8 @@ class Door:
 
 
 def door_for_phase(phase: str, reason: str = "") -> Door:
-    """The door for a watchdog phase: open while it serves (suspect is still serving: busy is not dead)."""
-    if phase in ("healthy", "suspect", "paused"):
+    """The door for a watchdog phase: open while it serves (busy and suspect are still serving: busy is not dead)."""
+    if phase in ("healthy", "busy", "suspect", "paused"):
         return Door("open", "")
     if phase == "failed":
         return Door("closed", reason or "the watchdog has given up")

@@ -19,7 +19,7 @@ from .gateway import OUTCOMES, Observer
 
 disable_created_metrics()  # the `_created` series only double the exposition here
 
-PHASES = ["starting", "healthy", "suspect", "backoff", "restarting", "failed", "paused"]
+PHASES = ["starting", "healthy", "busy", "suspect", "backoff", "restarting", "failed", "paused"]
 RESTART_KINDS = ("hang", "member-gone", "not-ready", "restart-failed", "requested", "other")
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from . import timeouts
 from .config import ClusterConfig
@@ -23,12 +23,14 @@ from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPla
                     parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process, parse_sysctl, process_command,
                     progressed, read_ray_state, sysctl_command)
 from .plan import LABEL_PREFIX, Plan, build_plan
+from .ranks import (GPU_ACTIVITY_COMMAND, GpuBaseline, GpuReading, NodeActivity, ProcessesReading, group_activity, node_activity,
+                    parse_gpu_activity, parse_processes, processes_command)
 from .link import remembered as remembered_link
 
 if TYPE_CHECKING:  # paramiko is imported by whoever makes the Nodes, while vLLM is being sampled
     from .transport import Nodes, SSHTransport
 
-Verdict = Literal["serving", "degraded", "stalled", "down", "starting"]
+Verdict = Literal["serving", "degraded", "busy", "stalled", "down", "starting"]
 SCHEMA_VERSION = 1
 
 
@@ -59,6 +61,22 @@ class NodeObs(BaseModel):
     gpu: Optional[str] = Field(None, description="nvidia-smi memory use, or why there is none (GB10 reports N/A: unified memory)")
     containers: list[ContainerObs] = Field(default_factory=list)
     processes: list[ProcessObs] = Field(default_factory=list, description="Processes started in containers (vLLM in the Ray head).")
+    gpu_power_w: Optional[float] = Field(None, description="Highest power.draw of the node's GPUs (nvidia-smi)")
+    gpu_memory_util: Optional[float] = Field(None, description="Highest utilization.memory of the node's GPUs (memory traffic)")
+    activity: Optional[str] = Field(None, description="What the node's rank(s) do (spark_cluster.ranks): working, compiling, waiting, "
+                                                      "stopped, unknown")
+    activity_evidence: str = ""
+    _gpus: list[GpuReading] = PrivateAttr(default_factory=list)
+    _procs: Optional[ProcessesReading] = PrivateAttr(None)
+    _procs_before: Optional[ProcessesReading] = PrivateAttr(None)
+
+    def ranks(self, containers: list[str], before: Optional[ProcessesReading], baseline: GpuBaseline) -> NodeActivity:
+        """The node's rank activity against an earlier reading of its processes (the watchdog's last),
+        or the one this observation took itself a moment earlier (status)."""
+        if self._procs is None:
+            return NodeActivity(self.name, "unknown", self.error or "not read")
+        paused = tuple(c.name for c in self.containers if c.state == "paused")
+        return node_activity(self.name, containers, before or self._procs_before, self._procs, self._gpus, baseline, paused)
 
 
 class RayObs(BaseModel):
@@ -78,6 +96,8 @@ class VLLMObs(BaseModel):
     health_ms: Optional[float] = None
     error: Optional[str] = None
     models: list[str] = Field(default_factory=list)
+    key_refused: Optional[int] = Field(None, description="401/403 when vLLM refused the API key spark-cluster sent to /v1/models "
+                                                         "(a configuration error)")
     version: Optional[str] = Field(None, description="vLLM version: from the server's /version, else what the last preflight found in the image")
     version_source: Optional[Literal["server", "preflight"]] = None
     running: Optional[float] = None
@@ -115,13 +135,24 @@ class StatusReport(BaseModel):
 
 # ---- probes (never raise) ----------------------------------------------------------------------
 
-def node_script(cfg: ClusterConfig, procs: list) -> str:
+def node_script(cfg: ClusterConfig, procs: list, containers: list[str] = (), twice_s: float = 0) -> str:
     """One command per node for everything status and the watchdog read there, in sections; each
-    hosted process: its fact command, then its exit code on a line of its own."""
+    hosted process: its fact command, then its exit code on a line of its own. containers: the
+    group's containers on the node, whose processes are read (twice, twice_s apart, when given:
+    status has no earlier reading to compare with)."""
     parts = [("sysctl", sysctl_command(list(cfg.sysctl))), ("meminfo", MEMINFO_COMMAND), ("gpu", GPU_COMMAND),
              ("containers", containers_command(cfg.name) + ' 2>&1; echo "##rc $?"')]
     parts += [(f"process {i}", f'{process_command(p)} 2>&1; echo "##rc $?"') for i, p in enumerate(procs)]
+    if containers:
+        if twice_s:
+            parts.append(("procs-before", f"{processes_command(list(containers))}; sleep {twice_s:g}"))
+        parts += [("gpu-activity", GPU_ACTIVITY_COMMAND), ("procs", processes_command(list(containers)))]
     return "".join(f'echo "@@{name}"; {{ {cmd}; }}\n' for name, cmd in parts) + 'echo "@@end"\n'
+
+
+def group_containers(plan: Plan, node: str) -> list[str]:
+    """The group's containers on a node: where its ranks run."""
+    return [s.container.name for s in plan.steps if s.container is not None and s.node == node]
 
 
 def _sections(text: str) -> dict[str, list[str]]:
@@ -137,14 +168,14 @@ def _sections(text: str) -> dict[str, list[str]]:
 
 
 def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: float,
-                 connected: "Optional[Future[float]]" = None) -> NodeObs:
+                 connected: "Optional[Future[float]]" = None, twice_s: float = 0) -> NodeObs:
     node = next(n for n in cfg.nodes if n.name == t.node)
     obs = NodeObs(name=node.name, role=node.role, reachable=False)
     procs = [p for p in plan.processes() if p.node == node.name]
     try:
         took = connected.result() if connected is not None else _connect(t)
         obs.latency_ms = round(took * 1000, 1)
-        r = t.run(node_script(cfg, procs), timeout=timeout)
+        r = t.run(node_script(cfg, procs, group_containers(plan, node.name), twice_s), timeout=timeout + twice_s)
     except SparkClusterError as exc:
         obs.error = exc.message
         return obs
@@ -184,6 +215,13 @@ def parse_node_output(cfg: ClusterConfig, plan: Plan, obs: NodeObs, stdout: str)
         fact = parse_process(p, rc, out)
         obs.processes.append(ProcessObs(name=p.name, container=p.container, component=p.component, state=fact.state,
                                         pid=fact.pid, detail=fact.detail))
+    if "procs" in sec:
+        obs._gpus, _ = parse_gpu_activity("\n".join(sec.get("gpu-activity", [])))
+        obs.gpu_power_w = max((g.power_w for g in obs._gpus if g.power_w is not None), default=None)
+        obs.gpu_memory_util = max((g.util_memory for g in obs._gpus if g.util_memory is not None), default=None)
+        obs._procs = parse_processes("\n".join(sec["procs"]))
+        if "procs-before" in sec:
+            obs._procs_before = parse_processes("\n".join(sec["procs-before"]))
     return obs
 
 
@@ -201,7 +239,7 @@ def observe_ray(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: floa
 def observe_vllm(cfg: ClusterConfig, window_s: float, timeout: float) -> VLLMObs:
     base = cfg.endpoint()
     obs = VLLMObs(endpoint=base)
-    with httpx.Client(timeout=timeout) as http:
+    with httpx.Client(timeout=timeout, headers=cfg.engine_headers()) as http:
         try:
             t0 = time.monotonic()
             h = http.get(f"{base}/health")
@@ -215,6 +253,8 @@ def observe_vllm(cfg: ClusterConfig, window_s: float, timeout: float) -> VLLMObs
             models = http.get(f"{base}/v1/models")
             if models.status_code == 200:
                 obs.models = [m["id"] for m in models.json().get("data", [])]
+            elif models.status_code in (401, 403):
+                obs.key_refused = models.status_code
             try:  # inside the sampling window: costs no time
                 version = http.get(f"{base}/version")
                 if version.status_code == 200 and version.json().get("version"):
@@ -272,6 +312,16 @@ def read_watchdog_state(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
         return None
 
 
+def gpu_baselines(watchdog: Optional[dict[str, Any]]) -> dict[str, GpuBaseline]:
+    """The GPUs' idle and busy power per node as the watchdog learned them (its state file)."""
+    out = {}
+    for node, b in ((watchdog or {}).get("gpu_baseline") or {}).items():
+        if isinstance(b, dict):
+            idle, busy = b.get("idle_w"), b.get("busy_w")
+            out[node] = GpuBaseline(idle if isinstance(idle, (int, float)) else None, busy if isinstance(busy, (int, float)) else None)
+    return out
+
+
 def begin_vllm(cfg: ClusterConfig, window_s: float, probe_timeout_s: float) -> "Future[VLLMObs]":
     """Start sampling vLLM now (in a thread): the window then overlaps whatever comes next
     (imports, SSH connections). Pass the result to observe()/status() as `vllm`."""
@@ -305,7 +355,7 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
         # SSH handshakes go on while the plan is built
         connected = {n.name: pool.submit(_connect, nodes[n.name]) for n in cfg.nodes}
         plan = build_plan(cfg, links=remembered_link(cfg))
-        node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s, connected[n.name])
+        node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s, connected[n.name], window_s)
                      for n in cfg.nodes}
 
         def ray_after_connect() -> RayObs:
@@ -318,6 +368,11 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
         node_obs = [f.result() for f in node_futs.values()]
         ray_obs = ray_fut.result()
         vllm_obs = vllm_fut.result()
+    watchdog = read_watchdog_state(cfg)
+    baselines = gpu_baselines(watchdog)
+    for n in node_obs:
+        act = n.ranks(group_containers(plan, n.name), None, baselines.get(n.name, GpuBaseline()))
+        n.activity, n.activity_evidence = act.activity, act.evidence
     vllm_obs.progress_age_s = _progress_age(cfg, vllm_obs, time.time())
     if vllm_obs.version is None:
         from .vllm_check import last_check
@@ -328,7 +383,7 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
     return Observation(
         ts=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         cluster=cfg.name, executor=cfg.executor, plan_hash=plan.plan_hash,
-        nodes=node_obs, ray=ray_obs, vllm=vllm_obs, watchdog=read_watchdog_state(cfg),
+        nodes=node_obs, ray=ray_obs, vllm=vllm_obs, watchdog=watchdog,
         took_s=round(time.monotonic() - t0, 3),
     )
 
@@ -384,14 +439,24 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
         if v.health is not None:
             return "down" if v.health >= 500 and v.health != 503 else "starting", f"/health answers {v.health}"
         return "starting", f"containers run, the API does not answer yet ({v.error or 'no answer'})"
+    if v.key_refused:
+        return "degraded", (f"vLLM answers {v.key_refused} to /v1/models: it demands an API key spark-cluster does not have "
+                            f"or has wrong (configuration: VLLM_API_KEY in container.env, or --api-key in vllm.extra_args)")
     if served_model not in v.models:
         return "starting", f"/v1/models does not list {served_model} yet"
     if frozen:
         return "stalled", "; ".join(frozen) + " (frozen: requests hang while /health answers)"
     if pending > 0 and v.progressed is False:
         age = v.progress_age_s if v.progress_age_s is not None else v.window_s
-        return "stalled", (f"{pending:g} request(s) in flight or waiting and no engine step for {age:g}s, "
-                           f"while /health answers 200")
+        stall = f"{pending:g} request(s) in flight or waiting and no engine step for {age:g}s"
+        group, evidence = group_activity(tuple(NodeActivity(n.name, n.activity, n.activity_evidence,  # type: ignore[arg-type]
+                                                            "gpu" if n.gpu_power_w is not None else "cpu")
+                                               for n in obs.nodes if n.activity is not None))
+        if group == "busy":
+            return "busy", f"{stall}: the current step has run {age:g}s, every rank working ({evidence})"
+        if group == "wedged":
+            return "stalled", f"{stall}, while /health answers 200: {evidence}"
+        return "stalled", f"{stall}, while /health answers 200"
     problems = []
     for n in obs.nodes:
         bad = [f"{k}={s['actual']} (want {s['expected']})" for k, s in n.sysctl.items() if s["actual"] != s["expected"]]

@@ -24,13 +24,15 @@ import httpx
 
 from . import timeouts
 from .config import ClusterConfig
-from .decide import Action, Sample, State, breaker_reset, decide, recent_restarts, requested_restart, restarted, resumed
+from .decide import (Action, Sample, State, breaker_reset, decide, fresh_budget, hour_restarts, recent_restarts, requested_restart,
+                     restarted, resumed)
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
 from .executor import Executor
-from .facts import parse_metrics
+from .facts import parse_metrics, progressed
 from .plan import build_plan
 from .link import remembered as remembered_link
-from .status import NodeObs, RayObs, VLLMObs, members_gone, observe_node, observe_ray, ray_missing
+from .ranks import GpuBaseline, ProcessesReading, group_activity, learn_baseline
+from .status import NodeObs, RayObs, VLLMObs, gpu_baselines, group_containers, members_gone, observe_node, observe_ray, ray_missing
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -44,9 +46,11 @@ def _iso(t: float | None = None) -> str:
 
 
 def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: dict[str, str], t: float,
-              canary: Optional[tuple[bool, float]] = None, gateway_in_flight: int = 0) -> Sample:
+              canary: Optional[tuple[Optional[bool], float, Optional[int]]] = None, gateway_in_flight: int = 0,
+              ranks: tuple[str, str] = ("unknown", "")) -> Sample:
     """What the decision needs from one observation: the same rules as `status` (members_gone,
-    ray_missing) over the same facts. Pure."""
+    ray_missing) over the same facts. canary: (ok, seconds, refused status); ranks: the group's
+    activity and its evidence (ranks.group_activity). Pure."""
     gone = members_gone(nodes) + [f"Ray lists node {name} ({expected_nodes[name]}) {'dead' if expected_nodes[name] in ray.dead else 'missing'}"
                                   for name in ray_missing(ray, expected_nodes)]
     return Sample(
@@ -54,6 +58,7 @@ def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: 
         prompt_tokens_total=vllm.prompt_tokens_total, running=vllm.running or 0, waiting=vllm.waiting or 0,
         gateway_in_flight=gateway_in_flight, gone=tuple(gone), unreachable=tuple(n.name for n in nodes if not n.reachable),
         canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None,
+        canary_refused=canary[2] if canary else None, ranks=ranks[0], rank_evidence=ranks[1],
     )
 
 
@@ -64,19 +69,26 @@ RESET_HINT = ("the watchdog stays stopped until told otherwise: fix the cause, t
 RESET_MARK = "breaker-reset"  # in state_dir: a reset asked for while a controller runs (it holds its state in memory)
 
 
-def reset_breaker(cfg: ClusterConfig, why: str) -> bool:
+def reset_breaker(cfg: ClusterConfig, why: str, *, recreated: bool = False) -> bool:
     """Take the watchdog out of `failed` (recorded in events.jsonl); False when it was not failed.
-    A running controller sees the mark this leaves and resets its own breaker on its next period."""
+    recreated: a deliberate `up` recreated the group, which starts a new restart budget whatever the
+    state (earlier restarts stay in the history, not counted). A running controller sees the mark
+    this leaves and does the same on its next period."""
     wd = Watchdog(cfg, None)  # type: ignore[arg-type] - no node is contacted
     try:
-        if wd.state.phase != "failed":
-            return False
-        previous = wd.state.last_reason
-        wd.state = breaker_reset(wd.state, wd.clock())
-        wd.save_state()
-        (wd.dir / RESET_MARK).write_text(why + "\n")
-        wd.event("breaker-reset", why=why, previous=previous)
-        return True
+        if wd.state.phase == "failed":
+            previous = wd.state.last_reason
+            wd.state = breaker_reset(wd.state, wd.clock())
+            wd.save_state()
+            (wd.dir / RESET_MARK).write_text(why + "\n")
+            wd.event("breaker-reset", why=why, previous=previous)
+            return True
+        if recreated:
+            wd.state = fresh_budget(wd.state, wd.clock())
+            wd.save_state()
+            (wd.dir / RESET_MARK).write_text(why + "\n")
+            wd.event("restart-budget", why=why, not_counted=len(hour_restarts(wd.state, wd.clock())))
+        return False
     finally:
         wd.close()
 
@@ -87,7 +99,7 @@ class Watchdog:
                  in_flight: Callable[[], int] = lambda: 0):
         self.cfg = cfg
         self.nodes = nodes
-        self.s = cfg.watchdog
+        self.s = cfg.watchdog.model_copy(update={"busy_budget_s": cfg.busy_budget_s()})
         self.clock = clock
         # commands from another thread (the controller's API): carried out by the loop at once
         self.woken = threading.Event()
@@ -114,10 +126,15 @@ class Watchdog:
         self.trail: deque[dict[str, Any]] = deque(maxlen=200)
         self.samples: deque[dict[str, Any]] = deque(maxlen=60)
         self.last_metrics_text = ""
-        self.canary_result: Optional[tuple[bool, float]] = None
+        self.canary_result: Optional[tuple[Optional[bool], float, Optional[int]]] = None
+        self.containers = {n.name: group_containers(self.plan, n.name) for n in cfg.nodes}
+        self.last_nodes: list[NodeObs] = []
+        self.last_counters: Optional[tuple] = None
+        self.last_procs: dict[str, ProcessesReading] = {}  # each node's last reading of its processes (CPU between two)
+        self.gpu_baseline: dict[str, GpuBaseline] = gpu_baselines(self._saved())
         self.last_good: Optional[float] = None  # when the cluster was last seen healthy (time to detect)
         self.decided_at: Optional[float] = None  # when the running restart was decided (time to recover)
-        self.http = httpx.Client()
+        self.http = httpx.Client(headers=cfg.engine_headers())  # the engine's API key, when it has one
 
     # ---- commands (thread-safe: they only set a flag and wake the loop) ------------------------
     def _nap(self, seconds: float) -> None:
@@ -137,6 +154,13 @@ class Watchdog:
         return self.state.phase in ("backoff", "restarting") or self.restart_requested is not None
 
     # ---- persistence ----------------------------------------------------------------------
+    def _saved(self) -> Optional[dict[str, Any]]:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
     def _load_state(self) -> State:
         try:
             data = json.loads(self.state_path.read_text())
@@ -156,9 +180,11 @@ class Watchdog:
             "since": _iso(st.since),
             "last_restart": _iso(st.last_restart) if st.last_restart else None,
             "last_reason": st.last_reason,
-            "restarts_last_hour": len(recent_restarts(st, self.clock())),
+            "restarts_last_hour": len(hour_restarts(st, self.clock())),
+            "restarts_counted": len(recent_restarts(st, self.clock())),  # by the breaker: since the last deliberate start
             "updated": _iso(self.clock()),
             "decision": dataclasses.asdict(st),
+            "gpu_baseline": {n: dataclasses.asdict(b) for n, b in self.gpu_baseline.items()},
         }
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, default=list))
@@ -188,9 +214,31 @@ class Watchdog:
             nodes = [f.result() for f in futs]
         canary = self.canary_result
         self.canary_result = None
-        sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary, self.in_flight())
+        self.last_nodes = nodes
+        sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary, self.in_flight(), self._ranks(nodes))
         self.samples.append(dataclasses.asdict(sample))
         return sample
+
+    def _ranks(self, nodes: list[NodeObs]) -> tuple[str, str]:
+        """The group's activity from each node's processes against its last reading, and its GPUs."""
+        acts = []
+        for n in nodes:
+            act = n.ranks(self.containers[n.name], self.last_procs.get(n.name), self.gpu_baseline.get(n.name, GpuBaseline()))
+            n.activity, n.activity_evidence = act.activity, act.evidence
+            if n._procs is not None:
+                self.last_procs[n.name] = n._procs
+            else:
+                self.last_procs.pop(n.name, None)
+            acts.append(act)
+        return group_activity(tuple(acts))
+
+    def _learn(self, sample: Sample, moved: bool) -> None:
+        """The GPUs' idle power while the engine is ready with nothing to do, their busy power while it progresses."""
+        idle = self.state.phase == "healthy" and sample.health == 200 and not sample.pending and not moved
+        working = moved and sample.pending > 0
+        for n in self.last_nodes:
+            self.gpu_baseline[n.name] = learn_baseline(self.gpu_baseline.get(n.name, GpuBaseline()), n.gpu_power_w,
+                                                       idle=idle, working=working)
 
     def _ray_obs(self) -> RayObs:
         """The answer of the last finished Ray probe (then a new one starts), or not checked yet."""
@@ -206,15 +254,19 @@ class Watchdog:
                                                   max(self.cfg.health.probe_timeout_s, timeouts.QUICK_S))
         return ray
 
-    def canary(self) -> tuple[bool, float]:
+    def canary(self) -> tuple[Optional[bool], float, Optional[int]]:
+        """A 1-token completion: (finished, seconds, None), or (None, seconds, 401/403) when the engine
+        refused the controller's API key (that says nothing about a hang)."""
         body = {"model": self.cfg.model.name, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
         t0 = time.monotonic()
         try:
             r = self.http.post(f"{self.cfg.endpoint()}/v1/completions", json=body, timeout=self.s.canary_timeout_s)
+            if r.status_code in (401, 403):
+                return None, round(time.monotonic() - t0, 3), r.status_code
             ok = r.status_code == 200 and bool(r.json().get("choices"))
         except (httpx.HTTPError, ValueError):
             ok = False
-        return ok, round(time.monotonic() - t0, 3)
+        return ok, round(time.monotonic() - t0, 3), None
 
     # ---- actions ----------------------------------------------------------------------------
     def incident_bundle(self, reason: str) -> Path:
@@ -233,6 +285,10 @@ class Watchdog:
         (d / "state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1, default=list))
         if self.last_ray is not None:
             (d / "ray-state.json").write_text(self.last_ray.model_dump_json(indent=1) + "\n")
+        ranks = {n.name: {"activity": n.activity, "evidence": n.activity_evidence, "gpu_power_w": n.gpu_power_w,
+                          "gpu_memory_util": n.gpu_memory_util, "gpu_baseline": dataclasses.asdict(self.gpu_baseline.get(n.name, GpuBaseline()))}
+                 for n in self.last_nodes}
+        (d / "ranks.json").write_text(json.dumps(ranks, indent=1) + "\n")
 
         def host(node: str) -> str:
             try:
@@ -290,6 +346,9 @@ class Watchdog:
                 previous = self.state.last_reason
                 self.state = breaker_reset(self.state, self.clock())
                 self.event("breaker-reset", why=why, previous=previous)
+            else:  # `up` recreated the group: a new restart budget
+                self.state = fresh_budget(self.state, self.clock())
+                self.event("restart-budget", why=why, not_counted=len(hour_restarts(self.state, self.clock())))
         if self._pause_wanted is not None and self._pause_wanted != self.paused:
             self.paused = self._pause_wanted
             if self.paused:
@@ -317,6 +376,9 @@ class Watchdog:
             return None
         else:
             self.state, action = decide(self.state, sample, now, self.s)
+        moved = self.last_counters is not None and progressed(self.last_counters, sample.counters)
+        self.last_counters = sample.counters
+        self._learn(sample, moved)
         if self.state.phase != before:
             self.event("state", state=self.state.phase, previous=before, reason=self.state.suspect_reason or self.state.last_reason,
                        running=sample.running, waiting=sample.waiting, health=sample.health)
@@ -331,9 +393,8 @@ class Watchdog:
                 extra["detect_s"] = round(now - self.last_good, 1) if self.last_good is not None else None
             self.event("decision", action=action.kind, reason=action.reason, delay_s=action.delay_s, **extra)
             if action.kind == "canary":
-                ok, took = self.canary()
-                self.canary_result = (ok, took)
-                self.event("canary", ok=ok, seconds=took)
+                self.canary_result = ok, took, refused = self.canary()
+                self.event("canary", ok=ok, seconds=took, **({"refused": refused} if refused else {}))
             elif action.kind == "restart":
                 self.save_state()
                 self.restart(action)

@@ -12,6 +12,7 @@ from spark_cluster.decide import (
     backoff_s,
     breaker_reset,
     decide,
+    recent_restarts,
     requested_restart,
     restarted,
     resumed,
@@ -31,23 +32,27 @@ class Clock:
         self.steps = 0.0
 
     def feed(self, seconds: float, *, progress: bool, running: float = 0, waiting: float = 0, health: int | None = 200,
-             gone=(), unreachable=(), canary_ok=None, canary_result: bool | None = None, gateway: float = 0):
+             gone=(), unreachable=(), canary_ok=None, canary_result: bool | None = None, gateway: float = 0,
+             ranks: str = "unknown", evidence: str = "", refused: int | None = None):
         """Advance `seconds` in periods; answer canaries with canary_result (None: leave them)."""
         end = self.t + seconds
-        pending_canary = None
+        pending_canary, pending_refused = None, False
         while self.t < end:
             self.t += self.s.period_s
             if progress:
                 self.steps += 3
             x = Sample(t=self.t, health=health, steps_total=self.steps, generation_tokens_total=self.steps * 2,
                        prompt_tokens_total=100, running=running, waiting=waiting, gateway_in_flight=gateway, gone=tuple(gone),
-                       unreachable=tuple(unreachable), canary_ok=pending_canary if pending_canary is not None else canary_ok)
-            pending_canary = None
+                       unreachable=tuple(unreachable), canary_ok=pending_canary if pending_canary is not None else canary_ok,
+                       canary_refused=refused if pending_refused else None, ranks=ranks, rank_evidence=evidence)
+            pending_canary, pending_refused = None, False
             self.state, action = decide(self.state, x, self.t, self.s)
             if action is not None:
                 self.actions.append((self.t, action))
                 if action.kind == "canary" and canary_result is not None:
                     pending_canary = canary_result
+                if action.kind == "canary" and refused is not None:
+                    pending_refused = True
                 if action.kind == "restart":
                     self.state = restarted(self.state, self.t + action.delay_s)
                     self.t += action.delay_s
@@ -272,7 +277,8 @@ def test_the_breaker_is_left_only_by_a_deliberate_reset():
     c.feed(120, progress=True, health=200)  # even a serving engine does not take it out
     assert c.state.phase == "failed"
     c.state = breaker_reset(c.state, c.t)
-    assert c.state.phase == "starting" and c.state.restarts == () and "circuit breaker" in c.state.last_reason
+    assert c.state.phase == "starting" and "circuit breaker" in c.state.last_reason
+    assert c.state.restarts and recent_restarts(c.state, c.t) == ()  # kept in the history, not counted
     c.feed(S.period_s, progress=True, health=200)
     assert c.state.phase == "healthy"
 
@@ -344,7 +350,7 @@ class ScriptedLoop:
         self.wd.on_event = self.events.append
         self.restarts: list[str] = []
         self.wd.restart = lambda action: (self.restarts.append(action.reason), setattr(self.wd, "state", restarted(self.wd.state, self.t)))
-        self.wd.canary = lambda: (False, 10.0)
+        self.wd.canary = lambda: (False, 10.0, None)
 
     def step(self, seconds: float, *, progress: bool, running: float = 0):
         self.t += seconds
@@ -353,7 +359,8 @@ class ScriptedLoop:
         def observe() -> Sample:
             canary, self.wd.canary_result = self.wd.canary_result, None  # as the real observe hands it on
             return Sample(t=self.t, health=200, steps_total=self.counter, generation_tokens_total=self.counter, prompt_tokens_total=1.0,
-                          running=running, canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None)
+                          running=running, canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None,
+                          canary_refused=canary[2] if canary else None)
 
         self.wd.observe = observe
         return self.wd.step()
@@ -412,3 +419,122 @@ def test_a_running_loop_takes_a_breaker_reset_made_by_another_command(tmp_path):
     loop.step(S.period_s, progress=True)
     assert len(loop.kinds("breaker-reset")) == 1  # the mark is used once
     loop.wd.close()
+
+
+# ---- what the ranks do (spark_cluster.ranks.group_activity) decides before the canary ----------
+
+
+def restart_times(c: Clock) -> list[float]:
+    return [t for t, a in c.actions if a.kind == "restart"]
+
+
+@pytest.mark.parametrize("seconds", [120, 290])
+def test_a_long_step_with_every_rank_working_is_busy_never_a_restart(seconds):
+    """A 120 s prefill chunk or a compile: the counters stop, a canary would wait behind the step and
+    fail, yet the ranks work. No canary, no restart, up to the busy budget (vLLM's step timeout, 300 s)."""
+    c = ready()
+    c.feed(seconds, progress=False, running=4, ranks="busy", evidence="sim-1: working (CPU 0.98 core(s))", canary_result=False)
+    assert c.kinds() == [] and c.state.phase == "busy"
+    assert "ranks working: sim-1: working" in c.state.suspect_reason
+    c.feed(4, progress=True, running=4)  # the step ends
+    assert c.state.phase == "healthy" and c.kinds() == []
+
+
+def test_past_the_busy_budget_the_canary_decides_as_before():
+    c = ready()
+    c.feed(300 + 20, progress=False, running=4, ranks="busy", evidence="working", canary_result=False)
+    assert c.kinds() == ["canary", "restart"]
+    [(t, restart)] = [(t, a) for t, a in c.actions if a.kind == "restart"]
+    assert "past the busy budget of 300s" in restart.reason
+
+
+def test_the_busy_budget_is_a_setting_and_defaults_to_the_engines_step_timeout():
+    from spark_cluster.config import load_config
+
+    from .conftest import SIM_CONFIG
+
+    cfg = load_config(SIM_CONFIG)
+    assert cfg.container.env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "3600" and cfg.busy_budget_s() == 3600  # as the model card sets it
+    env = {k: v for k, v in cfg.container.env.items() if k != "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"}
+    assert cfg.model_copy(update={"container": cfg.container.model_copy(update={"env": env})}).busy_budget_s() == 300  # vLLM's default
+    assert cfg.model_copy(update={"watchdog": WatchdogSettings(busy_budget_s=90)}).busy_budget_s() == 90
+    short = WatchdogSettings(busy_budget_s=60)
+    c = Clock(short)
+    c.feed(10, progress=False)
+    c.feed(short.grace_after_start_s, progress=True, running=1)
+    c.feed(56, progress=False, running=2, ranks="busy", canary_result=False)
+    assert c.kinds() == []
+    c.feed(20, progress=False, running=2, ranks="busy", canary_result=False)
+    assert c.kinds() == ["canary", "restart"]
+
+
+def test_a_stopped_rank_is_a_wedge_confirmed_at_the_stall_window_without_a_canary():
+    c = ready()
+    stall_began = c.t
+    c.feed(30, progress=False, running=4, ranks="wedged", evidence="rank stopped: sim-2: stopped: ray::RayWorkerP (pid 77)")
+    [t] = restart_times(c)
+    assert S.stall_window_s <= t - stall_began <= S.stall_window_s + S.period_s
+    assert "canary" not in c.kinds()
+    reason = c.actions[-1][1].reason
+    assert reason.startswith("hang confirmed: no progress for") and "rank stopped: sim-2" in reason
+
+
+def test_a_wedge_is_not_confirmed_before_the_stall_window_nor_in_the_grace_period():
+    c = ready()
+    c.feed(S.stall_window_s - S.period_s, progress=False, running=4, ranks="wedged", evidence="x")
+    assert c.kinds() == []
+    fresh = Clock()
+    fresh.feed(10, progress=False, health=None)  # loading
+    fresh.feed(S.period_s, progress=False)  # ready: the grace period begins
+    fresh.feed(S.grace_after_start_s - 20, progress=False, running=2, ranks="wedged", evidence="x")
+    assert fresh.kinds() == []
+
+
+def test_ranks_that_turn_from_busy_to_wedged_are_confirmed_at_once():
+    """A compile that ends in a wedge: the stall already lasted longer than the window."""
+    c = ready()
+    c.feed(60, progress=False, running=2, ranks="busy")
+    assert c.kinds() == []
+    c.feed(S.period_s, progress=False, running=2, ranks="wedged", evidence="rank stopped")
+    assert c.kinds() == ["restart"]
+
+
+def test_without_rank_facts_the_stall_window_and_the_canary_decide_as_before():
+    c = ready()
+    c.feed(30, progress=False, running=2, ranks="unknown", canary_result=False)
+    assert c.kinds() == ["canary", "restart"]
+
+
+def test_an_idle_engine_is_never_judged_by_its_idle_ranks():
+    c = ready()
+    c.feed(25, progress=False, running=0, ranks="wedged", evidence="no rank uses any CPU")
+    assert "restart" not in c.kinds()
+
+
+def test_a_canary_refused_for_its_key_is_a_configuration_alert_never_a_restart():
+    c = ready()
+    c.feed(200, progress=False, running=0, refused=401)  # idle canaries: the first is refused
+    assert c.kinds() == ["canary", "alert"] and "configuration error: vLLM answers 401" in c.actions[-1][1].reason
+    c.feed(60, progress=False, running=2, refused=401)  # a stall: no canary can decide it now
+    assert c.kinds() == ["canary", "alert"] and c.state.phase == "suspect"
+    c.feed(30, progress=False, running=2, ranks="wedged", evidence="rank stopped")  # the ranks still can
+    assert c.kinds() == ["canary", "alert", "restart"]
+    assert not restarted(c.state, c.t).key_refused  # the new group gets a canary again
+
+
+def test_a_deliberate_start_begins_a_new_restart_budget_and_keeps_the_history():
+    from spark_cluster.decide import fresh_budget, hour_restarts, recent_restarts
+
+    c = ready()
+    for _ in range(3):  # three hangs: the breaker is at its limit
+        c.feed(30, progress=False, running=2, canary_result=False)
+        c.feed(S.grace_after_start_s + 10, progress=True, running=1)
+    assert len(recent_restarts(c.state, c.t)) == 3
+    c.state = fresh_budget(c.state, c.t)  # `up` recreated the group
+    assert len(hour_restarts(c.state, c.t)) == 3 and recent_restarts(c.state, c.t) == () and c.state.consecutive == 0
+    c.feed(10, progress=False)
+    c.feed(S.grace_after_start_s + 10, progress=True, running=1)
+    c.feed(30, progress=False, running=2, canary_result=False)  # the first genuine hang is restarted, not failed
+    assert c.kinds()[-1] == "restart" and c.state.phase != "failed"
+    tripped = breaker_reset(State(phase="failed", restarts=(c.t - 10,)), c.t)
+    assert tripped.restarts == (c.t - 10,) and recent_restarts(tripped, c.t) == ()

@@ -4,6 +4,7 @@ and the fact it must give), and on the odd outputs a node can produce."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 
@@ -16,6 +17,7 @@ from spark_cluster.facts import (SYSFS_IBDEV2NETDEV, containers_command, parse_l
                                  parse_ray_state, parse_sysctl, platforms_command, process_command, reach_command, progressed, same_platform,
                                  sysctl_command)
 from spark_cluster.plan import build_plan
+from spark_cluster.ranks import parse_gpu_activity
 
 from .conftest import FACTS, SIM_CONFIG, recording
 
@@ -44,6 +46,8 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "gpu-smoke": lambda: parse_gpu_smoke(rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
         "reach": lambda: parse_reach(rec["stdout"]).model_dump(),
         "link": lambda: [[x.model_dump() for x in part] for part in parse_link(rec["stdout"])],
+        "gpu-activity": lambda: (lambda gpus, error: {"gpus": [dataclasses.asdict(g) for g in gpus], "error": error})(
+            *parse_gpu_activity(rec["stdout"])),
     }[rec["fact"]]
     assert parse() == rec["parsed"]
 

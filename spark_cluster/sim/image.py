@@ -40,6 +40,8 @@ IMAGE_ENV = [
     # the Ray custom resource that stands in for a GPU: activates templates/sim/ray_on_cpu.py, which
     # lets vLLM's CPU build run the Ray executor (this image only; never a Spark's)
     "SPARK_CLUSTER_SIM_RAY_RESOURCE=vllm_cpu",
+    # request markers for a long step or a compile on one rank: templates/sim/sim_faults.py (this image only)
+    "SPARK_CLUSTER_SIM_FAULTS=1",
 ]
 MODEL_NAME = "tiny-qwen3"
 # bump when the way the archive is assembled here changes (the templates are hashed themselves)
@@ -58,7 +60,7 @@ class Image:
 def _inputs_hash() -> str:
     h = hashlib.sha256()
     h.update(json.dumps([BUILD_RECIPE, DEBIAN_SUITE, MIRROR, DEB_PACKAGES, REQUIREMENTS, IMAGE_ENV]).encode())
-    for name in ("customize.sh", "make_tiny_model.py", "amx_permission.py", "ray_on_cpu.py"):
+    for name in ("customize.sh", "make_tiny_model.py", "amx_permission.py", "ray_on_cpu.py", "sim_faults.py"):
         h.update((templates_dir() / "sim" / name).read_bytes())
     return h.hexdigest()[:12]
 

@@ -31,6 +31,9 @@ echo "import spark_cluster_sim_amx" > "$root$sp/spark_cluster_sim_amx.pth"
 # vLLM's CPU build over the Ray executor (simulation only; active when SPARK_CLUSTER_SIM_RAY_RESOURCE is set)
 cp "$tdir/ray_on_cpu.py" "$root$sp/spark_cluster_sim_ray.py"
 echo "import spark_cluster_sim_ray" > "$root$sp/spark_cluster_sim_ray.pth"
+# request markers that make a step long or a rank compile (simulation only; active when SPARK_CLUSTER_SIM_FAULTS=1)
+cp "$tdir/sim_faults.py" "$root$sp/spark_cluster_sim_faults.py"
+echo "import spark_cluster_sim_faults" > "$root$sp/spark_cluster_sim_faults.pth"
 # the tiny model: random weights, tokenizer trained on local text
 cp "$tdir/make_tiny_model.py" "$root/tmp/make_tiny_model.py"
 run /opt/venv/bin/python /tmp/make_tiny_model.py /opt/models/tiny-qwen3

@@ -71,7 +71,7 @@ def _pp_receive_buffer(mod):
     cls.sync_and_gather_intermediate_tensors = sync_and_gather_intermediate_tensors
 
 
-_PATCHES = {
+_RAY_PATCHES = {
     "vllm.platforms.cpu": _platform,
     "vllm.v1.executor.ray_utils": _worker_class("RayWorkerWrapper"),
     "vllm.v1.executor.ray_executor_v2": _worker_class("RayWorkerProc"),
@@ -111,5 +111,16 @@ class _PatchAfterExec:
         return None
 
 
-if _RESOURCE and not any(isinstance(f, _PatchAfterExec) for f in sys.meta_path):
-    sys.meta_path.insert(0, _PatchAfterExec())
+_PATCHES: dict = {}
+
+
+def after_exec(name, patch):
+    """Patch module `name` right after it executes (templates/sim/sim_faults.py registers here too)."""
+    _PATCHES[name] = patch
+    if not any(isinstance(f, _PatchAfterExec) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterExec())
+
+
+if _RESOURCE:
+    for _name, _patch in _RAY_PATCHES.items():
+        after_exec(_name, _patch)
