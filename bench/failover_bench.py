@@ -7,6 +7,11 @@ For each executor:
    node's container: its vLLM rank, or its Ray node holding the rank). MTTD (freeze -> hang
    confirmed), the restart with its parts, MTTR (freeze -> a new completion succeeds).
 3. Idle hang: no load; the worker freezes just after an idle canary passed (the worst moment).
+   Before the hangs, under the same load, three ways to be slow that are not hung (the simulated
+   image's request markers, templates/sim/sim_faults.py): a 120 s step with every rank working, a
+   60 s compile on the last rank while its peer waits in the collective, and the worker's
+   containers starved to 1 % of a core for 4 minutes under long prompts: restarts and decisions
+   counted, the watchdog's busy time shown.
 4. Overhead = restart time - engine start time, loaded and idle: what the restart adds.
 5. Optionally a soak with no fault (--soak-minutes, 0 to skip): 8 long streams with fresh long
    prompts near max_model_len (long prefills) plus short non-streamed requests; suspect states,
@@ -107,19 +112,61 @@ def fault(executor: str, cfg, events, worker: str, *, idle: bool, after: float) 
     return out
 
 
+def prompt_words(cfg, tokens: int) -> int:
+    """Words of loadgen's random prompts that make about this many tokens (measured with vLLM's tokenizer)."""
+    sample = random_prompt(200, random.Random(1))
+    counted = httpx.post(f"{cfg.endpoint()}/tokenize", json={"model": cfg.model.name, "prompt": sample}, timeout=30).json()["count"]
+    return int(tokens * 200 / counted)
+
+
+def slow(executor: str, cfg, events, worker: str, kind: str, seconds: float) -> dict:
+    """A way to be slow that is not hung, under the load already running: what the watchdog decided."""
+    url, model = cfg.endpoint(), cfg.model.name
+    t0 = time.time()
+    if kind == "starved":
+        words = prompt_words(cfg, 1600)  # long prompts (as in the issue's trial): long prefills on a starved rank
+        stop = threading.Event()
+        threads, results = mixed_load(url, model, stop, streams=2, plain=0, stream_tokens=32, plain_tokens=1, stream_prompt_words=words)
+        cluster.node_exec("sim-2", "docker", "update", "--cpus", "0.01", worker)
+        try:
+            time.sleep(seconds)
+        finally:
+            cluster.node_exec("sim-2", "docker", "update", "--cpus", "0", worker)
+            stop.set()
+            for t in threads:
+                t.join(timeout=120)
+        done = len([r for r in results if r.outcome == "ok"])
+    else:
+        mark = f"sim-{kind}-{seconds:g}-{time.monotonic_ns()}"
+        r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 4},
+                       headers={"X-Request-Id": mark}, timeout=seconds + 300)
+        done = int(r.status_code == 200)
+    wait(events, lambda e: e["event"] == "state" and e["state"] == "healthy" and ts(e) > t0, 300)
+    late = [e for e in events if ts(e) >= t0]
+    busy = [e for e in late if e["event"] == "state" and e["state"] == "busy"]
+    out = {"restarts": len([e for e in late if e["event"] == "restart-start"]),
+           "decisions": len([e for e in late if e["event"] == "decision"]),
+           "busy": len(busy), "completed": done, "seconds": time.time() - t0}
+    print(f"{executor} {kind} {seconds:g}s: {out['restarts']} restart(s), {out['decisions']} decision(s), busy {out['busy']} time(s)"
+          + (f" ({busy[0]['reason']})" if busy else "") + f", {done} completed", flush=True)
+    return out
+
+
+SLOW = (("long-step", 120.0), ("compile", 60.0), ("starved", 240.0))
+
+
 def soak(executor: str, cfg, events, args) -> dict:
     url, model = cfg.endpoint(), cfg.model.name
-    # prompts near max_model_len, leaving room for the answer (words -> tokens measured with vLLM's tokenizer)
-    sample = random_prompt(200, random.Random(1))
-    tokens = httpx.post(f"{url}/tokenize", json={"model": model, "prompt": sample}, timeout=30).json()["count"]
+    # prompts near max_model_len, leaving room for the answer
     answer = 128
-    words = int((cfg.vllm.max_model_len - answer - 64) * 200 / tokens)
+    tokens = cfg.vllm.max_model_len - answer - 64
+    words = prompt_words(cfg, tokens)
     stop = threading.Event()
     steps = Step(url)
     t0 = time.time()
     threads, results = mixed_load(url, model, stop, streams=args.soak_streams, plain=2, stream_tokens=answer, plain_tokens=16,
                                   stream_prompt_words=words)
-    print(f"{executor} soak: {args.soak_minutes:g} min, {args.soak_streams} streams with fresh prompts of ~{words * tokens // 200} tokens "
+    print(f"{executor} soak: {args.soak_minutes:g} min, {args.soak_streams} streams with fresh prompts of ~{tokens} tokens "
           f"(max_model_len {cfg.vllm.max_model_len}) + 2 short non-streamed clients ...", flush=True)
     time.sleep(args.soak_minutes * 60)
     stop.set()
@@ -159,6 +206,8 @@ def measure(executor: str, args) -> dict:
         stop_load = threading.Event()
         stream_load(url, model, args.streams, stop_load, max_tokens=1500, repeat=True, read_timeout_s=120)
         time.sleep(15)
+        for kind, seconds in SLOW:
+            out[kind] = slow(executor, cfg, events, worker, kind, seconds)
         out["loaded"] = fault(executor, cfg, events, worker, idle=False, after=0)
         stop_load.set()
         time.sleep(5)
@@ -206,6 +255,10 @@ def main() -> None:
     print(f"{'':52}" + "".join(f"{x:>10}" for x in executors))
     row("MTTD loaded: freeze -> hang confirmed (s)", lambda r: r["loaded"]["mttd"])
     row("MTTD idle (s)", lambda r: r["idle"]["mttd"])
+    for kind, seconds in SLOW:
+        what = {"long-step": "long step", "compile": "compile on one rank", "starved": "worker starved to 1 % of a core"}[kind]
+        row(f"{what} {seconds:g}s under load: restarts", lambda r, k=kind: r[k]["restarts"], "{:10d}")
+        row("  decisions (canary, restart, alert)", lambda r, k=kind: r[k]["decisions"], "{:10d}")
     row("engine start: fresh up on a clean cluster (s)", lambda r: r["start"])
     row("restart, loaded: decision -> restart done (s)", lambda r: r["loaded"]["restart"])
     row("restart, idle (s)", lambda r: r["idle"]["restart"])

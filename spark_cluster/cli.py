@@ -549,26 +549,30 @@ def age(started_at: str, now: Optional[datetime] = None) -> str:
     return f"up {secs}s"
 
 
-VERDICT_STYLE = {"serving": "bold green", "degraded": "bold yellow", "stalled": "bold red", "down": "bold red", "starting": "bold cyan"}
+VERDICT_STYLE = {"serving": "bold green", "degraded": "bold yellow", "busy": "bold cyan", "stalled": "bold red", "down": "bold red",
+                 "starting": "bold cyan"}
+ACTIVITY_STYLE = {"working": "green", "compiling": "cyan", "waiting": "yellow", "stopped": "red", "unknown": "dim"}
 
 
 def render_status(rep) -> Table:
     o = rep.observation
     title = f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]" + (f"  {rep.reason}" if rep.reason else "")
     nodes = Table(title=None, expand=False, box=None, padding=(0, 1))
-    for col in ("node", "ssh", "memory avail/total", "gpu", "sysctl"):
+    for col in ("node", "ssh", "memory avail/total", "gpu", "sysctl", "ranks"):
         nodes.add_column(col, overflow="fold")
     members = Table(title=None, expand=False, box=None, padding=(0, 1))
     for col in ("node", "container / process", "state"):
         members.add_column(col, overflow="fold")
     for n in o.nodes:
         if not n.reachable:
-            nodes.add_row(n.name, f"[red]unreachable[/] {escape(n.error or '')}", "", "", "")
+            nodes.add_row(n.name, f"[red]unreachable[/] {escape(n.error or '')}", "", "", "", "")
             continue
         sysctl = ", ".join(f"{k.split('.')[-1]}={v['actual']}" + ("" if v["actual"] == v["expected"] else f" [red](want {v['expected']})[/]")
                            for k, v in n.sysctl.items())
         mem = f"{n.mem_available_gib:.1f}/{n.mem_total_gib:.1f} GiB" if n.mem_total_gib else "?"
-        nodes.add_row(f"{n.name} ({n.role})", f"{n.latency_ms:.0f} ms", mem, n.gpu or "", sysctl)
+        ranks = f"[{ACTIVITY_STYLE.get(n.activity, 'dim')}]{n.activity}[/] {escape(n.activity_evidence)}" if n.activity else ""
+        gpu = (n.gpu or "") + (f", {n.gpu_power_w:g} W" if n.gpu_power_w is not None else "")
+        nodes.add_row(f"{n.name} ({n.role})", f"{n.latency_ms:.0f} ms", mem, gpu, sysctl, ranks)
         for c in n.containers:
             members.add_row(n.name, c.name, f"[{'green' if c.state == 'running' else 'red'}]{c.state}[/]"
                             + (f" {age(c.started_at)}" if c.started_at and c.state == "running" else "")

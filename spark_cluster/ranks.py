@@ -68,6 +68,10 @@ def parse_gpu_activity(text: str) -> tuple[list[GpuReading], Optional[str]]:
 # compile workers; vLLM's CUDA graphs and kernels too).
 COMPILERS = frozenset({"cc", "c++", "gcc", "g++", "cc1", "cc1plus", "as", "ld", "ld.bfd", "ld.gold", "collect2", "clang", "clang++",
                        "ptxas", "nvcc", "cicc", "nvlink", "fatbinary", "nvdisasm", "ninja", "make"})
+# Process names (comm, 15 characters) of the processes that hold the ranks and drive them: Ray's actor
+# holding a rank (RayWorkerProc, RayWorkerWrapper), vLLM's workers and engine core. The rest of a
+# container (the API server answering our own probes, Ray's daemons) is not a rank.
+RANK_PREFIXES = ("ray::RayWorker", "VLLM::Worker", "VLLM::EngineCor")
 _PROCS_MARK = "##procs"
 
 
@@ -207,11 +211,13 @@ def node_activity(node: str, containers: list[str], before: Optional[ProcessesRe
     if paused:
         return NodeActivity(node, "stopped", f"container {', '.join(paused)} paused")
     procs = [p for c in containers for p in after.procs(c)]
+    # the ranks where they can be named; every process of the group's containers otherwise
+    procs = [p for p in procs if p.name.startswith(RANK_PREFIXES)] or procs
+    compilers = [p for c in containers for p in after.procs(c) if p.compiler]
     stopped = [p for p in procs if p.state in ("T", "t")]
     if stopped:
         return NodeActivity(node, "stopped", "stopped: " + ", ".join(f"{p.name} (pid {p.pid})" for p in stopped[:3]))
     if before is not None:
-        compilers = [p for p in procs if p.compiler]
         busy = [p for p in compilers if (_cpu_cores(before, after, [p]) or 0) >= COMPILER_WORKING_CORES]
         if busy:
             return NodeActivity(node, "compiling", "compiling: " + ", ".join(f"{p.name} (pid {p.pid})" for p in busy[:3]),
@@ -233,9 +239,9 @@ def node_activity(node: str, containers: list[str], before: Optional[ProcessesRe
     cores = _cpu_cores(before, after, procs)
     if cores is None:
         return NodeActivity(node, "unknown", "no process reading over an interval")
-    running = sum(1 for p in procs if p.state == "R")
-    seen = f"CPU {cores:.2f} core(s), {running} process(es) running"
-    return NodeActivity(node, "working" if cores >= CPU_WORKING_CORES else "waiting", seen)
+    running = sum(1 for p in procs if p.state == "R")  # a rank throttled by its CPU quota is runnable, not asleep
+    seen = f"CPU {cores:.2f} core(s) in {len(procs)} rank process(es), {running} running"
+    return NodeActivity(node, "working" if cores >= CPU_WORKING_CORES or running else "waiting", seen)
 
 
 # ---- the group ----------------------------------------------------------------------------------

@@ -402,6 +402,14 @@ def members_gone(nodes: list[NodeObs]) -> list[str]:
     return gone
 
 
+def ranks_of(nodes: list[NodeObs]) -> tuple[str, str]:
+    """The group's activity from each node's (ranks.group_activity): the one rule of `status` (busy or
+    stalled) and the watchdog (busy, or a wedge confirmed without a canary)."""
+    return group_activity(tuple(NodeActivity(n.name, n.activity, n.activity_evidence,  # type: ignore[arg-type]
+                                             "gpu" if n.gpu_power_w is not None else "cpu")
+                                for n in nodes if n.activity is not None))
+
+
 def ray_missing(ray: RayObs, expected_nodes: dict[str, str]) -> list[str]:
     """Nodes Ray does not list alive (only when Ray could be asked)."""
     if not ray.checked or ray.error is not None:
@@ -449,9 +457,7 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
     if pending > 0 and v.progressed is False:
         age = v.progress_age_s if v.progress_age_s is not None else v.window_s
         stall = f"{pending:g} request(s) in flight or waiting and no engine step for {age:g}s"
-        group, evidence = group_activity(tuple(NodeActivity(n.name, n.activity, n.activity_evidence,  # type: ignore[arg-type]
-                                                            "gpu" if n.gpu_power_w is not None else "cpu")
-                                               for n in obs.nodes if n.activity is not None))
+        group, evidence = ranks_of(obs.nodes)
         if group == "busy":
             return "busy", f"{stall}: the current step has run {age:g}s, every rank working ({evidence})"
         if group == "wedged":

@@ -31,8 +31,9 @@ from .executor import Executor
 from .facts import parse_metrics, progressed
 from .plan import build_plan
 from .link import remembered as remembered_link
-from .ranks import GpuBaseline, ProcessesReading, group_activity, learn_baseline
-from .status import NodeObs, RayObs, VLLMObs, gpu_baselines, group_containers, members_gone, observe_node, observe_ray, ray_missing
+from .ranks import GpuBaseline, ProcessesReading, learn_baseline
+from .status import (NodeObs, RayObs, VLLMObs, gpu_baselines, group_containers, members_gone, observe_node, observe_ray, ranks_of,
+                     ray_missing)
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -46,11 +47,10 @@ def _iso(t: float | None = None) -> str:
 
 
 def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: dict[str, str], t: float,
-              canary: Optional[tuple[Optional[bool], float, Optional[int]]] = None, gateway_in_flight: int = 0,
-              ranks: tuple[str, str] = ("unknown", "")) -> Sample:
+              canary: Optional[tuple[Optional[bool], float, Optional[int]]] = None, gateway_in_flight: int = 0) -> Sample:
     """What the decision needs from one observation: the same rules as `status` (members_gone,
-    ray_missing) over the same facts. canary: (ok, seconds, refused status); ranks: the group's
-    activity and its evidence (ranks.group_activity). Pure."""
+    ray_missing, ranks_of) over the same facts. canary: (ok, seconds, refused status). Pure."""
+    ranks = ranks_of(nodes)
     gone = members_gone(nodes) + [f"Ray lists node {name} ({expected_nodes[name]}) {'dead' if expected_nodes[name] in ray.dead else 'missing'}"
                                   for name in ray_missing(ray, expected_nodes)]
     return Sample(
@@ -215,13 +215,13 @@ class Watchdog:
         canary = self.canary_result
         self.canary_result = None
         self.last_nodes = nodes
-        sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary, self.in_flight(), self._ranks(nodes))
+        self._ranks(nodes)
+        sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary, self.in_flight())
         self.samples.append(dataclasses.asdict(sample))
         return sample
 
-    def _ranks(self, nodes: list[NodeObs]) -> tuple[str, str]:
-        """The group's activity from each node's processes against its last reading, and its GPUs."""
-        acts = []
+    def _ranks(self, nodes: list[NodeObs]) -> None:
+        """Each node's rank activity, from its processes against their last reading and its GPUs."""
         for n in nodes:
             act = n.ranks(self.containers[n.name], self.last_procs.get(n.name), self.gpu_baseline.get(n.name, GpuBaseline()))
             n.activity, n.activity_evidence = act.activity, act.evidence
@@ -229,8 +229,6 @@ class Watchdog:
                 self.last_procs[n.name] = n._procs
             else:
                 self.last_procs.pop(n.name, None)
-            acts.append(act)
-        return group_activity(tuple(acts))
 
     def _learn(self, sample: Sample, moved: bool) -> None:
         """The GPUs' idle power while the engine is ready with nothing to do, their busy power while it progresses."""

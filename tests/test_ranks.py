@@ -112,6 +112,9 @@ C = ["spark-ray-worker"]
     ([stat(10, "ray::RayWorkerP", "S", 1000)], [stat(10, "ray::RayWorkerP", "S", 1000)], ("spark-ray-worker",), "stopped"),
     # a compiler started under the rank since the last reading, using CPU; the rank waits for it
     ([stat(10, "ray::RayWorkerP", "S", 1000)], [stat(10, "ray::RayWorkerP", "S", 1000), stat(11, "cc1plus", "R", 150, 10)], (), "compiling"),
+    # the API server answering our own probes is no rank: the rank itself sleeps
+    ([stat(9, "vllm", "S", 10), stat(10, "ray::RayWorkerP", "S", 1000)], [stat(9, "vllm", "R", 90), stat(10, "ray::RayWorkerP", "S", 1000)], (),
+     "waiting"),
     # a compiler that stopped using CPU is not a compile
     ([stat(11, "cc1plus", "S", 150, 10)], [stat(11, "cc1plus", "S", 150, 10)], (), "waiting"),
 ])

@@ -40,6 +40,10 @@ def obs(nodes=None, vllm=None, ray=None, watchdog=None) -> Observation:
                        vllm=v, watchdog=watchdog)
 
 
+def ranks(activity: str, gpu_power_w: float | None = None) -> dict:
+    return {"activity": activity, "activity_evidence": f"{activity} evidence", "gpu_power_w": gpu_power_w}
+
+
 def container(state, **kw):
     name = kw.pop("name", "spark-vllm-worker")
     return [ContainerObs(name=name, component="vllm-worker", state=state, spec_current=kw.pop("spec_current", True))]
@@ -72,6 +76,16 @@ CASES = [
     ("container from an older config", obs(nodes={1: {"containers": container("running", spec_current=False)}}), "degraded", "another config"),
     ("memory nearly exhausted", obs(nodes={0: {"mem_available_gib": 2}}), "degraded", "only 2.0 GiB"),
     ("watchdog gave up", obs(watchdog={"state": "failed", "reason": "breaker"}), "degraded", "watchdog failed"),
+    # what the ranks do while nothing progresses (spark_cluster.ranks)
+    ("a long step: every rank working", obs(vllm={"running": 4}, nodes={0: ranks("working"), 1: ranks("working")}), "busy",
+     "the current step has run 30s, every rank working"),
+    ("a compile on one rank, its peer waiting", obs(vllm={"running": 4}, nodes={0: ranks("waiting", 30.0), 1: ranks("compiling", 30.0)}),
+     "busy", "compiling"),
+    ("a rank stopped", obs(vllm={"running": 4}, nodes={0: ranks("working"), 1: ranks("stopped")}), "stalled", "rank stopped: sim-2"),
+    ("GPU ranks at near-idle power", obs(vllm={"running": 4}, nodes={0: ranks("waiting", 20.0), 1: ranks("waiting", 21.0)}), "stalled",
+     "near-idle power"),
+    ("a rank not read", obs(vllm={"running": 4}, nodes={0: ranks("working"), 1: ranks("unknown")}), "stalled", "4 request(s)"),
+    ("idle ranks of an idle engine", obs(nodes={0: ranks("waiting"), 1: ranks("waiting")}), "serving", ""),
 ]
 
 
@@ -117,9 +131,12 @@ def test_status_and_the_watchdog_agree(name, observation):
         before["generation_tokens_total"] = (v.generation_tokens_total or 0) - 1
     prev = tuple(before[k] for k in ("steps_total", "generation_tokens_total", "prompt_tokens_total"))
     state = State(phase="healthy", since=0, ready_at=0, healthy_since=0, last_counters=prev, last_progress=99.0)
-    new, _ = decide(state, sample, 100.0, WatchdogSettings(grace_after_start_s=0))
+    new, action = decide(state, sample, 100.0, WatchdogSettings(grace_after_start_s=0))
     # (an idle engine with a paused container is stalled for status, which sees the pause; the
     # watchdog finds such a wedge with its idle canary, progress says nothing without work)
     stalled_for_status = word == "stalled" and sample.pending > 0
-    suspect_for_watchdog = new.phase == "suspect" and "in flight" in new.suspect_reason
+    # a stall the ranks show as a wedge is suspect too until the stall window has passed, then confirmed without a canary
+    suspect_for_watchdog = (new.phase == "suspect" and "in flight" in new.suspect_reason) or (
+        action is not None and action.kind == "restart" and "hang confirmed" in action.reason)
     assert stalled_for_status == suspect_for_watchdog, (word, reason, new)
+    assert (word == "busy") == (new.phase == "busy"), (word, reason, new)
