@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from spark_cluster.config import WatchdogSettings
@@ -304,6 +306,35 @@ def test_watch_reset_takes_a_tripped_breaker_out_of_failed_and_says_so(tmp_path)
     [event] = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines() if "breaker-reset" in line]
     assert event["why"] == "watch --reset" and event["previous"] == "circuit breaker: 3 restarts"
     assert "spark-cluster up" in RESET_HINT and "watch --reset" in RESET_HINT
+
+
+def test_an_up_that_recreated_the_group_starts_a_new_restart_budget_also_for_a_running_loop(tmp_path):
+    """Seen before: after `down` + `up`, the first genuine hang went straight to `failed` because
+    three restarts of the earlier deployment were still counted."""
+    import json
+
+    from spark_cluster.watchdog import reset_breaker
+
+    import time
+
+    loop = ScriptedLoop(tmp_path)
+    loop.t = time.time()  # `up` reads the state file with the real clock
+    loop.step(0, progress=True)
+    loop.wd.state = replace(loop.wd.state, restarts=(loop.t - 300, loop.t - 200, loop.t - 100), consecutive=3)
+    loop.wd.save_state()
+    assert reset_breaker(loop.wd.cfg, "a successful manual up", recreated=False) is False  # nothing recreated: nothing changes
+    assert not (tmp_path / "breaker-reset").exists()
+    assert reset_breaker(loop.wd.cfg, "a successful manual up", recreated=True) is False  # not failed: no breaker reset
+    saved = json.loads((tmp_path / "watchdog.json").read_text())
+    assert (saved["restarts_last_hour"], saved["restarts_counted"]) == (3, 0)
+    loop.step(S.period_s, progress=True)  # the running loop takes the mark too (it holds its own state)
+    assert [e["not_counted"] for e in loop.kinds("restart-budget")] == [3] and loop.wd.state.consecutive == 0
+    loop.step(S.period_s, progress=True)
+    loop.step(61, progress=True, running=2)  # past the grace period
+    while not loop.restarts:
+        loop.step(S.period_s, progress=False, running=2)
+    assert loop.wd.state.phase != "failed" and len(loop.wd.state.restarts) == 4
+    loop.wd.close()
 
 
 def test_a_tripped_breaker_names_itself_not_the_stall_before_it():
