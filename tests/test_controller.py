@@ -113,6 +113,8 @@ def test_status_page_shows_the_cluster_in_a_real_browser(controller):
         assert page.eval("document.getElementById('door').textContent") == "open"
         nodes = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[0].textContent + ' ' + r.cells[1].textContent)")
         assert nodes == ["sim-1 head", "sim-2 worker"]
+        ranks = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[6].textContent + ': ' + r.cells[6].title)")
+        assert all(r.split(":")[0] in ("working", "waiting") and "rank process" in r for r in ranks), ranks  # the evidence on hover
         containers = page.eval("document.getElementById('containers').textContent")
         assert "spark-ray-head" in containers and "spark-ray-worker" in containers and "vllm" in containers
         ray = page.eval("document.getElementById('ray').textContent")
@@ -131,6 +133,9 @@ def test_status_page_shows_the_cluster_in_a_real_browser(controller):
         print(f"screenshot: {shot}")
         assert shot.stat().st_size > 20_000
         assert not page.console, page.console
+        # the resumed watchdog confirms afresh ("starting" until its next observation): leave it healthy
+        resumed = controller.wait_for(lambda e: e["event"] == "watch-resumed", 10, "the resume")
+        controller.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy" and e["ts"] > resumed["ts"], 60, "healthy again")
 
 
 def test_metrics_parse_and_hold_no_secret(controller):

@@ -363,7 +363,7 @@ def marked_request(cfg, mark: str, seconds: float, timeout: float) -> threading.
 
 # the suite's durations, each several times the old rule's ~15 s; bench/failover_bench.py runs the
 # issue's 120 s long step and 60 s compile
-LONG_STEP_S, COMPILE_S = 60, 40
+LONG_STEP_S, COMPILE_S = 40, 30
 
 
 def test_a_long_step_or_a_compile_is_busy_and_a_stopped_rank_a_wedge_under_load(engine_cfg, tmp_path):
@@ -453,7 +453,7 @@ def test_with_an_engine_api_key_up_serves_the_watchdog_stays_quiet_and_a_wrong_c
             right = httpx.post(f"{c.url}/v1/completions", json={"model": cfg.model.name, "prompt": "Hi", "max_tokens": 1},
                                headers={"Authorization": f"Bearer {key}"}, timeout=30)
             assert right.status_code == 200
-            time.sleep(30)
+            time.sleep(15)
             assert not [e for e in c.events if e["event"] in ("alert", "restart-start")], c.events[-10:]
             assert all(e["ok"] for e in c.kinds("canary"))
     finally:
