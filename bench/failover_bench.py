@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -131,7 +132,8 @@ def slow(executor: str, cfg, events, worker: str, kind: str, seconds: float) -> 
         try:
             time.sleep(seconds)
         finally:
-            cluster.node_exec("sim-2", "docker", "update", "--cpus", "0", worker)
+            # `--cpus 0` leaves the limit in place (docker keeps NanoCpus): give it the machine's cores back
+            cluster.node_exec("sim-2", "docker", "update", "--cpus", str(os.cpu_count() or 2), worker)
             stop.set()
             for t in threads:
                 t.join(timeout=120)

@@ -16,7 +16,7 @@ Then pure rules: one node's activity from two readings (`node_activity`), the gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from shlex import quote
 from typing import Literal, Optional
 
@@ -140,14 +140,14 @@ def parse_processes(text: str) -> ProcessesReading:
             tick = float(parts[2]) if len(parts) > 2 and _number(parts[2]) else 100.0
         elif line.startswith("== "):
             groups.append((line[3:].strip(), []))
-        elif line.startswith("compile-worker "):
-            workers.add(int(line.split()[1]) if line.split()[1].isdigit() else -1)
+        elif line.startswith("compile-worker ") and line.split()[1].isdigit():
+            workers.add(int(line.split()[1]))
         elif groups:
             proc = parse_stat_line(line)
             if proc is not None:
                 groups[-1][1].append(proc)
     return ProcessesReading(uptime_s=uptime, tick_hz=tick, containers=tuple(
-        (name, tuple(Proc(**{**p.__dict__, "compiler": p.name in COMPILERS or p.pid in workers}) for p in procs))
+        (name, tuple(replace(p, compiler=p.name in COMPILERS or p.pid in workers) for p in procs))
         for name, procs in groups))
 
 
