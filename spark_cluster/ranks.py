@@ -155,8 +155,9 @@ def parse_processes(text: str) -> ProcessesReading:
 
 Activity = Literal["working", "compiling", "waiting", "stopped", "unknown"]
 
-# A CPU rank that used at least this share of a core since the last reading is working (a rank
-# waiting in a collective sleeps; a throttled one still gets its slice).
+# A CPU rank that used at least this share of a core since the last reading is working (a throttled
+# one still gets its slice). Measured on the simulated cluster: Ray's and vLLM's ranks poll at 0.01-0.03
+# core while they wait, so a waiting CPU rank reads as working too (README: blind spots).
 CPU_WORKING_CORES = 0.005
 # A compiler process that used this share of a core is compiling.
 COMPILER_WORKING_CORES = 0.05
