@@ -645,13 +645,17 @@ class ClusterConfig(Strict):
                 return args[i + 1]
             if arg.startswith("--api-key="):
                 return arg.split("=", 1)[1]
-        return {**self.container.env, **self.head.env}.get("VLLM_API_KEY") or None
+        return self._head_env().get("VLLM_API_KEY") or None
+
+    def _head_env(self) -> dict[str, str]:
+        """The environment the user gives the head's containers (vLLM's API server runs there)."""
+        return {**self.container.env, **self.head.env}
 
     def busy_budget_s(self) -> float:
         """watchdog.busy_budget_s, else the engine's step timeout (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, vLLM's default 300 s)."""
         if self.watchdog.busy_budget_s is not None:
             return self.watchdog.busy_budget_s
-        value = {**self.container.env, **self.head.env}.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "")
+        value = self._head_env().get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "")
         try:
             return float(value) if float(value) > 0 else VLLM_STEP_TIMEOUT_S
         except ValueError:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 from .config import VLLM_STEP_TIMEOUT_S, WatchdogSettings
+from .errors import ENGINE_KEY_FIX
 from .facts import progressed
 
 Phase = Literal["starting", "healthy", "busy", "suspect", "backoff", "restarting", "failed"]
@@ -236,7 +237,7 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[St
         if not state.key_refused:
             return replace(state, key_refused=True), Action(
                 "alert", f"configuration error: vLLM answers {x.canary_refused} to the canary (the controller's API key is missing "
-                         "or wrong: VLLM_API_KEY in container.env, or --api-key in vllm.extra_args); no canary can confirm a hang")
+                         f"or wrong: {ENGINE_KEY_FIX}); no canary can confirm a hang")
     if x.canary_ok is not None:
         state = replace(state, canary_pending=False, last_canary=now)
         if x.canary_ok:

@@ -163,6 +163,10 @@ class SyncError(SparkClusterError):
     exit_code = 16
 
 
+# where the engine's API key goes in cluster.yaml (said by up, status and the watchdog alike)
+ENGINE_KEY_FIX = "VLLM_API_KEY in container.env, or --api-key in vllm.extra_args"
+
+
 class EngineKeyRefused(SparkClusterError):
     """vLLM refuses the API key spark-cluster sends it (401/403): a configuration error, not a hang."""
 
@@ -170,8 +174,7 @@ class EngineKeyRefused(SparkClusterError):
 
     def __init__(self, status: int, where: str):
         super().__init__(f"vLLM answers {status} to {where}: it demands an API key spark-cluster does not have or has wrong",
-                         hint="give the engine's key as VLLM_API_KEY in container.env (or --api-key in vllm.extra_args); "
-                              "spark-cluster sends it with readiness, the canary and status")
+                         hint=f"give the engine's key as {ENGINE_KEY_FIX}; spark-cluster sends it with readiness, the canary and status")
 
 
 def exit_codes() -> dict[int, str]:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from . import timeouts
 from .config import ClusterConfig
-from .errors import SparkClusterError
+from .errors import ENGINE_KEY_FIX, SparkClusterError
 from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPlacementGroup, containers_command, counters,
                     parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process, parse_sysctl, process_command,
                     progressed, read_ray_state, sysctl_command)
@@ -70,13 +70,15 @@ class NodeObs(BaseModel):
     _procs: Optional[ProcessesReading] = PrivateAttr(None)
     _procs_before: Optional[ProcessesReading] = PrivateAttr(None)
 
-    def ranks(self, containers: list[str], before: Optional[ProcessesReading], baseline: GpuBaseline) -> NodeActivity:
-        """The node's rank activity against an earlier reading of its processes (the watchdog's last),
-        or the one this observation took itself a moment earlier (status)."""
+    def judge_ranks(self, containers: list[str], before: Optional[ProcessesReading], baseline: GpuBaseline) -> None:
+        """Sets `activity` and its evidence: the node's ranks against an earlier reading of its processes
+        (the watchdog's last), or the one this observation took itself a moment earlier (status)."""
         if self._procs is None:
-            return NodeActivity(self.name, "unknown", self.error or "not read")
+            self.activity, self.activity_evidence = "unknown", self.error or "not read"
+            return
         paused = tuple(c.name for c in self.containers if c.state == "paused")
-        return node_activity(self.name, containers, before or self._procs_before, self._procs, self._gpus, baseline, paused)
+        act = node_activity(self.name, containers, before or self._procs_before, self._procs, self._gpus, baseline, paused)
+        self.activity, self.activity_evidence = act.activity, act.evidence
 
 
 class RayObs(BaseModel):
@@ -314,8 +316,9 @@ def read_watchdog_state(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
 
 def gpu_baselines(watchdog: Optional[dict[str, Any]]) -> dict[str, GpuBaseline]:
     """The GPUs' idle and busy power per node as the watchdog learned them (its state file)."""
+    saved = watchdog.get("gpu_baseline") if isinstance(watchdog, dict) else None
     out = {}
-    for node, b in ((watchdog or {}).get("gpu_baseline") or {}).items():
+    for node, b in (saved.items() if isinstance(saved, dict) else ()):
         if isinstance(b, dict):
             idle, busy = b.get("idle_w"), b.get("busy_w")
             out[node] = GpuBaseline(idle if isinstance(idle, (int, float)) else None, busy if isinstance(busy, (int, float)) else None)
@@ -371,8 +374,7 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
     watchdog = read_watchdog_state(cfg)
     baselines = gpu_baselines(watchdog)
     for n in node_obs:
-        act = n.ranks(group_containers(plan, n.name), None, baselines.get(n.name, GpuBaseline()))
-        n.activity, n.activity_evidence = act.activity, act.evidence
+        n.judge_ranks(group_containers(plan, n.name), None, baselines.get(n.name, GpuBaseline()))
     vllm_obs.progress_age_s = _progress_age(cfg, vllm_obs, time.time())
     if vllm_obs.version is None:
         from .vllm_check import last_check
@@ -449,7 +451,7 @@ def verdict(obs: Observation, *, served_model: str, expected_nodes: dict[str, st
         return "starting", f"containers run, the API does not answer yet ({v.error or 'no answer'})"
     if v.key_refused:
         return "degraded", (f"vLLM answers {v.key_refused} to /v1/models: it demands an API key spark-cluster does not have "
-                            f"or has wrong (configuration: VLLM_API_KEY in container.env, or --api-key in vllm.extra_args)")
+                            f"or has wrong (configuration: {ENGINE_KEY_FIX})")
     if served_model not in v.models:
         return "starting", f"/v1/models does not list {served_model} yet"
     if frozen:

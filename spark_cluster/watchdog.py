@@ -33,7 +33,7 @@ from .plan import build_plan
 from .link import remembered as remembered_link
 from .ranks import GpuBaseline, ProcessesReading, learn_baseline
 from .status import (NodeObs, RayObs, VLLMObs, gpu_baselines, group_containers, members_gone, observe_node, observe_ray, ranks_of,
-                     ray_missing)
+                     ray_missing, read_watchdog_state)
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -76,19 +76,12 @@ def reset_breaker(cfg: ClusterConfig, why: str, *, recreated: bool = False) -> b
     this leaves and does the same on its next period."""
     wd = Watchdog(cfg, None)  # type: ignore[arg-type] - no node is contacted
     try:
-        if wd.state.phase == "failed":
-            previous = wd.state.last_reason
-            wd.state = breaker_reset(wd.state, wd.clock())
-            wd.save_state()
-            (wd.dir / RESET_MARK).write_text(why + "\n")
-            wd.event("breaker-reset", why=why, previous=previous)
-            return True
-        if recreated:
-            wd.state = fresh_budget(wd.state, wd.clock())
-            wd.save_state()
-            (wd.dir / RESET_MARK).write_text(why + "\n")
-            wd.event("restart-budget", why=why, not_counted=len(hour_restarts(wd.state, wd.clock())))
-        return False
+        if wd.state.phase != "failed" and not recreated:
+            return False
+        reset = wd.deliberate_start(why)
+        wd.save_state()
+        (wd.dir / RESET_MARK).write_text(why + "\n")
+        return reset
     finally:
         wd.close()
 
@@ -129,9 +122,8 @@ class Watchdog:
         self.canary_result: Optional[tuple[Optional[bool], float, Optional[int]]] = None
         self.containers = {n.name: group_containers(self.plan, n.name) for n in cfg.nodes}
         self.last_nodes: list[NodeObs] = []
-        self.last_counters: Optional[tuple] = None
         self.last_procs: dict[str, ProcessesReading] = {}  # each node's last reading of its processes (CPU between two)
-        self.gpu_baseline: dict[str, GpuBaseline] = gpu_baselines(self._saved())
+        self.gpu_baseline: dict[str, GpuBaseline] = gpu_baselines(read_watchdog_state(cfg))
         self.last_good: Optional[float] = None  # when the cluster was last seen healthy (time to detect)
         self.decided_at: Optional[float] = None  # when the running restart was decided (time to recover)
         self.http = httpx.Client(headers=cfg.engine_headers())  # the engine's API key, when it has one
@@ -154,13 +146,6 @@ class Watchdog:
         return self.state.phase in ("backoff", "restarting") or self.restart_requested is not None
 
     # ---- persistence ----------------------------------------------------------------------
-    def _saved(self) -> Optional[dict[str, Any]]:
-        try:
-            data = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
     def _load_state(self) -> State:
         try:
             data = json.loads(self.state_path.read_text())
@@ -223,8 +208,7 @@ class Watchdog:
     def _ranks(self, nodes: list[NodeObs]) -> None:
         """Each node's rank activity, from its processes against their last reading and its GPUs."""
         for n in nodes:
-            act = n.ranks(self.containers[n.name], self.last_procs.get(n.name), self.gpu_baseline.get(n.name, GpuBaseline()))
-            n.activity, n.activity_evidence = act.activity, act.evidence
+            n.judge_ranks(self.containers[n.name], self.last_procs.get(n.name), self.gpu_baseline.get(n.name, GpuBaseline()))
             if n._procs is not None:
                 self.last_procs[n.name] = n._procs
             else:
@@ -232,7 +216,9 @@ class Watchdog:
 
     def _learn(self, sample: Sample, moved: bool) -> None:
         """The GPUs' idle power while the engine is ready with nothing to do, their busy power while it progresses."""
-        idle = self.state.phase == "healthy" and sample.health == 200 and not sample.pending and not moved
+        if self.state.phase != "healthy":  # what a stalled, starting or failed engine draws teaches nothing
+            return
+        idle = sample.health == 200 and not sample.pending and not moved
         working = moved and sample.pending > 0
         for n in self.last_nodes:
             self.gpu_baseline[n.name] = learn_baseline(self.gpu_baseline.get(n.name, GpuBaseline()), n.gpu_power_w,
@@ -340,32 +326,36 @@ class Watchdog:
         if mark.exists():
             why = mark.read_text().strip()
             mark.unlink(missing_ok=True)
-            if self.state.phase == "failed":  # `up` or `watch --reset` ran while this loop held the breaker
-                previous = self.state.last_reason
-                self.state = breaker_reset(self.state, self.clock())
-                self.event("breaker-reset", why=why, previous=previous)
-            else:  # `up` recreated the group: a new restart budget
-                self.state = fresh_budget(self.state, self.clock())
-                self.event("restart-budget", why=why, not_counted=len(hour_restarts(self.state, self.clock())))
+            self.deliberate_start(why)  # `up` or `watch --reset` ran while this loop held its state
         if self._pause_wanted is not None and self._pause_wanted != self.paused:
             self.paused = self._pause_wanted
             if self.paused:
                 self.event("watch-paused", state=self.state.phase)
             else:
-                if self.state.phase == "failed":  # a person has looked: as `watch --reset`
-                    previous = self.state.last_reason
-                    self.state = breaker_reset(self.state, self.clock())
-                    self.event("breaker-reset", why="resumed through the controller's API", previous=previous)
+                self.deliberate_start("resumed through the controller's API", recreated=False)  # a person has looked
                 self.state = resumed(self.state, self.clock())
                 self.event("watch-resumed", state=self.state.phase)
         self._pause_wanted = None
+
+    def deliberate_start(self, why: str, *, recreated: bool = True) -> bool:
+        """Someone took a deliberate step: a failed watchdog has its breaker reset (True); one that was not
+        failed starts a new restart budget when the group was recreated (`up`). Recorded as an event."""
+        if self.state.phase == "failed":
+            previous = self.state.last_reason
+            self.state = breaker_reset(self.state, self.clock())
+            self.event("breaker-reset", why=why, previous=previous)
+            return True
+        if recreated:
+            self.state = fresh_budget(self.state, self.clock())
+            self.event("restart-budget", why=why, not_counted=len(hour_restarts(self.state, self.clock())))
+        return False
 
     def step(self) -> Optional[Action]:
         """One period: observe, decide, act. Returns the action taken (for tests and logs).
         Paused: observe only. A restart asked for (the API) is carried out whatever the phase."""
         self._commands()
         sample = self.observe()
-        before = self.state.phase
+        before, before_counters = self.state.phase, self.state.last_counters
         now = self.clock()
         requested, self.restart_requested = self.restart_requested, None
         if requested is not None:
@@ -374,9 +364,7 @@ class Watchdog:
             return None
         else:
             self.state, action = decide(self.state, sample, now, self.s)
-        moved = self.last_counters is not None and progressed(self.last_counters, sample.counters)
-        self.last_counters = sample.counters
-        self._learn(sample, moved)
+        self._learn(sample, moved=before_counters is not None and progressed(before_counters, sample.counters))
         if self.state.phase != before:
             self.event("state", state=self.state.phase, previous=before, reason=self.state.suspect_reason or self.state.last_reason,
                        running=sample.running, waiting=sample.waiting, health=sample.health)

@@ -413,11 +413,11 @@ def test_a_long_step_or_a_compile_is_busy_and_a_stopped_rank_a_wedge_under_load(
 
 def rank_pid(cfg, node: str) -> int:
     """The PID (as its node sees it) of the rank process in the worker's container."""
-    from spark_cluster.ranks import RANK_PREFIXES, parse_processes, processes_command
+    from spark_cluster.ranks import parse_processes, processes_command
 
     with Nodes(cfg) as nodes:
         reading = parse_processes(nodes[node].run(processes_command([worker_container(cfg)]), timeout=30).stdout)
-    [pid] = [p.pid for p in reading.procs(worker_container(cfg)) if p.name.startswith(RANK_PREFIXES[:2])]
+    [pid] = [p.pid for p in reading.procs(worker_container(cfg)) if p.name.startswith(("ray::RayWorker", "VLLM::Worker"))]
     return pid
 
 
