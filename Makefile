@@ -60,6 +60,6 @@ golden: install
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis build dist *.egg-info
 
-## regenerate the configuration reference in README.md
+## regenerate the configuration reference in docs/configuration.md
 docs: install
-	$(PYTHON) -c "import pathlib; from spark_cluster.reference import update_readme as u; p = pathlib.Path('README.md'); p.write_text(u(p.read_text()))"
+	$(PYTHON) -c "import pathlib; from spark_cluster.reference import update_reference as u; p = pathlib.Path('docs/configuration.md'); p.write_text(u(p.read_text()))"

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.executor import Executor  # noqa: E402
 from spark_cluster.facts import parse_metrics  # noqa: E402
-from spark_cluster.loadgen import mixed_load, random_prompt, stream_load  # noqa: E402
+from tests.loadgen import mixed_load, random_prompt, stream_load  # noqa: E402
 from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
 from spark_cluster.watchdog import Watchdog  # noqa: E402

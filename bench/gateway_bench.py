@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.executor import Executor  # noqa: E402
-from spark_cluster.loadgen import mixed_load, one_request, stream_load  # noqa: E402
+from tests.loadgen import mixed_load, one_request, stream_load  # noqa: E402
 from spark_cluster.metrics import sample_value, samples  # noqa: E402
 from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
@@ -286,10 +286,11 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
     data = yaml.safe_load((ROOT / config).read_text())
     data["state_dir"] = str(tmp / "state")
     data["gateway"] = {"host": "127.0.0.1", "port": 8089}
+    data["controller"] = {"port": 8090}
     path = tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     cfg = parse_config(path.read_text())
-    model, direct, gateway = cfg.model.name, cfg.endpoint(), f"http://127.0.0.1:{cfg.gateway.port}"
+    model, direct, gateway, control = cfg.model.name, cfg.endpoint(), cfg.gateway_url(), cfg.controller_url()
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).up()
     log = open(tmp / "controller.log", "w")
@@ -340,8 +341,8 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
             frozen = time.time()
             worker = f"{cfg.name}-ray-worker" if executor == "ray" else f"{cfg.name}-vllm-worker"
             cluster.node_exec("sim-2", "docker", "pause", worker, check=True, timeout=60)
-            decision = wait_event(gateway, lambda e: e["event"] == "decision" and e["action"] == "restart", 180)
-            done = wait_event(gateway, lambda e: e["event"] in ("restart-done", "restart-failed"), 600)
+            decision = wait_event(control, lambda e: e["event"] == "decision" and e["action"] == "restart", 180)
+            done = wait_event(control, lambda e: e["event"] in ("restart-done", "restart-failed"), 600)
             time.sleep(20)  # clients keep going after the restart
             stop.set()
             for t in threads:
@@ -364,7 +365,7 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
                      f"| interrupted streams: error event after the hang was confirmed (max) | {max(lags):.2f} s |" if lags else
                      "| interrupted streams | none |"]
             by_gateway = {labels["outcome"]: value for labels, value in
-                          samples(httpx.get(f"{gateway}/metrics", timeout=10).text, "spark_cluster_gateway_requests_total")}
+                          samples(httpx.get(f"{control}/metrics", timeout=10).text, "spark_cluster_gateway_requests_total")}
             rows += ["", "The gateway's own count (spark_cluster_gateway_requests_total): " +
                      ", ".join(f"{k} {v:g}" for k, v in by_gateway.items())]
     finally:

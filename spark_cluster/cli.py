@@ -16,12 +16,11 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from . import __version__
-from . import timeouts
+from . import __version__, kept, timeouts
 from .config import ClusterConfig, load_config
 from .errors import SparkClusterError
 from .plan import PHASES, Plan, build_plan
-from .link import remembered as remembered_link
+from .vllm_env import COST as VLLM_ENV_COST
 
 app = typer.Typer(
     name="spark-cluster",
@@ -70,7 +69,7 @@ VLLM_OPT_HELP = (
     "Also check the rendered `vllm serve` flags with vLLM's own parser: `image` (the configured image, in a "
     "throwaway container on the head node, over SSH), a Python interpreter or virtual environment with vllm "
     "installed, or a vLLM release such as 0.17.1 (a parser-only environment is built once under "
-    "~/.cache/spark-cluster/vllm-envs: about 3 min and 4 GB)."
+    f"~/.cache/spark-cluster/vllm-envs: {VLLM_ENV_COST})."
 )
 
 
@@ -128,7 +127,7 @@ def plan(
 ) -> None:
     """Show, in execution order and per node, every command `up` will run. Contacts nothing (unless --vllm image)."""
     cfg = _load(config)
-    p = _guard(lambda: build_plan(cfg, links=remembered_link(cfg)))
+    p = _guard(lambda: build_plan(cfg, links=kept.links(cfg)))
     check = _guard(lambda: _check_vllm(cfg, p, vllm)) if vllm is not None else None
     if as_json:
         data = json.loads(p.model_dump_json())
@@ -145,9 +144,8 @@ def _vllm_line(cfg: ClusterConfig, check) -> str:
     if check is not None:
         verdict = "[green]accepts every flag[/]" if check.ok else f"[red]refuses {len(check.messages())} flag(s)[/]"
         return f"{escape(check.vllm_version or '?')} ({escape(check.where)}): {verdict}"
-    from .vllm_check import last_check
 
-    seen = last_check(cfg)
+    seen = kept.last_check(cfg)
     checked = "flags checked in preflight by the image's own parser" if cfg.vllm.check_flags else "flag check off (vllm.check_flags)"
     if seen:
         return f"{escape(str(seen.get('vllm_version')))} [dim](image {escape(str(seen.get('image')))}, seen {escape(str(seen.get('checked_at'))[:19])})[/]; {checked}"
@@ -157,7 +155,7 @@ def _vllm_line(cfg: ClusterConfig, check) -> str:
 def _link_line(cfg: ClusterConfig) -> str:
     from .plan import NOT_DETECTED
 
-    links = remembered_link(cfg)
+    links = kept.links(cfg)
     if not links:
         return f"auto: not detected yet (`doctor` or `up` detects it; until then the variables show {escape(NOT_DETECTED)})"
     return "auto, as last detected: " + "; ".join(
@@ -367,10 +365,9 @@ def _controller(cfg: ClusterConfig, as_json: bool) -> None:
     from .controller import serve
 
     if not as_json:
-        g = cfg.gateway
-        where = f"http://{'127.0.0.1' if g.host in ('0.0.0.0', '::') else g.host}:{g.port}"
-        out.print(f"controller: clients use [bold]{where}/v1[/] (OpenAI API, failover hidden); status page {where}/ ; "
-                  f"metrics {where}/metrics ; API docs {where}/docs", highlight=False)
+        gateway, control = cfg.gateway_url(), cfg.controller_url()
+        out.print(f"controller: clients use [bold]{gateway}/v1[/] (OpenAI API, failover hidden); status page {control}/ ; "
+                  f"metrics {control}/metrics ; API docs {control}/docs", highlight=False)
     _run_until_stopped(lambda: serve(cfg))
 
 
@@ -380,7 +377,8 @@ def controller(
     print_unit: bool = typer.Option(False, "--print-unit", help="Print a systemd unit that runs this controller, and exit."),
 ) -> None:
     """The long-running controller: the watchdog, a gateway that holds requests while the group restarts
-    (/v1), the API (/api, /docs), Prometheus metrics (/metrics) and a status page (/), on gateway.port."""
+    (/v1 on gateway.port), and on controller.port the API (/api, /docs), Prometheus metrics (/metrics)
+    and a status page (/)."""
     cfg = _load(config)
     if print_unit:
         _print_unit(cfg, config, "controller")

@@ -27,7 +27,7 @@ from .errors import ConfigError
 # On GB10 the GPU and the CPU share one 128 GB pool. vLLM pre-allocates
 # gpu_memory_utilization x total of it; above ~0.85 the OS, Ray and the page cache
 # are starved and the box freezes or resets instead of failing with an OOM
-# (shared/notes/field.md, "What breaks" 3).
+# (docs/field.md, "What breaks" 3).
 UNIFIED_MEMORY_CAP = 0.85
 # Safe defaults when the file gives none: the card uses 0.50 for TP=2 over two Sparks.
 DEFAULT_UTILIZATION_SINGLE_NODE = 0.75
@@ -412,7 +412,7 @@ VLLM_STEP_TIMEOUT_S = 300.0
 
 
 class WatchdogSettings(Strict):
-    """The failover controller (`spark-cluster watch`). Defaults from shared/notes/field.md."""
+    """The failover controller (`spark-cluster watch`). Defaults: docs/failover.md, from docs/field.md."""
 
     period_s: float = Field(2, gt=0, description="Seconds between observations (one SSH command per node and two local HTTP requests).")
     stall_window_s: float = Field(
@@ -437,11 +437,10 @@ class WatchdogSettings(Strict):
 
 
 class GatewaySettings(Strict):
-    """The controller's front door (`spark-cluster controller`): one port for clients (OpenAI API under /v1),
-    the controller's API (/api), Prometheus metrics (/metrics) and the status page (/)."""
+    """The gateway (`spark-cluster controller`): the OpenAI API (/v1/*) clients use instead of vLLM's
+    port, hiding failover. It answers nothing else but `/health` (200 while it lets requests through)."""
 
-    host: str = Field("0.0.0.0", description="Address the controller listens on. Its status page and incident bundles are "
-                                             "readable by anyone who reaches it: bind to 127.0.0.1 or firewall it when that matters.")
+    host: str = Field("0.0.0.0", description="Address the gateway listens on (clients).")
     port: int = Field(8080, ge=1, le=65535, description="Port clients use instead of vLLM's.")
     hold_s: float = Field(600, ge=0, description="How long a request may wait while the cluster is not serving (restarting, "
                                                  "backing off, starting, hang confirmed) before it gets 503 with Retry-After. "
@@ -481,6 +480,16 @@ class LinkSettings(Strict):
                                                                    "peer (9000 where the ConnectX-7 link is set to jumbo frames).")
 
 
+class ControllerSettings(Strict):
+    """The controller's control plane: its API (/api), status page (/), Prometheus metrics (/metrics),
+    incident bundles and API docs, on a port of their own, apart from the clients' gateway."""
+
+    host: str = Field("127.0.0.1", description="Address the control plane listens on. The status page, events and incident bundles "
+                                               "are readable by anyone who reaches it: from another machine use an SSH tunnel, or "
+                                               "listen wider (0.0.0.0) only behind a firewall.")
+    port: int = Field(8081, ge=1, le=65535, description="Port of the API, the status page and /metrics (what Prometheus scrapes).")
+
+
 class ApiSettings(Strict):
     """Who may act through the controller's API (POST /api/restart, /api/watchdog/pause|resume)."""
 
@@ -494,6 +503,14 @@ class ApiSettings(Strict):
         if self.token_env and self.token_file:
             raise ValueError("give token_env or token_file, not both")
         return self
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def _local_url(host: str, port: int) -> str:
+    host = "127.0.0.1" if host in WILDCARD_HOSTS else f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
 
 
 class ClusterConfig(Strict):
@@ -519,7 +536,8 @@ class ClusterConfig(Strict):
     memory: MemoryGuard = Field(default_factory=MemoryGuard, description="Unified-memory guard.")
     health: HealthSettings = Field(default_factory=HealthSettings, description="Deadlines.")
     watchdog: WatchdogSettings = Field(default_factory=WatchdogSettings, description="Failover controller.")
-    gateway: GatewaySettings = Field(default_factory=GatewaySettings, description="The controller's front door: gateway, API, metrics, status page.")
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings, description="The controller's gateway: what clients use instead of vLLM's port.")
+    controller: ControllerSettings = Field(default_factory=ControllerSettings, description="The controller's API, status page and metrics.")
     api: ApiSettings = Field(default_factory=ApiSettings, description="The controller API's bearer token.")
     state_dir: Optional[str] = Field(None, description="Local folder for logs, events and incident bundles. Default: ~/.local/state/spark-cluster/<name>.")
 
@@ -571,6 +589,10 @@ class ClusterConfig(Strict):
                 f"{UNIFIED_MEMORY_CAP} the box freezes instead of failing cleanly. Use {UNIFIED_MEMORY_CAP} or less, or set "
                 "memory.override_cap: true if you accept that risk",
             ))
+        g, c = self.gateway, self.controller
+        if g.port == c.port and (g.host == c.host or WILDCARD_HOSTS & {g.host, c.host}):
+            out.append((("controller", "port"), c.port, f"the gateway listens on {g.host}:{g.port} already: give the controller "
+                                                       "another port"))
         if self.executor == "native":
             for i, node in enumerate(self.nodes):
                 if node.gpus > 1:
@@ -579,6 +601,14 @@ class ClusterConfig(Strict):
         return out
 
     # ---- derived values -------------------------------------------------------------------
+    def gateway_url(self) -> str:
+        """Where this machine reaches the controller's gateway (clients elsewhere use the machine's address)."""
+        return _local_url(self.gateway.host, self.gateway.port)
+
+    def controller_url(self) -> str:
+        """Where this machine reaches the controller's API, status page and metrics."""
+        return _local_url(self.controller.host, self.controller.port)
+
     @property
     def head(self) -> Node:
         return next(n for n in self.nodes if n.role == "head")

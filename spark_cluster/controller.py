@@ -1,11 +1,13 @@
 """The controller: one long-running process per cluster (`spark-cluster controller CONFIG`).
 
-It holds the watchdog (in a thread: observe, decide, restart the group in order), and serves on
-one port (cluster.yaml `gateway`):
-- /v1/*: the gateway, the OpenAI API clients use instead of vLLM's port (spark_cluster.gateway);
-- /api/*: status, events, samples, incidents; restart and pause/resume with a bearer token
-  (cluster.yaml `api`); OpenAPI docs at /docs;
-- /metrics: Prometheus; /healthz: the controller itself; /: the status page.
+It holds the watchdog (in a thread: observe, decide, restart the group in order), and serves two
+planes on two ports:
+- the data plane on `gateway.port`: /v1/*, the OpenAI API clients use instead of vLLM's port
+  (spark_cluster.gateway), on a server of its own (spark_cluster.front);
+- the control plane on `controller.port` (127.0.0.1 by default), FastAPI on uvicorn: /api/*
+  (status, events, samples, incidents; restart and pause/resume with a bearer token, cluster.yaml
+  `api`), OpenAPI docs at /docs, /metrics for Prometheus, /healthz (the controller itself), / (the
+  status page), /incidents/ (the bundles' files).
 Every watchdog event is pushed from its thread into the event loop, where it moves the gateway's
 door, the metrics and the event streams. Nothing shown carries a secret: events and status pass
 through `mask` with every secret value of cluster.yaml, and the token is never printed.
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -35,15 +38,14 @@ from . import timeouts
 from .config import ClusterConfig
 from .decide import hour_restarts, recent_restarts
 from .errors import ConfigError
-from .front import FrontProtocol
-from .gateway import PATHS, Gateway, door_for_phase
+from .front import GatewayServer
+from .gateway import Gateway, door_for_phase
 from .metrics import ControllerMetrics
 from .render import MASK, render
 from .transport import Nodes
 from .watchdog import Watchdog
 
 EVENTS_KEPT = 500
-STATUS_CACHE_S = 2.0  # /api/status is gathered over SSH (about a second): one gather serves every reader meanwhile
 
 
 def load_token(cfg: ClusterConfig) -> str:
@@ -93,9 +95,30 @@ def tail_events(path: Path, n: int) -> list[dict[str, Any]]:
 WatchdogFactory = Callable[[ClusterConfig, Nodes, Callable[[dict[str, Any]], None]], Watchdog]
 
 
+def listening_socket(host: str, port: int, setting: str) -> socket.socket:
+    """A socket bound now, before anything starts, so that a port in use is said plainly (`setting`
+    names the cluster.yaml keys)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"{setting}: cannot listen on {host}:{port} ({exc.strerror})",
+                          hint="another controller of this cluster may be running, or another program holds the port: "
+                               f"stop it or choose another {setting.split('/')[-1]}") from None
+    return sock
+
+
 class Controller:
-    def __init__(self, cfg: ClusterConfig, *, token: Optional[str] = None, watchdog: Optional[WatchdogFactory] = None):
+    def __init__(self, cfg: ClusterConfig, *, token: Optional[str] = None, watchdog: Optional[WatchdogFactory] = None,
+                 gateway_socket: Optional[socket.socket] = None):
+        """`gateway_socket`: where the gateway serves clients (bound by `listening_socket`); without
+        it the gateway is made but not served (tests of the control plane alone)."""
         self.cfg = cfg
+        self.gateway_socket = gateway_socket
+        self.front: Optional[GatewayServer] = None
         self.make_watchdog: WatchdogFactory = watchdog or (
             lambda cfg, nodes, on_event: Watchdog(cfg, nodes, on_event=on_event, in_flight=self.in_flight))
         self.token = token if token is not None else load_token(cfg)
@@ -126,6 +149,9 @@ class Controller:
         self.metrics.state.state(self.wd.state.phase)
         self.thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self.thread.start()
+        if self.gateway_socket is not None:
+            self.front = GatewayServer(self.gateway)
+            await self.front.start(self.gateway_socket)
 
     def _watch(self) -> None:
         try:
@@ -134,6 +160,8 @@ class Controller:
             self.watchdog_error = f"{type(exc).__name__}: {exc}"
 
     async def stop(self) -> None:
+        if self.front is not None:
+            await self.front.stop(timeouts.GRACEFUL_SHUTDOWN_S)
         self.stopping.set()
         if self.wd is not None:
             self.wd.woken.set()
@@ -171,7 +199,7 @@ class Controller:
 
         with self.status_lock:
             t, rep = self.status_cache
-            if rep is None or time.monotonic() - t > STATUS_CACHE_S:
+            if rep is None or time.monotonic() - t > timeouts.STATUS_CACHE_S:
                 rep = json.loads(mask(status(self.cfg, self.status_nodes, window_s=0.5).model_dump_json(), self.secrets))
                 self.status_cache = (time.monotonic(), rep)
             return rep
@@ -202,15 +230,6 @@ class Controller:
         return out
 
 
-class _App(FastAPI):
-    """FastAPI with the gateway's paths (/v1/*) answered before anything else of the application."""
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PATHS):
-            return await self.state.gateway(scope, receive, send)
-        await super().__call__(scope, receive, send)
-
-
 def create_app(ctl: Controller) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -220,24 +239,16 @@ def create_app(ctl: Controller) -> FastAPI:
         finally:
             await ctl.stop()
 
-    app = _App(title=f"spark-cluster controller: {ctl.cfg.name}", lifespan=lifespan,
-                  description="The gateway at /v1/* (vLLM's OpenAI API, passed through unchanged, hiding failover: not listed "
-                              "below), the cluster's status and events, restart and pause/resume of the watchdog (bearer token), "
-                              "Prometheus metrics.")
+    app = FastAPI(title=f"spark-cluster controller: {ctl.cfg.name}", lifespan=lifespan,
+                  description="The control plane: the cluster's status and events, restart and pause/resume of the watchdog "
+                              "(bearer token), Prometheus metrics. Clients use the gateway on gateway.port (vLLM's OpenAI API "
+                              "at /v1/*, passed through unchanged, hiding failover).")
     bearer = HTTPBearer(auto_error=False)
 
     def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         if creds is None or not hmac.compare_digest(creds.credentials.encode(), ctl.token.encode()):
             raise HTTPException(401, "a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; "
                                      "default state_dir/api-token)", headers={"WWW-Authenticate": "Bearer"})
-
-    # ---- the gateway: /v1/* on a connection uvicorn answers (spark_cluster.front keeps the others)
-    # goes to it before Starlette's middleware, FastAPI's routing and dependency machinery
-    async def gateway(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        assert ctl.gateway is not None  # made at the lifespan's start, before uvicorn answers anything
-        await ctl.gateway.serve_asgi(scope, receive, send)
-
-    app.state.gateway = gateway
 
     # ---- the API --------------------------------------------------------------------------------
     @app.get("/healthz", summary="The controller itself (not the engine)")
@@ -265,7 +276,7 @@ def create_app(ctl: Controller) -> FastAPI:
                     yield f"data: {json.dumps(e, default=str)}\n\n"
                 while not ctl.stopping.is_set():
                     try:
-                        e = await asyncio.wait_for(q.get(), timeout=15)
+                        e = await asyncio.wait_for(q.get(), timeout=timeouts.EVENT_STREAM_KEEP_ALIVE_S)
                         yield f"data: {json.dumps(e, default=str)}\n\n"
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
@@ -301,12 +312,6 @@ def create_app(ctl: Controller) -> FastAPI:
         ctl.wd.pause(False)
         return {"watchdog": "resuming"}
 
-    @app.get("/health", include_in_schema=False)
-    def health():
-        door = ctl.gateway.door if ctl.gateway else None
-        ok = door is not None and door.mode == "open"
-        return JSONResponse({"gateway": door.mode if door else "hold", "reason": door.reason if door else ""}, status_code=200 if ok else 503)
-
     @app.get("/metrics", summary="Prometheus metrics")
     def metrics():
         return Response(ctl.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -322,20 +327,17 @@ def create_app(ctl: Controller) -> FastAPI:
 
 
 def serve(cfg: ClusterConfig) -> None:
-    """Run the controller until SIGINT/SIGTERM (uvicorn handles both)."""
+    """Run the controller until SIGINT/SIGTERM (uvicorn handles both): the control plane on uvicorn,
+    the gateway started and stopped by its lifespan, both on one uvloop event loop."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for chatty in ("httpx", "httpcore"):  # one line per watchdog probe (every period) would bury what matters
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    ctl = Controller(cfg)
+    gateway = listening_socket(cfg.gateway.host, cfg.gateway.port, "gateway.host/gateway.port")
+    control = listening_socket(cfg.controller.host, cfg.controller.port, "controller.host/controller.port")
+    ctl = Controller(cfg, gateway_socket=gateway)
     (ctl.dir / "incidents").mkdir(parents=True, exist_ok=True)
-    uvicorn.run(create_app(ctl), host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning", **server_options(ctl))
-
-
-def server_options(ctl: Controller) -> dict[str, Any]:
-    """uvicorn's options for the controller: the gateway's own protocol in front (spark_cluster.front,
-    uvicorn's httptools protocol behind it), on uvloop, named so that a missing one stops the
-    controller at start instead of falling back silently to the slower pure-Python ones."""
-    return {"loop": "uvloop", "http": FrontProtocol.factory(lambda: ctl.gateway), "access_log": False,
-            "timeout_graceful_shutdown": timeouts.GRACEFUL_SHUTDOWN_S, "limit_concurrency": None, "backlog": 2048}
+    # uvloop named: a missing one stops the controller at start instead of falling back silently to asyncio's slower loop
+    uvicorn.Server(uvicorn.Config(create_app(ctl), loop="uvloop", log_level="warning", access_log=False,
+                                  timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S)).run(sockets=[control])

@@ -3,7 +3,7 @@
 No threads, no I/O: `decide(state, sample, now, settings)` returns the new state and at most
 one action. The runner (spark_cluster.watchdog) observes, calls it, and carries actions out.
 
-The rules, from what the field knows (shared/notes/field.md):
+The rules, from what the field knows (docs/field.md):
 - Busy is not dead. Any movement of the progress counters (engine steps, generated or prompt
   tokens) means healthy, however slow. Latency alone never restarts anything.
 - Suspect: no progress while requests are running or waiting; or the API stops answering.

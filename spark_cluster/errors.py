@@ -1,14 +1,29 @@
 """Typed errors, every one with its exit code. Library code raises these; only the CLI turns
 them into exit codes and messages. The first line of each class's docstring is what its exit code
-means in the README's table (`exit_codes()`; a test keeps the two equal)."""
+means in docs/design.md's table (`exit_codes()`; a test keeps the two equal). Every other module
+imports this one; it imports nothing of the project (what it needs of a command's result or a
+plan's step is said by the protocols below)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
-if TYPE_CHECKING:
-    from .plan import Step
-    from .transport import Result
+
+class Output(Protocol):
+    """What an error tells of a node command's result (transport.Result)."""
+
+    node: str
+    exit_code: int
+
+    def tail(self, lines: int = ...) -> str: ...
+
+
+class StepLike(Protocol):
+    """What an error tells of a plan's step (plan.Step)."""
+
+    id: str
+    node: Optional[str]
+    description: str
 
 # exit codes that are not errors of a class below
 EXIT_OK = 0
@@ -69,7 +84,7 @@ class CommandTimeout(SparkClusterError):
 
     exit_code = 6
 
-    def __init__(self, message: str, partial: "Optional[Result]" = None):
+    def __init__(self, message: str, partial: Optional[Output] = None):
         super().__init__(message)
         self.partial = partial
 
@@ -83,7 +98,7 @@ class CommandFailed(SparkClusterError):
 
     exit_code = 7
 
-    def __init__(self, result: "Result", what: str | None = None):
+    def __init__(self, result: Output, what: str | None = None):
         self.result = result
         tail = result.tail()
         msg = f"{result.node}: {what or 'command'} failed with exit code {result.exit_code}"
@@ -105,7 +120,7 @@ class StepError(SparkClusterError):
 
     exit_code = 9
 
-    def __init__(self, step: "Step", message: str, tail: str = ""):
+    def __init__(self, step: StepLike, message: str, tail: str = ""):
         self.step = step
         where = step.node or "controller"
         super().__init__(f"{where}: step {step.id} ({step.description}) failed: {message}" + (f"\n{tail}" if tail else ""))
@@ -178,7 +193,7 @@ class EngineKeyRefused(SparkClusterError):
 
 
 def exit_codes() -> dict[int, str]:
-    """Exit code -> what it means (for the README table and its test)."""
+    """Exit code -> what it means (for the documented table and its test)."""
     table: dict[int, str] = {EXIT_OK: "done (`status`: serving)", EXIT_NOT_SERVING: "`status`: not serving",
                              EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import httpx
 
-from . import timeouts
+from . import kept, timeouts
 from .config import ClusterConfig
 from .errors import CommandFailed, CommandTimeout, EngineKeyRefused, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
 from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_process,
@@ -29,12 +29,12 @@ from .facts import (ContainerFact, ProcessFact, RayState, containers_command, pa
 from .plan import NOT_DETECTED, Plan, ProcessSpec, Step, build_plan
 from .checks import (Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth, PerftestPresent, RdmaBandwidth, ReadBack,
                      STATE_MIN_GIB, VllmFlags, differs, evaluate, link_of, note, state_dir_problem)
-from .link import LinkPick, remember as remember_link, remembered as remembered_link
+from .link import LinkPick
 from .model_sync import ModelSync, node_to_node
 from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
 from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
-from .vllm_check import VllmCheck, VllmCheckError, argv_hash, parse_output, passed_before, remember
+from .vllm_check import VllmCheck, VllmCheckError, argv_hash, parse_output
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -68,7 +68,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def list_containers(t: SSHTransport, cluster: str, timeout: float = 30) -> list[ContainerFact]:
+def list_containers(t: SSHTransport, cluster: str, timeout: float = timeouts.QUICK_S) -> list[ContainerFact]:
     """The cluster's containers on the node; raises when docker cannot be asked."""
     r = t.run(containers_command(cluster), timeout=timeout)
     fact = parse_containers(t.node, r.exit_code, r.stdout, r.stderr)
@@ -82,7 +82,7 @@ class Executor:
         self.cfg = cfg
         self.nodes = nodes
         self.report = report or (lambda e: None)
-        links = remembered_link(cfg)  # `nccl: auto`: as last detected, until preflight detects again
+        links = kept.links(cfg)  # `nccl: auto`: as last detected, until preflight detects again
         self.plan: Plan = build_plan(cfg, reveal_secrets=True, links=links)
         self.shown: Plan = build_plan(cfg, links=links)
         self.shown_by_id = {s.id: s for s in self.shown.steps}
@@ -265,7 +265,7 @@ class Executor:
         taken): what `up` would find. A node that cannot be reached is a finding, not an error."""
         if self.cfg.memory.drop_page_cache:  # read memory as it is; up drops the page cache first
             cfg = self.cfg.model_copy(update={"memory": self.cfg.memory.model_copy(update={"drop_page_cache": False})})
-            links = remembered_link(cfg)
+            links = kept.links(cfg)
             self.plan, self.shown = build_plan(cfg, reveal_secrets=True, links=links), build_plan(cfg, links=links)
         listed = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
         existing = {n: r for n, r in listed.items() if not isinstance(r, BaseException)}
@@ -284,7 +284,7 @@ class Executor:
         auto = [n.name for n in self.cfg.nodes if self.cfg.node_nccl(n).auto]
         if not auto or set(picks) != set(auto):
             return
-        remember_link(self.cfg, picks)
+        kept.save_links(self.cfg, picks)
         self.plan = build_plan(self.cfg, reveal_secrets=True, links=picks)
         self.shown = build_plan(self.cfg, links=picks)
         self.shown_by_id = {s.id: s for s in self.shown.steps}
@@ -296,7 +296,7 @@ class Executor:
         image_id = head_image.stdout.strip() if head_image is not None and head_image.ok else None
         if not image_id:
             return []  # the image check says why
-        seen = passed_before(self.cfg, image_id, argv_hash(self.plan.vllm_argvs))
+        seen = kept.passed_before(self.cfg, image_id, argv_hash(self.plan.vllm_argvs))
         if seen:
             self.emit("step-skip", vllm_step, reason=f"checked before: vLLM {seen.get('vllm_version')}, same image ID and flags")
             return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, None, f"checked before: vLLM {seen.get('vllm_version')}")]
@@ -338,7 +338,7 @@ class Executor:
     def _remember_vllm(self, check: VllmCheck, image_id: Optional[str]) -> None:
         """The vLLM version found in the image, for `status` and `plan`, and to skip the same check
         on the next `up` or watchdog restart (same image ID, same flags)."""
-        remember(self.cfg, {"image": self.cfg.container.image, "image_id": image_id, "argv_hash": argv_hash(self.plan.vllm_argvs),
+        kept.save_check(self.cfg, {"image": self.cfg.container.image, "image_id": image_id, "argv_hash": argv_hash(self.plan.vllm_argvs),
                             "vllm_version": check.vllm_version, "checked_at": _now(), "where": check.where, "ok": check.ok})
 
     def _fetch_missing_images(self, results: dict, by_node: dict[str, list[Step]]) -> dict:
@@ -508,8 +508,8 @@ class Executor:
                                     _tail_logs(self.nodes[s.node], s.process.container))
 
     def process_fact(self, p: ProcessSpec) -> ProcessFact:
-        r = self.nodes[p.node].run(process_command(p), timeout=timeouts.QUICK_S)
-        return parse_process(p, r.exit_code, r.stdout, r.stderr)
+        r = self.nodes[p.node].run(process_command(p.container, p.pid_file), timeout=timeouts.QUICK_S)
+        return parse_process(p.argv, r.exit_code, r.stdout, r.stderr)
 
     def wait_ready(self, steps: list[Step]) -> None:
         """Poll each readiness check in turn (cheap HTTP: every timeouts.READY_POLL_S, so a ready engine

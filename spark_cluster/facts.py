@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
 from .errors import SparkClusterError
 from .render import quote
 
-if TYPE_CHECKING:
-    from .plan import ProcessSpec
 
 LABEL_PREFIX = "spark-cluster"
 
@@ -242,7 +240,7 @@ def parse_clock(text: str) -> Optional[float]:
 # ---- the cluster link: RDMA devices and their netdevs (ibdev2netdev), interfaces (ip addr) ----------
 # On a Spark each QSFP cage of the ConnectX-7 shows up twice (two PCIe functions): RDMA devices
 # rocep1s0f<N> and roceP2p1s0f<N>, netdevs enp1s0f<N>np<N> and enP2p1s0f<N>np<N>; full bandwidth on
-# one cable needs both twins (shared/notes/real-sparks.md).
+# one cable needs both twins (docs/field.md, "The link").
 
 IBDEV2NETDEV_COMMAND = "ibdev2netdev"
 IP_ADDR_COMMAND = "ip addr"
@@ -667,21 +665,23 @@ class ProcessFact(BaseModel):
     detail: str = ""
 
 
-def process_command(p: "ProcessSpec") -> str:
-    """Prints the PID and command line of the process, or says why it is not there. Exit 0 only when it runs."""
+def process_command(container: str, pid_file: str) -> str:
+    """Prints the PID and command line of the process a container runs (its PID in `pid_file`), or
+    says why it is not there. Exit 0 only when it runs."""
     script = ('p=$(cat "$1" 2>/dev/null) || { echo "no pid file"; exit 3; }; '
               '[ -r "/proc/$p/cmdline" ] || { echo "pid $p gone"; exit 4; }; '
               'printf "%s " "$p"; tr "\\0" " " < "/proc/$p/cmdline"; echo')
-    return f"docker exec {quote(p.container)} sh -c {quote(script)} pid {quote(p.pid_file)}"
+    return f"docker exec {quote(container)} sh -c {quote(script)} pid {quote(pid_file)}"
 
 
-def parse_process(p: "ProcessSpec", exit_code: int, stdout: str, stderr: str = "") -> ProcessFact:
+def parse_process(argv: list[str], exit_code: int, stdout: str, stderr: str = "") -> ProcessFact:
+    """`argv`: the process's command line as started (its first two words identify it)."""
     out = stdout.strip()
     if exit_code == 0 and out:
         pid, _, cmdline = out.partition(" ")
         # the command line itself is never kept: it may carry a secret (`--api-key ...` in vllm.extra_args)
-        if pid.isdigit() and p.argv[0] in cmdline and (len(p.argv) < 2 or p.argv[1] in cmdline):
-            return ProcessFact(state="running", pid=int(pid), detail=" ".join(p.argv[:2]))
+        if pid.isdigit() and argv[0] in cmdline and (len(argv) < 2 or argv[1] in cmdline):
+            return ProcessFact(state="running", pid=int(pid), detail=" ".join(argv[:2]))
         program = cmdline.split(" ", 1)[0].rsplit("/", 1)[-1][:60]
         return ProcessFact(state="gone", detail=f"pid {pid} is another process now ({program})")
     if exit_code == 3:

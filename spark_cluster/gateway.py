@@ -1,6 +1,6 @@
 """The gateway: the OpenAI API clients use instead of vLLM's port, hiding failover.
 
-What routers in front of vLLM learned (shared/notes/gateway.md), as rules:
+What routers in front of vLLM learned (docs/field.md, "Routers in front of vLLM"), as rules:
 - Hold, don't fail: while the cluster is not serving (starting, backing off, restarting, a hang
   confirmed) new requests wait, bounded by `gateway.hold_s` and `gateway.max_held`, then 503
   with Retry-After. When the watchdog has given up (circuit breaker), 503 at once.
@@ -15,9 +15,8 @@ What routers in front of vLLM learned (shared/notes/gateway.md), as rules:
   unchanged and are never retried.
 
 The door's rules are pure functions (`door_after`, `admit`, `retry_status`), table-tested; the
-proxy itself is one coroutine per request (`Gateway.serve`), in the request's own task: it is
-called by the controller's front protocol (spark_cluster.front) straight from the parser, or
-through ASGI (`Gateway.serve_asgi`) on a connection uvicorn answers.
+proxy itself is one coroutine per request (`Gateway.serve`), in the request's own task, called
+by the gateway's own server (spark_cluster.front) straight from the parser.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from . import timeouts
 from .config import GatewaySettings
 from .upstream import ConnectFailed, ConnectionLost, ReadTimeout, Upstream, UpstreamError
 
-PATHS = "/v1/"  # what the gateway answers on the controller's port (vLLM's OpenAI API)
+PATHS = "/v1/"  # what the gateway passes to vLLM (its OpenAI API)
 Mode = Literal["open", "hold", "closed"]
 Outcome = Literal["ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled"]
 OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled")
@@ -161,8 +160,8 @@ class Observer:
     def count_in_flight(self, count: Callable[[], int]) -> None: ...
 
 
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
-ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+# Takes the answer as messages of ASGI's shape (http.response.start, then http.response.body pieces).
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Writer(Protocol):
@@ -228,10 +227,10 @@ class Gateway:
         return await self.engine.get_status("/health", min(timeouts.ENGINE_HEALTH_S, self.s.connect_timeout_s)) == 200
 
     # ---- one request -------------------------------------------------------------------------
-    async def serve(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: ASGISend,
+    async def serve(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
                     gone: Signal, writer: Optional[Writer] = None) -> Outcome:
-        """One request: `target` is the path and query as the client sent them, `send` takes ASGI's
-        response messages, `gone` is set when the client goes away; with a `writer`, a body's pieces
+        """One request: `target` is the path and query as the client sent them, `send` takes the
+        answer's messages, `gone` is set when the client goes away; with a `writer`, a body's pieces
         after the first go to it straight from the engine's connection."""
         t0 = time.monotonic()
         deadline = t0 + self.s.hold_s
@@ -273,32 +272,13 @@ class Gateway:
                 log.info("%s %s: %s after %.1fs (%d attempts%s)", method, target, outcome,
                          time.monotonic() - t0, attempts, ", waited at the door" if held else "")
 
-    async def serve_asgi(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        """One request through ASGI (a connection uvicorn answers: spark_cluster.front hands it the
-        connections that asked for another path first): the body read with its limit, the client's
-        leaving watched by a listener task."""
-        try:
-            body = await _request_body(scope, receive, self.max_body)
-        except _BodyTooLarge:
-            await self.refuse_too_large(send)
-            return
-        if body is None:
-            return  # the client went away while sending it
-        gone = Signal()
-        listener = asyncio.create_task(_until_disconnect(receive, gone))
-        target = scope["raw_path"].decode("latin-1") + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
-        try:
-            await self.serve(scope["method"], target, scope["headers"], body, send, gone)
-        finally:
-            listener.cancel()
-
-    async def refuse_too_large(self, send: ASGISend) -> None:
+    async def refuse_too_large(self, send: Send) -> None:
         self.obs.outcome("rejected")
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": error_body(
             f"the request body is larger than gateway.max_body ({self.s.max_body})", "request_too_large", 413)})
 
-    async def _refuse(self, send: ASGISend, a: Admission) -> None:
+    async def _refuse(self, send: Send, a: Admission) -> None:
         headers = [(b"content-type", b"application/json")]
         if a.retry_after:
             headers.append((b"retry-after", str(self.s.retry_after_s).encode()))
@@ -306,7 +286,7 @@ class Gateway:
         await send({"type": "http.response.body", "body": error_body(a.message)})
 
     async def _attempt(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                       send: ASGISend, gone: Signal, t0: float, writer: Optional[Writer]) -> str:
+                       send: Send, gone: Signal, t0: float, writer: Optional[Writer]) -> str:
         """One try at the engine: ok | failed (an answer passed through) | retry (nothing reached the
         client) | interrupted (a stream cut after its first byte) | cancelled (the client went away).
         The exchange runs in the request's own task; an interruption or the client's leaving cancels
@@ -345,7 +325,7 @@ class Gateway:
             self.flights.discard(flight)
 
     async def _exchange(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                        send: ASGISend, t0: float, writer: Optional[Writer]) -> str:
+                        send: Send, t0: float, writer: Optional[Writer]) -> str:
         try:
             resp = await self.engine.send(method, path, headers, body)
         except ConnectFailed:
@@ -389,14 +369,14 @@ class Gateway:
             if writer is not None:
                 writer.on_drain = None
 
-    async def _send_chunk(self, send: ASGISend, flight: Flight, chunk: bytes) -> None:
+    async def _send_chunk(self, send: Send, flight: Flight, chunk: bytes) -> None:
         await send({"type": "http.response.body", "body": flight.passing(chunk), "more_body": True})
 
-    async def _refuse_status(self, send: ASGISend, status: int, message: str) -> None:
+    async def _refuse_status(self, send: Send, status: int, message: str) -> None:
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": error_body(message, "upstream_timeout", status)})
 
-    async def _end_stream(self, send: ASGISend, flight: Flight, message: str) -> None:
+    async def _end_stream(self, send: Send, flight: Flight, message: str) -> None:
         """End a response that has started: an error event for an event stream, then a clean close."""
         try:
             if flight.event_stream:
@@ -407,36 +387,6 @@ class Gateway:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client is gone as well
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _request_body(scope: dict[str, Any], receive: ASGIReceive, limit: int) -> Optional[bytes]:
-    """A request's whole body (None when the client left while sending it); _BodyTooLarge past
-    `limit`, declared or sent."""
-    declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-    if declared.isdigit() and int(declared) > limit:
-        raise _BodyTooLarge
-    body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise _BodyTooLarge
-        if not message.get("more_body"):
-            return bytes(body)
-
-
-async def _until_disconnect(receive: ASGIReceive, gone: Signal) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            return
 
 
 async def _first(*aws: Any, timeout: float | None = None) -> Any:

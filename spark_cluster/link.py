@@ -10,23 +10,17 @@ RDMA devices (rocep1s0f<N>, roceP2p1s0f<N>) and two netdevs (enp1s0f<N>np<N>, en
 that holds the node's cluster address. A node without RDMA devices (the simulated cluster, a box
 without a ConnectX) gets the socket side only: NCCL then runs over TCP.
 
-What `nccl: auto` detected is remembered in state_dir/link.json (`remember`, `remembered`), so
-that `plan`, `status` and the watchdog render the same containers as the `up` that detected it.
+What `nccl: auto` detected is kept in state_dir/link.json (spark_cluster.kept), so that `plan`,
+`status` and the watchdog render the same containers as the `up` that detected it.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from .facts import NetInterface, PingFact, RdmaPort
-
-if TYPE_CHECKING:
-    from .config import ClusterConfig
-
 
 @dataclass(frozen=True)
 class LinkPick:
@@ -95,28 +89,3 @@ def reach_problem(node: str, peer_name: str, peer: str, mtu: int, small: PingFac
         return f"the path from {node} to {peer_name} ({peer}) has MTU {full.reported_mtu}, smaller than the link's {mtu}: {fix}"
     return (f"{node} reaches {peer_name} ({peer}) with small packets but not with {mtu}-byte packets that may not be "
             f"fragmented: the MTU differs along the path ({peer_name}'s interface, or a switch port); {fix}")
-
-
-def remember(cfg: "ClusterConfig", picks: dict[str, LinkPick]) -> None:
-    """Keep what was detected in state_dir/link.json (best effort: a read-only state_dir only means
-    `plan` shows `auto` again and the next `up` detects again)."""
-    record = {"detected_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "nodes": {name: {**asdict(p), "hcas": list(p.hcas)} for name, p in sorted(picks.items())}}
-    try:
-        d = cfg.resolved_state_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "link.json").write_text(json.dumps(record, indent=2) + "\n")
-    except OSError:
-        pass
-
-
-def remembered(cfg: "ClusterConfig") -> dict[str, LinkPick]:
-    """What the last detection found, for the nodes still in the config (nothing when `nccl.auto` is off)."""
-    if not any(cfg.node_nccl(n).auto for n in cfg.nodes):
-        return {}
-    try:
-        nodes = json.loads((cfg.resolved_state_dir() / "link.json").read_text())["nodes"]
-        return {n.name: LinkPick(netdev=nodes[n.name]["netdev"], hcas=tuple(nodes[n.name]["hcas"]), mtu=int(nodes[n.name]["mtu"]),
-                                 note=nodes[n.name].get("note", "")) for n in cfg.nodes if n.name in nodes}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}

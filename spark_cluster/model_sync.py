@@ -31,7 +31,6 @@ from .transport import Nodes, Result
 
 Reporter = Callable[[dict[str, Any]], None]
 SCRIPT = "node-scripts/sync-node.py"
-LISTENING_S = 30.0  # the receiver says which port it listens on within this
 
 
 def partial_dir(path: str) -> str:
@@ -106,7 +105,7 @@ def node_to_node(src: Any, dst: Any, src_address: str, dst_address: str, *, rece
 
     receiver = threading.Thread(target=run_receiver, name=f"receive-{dst.node}", daemon=True)
     receiver.start()
-    if not listening.wait(LISTENING_S) or not port:
+    if not listening.wait(timeouts.SYNC_LISTENING_S) or not port:
         receiver.join(timeout=timeouts.QUICK_S)
         return None, received.get("result"), f"the receiver on {dst.node} did not start: {why_receiver()}"
     try:

@@ -558,6 +558,6 @@ class _Builder:
 
 def build_plan(cfg: ClusterConfig, *, reveal_secrets: bool = False, links: Optional[dict[str, LinkPick]] = None) -> Plan:
     """The plan of `up`. Secrets are masked unless reveal_secrets (only the executor asks for that).
-    links: what `nccl: auto` detected per node (link.remembered); without it those variables show
+    links: what `nccl: auto` detected per node (kept.links); without it those variables show
     NOT_DETECTED."""
     return _Builder(cfg, reveal_secrets, links or {}).build()

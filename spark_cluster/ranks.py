@@ -4,7 +4,7 @@ Two facts per node, each one command plus one pure parser (read in the node scri
 watchdog already run):
 - the GPU: power, utilization, memory traffic, SM clock, temperature (nvidia-smi). Utilization cannot
   tell work from a spin-wait deadlock (99 vs 100 % on an H200); power can (690 W vs 145 W, 126 W idle),
-  and memory traffic (24 vs 0 %). GB10: ~45 W healthy, 16-27 W deadlocked (shared/data/gpu-busy-vs-spin.md).
+  and memory traffic (24 vs 0 %). GB10: ~45 W healthy, 16-27 W deadlocked (docs/field.md, "What the ranks are doing").
 - the processes of the group's containers on the node: state and CPU time from /proc/<pid>/stat,
   and compilers among them. On CPU ranks (the simulated cluster) CPU time tells a working rank from a
   stopped one; on a GPU node host CPU proves nothing (CUDA's synchronisation spins a core), but a
@@ -157,7 +157,7 @@ Activity = Literal["working", "compiling", "waiting", "stopped", "unknown"]
 
 # A CPU rank that used at least this share of a core since the last reading is working (a throttled
 # one still gets its slice). Measured on the simulated cluster: Ray's and vLLM's ranks poll at 0.01-0.03
-# core while they wait, so a waiting CPU rank reads as working too (README: blind spots).
+# core while they wait, so a waiting CPU rank reads as working too (docs/failover.md: blind spots).
 CPU_WORKING_CORES = 0.005
 # A compiler process that used this share of a core is compiling.
 COMPILER_WORKING_CORES = 0.05

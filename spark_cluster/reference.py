@@ -1,4 +1,4 @@
-"""The config reference in README.md, generated from the pydantic models (`make docs`)."""
+"""The configuration reference in docs/configuration.md, generated from the pydantic models (`make docs`)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> str:
+def update_reference(text: str) -> str:
+    """`text` (the reference page) with its generated part made current."""
     start, end = text.index(BEGIN), text.index(END) + len(END)
     return text[:start] + reference_markdown() + text[end:]

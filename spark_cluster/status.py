@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 import httpx
 from pydantic import BaseModel, Field, PrivateAttr
 
-from . import timeouts
+from . import kept, timeouts
 from .config import ClusterConfig
 from .errors import ENGINE_KEY_FIX, SparkClusterError
 from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPlacementGroup, containers_command, counters,
@@ -25,7 +25,6 @@ from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPla
 from .plan import LABEL_PREFIX, Plan, build_plan
 from .ranks import (GPU_ACTIVITY_COMMAND, GpuBaseline, GpuReading, NodeActivity, ProcessesReading, group_activity, node_activity,
                     parse_gpu_activity, parse_processes, processes_command)
-from .link import remembered as remembered_link
 
 if TYPE_CHECKING:  # paramiko is imported by whoever makes the Nodes, while vLLM is being sampled
     from .transport import Nodes, SSHTransport
@@ -144,7 +143,7 @@ def node_script(cfg: ClusterConfig, procs: list, containers: list[str] = (), twi
     status has no earlier reading to compare with)."""
     parts = [("sysctl", sysctl_command(list(cfg.sysctl))), ("meminfo", MEMINFO_COMMAND), ("gpu", GPU_COMMAND),
              ("containers", containers_command(cfg.name) + ' 2>&1; echo "##rc $?"')]
-    parts += [(f"process {i}", f'{process_command(p)} 2>&1; echo "##rc $?"') for i, p in enumerate(procs)]
+    parts += [(f"process {i}", f'{process_command(p.container, p.pid_file)} 2>&1; echo "##rc $?"') for i, p in enumerate(procs)]
     if containers:
         if twice_s:
             parts.append(("procs-before", f"{processes_command(list(containers))}; sleep {twice_s:g}"))
@@ -214,7 +213,7 @@ def parse_node_output(cfg: ClusterConfig, plan: Plan, obs: NodeObs, stdout: str)
             obs.containers.append(ContainerObs(node=node, name=name, component=spec.component, state="missing"))
     for i, p in enumerate(procs):
         rc, out = _rc(sec.get(f"process {i}", []))
-        fact = parse_process(p, rc, out)
+        fact = parse_process(p.argv, rc, out)
         obs.processes.append(ProcessObs(name=p.name, container=p.container, component=p.component, state=fact.state,
                                         pid=fact.pid, detail=fact.detail))
     if "procs" in sec:
@@ -357,7 +356,7 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
         vllm_fut = vllm if vllm is not None else pool.submit(observe_vllm, cfg, window_s, probe_timeout_s)
         # SSH handshakes go on while the plan is built
         connected = {n.name: pool.submit(_connect, nodes[n.name]) for n in cfg.nodes}
-        plan = build_plan(cfg, links=remembered_link(cfg))
+        plan = build_plan(cfg, links=kept.links(cfg))
         node_futs = {n.name: pool.submit(observe_node, nodes[n.name], cfg, plan, probe_timeout_s, connected[n.name], window_s)
                      for n in cfg.nodes}
 
@@ -377,9 +376,8 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
         n.judge_ranks(group_containers(plan, n.name), None, baselines.get(n.name, GpuBaseline()))
     vllm_obs.progress_age_s = _progress_age(cfg, vllm_obs, time.time())
     if vllm_obs.version is None:
-        from .vllm_check import last_check
 
-        seen = last_check(cfg)
+        seen = kept.last_check(cfg)
         if seen and seen.get("vllm_version"):
             vllm_obs.version, vllm_obs.version_source = str(seen["vllm_version"]), "preflight"
     return Observation(

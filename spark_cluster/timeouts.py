@@ -1,5 +1,6 @@
-"""Every fixed time limit of spark-cluster in one place, each with why it is what it is. (What a
-user may want to change lives in cluster.yaml: ssh.*_timeout_s, health.*, watchdog.*, vllm.check_timeout_s.)"""
+"""Every fixed time limit of spark-cluster in one place, each with why it is what it is (the
+simulated cluster's own, spark_cluster/sim/, stay there). What a user may want to change lives in
+cluster.yaml: ssh.*_timeout_s, health.*, watchdog.*, gateway.*, vllm.check_timeout_s."""
 
 # Small node commands (take or release the lock, read a process or the last log lines): they
 # answer in well under a second; 30 s allows for a node under heavy load (a model loading).
@@ -47,3 +48,24 @@ ENGINE_HEALTH_S = 5
 # the next controller, which confirms what it finds); open streams get this long to finish.
 CONTROLLER_STOP_S = 60
 GRACEFUL_SHUTDOWN_S = 5
+# The controller's /api/status is gathered over SSH (about a second): one gather serves every reader this long.
+STATUS_CACHE_S = 2.0
+# A server-sent event stream (/api/events) with nothing to say sends a comment this often, so
+# proxies and browsers keep it open.
+EVENT_STREAM_KEEP_ALIVE_S = 15
+# A command past its timeout gets SIGTERM on the node, then SIGKILL this much later.
+REMOTE_KILL_AFTER_S = 5
+# The controller gives up waiting this much after the node should have ended the command.
+LOCAL_GRACE_S = 10
+# `sync`: the receiver on a node says which port it listens on within this.
+SYNC_LISTENING_S = 30.0
+# Ray marks a frozen node dead only after ~30-80 s of missed health checks: the watchdog asks Ray
+# at most this often (each probe imports Ray on the head), the hang itself is caught sooner by
+# progress and the ranks.
+RAY_PROBE_INTERVAL_S = 15.0
+# A flag check with a local parser-only environment (vLLM's import: 5-30 s, more on a busy machine).
+LOCAL_CHECK_S = 600
+# Each pip step building a parser-only environment (PyTorch's CPU wheel alone is about 200 MB).
+VLLM_ENV_STEP_S = 1800
+# A client's kept-alive connection to the gateway with no request: closed after this (as uvicorn's default).
+GATEWAY_KEEP_ALIVE_S = 5

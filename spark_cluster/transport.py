@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
 
 import paramiko
 
+from . import timeouts
 from .config import ClusterConfig, Node, SSHSettings
 from .errors import CommandFailed, CommandTimeout, HostKeyError, SparkClusterError, TransportError  # noqa: F401 - re-exported
 from .render import quote
@@ -32,10 +33,6 @@ T = TypeVar("T")
 # a handler of its own keeps that off the user's terminal
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
-# a command past its timeout gets SIGTERM on the node, then SIGKILL this much later
-REMOTE_KILL_AFTER_S = 5
-# the controller gives up waiting this much after the node should have ended the command
-LOCAL_GRACE_S = 10
 
 
 
@@ -218,7 +215,7 @@ class SSHTransport:
         limit = self.ep.command_timeout_s if timeout is None else timeout
         client = self.connect()
         t0 = time.monotonic()
-        remote = f"timeout -k {REMOTE_KILL_AFTER_S} {math.ceil(limit)} sh -c {quote(command)}"
+        remote = f"timeout -k {timeouts.REMOTE_KILL_AFTER_S} {math.ceil(limit)} sh -c {quote(command)}"
         out, err = bytearray(), bytearray()
 
         def partial(code: int = -1) -> Result:
@@ -234,7 +231,7 @@ class SSHTransport:
                 chan.sendall(input)
             chan.shutdown_write()
             # the node's own limit ends the command first; this one only if the node stops answering
-            deadline = t0 + limit + REMOTE_KILL_AFTER_S + LOCAL_GRACE_S
+            deadline = t0 + limit + timeouts.REMOTE_KILL_AFTER_S + timeouts.LOCAL_GRACE_S
             while True:
                 progressed = False
                 while chan.recv_ready():

@@ -19,6 +19,7 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
+from . import timeouts
 from .config import ClusterConfig
 from .errors import SparkClusterError, VllmArgsError, VllmCheckError  # noqa: F401 - re-exported
 from .render import read_template
@@ -115,48 +116,11 @@ def parse_output(stdout: str, stderr: str, exit_status: int, where: str) -> Vllm
     )
 
 
-# how many checks state_dir/vllm.json remembers (image ID x flags: e.g. both executors of one image)
-REMEMBERED_CHECKS = 8
-
-
-def _records(cfg: ClusterConfig) -> list[dict]:
-    try:
-        data = json.loads((cfg.resolved_state_dir() / "vllm.json").read_text())
-    except (OSError, ValueError):
-        return []
-    if isinstance(data, dict) and isinstance(data.get("checks"), list):
-        return [r for r in data["checks"] if isinstance(r, dict)]
-    return [data] if isinstance(data, dict) else []  # the one-record file of earlier versions
-
-
-def last_check(cfg: ClusterConfig) -> Optional[dict]:
-    """The newest check of this image (version, image ID, argv hash, ok), for `status` and `plan`."""
-    return next((r for r in _records(cfg) if r.get("image") == cfg.container.image), None)
-
-
-def passed_before(cfg: ClusterConfig, image_id: str, argv_hash: str) -> Optional[dict]:
-    """A passed check of exactly this image ID and these flags: no need to run it again."""
-    return next((r for r in _records(cfg) if r.get("ok") and r.get("image_id") == image_id and r.get("argv_hash") == argv_hash), None)
-
-
 def argv_hash(argvs: list[list[str]]) -> str:
     return hashlib.sha256(json.dumps(argvs).encode()).hexdigest()[:16]
 
 
-def remember(cfg: ClusterConfig, record: dict) -> None:
-    """Keep a check's result in state_dir/vllm.json, newest first (best effort: a read-only
-    state_dir only means the check runs again next time)."""
-    key = (record.get("image_id"), record.get("argv_hash"))
-    rest = [r for r in _records(cfg) if (r.get("image_id"), r.get("argv_hash")) != key]
-    try:
-        d = cfg.resolved_state_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "vllm.json").write_text(json.dumps({"checks": [record, *rest][:REMEMBERED_CHECKS]}, indent=2) + "\n")
-    except OSError:
-        pass
-
-
-def check_local(python: str | os.PathLike, argv: list[str], *, timeout: float = 600) -> VllmCheck:
+def check_local(python: str | os.PathLike, argv: list[str], *, timeout: float = timeouts.LOCAL_CHECK_S) -> VllmCheck:
     """Run the check with a local interpreter that imports vllm (a parser-only environment)."""
     where = str(python)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "PYTHON"))}
@@ -186,9 +150,9 @@ def resolve_python(target: str, log=None) -> Path:
     if path.exists():
         return path
     if target[:1].isdigit():
-        from .vllm_env import CACHE, env_python
+        from .vllm_env import CACHE, COST, env_python
 
         if log and not (env_python(target).parent.parent / ".complete").exists():
-            log(f"building a parser-only environment for vLLM {target} in {CACHE} (once: about 3 min, 4-5 GB)")
+            log(f"building a parser-only environment for vLLM {target} in {CACHE} (once: {COST})")
         return ensure_env(target, log=log)
     raise VllmCheckError(f"--vllm {target}: not an interpreter, a virtual environment, a vLLM release (like 0.17.1) or `image`")

@@ -2,8 +2,8 @@
 
 `spark-cluster validate --vllm 0.17.1` checks the rendered `vllm serve` flags against that
 release without the image and without a GPU. The environment holds vLLM itself (`--no-deps`),
-the CPU build of PyTorch and vLLM's requirements minus the GPU-only ones: about 2 minutes and
-2.7 GB once, then reused from the cache folder.
+the CPU build of PyTorch and vLLM's requirements minus the GPU-only ones: built once (`COST`),
+then reused from the cache folder.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import timeouts
 from .errors import SparkClusterError, VllmEnvError  # noqa: F401 - re-exported
 
+# measured 2026-12-02 on the 2-core machine: 0.17.1 in 1m46s, 4.0 GB; 0.33.0 in 3m23s, 4.9 GB
+COST = "about 2-4 minutes and 4-5 GB"
 # the CPU build of PyTorch pip can install here (any torch imports far enough to build vLLM's parser)
 DEFAULT_TORCH = os.environ.get("SPARK_CLUSTER_VLLM_ENV_TORCH", "torch==2.13.0")
 CACHE = Path(os.environ.get("SPARK_CLUSTER_VLLM_ENV_CACHE", Path.home() / ".cache" / "spark-cluster" / "vllm-envs"))
@@ -27,17 +30,36 @@ GPU_ONLY = re.compile(
     r"deep[-_]ep|ray|fastsafetensors|apache-tvm-ffi|tilelang|cuda-.*|flash[-_]attn.*)$",
     re.I,
 )
+# Run by the new environment's interpreter (which has no `packaging` yet): vLLM's requirements as
+# declared, and the environment markers are evaluated against (as packaging.markers.default_environment).
 _REQUIREMENTS = r"""
-import importlib.metadata as md, json, sys
-from pip._vendor.packaging.requirements import Requirement
-out = []
-for line in md.requires("vllm") or []:
-    r = Requirement(line)
-    if r.marker is not None and not r.marker.evaluate({"extra": ""}):
-        continue
-    out.append((r.name, str(r).split(";")[0].strip()))
-print(json.dumps(out))
+import importlib.metadata as md, json, os, platform, sys
+impl = sys.implementation
+version = "{0.major}.{0.minor}.{0.micro}".format(impl.version)
+if impl.version.releaselevel != "final":
+    version += impl.version.releaselevel[0] + str(impl.version.serial)
+env = {"implementation_name": impl.name, "implementation_version": version, "os_name": os.name,
+       "platform_machine": platform.machine(), "platform_release": platform.release(), "platform_system": platform.system(),
+       "platform_version": platform.version(), "python_full_version": platform.python_version(),
+       "platform_python_implementation": platform.python_implementation(), "python_version": ".".join(platform.python_version_tuple()[:2]),
+       "sys_platform": sys.platform}
+print(json.dumps({"requires": md.requires("vllm") or [], "environment": env}))
 """
+
+
+def install_specs(requires: list[str], environment: dict[str, str]) -> list[str]:
+    """vLLM's requirements to install into the parser-only environment: those whose marker holds
+    there (no extras), minus the GPU-only ones, each as `name<spec>` without its marker."""
+    from packaging.requirements import Requirement  # here: `status` and every other command import this module's COST
+
+    out = []
+    for line in requires:
+        r = Requirement(line)
+        if r.marker is not None and not r.marker.evaluate({**environment, "extra": ""}):
+            continue
+        if not GPU_ONLY.match(r.name):
+            out.append(str(r).split(";")[0].strip())
+    return out
 
 
 
@@ -62,7 +84,7 @@ def _run(cmd: list[str], log, timeout: float) -> str:
     return p.stdout
 
 
-def ensure_env(version: str, *, cache: Path = CACHE, log=None, timeout: float = 1800) -> Path:
+def ensure_env(version: str, *, cache: Path = CACHE, log=None, timeout: float = timeouts.VLLM_ENV_STEP_S) -> Path:
     """The interpreter of a parser-only environment for vLLM `version`, built if missing."""
     if not re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version):
         raise VllmEnvError(f"{version!r} is not a vLLM release number (like 0.17.1)")
@@ -79,9 +101,8 @@ def ensure_env(version: str, *, cache: Path = CACHE, log=None, timeout: float = 
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     _run(pip + [DEFAULT_TORCH], log, timeout)
     _run(pip + ["--no-deps", f"vllm=={version}"], log, timeout)
-    reqs = json.loads(_run([py, "-c", _REQUIREMENTS], log, 120))
-    keep = [spec for name, spec in reqs if not GPU_ONLY.match(name)]
-    _run(pip + keep, log, timeout)
+    declared = json.loads(_run([py, "-c", _REQUIREMENTS], log, 120))
+    _run(pip + install_specs(declared["requires"], declared["environment"]), log, timeout)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     # venv scripts carry the folder name in their shebangs; python itself is what we run

@@ -30,16 +30,13 @@ from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exporte
 from .executor import Executor
 from .facts import parse_metrics, progressed
 from .plan import build_plan
-from .link import remembered as remembered_link
+from . import kept
 from .ranks import GpuBaseline, ProcessesReading, learn_baseline
 from .status import (NodeObs, RayObs, VLLMObs, gpu_baselines, group_containers, members_gone, observe_node, observe_ray, ranks_of,
                      ray_missing, read_watchdog_state)
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
-# Ray marks a frozen node dead only after ~30-80 s of missed health checks: a probe every 15 s
-# adds little to that, and the hang itself is caught sooner by progress and the canary.
-RAY_PROBE_INTERVAL_S = 15.0
 
 
 def _iso(t: float | None = None) -> str:
@@ -106,11 +103,11 @@ class Watchdog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.events_path = self.dir / "events.jsonl"
         self.state_path = self.dir / "watchdog.json"
-        self.plan = build_plan(cfg, links=remembered_link(cfg))
+        self.plan = build_plan(cfg, links=kept.links(cfg))
         self.expected_nodes = {n.name: n.address for n in cfg.nodes}
         self.ray_step = next((s for s in self.plan.steps if s.kind == "wait-ray"), None)
         # Ray's membership is asked in the background (importing Ray costs a second or two of CPU on
-        # the head): at most one probe in flight, started at most every RAY_PROBE_INTERVAL_S
+        # the head): at most one probe in flight, started at most every timeouts.RAY_PROBE_INTERVAL_S
         self.ray_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-probe")
         self.ray_probe: Optional[Future[RayObs]] = None
         self.ray_probe_started = float("-inf")
@@ -232,7 +229,7 @@ class Watchdog:
         if self.ray_probe is not None and self.ray_probe.done():
             ray = self.last_ray = self.ray_probe.result()
             self.ray_probe = None
-        if self.ray_probe is None and time.monotonic() - self.ray_probe_started >= RAY_PROBE_INTERVAL_S:
+        if self.ray_probe is None and time.monotonic() - self.ray_probe_started >= timeouts.RAY_PROBE_INTERVAL_S:
             self.ray_probe_started = time.monotonic()
             self.ray_probe = self.ray_pool.submit(observe_ray, self.nodes[self.cfg.head.name], self.cfg, self.plan,
                                                   max(self.cfg.health.probe_timeout_s, timeouts.QUICK_S))
@@ -258,7 +255,7 @@ class Watchdog:
         last probe saw it, its own state) plus each node's host facts now, asked in parallel within
         timeouts.INCIDENT_S: the restart waits for the bundle. The containers' logs are added by the
         kill. (Ray is not asked afresh: importing Ray on the head costs seconds of the restart, and a
-        probe at most RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
+        probe at most timeouts.RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
         slug = re.sub(r"[^a-z0-9]+", "-", reason.lower())[:40].strip("-")
         d = self.dir / "incidents" / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{slug}"
         d.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,19 @@ CONFIGS = ROOT / "configs"
 EXAMPLE_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def fakes_refuse_the_unexpected():
+    """A test fails when a fake node was asked a command nobody scripted, even if the code under
+    test caught the fake's refusal (tests/fakes.py)."""
+    from .fakes import MADE
+
+    MADE.clear()
+    yield
+    asked = [f"{node}: {command}" for fake in MADE for node, command in fake.unscripted]
+    MADE.clear()
+    assert not asked, "commands nobody scripted reached a fake node:\n" + "\n".join(asked)
+
+
 @pytest.fixture
 def card_yaml() -> str:
     return (CONFIGS / "dgx-spark-2node.yaml").read_text()

@@ -3,7 +3,11 @@ is for HTTP), so `up` and `down` sequencing runs in milliseconds without any nod
 
 A FakeCluster keeps what a node would: its containers (created by `docker run`, removed by
 `docker rm`) and whether vLLM runs in the Ray head; every command is recorded in order, and a
-test can script any command's answer (by a substring of it) to inject a failure.
+test can script any command's answer (by a substring of it) to inject a failure. A command that
+neither the plan, the fake's own node model nor the test scripted is refused (as httpx's
+MockTransport or Invoke's MockContext do): it raises `Unscripted`, and since the code under test
+may catch that, every FakeCluster made during a test is also checked when the test ends
+(conftest's `fakes_refuse_the_unexpected`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ from spark_cluster.transport import Nodes, Result
 from .conftest import recording
 
 Answer = tuple[int, str, str]  # exit code, stdout, stderr
+MADE: list["FakeCluster"] = []  # every FakeCluster of the running test (checked at its end)
+
+
+class Unscripted(AssertionError):
+    """A node command nobody scripted."""
 
 
 @dataclass
@@ -43,8 +52,11 @@ class FakeCluster:
     counter: int = 0
 
     links: Optional[dict] = None  # `nccl: auto`: what the plan is built with (as detected by a preflight)
+    locked: bool = False  # the cluster's lock directory on the head
 
     def __post_init__(self) -> None:
+        MADE.append(self)
+        self.unscripted: list[tuple[str, str]] = []
         self.plan: Plan = build_plan(self.cfg, reveal_secrets=True, links=self.links)
         self.by_command = {s.command: s for s in self.plan.steps if s.command}
         self.by_node_command = {(s.node, s.command): s for s in self.plan.steps if s.command}  # the same command differs in its check by node
@@ -73,6 +85,24 @@ class FakeCluster:
                 return fn()
         step = self.by_node_command.get((node, command)) or self.by_command.get(command)
         if command.startswith("mkdir ") and ".lock" in command:
+            if self.locked:
+                return 1, "", ""
+            self.locked = True
+            return 0, "", ""
+        if command.startswith("rm -rf ") and command.endswith(".lock"):
+            self.locked = False
+            return 0, "", ""
+        if command.startswith("docker logs "):
+            return 0, f"2026-11-29T12:00:00Z log of {shlex.split(command)[-2]}\n", ""
+        if command.startswith("docker kill "):
+            name = shlex.split(command)[2]
+            if name in self.containers[node]:
+                self.containers[node][name].state = "exited"
+            return 0, "", ""
+        if command.startswith("docker exec ") and "kill -TERM" in command:  # the hosted process stopped
+            self.vllm_running = False
+            return 0, "", ""
+        if command.startswith("docker save ") or command == "docker load":
             return 0, "", ""
         if "ids=$(docker ps -aq" in command:
             lines = [f"{c.id}|/{c.name}|{c.component}|{c.state}|sha256:img|2026-11-29T12:00:00Z|0|0|{c.spec_hash}"
@@ -101,7 +131,10 @@ class FakeCluster:
             if any(c.component == "ray-head" and c.name == name for c in self.plan.containers()):
                 self.vllm_running = False
             return 0, "", ""
-        return 0, "", ""
+        if step is not None:  # a step of the plan whose answer is its exit code alone (sysctl apply, ...)
+            return 0, "", ""
+        self.unscripted.append((node, command))
+        raise Unscripted(f"{node}: nothing scripted answers {command!r}")
 
     def _check(self, node: str, step) -> Answer:
         """What a healthy node answers to each kind of check."""
@@ -133,7 +166,10 @@ class FakeCluster:
             return 0, recording("reach-sim-ok")["stdout"], ""
         if kind == "cluster-link":  # a simulated node's link, holding this node's address
             return 0, recording("link-sim")["stdout"].replace("10.99.0.11/24", f"{step.check.address}/24"), ""
-        return 0, "", ""
+        if kind in ("ports-free", "docker-answers", "sudo-works", "perftest"):  # their exit code says it
+            return 0, "", ""
+        self.unscripted.append((node, step.command))
+        raise Unscripted(f"{node}: no healthy answer for a {kind} check: {step.command!r}")
 
 
 class FakeTransport:

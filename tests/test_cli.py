@@ -22,10 +22,11 @@ def test_plan_card_config_shows_worker_before_head(tmp_path):
     assert "auto: not detected yet" in res.stdout and "-e 'NCCL_SOCKET_IFNAME=<auto: detected by preflight>'" in res.stdout
     # ... and after one, it shows what was found (state_dir/link.json, as a real Spark's cable reads)
     from spark_cluster.config import load_config
-    from spark_cluster.link import LinkPick, remember
+    from spark_cluster.kept import save_links
+    from spark_cluster.link import LinkPick
 
     cfg = load_config(CONFIGS / "dgx-spark-2node.yaml").model_copy(update={"state_dir": str(tmp_path / "state")})
-    remember(cfg, {n.name: LinkPick("enp1s0f0np0", ("rocep1s0f0", "roceP2p1s0f0"), 9000) for n in cfg.nodes})
+    save_links(cfg, {n.name: LinkPick("enp1s0f0np0", ("rocep1s0f0", "roceP2p1s0f0"), 9000) for n in cfg.nodes})
     path = tmp_path / "cluster.yaml"
     path.write_text((CONFIGS / "dgx-spark-2node.yaml").read_text() + f"\nstate_dir: {tmp_path / 'state'}\n")
     res = run_cli("plan", str(path))
@@ -107,13 +108,13 @@ def test_secret_masked_in_cli_output(tmp_path):
         assert "hf_do_not_print_me" not in res.stdout + res.stderr
 
 
-def test_readme_config_reference_is_current():
-    from spark_cluster.reference import update_readme
+def test_the_configuration_reference_is_current():
+    from spark_cluster.reference import update_reference
 
     from .conftest import ROOT
 
-    text = (ROOT / "README.md").read_text()
-    assert update_readme(text) == text, "README's config reference is stale: run `make docs`"
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert update_reference(text) == text, "docs/configuration.md is stale: run `make docs`"
 
 
 def test_error_values_are_shown_literally(tmp_path):
@@ -158,11 +159,11 @@ def test_container_age():
     assert age("garbage", now) == ""
 
 
-def test_readme_exit_code_table_is_the_code():
+def test_the_documented_exit_codes_are_the_code():
     from spark_cluster.errors import exit_codes
 
-    text = (ROOT / "README.md").read_text()
-    table = text.split("### Exit codes", 1)[1].split("\n\n")[1]
+    text = (ROOT / "docs" / "design.md").read_text()
+    table = text.split("## Exit codes", 1)[1].split("\n\n")[1]
     rows = [line.split(" | ", 1) for line in table.splitlines()[2:]]
     assert {int(code.strip("| ")): meaning.rstrip(" |") for code, meaning in rows} == exit_codes()
 

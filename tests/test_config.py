@@ -213,3 +213,19 @@ def test_nul_byte_refused_in_any_string(card_yaml, where):
     section, key = where.split(".")
     msg = problems(edit(card_yaml, lambda d: d.setdefault(section, {}).update({key: "a\x00b"})))
     assert where in msg and "NUL" in msg
+
+
+@pytest.mark.parametrize("gateway, controller, clash", [
+    ({"port": 8081}, {}, True),  # the gateway on every address, the controller on 127.0.0.1, one port
+    ({"host": "127.0.0.1", "port": 9000}, {"host": "127.0.0.1", "port": 9000}, True),
+    ({"host": "10.0.0.1", "port": 9000}, {"host": "0.0.0.0", "port": 9000}, True),
+    ({"host": "10.0.0.1", "port": 9000}, {"host": "127.0.0.1", "port": 9000}, False),  # two addresses: both can listen
+    ({}, {}, False),
+])
+def test_the_gateway_and_the_control_plane_need_two_listening_places(card_yaml, gateway, controller, clash):
+    text = edit(card_yaml, lambda d: d.update(gateway=gateway, controller=controller))
+    if clash:
+        assert "give the controller another port" in problems(text)
+    else:
+        cfg = parse_config(text)
+        assert cfg.controller_url().startswith("http://") and cfg.gateway_url() != cfg.controller_url()

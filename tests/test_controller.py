@@ -39,7 +39,8 @@ class ControllerProcess(EventWaiter):
 
     def __init__(self, cfg_path: Path, cfg, env: dict):
         self.cfg = cfg
-        self.url = f"http://127.0.0.1:{cfg.gateway.port}"
+        self.url = cfg.controller_url()  # the control plane: page, API, metrics
+        self.gateway = cfg.gateway_url()  # clients
         self.log = open(cfg_path.with_suffix(".log"), "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(cfg_path)], cwd=ROOT,
                                      env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
@@ -84,6 +85,7 @@ def controller(sim, tmp_path_factory):
     data = yaml.safe_load(SIM_CONFIG.read_text())
     data["state_dir"] = str(tmp / "state")
     data["gateway"] = {"host": "127.0.0.1", "port": free_port(), "hold_s": 600}
+    data["controller"] = {"port": free_port()}
     data["api"] = {"token_env": "SPARK_CLUSTER_TEST_TOKEN"}
     # one restart an hour (the API's, below), and a stall window too long to confirm a hang: the
     # last test lets Ray's heartbeat end the engine, which trips the breaker
@@ -160,7 +162,7 @@ def test_clients_that_disconnect_mid_stream_stop_their_requests_in_the_engine(co
     cfg = controller.cfg
     body = {"model": cfg.model.name, "prompt": "Once upon a time", "max_tokens": 1800, "ignore_eos": True, "stream": True}
     clients = [httpx.Client(timeout=60) for _ in range(3)]
-    streams = [c.stream("POST", f"{controller.url}/v1/completions", json=body) for c in clients]
+    streams = [c.stream("POST", f"{controller.gateway}/v1/completions", json=body) for c in clients]
     lines = []  # each stream's line iterator stays referenced: a dropped one closes its connection
     try:
         for s in streams:
@@ -195,7 +197,7 @@ def test_api_restart_needs_the_token_then_restarts_the_group_once_while_clients_
     # a client arriving while the group restarts is held, then served
     answers = []
     body = {"model": controller.cfg.model.name, "prompt": "Hi", "max_tokens": 4}
-    t = threading.Thread(target=lambda: answers.append(httpx.post(f"{controller.url}/v1/completions", json=body, timeout=600)))
+    t = threading.Thread(target=lambda: answers.append(httpx.post(f"{controller.gateway}/v1/completions", json=body, timeout=600)))
     t.start()
     done = controller.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
     assert done["event"] == "restart-done", done
@@ -213,13 +215,13 @@ def test_engine_ended_by_rays_heartbeat_is_a_member_gone_and_the_tripped_breaker
     the hang, so Ray marks the frozen node dead after its heartbeat timeout, the engine dies and the
     API exits; the watchdog sees a member gone (no canary). The API's restart counted, the breaker
     (1 an hour) trips: the gateway refuses at once, saying so, and a new watchdog remembers."""
-    from spark_cluster.loadgen import stream_load
+    from .loadgen import stream_load
     from spark_cluster.transport import Nodes
     from spark_cluster.watchdog import Watchdog, WatchdogFailed
 
     cfg = controller.cfg
     stop = threading.Event()
-    threads = stream_load(controller.url, cfg.model.name, 2, stop, max_tokens=1800, repeat=True)
+    threads = stream_load(controller.gateway, cfg.model.name, 2, stop, max_tokens=1800, repeat=True)
     try:
         time.sleep(5)
         frozen_at = time.time()
@@ -233,7 +235,7 @@ def test_engine_ended_by_rays_heartbeat_is_a_member_gone_and_the_tripped_breaker
     canaries = [e for e in controller.events if e["event"] == "canary" and datetime.fromisoformat(e["ts"]).timestamp() > frozen_at]
     assert not canaries  # no hang verdict: the stall window never ran out
     t0 = time.monotonic()
-    r = httpx.post(f"{controller.url}/v1/completions", json={"model": cfg.model.name, "prompt": "Hi", "max_tokens": 1}, timeout=30)
+    r = httpx.post(f"{controller.gateway}/v1/completions", json={"model": cfg.model.name, "prompt": "Hi", "max_tokens": 1}, timeout=30)
     assert r.status_code == 503 and time.monotonic() - t0 < 2
     assert "given up" in r.json()["error"]["message"] and "circuit breaker" in r.json()["error"]["message"]
     assert controller.metric("spark_cluster_state", spark_cluster_state="failed") == 1

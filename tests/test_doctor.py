@@ -12,7 +12,7 @@ import yaml
 from spark_cluster.config import load_config, parse_config
 from spark_cluster.errors import PreflightError
 from spark_cluster.executor import Executor
-from spark_cluster.link import remembered
+from spark_cluster.kept import links as kept_links
 from spark_cluster.plan import build_plan
 from spark_cluster.transport import Nodes
 
@@ -49,7 +49,7 @@ def test_doctor_passes_and_nccl_auto_finds_the_sims_own_environment(sim, sim_cfg
     found = {f["check"]: f for f in json.loads(r.stdout)}
     assert found["preflight/sim-2/link"]["note"] == "eth0 (MTU 1500); no RDMA devices: NCCL over TCP"
     auto = load_config(path)
-    links = remembered(auto)
+    links = kept_links(auto)
     assert set(links) == {"sim-1", "sim-2"}
     # the containers `up` would start are the hand-written config's, to the spec hash
     assert [(c.env, c.labels) for c in build_plan(auto, links=links).containers()] == \

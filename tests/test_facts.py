@@ -33,7 +33,7 @@ def test_recorded_output_gives_the_recorded_fact(path):
     rec = json.loads(path.read_text())
     parse = {
         "ray-state": lambda: parse_ray_state(rec["stdout"], rec["stderr"]).model_dump(by_alias=True),
-        "process": lambda: parse_process(vllm_process(), rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
+        "process": lambda: parse_process(vllm_process().argv, rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
         "containers": lambda: parse_containers("sim-1", rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
         "meminfo": lambda: parse_meminfo(rec["stdout"]).model_dump(),
         "gpu": lambda: parse_gpu(rec["stdout"]).model_dump(),
@@ -80,17 +80,17 @@ def test_ray_state_of_an_older_ray_without_placement_groups_still_has_nodes():
 
 
 def test_process_whose_pid_now_belongs_to_another_program_is_gone():
-    fact = parse_process(vllm_process(), 0, "301 sleep 600 \n")
+    fact = parse_process(vllm_process().argv, 0, "301 sleep 600 \n")
     assert fact.state == "gone" and "another process" in fact.detail
 
 
 def test_process_in_a_container_that_does_not_run_is_unknown():
-    fact = parse_process(vllm_process(), 1, "", "Error response from daemon: Container abc is paused, unpause the container before exec\n")
+    fact = parse_process(vllm_process().argv, 1, "", "Error response from daemon: Container abc is paused, unpause the container before exec\n")
     assert fact.state == "unknown" and "paused" in fact.detail
 
 
 def test_process_command_quotes_the_container_and_pid_file():
-    cmd = process_command(vllm_process())
+    cmd = process_command(vllm_process().container, vllm_process().pid_file)
     assert cmd.startswith("docker exec spark-ray-head sh -c '") and cmd.endswith(" pid /tmp/spark-cluster-vllm.pid")
 
 
@@ -331,7 +331,7 @@ def test_every_node_command_is_valid_shell():
     cfg = cfg.model_copy(update={"sysctl": {"vm.swappiness": 1, "net.core.rmem_max": 1 << 27}})
     plan = build_plan(cfg)
     scripts = [containers_command("a b"), MEMINFO_COMMAND, GPU_COMMAND, sysctl_command(["vm.swappiness", "x.y"]), sysctl_command([]),
-               process_command(vllm_process()), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), []),
+               process_command(vllm_process().container, vllm_process().pid_file), node_script(cfg, plan.processes()), node_script(cfg.model_copy(update={"sysctl": {}}), []),
                IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, DOCKER_PLATFORM_COMMAND, image_platform_command("a b'c"),
                reach_command("10.0.0.2; x"), reach_command("10.0.0.2; x", 9000), platforms_command("a b'c"), LINK_COMMAND,
                DOCKER_DISK_COMMAND, CLOCK_COMMAND, gpu_smoke_command("img; rm -rf x"), PERFTEST_COMMAND,
@@ -385,9 +385,9 @@ def test_a_process_fact_never_keeps_the_command_line():
     """`--api-key` in vllm.extra_args ends up in vLLM's argv: status, events and incident bundles
     show the process fact, so its command line must not be in it."""
     p = vllm_process()
-    running = parse_process(p, 0, "309 /opt/venv/bin/python3 /opt/venv/bin/vllm serve /m --api-key sk-very-secret\n")
+    running = parse_process(p.argv, 0, "309 /opt/venv/bin/python3 /opt/venv/bin/vllm serve /m --api-key sk-very-secret\n")
     assert running.state == "running" and "sk-very-secret" not in running.model_dump_json()
-    other = parse_process(p, 0, "309 /usr/bin/python3 /srv/app.py --token sk-very-secret\n")
+    other = parse_process(p.argv, 0, "309 /usr/bin/python3 /srv/app.py --token sk-very-secret\n")
     assert other.state == "gone" and other.detail == "pid 309 is another process now (python3)"
 
 

@@ -16,7 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from spark_cluster.config import GatewaySettings, parse_config
-from spark_cluster.controller import Controller, create_app, load_token, server_options
+from spark_cluster.controller import Controller, create_app, listening_socket, load_token
 from spark_cluster.decide import State
 from spark_cluster.errors import ConfigError
 from spark_cluster.gateway import Admission, Door, admit, door_after, door_for_phase, retry_status
@@ -119,7 +119,8 @@ class ScriptedWatchdog:
 class Rig:
     def __init__(self, engine: FakeEngine, ctl: Controller, served: Served):
         self.engine, self.ctl, self.served = engine, ctl, served
-        self.url = served.url
+        self.url = gateway_url(ctl)  # the data plane: clients
+        self.api = served.url  # the control plane: API, page, metrics
         self.script = engine.script
 
     @property
@@ -132,7 +133,7 @@ class Rig:
 
     def metric(self, name: str, **labels) -> float:
         time.sleep(0.05)  # a request's outcome is counted just after its last byte went out
-        return sample_value(httpx.get(f"{self.url}/metrics").text, name, **labels)
+        return sample_value(httpx.get(f"{self.api}/metrics").text, name, **labels)
 
 
 def rig_cfg(tmp_path, engine_url: str, **gateway):
@@ -144,16 +145,23 @@ def rig_cfg(tmp_path, engine_url: str, **gateway):
     return parse_config(yaml.safe_dump(data))
 
 
+def serving_controller(cfg) -> tuple[Controller, Served]:
+    """The controller as `controller` serves it: the control plane on uvicorn (a free port), the
+    gateway on a socket of its own (another free port), a scripted watchdog."""
+    ctl = Controller(cfg, token=TOKEN, watchdog=ScriptedWatchdog, gateway_socket=listening_socket("127.0.0.1", 0, "gateway.port"))
+    return ctl, Served(create_app(ctl))
+
+
+def gateway_url(ctl: Controller) -> str:
+    return f"http://127.0.0.1:{ctl.gateway_socket.getsockname()[1]}"
+
+
 @pytest.fixture
 def rig(tmp_path, request):
-    """The controller with a scripted watchdog in front of a fake engine, served as `controller` serves
-    it (param "server": "asgi": by plain uvicorn, every /v1/* request through ASGI, the path of a
-    connection handed to uvicorn)."""
-    gateway = dict(getattr(request, "param", {}))
-    asgi = gateway.pop("server", "front") == "asgi"
+    """The controller with a scripted watchdog in front of a fake engine."""
     engine = FakeEngine().start()
-    ctl = Controller(rig_cfg(tmp_path, engine.url, **gateway), token=TOKEN, watchdog=ScriptedWatchdog)
-    served = Served(create_app(ctl), **({} if asgi else server_options(ctl))).start()
+    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url, **getattr(request, "param", {})))
+    served.start()
     try:
         yield Rig(engine, ctl, served)
     finally:
@@ -169,7 +177,6 @@ def sse_texts(lines) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("rig", [{}, {"server": "asgi"}], indirect=True, ids=["front", "asgi"])
 def test_requests_pass_through_unchanged_and_streams_are_not_buffered(rig):
     r = httpx.post(f"{rig.url}/v1/completions?x=1", json={"model": "tiny-qwen3", "prompt": "hi"},
                    headers={"Authorization": "Bearer client-key", "X-Custom": "kept"})
@@ -236,23 +243,26 @@ def connected(url: str, receive_buffer: int = 0) -> socket.socket:
     return sock
 
 
-def test_one_connection_moves_between_the_gateway_and_the_api_at_a_request(rig):
-    with connected(rig.url) as sock:  # gateway first, then the API (handed to uvicorn), then the gateway through ASGI
+def test_the_two_planes_answer_apart(rig):
+    """Clients' port: /v1/* and /health only; the control plane's port: no /v1/*."""
+    with connected(rig.url) as sock:  # one kept-alive connection: the gateway, a path it does not serve, the gateway again
         sock.sendall(completion_request())
         (status, _, body), = read_answers(sock, 1)
         assert status == 200 and json.loads(body)["choices"][0]["text"] == "xxxxx"
         sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: gw\r\n\r\n")
         (status, _, body), = read_answers(sock, 1)
-        assert status == 200 and b"spark_cluster_gateway_requests_total" in body
-        sock.sendall(completion_request())
+        assert status == 404 and "controller.port" in json.loads(body)["error"]["message"]
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
         (status, _, body), = read_answers(sock, 1)
-        assert status == 200 and json.loads(body)["choices"][0]["text"] == "xxxxx"
-    with connected(rig.url) as sock:  # the API first: the whole connection is uvicorn's, /v1/* still reaches the gateway
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
-        assert read_answers(sock, 1)[0][0] == 200
+        assert status == 200 and json.loads(body)["gateway"] == "open"
         sock.sendall(completion_request())
         assert read_answers(sock, 1)[0][0] == 200
-    assert rig.script.calls == 3 and rig.metric("spark_cluster_gateway_requests_total", outcome="ok") == 3
+    rig.emit("state", state="restarting", previous="healthy", reason="hang confirmed")
+    assert httpx.get(f"{rig.url}/health").status_code == 503
+    assert httpx.post(f"{rig.api}/v1/completions", json={"prompt": "p"}).status_code == 404
+    assert httpx.get(f"{rig.api}/healthz").status_code == 200
+    assert "spark_cluster_gateway_requests_total" in httpx.get(f"{rig.api}/metrics").text
+    assert rig.script.calls == 2 and rig.metric("spark_cluster_gateway_requests_total", outcome="ok") == 2
 
 
 def test_pipelined_requests_are_answered_in_order_and_the_target_passes_unchanged(rig):
@@ -265,11 +275,10 @@ def test_pipelined_requests_are_answered_in_order_and_the_target_passes_unchange
     assert second[0] == 200 and second[1]["content-type"].startswith("text/event-stream") and second[2].endswith(b"data: [DONE]\n\n")
     assert [r["target"] for r in rig.script.received] == ["/v1/completions?a=%2F1", "/v1/completions?a=%2F2"]
     assert [json.loads(r["body"])["prompt"] for r in rig.script.received] == ["first", "second"]
-    # another path pipelined behind a gateway request cannot be handed over: the first is answered, then the connection closes
+    # another path pipelined behind a gateway request: answered in its turn, the connection kept
     with connected(rig.url) as sock:
-        sock.sendall(completion_request() + b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
-        assert read_answers(sock, 1)[0][0] == 200
-        assert sock.recv(1) == b""
+        sock.sendall(completion_request() + b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n" + completion_request())
+        assert [a[0] for a in read_answers(sock, 3)] == [200, 404, 200]
 
 
 def test_expect_100_continue_close_and_a_bad_request(rig):
@@ -307,7 +316,6 @@ def test_a_client_reading_slower_than_the_engine_writes_gets_every_byte_in_order
     assert body.endswith(b"data: [DONE]\n\n") and rig.script.abandoned == 0
 
 
-@pytest.mark.parametrize("rig", [{}, {"server": "asgi"}], indirect=True, ids=["front", "asgi"])
 def test_body_over_the_limit_is_refused_with_413(rig):
     r = httpx.post(f"{rig.url}/v1/completions", content=b"x" * (1024 * 1024 + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "gateway.max_body" in r.json()["error"]["message"]
@@ -326,7 +334,7 @@ def test_requests_are_held_while_restarting_and_go_through_after(rig):
     t.start()
     time.sleep(0.5)
     assert rig.script.calls == 0 and rig.metric("spark_cluster_gateway_held_requests") == 1
-    assert httpx.get(f"{rig.url}/health").status_code == 503
+    assert httpx.get(f"{rig.url}/health").status_code == 503 and httpx.get(f"{rig.api}/healthz").status_code == 200
     rig.emit("restart-done", seconds=1.0, recover_s=2.0)
     t.join(timeout=10)
     assert results and results[0].status_code == 200
@@ -359,10 +367,10 @@ def test_when_the_watchdog_has_given_up_nothing_is_held(rig):
 
 def test_a_request_refused_before_its_first_byte_is_retried_once_the_engine_is_back(tmp_path):
     port = FakeEngine().port  # nothing listens there yet: connection refused
-    ctl = Controller(rig_cfg(tmp_path, f"http://127.0.0.1:{port}"), token=TOKEN, watchdog=ScriptedWatchdog)
-    with Served(create_app(ctl), **server_options(ctl)) as served:
+    ctl, served = serving_controller(rig_cfg(tmp_path, f"http://127.0.0.1:{port}"))
+    with served:
         results = []
-        t = threading.Thread(target=lambda: results.append(httpx.post(f"{served.url}/v1/completions", json={"prompt": "p"}, timeout=30)))
+        t = threading.Thread(target=lambda: results.append(httpx.post(f"{gateway_url(ctl)}/v1/completions", json={"prompt": "p"}, timeout=30)))
         t.start()
         time.sleep(0.8)
         engine = FakeEngine(port).start()
@@ -388,7 +396,6 @@ def test_an_error_status_from_a_dying_engine_is_retried(rig, status, health, ret
     assert (rig.script.calls > 1) is retried
 
 
-@pytest.mark.parametrize("rig", [{}, {"server": "asgi"}], indirect=True, ids=["front", "asgi"])
 def test_a_confirmed_hang_ends_started_streams_with_an_error_event_and_requeues_the_rest(rig):
     rig.script.chunks, rig.script.chunk_delay_s = 50, 0.1
     lines: list[str] = []
@@ -424,7 +431,6 @@ def test_a_confirmed_hang_ends_started_streams_with_an_error_event_and_requeues_
     assert rig.metric("spark_cluster_gateway_requests_total", outcome="retried") == 1
 
 
-@pytest.mark.parametrize("rig", [{}, {"server": "asgi"}], indirect=True, ids=["front", "asgi"])
 def test_a_client_that_goes_away_cancels_its_request_upstream(rig):
     rig.script.chunks, rig.script.chunk_delay_s = 200, 0.05
     with httpx.stream("POST", f"{rig.url}/v1/completions", json={"stream": True}, timeout=30) as s:
@@ -461,17 +467,17 @@ def test_a_client_that_leaves_after_the_last_event_has_its_whole_answer(rig):
 
 def test_restart_and_pause_need_the_token(rig):
     for path in ("/api/restart", "/api/watchdog/pause", "/api/watchdog/resume"):
-        assert httpx.post(rig.url + path).status_code == 401
-        assert httpx.post(rig.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.post(rig.api + path).status_code == 401
+        assert httpx.post(rig.api + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert rig.wd.restarts == [] and rig.wd.pauses == []
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert httpx.post(f"{rig.url}/api/restart", headers=auth).status_code == 202
+    assert httpx.post(f"{rig.api}/api/restart", headers=auth).status_code == 202
     assert rig.wd.restarts == ["requested through the controller's API"]
-    assert httpx.post(f"{rig.url}/api/watchdog/pause", headers=auth).status_code == 200
-    assert httpx.post(f"{rig.url}/api/watchdog/resume", headers=auth).status_code == 200
+    assert httpx.post(f"{rig.api}/api/watchdog/pause", headers=auth).status_code == 200
+    assert httpx.post(f"{rig.api}/api/watchdog/resume", headers=auth).status_code == 200
     assert rig.wd.pauses == [True, False]
     rig.wd.state = State(phase="restarting")
-    assert httpx.post(f"{rig.url}/api/restart", headers=auth).status_code == 409
+    assert httpx.post(f"{rig.api}/api/restart", headers=auth).status_code == 409
 
 
 def test_metrics_parse_and_count_restarts_by_reason(rig):
@@ -489,23 +495,23 @@ def test_metrics_parse_and_count_restarts_by_reason(rig):
     assert rig.metric("spark_cluster_incidents_total") == 1
     assert rig.metric("spark_cluster_state", spark_cluster_state="healthy") == 1
     assert rig.metric("spark_cluster_engine_requests_running") == 2 and rig.metric("spark_cluster_engine_generation_tokens_total") == 40
-    names = {f.name for f in text_string_to_metric_families(httpx.get(f"{rig.url}/metrics").text)}
+    names = {f.name for f in text_string_to_metric_families(httpx.get(f"{rig.api}/metrics").text)}
     assert {"spark_cluster_gateway_time_to_first_byte_seconds", "spark_cluster_gateway_requests", "spark_cluster_restarts"} <= names
 
 
 def test_no_secret_in_events_or_metrics(rig):
     rig.emit("restart-failed", error=f"docker run -e HF_TOKEN={SECRET} failed")  # as a failed step could say it
-    events = httpx.get(f"{rig.url}/api/events").text
+    events = httpx.get(f"{rig.api}/api/events").text
     assert "restart-failed" in events and SECRET not in events and "********" in events
     for path in ("/api/events", "/metrics", "/healthz", "/"):
-        body = httpx.get(rig.url + path).text
+        body = httpx.get(rig.api + path).text
         assert SECRET not in body and TOKEN not in body, path
 
 
 def test_events_stream_as_server_sent_events(rig):
     rig.emit("state", state="healthy", previous="starting")
     got = []
-    with httpx.stream("GET", f"{rig.url}/api/events?n=1", headers={"Accept": "text/event-stream"}, timeout=10) as s:
+    with httpx.stream("GET", f"{rig.api}/api/events?n=1", headers={"Accept": "text/event-stream"}, timeout=10) as s:
         threading.Timer(0.3, lambda: rig.wd.emit("canary", ok=True, seconds=0.1)).start()
         for line in s.iter_lines():
             if line.startswith("data: "):
@@ -533,7 +539,7 @@ def test_token_from_env_or_file_or_created(tmp_path, monkeypatch):
 def test_the_load_generator_reads_an_error_answer_to_a_stream_once():
     """A stream answered with an error status (the gateway's 503 when the breaker tripped, say): the
     client keeps the answer as its error instead of failing to read a body it already read."""
-    from spark_cluster.loadgen import one_request
+    from .loadgen import one_request
 
     engine = FakeEngine().start()
     try:
@@ -548,7 +554,7 @@ def test_the_load_generator_reads_an_error_answer_to_a_stream_once():
 def test_the_load_generator_reads_a_stream_to_its_end_so_a_kept_alive_client_reuses_its_connection():
     """As openai-python does: the body's end after `data: [DONE]` is read, so the next request goes
     over the same connection (the gateway bench's probes would otherwise pay a new connection each)."""
-    from spark_cluster.loadgen import one_request
+    from .loadgen import one_request
 
     engine = FakeEngine().start()
     try:
@@ -559,3 +565,14 @@ def test_the_load_generator_reads_a_stream_to_its_end_so_a_kept_alive_client_reu
         engine.stop()
     assert [(r.complete, r.tokens) for r in rs] == [(True, 2), (True, 2)]
     assert engine.script.received[0]["peer"] == engine.script.received[1]["peer"]
+
+
+def test_a_port_in_use_is_said_plainly_before_anything_starts():
+    taken = listening_socket("127.0.0.1", 0, "gateway.host/gateway.port")
+    taken.listen()
+    try:
+        with pytest.raises(ConfigError, match=r"controller.host/controller.port: cannot listen on 127.0.0.1:\d+ \(Address already in use\)") as info:
+            listening_socket("127.0.0.1", taken.getsockname()[1], "controller.host/controller.port")
+        assert "choose another controller.port" in str(info.value)
+    finally:
+        taken.close()

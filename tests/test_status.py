@@ -31,7 +31,7 @@ def record(name: str, rep) -> None:
 
 
 def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500, repeat: bool = False):
-    from spark_cluster.loadgen import stream_load as load
+    from .loadgen import stream_load as load
 
     return load(url, "tiny-qwen3", n, stop, max_tokens=max_tokens, repeat=repeat)
 

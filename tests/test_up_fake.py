@@ -9,10 +9,10 @@ from spark_cluster.checks import BANDWIDTH_REMEDIES
 from spark_cluster.config import load_config
 from spark_cluster.errors import PreflightError, RemoveFailed
 from spark_cluster.executor import Executor
-from spark_cluster.link import remembered
+from spark_cluster.kept import links as kept_links
 
 from .conftest import SIM_CONFIGS, recording
-from .fakes import FakeCluster, fake_nodes, removed, started
+from .fakes import MADE, Unscripted, FakeCluster, fake_nodes, removed, started
 from .test_plan import sim_links
 
 
@@ -64,6 +64,7 @@ def test_a_node_that_fails_a_check_changes_nothing(cfg):
     fake.script("docker image inspect", (1, "", "Error: No such image"), node="sim-2")
     fake.script("docker pull", (1, "", "no registry"), node="sim-2")
     fake.script("docker save", (1, "", "cannot save"))
+    fake.script("receive-pipe", (1, "", "the sender never connected"), node="sim-2")  # the copy node to node
     with pytest.raises(PreflightError, match="sim-2: image .* is not on this node"):
         up(fake)
     assert started(fake) == [] and removed(fake) == []
@@ -134,7 +135,7 @@ def test_nccl_auto_detects_before_anything_starts_remembers_and_starts_with_what
     detected = next(e for e in events if e["event"] == "link-detected")
     assert detected["nodes"]["sim-2"] == {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "note": "no RDMA devices: NCCL over TCP"}
     # remembered: the next plan (status, the watchdog, `plan`) is the one that runs
-    assert remembered(cfg) == sim_links(cfg)
+    assert kept_links(cfg) == sim_links(cfg)
     assert Executor(cfg, fake_nodes(fake)).plan == fake.plan
 
 
@@ -145,7 +146,7 @@ def test_nccl_auto_that_finds_no_link_starts_nothing_and_says_what_it_found(cfg)
     with pytest.raises(PreflightError, match=r"sim-2: no interface holds the node's address 10.99.0.12: interfaces with an IPv4 "
                                              r"address: eth0 192.168.1.5/24; RDMA devices: none"):
         up(fake)
-    assert started(fake) == [] and not fake.commands(containing="sysctl") and remembered(cfg) == {}
+    assert started(fake) == [] and not fake.commands(containing="sysctl") and kept_links(cfg) == {}
 
 
 def test_the_link_gate_stops_up_before_anything_changes(cfg):
@@ -216,3 +217,19 @@ def test_with_perftest_on_every_node_the_bandwidth_test_is_ib_write_bw_per_rail(
     fake.script("command -v ib_write_bw", (0, "/usr/bin/ib_write_bw\n", ""))
     bad = [f.problem for f in Executor(slow, fake_nodes(fake)).doctor() if f.problem]
     assert bad == ["ib_write_bw per rail below link.min_gbits 95 (sim-2 rocep1s0f0: 92.6 Gb/s): " + BANDWIDTH_REMEDIES]
+
+
+def test_a_fake_node_refuses_what_nobody_scripted_even_when_the_code_under_test_catches_it(cfg):
+    fake = FakeCluster(cfg)
+    with pytest.raises(Unscripted, match="sim-1: nothing scripted answers 'uname -a'"):
+        fake.answer("sim-1", "uname -a")
+    # a node to node image copy whose receiver nobody scripted: `up` catches the refusal as a failed
+    # copy, the test's end does not (conftest's fakes_refuse_the_unexpected)
+    fake = FakeCluster(cfg)
+    fake.script("docker image inspect", (1, "", "Error: No such image"), node="sim-2")
+    fake.script("docker pull", (1, "", "no registry"), node="sim-2")
+    fake.script("docker save", (1, "", "cannot save"))
+    with pytest.raises(PreflightError):
+        up(fake)
+    assert [node for node, command in fake.unscripted if "receive-pipe" in command] == ["sim-2"]
+    MADE.clear()  # both refusals were this test's point

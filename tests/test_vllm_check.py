@@ -94,7 +94,8 @@ def test_a_parser_environment_step_past_its_time_is_a_clear_error():
 
 def test_checks_of_both_executors_are_remembered(tmp_path):
     """Switching executor (other flags, same image) and back must not check the image's vLLM again."""
-    from spark_cluster.vllm_check import argv_hash, last_check, passed_before, remember
+    from spark_cluster.kept import last_check, passed_before, save_check
+    from spark_cluster.vllm_check import argv_hash
 
     cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})
     (tmp_path / "vllm.json").write_text(json.dumps({"image": cfg.container.image, "image_id": "sha256:1", "argv_hash": "old",
@@ -102,8 +103,22 @@ def test_checks_of_both_executors_are_remembered(tmp_path):
     assert passed_before(cfg, "sha256:1", "old")["vllm_version"] == "0.31.0"
     ray, native = argv_hash([["serve", "--a"]]), argv_hash([["serve", "--b"]])
     for h in (ray, native):
-        remember(cfg, {"image": cfg.container.image, "image_id": "sha256:1", "argv_hash": h, "vllm_version": "0.32.0", "ok": True})
+        save_check(cfg, {"image": cfg.container.image, "image_id": "sha256:1", "argv_hash": h, "vllm_version": "0.32.0", "ok": True})
     assert passed_before(cfg, "sha256:1", ray) and passed_before(cfg, "sha256:1", native) and passed_before(cfg, "sha256:1", "old")
     assert passed_before(cfg, "sha256:2", ray) is None  # another image
-    remember(cfg, {"image": cfg.container.image, "image_id": "sha256:1", "argv_hash": ray, "vllm_version": "0.32.0", "ok": False})
+    save_check(cfg, {"image": cfg.container.image, "image_id": "sha256:1", "argv_hash": ray, "vllm_version": "0.32.0", "ok": False})
     assert passed_before(cfg, "sha256:1", ray) is None and last_check(cfg)["ok"] is False
+
+
+def test_a_parser_only_environment_gets_vllms_requirements_for_its_platform_without_the_gpu_ones():
+    from spark_cluster.vllm_env import install_specs
+
+    arm = {"python_version": "3.11", "python_full_version": "3.11.2", "sys_platform": "linux", "platform_machine": "aarch64",
+           "platform_system": "Linux", "os_name": "posix", "implementation_name": "cpython", "platform_python_implementation": "CPython",
+           "implementation_version": "3.11.2", "platform_release": "6.1.0", "platform_version": "#1 SMP"}
+    requires = ["regex", "torch==2.9.0", 'numba==0.61.2; python_version > "3.9"',
+                'xgrammar==0.1.25; platform_machine == "x86_64" or platform_machine == "aarch64"',
+                'intel-openmp; platform_machine == "x86_64"', "fastapi[standard]>=0.115.0", 'tensorizer==2.10.1; extra == "tensorizer"',
+                'nvidia-cutlass-dsl>=4.2; python_version < "3.10"', "flashinfer-python==0.4.1", "ray[cgraph]>=2.48.0"]
+    assert install_specs(requires, arm) == ["regex", "numba==0.61.2", "xgrammar==0.1.25", "fastapi[standard]>=0.115.0"]
+    assert "intel-openmp" in install_specs(requires, {**arm, "platform_machine": "x86_64"})

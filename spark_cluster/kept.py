@@ -1,0 +1,74 @@
+"""What spark-cluster keeps in state_dir between runs, read back tolerantly (a missing, unreadable
+or foreign file is as if nothing was kept) and written best effort (a read-only state_dir only
+means the work is done again next time):
+- link.json: what `nccl: auto` detected per node, so that `plan`, `status` and the watchdog render
+  the containers the `up` that detected it started;
+- vllm.json: the last checks of the `vllm serve` flags with vLLM's own parser, per image ID and
+  flags, so that an unchanged `up` does not check again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Optional
+
+from .config import ClusterConfig
+from .link import LinkPick
+
+# how many checks vllm.json keeps (image ID x flags: e.g. both executors of one image)
+KEPT_CHECKS = 8
+
+
+def _write(cfg: ClusterConfig, name: str, data: dict) -> None:
+    try:
+        d = cfg.resolved_state_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(json.dumps(data, indent=2) + "\n")
+    except OSError:
+        pass
+
+
+def save_links(cfg: ClusterConfig, picks: dict[str, LinkPick]) -> None:
+    _write(cfg, "link.json", {"detected_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "nodes": {name: {**asdict(p), "hcas": list(p.hcas)} for name, p in sorted(picks.items())}})
+
+
+def links(cfg: ClusterConfig) -> dict[str, LinkPick]:
+    """What the last detection found, for the nodes still in the config (nothing when `nccl.auto` is off)."""
+    if not any(cfg.node_nccl(n).auto for n in cfg.nodes):
+        return {}
+    try:
+        nodes = json.loads((cfg.resolved_state_dir() / "link.json").read_text())["nodes"]
+        return {n.name: LinkPick(netdev=nodes[n.name]["netdev"], hcas=tuple(nodes[n.name]["hcas"]), mtu=int(nodes[n.name]["mtu"]),
+                                 note=nodes[n.name].get("note", "")) for n in cfg.nodes if n.name in nodes}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _checks(cfg: ClusterConfig) -> list[dict]:
+    try:
+        data = json.loads((cfg.resolved_state_dir() / "vllm.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if isinstance(data, dict) and isinstance(data.get("checks"), list):
+        return [r for r in data["checks"] if isinstance(r, dict)]
+    return [data] if isinstance(data, dict) else []  # the one-record file of earlier versions
+
+
+def last_check(cfg: ClusterConfig) -> Optional[dict]:
+    """The newest check of this image (version, image ID, argv hash, ok), for `status` and `plan`."""
+    return next((r for r in _checks(cfg) if r.get("image") == cfg.container.image), None)
+
+
+def passed_before(cfg: ClusterConfig, image_id: str, argv_hash: str) -> Optional[dict]:
+    """A passed check of exactly this image ID and these flags: no need to run it again."""
+    return next((r for r in _checks(cfg) if r.get("ok") and r.get("image_id") == image_id and r.get("argv_hash") == argv_hash), None)
+
+
+def save_check(cfg: ClusterConfig, record: dict) -> None:
+    """A check's result, newest first."""
+    key = (record.get("image_id"), record.get("argv_hash"))
+    rest = [r for r in _checks(cfg) if (r.get("image_id"), r.get("argv_hash")) != key]
+    _write(cfg, "vllm.json", {"checks": [record, *rest][:KEPT_CHECKS]})
