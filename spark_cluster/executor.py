@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -78,9 +78,12 @@ def list_containers(t: SSHTransport, cluster: str, timeout: float = timeouts.QUI
 
 
 class Executor:
-    def __init__(self, cfg: ClusterConfig, nodes: Nodes, report: Reporter | None = None):
+    def __init__(self, cfg: ClusterConfig, nodes: Nodes, report: Reporter | None = None, *, http: Optional[httpx.Client] = None):
+        """http: the client readiness asks the engine with (its API key in its headers); default a
+        client of its own per wait."""
         self.cfg = cfg
         self.nodes = nodes
+        self.http = http
         self.report = report or (lambda e: None)
         links = kept.links(cfg)  # `nccl: auto`: as last detected, until preflight detects again
         self.plan: Plan = build_plan(cfg, reveal_secrets=True, links=links)
@@ -516,7 +519,7 @@ class Executor:
         is seen at once), checking every 10 s that the members still run (fail fast when one died)."""
         deadline_start = time.monotonic()
         last_alive_check = time.monotonic()
-        with httpx.Client(headers=self.cfg.engine_headers()) as http:
+        with (nullcontext(self.http) if self.http is not None else httpx.Client(headers=self.cfg.engine_headers())) as http:
             for step in steps:
                 with self.timed(step.id):
                     t0 = time.monotonic()

@@ -42,7 +42,7 @@ class GatewayServer:
         self.keep_alive_s = keep_alive_s
         self.connections: set[GatewayProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.server: Optional[asyncio.base_events.Server] = None
+        self.server: Optional[asyncio.AbstractServer] = None
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on a bound socket (bound by the caller: a port in use is its error to report)."""

@@ -86,7 +86,9 @@ def reset_breaker(cfg: ClusterConfig, why: str, *, recreated: bool = False) -> b
 class Watchdog:
     def __init__(self, cfg: ClusterConfig, nodes: Nodes, *, on_event: EventSink | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] | None = None,
-                 in_flight: Callable[[], int] = lambda: 0):
+                 in_flight: Callable[[], int] = lambda: 0, http: Optional[httpx.Client] = None):
+        """http: the client for the engine's API (probes, the canary, readiness after a restart); by
+        default one with the engine's API key, when it has one. Tests give one on a fake transport."""
         self.cfg = cfg
         self.nodes = nodes
         self.s = cfg.watchdog.model_copy(update={"busy_budget_s": cfg.busy_budget_s()})
@@ -123,7 +125,7 @@ class Watchdog:
         self.gpu_baseline: dict[str, GpuBaseline] = gpu_baselines(read_watchdog_state(cfg))
         self.last_good: Optional[float] = None  # when the cluster was last seen healthy (time to detect)
         self.decided_at: Optional[float] = None  # when the running restart was decided (time to recover)
-        self.http = httpx.Client(headers=cfg.engine_headers())  # the engine's API key, when it has one
+        self.http = http or httpx.Client(headers=cfg.engine_headers())
 
     # ---- commands (thread-safe: they only set a flag and wake the loop) ------------------------
     def _nap(self, seconds: float) -> None:
@@ -257,8 +259,17 @@ class Watchdog:
         kill. (Ray is not asked afresh: importing Ray on the head costs seconds of the restart, and a
         probe at most timeouts.RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
         slug = re.sub(r"[^a-z0-9]+", "-", reason.lower())[:40].strip("-")
-        d = self.dir / "incidents" / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{slug}"
-        d.mkdir(parents=True, exist_ok=True)
+        name = f"{datetime.fromtimestamp(self.clock()).strftime('%Y%m%d-%H%M%S')}-{slug}"
+        (self.dir / "incidents").mkdir(parents=True, exist_ok=True)
+        d = self.dir / "incidents" / name
+        n = 1
+        while True:  # two incidents within one second keep two bundles
+            try:
+                d.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                d = d.with_name(f"{name}-{n}")
         (d / "reason.txt").write_text(reason + "\n")
         (d / "decision-trail.jsonl").write_text("".join(json.dumps(e, default=str) + "\n" for e in self.trail))
         (d / "observations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in self.samples))
@@ -296,7 +307,7 @@ class Watchdog:
         self.event("incident", reason=action.reason, bundle=str(bundle))
         self.event("restart-start", reason=action.reason, attempt=self.state.consecutive + 1)
         ex = Executor(self.cfg, self.nodes, report=lambda e: self.event(
-            "executor", step_event=e.get("event"), **{k: v for k, v in e.items() if k not in ("ts", "event")}))
+            "executor", step_event=e.get("event"), **{k: v for k, v in e.items() if k not in ("ts", "event")}), http=self.http)
         ok, error = True, None
         try:
             t = time.monotonic()

@@ -18,6 +18,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import httpx
+
 from spark_cluster.config import ClusterConfig
 from spark_cluster.facts import LABEL_PREFIX
 from spark_cluster.plan import Plan, build_plan
@@ -53,6 +55,7 @@ class FakeCluster:
 
     links: Optional[dict] = None  # `nccl: auto`: what the plan is built with (as detected by a preflight)
     locked: bool = False  # the cluster's lock directory on the head
+    generation: int = 0  # vLLM starts so far (FakeEngineApi: a wedge ends with the engine that had it)
 
     def __post_init__(self) -> None:
         MADE.append(self)
@@ -104,19 +107,25 @@ class FakeCluster:
             return 0, "", ""
         if command.startswith("docker save ") or command == "docker load":
             return 0, "", ""
+        if command == "docker ps -a; echo; free -m; echo; uptime":  # an incident bundle's host facts
+            return 0, f"{len(self.containers[node])} containers\n\nMem: 124000 4000\n\n up 3 days\n", ""
+        if command.startswith('echo "@@sysctl"'):  # status's and the watchdog's node script
+            return 0, self._node_script(node, command), ""
         if "ids=$(docker ps -aq" in command:
-            lines = [f"{c.id}|/{c.name}|{c.component}|{c.state}|sha256:img|2026-11-29T12:00:00Z|0|0|{c.spec_hash}"
-                     for c in self.containers[node].values()]
-            return 0, "".join(line + "\n" for line in lines), ""
+            return 0, self._docker_ps(node), ""
         if step is not None and step.kind == "check":
             return self._check(node, step)
         if step is not None and step.kind == "start":
             self.counter += 1
             c = step.container
             self.containers[node][c.name] = FakeContainer(c.name, c.component, c.labels[f"{LABEL_PREFIX}.spec-hash"], id=f"c{self.counter}")
+            if c.component == "vllm":  # executor: native, rank 0 with the API is the head's container
+                self.vllm_running = True
+                self.generation += 1
             return 0, f"c{self.counter}\n", ""
         if step is not None and step.kind == "exec":
             self.vllm_running = True
+            self.generation += 1
             return 0, "", ""
         if step is not None and step.kind == "wait-ray":
             nodes = [{"ip": n.address, "alive": True, "resources": {k: float(v) for k, v in self.cfg.ray.resources.items()}}
@@ -128,13 +137,36 @@ class FakeCluster:
         if "docker rm -f" in command:
             name = shlex.split(command.split("docker rm -f", 1)[1])[0]
             self.containers[node].pop(name, None)
-            if any(c.component == "ray-head" and c.name == name for c in self.plan.containers()):
+            if any(c.component in ("ray-head", "vllm") and c.name == name for c in self.plan.containers()):
                 self.vllm_running = False
             return 0, "", ""
         if step is not None:  # a step of the plan whose answer is its exit code alone (sysctl apply, ...)
             return 0, "", ""
         self.unscripted.append((node, command))
         raise Unscripted(f"{node}: nothing scripted answers {command!r}")
+
+    def _docker_ps(self, node: str) -> str:
+        return "".join(f"{c.id}|/{c.name}|{c.component}|{c.state}|sha256:img|2026-11-29T12:00:00Z|0|0|{c.spec_hash}\n"
+                       for c in self.containers[node].values())
+
+    def _node_script(self, node: str, script: str) -> str:
+        """Each section of the node script as a healthy node prints it; the ranks' processes are not
+        shown (their activity reads unknown: the stall window and the canary decide)."""
+        out = []
+        for name in re.findall(r'echo "@@([^"]+)"', script):
+            out.append(f"@@{name}")
+            if name == "sysctl":
+                out += [str(v) for v in self.cfg.sysctl.values()]
+            elif name == "meminfo":
+                out += ["MemTotal:       127600816 kB", "MemAvailable:   120000000 kB"]
+            elif name == "gpu":
+                out.append("no nvidia-smi")
+            elif name == "containers":
+                out += [self._docker_ps(node).rstrip("\n"), "##rc 0"]
+            elif name.startswith("process "):
+                p = [p for p in self.plan.processes() if p.node == node][int(name.split()[1])]
+                out += [f"309 {' '.join(p.argv)}", "##rc 0"] if self.vllm_running else ["pid 309 gone", "##rc 4"]
+        return "\n".join(out) + "\n"
 
     def _check(self, node: str, step) -> Answer:
         """What a healthy node answers to each kind of check."""
@@ -166,6 +198,8 @@ class FakeCluster:
             return 0, recording("reach-sim-ok")["stdout"], ""
         if kind == "cluster-link":  # a simulated node's link, holding this node's address
             return 0, recording("link-sim")["stdout"].replace("10.99.0.11/24", f"{step.check.address}/24"), ""
+        if kind == "vllm-flags":  # the image's vLLM accepts the flags (templates/node-scripts/vllm-check.py's report)
+            return 0, 'SPARK-CLUSTER-VLLM-CHECK {"vllm_version": "0.32.0", "problems": []}\n', ""
         if kind in ("ports-free", "docker-answers", "sudo-works", "perftest"):  # their exit code says it
             return 0, "", ""
         self.unscripted.append((node, step.command))
@@ -193,6 +227,53 @@ class FakeTransport:
 
     def close(self) -> None:
         return None
+
+
+class FakeEngineApi:
+    """vLLM's HTTP API as the watchdog, `status` and readiness ask it, for httpx.MockTransport
+    (`client()`): answering while the fake cluster runs vLLM, its progress counters moving at every
+    /metrics read. `wedge()` freezes the engine running now: counters still, requests running, a
+    completion times out; the next vLLM the cluster starts is healthy. Anything else is refused."""
+
+    def __init__(self, cluster: FakeCluster):
+        self.cluster = cluster
+        self.steps = 0
+        self.wedged_generation: Optional[int] = None
+        self.requests: list[str] = []
+
+    def wedge(self) -> None:
+        self.wedged_generation = self.cluster.generation
+
+    @property
+    def wedged(self) -> bool:
+        return self.wedged_generation == self.cluster.generation
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.MockTransport(self.handle))
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.requests.append(f"{request.method} {path}")
+        if not self.cluster.vllm_running:
+            raise httpx.ConnectError("connection refused", request=request)
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/metrics":
+            if not self.wedged:
+                self.steps += 1
+            running = 2 if self.wedged else 0
+            return httpx.Response(200, text=f"vllm:num_requests_running{{model_name=\"m\"}} {running}\n"
+                                            f"vllm:num_requests_waiting{{model_name=\"m\"}} 0\n"
+                                            f"vllm:iteration_tokens_total_count{{model_name=\"m\"}} {self.steps}\n"
+                                            f"vllm:generation_tokens_total{{model_name=\"m\"}} {self.steps * 4}\n"
+                                            f"vllm:prompt_tokens_total{{model_name=\"m\"}} 10\n")
+        if path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": self.cluster.cfg.model.name, "object": "model"}]})
+        if path == "/v1/completions" and request.method == "POST":
+            if self.wedged:
+                raise httpx.ReadTimeout("the engine is wedged", request=request)
+            return httpx.Response(200, json={"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": "x"}]})
+        raise Unscripted(f"nothing scripted answers {request.method} {request.url}")
 
 
 def fake_nodes(cluster: FakeCluster) -> Nodes:

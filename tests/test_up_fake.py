@@ -12,7 +12,7 @@ from spark_cluster.executor import Executor
 from spark_cluster.kept import links as kept_links
 
 from .conftest import SIM_CONFIGS, recording
-from .fakes import MADE, Unscripted, FakeCluster, fake_nodes, removed, started
+from .fakes import MADE, FakeCluster, FakeEngineApi, Unscripted, fake_nodes, removed, started
 from .test_plan import sim_links
 
 
@@ -23,7 +23,9 @@ def cfg(request, tmp_path):
 
 
 def up(cluster: FakeCluster, events=None):
-    return Executor(cluster.cfg, fake_nodes(cluster), (events.append if events is not None else None)).up(stop_after="serve")
+    """The whole `up`, readiness included (a fake vLLM API answers it)."""
+    return Executor(cluster.cfg, fake_nodes(cluster), (events.append if events is not None else None),
+                    http=FakeEngineApi(cluster).client()).up()
 
 
 def test_a_serving_cluster_is_kept_whole(cfg):
@@ -34,12 +36,15 @@ def test_a_serving_cluster_is_kept_whole(cfg):
     assert fake.commands(containing="rm -rf /tmp/spark-cluster-spark.lock")  # the lock was released
 
 
-def test_an_empty_cluster_starts_workers_first(cfg):
+def test_an_empty_cluster_starts_workers_first_and_is_ready_only_once_the_engine_answers(cfg):
     fake = FakeCluster(cfg)
-    res = up(fake)
+    engine = FakeEngineApi(fake)
+    res = Executor(cfg, fake_nodes(fake), http=engine.client()).up()
     want = {"ray": ["sim-2:spark-ray-worker", "sim-1:spark-ray-head", "sim-1:spark-ray-head/vllm"],
             "native": ["sim-2:spark-vllm-worker", "sim-1:spark-vllm"]}[cfg.executor]
     assert started(fake) == want and removed(fake) == [] and res.changed
+    assert engine.requests == ["GET /health", "GET /v1/models", "POST /v1/completions"]
+    assert {"ready/health", "ready/models", "ready/completion"} <= set(res.phases)
 
 
 def test_a_dead_worker_restarts_the_group_api_first_down_workers_first_up(cfg):

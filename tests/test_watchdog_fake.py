@@ -1,0 +1,86 @@
+"""The watchdog's whole path on fakes, in milliseconds: the real Watchdog (observe, decide, incident
+bundle, the ordered gang restart through the real Executor, backoff, breaker) over the scripted fake
+transport (tests/fakes.py) and a fake vLLM API on httpx's MockTransport, with a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spark_cluster.config import load_config
+from spark_cluster.watchdog import Watchdog
+
+from .conftest import SIM_CONFIG
+from .fakes import FakeCluster, FakeEngineApi, fake_nodes, removed, started
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture
+def loop(tmp_path):
+    cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})  # Ray, the card's path
+    cluster = FakeCluster(cfg).serving()
+    cluster.generation = 1
+    engine = FakeEngineApi(cluster)
+    clock = Clock()
+    events: list[dict] = []
+    wd = Watchdog(cfg, fake_nodes(cluster), on_event=events.append, clock=clock, sleep=clock.sleep, http=engine.client())
+    yield wd, cluster, engine, clock, events
+    wd.close()
+
+
+def periods(wd: Watchdog, clock: Clock, n: int) -> None:
+    for _ in range(n):
+        clock.sleep(wd.s.period_s)
+        wd.step()
+
+
+def test_a_wedged_engine_is_restarted_in_order_then_backed_off_then_the_breaker_stops_it(loop, tmp_path):
+    wd, cluster, engine, clock, events = loop
+    periods(wd, clock, 40)  # ready, past the grace period, progressing
+    assert wd.state.phase == "healthy" and not [e for e in events if e["event"] == "decision"]
+    before = len(cluster.log)
+
+    engine.wedge()  # counters still with requests running; the canary times out
+    for _ in range(20):
+        periods(wd, clock, 1)
+        if any(e["event"] == "restart-done" for e in events):
+            break
+    [decision] = [e for e in events if e["event"] == "decision" and e["action"] == "restart"]
+    assert decision["reason"].startswith("hang confirmed: no progress") and "canary" in decision["reason"]
+    done = next(e for e in events if e["event"] == "restart-done")
+    # the kill, in order: vLLM's head container first, then the worker; their logs saved into the bundle,
+    # the containers removed
+    log = cluster.log[before:]
+    kills = [c.split()[2] for _, c in log if c.startswith("docker kill ")]
+    assert kills == ["spark-ray-head", "spark-ray-worker"], kills
+    assert sorted(r for r in removed(cluster) if "-check-" not in r) == ["sim-1:spark-ray-head", "sim-2:spark-ray-worker"]  # at once, after
+    # the start, in the card's order: the worker, the head, then vLLM inside it
+    assert started(cluster)[-3:] == ["sim-2:spark-ray-worker", "sim-1:spark-ray-head", "sim-1:spark-ray-head/vllm"]
+    assert {"incident-bundle", "kill", "preflight", "wait-ray/sim-1/nodes", "ready/health", "ready/completion"} <= set(done["phases"])
+    bundle = tmp_path / "incidents" / next(p.name for p in (tmp_path / "incidents").iterdir())
+    files = {p.name for p in bundle.rglob("*") if p.is_file()}
+    assert {"reason.txt", "decision-trail.jsonl", "observations.jsonl", "metrics.txt", "ranks.json", "restart.json",
+            "sim-1-host.txt", "sim-2-host.txt", "sim-1--spark-ray-head.log", "sim-2--spark-ray-worker.log"} <= files, files
+    assert json.loads((bundle / "restart.json").read_text())["event"] == "restart-done"
+    assert "vllm:num_requests_running" in (bundle / "metrics.txt").read_text()
+
+    # wedged again after each restart: the second waits out the backoff, the fourth in the hour trips the breaker
+    for _ in range(3):
+        periods(wd, clock, 35)  # past the grace period after the restart
+        engine.wedge()
+        periods(wd, clock, 15)
+    assert [e["seconds"] for e in events if e["event"] == "backoff"] == [10, 20]
+    assert len([e for e in events if e["event"] == "restart-done"]) == 3
+    assert wd.state.phase == "failed" and any(e["event"] == "alert" and "circuit breaker" in e["reason"] for e in events)
+    assert len({p.name for p in (tmp_path / "incidents").iterdir()}) == 3  # one bundle per restart, none overwritten
