@@ -39,7 +39,7 @@ from .config import VLLM_STEP_TIMEOUT_S, WatchdogSettings
 from .errors import ENGINE_KEY_FIX
 from .facts import progressed
 
-Phase = Literal["starting", "healthy", "busy", "suspect", "backoff", "restarting", "failed"]
+WatchState = Literal["starting", "healthy", "busy", "suspect", "backoff", "restarting", "failed"]
 ActionKind = Literal["canary", "restart", "alert"]
 
 # Consecutive unreachable samples before a node counts as gone (a blip of SSH is not a failure).
@@ -89,7 +89,7 @@ class Action:
 
 @dataclass(frozen=True)
 class State:
-    phase: Phase = "starting"
+    phase: WatchState = "starting"
     since: float = 0.0  # when the current phase began
     ready_at: Optional[float] = None  # when the current generation last became ready
     last_counters: Optional[tuple] = None

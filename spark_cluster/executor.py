@@ -87,8 +87,6 @@ class Executor:
         self.report = report or (lambda e: None)
         links = kept.links(cfg)  # `nccl: auto`: as last detected, until preflight detects again
         self.plan: Plan = build_plan(cfg, reveal_secrets=True, links=links)
-        self.shown: Plan = build_plan(cfg, links=links)
-        self.shown_by_id = {s.id: s for s in self.shown.steps}
         self.phases: dict[str, float] = {}  # where the last up's time went, by part (see up)
 
     # ---- events -------------------------------------------------------------------------
@@ -269,7 +267,7 @@ class Executor:
         if self.cfg.memory.drop_page_cache:  # read memory as it is; up drops the page cache first
             cfg = self.cfg.model_copy(update={"memory": self.cfg.memory.model_copy(update={"drop_page_cache": False})})
             links = kept.links(cfg)
-            self.plan, self.shown = build_plan(cfg, reveal_secrets=True, links=links), build_plan(cfg, links=links)
+            self.plan = build_plan(cfg, reveal_secrets=True, links=links)
         listed = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
         existing = {n: r for n, r in listed.items() if not isinstance(r, BaseException)}
         return self.inspect(existing, fetch_images=False)
@@ -289,8 +287,6 @@ class Executor:
             return
         kept.save_links(self.cfg, picks)
         self.plan = build_plan(self.cfg, reveal_secrets=True, links=picks)
-        self.shown = build_plan(self.cfg, links=picks)
-        self.shown_by_id = {s.id: s for s in self.shown.steps}
         self.emit("link-detected", nodes={n: p.env() | ({"note": p.note} if p.note else {}) for n, p in picks.items()})
 
     def _vllm_findings(self, vllm_step: Step, outputs: dict[str, dict[str, Result]], steps: list[Step]) -> list[Finding]:

@@ -363,7 +363,7 @@ _REACH_SECTION = re.compile(r"^== (small|full) (\d+)$", re.M)
 _RAIL_SECTION = re.compile(r"^== (\S+ \S+)$", re.M)
 
 
-def _sections(mark: re.Pattern[str], text: str) -> list[tuple[re.Match[str], str]]:
+def marked_sections(mark: re.Pattern[str], text: str) -> list[tuple[re.Match[str], str]]:
     """Each line matching `mark` with the text after it, up to the next one (outputs of several
     commands run in one read, each after its mark)."""
     marks = list(mark.finditer(text))
@@ -376,7 +376,7 @@ def parse_reach(stdout: str) -> ReachFact:
     dev = _ROUTE_DEV.search(route)
     mtu = re.search(r"^mtu: (\d+)$", stdout, re.M)
     pings: dict[str, PingFact] = {}
-    for m, text in _sections(_REACH_SECTION, stdout):
+    for m, text in marked_sections(_REACH_SECTION, stdout):
         code = int(m.group(2))
         if code == 127:
             pings[m.group(1)] = PingFact(error="ping is not installed on the node (Debian/Ubuntu: apt install iputils-ping)")
@@ -455,7 +455,7 @@ def ib_write_bw_client_command(hcas: list[str], peers: list[tuple[str, str, int]
 
 def parse_rdma_bandwidth(stdout: str) -> dict[str, BandwidthFact]:
     """ib_write_bw_client_command's output: 'PEER HCA' -> that rail's figure."""
-    return {m.group(1): parse_ib_write_bw(text) for m, text in _sections(_RAIL_SECTION, stdout)}
+    return {m.group(1): parse_ib_write_bw(text) for m, text in marked_sections(_RAIL_SECTION, stdout)}
 
 
 _NCCL_AVG = re.compile(r"^# Avg bus bandwidth\s*:\s*([\d.]+)", re.M)

@@ -8,18 +8,20 @@ scrape of the controller tells whether the engine moves without scraping vLLM on
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from .decide import WatchState
 from .gateway import OUTCOMES, Observer
 
 disable_created_metrics()  # the `_created` series only double the exposition here
 
-PHASES = ["starting", "healthy", "busy", "suspect", "backoff", "restarting", "failed", "paused"]
+# the watchdog's states, and `paused` (the controller's API paused it)
+WATCH_STATES = [*get_args(WatchState), "paused"]
 RESTART_KINDS = ("hang", "member-gone", "not-ready", "restart-failed", "requested", "other")
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -70,7 +72,7 @@ class EngineCollector(Collector):
 class ControllerMetrics(Observer):
     def __init__(self, last_sample: Callable[[], Optional[dict[str, Any]]] = lambda: None):
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.state = Enum("spark_cluster_state", "The watchdog's state of the cluster.", states=PHASES, registry=r)
+        self.state = Enum("spark_cluster_state", "The watchdog's state of the cluster.", states=WATCH_STATES, registry=r)
         self.restarts = Counter("spark_cluster_restarts", "Restarts of the whole group, by reason.", ["reason"], registry=r)
         self.incidents = Counter("spark_cluster_incidents", "Incident bundles written (one per restart decision).", registry=r)
         self.detect = Gauge("spark_cluster_last_detect_seconds",
@@ -111,11 +113,11 @@ class ControllerMetrics(Observer):
     # ---- the watchdog's events ------------------------------------------------------------------
     def on_event(self, e: dict[str, Any]) -> None:
         kind = e.get("event")
-        if kind == "state" and e.get("state") in PHASES:
+        if kind == "state" and e.get("state") in WATCH_STATES:
             self.state.state(e["state"])
         elif kind == "watch-paused":
             self.state.state("paused")
-        elif kind in ("watch-start", "watch-resumed") and e.get("state") in PHASES:
+        elif kind in ("watch-start", "watch-resumed") and e.get("state") in WATCH_STATES:
             self.state.state(e["state"])
         elif kind == "decision" and e.get("action") == "restart" and e.get("detect_s") is not None:
             self.detect.set(e["detect_s"])

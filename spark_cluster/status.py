@@ -7,6 +7,7 @@ The verdict is one pure function of the observation, so it is tested on recorded
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +20,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from . import kept, timeouts
 from .config import ClusterConfig
 from .errors import ENGINE_KEY_FIX, SparkClusterError
-from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPlacementGroup, containers_command, counters,
+from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, RayNode, RayPlacementGroup, containers_command, counters, marked_sections,
                     parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process, parse_sysctl, process_command,
                     progressed, read_ray_state, sysctl_command)
 from .plan import LABEL_PREFIX, Plan, build_plan
@@ -156,16 +157,12 @@ def group_containers(plan: Plan, node: str) -> list[str]:
     return [s.container.name for s in plan.steps if s.container is not None and s.node == node]
 
 
+_NODE_SECTION = re.compile(r"^@@(.+)$", re.M)  # node_script's marks
+
+
 def _sections(text: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    cur = None
-    for line in text.splitlines():
-        if line.startswith("@@"):
-            cur = line[2:]
-            out[cur] = []
-        elif cur is not None and line.strip():
-            out[cur].append(line)
-    return out
+    """The node script's output by section: its non-blank lines."""
+    return {m.group(1): [line for line in body.splitlines() if line.strip()] for m, body in marked_sections(_NODE_SECTION, text)}
 
 
 def observe_node(t: "SSHTransport", cfg: ClusterConfig, plan: Plan, timeout: float,
