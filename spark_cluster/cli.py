@@ -124,10 +124,23 @@ def plan(
     config: Path = CONFIG_ARG,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON data."),
     vllm: Optional[str] = typer.Option(None, "--vllm", help=VLLM_OPT_HELP, show_default=False),
+    down: bool = typer.Option(False, "--down", help="The plan of `down` instead: every command it will run."),
+    kill: bool = typer.Option(False, "--kill", help="With --down: as the watchdog's restart runs it (SIGKILL in order, then removal)."),
 ) -> None:
-    """Show, in execution order and per node, every command `up` will run. Contacts nothing (unless --vllm image)."""
+    """Show, in execution order and per node, every command `up` (or `down`) will run. Contacts nothing (unless --vllm image)."""
     cfg = _load(config)
     p = _guard(lambda: build_plan(cfg, links=kept.links(cfg)))
+    if down or kill:
+        from .lifecycle import DOWN_PHASES, build_down_plan
+
+        d = build_down_plan(cfg, p, graceful=not kill)
+        if as_json:
+            sys.stdout.write(d.model_dump_json(indent=2) + "\n")
+        else:
+            out.print(Panel(f"[bold]{escape(cfg.name)}[/]: {'SIGKILL in order, then' if kill else 'stop in order:'} vLLM, the head, the "
+                            "workers; every container's log saved under state_dir/logs/", title="spark-cluster plan --down", expand=False))
+            print_steps(d.steps, DOWN_PHASES)
+        return
     check = _guard(lambda: _check_vllm(cfg, p, vllm)) if vllm is not None else None
     if as_json:
         data = json.loads(p.model_dump_json())
@@ -177,22 +190,32 @@ def print_plan(p: Plan, cfg: ClusterConfig, check=None) -> None:
         head.add_row("nccl", _link_line(cfg))
     head.add_row("plan hash", p.plan_hash)
     out.print(Panel(head, title="spark-cluster plan", expand=False))
+    print_steps(p.steps, PHASES)
+
+
+def print_steps(steps: list, phases) -> None:
+    """The steps by phase, numbered; each command printed verbatim (what you see is what runs), then
+    what the step may also run."""
     n = 0
-    for phase in PHASES:
-        steps = p.steps_in(phase)
-        if not steps:
+    for phase in dict.fromkeys(phases):
+        in_phase = [s for s in steps if s.phase == phase]
+        if not in_phase:
             continue
         out.rule(f"[bold]{phase}[/]", align="left")
-        for step in steps:
+        for step in in_phase:
             n += 1
             where = step.node or "controller"
             limit = f"timeout {step.timeout_s:g}s" + (f", keeps trying for {step.deadline_s:g}s" if step.deadline_s else "")
             out.print(f"[bold cyan]{n:>2}.[/] [bold]{where}[/]  {step.description}  [dim]({limit})[/]", highlight=False)
-            if step.command:
-                # printed verbatim (no wrapping, no indent): what you see is what runs
+            first = step.kind == "remove"  # the hosted process stopped and the log saved come before the removal
+            for other in step.also if first else ():
+                out.print(f"  first: {other}", markup=False, highlight=False, soft_wrap=True, style="dim green")
+            if step.command:  # no wrapping, no indent
                 out.print(step.command, markup=False, highlight=False, soft_wrap=True, style="green")
             if step.stdin:
                 out.print(f"  < standard input: templates/{step.stdin}", markup=False, highlight=False, style="dim")
+            for other in () if first else step.also:
+                out.print(f"  as needed: {other}", markup=False, highlight=False, soft_wrap=True, style="dim green")
 
 
 def _json_line(e: dict) -> None:

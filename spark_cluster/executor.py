@@ -9,7 +9,6 @@ can print a live view or JSON lines.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import socket
 import time
@@ -21,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import httpx
 
-from . import kept, timeouts
+from . import kept, lifecycle, lock, timeouts
 from .config import ClusterConfig
 from .errors import CommandFailed, CommandTimeout, EngineKeyRefused, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
 from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_process,
@@ -108,43 +107,35 @@ class Executor:
                 raise failed[0]
             raise TransportError("cannot reach every node:\n" + "\n".join(f"  - {e}" for e in failed))
 
-    # ---- lock ---------------------------------------------------------------------------
-    def _lock_dir(self) -> str:
-        return f"/tmp/spark-cluster-{self.cfg.name}.lock"
-
+    # ---- lock (spark_cluster.lock) ------------------------------------------------------
     def acquire_lock(self, what: str) -> None:
-        head = self.nodes[self.cfg.head.name]
-        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": what, "since": _now()})
-        d = self._lock_dir()
-        res = head.run(f"mkdir {quote(d)} 2>/dev/null && printf '%s' {quote(holder)} > {quote(d + '/holder')}", timeout=timeouts.QUICK_S)
-        if res.ok:
+        step = self.plan.steps_in("lock")[0]
+        head = self.nodes[step.node]
+        holder = lock.holder_record(what, socket.gethostname(), os.getpid(), _now())
+        if head.run(step.command, input=holder.encode(), timeout=step.timeout_s).ok:
             return
-        info = head.run(f"cat {quote(d + '/holder')} 2>/dev/null", timeout=timeouts.QUICK_S).stdout.strip()
-        try:
-            h = json.loads(info)
-        except ValueError:
-            h = {}
-        if h.get("host") == socket.gethostname() and h.get("pid") and not _pid_alive(int(h["pid"])):
-            head.run(f"rm -rf {quote(d)}", timeout=timeouts.QUICK_S)
+        held_by = head.run(lock.holder_command(self.cfg.name), timeout=step.timeout_s).stdout.strip()
+        if lock.stale(held_by, socket.gethostname(), _pid_alive):
+            head.run(lock.release_command(self.cfg.name), timeout=step.timeout_s)
             return self.acquire_lock(what)
-        who = f"{h.get('command', '?')} by pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('since', '?')}" if h else "unknown holder"
         raise LockedError(
-            f"another spark-cluster operation holds the lock of cluster {self.cfg.name}: {who}",
-            hint=f"wait for it; if it is gone, remove {d} on {self.cfg.head.name}",
+            f"another spark-cluster operation holds the lock of cluster {self.cfg.name}: {lock.who(held_by)}",
+            hint=f"wait for it; if it is gone, remove {lock.lock_dir(self.cfg.name)} on {self.cfg.head.name}",
         )
 
     def release_lock(self) -> None:
         """Remove the lock; a failure is reported (the next operation from this host reclaims a
         lock whose process is gone, another host would be refused until it is removed)."""
-        d = self._lock_dir()
+        step = self.plan.steps_in("unlock")[0]
         try:
-            r = self.nodes[self.cfg.head.name].run(f"rm -rf {quote(d)}", timeout=timeouts.QUICK_S)
+            r = self.nodes[step.node].run(step.command, timeout=step.timeout_s)
             problem = None if r.ok else r.tail(3).strip()
         except SparkClusterError as exc:
             problem = exc.message
         if problem:
-            self.emit("warning", node=self.cfg.head.name,
-                      message=f"could not release the lock {d} on {self.cfg.head.name} ({problem}): remove it by hand if another host runs spark-cluster")
+            d = lock.lock_dir(self.cfg.name)
+            self.emit("warning", node=step.node,
+                      message=f"could not release the lock {d} on {step.node} ({problem}): remove it by hand if another host runs spark-cluster")
 
     @contextmanager
     def locked(self, what: str) -> Iterator[None]:
@@ -427,24 +418,16 @@ class Executor:
                         _tail_logs(self.nodes[step.node], step.process.container))
 
     def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path], graceful: bool = True, component: str = "") -> None:
+        """One container stopped and removed as lifecycle.remove_step shows it: a process hosted in it
+        first (vLLM in the Ray head, while Ray still runs), its log saved, then the container."""
         t = self.nodes[node]
-        stop = self.cfg.container.stop_timeout_s if graceful else 0
-        if component == "ray-worker":
-            # a Ray worker node keeps nothing worth a graceful stop; its `ray start --block` waits out
-            # the whole stop timeout once the head is gone (measured: 30 s of every down)
-            stop = min(stop, timeouts.RAY_WORKER_STOP_S)
-        if graceful:
-            # a process hosted in the container (vLLM in the Ray head) stops first, while Ray still runs
-            for p in self.plan.processes():
-                if p.node == node and p.container == name:
-                    self.emit("process-stop", node=node, container=name, process=p.name)
-                    t.run(_stop_process_command(p, stop), timeout=stop + timeouts.PROCESS_STOP_EXTRA_S)
+        stop = lifecycle.stop_timeout_s(self.cfg, component, graceful)
+        for p in lifecycle.hosted(self.plan.processes(), node, name) if graceful else []:
+            self.emit("process-stop", node=node, container=name, process=p.name)
+            t.run(lifecycle.stop_process_command(p, stop), timeout=stop + timeouts.PROCESS_STOP_EXTRA_S)
         if save_logs_to is not None:
             save_logs(t, name, save_logs_to)
-        # `docker rm -f` also ends a paused (frozen) container, which a SIGTERM never reaches; then
-        # the container must be gone (exit 0 only when docker no longer knows it)
-        r = t.run(f"docker stop -t {stop} {quote(name)} >/dev/null 2>&1; docker rm -f {quote(name)} 2>&1 >/dev/null; "
-                  f"! docker container inspect {quote(name)} >/dev/null 2>&1", timeout=stop + timeouts.REMOVE_EXTRA_S)
+        r = t.run(lifecycle.remove_command(name, stop), timeout=stop + timeouts.REMOVE_EXTRA_S)
         if not r.ok:
             raise RemoveFailed(f"{node}: container {name} could not be removed: {r.tail(3).strip() or 'docker still lists it'}",
                                hint=f"remove it by hand on {node}: docker rm -f {name}")
@@ -627,7 +610,7 @@ class Executor:
     def _kill(self, c: ContainerFact) -> None:
         """SIGKILL (also reaches a paused container); failures are left to the removal that follows."""
         self.emit("container-kill", node=c.node, container=c.name)
-        self.nodes[c.node].run(f"docker kill {quote(c.name)} >/dev/null 2>&1; true", timeout=timeouts.QUICK_S)
+        self.nodes[c.node].run(lifecycle.kill_command(c.name), timeout=timeouts.QUICK_S)
 
     def _down(self, graceful: bool, logs_to: Optional[Path] = None) -> Path | None:
         existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
@@ -666,20 +649,13 @@ class Executor:
         return logs
 
 
-def _stop_process_command(p: ProcessSpec, timeout_s: int) -> str:
-    """SIGTERM to a process hosted in a container, then wait (bounded) until it has exited."""
-    script = ('p=$(cat "$1" 2>/dev/null) || exit 0; kill -TERM "$p" 2>/dev/null || exit 0; i=0; '
-              'while [ -e "/proc/$p" ] && [ "$i" -lt "$2" ]; do sleep 0.5; i=$((i+1)); done')
-    return f"docker exec {quote(p.container)} sh -c {quote(script)} stop {quote(p.pid_file)} {timeout_s * 2} >/dev/null 2>&1; true"
-
-
 def _indent(text: str) -> str:
     return "\n".join("      " + line for line in text.splitlines())
 
 
 def _tail_logs(t: SSHTransport, name: str, lines: int = 20) -> str:
     try:
-        r = t.run(f"docker logs --tail {lines} {quote(name)} 2>&1", timeout=timeouts.QUICK_S)
+        r = t.run(lifecycle.tail_command(name, lines), timeout=timeouts.QUICK_S)
         return _indent(r.stdout.strip() or "(no output)")
     except SparkClusterError as exc:
         return _indent(f"(could not read logs: {exc})")
@@ -688,7 +664,7 @@ def _tail_logs(t: SSHTransport, name: str, lines: int = 20) -> str:
 def save_logs(t: SSHTransport, name: str, folder: Path) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        r = t.run(f"docker logs --timestamps {quote(name)} 2>&1", timeout=timeouts.LOG_DUMP_S)
+        r = t.run(lifecycle.logs_command(name), timeout=timeouts.LOG_DUMP_S)
     except SparkClusterError:
         return None
     path = folder / f"{t.node}--{name}.log"

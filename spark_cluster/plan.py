@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from . import timeouts
-from .checks import (Check, ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, LinkBandwidth, PerftestPresent, RdmaBandwidth, SudoWorks, HttpAnswer, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles,
+from . import lifecycle, timeouts
+from .checks import (ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, LinkBandwidth, PerftestPresent, RdmaBandwidth, SudoWorks, HttpAnswer, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles,
                      PeerReachable, PortsFree, ProcessRuns, RayMembers, ReadBack, VllmFlags)
 from .config import ClusterConfig, Mount, Node
 from .facts import (CLOCK_COMMAND, DOCKER_DISK_COMMAND, LABEL_PREFIX, LINK_COMMAND, MEMINFO_COMMAND, PERFTEST_COMMAND, gpu_smoke_command,
                     ib_write_bw_client_command, ib_write_bw_server_command, model_files_command, platforms_command, reach_command)
 from .link import LinkPick
 from .render import MASK, quote, read_template, render, render_argv
+from .steps import PHASES, ContainerSpec, DownPlan, HttpRequest, Phase, Plan, ProcessSpec, Step  # noqa: F401 - re-exported
 
-__all__ = ["LABEL_PREFIX", "Plan", "Step", "ProcessSpec", "ContainerSpec", "build_plan"]
+__all__ = ["LABEL_PREFIX", "Plan", "DownPlan", "Step", "ProcessSpec", "ContainerSpec", "build_plan"]
 # where the vLLM process started in the Ray head container writes its PID
 VLLM_PID_FILE = "/tmp/spark-cluster-vllm.pid"
 CLOCK_MAX_SKEW_S = 5.0  # clocks further apart make logs, events and metrics of the nodes disagree
@@ -29,115 +28,6 @@ BANDWIDTH_PORT = 29517  # the all-reduce's rendezvous on the head (link.check ba
 BANDWIDTH_MB = {"nccl": 256, "gloo": 64}  # per all-reduce: long enough to fill a 200 Gb/s link, short on CPU
 BANDWIDTH_ITERS = 10
 DISK_MIN_GIB = 10.0  # where Docker keeps images and container logs (a model load logs little; an image pull needs more)
-Phase = Literal["preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready"]
-PHASES: tuple[str, ...] = ("preflight", "prepare", "start-workers", "start-head", "wait-ray", "serve", "ready")
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ContainerSpec(Frozen):
-    """One cluster container, as `docker run` will create it."""
-
-    name: str
-    node: str
-    component: Literal["ray-head", "ray-worker", "vllm", "vllm-worker"]
-    image: str
-    entrypoint: str
-    command: list[str]
-    env: dict[str, str]
-    labels: dict[str, str]
-    mounts: list[Mount]
-    gpus: Optional[str]
-    network: str
-    ipc: str
-    privileged: bool
-    shm_size: str
-    stop_timeout_s: int
-    extra_args: list[str]
-
-
-class ProcessSpec(Frozen):
-    """A process started inside a running cluster container with `docker exec` (kind exec).
-
-    On the Ray path vLLM runs inside the Ray head container, as the card does it: Ray's driver
-    finds its own node's raylet by scanning the process table, which a container with its own PID
-    namespace cannot see. Its output goes to the container's log (PID 1's stdout), its PID to
-    pid_file, so `logs`, `status` and the watchdog find it."""
-
-    name: str
-    node: str
-    container: str = Field(description="The container it runs in.")
-    component: Literal["vllm"]
-    argv: list[str]
-    env: dict[str, str] = Field(description="Environment added to the container's for this process.")
-    pid_file: str
-    non_carry_over: list[str] = Field(
-        description="Variables vLLM must not copy from its driver to the Ray workers (their values differ per node); "
-        "written to vLLM's ray_non_carry_over_env_vars.json before it starts.")
-
-
-class HttpRequest(Frozen):
-    method: Literal["GET", "POST"]
-    url: str
-    json_body: Optional[dict[str, Any]] = None
-
-
-class Step(Frozen):
-    """One thing `up` does, on one node (or on the controller when node is None)."""
-
-    id: str
-    phase: Phase
-    node: Optional[str]
-    kind: Literal["check", "run", "start", "exec", "wait-ray", "http"]
-    description: str
-    command: Optional[str] = Field(None, description="Shell command run on the node over SSH (secrets masked unless revealed).")
-    request: Optional[HttpRequest] = Field(None, description="HTTP request made by the controller (kind http).")
-    container: Optional[ContainerSpec] = Field(None, description="The container this step creates (kind start).")
-    process: Optional[ProcessSpec] = Field(None, description="The process this step starts in a container (kind exec).")
-    stdin: Optional[str] = Field(None, description="Template file (templates/) fed to the command on standard input.")
-    timeout_s: float = Field(..., description="Deadline of one attempt.")
-    deadline_s: Optional[float] = Field(None, description="For polls: keep trying until this many seconds have passed.")
-    check: Optional[Check] = Field(None, description="What the result must show (spark_cluster.checks); without one: exit code 0.")
-
-    @model_validator(mode="after")
-    def _checks_have_a_check(self) -> "Step":
-        if self.kind in ("check", "wait-ray", "http") and self.check is None:
-            raise ValueError(f"step {self.id} ({self.kind}) has no check: it would pass on any result")
-        return self
-
-
-class Plan(Frozen):
-    cluster: str
-    executor: Literal["ray", "native"]
-    endpoint: str
-    served_model: str
-    gpu_memory_utilization: float
-    gpu_memory_utilization_source: str
-    vllm_argv: list[str] = Field(description="`vllm serve` argv of the API (rank 0) process, for validation against vLLM's parser.")
-    vllm_argvs: list[list[str]] = Field(description="Every distinct `vllm serve` argv the plan runs (rank 0 first).")
-    plan_hash: str
-    steps: list[Step]
-
-    def containers(self) -> list[ContainerSpec]:
-        return [s.container for s in self.steps if s.container is not None]
-
-    def processes(self) -> list[ProcessSpec]:
-        return [s.process for s in self.steps if s.process is not None]
-
-    @property
-    def api_container(self) -> str:
-        """The container whose log holds the vLLM API server's output (on the head)."""
-        proc = next(iter(self.processes()), None)
-        if proc is not None:
-            return proc.container
-        return next(c.name for c in self.containers() if c.component == "vllm")
-
-    def steps_in(self, phase: str) -> list[Step]:
-        return [s for s in self.steps if s.phase == phase]
-
-
 def container_name(cfg: ClusterConfig, component: str) -> str:
     return f"{cfg.name}-{component}"
 
@@ -540,9 +430,10 @@ class _Builder:
         self.ready()
         cfg = self.cfg
         # containers count by their (masked) spec hash, other steps by their command: secrets never
-        # enter the hash, so the shown and the executed plan have the same one
+        # enter the hash, so the shown and the executed plan have the same one (the lock and the
+        # removals around the group's steps do not count)
         fingerprint = [(s.id, s.container.labels[f"{LABEL_PREFIX}.spec-hash"] if s.container else s.command) for s in self.steps]
-        return Plan(
+        return lifecycle.with_lifecycle(cfg, Plan(
             cluster=cfg.name,
             executor=cfg.executor,
             endpoint=cfg.endpoint(),
@@ -553,7 +444,7 @@ class _Builder:
             vllm_argvs=self.vllm_argvs(),
             plan_hash=_hash(fingerprint),
             steps=self.steps,
-        )
+        ))
 
 
 def build_plan(cfg: ClusterConfig, *, reveal_secrets: bool = False, links: Optional[dict[str, LinkPick]] = None) -> Plan:

@@ -11,11 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .facts import LABEL_PREFIX, ContainerFact, ProcessFact
-from .plan import Step
-
-# stop order: vLLM (API / rank 0), the Ray head, then the workers
-COMPONENT_ORDER = ["vllm", "ray-head", "vllm-worker", "ray-worker"]
-
+from .lifecycle import COMPONENT_ORDER, stop_rank  # noqa: F401 - re-exported
+from .steps import Step
 
 @dataclass(frozen=True)
 class Reconciliation:
@@ -34,10 +31,6 @@ def member_name(s: Step) -> str:
     if s.process is not None:
         return f"{s.process.container}/{s.process.name}@{s.node}"
     return f"{s.container.name}@{s.node}"
-
-
-def stop_rank(component: str) -> int:
-    return COMPONENT_ORDER.index(component) if component in COMPONENT_ORDER else len(COMPONENT_ORDER)
 
 
 def why_recreate(members: list[Step], found: dict[tuple[str, str], ContainerFact], processes: dict[str, ProcessFact]) -> str:

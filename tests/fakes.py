@@ -92,6 +92,8 @@ class FakeCluster:
                 return 1, "", ""
             self.locked = True
             return 0, "", ""
+        if command.startswith("cat ") and ".lock/holder" in command:
+            return (0, '{"host": "elsewhere", "pid": 1, "command": "up", "since": "2026-11-29T12:00:00Z"}', "") if self.locked else (1, "", "")
         if command.startswith("rm -rf ") and command.endswith(".lock"):
             self.locked = False
             return 0, "", ""

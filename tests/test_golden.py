@@ -11,6 +11,7 @@ import os
 import pytest
 
 from spark_cluster.config import load_config
+from spark_cluster.lifecycle import build_down_plan
 from spark_cluster.plan import build_plan
 
 from .conftest import EXAMPLE_CONFIGS, ROOT
@@ -27,15 +28,19 @@ def readable(plan) -> str:
         lines.append(step.command or "")
         if step.stdin:
             lines.append(f"# stdin templates/{step.stdin}")
+        lines += [f"# also: {other}" for other in step.also]
     return "\n".join(lines) + "\n"
 
 
 @pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda p: p.stem)
 def test_plan_matches_golden(path):
     plan = build_plan(load_config(path))
+    cfg = load_config(path)
     outputs = {
         GOLDEN / f"{path.stem}.plan.json": plan.model_dump_json(indent=2) + "\n",
         GOLDEN / f"{path.stem}.plan.txt": readable(plan),
+        GOLDEN / f"{path.stem}.down.txt": readable(build_down_plan(cfg, plan)),
+        GOLDEN / f"{path.stem}.kill.txt": readable(build_down_plan(cfg, plan, graceful=False)),
     }
     for golden, text in outputs.items():
         if os.environ.get("UPDATE_GOLDEN"):

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from spark_cluster.checks import ClusterLink, link_of
@@ -324,3 +325,23 @@ def test_with_the_rdma_devices_known_the_plan_can_measure_each_rail_with_ib_writ
     assert {s.node for s in plan.steps if s.check is not None and s.check.kind == "perftest"} == {"spark-1", "spark-2"}
     # the devices not known yet (nccl: auto before its first detection): the all-reduce only
     assert not [s for s in plan_of(text).steps if s.check is not None and s.check.kind == "rdma-bandwidth"]
+
+
+@pytest.mark.parametrize("holder, stale", [
+    ('{"host": "here", "pid": 41, "command": "up", "since": "x"}', True),  # this machine, its process gone
+    ('{"host": "here", "pid": 42, "command": "up", "since": "x"}', False),  # this machine, still running
+    ('{"host": "elsewhere", "pid": 41, "command": "up", "since": "x"}', False),  # another machine: cannot be checked from here
+    ("", False), ("not json", False), ('["a list"]', False), ('{"host": "here", "pid": "41"}', False), ('{"host": "here", "pid": 0}', False),
+])
+def test_a_held_lock_is_taken_over_only_from_a_process_of_this_machine_that_is_gone(holder, stale):
+    from spark_cluster import lock
+
+    assert lock.stale(holder, "here", pid_alive=lambda pid: pid == 42) is stale
+
+
+def test_who_holds_the_lock_is_said_plainly():
+    from spark_cluster import lock
+
+    record = lock.holder_record("down", "spark-1", 77, "2026-12-02T23:00:00Z")
+    assert lock.who(record) == "down by pid 77 on spark-1 since 2026-12-02T23:00:00Z"
+    assert lock.who("") == lock.who("[1]") == "unknown holder"

@@ -7,7 +7,7 @@ import pytest
 
 from spark_cluster.checks import BANDWIDTH_REMEDIES
 from spark_cluster.config import load_config
-from spark_cluster.errors import PreflightError, RemoveFailed
+from spark_cluster.errors import LockedError, PreflightError, RemoveFailed
 from spark_cluster.executor import Executor
 from spark_cluster.kept import links as kept_links
 
@@ -238,3 +238,66 @@ def test_a_fake_node_refuses_what_nobody_scripted_even_when_the_code_under_test_
         up(fake)
     assert [node for node, command in fake.unscripted if "receive-pipe" in command] == ["sim-2"]
     MADE.clear()  # both refusals were this test's point
+
+
+def allowed_commands(*plans) -> set[tuple[str, str]]:
+    """(node, command) pairs the plans show: each step's command and what it may also run, on its
+    node or on the one an `on <node>:` prefix names (`<port>` stands for the one chosen then)."""
+    out = set()
+    for plan in plans:
+        for s in plan.steps:
+            if s.command:
+                out.add((s.node, s.command))
+            for other in s.also:
+                node, _, command = other.partition(": ") if other.startswith("on ") else (f"on {s.node}", "", other)
+                out.add((node[3:], command))
+    return out
+
+
+def unplanned(fake: FakeCluster, *plans) -> list[str]:
+    import re
+
+    allowed = allowed_commands(*plans)
+    patterns = {(n, re.compile(re.escape(c).replace(re.escape("<port>"), r"\d+"))) for n, c in allowed if "<port>" in c}
+    return [f"{n}: {c}" for n, c in fake.log
+            if (n, c) not in allowed and not any(n == pn and p.fullmatch(c) for pn, p in patterns)]
+
+
+@pytest.mark.parametrize("scenario", ["empty", "serving", "worker-exited", "image-missing"])
+def test_up_runs_nothing_its_plan_does_not_show(cfg, scenario):
+    from spark_cluster.plan import build_plan
+
+    fake = FakeCluster(cfg)
+    if scenario in ("serving", "worker-exited"):
+        fake.serving()
+    if scenario == "worker-exited":
+        worker = next(c for c in fake.plan.containers() if c.node == "sim-2")
+        fake.containers["sim-2"][worker.name].state = "exited"
+    if scenario == "image-missing":  # no registry: copied node to node
+        fake.script("docker image inspect", (1, "", "Error: No such image"), node="sim-2")
+        fake.script("docker pull", (1, "", "no registry"), node="sim-2")
+        fake.script("receive-pipe", (1, "", "no sender"), node="sim-2")
+    up(fake) if scenario != "image-missing" else pytest.raises(PreflightError, up, fake)
+    assert fake.log and unplanned(fake, build_plan(cfg)) == []
+
+
+@pytest.mark.parametrize("graceful", [True, False], ids=["down", "killed"])
+def test_down_runs_nothing_its_plan_does_not_show(cfg, graceful):
+    from spark_cluster.lifecycle import build_down_plan
+    from spark_cluster.plan import build_plan
+
+    fake = FakeCluster(cfg).serving()
+    Executor(cfg, fake_nodes(fake)).down(graceful=graceful)
+    plan = build_down_plan(cfg, build_plan(cfg), graceful=graceful)
+    assert removed(fake) and unplanned(fake, plan) == []
+    # and the plan is what ran, in order: the kills, then each container's commands
+    kills = [c for _, c in fake.log if c.startswith("docker kill")]
+    assert kills == [s.command for s in plan.steps_in("kill")]
+
+
+def test_a_lock_held_elsewhere_is_reported_and_nothing_runs(cfg):
+    fake = FakeCluster(cfg)
+    fake.locked = True
+    with pytest.raises(LockedError, match="holds the lock of cluster spark: up by pid 1 on elsewhere"):
+        up(fake)
+    assert started(fake) == [] and fake.locked
