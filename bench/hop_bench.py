@@ -8,7 +8,7 @@ server, spark_cluster.front, and its client, spark_cluster.upstream; the door op
 process of its own, asked in turn by one client on a kept-alive connection. Prints the medians and
 p90s side by side and the hop over the relay. No cluster needed.
 
-Usage: python bench/hop_bench.py [--requests 5000] [--rounds 10]
+Usage: python bench/hop_bench.py [--requests 5000] [--rounds 10] [--split-ms 2]
 """
 
 from __future__ import annotations
@@ -30,21 +30,27 @@ sys.path.insert(0, str(ROOT / "bench"))
 BODY = b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "x"}]}\n\n'
 
 
-def upstream(port: int) -> None:
-    """The stand-in vLLM: every request answered at once with one event, chunked, kept alive."""
+def upstream(port: int, split_ms: float) -> None:
+    """The stand-in vLLM: every request answered with one event, chunked, kept alive; with split_ms,
+    as vLLM does, the head at once and the event that much later (the prefill)."""
     import uvloop
 
-    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-              + b"%x\r\n%b\r\n" % (len(BODY), BODY) + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    rest = b"%x\r\n%b\r\n" % (len(BODY), BODY) + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+                asked = await r.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in asked.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
                 if length:
                     await r.readexactly(length)
-                w.write(answer)
+                if not split_ms:
+                    w.write(head + rest)
+                    continue
+                w.write(head)
+                await asyncio.sleep(split_ms / 1000)
+                w.write(rest)
         except (asyncio.IncompleteReadError, ConnectionError):
             w.close()
 
@@ -80,10 +86,12 @@ def request(body: bytes) -> bytes:
 
 
 def first_byte_s(sock: socket.socket, data: bytes) -> float:
-    """Send one request, time its first byte, read the whole chunked answer (to `0\\r\\n\\r\\n`)."""
+    """Send one request, time its first event (`data: {`), read the whole chunked answer."""
     t0 = time.perf_counter()
     sock.sendall(data)
     got = sock.recv(65536)
+    while b"data: {" not in got:
+        got += sock.recv(65536)
     t = time.perf_counter() - t0
     while not got.endswith(b"0\r\n\r\n"):
         got += sock.recv(65536)
@@ -111,16 +119,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=5000, help="requests per target")
     ap.add_argument("--rounds", type=int, default=10, help="the targets take turns this many times")
+    ap.add_argument("--split-ms", type=float, default=0, help="the stand-in's head at once, its first event this much later (as vLLM)")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--gateway", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.upstream:
-        return upstream(args.upstream)
+        return upstream(args.upstream, args.split_ms)
     if args.gateway:
         return gateway(*args.gateway)
 
     ports = {"direct": free_port(), "relay": free_port(), "gateway": free_port()}
-    procs = [subprocess.Popen([sys.executable, __file__, "--upstream", str(ports["direct"])]),
+    procs = [subprocess.Popen([sys.executable, __file__, "--upstream", str(ports["direct"]), "--split-ms", str(args.split_ms)]),
              subprocess.Popen([sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--relay", f"127.0.0.1:{ports['direct']}", str(ports["relay"])]),
              subprocess.Popen([sys.executable, __file__, "--gateway", str(ports["direct"]), str(ports["gateway"])])]
     try:
