@@ -326,6 +326,17 @@ def create_app(ctl: Controller) -> FastAPI:
     return app
 
 
+def systemd_unit(cfg: ClusterConfig, config: Path, command: str) -> str:
+    """A systemd unit that runs `spark-cluster <command> CONFIG` (controller or watch) as this user."""
+    import getpass
+    import shutil
+    import sys
+
+    exe = shutil.which("spark-cluster") or f"{sys.executable} -m spark_cluster"
+    return render("spark-cluster-watch.service.j2", cluster=cfg.name, config=str(config.resolve()), command=command,
+                  state_dir=str(cfg.resolved_state_dir()), user=getpass.getuser(), executable=exe)
+
+
 def serve(cfg: ClusterConfig) -> None:
     """Run the controller until SIGINT/SIGTERM (uvicorn handles both): the control plane on uvicorn,
     the gateway started and stopped by its lifespan, both on one uvloop event loop."""

@@ -130,7 +130,7 @@ def test_status_reads_at_80_columns(name):
     """Each container on one line, with its age (`up 2d`), not a wrapped ISO start time."""
     from rich.console import Console
 
-    from spark_cluster.cli import render_status
+    from spark_cluster.views import render_status
     from spark_cluster.status import Observation, StatusReport
 
     obs = Observation.model_validate(json.loads((ROOT / "tests" / "data" / "observations" / f"{name}.json").read_text())["observation"])
@@ -150,7 +150,7 @@ def test_status_reads_at_80_columns(name):
 def test_container_age():
     from datetime import datetime, timezone
 
-    from spark_cluster.cli import age
+    from spark_cluster.views import age
 
     now = datetime(2026, 11, 29, 12, 4, 30, tzinfo=timezone.utc)
     assert age("2026-11-29T12:00:00.123456789Z", now) == "up 4m"

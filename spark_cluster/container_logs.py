@@ -1,0 +1,55 @@
+"""`spark-cluster logs`: the cluster's container logs from the nodes, once or followed (every
+container at once, each line prefixed with where it comes from)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator, TextIO
+
+from . import timeouts
+from .config import ClusterConfig
+from .executor import list_containers
+from .facts import ContainerFact
+from .render import quote
+from .transport import Nodes
+
+
+def containers_of(cfg: ClusterConfig, nodes: Nodes, targets: list[str]) -> list[tuple[str, ContainerFact]]:
+    return [(n, c) for n in targets for c in list_containers(nodes[n], cfg.name)]
+
+
+def _lines(tail: int) -> str:
+    return f"--tail {tail if tail else 'all'}"
+
+
+def read_logs(nodes: Nodes, found: list[tuple[str, ContainerFact]], tail: int) -> Iterator[tuple[str, ContainerFact, str]]:
+    """Each container's last `tail` lines (0: all), in turn."""
+    for n, c in found:
+        r = nodes[n].run(f"docker logs {_lines(tail)} {quote(c.name)} 2>&1", timeout=timeouts.LOG_DUMP_S)
+        yield n, c, r.stdout
+
+
+def follow_logs(nodes: Nodes, found: list[tuple[str, ContainerFact]], tail: int, write: TextIO) -> None:
+    """Every container's log as it grows, a thread each, whole lines prefixed with `node/container | `,
+    until every container's log ends (or Ctrl-C)."""
+    lock = threading.Lock()
+
+    def follow_one(n: str, name: str) -> None:
+        buf = [""]
+
+        def emit(text: str) -> None:
+            buf[0] += text
+            *done, buf[0] = buf[0].split("\n")
+            with lock:
+                for line in done:
+                    write.write(f"{n}/{name} | {line}\n")
+                write.flush()
+
+        nodes[n].run(f"docker logs --follow {_lines(tail)} {quote(name)} 2>&1", timeout=timeouts.FOLLOW_LIMIT_S, on_output=emit)
+
+    threads = [threading.Thread(target=follow_one, args=(n, c.name), daemon=True) for n, c in found]
+    for th in threads:
+        th.start()
+    while any(th.is_alive() for th in threads):
+        time.sleep(0.2)
