@@ -98,10 +98,7 @@ class Executor:
 
     def connect_all(self) -> None:
         """Open (and so verify the host key of) every node's SSH connection before anything runs."""
-        failed = [r for r in self.nodes.map(lambda t: t.connect()).values() if isinstance(r, BaseException)]
-        for r in failed:
-            if not isinstance(r, SparkClusterError):
-                raise r
+        failed = list(self.nodes.map(lambda t: t.connect()).failed.values())
         if failed:
             if len(failed) == 1:
                 raise failed[0]
@@ -184,18 +181,11 @@ class Executor:
         def run_node(t: SSHTransport) -> dict[str, Result]:
             return {s.id: t.run(s.command, timeout=s.timeout_s) for s in by_node[t.node]}
 
-        results = self.nodes.map(run_node, by_node.keys())
+        results = self.nodes.map(run_node, by_node.keys())  # a bug raises: never "nothing was changed"
+        outputs: dict[str, dict[str, Result]] = results.succeeded
         if fetch_images:
-            results = self._fetch_missing_images(results, by_node)
-        findings: list[Finding] = []
-        outputs: dict[str, dict[str, Result]] = {}
-        for node, res in results.items():
-            if isinstance(res, SparkClusterError):
-                findings.append(Finding(node, "ssh", "the node answers over SSH", str(res)))
-                continue
-            if isinstance(res, BaseException):
-                raise res  # a bug, not a finding about the node: never "nothing was changed"
-            outputs[node] = res
+            self._fetch_missing_images(outputs, by_node)
+        findings = [Finding(node, "ssh", "the node answers over SSH", str(exc)) for node, exc in results.failed.items()]
         state = self.cfg.resolved_state_dir()
         free = _free_gib(state)
         room = state_dir_problem(str(state), free)
@@ -238,14 +228,9 @@ class Executor:
         results = self.nodes.map(lambda t: t.run(steps[t.node].command, timeout=steps[t.node].timeout_s,
                                                  input=read_template(steps[t.node].stdin).encode() if steps[t.node].stdin else None),
                                  steps.keys())
-        findings = []
-        for node, r in results.items():
+        findings = [Finding(node, steps[node].id, steps[node].description, str(exc)) for node, exc in results.failed.items()]
+        for node, r in results.succeeded.items():
             s = steps[node]
-            if isinstance(r, SparkClusterError):
-                findings.append(Finding(node, s.id, s.description, str(r)))
-                continue
-            if isinstance(r, BaseException):
-                raise r
             problem = evaluate(s.check, r.exit_code, r.stdout, r.stderr)
             found = None if problem else note(s.check, r.stdout)
             findings.append(Finding(node, s.id, s.description, problem, found))
@@ -259,8 +244,7 @@ class Executor:
             cfg = self.cfg.model_copy(update={"memory": self.cfg.memory.model_copy(update={"drop_page_cache": False})})
             links = kept.links(cfg)
             self.plan = build_plan(cfg, reveal_secrets=True, links=links)
-        listed = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
-        existing = {n: r for n, r in listed.items() if not isinstance(r, BaseException)}
+        existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name)).succeeded
         return self.inspect(existing, fetch_images=False)
 
     def _detected_link(self, outputs: dict[str, dict[str, Result]]) -> None:
@@ -331,15 +315,13 @@ class Executor:
         kept.save_check(self.cfg, {"image": self.cfg.container.image, "image_id": image_id, "argv_hash": argv_hash(self.plan.vllm_argvs),
                             "vllm_version": check.vllm_version, "checked_at": _now(), "where": check.where, "ok": check.ok})
 
-    def _fetch_missing_images(self, results: dict, by_node: dict[str, list[Step]]) -> dict:
+    def _fetch_missing_images(self, results: dict[str, dict[str, Result]], by_node: dict[str, list[Step]]) -> None:
         """Nodes without the image: `docker pull` it, or else copy it from a node that has it:
         node to node over the cluster link (docker save there, docker load here), or, when that
         fails, streamed through the controller (nodes that cannot open a port to each other)."""
         image = self.cfg.container.image
         have, missing = [], []
         for node, res in results.items():
-            if isinstance(res, BaseException):
-                continue
             step = next(s for s in by_node[node] if isinstance(s.check, ImagePresent))
             (have if res[step.id].ok else missing).append(node)
         for node in missing:
@@ -361,7 +343,6 @@ class Executor:
             for s in by_node[node]:  # read again what needs the image
                 if isinstance(s.check, (ImagePresent, ImagePlatform, GpuWorks)):
                     results[node][s.id] = t.run(s.command, timeout=s.timeout_s)
-        return results
 
     # ---- prepare ------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -382,19 +363,11 @@ class Executor:
                     raise StepError(s, problem, shown)
                 self._done(s, t0)
 
-        for node, res in self.nodes.map(run_node, by_node.keys()).items():
-            if isinstance(res, BaseException):
-                raise res
+        self.nodes.map(run_node, by_node.keys()).values_or_raise()
 
     # ---- containers ---------------------------------------------------------------------
     def existing(self) -> dict[str, list[ContainerFact]]:
-        res = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
-        out = {}
-        for node, r in res.items():
-            if isinstance(r, BaseException):
-                raise r
-            out[node] = r
-        return out
+        return self.nodes.map(lambda t: list_containers(t, self.cfg.name)).values_or_raise()
 
     def _start(self, step: Step) -> None:
         if step.container is not None and NOT_DETECTED in step.container.env.values():
@@ -614,16 +587,11 @@ class Executor:
 
     def _down(self, graceful: bool, logs_to: Optional[Path] = None) -> Path | None:
         existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
-        found: list[ContainerFact] = []
+        found = [c for cs in existing.succeeded.values() for c in cs]
         left: list[str] = []
-        for node, r in existing.items():
-            if isinstance(r, SparkClusterError):
-                self.emit("node-unreachable", node=node, error=str(r))
-                left.append(f"{node}: not listed ({r.message.splitlines()[0]})")
-                continue
-            if isinstance(r, BaseException):
-                raise r
-            found.extend(r)
+        for node, exc in existing.failed.items():
+            self.emit("node-unreachable", node=node, error=str(exc))
+            left.append(f"{node}: not listed ({exc.message.splitlines()[0]})")
         logs = (logs_to or self.logs_dir("down")) if found else None
         ranks = [[c for c in found if stop_rank(c.component) == rank] for rank in range(len(COMPONENT_ORDER) + 1)]
         ranks = [batch for batch in ranks if batch]

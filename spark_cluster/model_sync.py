@@ -133,14 +133,9 @@ class ModelSync:
 
     def listings(self) -> dict[str, Optional[Listing]]:
         results = self.nodes.map(lambda t: t.run(model_files_command(self.path), timeout=timeouts.QUICK_S * 4))
-        out: dict[str, Optional[Listing]] = {}
-        for node, r in results.items():
-            if isinstance(r, SparkClusterError):
-                raise SyncError(f"cannot list the model folder on {node}: {r}")
-            if isinstance(r, BaseException):
-                raise r
-            out[node] = parse_file_listing(r.stdout) if r.ok else None
-        return out
+        for node, exc in results.failed.items():
+            raise SyncError(f"cannot list the model folder on {node}: {exc}")
+        return {node: parse_file_listing(r.stdout) if r.ok else None for node, r in results.succeeded.items()}
 
     def run(self, *, source: Optional[str] = None, checksum: bool = False, max_rate_mb_s: float = 0) -> SyncResult:
         listings = self.listings()
@@ -195,7 +190,8 @@ class ModelSync:
         if problems or not checksum:
             return problems
         names = sorted(want)
-        sums = self.nodes.map(lambda t: t.run(_checksum_command(self.path, names), timeout=timeouts.SYNC_S))
+        group = self.nodes.map(lambda t: t.run(_checksum_command(self.path, names), timeout=timeouts.SYNC_S))
+        sums = {**group.succeeded, **group.failed}
         ref = sums[plan.source]
         if isinstance(ref, BaseException) or not ref.ok:
             return [f"cannot checksum the model on {plan.source}: {ref}"]

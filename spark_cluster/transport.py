@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol, TypeVar
+from typing import Any, Callable, Generic, Iterable, Optional, Protocol, TypeVar
 
 import paramiko
 
@@ -327,6 +327,20 @@ def _short(command: str, n: int = 120) -> str:
     return one if len(one) <= n else one[: n - 1] + "…"
 
 
+@dataclass
+class GroupResult(Generic[T]):
+    """Nodes.map's answer: per node, what it gave or the error that stopped it there."""
+
+    succeeded: dict[str, T] = field(default_factory=dict)
+    failed: dict[str, SparkClusterError] = field(default_factory=dict)
+
+    def values_or_raise(self) -> dict[str, T]:
+        """Every node's value; the first node's error when one failed."""
+        if self.failed:
+            raise next(iter(self.failed.values()))
+        return dict(self.succeeded)
+
+
 class Nodes:
     """The transports of a cluster, with a parallel map over nodes."""
 
@@ -337,17 +351,24 @@ class Nodes:
     def __getitem__(self, name: str) -> SSHTransport:
         return self.by_name[name]
 
-    def map(self, fn: Callable[[SSHTransport], T], names: Iterable[str] | None = None) -> dict[str, T | Exception]:
-        """Run fn on several nodes in parallel. Values are results or the exception raised."""
+    def map(self, fn: Callable[[SSHTransport], T], names: Iterable[str] | None = None) -> "GroupResult[T]":
+        """Run fn on several nodes in parallel: what each node gave, or the SparkClusterError it
+        raised (as Fabric's GroupResult). Anything else raised is a bug, not a node's doing: it is
+        raised here once every node has finished (Ctrl-C too)."""
         names = list(names or self.by_name)
-        out: dict[str, T | Exception] = {}
+        out: GroupResult[T] = GroupResult()
+        bug: Optional[BaseException] = None
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
             futures = {name: pool.submit(fn, self.by_name[name]) for name in names}
             for name, fut in futures.items():
                 try:
-                    out[name] = fut.result()
-                except Exception as exc:  # noqa: BLE001 - handed back to the caller (Ctrl-C is not)
-                    out[name] = exc
+                    out.succeeded[name] = fut.result()
+                except SparkClusterError as exc:
+                    out.failed[name] = exc
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other nodes
+                    bug = bug or exc
+        if bug is not None:
+            raise bug
         return out
 
     def close(self) -> None:

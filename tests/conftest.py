@@ -151,7 +151,7 @@ def ray_leftovers(cfg) -> dict[str, str]:
     from spark_cluster.transport import Nodes
 
     with Nodes(cfg) as nodes:
-        return {n: r.stdout.strip() for n, r in nodes.map(lambda t: t.run("pgrep -af '[r]aylet|[g]cs_server|[R]ayWorker' || true")).items()}
+        return {n: r.stdout.strip() for n, r in nodes.map(lambda t: t.run("pgrep -af '[r]aylet|[g]cs_server|[R]ayWorker' || true")).values_or_raise().items()}
 
 
 def sim_docker(node: str, *args: str, check: bool = True, timeout: float = 120):
@@ -171,7 +171,7 @@ def generation(cfg) -> dict:
 
     pattern = "[r]aylet|[g]cs_server|[R]ayWorker|[v]llm serve|VLLM::"
     with Nodes(cfg) as nodes:
-        pids = {n: set(r.stdout.split()) for n, r in nodes.map(lambda t: t.run(f"pgrep -f '{pattern}' || true")).items()}
+        pids = {n: set(r.stdout.split()) for n, r in nodes.map(lambda t: t.run(f"pgrep -f '{pattern}' || true")).values_or_raise().items()}
         ids = {c.id for n in nodes.by_name for c in list_containers(nodes[n], cfg.name)}
         ray = None
         if cfg.executor == "ray":

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.cluster
 
 def test_each_node_has_its_own_address_sshd_and_docker(sim, sim_cfg):
     with Nodes(sim_cfg) as nodes:
-        res = nodes.map(lambda t: t.run("hostname; ip -4 -o addr show eth0; docker info --format '{{.Name}} {{.ID}}'").check())
+        res = nodes.map(lambda t: t.run("hostname; ip -4 -o addr show eth0; docker info --format '{{.Name}} {{.ID}}'").check()).values_or_raise()
     seen_ids = set()
     for node in sim:
         out = res[node.name].stdout
@@ -90,7 +90,7 @@ def test_ray_path_forms_a_cluster_worker_first(sim):
             assert done["alive"] == ["10.99.0.11", "10.99.0.12"] and done["resources"] == {"vllm_cpu": 2.0}
         finally:
             ex.down()
-        left = nodes.map(lambda t: t.run("docker ps -aq; pgrep -f '[r]aylet|[g]cs_server' || true").stdout.strip())
+        left = nodes.map(lambda t: t.run("docker ps -aq; pgrep -f '[r]aylet|[g]cs_server' || true").stdout.strip()).values_or_raise()
         assert left == {"sim-1": "", "sim-2": ""}
 
 

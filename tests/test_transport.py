@@ -44,7 +44,17 @@ def test_nodes_map_hands_back_errors_but_never_swallows_ctrl_c():
         return t.node
 
     got = nodes.map(fail)
-    assert got["sim-1"] == "sim-1" and isinstance(got["sim-2"], TransportError)
+    assert got.succeeded == {"sim-1": "sim-1"} and isinstance(got.failed["sim-2"], TransportError)
+    with pytest.raises(TransportError, match="sim-2: unreachable"):
+        got.values_or_raise()
+
+    def bug(t):
+        if t.node == "sim-2":
+            raise KeyError("MemTotal")
+        return t.node
+
+    with pytest.raises(KeyError):  # a bug is not a node's doing: raised, not handed back
+        nodes.map(bug)
 
     def interrupted(t):
         raise KeyboardInterrupt
