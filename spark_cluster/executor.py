@@ -302,7 +302,7 @@ class Executor:
         try:
             r = t.run(step.command, timeout=step.timeout_s, input=read_template(step.stdin).encode())
         except CommandTimeout:
-            t.run(f"docker rm -f {quote(step.check.container)} >/dev/null 2>&1; true", timeout=timeouts.CLEANUP_S)
+            t.run(lifecycle.discard_command(step.check.container), timeout=timeouts.CLEANUP_S)
             raise VllmCheckError(f"checking the vllm serve flags with {where} took longer than {step.timeout_s:g} s "
                                  "(vllm.check_timeout_s)") from None
         check = parse_output(r.stdout, r.stderr, r.exit_code, where)

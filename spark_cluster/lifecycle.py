@@ -56,6 +56,11 @@ def kill_command(name: str) -> str:
     return f"docker kill {quote(name)} >/dev/null 2>&1; true"
 
 
+def discard_command(name: str) -> str:
+    """A throwaway container removed at once, whatever it was doing (the flag check's, after its deadline)."""
+    return f"docker rm -f {quote(name)} >/dev/null 2>&1; true"
+
+
 def remove_command(name: str, stop_s: int) -> str:
     """Stop (`stop_s` to end by itself), then remove: `docker rm -f` also ends a paused container,
     which a SIGTERM never reaches. Exit 0 only when docker no longer knows it."""
@@ -100,7 +105,7 @@ def with_lifecycle(cfg: ClusterConfig, plan: Plan) -> Plan:
         elif s.check is not None and s.check.kind == "image-present":
             also = image_fetch_commands(cfg, s.node)
         elif s.check is not None and s.check.kind == "vllm-flags":
-            also = [f"docker rm -f {quote(s.check.container)} >/dev/null 2>&1; true"]  # after a check that timed out
+            also = [discard_command(s.check.container)]  # after a check that timed out
         steps.append(s.model_copy(update={"also": also}) if also else s)
     steps = [lock_step(cfg), *list_steps(cfg, "list"), *steps, *replace_steps(cfg, plan), unlock_step(cfg)]
     order = {phase: i for i, phase in enumerate(PHASES)}
