@@ -37,7 +37,7 @@ check: install
 test-unit: install
 	$(PYTHON) -m pytest -m "not cluster and not contract"
 
-## four simulated nodes (TP=2 x PP=2) on both executors: up, status, failover, down (about 20 minutes)
+## four simulated nodes (TP=2 x PP=2) on both executors: up, status, failover, down (about 10 minutes)
 test-scale: install sim-deps
 	$(PYTHON) -m pytest -m scale -s
 
