@@ -30,7 +30,8 @@ from .checks import (Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, 
                      STATE_MIN_GIB, VllmFlags, differs, evaluate, link_of, note, state_dir_problem)
 from .link import LinkPick
 from .model_sync import ModelSync, node_to_node
-from .reconcile import COMPONENT_ORDER, member_name, reconcile, stop_rank
+from .lifecycle import COMPONENT_ORDER, stop_rank
+from .reconcile import member_name, reconcile
 from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck, VllmCheckError, argv_hash, parse_output

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .facts import LABEL_PREFIX, ContainerFact, ProcessFact
-from .lifecycle import COMPONENT_ORDER, stop_rank  # noqa: F401 - re-exported
+from .lifecycle import stop_rank
 from .steps import Step
 
 @dataclass(frozen=True)

@@ -146,15 +146,17 @@ class Watchdog:
 
     # ---- persistence ----------------------------------------------------------------------
     def _load_state(self) -> State:
+        data = read_watchdog_state(self.cfg)
+        decision = data.get("decision") if isinstance(data, dict) else None
+        if not isinstance(decision, dict):
+            return State(phase="starting", since=self.clock())
+        fields = {f.name for f in dataclasses.fields(State)}
         try:
-            data = json.loads(self.state_path.read_text())
-            fields = {f.name for f in dataclasses.fields(State)}
-            raw = {k: (tuple(v) if k in ("restarts", "last_counters") and v is not None else v)
-                   for k, v in data.get("decision", {}).items() if k in fields}
-            st = State(**raw)
+            st = State(**{k: (tuple(v) if k in ("restarts", "last_counters") and v is not None else v)
+                          for k, v in decision.items() if k in fields})
             # a new controller process first confirms what it sees: never acts on a stale phase
             return resumed(st, self.clock())
-        except (OSError, ValueError, TypeError):
+        except (ValueError, TypeError):
             return State(phase="starting", since=self.clock())
 
     def save_state(self) -> None:

@@ -569,3 +569,18 @@ def test_a_deliberate_start_begins_a_new_restart_budget_and_keeps_the_history():
     assert c.kinds()[-1] == "restart" and c.state.phase != "failed"
     tripped = breaker_reset(State(phase="failed", restarts=(c.t - 10,)), c.t)
     assert tripped.restarts == (c.t - 10,) and recent_restarts(tripped, c.t) == ()
+
+
+@pytest.mark.parametrize("content", ["[]", '{"decision": []}', '{"decision": {"since": "yesterday", "restarts": 3}}', "not json"])
+def test_a_state_file_of_another_shape_starts_the_watchdog_afresh(tmp_path, content):
+    from spark_cluster.config import load_config
+    from spark_cluster.watchdog import Watchdog
+
+    from .conftest import SIM_CONFIG
+
+    (tmp_path / "watchdog.json").write_text(content)
+    wd = Watchdog(load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)}), None, clock=lambda: 5.0)
+    try:
+        assert (wd.state.phase, wd.state.since) == ("starting", 5.0)
+    finally:
+        wd.close()

@@ -1,4 +1,4 @@
-"""The watchdog's whole path on fakes, in milliseconds: the real Watchdog (observe, decide, incident
+"""The watchdog's whole path on fakes, on both executors, in milliseconds: the real Watchdog (observe, decide, incident
 bundle, the ordered gang restart through the real Executor, backoff, breaker) over the scripted fake
 transport (tests/fakes.py) and a fake vLLM API on httpx's MockTransport, with a fake clock."""
 
@@ -11,7 +11,7 @@ import pytest
 from spark_cluster.config import load_config
 from spark_cluster.watchdog import Watchdog
 
-from .conftest import SIM_CONFIG
+from .conftest import SIM_CONFIGS
 from .fakes import FakeCluster, FakeEngineApi, fake_nodes, removed, started
 
 
@@ -26,9 +26,9 @@ class Clock:
         self.t += seconds
 
 
-@pytest.fixture
-def loop(tmp_path):
-    cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})  # Ray, the card's path
+@pytest.fixture(params=sorted(SIM_CONFIGS))
+def loop(tmp_path, request):
+    cfg = load_config(SIM_CONFIGS[request.param]).model_copy(update={"state_dir": str(tmp_path)})
     cluster = FakeCluster(cfg).serving()
     cluster.generation = 1
     engine = FakeEngineApi(cluster)
@@ -61,17 +61,21 @@ def test_a_wedged_engine_is_restarted_in_order_then_backed_off_then_the_breaker_
     done = next(e for e in events if e["event"] == "restart-done")
     # the kill, in order: vLLM's head container first, then the worker; their logs saved into the bundle,
     # the containers removed
+    ray = wd.cfg.executor == "ray"
+    head, worker = ("spark-ray-head", "spark-ray-worker") if ray else ("spark-vllm", "spark-vllm-worker")
     log = cluster.log[before:]
     kills = [c.split()[2] for _, c in log if c.startswith("docker kill ")]
-    assert kills == ["spark-ray-head", "spark-ray-worker"], kills
-    assert sorted(r for r in removed(cluster) if "-check-" not in r) == ["sim-1:spark-ray-head", "sim-2:spark-ray-worker"]  # at once, after
-    # the start, in the card's order: the worker, the head, then vLLM inside it
-    assert started(cluster)[-3:] == ["sim-2:spark-ray-worker", "sim-1:spark-ray-head", "sim-1:spark-ray-head/vllm"]
-    assert {"incident-bundle", "kill", "preflight", "wait-ray/sim-1/nodes", "ready/health", "ready/completion"} <= set(done["phases"])
+    assert kills == [head, worker], kills
+    assert sorted(r for r in removed(cluster) if "-check-" not in r) == [f"sim-1:{head}", f"sim-2:{worker}"]  # at once, after
+    # the start, in the card's order: the worker, the head, then (Ray) vLLM inside it
+    want = [f"sim-2:{worker}", f"sim-1:{head}"] + ([f"sim-1:{head}/vllm"] if ray else [])
+    assert started(cluster)[-len(want):] == want
+    assert {"incident-bundle", "kill", "preflight", "ready/health", "ready/completion"} <= set(done["phases"])
+    assert ("wait-ray/sim-1/nodes" in done["phases"]) is ray
     bundle = tmp_path / "incidents" / next(p.name for p in (tmp_path / "incidents").iterdir())
     files = {p.name for p in bundle.rglob("*") if p.is_file()}
     assert {"reason.txt", "decision-trail.jsonl", "observations.jsonl", "metrics.txt", "ranks.json", "restart.json",
-            "sim-1-host.txt", "sim-2-host.txt", "sim-1--spark-ray-head.log", "sim-2--spark-ray-worker.log"} <= files, files
+            "sim-1-host.txt", "sim-2-host.txt", f"sim-1--{head}.log", f"sim-2--{worker}.log"} <= files, files
     assert json.loads((bundle / "restart.json").read_text())["event"] == "restart-done"
     assert "vllm:num_requests_running" in (bundle / "metrics.txt").read_text()
 
