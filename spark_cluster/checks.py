@@ -8,6 +8,7 @@ code 0", and a check step without a check is refused when the plan is built.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -178,7 +179,10 @@ Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, 
 
 def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, cluster_running: bool = False) -> Optional[str]:
     """The problem (with its fix) a node command's result shows, or None. cluster_running: this
-    cluster's own containers run on the node (their ports and memory are not a problem)."""
+    cluster's own containers run on the node (their ports and memory are not a problem). For an
+    HttpAnswer (readiness) the result is the HTTP answer: exit_code its status, stdout its body."""
+    if isinstance(check, HttpAnswer):
+        return http_problem(check, exit_code, stdout)
     ok = exit_code == 0
     tail = "\n".join((stderr.strip() or stdout.strip()).splitlines()[-3:])
     if isinstance(check, DockerAnswers):
@@ -256,6 +260,25 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
             return f"exit code {exit_code}: {tail}"
         return None if stdout == check.stdout else "the value did not stick"
     return None if ok else f"exit code {exit_code}: {tail}"
+
+
+def http_problem(check: HttpAnswer, status: int, body: str) -> Optional[str]:
+    """What a readiness answer lacks: the status, the model listed, a completion's choices."""
+    if status != check.status:
+        return f"HTTP {status}: {body[:200]}"
+    if not (check.model or check.choices):
+        return None
+    try:
+        data = json.loads(body)
+        if check.model is not None:
+            ids = [m["id"] for m in data.get("data", [])]
+            if check.model not in ids:
+                return f"served models are {ids}, not {check.model}"
+        if check.choices and not data.get("choices"):
+            return "no choices in the completion"
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return f"not the expected JSON: {body[:200]}"
+    return None
 
 
 def differs(check: Check, values: dict[str, str], head: str) -> Optional[str]:

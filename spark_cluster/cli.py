@@ -336,7 +336,7 @@ def status(
     window: float = typer.Option(0.5, "--window", help="Seconds over which throughput and progress are sampled."),
 ) -> None:
     """Is it serving, and if not, where is it broken? One verdict from every node, Ray and vLLM."""
-    from .status import begin_vllm
+    from .observe import begin_vllm
     from .status import status as get_status
 
     cfg = load(config)

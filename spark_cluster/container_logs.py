@@ -9,7 +9,7 @@ from typing import Iterator, TextIO
 
 from . import timeouts
 from .config import ClusterConfig
-from .executor import list_containers
+from .observe import list_containers
 from .facts import ContainerFact
 from .render import quote
 from .transport import Nodes

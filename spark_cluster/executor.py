@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -23,9 +23,10 @@ import httpx
 from . import kept, lifecycle, lock, timeouts
 from .config import ClusterConfig
 from .errors import CommandFailed, CommandTimeout, EngineKeyRefused, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
-from .facts import (ContainerFact, ProcessFact, RayState, containers_command, parse_containers, parse_process,
-                    parse_ray_state, process_command)
-from .plan import NOT_DETECTED, Plan, ProcessSpec, Step, build_plan
+from .facts import ContainerFact, ProcessFact
+from .judge import container_gone, key_refused, process_gone
+from .observe import Engine, list_containers, read_process, read_ray_state, save_logs, tail_logs
+from .plan import NOT_DETECTED, Plan, Step, build_plan
 from .checks import (Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth, PerftestPresent, RdmaBandwidth, ReadBack,
                      STATE_MIN_GIB, VllmFlags, differs, evaluate, link_of, note, state_dir_problem)
 from .link import LinkPick
@@ -66,15 +67,6 @@ class UpResult:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def list_containers(t: SSHTransport, cluster: str, timeout: float = timeouts.QUICK_S) -> list[ContainerFact]:
-    """The cluster's containers on the node; raises when docker cannot be asked."""
-    r = t.run(containers_command(cluster), timeout=timeout)
-    fact = parse_containers(t.node, r.exit_code, r.stdout, r.stderr)
-    if fact.error is not None:
-        raise CommandFailed(r, "listing cluster containers")
-    return fact.containers
 
 
 class Executor:
@@ -383,13 +375,13 @@ class Executor:
         # `docker exec -d` returns before the process runs: wait until it has written its PID
         fact = ProcessFact(state="unknown")
         for _ in range(round(timeouts.PROCESS_START_S / timeouts.PROCESS_POLL_S)):
-            fact = self.process_fact(step.process)
+            fact = read_process(self.nodes[step.process.node], step.process)
             if fact.state == "running":
                 self._done(step, t0, container=step.process.container, pid=fact.pid)
                 return
             time.sleep(timeouts.PROCESS_POLL_S)
         raise StepError(step, f"{step.process.name} did not start in {step.process.container}: {fact.detail}",
-                        _tail_logs(self.nodes[step.node], step.process.container))
+                        _indent(tail_logs(self.nodes[step.node], step.process.container)))
 
     def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path], graceful: bool = True, component: str = "") -> None:
         """One container stopped and removed as lifecycle.remove_step shows it: a process hosted in it
@@ -419,13 +411,8 @@ class Executor:
         deadline = t0 + (step.deadline_s or 300)
         want = set(step.check.alive_ips)
         want_resources = dict(step.check.resources)
-        ray = RayState(error="not asked yet")
         while True:
-            try:
-                r = self.nodes[step.node].run(step.command, timeout=step.timeout_s)
-                ray = parse_ray_state(r.stdout, r.stderr)
-            except CommandTimeout:
-                pass
+            ray = read_ray_state(self.nodes[step.node], step.command, step.timeout_s)
             alive = set(ray.alive)
             short = {k: ray.total(k) for k, v in want_resources.items() if ray.total(k) < v}
             if want <= alive and not short:
@@ -437,7 +424,7 @@ class Executor:
                 details = []
                 for n in missing:
                     name = next(s.container.name for s in self.plan.steps if s.container and s.node == n.name)
-                    details.append(f"  {n.name} ({n.address}) has not joined; last lines of {name}:\n" + _tail_logs(self.nodes[n.name], name))
+                    details.append(f"  {n.name} ({n.address}) has not joined; last lines of {name}:\n" + _indent(tail_logs(self.nodes[n.name], name)))
                 msg = f"Ray shows {len(alive)} of {len(want)} nodes after {step.deadline_s:g}s"
                 msg += "".join(f", {ray.total(k):g} of {want_resources[k]:g} {k}" for k in short)
                 if missing:
@@ -453,34 +440,32 @@ class Executor:
         for s in members:
             if s.container is not None:
                 c = found.get((s.node, s.container.name))
-                if c is None or not c.running:
-                    state = "missing" if c is None else f"{c.state} (exit code {c.exit_code})"
-                    raise StepError(step, f"container {s.container.name} on {s.node} is {state}",
-                                    _tail_logs(self.nodes[s.node], s.container.name))
+                name = s.container.name
+                gone = container_gone(name, s.node, "missing" if c is None else c.state)
+                if gone and c is not None:
+                    gone += f" (exit code {c.exit_code})"
             else:
-                fact = self.process_fact(s.process)
-                if fact.state == "gone":
-                    raise StepError(step, f"{s.process.name} in {s.process.container} on {s.node} has exited ({fact.detail})",
-                                    _tail_logs(self.nodes[s.node], s.process.container))
-
-    def process_fact(self, p: ProcessSpec) -> ProcessFact:
-        r = self.nodes[p.node].run(process_command(p.container, p.pid_file), timeout=timeouts.QUICK_S)
-        return parse_process(p.argv, r.exit_code, r.stdout, r.stderr)
+                fact = read_process(self.nodes[s.process.node], s.process)
+                gone = process_gone(s.process.name, s.process.container, s.node, fact.state, fact.detail)
+                name = s.process.container
+            if gone:
+                raise StepError(step, gone, _indent(tail_logs(self.nodes[s.node], name)))
 
     def wait_ready(self, steps: list[Step]) -> None:
         """Poll each readiness check in turn (cheap HTTP: every timeouts.READY_POLL_S, so a ready engine
         is seen at once), checking every 10 s that the members still run (fail fast when one died)."""
         deadline_start = time.monotonic()
         last_alive_check = time.monotonic()
-        with (nullcontext(self.http) if self.http is not None else httpx.Client(headers=self.cfg.engine_headers())) as http:
+        engine = Engine(self.cfg, self.http)
+        try:
             for step in steps:
                 with self.timed(step.id):
                     t0 = time.monotonic()
                     self.emit("step-start", step)
                     deadline = deadline_start + (step.deadline_s or 600)
                     while True:
-                        ok, last_err = _http_check(http, step)
-                        if ok:
+                        last_err = self._ready_problem(engine, step)
+                        if last_err is None:
                             self._done(step, t0)
                             break
                         if time.monotonic() - last_alive_check > 10:
@@ -488,8 +473,21 @@ class Executor:
                             self._check_members_alive(self.plan.steps[-1])
                         if time.monotonic() > deadline:
                             raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
-                                            _tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container))
+                                            _indent(tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container)))
                         time.sleep(timeouts.READY_POLL_S)
+        finally:
+            engine.close()
+
+    @staticmethod
+    def _ready_problem(engine: Engine, step: Step) -> Optional[str]:
+        """What a readiness step's answer lacks (checks.evaluate), None when ready. A refused API key
+        raises: waiting longer will not change the engine's mind."""
+        status, body = engine.answer(step.request, step.timeout_s)
+        if status is None:
+            return body
+        if key_refused(status):
+            raise EngineKeyRefused(status, f"{step.request.method} {httpx.URL(step.request.url).path}")
+        return evaluate(step.check, status, body)
 
     # ---- up / down ----------------------------------------------------------------------
     def up(self, *, stop_after: str | None = None) -> UpResult:
@@ -516,7 +514,7 @@ class Executor:
             found = [c for cs in existing.values() for c in cs]
             members = [s for s in self.plan.steps if s.kind in ("start", "exec") and s.phase in allowed]
             running = {(c.node, c.name) for c in found if c.running}
-            processes = {member_name(s): self.process_fact(s.process) for s in members
+            processes = {member_name(s): read_process(self.nodes[s.process.node], s.process) for s in members
                          if s.process is not None and (s.node, s.process.container) in running}
             todo = reconcile(members, found, processes)
             if todo.remove:
@@ -620,50 +618,6 @@ class Executor:
 
 def _indent(text: str) -> str:
     return "\n".join("      " + line for line in text.splitlines())
-
-
-def _tail_logs(t: SSHTransport, name: str, lines: int = 20) -> str:
-    try:
-        r = t.run(lifecycle.tail_command(name, lines), timeout=timeouts.QUICK_S)
-        return _indent(r.stdout.strip() or "(no output)")
-    except SparkClusterError as exc:
-        return _indent(f"(could not read logs: {exc})")
-
-
-def save_logs(t: SSHTransport, name: str, folder: Path) -> Path | None:
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        r = t.run(lifecycle.logs_command(name), timeout=timeouts.LOG_DUMP_S)
-    except SparkClusterError:
-        return None
-    path = folder / f"{t.node}--{name}.log"
-    path.write_text(r.stdout)
-    return path
-
-
-def _http_check(http: httpx.Client, step: Step) -> tuple[bool, str]:
-    req, want = step.request, step.check
-    try:
-        resp = http.request(req.method, req.url, json=req.json_body, timeout=step.timeout_s)
-    except httpx.HTTPError as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    if resp.status_code in (401, 403):  # the engine answers: waiting longer will not change its mind
-        raise EngineKeyRefused(resp.status_code, f"{req.method} {httpx.URL(req.url).path}")
-    if resp.status_code != want.status:
-        return False, f"HTTP {resp.status_code}: {resp.text[:200]}"
-    if not (want.model or want.choices):
-        return True, ""
-    try:
-        body = resp.json()
-        if want.model is not None:
-            ids = [m["id"] for m in body.get("data", [])]
-            if want.model not in ids:
-                return False, f"served models are {ids}, not {want.model}"
-        if want.choices and not body.get("choices"):
-            return False, "no choices in the completion"
-    except (ValueError, AttributeError, KeyError, TypeError):
-        return False, f"not the expected JSON: {resp.text[:200]}"
-    return True, ""
 
 
 def _free_gib(path: Path) -> Optional[float]:

@@ -11,7 +11,6 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from .errors import SparkClusterError
 from .render import quote
 
 
@@ -644,16 +643,6 @@ def parse_ray_state(stdout: str, stderr: str = "") -> RayState:
     except (TypeError, ValueError) as exc:
         return RayState(error=f"unreadable Ray state: {exc}"[:300])
     return state
-
-
-def read_ray_state(t: Any, command: str, timeout: float) -> RayState:
-    """Run the Ray state command (the plan's wait-ray step) on the head and parse it; a node that
-    does not answer becomes the fact's error."""
-    try:
-        r = t.run(command, timeout=timeout)
-    except SparkClusterError as exc:
-        return RayState(error=exc.message)
-    return parse_ray_state(r.stdout, r.stderr)
 
 
 # ---- a process started in a container (vLLM inside the Ray head container) ----------------------

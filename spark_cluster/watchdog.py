@@ -28,12 +28,13 @@ from .decide import (Action, Sample, State, breaker_reset, decide, fresh_budget,
                      restarted, resumed)
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
 from .executor import Executor
-from .facts import parse_metrics, progressed
+from .facts import progressed
+from .judge import sample_of
+from .observation import NodeObs, RayObs
+from .observe import Engine, gpu_baselines, group_containers, observe_nodes, observe_ray, read_watchdog_state
 from .plan import build_plan
 from . import kept
 from .ranks import GpuBaseline, ProcessesReading, learn_baseline
-from .status import (NodeObs, RayObs, VLLMObs, gpu_baselines, group_containers, members_gone, observe_node, observe_ray, ranks_of,
-                     ray_missing, read_watchdog_state)
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -41,22 +42,6 @@ EventSink = Callable[[dict[str, Any]], None]
 
 def _iso(t: float | None = None) -> str:
     return datetime.fromtimestamp(t if t is not None else time.time(), timezone.utc).isoformat(timespec="milliseconds")
-
-
-def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: dict[str, str], t: float,
-              canary: Optional[tuple[Optional[bool], float, Optional[int]]] = None, gateway_in_flight: int = 0) -> Sample:
-    """What the decision needs from one observation: the same rules as `status` (members_gone,
-    ray_missing, ranks_of) over the same facts. canary: (ok, seconds, refused status). Pure."""
-    ranks = ranks_of(nodes)
-    gone = members_gone(nodes) + [f"Ray lists node {name} ({expected_nodes[name]}) {'dead' if expected_nodes[name] in ray.dead else 'missing'}"
-                                  for name in ray_missing(ray, expected_nodes)]
-    return Sample(
-        t=t, health=vllm.health, steps_total=vllm.steps_total, generation_tokens_total=vllm.generation_tokens_total,
-        prompt_tokens_total=vllm.prompt_tokens_total, running=vllm.running or 0, waiting=vllm.waiting or 0,
-        gateway_in_flight=gateway_in_flight, gone=tuple(gone), unreachable=tuple(n.name for n in nodes if not n.reachable),
-        canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None,
-        canary_refused=canary[2] if canary else None, ranks=ranks[0], rank_evidence=ranks[1],
-    )
 
 
 RESET_HINT = ("the watchdog stays stopped until told otherwise: fix the cause, then `spark-cluster up CONFIG` "
@@ -117,7 +102,6 @@ class Watchdog:
         self.state = self._load_state()
         self.trail: deque[dict[str, Any]] = deque(maxlen=200)
         self.samples: deque[dict[str, Any]] = deque(maxlen=60)
-        self.last_metrics_text = ""
         self.canary_result: Optional[tuple[Optional[bool], float, Optional[int]]] = None
         self.containers = {n.name: group_containers(self.plan, n.name) for n in cfg.nodes}
         self.last_nodes: list[NodeObs] = []
@@ -125,7 +109,7 @@ class Watchdog:
         self.gpu_baseline: dict[str, GpuBaseline] = gpu_baselines(read_watchdog_state(cfg))
         self.last_good: Optional[float] = None  # when the cluster was last seen healthy (time to detect)
         self.decided_at: Optional[float] = None  # when the running restart was decided (time to recover)
-        self.http = http or httpx.Client(headers=cfg.engine_headers())
+        self.engine = Engine(cfg, http)
 
     # ---- commands (thread-safe: they only set a flag and wake the loop) ------------------------
     def _nap(self, seconds: float) -> None:
@@ -188,16 +172,10 @@ class Watchdog:
         now = self.clock()
         cfg = self.cfg
         t_probe = cfg.health.probe_timeout_s
-        with ThreadPoolExecutor(max_workers=len(cfg.nodes)) as pool:
-            futs = [pool.submit(observe_node, self.nodes[n.name], cfg, self.plan, t_probe + timeouts.NODE_PROBE_EXTRA_S) for n in cfg.nodes]
-            vllm = VLLMObs(endpoint=cfg.endpoint())
-            try:
-                vllm.health = self.http.get(f"{vllm.endpoint}/health", timeout=t_probe).status_code
-                self.last_metrics_text = self.http.get(f"{vllm.endpoint}/metrics", timeout=t_probe).text
-                vllm = vllm.model_copy(update=parse_metrics(self.last_metrics_text))
-            except httpx.HTTPError as exc:
-                vllm.error = f"{type(exc).__name__}: {exc}"
-            nodes = [f.result() for f in futs]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodes") as pool:  # the engine is asked meanwhile
+            reading = pool.submit(observe_nodes, cfg, self.nodes, self.plan, t_probe + timeouts.NODE_PROBE_EXTRA_S)
+            vllm = self.engine.sample(t_probe)
+            nodes = reading.result()
         canary = self.canary_result
         self.canary_result = None
         self.last_nodes = nodes
@@ -239,20 +217,6 @@ class Watchdog:
                                                   max(self.cfg.health.probe_timeout_s, timeouts.QUICK_S))
         return ray
 
-    def canary(self) -> tuple[Optional[bool], float, Optional[int]]:
-        """A 1-token completion: (finished, seconds, None), or (None, seconds, 401/403) when the engine
-        refused the controller's API key (that says nothing about a hang)."""
-        body = {"model": self.cfg.model.name, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
-        t0 = time.monotonic()
-        try:
-            r = self.http.post(f"{self.cfg.endpoint()}/v1/completions", json=body, timeout=self.s.canary_timeout_s)
-            if r.status_code in (401, 403):
-                return None, round(time.monotonic() - t0, 3), r.status_code
-            ok = r.status_code == 200 and bool(r.json().get("choices"))
-        except (httpx.HTTPError, ValueError):
-            ok = False
-        return ok, round(time.monotonic() - t0, 3), None
-
     # ---- actions ----------------------------------------------------------------------------
     def incident_bundle(self, reason: str) -> Path:
         """What the watchdog knew (decision trail, observations, the last metrics, Ray's state as its
@@ -275,7 +239,7 @@ class Watchdog:
         (d / "reason.txt").write_text(reason + "\n")
         (d / "decision-trail.jsonl").write_text("".join(json.dumps(e, default=str) + "\n" for e in self.trail))
         (d / "observations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in self.samples))
-        (d / "metrics.txt").write_text(self.last_metrics_text)
+        (d / "metrics.txt").write_text(self.engine.last_metrics_text)
         (d / "state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1, default=list))
         if self.last_ray is not None:
             (d / "ray-state.json").write_text(self.last_ray.model_dump_json(indent=1) + "\n")
@@ -309,7 +273,7 @@ class Watchdog:
         self.event("incident", reason=action.reason, bundle=str(bundle))
         self.event("restart-start", reason=action.reason, attempt=self.state.consecutive + 1)
         ex = Executor(self.cfg, self.nodes, report=lambda e: self.event(
-            "executor", step_event=e.get("event"), **{k: v for k, v in e.items() if k not in ("ts", "event")}), http=self.http)
+            "executor", step_event=e.get("event"), **{k: v for k, v in e.items() if k not in ("ts", "event")}), http=self.engine.http)
         ok, error = True, None
         try:
             t = time.monotonic()
@@ -389,7 +353,7 @@ class Watchdog:
                 extra["detect_s"] = round(now - self.last_good, 1) if self.last_good is not None else None
             self.event("decision", action=action.kind, reason=action.reason, delay_s=action.delay_s, **extra)
             if action.kind == "canary":
-                self.canary_result = ok, took, refused = self.canary()
+                self.canary_result = ok, took, refused = self.engine.canary(self.s.canary_timeout_s)
                 self.event("canary", ok=ok, seconds=took, **({"refused": refused} if refused else {}))
             elif action.kind == "restart":
                 self.save_state()
@@ -423,5 +387,5 @@ class Watchdog:
             self.close()
 
     def close(self) -> None:
-        self.http.close()
+        self.engine.close()
         self.ray_pool.shutdown(wait=False, cancel_futures=True)

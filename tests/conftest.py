@@ -164,8 +164,7 @@ def sim_docker(node: str, *args: str, check: bool = True, timeout: float = 120):
 def generation(cfg) -> dict:
     """What the cluster runs now: container IDs, the PIDs (as each node sees them) of Ray's and
     vLLM's processes, and on Ray its placement groups and live actors (Ray's own state listing)."""
-    from spark_cluster.executor import list_containers
-    from spark_cluster.facts import read_ray_state
+    from spark_cluster.observe import list_containers, read_ray_state
     from spark_cluster.plan import build_plan
     from spark_cluster.transport import Nodes
 

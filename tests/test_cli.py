@@ -131,7 +131,8 @@ def test_status_reads_at_80_columns(name):
     from rich.console import Console
 
     from spark_cluster.views import render_status
-    from spark_cluster.status import Observation, StatusReport
+    from spark_cluster.observation import Observation
+    from spark_cluster.status import StatusReport
 
     obs = Observation.model_validate(json.loads((ROOT / "tests" / "data" / "observations" / f"{name}.json").read_text())["observation"])
     console = Console(width=80, record=True, color_system=None)

@@ -116,7 +116,7 @@ class FakeHeadWithRecording:
 
 
 def test_read_ray_state_runs_the_command_and_keeps_a_failure_as_the_error():
-    from spark_cluster.facts import read_ray_state
+    from spark_cluster.observe import read_ray_state
 
     rec = recording("ray-serving")
     assert read_ray_state(FakeHeadWithRecording(rec), rec["command"], 30).alive == ["10.99.0.11", "10.99.0.12"]
@@ -325,7 +325,7 @@ def test_every_node_command_is_valid_shell():
     from spark_cluster.facts import (CLOCK_COMMAND, DOCKER_DISK_COMMAND, DOCKER_PLATFORM_COMMAND, GPU_COMMAND, IBDEV2NETDEV_COMMAND,
                                      IP_ADDR_COMMAND, LINK_COMMAND, MEMINFO_COMMAND, PERFTEST_COMMAND, ib_write_bw_client_command,
                                      ib_write_bw_server_command)
-    from spark_cluster.status import node_script
+    from spark_cluster.observe import node_script
 
     cfg = load_config(SIM_CONFIG)
     cfg = cfg.model_copy(update={"sysctl": {"vm.swappiness": 1, "net.core.rmem_max": 1 << 27}})
@@ -351,7 +351,8 @@ def on_stubbed_node(stubs: str):
     """The node script run by a real shell with docker and sysctl stubbed, read as status reads it."""
     import subprocess
 
-    from spark_cluster.status import NodeObs, node_script, parse_node_output
+    from spark_cluster.observation import NodeObs
+    from spark_cluster.observe import node_script, parse_node_output
 
     cfg = load_config(SIM_CONFIG)
     plan = build_plan(cfg)
@@ -368,7 +369,7 @@ def test_node_script_read_on_a_stubbed_node():
 
 
 def test_a_node_whose_docker_does_not_answer_says_so():
-    from spark_cluster.status import verdict
+    from spark_cluster.judge import verdict
 
     obs = on_stubbed_node(STUB_NO_DOCKER)
     assert obs.error.startswith("docker does not answer: Cannot connect to the Docker daemon")

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from spark_cluster.config import parse_config
-from spark_cluster.executor import Executor, list_containers
+from spark_cluster.executor import Executor
+from spark_cluster.observe import list_containers
 from spark_cluster.status import status
 from spark_cluster.transport import Nodes
 

@@ -11,7 +11,8 @@ import yaml
 from openai import OpenAI
 
 from spark_cluster.config import parse_config
-from spark_cluster.executor import Executor, LockedError, PreflightError, StepError, list_containers, member_name
+from spark_cluster.executor import Executor, LockedError, PreflightError, StepError, member_name
+from spark_cluster.observe import list_containers
 from spark_cluster.plan import build_plan
 from spark_cluster.sim import cluster
 from spark_cluster.transport import HostKeyError, Nodes

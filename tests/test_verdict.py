@@ -13,8 +13,8 @@ import pytest
 
 from spark_cluster.config import WatchdogSettings
 from spark_cluster.decide import State, decide
-from spark_cluster.status import ContainerObs, NodeObs, Observation, ProcessObs, RayObs, VLLMObs, verdict
-from spark_cluster.watchdog import sample_of
+from spark_cluster.judge import sample_of, verdict
+from spark_cluster.observation import ContainerObs, NodeObs, Observation, ProcessObs, RayObs, VLLMObs
 
 from .conftest import ROOT
 

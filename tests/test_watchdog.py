@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from spark_cluster.config import parse_config
-from spark_cluster.executor import Executor, list_containers
+from spark_cluster.executor import Executor
+from spark_cluster.observe import list_containers
 from spark_cluster.gateway import OUTCOMES
 from spark_cluster.metrics import sample_value
 from spark_cluster.transport import Nodes

@@ -12,8 +12,8 @@ import httpx
 from .. import timeouts
 from ..config import ClusterConfig
 from ..errors import SimError
-from ..executor import Executor, list_containers
-from ..facts import read_ray_state
+from ..executor import Executor
+from ..observe import list_containers, read_process, read_ray_state
 from ..transport import Nodes
 from ..views import err, out, step_reporter
 from . import cluster, image as sim_image, provision
@@ -41,7 +41,7 @@ def demo(cfg: ClusterConfig, config: Path, nodes: int) -> None:
                 out.print(f"{n.name:8} {c.name:22} {c.state}", highlight=False)
             for p in ex.plan.processes():
                 if p.node == n.name:
-                    fact = ex.process_fact(p)
+                    fact = read_process(ns[p.node], p)
                     out.print(f"{n.name:8}   {p.name} in {p.container}: {fact.state} (pid {fact.pid})", highlight=False)
         ray_step = next((s for s in ex.plan.steps if s.kind == "wait-ray"), None)
         if ray_step is not None:
