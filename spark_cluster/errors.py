@@ -115,6 +115,11 @@ class PreflightError(SparkClusterError):
         super().__init__("preflight failed, nothing was changed:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def indent(text: str) -> str:
+    """Lines shown under an error's message (a container's last log lines, what was read back)."""
+    return "\n".join("      " + line for line in text.splitlines())
+
+
 class StepError(SparkClusterError):
     """A step of `up` failed, or `down` could not remove a container; the message says which, where, and the last log lines."""
 

@@ -21,39 +21,21 @@ from typing import Any, Callable, Iterator, Optional
 import httpx
 
 from . import kept, lifecycle, lock, timeouts
+from .checks import ReadBack, evaluate
 from .config import ClusterConfig
-from .errors import CommandFailed, CommandTimeout, EngineKeyRefused, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError  # noqa: F401
+from .errors import CommandTimeout, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError, indent
 from .facts import ContainerFact, ProcessFact
-from .judge import container_gone, key_refused, process_gone
-from .observe import Engine, list_containers, read_process, read_ray_state, save_logs, tail_logs
-from .plan import NOT_DETECTED, Plan, Step, build_plan
-from .checks import (Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth, PerftestPresent, RdmaBandwidth, ReadBack,
-                     STATE_MIN_GIB, VllmFlags, differs, evaluate, link_of, note, state_dir_problem)
-from .link import LinkPick
-from .model_sync import ModelSync, node_to_node
 from .lifecycle import COMPONENT_ORDER, stop_rank
+from .model_sync import ModelSync
+from .observe import list_containers, read_process, save_logs, tail_logs
+from .plan import NOT_DETECTED, Plan, Step, build_plan
+from .preflight import Finding, Preflight
 from .reconcile import member_name, reconcile
-from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
-from .vllm_check import VllmCheck, VllmCheckError, argv_hash, parse_output
+from .vllm_check import VllmCheck
+from .waits import Waits
 
 Reporter = Callable[[dict[str, Any]], None]
-
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One preflight check's verdict on one node (node None: across nodes)."""
-
-    node: Optional[str]
-    check: str
-    description: str
-    problem: Optional[str] = None
-    note: Optional[str] = None
-
-    @property
-    def message(self) -> str:
-        return f"{self.node}: {self.problem}" if self.node else str(self.problem)
 
 
 @dataclass
@@ -154,188 +136,20 @@ class Executor:
     # ---- preflight ----------------------------------------------------------------------
     def preflight(self, existing: dict[str, list[ContainerFact]]) -> None:
         t0 = time.monotonic()
-        problems = [f.message for f in self.inspect(existing) if f.problem]
+        checks = Preflight(self.cfg, self.nodes, self.plan, self.emit)
+        problems = [f.message for f in checks.inspect(existing) if f.problem]
+        self.plan = checks.plan  # as detected (`nccl: auto`)
         if problems:
             raise PreflightError(problems)
         self.emit("phase-done", phase="preflight", duration_s=round(time.monotonic() - t0, 3))
 
-    def inspect(self, existing: dict[str, list[ContainerFact]], *, fetch_images: bool = True) -> list[Finding]:
-        """Every preflight check on every node (in parallel; nothing changed except, with fetch_images,
-        the image pulled or streamed to a node that lacks it), as findings. With `nccl: auto` the link
-        found is remembered and the plan rebuilt with it before the checks are judged."""
-        steps = [s for s in self.plan.steps_in("preflight") if not isinstance(s.check, (VllmFlags, LinkBandwidth, RdmaBandwidth))]
-        vllm_step = next((s for s in self.plan.steps_in("preflight") if isinstance(s.check, VllmFlags)), None)
-        by_node: dict[str, list[Step]] = {}
-        for s in steps:
-            by_node.setdefault(s.node, []).append(s)
-        for s in steps:
-            self.emit("step-start", s)
-
-        def run_node(t: SSHTransport) -> dict[str, Result]:
-            return {s.id: t.run(s.command, timeout=s.timeout_s) for s in by_node[t.node]}
-
-        results = self.nodes.map(run_node, by_node.keys())  # a bug raises: never "nothing was changed"
-        outputs: dict[str, dict[str, Result]] = results.succeeded
-        if fetch_images:
-            self._fetch_missing_images(outputs, by_node)
-        findings = [Finding(node, "ssh", "the node answers over SSH", str(exc)) for node, exc in results.failed.items()]
-        state = self.cfg.resolved_state_dir()
-        free = _free_gib(state)
-        room = state_dir_problem(str(state), free)
-        findings.append(Finding("controller", "state-dir", f"room for state_dir ({STATE_MIN_GIB:g} GiB)", room,
-                                None if room else f"{free:.0f} GiB free"))
-        self._detected_link(outputs)
-        checks = {s.id: s.check for s in self.plan.steps_in("preflight")}  # judged by the plan as detected
-        running_here = {n: any(c.running for c in cs) for n, cs in existing.items()}
-        same: dict[str, tuple[Check, dict[str, str]]] = {}
-        for node, res in outputs.items():
-            for s in by_node[node]:
-                r, check = res[s.id], checks[s.id]
-                problem = evaluate(check, r.exit_code, r.stdout, r.stderr, cluster_running=running_here.get(node, False))
-                findings.append(Finding(node, s.id, s.description, problem, None if problem else note(check, r.stdout)))
-                if not problem and check.same_on_all_nodes:
-                    same.setdefault(check.kind, (check, {}))[1][node] = r.stdout
-        for check, values in same.values():
-            problem = differs(check, values, self.cfg.head.name)
-            if problem:
-                findings.append(Finding(None, f"same/{check.kind}", f"{check.kind}: the same on every node", problem))
-        bad = any(f.problem for f in findings)
-        for s in steps:
-            if s.node in outputs:
-                self.emit("step-ok" if not bad else "step-checked", s, duration_s=round(outputs[s.node][s.id].duration_s, 3))
-        if not bad:  # every node at once, with the plan as detected (its NCCL variables)
-            perftest = [outputs[s.node][s.id].stdout.strip() for s in steps if isinstance(s.check, PerftestPresent) and s.node in outputs]
-            rdma = perftest and all(perftest) and any(isinstance(s.check, RdmaBandwidth) for s in self.plan.steps_in("preflight"))
-            findings += self._bandwidth_findings(RdmaBandwidth if rdma else LinkBandwidth)
-        if vllm_step is not None:
-            findings += self._vllm_findings(vllm_step, outputs, steps)
-        return findings
-
-    def _bandwidth_findings(self, kind: type) -> list[Finding]:
-        """link.check bandwidth: ib_write_bw per rail when every node has it, else the all-reduce; every node at once."""
-        steps = {s.node: s for s in self.plan.steps_in("preflight") if isinstance(s.check, kind)}
-        if not steps:
-            return []
-        for s in steps.values():
-            self.emit("step-start", s)
-        results = self.nodes.map(lambda t: t.run(steps[t.node].command, timeout=steps[t.node].timeout_s,
-                                                 input=read_template(steps[t.node].stdin).encode() if steps[t.node].stdin else None),
-                                 steps.keys())
-        findings = [Finding(node, steps[node].id, steps[node].description, str(exc)) for node, exc in results.failed.items()]
-        for node, r in results.succeeded.items():
-            s = steps[node]
-            problem = evaluate(s.check, r.exit_code, r.stdout, r.stderr)
-            found = None if problem else note(s.check, r.stdout)
-            findings.append(Finding(node, s.id, s.description, problem, found))
-            self.emit("step-failed" if problem else "step-ok", s, duration_s=round(r.duration_s, 3), note=found)
-        return findings
-
     def doctor(self) -> list[Finding]:
-        """Every preflight check, changing nothing (no image fetched, no page cache dropped, no lock
-        taken): what `up` would find. A node that cannot be reached is a finding, not an error."""
-        if self.cfg.memory.drop_page_cache:  # read memory as it is; up drops the page cache first
-            cfg = self.cfg.model_copy(update={"memory": self.cfg.memory.model_copy(update={"drop_page_cache": False})})
-            links = kept.links(cfg)
-            self.plan = build_plan(cfg, reveal_secrets=True, links=links)
-        existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name)).succeeded
-        return self.inspect(existing, fetch_images=False)
+        """Every preflight check, changing nothing (Preflight.doctor)."""
+        return Preflight(self.cfg, self.nodes, self.plan, self.emit).doctor()
 
-    def _detected_link(self, outputs: dict[str, dict[str, Result]]) -> None:
-        """`nccl: auto`: the link each node's output shows; when every node has one, it is remembered
-        (state_dir/link.json) and the plan rebuilt with it (its containers' NCCL/Gloo variables)."""
-        picks: dict[str, LinkPick] = {}
-        for s in self.plan.steps_in("preflight"):
-            if isinstance(s.check, ClusterLink) and s.node in outputs:
-                pick = link_of(s.check, outputs[s.node][s.id].stdout)
-                if not isinstance(pick, LinkPick):
-                    return  # judged with the other checks
-                picks[s.node] = pick
-        auto = [n.name for n in self.cfg.nodes if self.cfg.node_nccl(n).auto]
-        if not auto or set(picks) != set(auto):
-            return
-        kept.save_links(self.cfg, picks)
-        self.plan = build_plan(self.cfg, reveal_secrets=True, links=picks)
-        self.emit("link-detected", nodes={n: p.env() | ({"note": p.note} if p.note else {}) for n, p in picks.items()})
-
-    def _vllm_findings(self, vllm_step: Step, outputs: dict[str, dict[str, Result]], steps: list[Step]) -> list[Finding]:
-        head_image = next((outputs[s.node][s.id] for s in steps
-                           if s.node == self.cfg.head.name and isinstance(s.check, ImagePresent) and s.node in outputs), None)
-        image_id = head_image.stdout.strip() if head_image is not None and head_image.ok else None
-        if not image_id:
-            return []  # the image check says why
-        seen = kept.passed_before(self.cfg, image_id, argv_hash(self.plan.vllm_argvs))
-        if seen:
-            self.emit("step-skip", vllm_step, reason=f"checked before: vLLM {seen.get('vllm_version')}, same image ID and flags")
-            return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, None, f"checked before: vLLM {seen.get('vllm_version')}")]
-        # needs the image on the head: runs after the image checks (and fetches)
-        self.emit("step-start", vllm_step)
-        t1 = time.monotonic()
-        try:
-            check = self.check_vllm_flags(vllm_step, image_id=image_id)
-        except VllmCheckError as exc:
-            self.emit("step-failed", vllm_step, duration_s=round(time.monotonic() - t1, 3), error=str(exc))
-            return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, str(exc))]
-        self.emit("step-ok" if check.ok else "step-failed", vllm_step, duration_s=round(time.monotonic() - t1, 3),
-                  vllm_version=check.vllm_version, problems=len(check.problems))
-        messages = check.messages(self.cfg)
-        if not messages:
-            return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, None, f"vLLM {check.vllm_version}")]
-        return [Finding(vllm_step.node, vllm_step.id, vllm_step.description, m) for m in messages]
-
-    def check_vllm_flags(self, step: Optional[Step] = None, *, image_id: Optional[str] = None) -> VllmCheck:
-        """Run the image's vLLM parser over the rendered argv (throwaway container on the head)."""
-        if step is None:
-            plan = self.plan
-            if not self.cfg.vllm.check_flags:  # asked for explicitly: check even when preflight would not
-                cfg = self.cfg.model_copy(update={"vllm": self.cfg.vllm.model_copy(update={"check_flags": True})})
-                plan = build_plan(cfg, reveal_secrets=True)
-            step = next(s for s in plan.steps if isinstance(s.check, VllmFlags))
-        t = self.nodes[step.node]
-        where = f"image {self.cfg.container.image} on {step.node}"
-        try:
-            r = t.run(step.command, timeout=step.timeout_s, input=read_template(step.stdin).encode())
-        except CommandTimeout:
-            t.run(lifecycle.discard_command(step.check.container), timeout=timeouts.CLEANUP_S)
-            raise VllmCheckError(f"checking the vllm serve flags with {where} took longer than {step.timeout_s:g} s "
-                                 "(vllm.check_timeout_s)") from None
-        check = parse_output(r.stdout, r.stderr, r.exit_code, where)
-        self._remember_vllm(check, image_id)
-        return check
-
-    def _remember_vllm(self, check: VllmCheck, image_id: Optional[str]) -> None:
-        """The vLLM version found in the image, for `status` and `plan`, and to skip the same check
-        on the next `up` or watchdog restart (same image ID, same flags)."""
-        kept.save_check(self.cfg, {"image": self.cfg.container.image, "image_id": image_id, "argv_hash": argv_hash(self.plan.vllm_argvs),
-                            "vllm_version": check.vllm_version, "checked_at": _now(), "where": check.where, "ok": check.ok})
-
-    def _fetch_missing_images(self, results: dict[str, dict[str, Result]], by_node: dict[str, list[Step]]) -> None:
-        """Nodes without the image: `docker pull` it, or else copy it from a node that has it:
-        node to node over the cluster link (docker save there, docker load here), or, when that
-        fails, streamed through the controller (nodes that cannot open a port to each other)."""
-        image = self.cfg.container.image
-        have, missing = [], []
-        for node, res in results.items():
-            step = next(s for s in by_node[node] if isinstance(s.check, ImagePresent))
-            (have if res[step.id].ok else missing).append(node)
-        for node in missing:
-            t = self.nodes[node]
-            step = next(s for s in by_node[node] if isinstance(s.check, ImagePresent))
-            self.emit("image-fetch", node=node, image=image, how="docker pull")
-            pulled = t.run(f"docker pull --quiet {quote(image)}", timeout=timeouts.IMAGE_TRANSFER_S)
-            if not pulled.ok and have:
-                source = self.nodes[have[0]]
-                self.emit("image-fetch", node=node, image=image, how=f"node to node from {source.node} over the cluster link")
-                _, _, why = node_to_node(source, t, self.cfg.node(source.node).address, self.cfg.node(node).address,
-                                         receive=f"receive-pipe {quote('docker load')}", send=f"send-pipe {quote('docker save ' + quote(image))}",
-                                         timeout_s=timeouts.IMAGE_TRANSFER_S)
-                if why:
-                    self.emit("image-fetch", node=node, image=image, how=f"streamed from {source.node} through the controller ({why})")
-                    save, load = source.stream_to(f"docker save {quote(image)}", t, "docker load", timeout=timeouts.IMAGE_TRANSFER_S)
-                    if not (save.ok and load.ok):
-                        self.emit("image-fetch-failed", node=node, error=(save.stderr + load.stderr)[-500:])
-            for s in by_node[node]:  # read again what needs the image
-                if isinstance(s.check, (ImagePresent, ImagePlatform, GpuWorks)):
-                    results[node][s.id] = t.run(s.command, timeout=s.timeout_s)
+    def check_vllm_flags(self) -> VllmCheck:
+        """The image's vLLM parser over the rendered flags (Preflight.check_vllm_flags)."""
+        return Preflight(self.cfg, self.nodes, self.plan, self.emit).check_vllm_flags()
 
     # ---- prepare ------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -352,7 +166,7 @@ class Executor:
                     raise StepError(s, f"exit code {r.exit_code}", r.tail())
                 problem = evaluate(s.check, r.exit_code, r.stdout, r.stderr) if s.check is not None else None
                 if problem:
-                    shown = f"    expected:\n{_indent(s.check.stdout)}\n    read back:\n{_indent(r.stdout)}" if isinstance(s.check, ReadBack) else ""
+                    shown = f"    expected:\n{indent(s.check.stdout)}\n    read back:\n{indent(r.stdout)}" if isinstance(s.check, ReadBack) else ""
                     raise StepError(s, problem, shown)
                 self._done(s, t0)
 
@@ -381,7 +195,7 @@ class Executor:
                 return
             time.sleep(timeouts.PROCESS_POLL_S)
         raise StepError(step, f"{step.process.name} did not start in {step.process.container}: {fact.detail}",
-                        _indent(tail_logs(self.nodes[step.node], step.process.container)))
+                        indent(tail_logs(self.nodes[step.node], step.process.container)))
 
     def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path], graceful: bool = True, component: str = "") -> None:
         """One container stopped and removed as lifecycle.remove_step shows it: a process hosted in it
@@ -404,90 +218,8 @@ class Executor:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    # ---- waits --------------------------------------------------------------------------
-    def wait_ray(self, step: Step) -> None:
-        t0 = time.monotonic()
-        self.emit("step-start", step)
-        deadline = t0 + (step.deadline_s or 300)
-        want = set(step.check.alive_ips)
-        want_resources = dict(step.check.resources)
-        while True:
-            ray = read_ray_state(self.nodes[step.node], step.command, step.timeout_s)
-            alive = set(ray.alive)
-            short = {k: ray.total(k) for k, v in want_resources.items() if ray.total(k) < v}
-            if want <= alive and not short:
-                self._done(step, t0, alive=sorted(alive), resources={k: ray.total(k) for k in want_resources})
-                return
-            self._check_members_alive(step)
-            if time.monotonic() > deadline:
-                missing = [n for n in self.cfg.nodes if n.address not in alive]
-                details = []
-                for n in missing:
-                    name = next(s.container.name for s in self.plan.steps if s.container and s.node == n.name)
-                    details.append(f"  {n.name} ({n.address}) has not joined; last lines of {name}:\n" + _indent(tail_logs(self.nodes[n.name], name)))
-                msg = f"Ray shows {len(alive)} of {len(want)} nodes after {step.deadline_s:g}s"
-                msg += "".join(f", {ray.total(k):g} of {want_resources[k]:g} {k}" for k in short)
-                if missing:
-                    msg += "; missing: " + ", ".join(n.name for n in missing)
-                raise StepError(step, msg, "\n".join(details))
-            time.sleep(self.cfg.health.poll_interval_s)
-
-    def _check_members_alive(self, step: Step) -> None:
-        """Fail fast when a container or process the wait depends on has ended."""
-        upto = self.plan.steps.index(step)
-        members = [s for s in self.plan.steps[:upto + 1] if s.container is not None or s.process is not None]
-        found = {(c.node, c.name): c for n in {s.node for s in members} for c in list_containers(self.nodes[n], self.cfg.name)}
-        for s in members:
-            if s.container is not None:
-                c = found.get((s.node, s.container.name))
-                name = s.container.name
-                gone = container_gone(name, s.node, "missing" if c is None else c.state)
-                if gone and c is not None:
-                    gone += f" (exit code {c.exit_code})"
-            else:
-                fact = read_process(self.nodes[s.process.node], s.process)
-                gone = process_gone(s.process.name, s.process.container, s.node, fact.state, fact.detail)
-                name = s.process.container
-            if gone:
-                raise StepError(step, gone, _indent(tail_logs(self.nodes[s.node], name)))
-
-    def wait_ready(self, steps: list[Step]) -> None:
-        """Poll each readiness check in turn (cheap HTTP: every timeouts.READY_POLL_S, so a ready engine
-        is seen at once), checking every 10 s that the members still run (fail fast when one died)."""
-        deadline_start = time.monotonic()
-        last_alive_check = time.monotonic()
-        engine = Engine(self.cfg, self.http)
-        try:
-            for step in steps:
-                with self.timed(step.id):
-                    t0 = time.monotonic()
-                    self.emit("step-start", step)
-                    deadline = deadline_start + (step.deadline_s or 600)
-                    while True:
-                        last_err = self._ready_problem(engine, step)
-                        if last_err is None:
-                            self._done(step, t0)
-                            break
-                        if time.monotonic() - last_alive_check > 10:
-                            last_alive_check = time.monotonic()
-                            self._check_members_alive(self.plan.steps[-1])
-                        if time.monotonic() > deadline:
-                            raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
-                                            _indent(tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container)))
-                        time.sleep(timeouts.READY_POLL_S)
-        finally:
-            engine.close()
-
-    @staticmethod
-    def _ready_problem(engine: Engine, step: Step) -> Optional[str]:
-        """What a readiness step's answer lacks (checks.evaluate), None when ready. A refused API key
-        raises: waiting longer will not change the engine's mind."""
-        status, body = engine.answer(step.request, step.timeout_s)
-        if status is None:
-            return body
-        if key_refused(status):
-            raise EngineKeyRefused(status, f"{step.request.method} {httpx.URL(step.request.url).path}")
-        return evaluate(step.check, status, body)
+    def _waits(self) -> Waits:
+        return Waits(self.cfg, self.nodes, self.plan, self.emit, self.timed, self.http)
 
     # ---- up / down ----------------------------------------------------------------------
     def up(self, *, stop_after: str | None = None) -> UpResult:
@@ -535,11 +267,11 @@ class Executor:
                 elif s.kind == "wait-ray":
                     if todo.start:
                         with self.timed(s.id):
-                            self.wait_ray(s)
+                            self._waits().ray(s)
                     else:
                         self.emit("step-skip", s, reason="Ray unchanged")
             if "ready" in allowed:
-                self.wait_ready(self.plan.steps_in("ready"))
+                self._waits().ready(self.plan.steps_in("ready"))
         finally:
             self.release_lock()
         result = UpResult(changed=todo.changed, recreated=[member_name(s) for s in todo.start], kept=todo.kept,
@@ -614,23 +346,6 @@ class Executor:
             raise RemoveFailed("down did not remove everything:\n" + "\n".join(f"  - {x}" for x in left),
                                hint="run down again once the node answers, or remove what is left by hand")
         return logs
-
-
-def _indent(text: str) -> str:
-    return "\n".join("      " + line for line in text.splitlines())
-
-
-def _free_gib(path: Path) -> Optional[float]:
-    """Free space where path is (or would be created: its nearest existing parent)."""
-    import shutil
-
-    for p in (path, *path.parents):
-        if p.exists():
-            try:
-                return shutil.disk_usage(p).free / 2**30
-            except OSError:
-                return None
-    return None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -68,7 +68,8 @@ def passed_before(cfg: ClusterConfig, image_id: str, argv_hash: str) -> Optional
 
 
 def save_check(cfg: ClusterConfig, record: dict) -> None:
-    """A check's result, newest first."""
+    """A check's result (stamped with when it was kept), newest first."""
+    record = {**record, "checked_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
     key = (record.get("image_id"), record.get("argv_hash"))
     rest = [r for r in _checks(cfg) if (r.get("image_id"), r.get("argv_hash")) != key]
     _write(cfg, "vllm.json", {"checks": [record, *rest][:KEPT_CHECKS]})

@@ -35,7 +35,7 @@ def ready_step(path: str = "/v1/models"):
 
 
 def test_readiness_sends_the_key_and_a_refusal_ends_it_at_once_as_a_configuration_error():
-    from spark_cluster.executor import Executor
+    from spark_cluster.waits import Waits
     from spark_cluster.observe import Engine
 
     cfg, step = ready_step()
@@ -48,10 +48,10 @@ def test_readiness_sends_the_key_and_a_refusal_ends_it_at_once_as_a_configuratio
         return httpx.Response(200, json={"data": [{"id": cfg.model.name}]})
 
     with httpx.Client(transport=httpx.MockTransport(engine), headers=cfg.engine_headers()) as http:
-        assert Executor._ready_problem(Engine(cfg, http), step) is None
+        assert Waits._ready_problem(Engine(cfg, http), step) is None
     with httpx.Client(transport=httpx.MockTransport(engine)) as http:
         with pytest.raises(EngineKeyRefused) as err:
-            Executor._ready_problem(Engine(cfg, http), step)
+            Waits._ready_problem(Engine(cfg, http), step)
     assert err.value.exit_code == 17 and "401" in str(err.value) and "GET /v1/models" in str(err.value)
     assert "sk-env" not in str(err.value)
     assert seen == ["Bearer sk-env-0123", None]

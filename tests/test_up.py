@@ -11,7 +11,9 @@ import yaml
 from openai import OpenAI
 
 from spark_cluster.config import parse_config
-from spark_cluster.executor import Executor, LockedError, PreflightError, StepError, member_name
+from spark_cluster.errors import LockedError, PreflightError, StepError
+from spark_cluster.executor import Executor
+from spark_cluster.reconcile import member_name
 from spark_cluster.observe import list_containers
 from spark_cluster.plan import build_plan
 from spark_cluster.sim import cluster

@@ -1,0 +1,116 @@
+"""`up`'s waits: Ray's members, then the engine's readiness. Each fails fast, with the last log
+lines of what ended, when a member of the group it waits for has gone (judge's rule)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager
+from typing import Callable, Optional
+
+import httpx
+
+from . import timeouts
+from .checks import evaluate
+from .config import ClusterConfig
+from .errors import EngineKeyRefused, StepError, indent
+from .judge import container_gone, key_refused, process_gone
+from .observe import Engine, list_containers, read_process, read_ray_state, tail_logs
+from .plan import Plan, Step
+from .transport import Nodes
+
+
+class Waits:
+    def __init__(self, cfg: ClusterConfig, nodes: Nodes, plan: Plan, emit: Callable[..., None],
+                 timed: Callable[[str], AbstractContextManager[None]], http: Optional[httpx.Client] = None):
+        """emit: Executor.emit; timed: Executor.timed (where up's time went, by step); http: the
+        client readiness asks the engine with (default: one of its own, with the engine's key)."""
+        self.cfg = cfg
+        self.nodes = nodes
+        self.plan = plan
+        self.emit = emit
+        self.timed = timed
+        self.http = http
+
+    def ray(self, step: Step) -> None:
+        t0 = time.monotonic()
+        self.emit("step-start", step)
+        deadline = t0 + (step.deadline_s or 300)
+        want = set(step.check.alive_ips)
+        want_resources = dict(step.check.resources)
+        while True:
+            ray = read_ray_state(self.nodes[step.node], step.command, step.timeout_s)
+            alive = set(ray.alive)
+            short = {k: ray.total(k) for k, v in want_resources.items() if ray.total(k) < v}
+            if want <= alive and not short:
+                self.emit("step-ok", step, duration_s=round(time.monotonic() - t0, 3), alive=sorted(alive), resources={k: ray.total(k) for k in want_resources})
+                return
+            self.members_alive(step)
+            if time.monotonic() > deadline:
+                missing = [n for n in self.cfg.nodes if n.address not in alive]
+                details = []
+                for n in missing:
+                    name = next(s.container.name for s in self.plan.steps if s.container and s.node == n.name)
+                    details.append(f"  {n.name} ({n.address}) has not joined; last lines of {name}:\n" + indent(tail_logs(self.nodes[n.name], name)))
+                msg = f"Ray shows {len(alive)} of {len(want)} nodes after {step.deadline_s:g}s"
+                msg += "".join(f", {ray.total(k):g} of {want_resources[k]:g} {k}" for k in short)
+                if missing:
+                    msg += "; missing: " + ", ".join(n.name for n in missing)
+                raise StepError(step, msg, "\n".join(details))
+            time.sleep(self.cfg.health.poll_interval_s)
+
+    def members_alive(self, step: Step) -> None:
+        """Fail fast when a container or process the wait depends on has ended."""
+        upto = self.plan.steps.index(step)
+        members = [s for s in self.plan.steps[:upto + 1] if s.container is not None or s.process is not None]
+        found = {(c.node, c.name): c for n in {s.node for s in members} for c in list_containers(self.nodes[n], self.cfg.name)}
+        for s in members:
+            if s.container is not None:
+                c = found.get((s.node, s.container.name))
+                name = s.container.name
+                gone = container_gone(name, s.node, "missing" if c is None else c.state)
+                if gone and c is not None:
+                    gone += f" (exit code {c.exit_code})"
+            else:
+                fact = read_process(self.nodes[s.process.node], s.process)
+                gone = process_gone(s.process.name, s.process.container, s.node, fact.state, fact.detail)
+                name = s.process.container
+            if gone:
+                raise StepError(step, gone, indent(tail_logs(self.nodes[s.node], name)))
+
+    def ready(self, steps: list[Step]) -> None:
+        """Poll each readiness check in turn (cheap HTTP: every timeouts.READY_POLL_S, so a ready engine
+        is seen at once), checking every 10 s that the members still run (fail fast when one died)."""
+        deadline_start = time.monotonic()
+        last_alive_check = time.monotonic()
+        engine = Engine(self.cfg, self.http)
+        try:
+            for step in steps:
+                with self.timed(step.id):
+                    t0 = time.monotonic()
+                    self.emit("step-start", step)
+                    deadline = deadline_start + (step.deadline_s or 600)
+                    while True:
+                        last_err = self._ready_problem(engine, step)
+                        if last_err is None:
+                            self.emit("step-ok", step, duration_s=round(time.monotonic() - t0, 3))
+                            break
+                        if time.monotonic() - last_alive_check > 10:
+                            last_alive_check = time.monotonic()
+                            self.members_alive(self.plan.steps[-1])
+                        if time.monotonic() > deadline:
+                            raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
+                                            indent(tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container)))
+                        time.sleep(timeouts.READY_POLL_S)
+        finally:
+            engine.close()
+
+    @staticmethod
+    def _ready_problem(engine: Engine, step: Step) -> Optional[str]:
+        """What a readiness step's answer lacks (checks.evaluate), None when ready. A refused API key
+        raises: waiting longer will not change the engine's mind."""
+        status, body = engine.answer(step.request, step.timeout_s)
+        if status is None:
+            return body
+        if key_refused(status):
+            raise EngineKeyRefused(status, f"{step.request.method} {httpx.URL(step.request.url).path}")
+        return evaluate(step.check, status, body)
