@@ -65,7 +65,7 @@ def gateway(upstream_port: int, port: int) -> None:
     """The gateway as the controller serves it, door open, nothing else."""
     import uvloop
 
-    from spark_cluster.config import GatewaySettings
+    from spark_cluster.serving_settings import GatewaySettings
     from spark_cluster.controller import listening_socket
     from spark_cluster.front import GatewayServer
     from spark_cluster.gateway import Door, Gateway

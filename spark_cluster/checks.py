@@ -13,7 +13,9 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .facts import parse_nccl_tests, parse_clock, parse_rdma_bandwidth, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_link, parse_meminfo, parse_platforms, parse_reach, same_platform
+from .facts import parse_clock, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_meminfo, parse_platforms, same_platform
+
+from .link_facts import parse_nccl_tests, parse_rdma_bandwidth, parse_link, parse_reach
 from .link import LinkPick, pick_link, reach_problem
 
 

@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
-from .config import VLLM_STEP_TIMEOUT_S, WatchdogSettings
+from .serving_settings import VLLM_STEP_TIMEOUT_S, WatchdogSettings
 from .errors import ENGINE_KEY_FIX
 from .facts import progressed
 
@@ -191,76 +191,101 @@ def fresh_budget(state: State, now: float) -> State:
     return replace(resumed(state, now), budget_since=now, consecutive=0, restarts=hour_restarts(state, now), failed_restart="")
 
 
-def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[State, Optional[Action]]:
-    if state.phase == "failed":
-        return state, None
-    if state.phase in ("backoff", "restarting"):
-        # the runner is carrying the restart out; nothing to decide meanwhile
+Outcome = tuple[State, Optional[Action]]
+
+
+def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> Outcome:
+    if state.phase in ("failed", "backoff", "restarting"):
+        # failed: until told otherwise; backoff, restarting: the runner is carrying the restart out
         return state, None
     if state.phase == "starting" and state.failed_restart:
         # nothing says the group was replaced: try again (with backoff, under the breaker)
         return _restart(replace(state, failed_restart=""), now, f"the last restart failed: {state.failed_restart}", s)
-
-    # --- who is gone, definitively -------------------------------------------------------------
-    counts = {n: state.unreachable_count.get(n, 0) + 1 for n in x.unreachable}
-    state = replace(state, unreachable_count=counts)
-    lost = [n for n, c in counts.items() if c >= UNREACHABLE_SAMPLES]
-    if x.gone or lost:
-        parts = list(x.gone) + [f"node {n} unreachable for {counts[n]} periods" for n in lost]
-        if state.phase == "starting" and state.ready_at is None and not lost and now - state.since < 5:
-            return state, None  # containers being (re)created right now
-        return _restart(state, now, "member gone: " + "; ".join(parts), s)
-
-    # --- waiting for readiness after a (re)start -------------------------------------------------
-    answering = x.health == 200
-    if state.phase == "starting" and state.ready_at is None:
-        if answering:
-            ready_at = now if state.grace_on_ready else now - s.grace_after_start_s
-            state = replace(state, ready_at=ready_at, phase="healthy", since=now, healthy_since=now,
-                            last_counters=x.counters, last_progress=now)
-            return state, None
-        state = replace(state, grace_on_ready=True)
-        if now - state.since > STARTING_LIMIT_S:
-            return _restart(state, now, f"not ready {STARTING_LIMIT_S:g}s after start", s)
-        return state, None
-
-    # --- progress ----------------------------------------------------------------------------
+    state, done = _members(state, x, now, s)
+    if done is None:
+        done = _readiness(state, x, now, s)
+    if done is not None:
+        return done
     moved = state.last_counters is not None and progressed(state.last_counters, x.counters)
     if moved or state.last_progress is None:
         state = replace(state, last_progress=now)
     state = replace(state, last_counters=x.counters)
     in_grace = state.ready_at is not None and now - state.ready_at < s.grace_after_start_s
+    state, done = _canary_result(state, x, now, s, in_grace)
+    if done is not None:
+        return done
+    if moved or (x.health == 200 and x.pending == 0 and state.suspect_since is None):
+        return _healthy(state, now, s, moved, in_grace)
+    return _no_progress(state, x, now, s, in_grace)
 
-    # a canary result arrived
+
+def _members(state: State, x: Sample, now: float, s: WatchdogSettings) -> tuple[State, Optional[Outcome]]:
+    """Who is gone, definitively: a member, or a node unreachable for UNREACHABLE_SAMPLES periods."""
+    counts = {n: state.unreachable_count.get(n, 0) + 1 for n in x.unreachable}
+    state = replace(state, unreachable_count=counts)
+    lost = [n for n, c in counts.items() if c >= UNREACHABLE_SAMPLES]
+    if not (x.gone or lost):
+        return state, None
+    parts = list(x.gone) + [f"node {n} unreachable for {counts[n]} periods" for n in lost]
+    if state.phase == "starting" and state.ready_at is None and not lost and now - state.since < 5:
+        return state, (state, None)  # containers being (re)created right now
+    return state, _restart(state, now, "member gone: " + "; ".join(parts), s)
+
+
+def _readiness(state: State, x: Sample, now: float, s: WatchdogSettings) -> Optional[Outcome]:
+    """Waiting for the API after a (re)start (None once it answered before)."""
+    if not (state.phase == "starting" and state.ready_at is None):
+        return None
+    if x.health == 200:
+        ready_at = now if state.grace_on_ready else now - s.grace_after_start_s
+        return replace(state, ready_at=ready_at, phase="healthy", since=now, healthy_since=now,
+                       last_counters=x.counters, last_progress=now), None
+    state = replace(state, grace_on_ready=True)
+    if now - state.since > STARTING_LIMIT_S:
+        return _restart(state, now, f"not ready {STARTING_LIMIT_S:g}s after start", s)
+    return state, None
+
+
+def _canary_result(state: State, x: Sample, now: float, s: WatchdogSettings, in_grace: bool) -> tuple[State, Optional[Outcome]]:
+    """A canary's answer: the key refused (an alert, once), finished (healthy), or not (a hang confirmed)."""
     if x.canary_refused is not None:
         state = replace(state, canary_pending=False, last_canary=now)
         if not state.key_refused:
-            return replace(state, key_refused=True), Action(
+            state = replace(state, key_refused=True)
+            return state, (state, Action(
                 "alert", f"configuration error: vLLM answers {x.canary_refused} to the canary (the controller's API key is missing "
-                         f"or wrong: {ENGINE_KEY_FIX}); no canary can confirm a hang")
-    if x.canary_ok is not None:
-        state = replace(state, canary_pending=False, last_canary=now)
-        if x.canary_ok:
-            state = replace(state, phase="healthy", suspect_since=None, suspect_reason="", last_progress=now)
-        elif state.suspect_since is not None and now - state.suspect_since >= s.stall_window_s:
-            return _restart(state, now, f"hang confirmed: {state.suspect_reason}, and a 1-token canary did not finish within "
-                                        f"{s.canary_timeout_s:g}s", s)
-        elif state.suspect_since is None and not x.pending and not in_grace:
-            # idle engine whose canary did not finish: as good as a hang with work in flight
-            return _restart(state, now, f"hang confirmed: idle engine did not finish a 1-token canary within {s.canary_timeout_s:g}s", s)
-
-    if moved or (answering and x.pending == 0 and state.suspect_since is None):
-        healthy_since = state.healthy_since if state.phase == "healthy" and state.healthy_since is not None else now
-        consecutive = 0 if now - healthy_since >= s.backoff_reset_s else state.consecutive
-        state = replace(state, phase="healthy", since=state.since if state.phase == "healthy" else now,
-                        suspect_since=None, suspect_reason="", healthy_since=healthy_since, consecutive=consecutive)
-        if not moved and not in_grace and not state.canary_pending and not state.key_refused and (state.last_canary is None or now - state.last_canary >= s.idle_canary_s) \
-                and now - (state.last_progress or now) >= s.idle_canary_s:
-            return replace(state, canary_pending=True), Action("canary", "idle engine: periodic canary")
+                         f"or wrong: {ENGINE_KEY_FIX}); no canary can confirm a hang"))
+    if x.canary_ok is None:
         return state, None
+    state = replace(state, canary_pending=False, last_canary=now)
+    if x.canary_ok:
+        return replace(state, phase="healthy", suspect_since=None, suspect_reason="", last_progress=now), None
+    if state.suspect_since is not None and now - state.suspect_since >= s.stall_window_s:
+        return state, _restart(state, now, f"hang confirmed: {state.suspect_reason}, and a 1-token canary did not finish within "
+                                           f"{s.canary_timeout_s:g}s", s)
+    if state.suspect_since is None and not x.pending and not in_grace:
+        # idle engine whose canary did not finish: as good as a hang with work in flight
+        return state, _restart(state, now, f"hang confirmed: idle engine did not finish a 1-token canary within {s.canary_timeout_s:g}s", s)
+    return state, None
 
-    # no progress: why?
-    if not answering:
+
+def _healthy(state: State, now: float, s: WatchdogSettings, moved: bool, in_grace: bool) -> Outcome:
+    """Progress, or an idle engine that answers: healthy; an idle one is asked a canary now and then."""
+    healthy_since = state.healthy_since if state.phase == "healthy" and state.healthy_since is not None else now
+    consecutive = 0 if now - healthy_since >= s.backoff_reset_s else state.consecutive
+    state = replace(state, phase="healthy", since=state.since if state.phase == "healthy" else now,
+                    suspect_since=None, suspect_reason="", healthy_since=healthy_since, consecutive=consecutive)
+    quiet = not moved and not in_grace and not state.canary_pending and not state.key_refused
+    if quiet and (state.last_canary is None or now - state.last_canary >= s.idle_canary_s) \
+            and now - (state.last_progress or now) >= s.idle_canary_s:
+        return replace(state, canary_pending=True), Action("canary", "idle engine: periodic canary")
+    return state, None
+
+
+def _no_progress(state: State, x: Sample, now: float, s: WatchdogSettings, in_grace: bool) -> Outcome:
+    """No progress: the API silent, or work waiting. Busy ranks are left alone within the budget, wedged
+    ones restarted after the stall window; otherwise suspect, then a canary confirms."""
+    if x.health != 200:
         reason = "the API does not answer" if x.health is None else f"/health answers {x.health}"
     elif x.pending > 0:
         engine = (x.running or 0) + (x.waiting or 0)

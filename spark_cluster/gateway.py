@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal, Optional, Protocol
 
 from . import timeouts
-from .config import GatewaySettings
+from .serving_settings import GatewaySettings
 from .upstream import ConnectFailed, ConnectionLost, ReadTimeout, Upstream, UpstreamError
 
 PATHS = "/v1/"  # what the gateway passes to vLLM (its OpenAI API)

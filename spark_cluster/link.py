@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .facts import NetInterface, PingFact, RdmaPort
+from .link_facts import NetInterface, PingFact, RdmaPort
 
 @dataclass(frozen=True)
 class LinkPick:

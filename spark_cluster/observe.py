@@ -19,7 +19,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import httpx
 
@@ -30,6 +30,7 @@ from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, ProcessFact, Ra
                     marked_sections, parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process, parse_ray_state,
                     parse_sysctl, process_command, progressed, sysctl_command)
 from .judge import key_refused
+from .watch_state import gpu_baselines, read_watchdog_state
 from .observation import ContainerObs, NodeObs, Observation, ProcessObs, RayObs, VLLMObs
 from .plan import LABEL_PREFIX, Plan, build_plan
 from .ranks import GPU_ACTIVITY_COMMAND, GpuBaseline, parse_gpu_activity, parse_processes, processes_command
@@ -319,25 +320,6 @@ def progress_age(cfg: ClusterConfig, v: VLLMObs, now: float) -> Optional[float]:
     except OSError:
         pass
     return round(now - last, 1)
-
-
-def read_watchdog_state(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
-    path = cfg.resolved_state_dir() / "watchdog.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def gpu_baselines(watchdog: Optional[dict[str, Any]]) -> dict[str, GpuBaseline]:
-    """The GPUs' idle and busy power per node as the watchdog learned them (its state file)."""
-    saved = watchdog.get("gpu_baseline") if isinstance(watchdog, dict) else None
-    out = {}
-    for node, b in (saved.items() if isinstance(saved, dict) else ()):
-        if isinstance(b, dict):
-            idle, busy = b.get("idle_w"), b.get("busy_w")
-            out[node] = GpuBaseline(idle if isinstance(idle, (int, float)) else None, busy if isinstance(busy, (int, float)) else None)
-    return out
 
 
 def sample_engine(cfg: ClusterConfig, window_s: float, timeout: float) -> VLLMObs:

@@ -13,9 +13,10 @@ from typing import Any, Optional
 from . import lifecycle, timeouts
 from .checks import (ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, LinkBandwidth, PerftestPresent, RdmaBandwidth, SudoWorks, HttpAnswer, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles,
                      PeerReachable, PortsFree, ProcessRuns, RayMembers, ReadBack, VllmFlags)
-from .config import ClusterConfig, Mount, Node
-from .facts import (CLOCK_COMMAND, DOCKER_DISK_COMMAND, LABEL_PREFIX, LINK_COMMAND, MEMINFO_COMMAND, PERFTEST_COMMAND, gpu_smoke_command,
-                    ib_write_bw_client_command, ib_write_bw_server_command, model_files_command, platforms_command, reach_command)
+from .config import ClusterConfig
+from .settings import Mount, Node
+from .facts import CLOCK_COMMAND, DOCKER_DISK_COMMAND, LABEL_PREFIX, MEMINFO_COMMAND, gpu_smoke_command, model_files_command, platforms_command
+from .link_facts import LINK_COMMAND, PERFTEST_COMMAND, ib_write_bw_client_command, ib_write_bw_server_command, reach_command
 from .link import LinkPick
 from .render import MASK, quote, read_template, render, render_argv
 from .steps import PHASES, ContainerSpec, DownPlan, HttpRequest, Phase, Plan, ProcessSpec, Step  # noqa: F401 - re-exported

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .checks import Check
-from .config import Mount
+from .settings import Mount
 
 # `up`'s phases in order, then those `down` adds
 PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "start-workers", "start-head", "wait-ray", "serve", "ready",

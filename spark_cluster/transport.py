@@ -24,7 +24,8 @@ from typing import Any, Callable, Generic, Iterable, Optional, Protocol, TypeVar
 import paramiko
 
 from . import timeouts
-from .config import ClusterConfig, Node, SSHSettings
+from .config import ClusterConfig
+from .settings import Node, SSHSettings
 from .errors import CommandFailed, CommandTimeout, HostKeyError, SparkClusterError, TransportError  # noqa: F401 - re-exported
 from .render import quote
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,24 +24,21 @@ import httpx
 
 from . import timeouts
 from .config import ClusterConfig
-from .decide import (Action, Sample, State, breaker_reset, decide, fresh_budget, hour_restarts, recent_restarts, requested_restart,
+from .decide import (Action, Sample, State, breaker_reset, decide, fresh_budget, hour_restarts, requested_restart,
                      restarted, resumed)
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
 from .executor import Executor
 from .facts import progressed
 from .judge import sample_of
 from .observation import NodeObs, RayObs
-from .observe import Engine, gpu_baselines, group_containers, observe_nodes, observe_ray, read_watchdog_state
+from .observe import Engine, group_containers, observe_nodes, observe_ray
+from .watch_state import STATE_FILE, gpu_baselines, iso, load_decision, read_watchdog_state, save_watchdog_state
 from .plan import build_plan
 from . import kept
 from .ranks import GpuBaseline, ProcessesReading, learn_baseline
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
-
-
-def _iso(t: float | None = None) -> str:
-    return datetime.fromtimestamp(t if t is not None else time.time(), timezone.utc).isoformat(timespec="milliseconds")
 
 
 RESET_HINT = ("the watchdog stays stopped until told otherwise: fix the cause, then `spark-cluster up CONFIG` "
@@ -89,7 +86,7 @@ class Watchdog:
         self.dir = cfg.resolved_state_dir()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.events_path = self.dir / "events.jsonl"
-        self.state_path = self.dir / "watchdog.json"
+        self.state_path = self.dir / STATE_FILE
         self.plan = build_plan(cfg, links=kept.links(cfg))
         self.expected_nodes = {n.name: n.address for n in cfg.nodes}
         self.ray_step = next((s for s in self.plan.steps if s.kind == "wait-ray"), None)
@@ -99,7 +96,7 @@ class Watchdog:
         self.ray_probe: Optional[Future[RayObs]] = None
         self.ray_probe_started = float("-inf")
         self.last_ray: Optional[RayObs] = None  # the last answer of a Ray probe (for incident bundles)
-        self.state = self._load_state()
+        self.state = load_decision(read_watchdog_state(cfg), self.clock())
         self.trail: deque[dict[str, Any]] = deque(maxlen=200)
         self.samples: deque[dict[str, Any]] = deque(maxlen=60)
         self.canary_result: Optional[tuple[Optional[bool], float, Optional[int]]] = None
@@ -129,39 +126,11 @@ class Watchdog:
         return self.state.phase in ("backoff", "restarting") or self.restart_requested is not None
 
     # ---- persistence ----------------------------------------------------------------------
-    def _load_state(self) -> State:
-        data = read_watchdog_state(self.cfg)
-        decision = data.get("decision") if isinstance(data, dict) else None
-        if not isinstance(decision, dict):
-            return State(phase="starting", since=self.clock())
-        fields = {f.name for f in dataclasses.fields(State)}
-        try:
-            st = State(**{k: (tuple(v) if k in ("restarts", "last_counters") and v is not None else v)
-                          for k, v in decision.items() if k in fields})
-            # a new controller process first confirms what it sees: never acts on a stale phase
-            return resumed(st, self.clock())
-        except (ValueError, TypeError):
-            return State(phase="starting", since=self.clock())
-
     def save_state(self) -> None:
-        st = self.state
-        data = {
-            "state": st.phase,
-            "since": _iso(st.since),
-            "last_restart": _iso(st.last_restart) if st.last_restart else None,
-            "last_reason": st.last_reason,
-            "restarts_last_hour": len(hour_restarts(st, self.clock())),
-            "restarts_counted": len(recent_restarts(st, self.clock())),  # by the breaker: since the last deliberate start
-            "updated": _iso(self.clock()),
-            "decision": dataclasses.asdict(st),
-            "gpu_baseline": {n: dataclasses.asdict(b) for n, b in self.gpu_baseline.items()},
-        }
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=list))
-        tmp.replace(self.state_path)
+        save_watchdog_state(self.state_path, self.state, self.clock(), self.gpu_baseline)
 
     def event(self, kind: str, **data: Any) -> None:
-        e = {"ts": _iso(self.clock()), "event": kind, "cluster": self.cfg.name, **data}
+        e = {"ts": iso(self.clock()), "event": kind, "cluster": self.cfg.name, **data}
         self.trail.append(e)
         with open(self.events_path, "a") as f:
             f.write(json.dumps(e, default=str) + "\n")

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from spark_cluster.config import WatchdogSettings
+from spark_cluster.serving_settings import WatchdogSettings
 from spark_cluster.decide import (
     UNREACHABLE_SAMPLES,
     Sample,

@@ -11,11 +11,8 @@ import subprocess
 import pytest
 
 from spark_cluster.config import load_config
-from spark_cluster.facts import (SYSFS_IBDEV2NETDEV, containers_command, parse_link, parse_rdma_bandwidth, parse_reach, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_ib_write_bw,
-                                 parse_ibdev2netdev, parse_ip_addr, parse_meminfo, parse_metrics, parse_nccl_tests, parse_ping,
-                                 parse_platform, parse_process,
-                                 parse_ray_state, parse_sysctl, platforms_command, process_command, reach_command, progressed, same_platform,
-                                 sysctl_command)
+from spark_cluster.facts import containers_command, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_meminfo, parse_metrics, parse_platform, parse_process, parse_ray_state, parse_sysctl, platforms_command, process_command, progressed, same_platform, sysctl_command
+from spark_cluster.link_facts import SYSFS_IBDEV2NETDEV, parse_link, parse_rdma_bandwidth, parse_reach, parse_ib_write_bw, parse_ibdev2netdev, parse_ip_addr, parse_nccl_tests, parse_ping, reach_command
 from spark_cluster.plan import build_plan
 from spark_cluster.ranks import parse_gpu_activity
 
@@ -322,9 +319,9 @@ def test_every_node_command_is_valid_shell():
     """`sh -n` (parse only) over each fact command and the status/watchdog node script, as they reach a node."""
     import subprocess
 
-    from spark_cluster.facts import (CLOCK_COMMAND, DOCKER_DISK_COMMAND, DOCKER_PLATFORM_COMMAND, GPU_COMMAND, IBDEV2NETDEV_COMMAND,
-                                     IP_ADDR_COMMAND, LINK_COMMAND, MEMINFO_COMMAND, PERFTEST_COMMAND, ib_write_bw_client_command,
-                                     ib_write_bw_server_command)
+    from spark_cluster.facts import CLOCK_COMMAND, DOCKER_DISK_COMMAND, DOCKER_PLATFORM_COMMAND, GPU_COMMAND, MEMINFO_COMMAND
+
+    from spark_cluster.link_facts import IBDEV2NETDEV_COMMAND, IP_ADDR_COMMAND, LINK_COMMAND, PERFTEST_COMMAND, ib_write_bw_client_command, ib_write_bw_server_command
     from spark_cluster.observe import node_script
 
     cfg = load_config(SIM_CONFIG)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from spark_cluster.checks import ClusterLink, PeerReachable, evaluate, link_of, note, peer_problem
-from spark_cluster.facts import NetInterface, RdmaPort, parse_ibdev2netdev, parse_ip_addr, parse_link, parse_ping, parse_reach
+from spark_cluster.link_facts import NetInterface, RdmaPort, parse_ibdev2netdev, parse_ip_addr, parse_link, parse_ping, parse_reach
 from spark_cluster.link import LinkPick, pick_link, reach_problem, twin_key
 
 from .conftest import recording

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from spark_cluster.config import WatchdogSettings
+from spark_cluster.serving_settings import WatchdogSettings
 from spark_cluster.decide import State, decide
 from spark_cluster.judge import sample_of, verdict
 from spark_cluster.observation import ContainerObs, NodeObs, Observation, ProcessObs, RayObs, VLLMObs

@@ -1,0 +1,102 @@
+"""The sections of cluster.yaml about what runs once the group is up: health probes, the
+watchdog, the gateway, the controller and its API (spark_cluster.settings has the others).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from .settings import Strict, size_text, parse_size
+
+
+class HealthSettings(Strict):
+    """Deadlines of `up` and of the probes."""
+
+    ray_join_timeout_s: float = Field(300, gt=0, description="How long to wait for every node to join Ray.")
+    ready_timeout_s: float = Field(1800, gt=0, description="How long the model may take to load until a real completion succeeds (loads take minutes on Sparks).")
+    probe_timeout_s: float = Field(5, gt=0, description="Deadline of one HTTP probe.")
+    completion_timeout_s: float = Field(60, gt=0, description="Deadline of the readiness completion.")
+    poll_interval_s: float = Field(2, gt=0, description="Interval between polls of Ray's membership while `up` waits for the nodes to join (each poll imports Ray in the head container; vLLM's readiness is polled every 0.25 s).")
+
+
+# vLLM's own deadline of one engine step across ranks (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS' default)
+VLLM_STEP_TIMEOUT_S = 300.0
+
+
+class WatchdogSettings(Strict):
+    """The failover controller (`spark-cluster watch`). Defaults: docs/failover.md, from docs/field.md."""
+
+    period_s: float = Field(2, gt=0, description="Seconds between observations (one SSH command per node and two local HTTP requests).")
+    stall_window_s: float = Field(
+        10, gt=0, description="No progress this long while work is pending: a hang when a rank is seen stopped or spinning at near-idle "
+        "power (confirmed at once), busy when every rank is seen working (up to busy_budget_s), else suspect until a canary decides. "
+        "A loaded hang is confirmed in about 12-20 s: well before Ray's ~65 s dead-node timeout.",
+    )
+    canary_timeout_s: float = Field(5, gt=0, description="A suspect cluster is confirmed hung when a 1-token completion does not finish within this.")
+    idle_canary_s: float = Field(30, gt=0, description="An idle engine (nothing in flight, no progress) gets a 1-token canary this often: a hang "
+                                                       "nobody is waiting on yet is found within about this plus the canary deadline.")
+    grace_after_start_s: float = Field(60, ge=0, description="No hang verdict this long after a (re)start became ready.")
+    backoff_base_s: float = Field(10, ge=0, description="First restart backoff; doubles each consecutive restart (Kubernetes/GPUStack).")
+    backoff_max_s: float = Field(300, ge=0, description="Cap of the restart backoff.")
+    backoff_reset_s: float = Field(600, ge=0, description="Healthy this long resets the backoff.")
+    max_restarts_per_hour: int = Field(3, ge=0, description="Circuit breaker: more restarts than this in an hour stop the watchdog (state failed).")
+    enabled: bool = Field(True, description="Restart automatically (false: only observe and report).")
+    busy_budget_s: Optional[float] = Field(
+        None, gt=0, description="How long a step may run without progress while every rank is seen working (GPU power above its idle "
+        "baseline, CPU ranks using CPU, a compile running) before the canary may confirm a hang. Default: the engine's own step "
+        "timeout, VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS of the head's container environment, else vLLM's 300 s: past it vLLM fails the "
+        "step itself.")
+
+
+class GatewaySettings(Strict):
+    """The gateway (`spark-cluster controller`): the OpenAI API (/v1/*) clients use instead of vLLM's
+    port, hiding failover. It answers nothing else but `/health` (200 while it lets requests through)."""
+
+    host: str = Field("0.0.0.0", description="Address the gateway listens on (clients).")
+    port: int = Field(8080, ge=1, le=65535, description="Port clients use instead of vLLM's.")
+    hold_s: float = Field(600, ge=0, description="How long a request may wait while the cluster is not serving (restarting, "
+                                                 "backing off, starting, hang confirmed) before it gets 503 with Retry-After. "
+                                                 "A restart on Sparks reloads the model: minutes.")
+    max_held: int = Field(256, ge=0, description="Most requests held at once; past it new ones get 503 with Retry-After.")
+    max_body: str = Field("32m", description="Largest request body accepted (413 above it), as a size.")
+    connect_timeout_s: float = Field(5, gt=0, description="Deadline to connect to vLLM (a refused or late connection is retried while held).")
+    read_timeout_s: float = Field(900, gt=0, description="Longest silence from vLLM within one answer (between two chunks of a stream, "
+                                                         "or before a non-streamed answer) before the request fails.")
+    max_connections: int = Field(1024, ge=1, description="Connections to vLLM at once (httpx's default 100 is a known failure of routers "
+                                                         "with many concurrent streams).")
+    retry_after_s: int = Field(30, ge=1, description="Retry-After of a 503 past hold_s or max_held.")
+
+    @field_validator("max_body", mode="before")
+    @classmethod
+    def _max_body(cls, value: Any) -> str:
+        return size_text(value)
+
+    def max_body_bytes(self) -> int:
+        return parse_size(self.max_body)
+
+
+class ControllerSettings(Strict):
+    """The controller's control plane: its API (/api), status page (/), Prometheus metrics (/metrics),
+    incident bundles and API docs, on a port of their own, apart from the clients' gateway."""
+
+    host: str = Field("127.0.0.1", description="Address the control plane listens on. The status page, events and incident bundles "
+                                               "are readable by anyone who reaches it: from another machine use an SSH tunnel, or "
+                                               "listen wider (0.0.0.0) only behind a firewall.")
+    port: int = Field(8081, ge=1, le=65535, description="Port of the API, the status page and /metrics (what Prometheus scrapes).")
+
+
+class ApiSettings(Strict):
+    """Who may act through the controller's API (POST /api/restart, /api/watchdog/pause|resume)."""
+
+    token_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                     description="Environment variable holding the API's bearer token.")
+    token_file: Optional[str] = Field(None, description="File holding the API's bearer token (read at start). Default when neither is set: "
+                                                        "state_dir/api-token, created with a random token (mode 600) on first start.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "ApiSettings":
+        if self.token_env and self.token_file:
+            raise ValueError("give token_env or token_file, not both")
+        return self
