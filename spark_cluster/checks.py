@@ -187,36 +187,8 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
         return http_problem(check, exit_code, stdout)
     ok = exit_code == 0
     tail = "\n".join((stderr.strip() or stdout.strip()).splitlines()[-3:])
-    if isinstance(check, DockerAnswers):
-        return None if ok else f"docker does not answer ({tail}): install Docker and let the SSH user use it (docker group)"
-    if isinstance(check, ImagePresent):
-        return None if ok else (f"image {check.image} is not on this node and could not be pulled or copied from "
-                                f"another node: `docker pull {check.image}` there, or load it by hand")
-    if isinstance(check, ModelFiles):
-        if not ok:
-            return f"model folder {check.path} is missing or unreadable: copy the model there (same files on every node)"
-        return None if stdout.strip() else f"model folder {check.path} is empty"
-    if isinstance(check, ImagePlatform):
-        node, image = parse_platforms(stdout)
-        if image is None:
-            return None  # the image is not on the node: its own check says so
-        if node is None:
-            return f"cannot read the Docker daemon's platform: {tail or 'no output'}"
-        if same_platform(node, image):
-            return None
-        return (f"image {check.image} is built for {image}, this node runs {node}: containers would fail with `exec format error`; "
-                f"use an image built for {node} (DGX Spark and GX10 are arm64: pick the arm64 tag or a multi-arch image)")
-    if isinstance(check, GpuWorks):
-        smoke = parse_gpu_smoke(exit_code, stdout, stderr)
-        if "No such image" in (stderr + stdout):  # an absent image: its own check says so
-            return None
-        if smoke.gpus:
-            unified = [g for g in smoke.gpus if "GB10" in g]
-            if unified and not check.unified:
-                return (f"the GPU is {unified[0]}, whose memory is unified with the CPU's, but memory.unified is false: the 0.85 cap "
-                        "and the free-memory guard are off, and a model load can freeze the box; set memory.unified: true")
-            return None
-        return f"a container of {check.image} cannot use the GPU ({smoke.error})" + (f": {smoke.fix}" if smoke.fix else "")
+    if isinstance(check, (DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks)):
+        return _docker_problem(check, exit_code, stdout, stderr, tail)
     if isinstance(check, SudoWorks):
         return None if ok else (f"`sudo -n` does not work ({tail or f'exit code {exit_code}'}): ssh.sudo is true (sysctls and the page cache "
                                 "need root); allow the SSH user passwordless sudo (a file in /etc/sudoers.d/), or connect as root with ssh.sudo false")
@@ -262,6 +234,42 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
             return f"exit code {exit_code}: {tail}"
         return None if stdout == check.stdout else "the value did not stick"
     return None if ok else f"exit code {exit_code}: {tail}"
+
+
+def _docker_problem(check: Check, exit_code: int, stdout: str, stderr: str, tail: str) -> Optional[str]:
+    """Docker, the image, the model files and the GPU in a container."""
+    ok = exit_code == 0
+    if isinstance(check, DockerAnswers):
+        return None if ok else f"docker does not answer ({tail}): install Docker and let the SSH user use it (docker group)"
+    if isinstance(check, ImagePresent):
+        return None if ok else (f"image {check.image} is not on this node and could not be pulled or copied from "
+                                f"another node: `docker pull {check.image}` there, or load it by hand")
+    if isinstance(check, ModelFiles):
+        if not ok:
+            return f"model folder {check.path} is missing or unreadable: copy the model there (same files on every node)"
+        return None if stdout.strip() else f"model folder {check.path} is empty"
+    if isinstance(check, ImagePlatform):
+        node, image = parse_platforms(stdout)
+        if image is None:
+            return None  # the image is not on the node: its own check says so
+        if node is None:
+            return f"cannot read the Docker daemon's platform: {tail or 'no output'}"
+        if same_platform(node, image):
+            return None
+        return (f"image {check.image} is built for {image}, this node runs {node}: containers would fail with `exec format error`; "
+                f"use an image built for {node} (DGX Spark and GX10 are arm64: pick the arm64 tag or a multi-arch image)")
+    if isinstance(check, GpuWorks):
+        smoke = parse_gpu_smoke(exit_code, stdout, stderr)
+        if "No such image" in (stderr + stdout):  # an absent image: its own check says so
+            return None
+        if smoke.gpus:
+            unified = [g for g in smoke.gpus if "GB10" in g]
+            if unified and not check.unified:
+                return (f"the GPU is {unified[0]}, whose memory is unified with the CPU's, but memory.unified is false: the 0.85 cap "
+                        "and the free-memory guard are off, and a model load can freeze the box; set memory.unified: true")
+            return None
+        return f"a container of {check.image} cannot use the GPU ({smoke.error})" + (f": {smoke.fix}" if smoke.fix else "")
+    return None
 
 
 def http_problem(check: HttpAnswer, status: int, body: str) -> Optional[str]:

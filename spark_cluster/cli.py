@@ -13,7 +13,8 @@ from rich.markup import escape
 
 from . import __version__, kept
 from .config import ClusterConfig
-from .plan import Plan, build_plan
+from .plan import build_plan
+from .steps import Plan
 from .guard import guard, load, run_until_stopped
 from .sim.cli import sim_app
 from .views import (err, out, print_down_plan, print_findings, print_plan, print_synced, print_up_result, print_valid,

@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.staticfiles import StaticFiles
@@ -243,79 +243,8 @@ def create_app(ctl: Controller) -> FastAPI:
                   description="The control plane: the cluster's status and events, restart and pause/resume of the watchdog "
                               "(bearer token), Prometheus metrics. Clients use the gateway on gateway.port (vLLM's OpenAI API "
                               "at /v1/*, passed through unchanged, hiding failover).")
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
-        if creds is None or not hmac.compare_digest(creds.credentials.encode(), ctl.token.encode()):
-            raise HTTPException(401, "a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; "
-                                     "default state_dir/api-token)", headers={"WWW-Authenticate": "Bearer"})
-
-    # ---- the API --------------------------------------------------------------------------------
-    @app.get("/healthz", summary="The controller itself (not the engine)")
-    def healthz():
-        alive = ctl.thread is not None and ctl.thread.is_alive()
-        body = {"controller": "ok" if alive else "watchdog stopped", **ctl.watchdog_json()}
-        return JSONResponse(body, status_code=200 if alive else 503)
-
-    @app.get("/api/status", summary="The same JSON as `spark-cluster status --json`, plus the controller's view")
-    def api_status():
-        return {**ctl.status_json(), "controller": ctl.watchdog_json()}
-
-    @app.get("/api/events", summary="The watchdog's events: the last n as JSON, or a server-sent event stream "
-                                    "(Accept: text/event-stream) that starts with them")
-    async def api_events(request: Request, n: int = Query(100, ge=0, le=EVENTS_KEPT)):
-        last = list(ctl.events)[-n:] if n else []
-        if "text/event-stream" not in request.headers.get("accept", ""):
-            return last
-        q: asyncio.Queue = asyncio.Queue()
-        ctl.subscribers.add(q)
-
-        async def stream():
-            try:
-                for e in last:
-                    yield f"data: {json.dumps(e, default=str)}\n\n"
-                while not ctl.stopping.is_set():
-                    try:
-                        e = await asyncio.wait_for(q.get(), timeout=timeouts.EVENT_STREAM_KEEP_ALIVE_S)
-                        yield f"data: {json.dumps(e, default=str)}\n\n"
-                    except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
-            finally:
-                ctl.subscribers.discard(q)
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.get("/api/samples", summary="The watchdog's last observations (counters, running, waiting), oldest first")
-    def api_samples():
-        return list(ctl.wd.samples) if ctl.wd else []
-
-    @app.get("/api/incidents", summary="The last incident bundles and their files (served under /incidents/)")
-    def api_incidents(n: int = Query(10, ge=1, le=100)):
-        return ctl.incidents(n)
-
-    @app.post("/api/restart", status_code=202, dependencies=[Depends(authorized)],
-              summary="Restart the whole group in order now (bearer token)")
-    def api_restart():
-        if ctl.wd is None or ctl.wd.busy_restarting:
-            raise HTTPException(409, "a restart is already under way")
-        ctl.wd.request_restart("requested through the controller's API")
-        return {"restart": "requested"}
-
-    @app.post("/api/watchdog/pause", dependencies=[Depends(authorized)], summary="Observe only: no automatic restart (bearer token)")
-    def api_pause():
-        ctl.wd.pause(True)
-        return {"watchdog": "pausing"}
-
-    @app.post("/api/watchdog/resume", dependencies=[Depends(authorized)], summary="Restart automatically again (bearer token)")
-    def api_resume():
-        ctl.wd.pause(False)
-        return {"watchdog": "resuming"}
-
-    @app.get("/metrics", summary="Prometheus metrics")
-    def metrics():
-        return Response(ctl.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
+    app.include_router(_reading_routes(ctl))
+    app.include_router(_action_routes(ctl))
     page = render("status-page.html", cluster=ctl.cfg.name)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -324,6 +253,92 @@ def create_app(ctl: Controller) -> FastAPI:
 
     app.mount("/incidents", StaticFiles(directory=ctl.dir / "incidents", check_dir=False), name="incidents")
     return app
+
+
+def _reading_routes(ctl: Controller) -> APIRouter:
+    """What the controller knows: its own health, the status, events, samples, incidents, metrics."""
+    api = APIRouter()
+
+    @api.get("/healthz", summary="The controller itself (not the engine)")
+    def healthz():
+        alive = ctl.thread is not None and ctl.thread.is_alive()
+        body = {"controller": "ok" if alive else "watchdog stopped", **ctl.watchdog_json()}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @api.get("/api/status", summary="The same JSON as `spark-cluster status --json`, plus the controller's view")
+    def api_status():
+        return {**ctl.status_json(), "controller": ctl.watchdog_json()}
+
+    @api.get("/api/events", summary="The watchdog's events: the last n as JSON, or a server-sent event stream "
+                                    "(Accept: text/event-stream) that starts with them")
+    async def api_events(request: Request, n: int = Query(100, ge=0, le=EVENTS_KEPT)):
+        last = list(ctl.events)[-n:] if n else []
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return last
+        return StreamingResponse(_event_stream(ctl, last), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.get("/api/samples", summary="The watchdog's last observations (counters, running, waiting), oldest first")
+    def api_samples():
+        return list(ctl.wd.samples) if ctl.wd else []
+
+    @api.get("/api/incidents", summary="The last incident bundles and their files (served under /incidents/)")
+    def api_incidents(n: int = Query(10, ge=1, le=100)):
+        return ctl.incidents(n)
+
+    @api.get("/metrics", summary="Prometheus metrics")
+    def metrics():
+        return Response(ctl.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return api
+
+
+async def _event_stream(ctl: Controller, last: list[dict]):
+    """Server-sent events: the last ones, then each as it happens (a keep-alive comment meanwhile)."""
+    q: asyncio.Queue = asyncio.Queue()
+    ctl.subscribers.add(q)
+    try:
+        for e in last:
+            yield f"data: {json.dumps(e, default=str)}\n\n"
+        while not ctl.stopping.is_set():
+            try:
+                e = await asyncio.wait_for(q.get(), timeout=timeouts.EVENT_STREAM_KEEP_ALIVE_S)
+                yield f"data: {json.dumps(e, default=str)}\n\n"
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+    finally:
+        ctl.subscribers.discard(q)
+
+
+def _action_routes(ctl: Controller) -> APIRouter:
+    """What changes the cluster: restart, pause, resume; each needs the bearer token."""
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        if creds is None or not hmac.compare_digest(creds.credentials.encode(), ctl.token.encode()):
+            raise HTTPException(401, "a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; "
+                                     "default state_dir/api-token)", headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(dependencies=[Depends(authorized)])
+
+    @api.post("/api/restart", status_code=202, summary="Restart the whole group in order now (bearer token)")
+    def api_restart():
+        if ctl.wd is None or ctl.wd.busy_restarting:
+            raise HTTPException(409, "a restart is already under way")
+        ctl.wd.request_restart("requested through the controller's API")
+        return {"restart": "requested"}
+
+    @api.post("/api/watchdog/pause", summary="Observe only: no automatic restart (bearer token)")
+    def api_pause():
+        ctl.wd.pause(True)
+        return {"watchdog": "pausing"}
+
+    @api.post("/api/watchdog/resume", summary="Restart automatically again (bearer token)")
+    def api_resume():
+        ctl.wd.pause(False)
+        return {"watchdog": "resuming"}
+
+    return api
 
 
 def systemd_unit(cfg: ClusterConfig, config: Path, command: str) -> str:

@@ -28,7 +28,8 @@ from .facts import ContainerFact, ProcessFact
 from .lifecycle import COMPONENT_ORDER, stop_rank
 from .model_sync import ModelSync
 from .observe import list_containers, read_process, save_logs, tail_logs
-from .plan import NOT_DETECTED, Plan, Step, build_plan
+from .plan import build_plan
+from .steps import NOT_DETECTED, Plan, Step
 from .preflight import Finding, Preflight
 from .reconcile import member_name, reconcile
 from .transport import Nodes, Result, SSHTransport
@@ -226,7 +227,7 @@ class Executor:
         """Run the plan. stop_after: a phase name to stop after (e.g. "wait-ray"), for partial bring-up.
         Where the time went is kept in `self.phases` as it goes (in order, by step id), so a caller
         still has it when up fails."""
-        from .plan import PHASES
+        from .steps import PHASES
 
         allowed = set(PHASES[: PHASES.index(stop_after) + 1]) if stop_after else set(PHASES)
         t_start = time.monotonic()

@@ -32,7 +32,9 @@ from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, ProcessFact, Ra
 from .judge import key_refused
 from .watch_state import gpu_baselines, read_watchdog_state
 from .observation import ContainerObs, NodeObs, Observation, ProcessObs, RayObs, VLLMObs
-from .plan import LABEL_PREFIX, Plan, build_plan
+from .facts import LABEL_PREFIX
+from .plan import build_plan
+from .steps import Plan
 from .ranks import GPU_ACTIVITY_COMMAND, GpuBaseline, parse_gpu_activity, parse_processes, processes_command
 from .steps import HttpRequest, ProcessSpec
 

@@ -23,7 +23,8 @@ from .facts import ContainerFact
 from .link import LinkPick
 from .model_sync import node_to_node
 from .observe import list_containers
-from .plan import Plan, Step, build_plan
+from .plan import build_plan
+from .steps import Plan, Step
 from .render import quote, read_template
 from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck, argv_hash, parse_output

@@ -3,12 +3,17 @@ by spark_cluster.lifecycle; run by spark_cluster.executor)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .checks import Check
 from .settings import Mount
+
+if TYPE_CHECKING:
+    from .config import ClusterConfig
+    from .link import LinkPick
+    from .settings import Node
 
 # `up`'s phases in order, then those `down` adds
 PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "start-workers", "start-head", "wait-ray", "serve", "ready",
@@ -137,3 +142,30 @@ class DownPlan(Frozen):
 
     def steps_in(self, phase: str) -> list[Step]:
         return [s for s in self.steps if s.phase == phase]
+
+
+# ---- what every step of a cluster shares ------------------------------------------------------
+
+
+def container_name(cfg: ClusterConfig, component: str) -> str:
+    return f"{cfg.name}-{component}"
+
+
+# the value of a variable `nccl: auto` has not detected yet (shown by `plan`; `up` detects before it starts anything)
+NOT_DETECTED = "<auto: detected by preflight>"
+
+
+def node_env(cfg: ClusterConfig, node: Node, link: Optional[LinkPick] = None) -> dict[str, str]:
+    """Environment of a node's containers: NCCL (per node; with `nccl: auto` what was detected for
+    the variables not given), vLLM's host IP, then user env."""
+    nccl = cfg.node_nccl(node)
+    env: dict[str, str] = {}
+    if nccl.auto:
+        detected = link.env() if link is not None else {"NCCL_SOCKET_IFNAME": NOT_DETECTED, "GLOO_SOCKET_IFNAME": NOT_DETECTED,
+                                                        "NCCL_IB_HCA": NOT_DETECTED}
+        env.update(detected)
+    env.update(nccl.env())
+    env["VLLM_HOST_IP"] = node.address
+    env.update(cfg.container.env)
+    env.update(node.env)
+    return env

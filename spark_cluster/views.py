@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import kept
 from .config import ClusterConfig
-from .plan import PHASES, Plan
+from .steps import PHASES, Plan
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -34,7 +34,7 @@ def _vllm_line(cfg: ClusterConfig, check) -> str:
 
 
 def _link_line(cfg: ClusterConfig) -> str:
-    from .plan import NOT_DETECTED
+    from .steps import NOT_DETECTED
 
     links = kept.links(cfg)
     if not links:

@@ -15,7 +15,7 @@ from .config import ClusterConfig
 from .errors import EngineKeyRefused, StepError, indent
 from .judge import container_gone, key_refused, process_gone
 from .observe import Engine, list_containers, read_process, read_ray_state, tail_logs
-from .plan import Plan, Step
+from .steps import Plan, Step
 from .transport import Nodes
 
 

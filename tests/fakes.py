@@ -22,7 +22,8 @@ import httpx
 
 from spark_cluster.config import ClusterConfig
 from spark_cluster.facts import LABEL_PREFIX
-from spark_cluster.plan import Plan, build_plan
+from spark_cluster.plan import build_plan
+from spark_cluster.steps import Plan
 from spark_cluster.transport import Nodes, Result
 
 from .conftest import recording

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from spark_cluster.checks import (ClockInSync, DiskFree, LinkBandwidth, DockerAnswers, GpuWorks, SudoWorks, ImagePlatform, ImagePresent, MemoryAvailable, ModelFiles, PortsFree, ReadBack,
                                   differs, evaluate, note, state_dir_problem)
-from spark_cluster.plan import Step
+from spark_cluster.steps import Step
 
 MEM = MemoryAvailable(min_available_fraction=0.8, min_available_gib=0, gpu_memory_utilization=0.8, drop_page_cache=False)
 SPARK_IDLE = "MemTotal:       127600816 kB\nMemAvailable:   40174336 kB\n"  # a real Spark (tests/data/facts)

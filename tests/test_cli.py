@@ -47,7 +47,8 @@ def test_plan_json_is_the_same_plan():
     res = run_cli("plan", "--json", "configs/dgx-spark-2node.yaml")
     assert res.returncode == 0, res.stderr
     from spark_cluster.config import load_config
-    from spark_cluster.plan import Plan, build_plan
+    from spark_cluster.plan import build_plan
+    from spark_cluster.steps import Plan
 
     assert Plan.model_validate_json(res.stdout) == build_plan(load_config(CONFIGS / "dgx-spark-2node.yaml"))
 

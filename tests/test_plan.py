@@ -13,7 +13,8 @@ import yaml
 from spark_cluster.checks import ClusterLink, link_of
 from spark_cluster.config import parse_config
 from spark_cluster.link import LinkPick
-from spark_cluster.plan import NOT_DETECTED, build_plan, node_env
+from spark_cluster.plan import build_plan
+from spark_cluster.steps import NOT_DETECTED, node_env
 from spark_cluster.render import MASK, templates_dir
 
 from .conftest import CONFIGS, SIM_CONFIG, recording
@@ -217,7 +218,7 @@ def test_rendering_reads_only_templates(card_yaml):
 
 def test_plan_json_roundtrip(card_yaml):
     """The JSON is the whole plan: read back, it is equal to the plan, step for step."""
-    from spark_cluster.plan import Plan
+    from spark_cluster.steps import Plan
 
     plan = plan_of(card_yaml)
     back = Plan.model_validate_json(plan.model_dump_json())

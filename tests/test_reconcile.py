@@ -6,7 +6,8 @@ import pytest
 
 from spark_cluster.config import load_config
 from spark_cluster.facts import ContainerFact, ProcessFact
-from spark_cluster.plan import LABEL_PREFIX, build_plan
+from spark_cluster.facts import LABEL_PREFIX
+from spark_cluster.plan import build_plan
 from spark_cluster.reconcile import member_name, reconcile
 
 from .conftest import SIM_CONFIGS
