@@ -146,22 +146,29 @@ class SSHTransport:
     def _host_id(self) -> str:
         return self.ep.hostname if self.ep.port == 22 else f"[{self.ep.hostname}]:{self.ep.port}"
 
+    def _client_checking_host_keys(self) -> paramiko.SSHClient:
+        """A client that knows the node's known_hosts and refuses an unknown key (or, with
+        trust_on_first_use, records it)."""
+        ep = self.ep
+        client = paramiko.SSHClient()
+        if os.path.exists(ep.known_hosts):
+            client.get_host_keys().load(ep.known_hosts)
+        elif not ep.trust_on_first_use:
+            raise HostKeyError(
+                f"{ep.node}: known_hosts file {ep.known_hosts} does not exist, so the host key of {self._host_id()} cannot be verified",
+                hint="add the node's key (ssh-keyscan, checked by hand) or set ssh.trust_on_first_use: true once",
+            )
+        client.set_missing_host_key_policy(
+            _TrustOnFirstUse(ep.known_hosts) if ep.trust_on_first_use else paramiko.RejectPolicy()
+        )
+        return client
+
     def connect(self) -> paramiko.SSHClient:
         with self._lock:
             if self._client is not None and self._client.get_transport() is not None and self._client.get_transport().is_active():
                 return self._client
             ep = self.ep
-            client = paramiko.SSHClient()
-            if os.path.exists(ep.known_hosts):
-                client.get_host_keys().load(ep.known_hosts)
-            elif not ep.trust_on_first_use:
-                raise HostKeyError(
-                    f"{ep.node}: known_hosts file {ep.known_hosts} does not exist, so the host key of {self._host_id()} cannot be verified",
-                    hint="add the node's key (ssh-keyscan, checked by hand) or set ssh.trust_on_first_use: true once",
-                )
-            client.set_missing_host_key_policy(
-                _TrustOnFirstUse(ep.known_hosts) if ep.trust_on_first_use else paramiko.RejectPolicy()
-            )
+            client = self._client_checking_host_keys()
             t_connect = time.monotonic()
             try:
                 client.connect(

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import kept
 from .config import ClusterConfig
+from .observation import RayObs
 from .steps import PHASES, Plan
 
 out = Console(soft_wrap=True)
@@ -161,6 +162,23 @@ VERDICT_STYLE = {"serving": "bold green", "degraded": "bold yellow", "busy": "bo
 ACTIVITY_STYLE = {"working": "green", "compiling": "cyan", "waiting": "yellow", "stopped": "red", "unknown": "dim"}
 
 
+def _ray_rows(eng: Table, ray: RayObs) -> None:
+    """Ray's nodes and the engine's placement group, when Ray was asked."""
+    if not ray.checked:
+        return
+    eng.add_row("ray", f"alive {', '.join(ray.alive) or 'none'}" + (f", [red]dead {', '.join(ray.dead)}[/]" if ray.dead else "")
+                + (f", {ray.gpus:g} GPU" if ray.gpus else "") + (f" [red]{ray.error}[/]" if ray.error else ""))
+    for rn in ray.nodes:
+        res = ", ".join(f"{k} {v:g}" for k, v in sorted(rn.resources.items())
+                        if k in ("CPU", "GPU") or not (k.startswith("node:") or k.endswith("memory") or k.startswith("accelerator_type")))
+        eng.add_row("", f"{rn.ip} {'alive' if rn.alive else '[red]dead[/]'}: {res}")
+    for pg in ray.placement_groups:
+        where = ", ".join(f"{'+'.join(f'{k} {v:g}' for k, v in b.resources.items())} on {b.ip or 'pending'}" for b in pg.bundles)
+        eng.add_row("placement group", f"{pg.id[:12]} {pg.state} {pg.strategy or ''}: {where}")
+    if not ray.placement_groups and not ray.error:
+        eng.add_row("placement group", "[dim]none (vLLM has not placed its workers)[/]")
+
+
 def render_status(rep) -> Table:
     o = rep.observation
     title = f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]" + (f"  {rep.reason}" if rep.reason else "")
@@ -201,18 +219,7 @@ def render_status(rep) -> Table:
         eng.add_row("KV cache", f"{(v.kv_cache_usage or 0) * 100:.1f}%")
         eng.add_row("generation", f"{v.generation_tok_s or 0:.1f} tok/s over {v.window_s:.1f}s ({v.steps_in_window or 0:g} engine steps)")
         eng.add_row("last progress", f"{v.progress_age_s:g}s ago" if v.progress_age_s else "now")
-    if o.ray.checked:
-        eng.add_row("ray", f"alive {', '.join(o.ray.alive) or 'none'}" + (f", [red]dead {', '.join(o.ray.dead)}[/]" if o.ray.dead else "")
-                    + (f", {o.ray.gpus:g} GPU" if o.ray.gpus else "") + (f" [red]{o.ray.error}[/]" if o.ray.error else ""))
-        for rn in o.ray.nodes:
-            res = ", ".join(f"{k} {v:g}" for k, v in sorted(rn.resources.items())
-                            if k in ("CPU", "GPU") or not (k.startswith("node:") or k.endswith("memory") or k.startswith("accelerator_type")))
-            eng.add_row("", f"{rn.ip} {'alive' if rn.alive else '[red]dead[/]'}: {res}")
-        for pg in o.ray.placement_groups:
-            where = ", ".join(f"{'+'.join(f'{k} {v:g}' for k, v in b.resources.items())} on {b.ip or 'pending'}" for b in pg.bundles)
-            eng.add_row("placement group", f"{pg.id[:12]} {pg.state} {pg.strategy or ''}: {where}")
-        if not o.ray.placement_groups and not o.ray.error:
-            eng.add_row("placement group", "[dim]none (vLLM has not placed its workers)[/]")
+    _ray_rows(eng, o.ray)
     if o.watchdog:
         w = o.watchdog
         eng.add_row("watchdog", f"{w.get('state')}" + (f", last restart {w.get('last_restart')} ({w.get('last_reason')})" if w.get("last_restart") else ""))
