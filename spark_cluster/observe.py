@@ -187,6 +187,15 @@ def save_logs(t: "SSHTransport", name: str, folder: Path) -> Optional[Path]:
     return path
 
 
+def host_snapshot(t: "SSHTransport") -> str:
+    """Every container, memory and load on a node as a person reads them (an incident bundle's)."""
+    try:
+        r = t.run("docker ps -a; echo; free -m; echo; uptime", timeout=timeouts.INCIDENT_S)
+        return r.stdout + r.stderr
+    except SparkClusterError as exc:
+        return f"unavailable: {exc}\n"
+
+
 def observe_nodes(cfg: ClusterConfig, nodes: "Nodes", plan: Plan, timeout: float, *, twice_s: float = 0,
                   connected: "Optional[dict[str, Future[float]]]" = None) -> list[NodeObs]:
     """Every node's script at once, in the config's node order."""

@@ -31,7 +31,7 @@ from .executor import Executor
 from .facts import progressed
 from .judge import sample_of
 from .observation import NodeObs, RayObs
-from .observe import Engine, group_containers, observe_nodes, observe_ray
+from .observe import Engine, group_containers, host_snapshot, observe_nodes, observe_ray
 from .watch_state import STATE_FILE, gpu_baselines, iso, load_decision, read_watchdog_state, save_watchdog_state
 from .plan import build_plan
 from . import kept
@@ -217,15 +217,8 @@ class Watchdog:
                  for n in self.last_nodes}
         (d / "ranks.json").write_text(json.dumps(ranks, indent=1) + "\n")
 
-        def host(node: str) -> str:
-            try:
-                r = self.nodes[node].run("docker ps -a; echo; free -m; echo; uptime", timeout=timeouts.INCIDENT_S)
-                return r.stdout + r.stderr
-            except SparkClusterError as exc:
-                return f"unavailable: {exc}\n"
-
         with ThreadPoolExecutor(max_workers=len(self.cfg.nodes), thread_name_prefix="incident") as pool:
-            for n, text in zip(self.cfg.nodes, pool.map(host, [n.name for n in self.cfg.nodes])):
+            for n, text in zip(self.cfg.nodes, pool.map(lambda n: host_snapshot(self.nodes[n.name]), self.cfg.nodes)):
                 (d / f"{n.name}-host.txt").write_text(text)
         return d
 
