@@ -315,12 +315,12 @@ def logs(
         with _nodes(cfg) as nodes:
             found = containers_of(cfg, nodes, [node] if node else names)
             if not follow:
-                for n, c, text in read_logs(nodes, found, tail):
+                for n, c, text in read_logs(nodes, found, tail, cfg.secret_values()):
                     out.print(f"[bold]== {n} {c.name} ({c.state})[/]")
                     sys.stdout.write(text)
                 return
             out.print(f"[bold]== following {', '.join(f'{c.name}@{n}' for n, c in found) or 'nothing'}: Ctrl-C to stop[/]")
-            follow_logs(nodes, found, tail, sys.stdout)
+            follow_logs(nodes, found, tail, sys.stdout, cfg.secret_values())
 
     try:
         guard(run)

@@ -219,17 +219,45 @@ class ClusterConfig(Strict):
         return names
 
     def secret_values(self) -> list[str]:
-        """The values of every secret variable, longest first (to mask them in anything shown)."""
+        """The values of every secret: secret variables, the value of a secret flag (`--api-key sk-..`,
+        `--hf-token=..`) in vllm.extra_args, ray.extra_args or container.extra_args, and a secret
+        variable given there with `-e NAME=value`. Longest first (to mask them in anything written)."""
         names = self.secret_names()
         envs = [self.container.env] + [n.env for n in self.nodes]
-        values = {str(v) for env in envs for k, v in env.items() if k in names and len(str(v)) >= 4}
+        values = {str(v) for env in envs for k, v in env.items() if k in names}
+        for args in (self.vllm.extra_args, self.ray.extra_args, self.container.extra_args):
+            values.update(secret_arguments(args, names))
         key = self.engine_api_key()
-        if key and len(key) >= 4:
+        if key:
             values.add(key)
-        return sorted(values, key=len, reverse=True)
+        return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir or f"~/.local/state/spark-cluster/{self.name}").expanduser()
+
+
+SECRET_FLAG_RE = re.compile(r"^--?[a-z0-9-]*(key|token|secret|password|passwd|credential)s?$", re.I)
+ENV_FLAGS = ("-e", "--env")
+
+
+def secret_arguments(args: list[str], names: set[str]) -> list[str]:
+    """The secret values in a list of command-line words: after a secret flag (`--api-key X`,
+    `--hf-token=X`), and in `-e NAME=X` / `--env NAME=X` / `--env=NAME=X` for a variable whose name is
+    secret (in `names` or by its look). Pure."""
+    found = []
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else None
+        flag, eq, value = arg.partition("=")
+        if flag in ENV_FLAGS:
+            name, assigned, secret = ((value if eq else following) or "").partition("=")
+            if assigned and (name in names or SECRET_ENV_RE.search(name)):
+                found.append(secret)
+        elif SECRET_FLAG_RE.match(flag):
+            if eq:
+                found.append(value)
+            elif following is not None:
+                found.append(following)
+    return found
 
 
 # ---- loading -------------------------------------------------------------------------------

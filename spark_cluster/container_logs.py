@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterator, TextIO
+from typing import Iterator, Sequence, TextIO
 
 from . import timeouts
 from .config import ClusterConfig
 from .observe import list_containers
 from .facts import ContainerFact
+from .masking import mask
 from .render import quote
 from .transport import Nodes
 
@@ -23,16 +24,16 @@ def _lines(tail: int) -> str:
     return f"--tail {tail if tail else 'all'}"
 
 
-def read_logs(nodes: Nodes, found: list[tuple[str, ContainerFact]], tail: int) -> Iterator[tuple[str, ContainerFact, str]]:
-    """Each container's last `tail` lines (0: all), in turn."""
+def read_logs(nodes: Nodes, found: list[tuple[str, ContainerFact]], tail: int, secrets: Sequence[str]) -> Iterator[tuple[str, ContainerFact, str]]:
+    """Each container's last `tail` lines (0: all), in turn, secrets masked."""
     for n, c in found:
         r = nodes[n].run(f"docker logs {_lines(tail)} {quote(c.name)} 2>&1", timeout=timeouts.LOG_DUMP_S)
-        yield n, c, r.stdout
+        yield n, c, mask(r.stdout, secrets)
 
 
-def follow_logs(nodes: Nodes, found: list[tuple[str, ContainerFact]], tail: int, write: TextIO) -> None:
-    """Every container's log as it grows, a thread each, whole lines prefixed with `node/container | `,
-    until every container's log ends (or Ctrl-C)."""
+def follow_logs(nodes: Nodes, found: list[tuple[str, ContainerFact]], tail: int, write: TextIO, secrets: Sequence[str]) -> None:
+    """Every container's log as it grows, a thread each, whole lines prefixed with `node/container | `
+    (secrets masked), until every container's log ends (or Ctrl-C)."""
     lock = threading.Lock()
 
     def follow_one(n: str, name: str) -> None:
@@ -43,7 +44,7 @@ def follow_logs(nodes: Nodes, found: list[tuple[str, ContainerFact]], tail: int,
             *done, buf[0] = buf[0].split("\n")
             with lock:
                 for line in done:
-                    write.write(f"{n}/{name} | {line}\n")
+                    write.write(f"{n}/{name} | {mask(line, secrets)}\n")
                 write.flush()
 
         nodes[n].run(f"docker logs --follow {_lines(tail)} {quote(name)} 2>&1", timeout=timeouts.FOLLOW_LIMIT_S, on_output=emit)

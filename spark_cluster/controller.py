@@ -4,10 +4,11 @@ It holds the watchdog (in a thread: observe, decide, restart the group in order)
 planes on two ports:
 - the data plane on `gateway.port`: /v1/*, the OpenAI API clients use instead of vLLM's port
   (spark_cluster.gateway), on a server of its own (spark_cluster.front);
-- the control plane on `controller.port` (127.0.0.1 by default), FastAPI on uvicorn: /api/*
-  (status, events, samples, incidents; restart and pause/resume with a bearer token, cluster.yaml
-  `api`), OpenAPI docs at /docs, /metrics for Prometheus, /healthz (the controller itself), / (the
-  status page), /incidents/ (the bundles' files).
+- the control plane on `controller.port` (127.0.0.1 by default), FastAPI on uvicorn: /api/status
+  and /api/samples, OpenAPI docs at /docs, /metrics for Prometheus, /healthz (the controller
+  itself), / (the status page); with the API token (cluster.yaml `api`; a bearer header, or the
+  status page's session): /api/events, /api/incidents and /incidents/ (the bundles' files), and, as
+  a bearer header only, restart and pause/resume. It answers only to its own host names.
 Every watchdog event is pushed from its thread into the event loop, where it moves the gateway's
 door, the metrics and the event streams. Nothing shown carries a secret: events and status pass
 through `mask` with every secret value of cluster.yaml, and the token is never printed.
@@ -16,6 +17,7 @@ through `mask` with every secret value of cluster.yaml, and the token is never p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -29,23 +31,28 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.staticfiles import StaticFiles
 
 from . import timeouts
-from .config import ClusterConfig
+from .config import WILDCARD_HOSTS, ClusterConfig
 from .decide import hour_restarts, recent_restarts
 from .errors import ConfigError
 from .front import GatewayServer
 from .gateway import Gateway, door_for_phase
 from .metrics import ControllerMetrics
-from .render import MASK, render
+from .masking import mask
+from .render import render
+from .state_dir import EVENTS_FILE, FILE_MODE, private_dir, set_aside
 from .transport import Nodes
 from .watchdog import Watchdog
 
 EVENTS_KEPT = 500
+TOKEN_NEEDED = ("a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; default state_dir/api-token); "
+                "the status page asks for it once")
+SESSION_COOKIE = "spark_cluster_session"
 
 
 def load_token(cfg: ClusterConfig) -> str:
@@ -59,8 +66,8 @@ def load_token(cfg: ClusterConfig) -> str:
         return value
     path = Path(a.token_file).expanduser() if a.token_file else cfg.resolved_state_dir() / "api-token"
     if not path.exists() and not a.token_file:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        private_dir(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
     try:
@@ -72,24 +79,27 @@ def load_token(cfg: ClusterConfig) -> str:
     return value
 
 
-def mask(text: str, values: list[str]) -> str:
-    for v in values:
-        text = text.replace(v, MASK)
-    return text
-
-
-def tail_events(path: Path, n: int) -> list[dict[str, Any]]:
+def tail_events(path: Path, n: int, cluster: str) -> list[dict[str, Any]]:
+    """The last n events of events.jsonl. A file holding a line that is not a JSON object in UTF-8
+    is set aside with an alert (state_dir.set_aside); its readable events are still shown."""
     try:
-        lines = path.read_text().splitlines()[-n:]
+        lines = path.read_bytes().splitlines()
     except OSError:
         return []
-    out = []
+    out, bad = [], 0
     for line in lines:
         try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+            event = json.loads(line.decode("utf-8"))
+        except ValueError:  # not UTF-8 (UnicodeDecodeError is one), not JSON
+            event = None
+        if isinstance(event, dict):
+            out.append(event)
+        elif line.strip():
+            bad += 1
+    if bad:
+        set_aside(path, f"{bad} line(s) are not JSON events in UTF-8", cluster)
+        return (out + tail_events(path, n, cluster))[-n:]  # what could be read, then the alert
+    return out[-n:]
 
 
 WatchdogFactory = Callable[[ClusterConfig, Nodes, Callable[[dict[str, Any]], None]], Watchdog]
@@ -122,9 +132,11 @@ class Controller:
         self.make_watchdog: WatchdogFactory = watchdog or (
             lambda cfg, nodes, on_event: Watchdog(cfg, nodes, on_event=on_event, in_flight=self.in_flight))
         self.token = token if token is not None else load_token(cfg)
+        # the status page's session: derived from the token, so the cookie never holds the token itself
+        self.session = hmac.new(self.token.encode(), b"spark-cluster status page", hashlib.sha256).hexdigest()
         self.secrets = [v for v in cfg.secret_values() + [self.token] if v]
         self.dir = cfg.resolved_state_dir()
-        self.events: deque[dict[str, Any]] = deque(tail_events(self.dir / "events.jsonl", EVENTS_KEPT), maxlen=EVENTS_KEPT)
+        self.events: deque[dict[str, Any]] = deque(tail_events(self.dir / EVENTS_FILE, EVENTS_KEPT, cfg.name), maxlen=EVENTS_KEPT)
         self.subscribers: set[asyncio.Queue] = set()
         self.wd: Optional[Watchdog] = None
         self.metrics = ControllerMetrics(lambda: self.wd.samples[-1] if self.wd and self.wd.samples else None)
@@ -173,6 +185,14 @@ class Controller:
         if self.gateway is not None:
             await self.gateway.aclose()
 
+    def token_ok(self, request: Request) -> bool:
+        """The bearer token in the Authorization header, or the status page's session cookie; compared
+        in constant time, never taken from the query."""
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            return hmac.compare_digest(auth[7:].strip().encode(), self.token.encode())
+        return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), self.session.encode())
+
     def in_flight(self) -> int:
         """Requests the gateway has sent the engine and not seen finish (read from the watchdog's thread:
         the length of a set is one atomic read)."""
@@ -195,14 +215,23 @@ class Controller:
 
     # ---- what the API reads -----------------------------------------------------------------
     def status_json(self) -> dict[str, Any]:
-        from .status import status
+        """The last observation when recent; else one gather at a time, while the other requests get
+        the last observation at once (only the very first waits for it)."""
+        from . import status
 
-        with self.status_lock:
+        t, rep = self.status_cache
+        if rep is not None and time.monotonic() - t <= timeouts.STATUS_CACHE_S:
+            return rep
+        if not self.status_lock.acquire(blocking=rep is None):
+            return rep
+        try:
             t, rep = self.status_cache
             if rep is None or time.monotonic() - t > timeouts.STATUS_CACHE_S:
-                rep = json.loads(mask(status(self.cfg, self.status_nodes, window_s=0.5).model_dump_json(), self.secrets))
+                rep = json.loads(mask(status.status(self.cfg, self.status_nodes, window_s=0.5).model_dump_json(), self.secrets))
                 self.status_cache = (time.monotonic(), rep)
             return rep
+        finally:
+            self.status_lock.release()
 
     def watchdog_json(self) -> dict[str, Any]:
         wd = self.wd
@@ -244,6 +273,8 @@ def create_app(ctl: Controller) -> FastAPI:
                               "(bearer token), Prometheus metrics. Clients use the gateway on gateway.port (vLLM's OpenAI API "
                               "at /v1/*, passed through unchanged, hiding failover).")
     app.include_router(_reading_routes(ctl))
+    app.include_router(_private_routes(ctl))
+    app.include_router(_session_route(ctl))
     app.include_router(_action_routes(ctl))
     page = render("status-page.html", cluster=ctl.cfg.name)
 
@@ -251,8 +282,60 @@ def create_app(ctl: Controller) -> FastAPI:
     def index():
         return HTMLResponse(page)
 
-    app.mount("/incidents", StaticFiles(directory=ctl.dir / "incidents", check_dir=False), name="incidents")
-    return app
+    incidents = StaticFiles(directory=ctl.dir / "incidents", check_dir=False)
+    app.mount("/incidents", _guarded(incidents, lambda request: ctl.token_ok(request)), name="incidents")
+    allowed = allowed_hosts(ctl.cfg)
+    return _host_checked(app, allowed)
+
+
+def allowed_hosts(cfg: ClusterConfig) -> set[str]:
+    """The Host names the control plane answers to: loopback, its own address, this machine's name
+    and addresses, and controller.allowed_hosts."""
+    names = {"localhost", "127.0.0.1", "::1", *cfg.controller.allowed_hosts}
+    if cfg.controller.host not in WILDCARD_HOSTS:
+        names.add(cfg.controller.host)
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        names.add(name)
+        try:
+            names.update(str(info[4][0]) for info in socket.getaddrinfo(name, None))
+        except OSError:
+            pass
+    return {n.lower() for n in names}
+
+
+def host_of(header: str) -> str:
+    """The host of a Host header, without its port (an IPv6 literal without its brackets). Pure."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _host_checked(app: Any, allowed: set[str]) -> Any:
+    """Requests whose Host is not one of `allowed` get 400 (DNS rebinding)."""
+    async def checked(scope, receive, send):
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if host_of(host) not in allowed:
+                await JSONResponse({"detail": f"unknown host {host!r}: add it to controller.allowed_hosts"}, 400)(scope, receive, send)
+                return
+        await app(scope, receive, send)
+    checked.app = app  # type: ignore[attr-defined]
+    return checked
+
+
+def _guarded(app: Any, ok: Callable[[Request], bool]) -> Any:
+    """An ASGI app answered only with the token (401 otherwise)."""
+    async def guarded(scope, receive, send):
+        if scope["type"] == "http" and not ok(Request(scope)):
+            await _unauthorized()(scope, receive, send)
+            return
+        await app(scope, receive, send)
+    return guarded
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse({"detail": TOKEN_NEEDED}, 401, headers={"WWW-Authenticate": "Bearer"})
 
 
 def _reading_routes(ctl: Controller) -> APIRouter:
@@ -269,22 +352,9 @@ def _reading_routes(ctl: Controller) -> APIRouter:
     def api_status():
         return {**ctl.status_json(), "controller": ctl.watchdog_json()}
 
-    @api.get("/api/events", summary="The watchdog's events: the last n as JSON, or a server-sent event stream "
-                                    "(Accept: text/event-stream) that starts with them")
-    async def api_events(request: Request, n: int = Query(100, ge=0, le=EVENTS_KEPT)):
-        last = list(ctl.events)[-n:] if n else []
-        if "text/event-stream" not in request.headers.get("accept", ""):
-            return last
-        return StreamingResponse(_event_stream(ctl, last), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     @api.get("/api/samples", summary="The watchdog's last observations (counters, running, waiting), oldest first")
     def api_samples():
         return list(ctl.wd.samples) if ctl.wd else []
-
-    @api.get("/api/incidents", summary="The last incident bundles and their files (served under /incidents/)")
-    def api_incidents(n: int = Query(10, ge=1, le=100)):
-        return ctl.incidents(n)
 
     @api.get("/metrics", summary="Prometheus metrics")
     def metrics():
@@ -310,14 +380,56 @@ async def _event_stream(ctl: Controller, last: list[dict]):
         ctl.subscribers.discard(q)
 
 
+def _private_routes(ctl: Controller) -> APIRouter:
+    """What a cluster did (events, incidents: reasons, logs): the token, as a bearer header or the
+    session the status page opens with it."""
+
+    def authorized(request: Request) -> None:
+        if not ctl.token_ok(request):
+            raise HTTPException(401, TOKEN_NEEDED, headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(dependencies=[Depends(authorized)])
+
+    @api.get("/api/events", summary="The watchdog's events: the last n as JSON, or a server-sent event stream "
+                                    "(Accept: text/event-stream) that starts with them")
+    async def api_events(request: Request, n: int = Query(100, ge=0, le=EVENTS_KEPT)):
+        last = list(ctl.events)[-n:] if n else []
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return last
+        return StreamingResponse(_event_stream(ctl, last), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @api.get("/api/incidents", summary="The last incident bundles and their files (served under /incidents/)")
+    def api_incidents(n: int = Query(10, ge=1, le=100)):
+        return ctl.incidents(n)
+
+    return api
+
+
+def _session_route(ctl: Controller) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/api/session", status_code=204, summary="The status page gives the token once; a session cookie (HttpOnly, "
+                                                     "SameSite=Strict) lets it read events and incidents")
+    def api_session(body: dict[str, str] = Body(...)):
+        given = str(body.get("token", ""))
+        if not hmac.compare_digest(given.encode(), ctl.token.encode()):
+            raise HTTPException(401, TOKEN_NEEDED)
+        resp = Response(status_code=204)
+        resp.set_cookie(SESSION_COOKIE, ctl.session, httponly=True, samesite="strict", path="/")
+        return resp
+
+    return api
+
+
 def _action_routes(ctl: Controller) -> APIRouter:
-    """What changes the cluster: restart, pause, resume; each needs the bearer token."""
+    """What changes the cluster: restart, pause, resume; each needs the bearer token (in the header:
+    the status page's session does not act)."""
     bearer = HTTPBearer(auto_error=False)
 
     def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         if creds is None or not hmac.compare_digest(creds.credentials.encode(), ctl.token.encode()):
-            raise HTTPException(401, "a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; "
-                                     "default state_dir/api-token)", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, TOKEN_NEEDED, headers={"WWW-Authenticate": "Bearer"})
 
     api = APIRouter(dependencies=[Depends(authorized)])
 
@@ -349,7 +461,9 @@ def systemd_unit(cfg: ClusterConfig, config: Path, command: str) -> str:
 
     exe = shutil.which("spark-cluster") or f"{sys.executable} -m spark_cluster"
     return render("spark-cluster-watch.service.j2", cluster=cfg.name, config=str(config.resolve()), command=command,
-                  state_dir=str(cfg.resolved_state_dir()), user=getpass.getuser(), executable=exe)
+                  state_dir=str(cfg.resolved_state_dir()), user=getpass.getuser(), executable=exe,
+                  max_clients=cfg.gateway.max_clients, max_connections=cfg.gateway.max_connections,
+                  nofile=max(65536, 2 * (cfg.gateway.max_clients + cfg.gateway.max_connections)))
 
 
 def serve(cfg: ClusterConfig) -> None:
@@ -363,7 +477,7 @@ def serve(cfg: ClusterConfig) -> None:
     gateway = listening_socket(cfg.gateway.host, cfg.gateway.port, "gateway.host/gateway.port")
     control = listening_socket(cfg.controller.host, cfg.controller.port, "controller.host/controller.port")
     ctl = Controller(cfg, gateway_socket=gateway)
-    (ctl.dir / "incidents").mkdir(parents=True, exist_ok=True)
+    private_dir(ctl.dir / "incidents")
     # uvloop named: a missing one stops the controller at start instead of falling back silently to asyncio's slower loop
     uvicorn.Server(uvicorn.Config(create_app(ctl), loop="uvloop", log_level="warning", access_log=False,
                                   timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S)).run(sockets=[control])

@@ -26,6 +26,8 @@ from .config import ClusterConfig
 from .errors import CommandTimeout, LockedError, PreflightError, RemoveFailed, SparkClusterError, StepError, TransportError, indent
 from .facts import ContainerFact, ProcessFact
 from .lifecycle import COMPONENT_ORDER, stop_rank
+from .masking import mask_data
+from .state_dir import private_dir
 from .model_sync import ModelSync
 from .observe import list_containers, read_process, save_logs, tail_logs
 from .plan import build_plan
@@ -60,6 +62,7 @@ class Executor:
         self.nodes = nodes
         self.http = http
         self.report = report or (lambda e: None)
+        self.secrets = cfg.secret_values()  # masked in every event and every log kept
         links = kept.links(cfg)  # `nccl: auto`: as last detected, until preflight detects again
         self.plan: Plan = build_plan(cfg, reveal_secrets=True, links=links)
         self.phases: dict[str, float] = {}  # where the last up's time went, by part (see up)
@@ -70,7 +73,7 @@ class Executor:
         if step is not None:
             e.update(step=step.id, phase=step.phase, node=step.node, description=step.description)
         e.update(data)
-        self.report(e)
+        self.report(mask_data(e, self.secrets))
 
     def connect_all(self) -> None:
         """Open (and so verify the host key of) every node's SSH connection before anything runs."""
@@ -196,7 +199,7 @@ class Executor:
                 return
             time.sleep(timeouts.PROCESS_POLL_S)
         raise StepError(step, f"{step.process.name} did not start in {step.process.container}: {fact.detail}",
-                        indent(tail_logs(self.nodes[step.node], step.process.container)))
+                        indent(tail_logs(self.nodes[step.node], step.process.container, self.secrets)))
 
     def _remove(self, node: str, name: str, *, save_logs_to: Optional[Path], graceful: bool = True, component: str = "") -> None:
         """One container stopped and removed as lifecycle.remove_step shows it: a process hosted in it
@@ -207,7 +210,7 @@ class Executor:
             self.emit("process-stop", node=node, container=name, process=p.name)
             t.run(lifecycle.stop_process_command(p, stop), timeout=stop + timeouts.PROCESS_STOP_EXTRA_S)
         if save_logs_to is not None:
-            save_logs(t, name, save_logs_to)
+            save_logs(t, name, save_logs_to, self.secrets)
         r = t.run(lifecycle.remove_command(name, stop), timeout=stop + timeouts.REMOVE_EXTRA_S)
         if not r.ok:
             raise RemoveFailed(f"{node}: container {name} could not be removed: {r.tail(3).strip() or 'docker still lists it'}",
@@ -215,8 +218,8 @@ class Executor:
 
     def logs_dir(self, what: str) -> Path:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        d = self.cfg.resolved_state_dir() / "logs" / f"{stamp}-{what}"
-        d.mkdir(parents=True, exist_ok=True)
+        d = private_dir(self.cfg.resolved_state_dir()) / "logs" / f"{stamp}-{what}"
+        private_dir(d)
         return d
 
     def _waits(self) -> Waits:

@@ -9,6 +9,12 @@ every first token (bench/gateway_bench.py). Pipelined requests are answered in o
 reading slower than the engine writes stops the engine's connection being read (backpressure).
 Besides /v1/*, `/health` answers as vLLM's does for load balancers (200 while the door is open);
 anything else is 404.
+
+Bounded against careless and hostile clients (docs/bad-input.md): a request line and headers past
+gateway.max_head get 431, a request not complete within gateway.request_deadline_s 408, a
+connection past gateway.max_clients 503, each then closed; request bodies held at once over every
+connection stay within gateway.max_buffered (past it reading pauses), and a pipelined request's
+body is not read while an earlier one is answered.
 """
 
 from __future__ import annotations
@@ -34,12 +40,43 @@ STATUS_LINE = {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for
 log = logging.getLogger("spark_cluster.front")
 
 
+class BodyBudget:
+    """Request bodies held in memory over every connection. A connection whose body takes it past
+    the limit stops reading (what it already received is kept: at most one read more per
+    connection) until earlier bodies are released, first starved first fed."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.starved: dict[GatewayProtocol, None] = {}  # ordered
+
+    def take(self, conn: "GatewayProtocol", size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            self.starved[conn] = None
+            conn.set_reading(starved=True)
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        while self.starved and self.used < self.limit:
+            conn = next(iter(self.starved))
+            del self.starved[conn]
+            conn.set_reading(starved=False)
+
+    def forget(self, conn: "GatewayProtocol") -> None:
+        self.starved.pop(conn, None)
+
+
 class GatewayServer:
     """The listening socket and its connections; `stop` lets answers under way finish within a grace."""
 
     def __init__(self, gateway: Gateway, keep_alive_s: float = timeouts.GATEWAY_KEEP_ALIVE_S):
         self.gateway = gateway
         self.keep_alive_s = keep_alive_s
+        self.max_head = gateway.s.max_head_bytes()
+        self.request_deadline_s = gateway.s.request_deadline_s
+        self.max_clients = gateway.s.max_clients
+        self.budget = BodyBudget(gateway.s.max_buffered_bytes())
         self.connections: set[GatewayProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: Optional[asyncio.AbstractServer] = None
@@ -78,8 +115,8 @@ class _Request:
         self.method = ""
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.size = 0
+        self.body = bytearray()  # one copy of each byte, passed to the engine as it is
+        self.size = 0  # bytes of the body held (counted in the server's BodyBudget until released)
         self.keep_alive = True
         self.too_large = False
         self.gone = Signal()
@@ -137,6 +174,13 @@ class _Request:
             out += b"%x\r\n%b\r\n" % (len(body), body)
         return out + b"0\r\n\r\n" if last else out
 
+    def release(self) -> None:
+        """The body is no longer needed: its bytes leave the server's budget."""
+        if self.size:
+            self.conn.server.budget.give(self.size)
+            self.size = 0
+        self.body = bytearray()
+
     async def answer(self, status: int, body: bytes) -> None:
         """A whole JSON answer of the server's own."""
         await self.send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
@@ -158,12 +202,25 @@ class GatewayProtocol(asyncio.Protocol):
         self.reading = True  # False after a 413 or a bad request: nothing more is read
         self.closing = False  # the server stops: close once the current answer is done
         self.idle_timer: Optional[asyncio.TimerHandle] = None
+        self.deadline: Optional[asyncio.TimerHandle] = None  # the request being read must be complete by then
         self.drained: Optional[asyncio.Future[None]] = None
+        self.in_head = True  # the bytes arriving are a request's line and headers
+        self.head_size = 0
+        self.head_tail = b""  # the last bytes of the head so far (its end may be split between reads)
+        self.starved = False  # the server's body budget is spent: not reading
+        self.held_back = False  # a request's body waits until the earlier answers are done: not reading
+        self.paused = False
+        self.peer = ""  # the client's address
 
     # ---- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= self.server.max_clients:
+            self._refuse(503, f"more than gateway.max_clients ({self.server.max_clients}) connections are open: try again shortly")
+            return
         self.server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self._next()
 
     def data_received(self, data: bytes) -> None:
@@ -172,22 +229,53 @@ class GatewayProtocol(asyncio.Protocol):
             self.idle_timer = None
         if not self.reading:
             return
+        if self.in_head and self._head_too_large(data):
+            self._refuse(431, f"the request line and headers are larger than gateway.max_head ({self.gateway.s.max_head})")
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._bad_request("a protocol upgrade is not answered by the gateway")
+            self._refuse(400, "a protocol upgrade is not answered by the gateway")
         except httptools.HttpParserError as exc:
-            self._bad_request(f"invalid HTTP request: {exc}")
+            self._refuse(400, f"invalid HTTP request: {exc}")
         self._next()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.server.connections.discard(self)
+        self.server.budget.forget(self)
         for request in (self.current, self.parsing, *self.waiting):
             if request is not None:
                 request.gone.set()
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+                if request is not self.current:  # the current one is released when its answer ends
+                    request.release()
+        for timer in (self.idle_timer, self.deadline):
+            if timer is not None:
+                timer.cancel()
         self._writable()
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Counts the bytes of the request head in `data` (up to the blank line that ends it). The
+        parser keeps a header's whole value before it calls back, so the count comes first."""
+        seen = self.head_tail + data
+        end = seen.find(b"\r\n\r\n")
+        self.head_size += len(data) if end < 0 else max(end + 4 - len(self.head_tail), 0)
+        self.head_tail = seen[-3:]
+        return self.head_size > self.server.max_head
+
+    def set_reading(self, *, starved: Optional[bool] = None, held_back: Optional[bool] = None) -> None:
+        """Read from the client unless the body budget is spent or an earlier answer is under way."""
+        if starved is not None:
+            self.starved = starved
+        if held_back is not None:
+            self.held_back = held_back
+        pause = self.starved or self.held_back or not self.reading
+        if self.transport is None or pause == self.paused or self.transport.is_closing():
+            return
+        self.paused = pause
+        if pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         if self.drained is None:
@@ -213,6 +301,8 @@ class GatewayProtocol(asyncio.Protocol):
     # ---- httptools' callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.parsing = _Request(self)
+        if self.deadline is None:
+            self.deadline = self.loop.call_later(self.server.request_deadline_s, self._too_slow)
 
     def on_url(self, url: bytes) -> None:
         assert self.parsing is not None
@@ -227,6 +317,9 @@ class GatewayProtocol(asyncio.Protocol):
         assert request is not None and self.transport is not None
         request.method = self.parser.get_method().decode("ascii")
         request.keep_alive = self.parser.should_keep_alive()
+        self.in_head, self.head_size, self.head_tail = False, 0, b""
+        if self.current is not None or self.waiting:  # pipelined: its body is read once the earlier answers are done
+            self.set_reading(held_back=True)
         declared = next((v for k, v in request.headers if k.lower() == b"content-length"), b"")
         if declared.isdigit() and int(declared) > self.gateway.max_body:
             self._too_large(request)
@@ -238,18 +331,23 @@ class GatewayProtocol(asyncio.Protocol):
         request = self.parsing
         if request is None or request.too_large:
             return
-        request.size += len(body)
-        if request.size > self.gateway.max_body:
+        if request.size + len(body) > self.gateway.max_body:
             self._too_large(request)
             return
-        request.body.append(body)
+        request.size += len(body)
+        request.body += body
+        self.server.budget.take(self, len(body))
 
     def on_message_complete(self) -> None:
         request, self.parsing = self.parsing, None
+        self.in_head = True
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
         if request is None:
             return
         if len(self.waiting) >= MAX_PIPELINED:
-            self._bad_request(f"more than {MAX_PIPELINED} requests sent ahead of their answers")
+            self._refuse(400, f"more than {MAX_PIPELINED} requests sent ahead of their answers")
             return
         self.waiting.append(request)
 
@@ -258,17 +356,18 @@ class GatewayProtocol(asyncio.Protocol):
         """Answered with 413 in its turn; what else it sends is not read (the connection closes after)."""
         request.too_large = True
         request.keep_alive = False
-        request.body = []
+        request.release()
         self.waiting.append(request)
         self.parsing = None
         self.reading = False
-        assert self.transport is not None
-        self.transport.pause_reading()
+        self.set_reading()
 
     def _next(self) -> None:
         """Answer the next parsed request, or close, or wait for more."""
         if self.current is not None or self.transport is None or self.transport.is_closing():
             return
+        if self.held_back:
+            self.set_reading(held_back=False)
         if self.waiting:
             request = self.current = self.waiting.popleft()
             task = self.loop.create_task(self._answer(request))
@@ -284,8 +383,8 @@ class GatewayProtocol(asyncio.Protocol):
             if request.too_large:
                 await self.gateway.refuse_too_large(request.send)
             elif request.target.startswith(GATEWAY_PATHS):
-                await self.gateway.serve(request.method, request.target.decode("latin-1"), request.headers, b"".join(request.body),
-                                         request.send, request.gone, request)
+                await self.gateway.serve(request.method, request.target.decode("latin-1"), request.headers, request.body,
+                                         request.send, request.gone, request, self.peer)
             elif request.target.split(b"?", 1)[0] == b"/health":
                 door = self.gateway.door
                 await request.answer(200 if door.mode == "open" else 503, json.dumps({"gateway": door.mode, "reason": door.reason}).encode())
@@ -298,20 +397,30 @@ class GatewayProtocol(asyncio.Protocol):
                 request.keep_alive = False
                 await request.answer(500, error_body("the gateway failed", "internal_error", 500))
         finally:
+            request.release()
             self.current = None
             if self.transport is not None and (not request.complete or not request.keep_alive):
                 self.transport.close()
             self._next()
 
-    def _bad_request(self, message: str) -> None:
-        """400 and close (when no answer is under way, else only the close)."""
+    def _refuse(self, status: int, message: str) -> None:
+        """An answer of the server's own, then the close (when an answer is under way, only the close:
+        nothing more of this client's is read)."""
         assert self.transport is not None
         self.reading = False
         if self.current is None:
-            body = message.encode()
-            self.transport.write(STATUS_LINE[400] + b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            body = error_body(message, HTTPStatus(status).phrase.lower().replace(" ", "_"), status)
+            self.transport.write(STATUS_LINE[status] + b"content-type: application/json\r\ncontent-length: %d\r\n"
                                  b"connection: close\r\n\r\n%b" % (len(body), body))
         self.transport.close()
+
+    def _too_slow(self) -> None:
+        if self.held_back or self.starved:  # the gateway is not reading: not the client's time
+            self.deadline = self.loop.call_later(self.server.request_deadline_s, self._too_slow)
+            return
+        self.deadline = None
+        if self.transport is not None and not self.transport.is_closing():
+            self._refuse(408, f"the request was not complete within gateway.request_deadline_s ({self.server.request_deadline_s:g}s)")
 
     def _idle(self) -> None:
         self.idle_timer = None

@@ -39,9 +39,11 @@ OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected",
 log = logging.getLogger("spark_cluster.gateway")  # one line per request that did not simply pass (ok ones are counted only)
 
 # Headers that belong to one hop (RFC 9110 7.6.1), and those the gateway's client or server set themselves;
-# `expect`: the controller's own server answers a client's 100-continue.
+# `expect`: the gateway's own server answers a client's 100-continue.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect"})
+# Who the client is, as proxies say it: set by the gateway, never taken from the client.
+FORWARDED = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"})
 # Pause between two attempts while the door stays open (the watchdog may not know yet that the engine
 # is gone). The first retry is at once: a kept-alive connection the engine had just closed fails that way.
 RETRY_PAUSES_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -109,6 +111,21 @@ def retry_status(status: int, engine_answers: Optional[bool]) -> bool:
     if status == 500:
         return engine_answers is False
     return False
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = HOP_BY_HOP) -> list[tuple[bytes, bytes]]:
+    """The headers that go on to the next hop: without the hop-by-hop ones, those a `Connection`
+    header names (RFC 9110 7.6.1) and those in `drop`. Pure."""
+    named = {t.strip().lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",")}
+    return [(k, v) for k, v in headers if k.lower() not in drop and k.lower() not in named]
+
+
+def forwarded_for(client: str) -> list[tuple[bytes, bytes]]:
+    """The headers that tell the engine who the client is (its address as the gateway saw it). Pure."""
+    if not client:
+        return []
+    node = f'"[{client}]"' if ":" in client else client
+    return [(b"x-forwarded-for", client.encode()), (b"forwarded", f"for={node}".encode())]
 
 
 def error_body(message: str, kind: str = "service_unavailable", code: int = 503) -> bytes:
@@ -228,14 +245,14 @@ class Gateway:
 
     # ---- one request -------------------------------------------------------------------------
     async def serve(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
-                    gone: Signal, writer: Optional[Writer] = None) -> Outcome:
+                    gone: Signal, writer: Optional[Writer] = None, client: str = "") -> Outcome:
         """One request: `target` is the path and query as the client sent them, `send` takes the
         answer's messages, `gone` is set when the client goes away; with a `writer`, a body's pieces
-        after the first go to it straight from the engine's connection."""
+        after the first go to it straight from the engine's connection. client: its address."""
         t0 = time.monotonic()
         deadline = t0 + self.s.hold_s
         held = attempts = 0
-        headers = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+        headers = end_to_end(headers, HOP_BY_HOP | FORWARDED) + forwarded_for(client)
         flight = Flight()
         outcome: Outcome = "failed"
         try:
@@ -258,6 +275,11 @@ class Gateway:
                 # nothing reached the client: wait for the door (the watchdog is told of the failure by its own probes),
                 # pausing a little between attempts while it stays open
                 pause = RETRY_PAUSES_S[min(attempts - 1, len(RETRY_PAUSES_S) - 1)]
+                if attempts >= self.s.max_attempts:
+                    await self._refuse(send, Admission("reject", f"the engine failed this request {attempts} times before answering "
+                                                                 f"(gateway.max_attempts)", retry_after=True))
+                    outcome = "rejected"
+                    return outcome
                 if time.monotonic() + pause >= deadline:
                     await self._refuse(send, Admission("reject", f"the engine did not answer within gateway.hold_s ({self.s.hold_s:g}s)",
                                                        retry_after=True))
@@ -343,24 +365,24 @@ class Gateway:
             except UpstreamError:
                 return "retry"
             flight.event_stream = resp.header(b"content-type").startswith(b"text/event-stream")
-            out_headers = [(k, v) for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
+            out_headers = end_to_end(resp.headers)
             if flight.event_stream:
                 out_headers.append((b"x-accel-buffering", b"no"))
                 out_headers.append((b"cache-control", b"no-cache"))
             flight.started = True
             self.obs.first_byte(time.monotonic() - t0)
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-            if first:
+            if first is not None:  # None: the answer has no body (HEAD, 204, a length of 0) and has ended
                 await self._send_chunk(send, flight, first)
-            if writer is not None:  # no task woken per piece: under load every token of every stream passes here
-                resp.splice(lambda chunk: writer.write(flight.passing(chunk)))
-                writer.on_drain = resp.resume
-            try:
-                while (chunk := await resp.next_chunk()) is not None:  # no async generator: a frame less per chunk
-                    await self._send_chunk(send, flight, chunk)
-            except UpstreamError:
-                await self._end_stream(send, flight, "the engine's connection ended before the answer was complete")
-                return "interrupted"
+                if writer is not None:  # no task woken per piece: under load every token of every stream passes here
+                    resp.splice(lambda chunk: writer.write(flight.passing(chunk)))
+                    writer.on_drain = resp.resume
+                try:
+                    while (chunk := await resp.next_chunk()) is not None:  # no async generator: a frame less per chunk
+                        await self._send_chunk(send, flight, chunk)
+                except UpstreamError:
+                    await self._end_stream(send, flight, "the engine's connection ended before the answer was complete")
+                    return "interrupted"
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             flight.finished = True
             return "failed" if resp.status >= 500 else "ok"
@@ -377,13 +399,17 @@ class Gateway:
         await send({"type": "http.response.body", "body": error_body(message, "upstream_timeout", status)})
 
     async def _end_stream(self, send: Send, flight: Flight, message: str) -> None:
-        """End a response that has started: an error event for an event stream, then a clean close."""
+        """End a response that has started and cannot be completed. An event stream: an error event,
+        then its clean end. Any other answer is left without its end (no last chunk; the server then
+        closes the connection), so no client takes a cut answer for a whole one: every HTTP library
+        raises on it."""
+        if not flight.event_stream:
+            return
         try:
-            if flight.event_stream:
-                sep = b"" if flight.tail in (b"\n\n", b"") else b"\n\n"
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": sep + b"data: " + error_body(message + "; the stream cannot be resumed: send the request again",
-                                                                 "engine_unavailable") + b"\n\n"})
+            sep = b"" if flight.tail in (b"\n\n", b"") else b"\n\n"
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": sep + b"data: " + error_body(message + "; the stream cannot be resumed: send the request again",
+                                                             "engine_unavailable") + b"\n\n"})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client is gone as well

@@ -153,5 +153,5 @@ def _problems(obs: Observation) -> list[str]:
     if obs.ray.checked and obs.ray.error:
         problems.append(f"Ray not observed: {obs.ray.error}")
     if obs.watchdog and obs.watchdog.get("state") == "failed":
-        problems.append(f"watchdog failed: {obs.watchdog.get('reason', '')}")
+        problems.append(f"watchdog failed: {obs.watchdog.get('last_reason', '')}")
     return problems

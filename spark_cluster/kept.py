@@ -1,6 +1,6 @@
-"""What spark-cluster keeps in state_dir between runs, read back tolerantly (a missing, unreadable
-or foreign file is as if nothing was kept) and written best effort (a read-only state_dir only
-means the work is done again next time):
+"""What spark-cluster keeps in state_dir between runs, read back as typed models (a missing file is
+as if nothing was kept; one of another shape is set aside with an alert, then the same) and written
+best effort (a read-only state_dir only means the work is done again next time):
 - link.json: what `nccl: auto` detected per node, so that `plan`, `status` and the watchdog render
   the containers the `up` that detected it started;
 - vllm.json: the last checks of the `vllm serve` flags with vLLM's own parser, per image ID and
@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from .config import ClusterConfig
 from .link import LinkPick
+from .state_dir import read_state, write_private
 
 # how many checks vllm.json keeps (image ID x flags: e.g. both executors of one image)
 KEPT_CHECKS = 8
@@ -24,8 +27,7 @@ KEPT_CHECKS = 8
 def _write(cfg: ClusterConfig, name: str, data: dict) -> None:
     try:
         d = cfg.resolved_state_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        (d / name).write_text(json.dumps(data, indent=2) + "\n")
+        write_private(d / name, json.dumps(data, indent=2) + "\n")
     except OSError:
         pass
 
@@ -39,22 +41,41 @@ def links(cfg: ClusterConfig) -> dict[str, LinkPick]:
     """What the last detection found, for the nodes still in the config (nothing when `nccl.auto` is off)."""
     if not any(cfg.node_nccl(n).auto for n in cfg.nodes):
         return {}
-    try:
-        nodes = json.loads((cfg.resolved_state_dir() / "link.json").read_text())["nodes"]
-        return {n.name: LinkPick(netdev=nodes[n.name]["netdev"], hcas=tuple(nodes[n.name]["hcas"]), mtu=int(nodes[n.name]["mtu"]),
-                                 note=nodes[n.name].get("note", "")) for n in cfg.nodes if n.name in nodes}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    kept = read_state(cfg.resolved_state_dir() / "link.json", LinkFile, cfg.name)
+    nodes = kept.nodes if kept is not None else {}
+    return {n.name: LinkPick(netdev=nodes[n.name].netdev, hcas=tuple(nodes[n.name].hcas), mtu=nodes[n.name].mtu, note=nodes[n.name].note)
+            for n in cfg.nodes if n.name in nodes}
+
+
+class LinkRecord(BaseModel):
+    netdev: str
+    hcas: list[str] = []
+    mtu: int
+    note: str = ""
+
+
+class LinkFile(BaseModel):
+    """link.json: the link `nccl: auto` detected on each node."""
+
+    model_config = ConfigDict(extra="ignore")
+    detected_at: str = ""
+    nodes: dict[str, LinkRecord]
+
+
+class VllmFile(BaseModel):
+    """vllm.json: the last vLLM flag checks (each a free-form record: image, image ID, flags' hash, version, ok)."""
+
+    checks: list[dict[str, Any]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_record(cls, data: Any) -> Any:
+        return {"checks": [data]} if isinstance(data, dict) and "checks" not in data else data  # earlier versions kept one
 
 
 def _checks(cfg: ClusterConfig) -> list[dict]:
-    try:
-        data = json.loads((cfg.resolved_state_dir() / "vllm.json").read_text())
-    except (OSError, ValueError):
-        return []
-    if isinstance(data, dict) and isinstance(data.get("checks"), list):
-        return [r for r in data["checks"] if isinstance(r, dict)]
-    return [data] if isinstance(data, dict) else []  # the one-record file of earlier versions
+    kept = read_state(cfg.resolved_state_dir() / "vllm.json", VllmFile, cfg.name)
+    return kept.checks if kept is not None else []
 
 
 def last_check(cfg: ClusterConfig) -> Optional[dict]:

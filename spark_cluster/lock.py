@@ -1,5 +1,6 @@
 """The cluster's lock on the head node: one `up`, `down` or watchdog restart at a time, whichever
-machine runs it. A directory made with `mkdir` (atomic), holding a record of who holds it.
+machine runs it. A directory made with `mkdir` (atomic) in the SSH user's home, holding a record of
+who holds it.
 
 The commands are plan steps (`plan` shows them); whether a lock found held is stale is decided
 here, a pure rule: its holder ran on this machine and its process is gone (a holder on another
@@ -14,22 +15,29 @@ from typing import Callable
 from .render import quote
 
 
+LOCKS = '"$HOME"/.spark-cluster/locks'  # only the SSH user can write there (not /tmp, where anyone could make it first)
+
+
 def lock_dir(cluster: str) -> str:
-    return f"/tmp/spark-cluster-{cluster}.lock"
+    """Where the lock is, as a person types it."""
+    return f"~/.spark-cluster/locks/{cluster}.lock"
+
+
+def _path(cluster: str) -> str:
+    return f"{LOCKS}/{quote(cluster + '.lock')}"
 
 
 def take_command(cluster: str) -> str:
     """Takes the lock (exit 0) or finds it held (exit 1); the holder's record comes on standard input."""
-    d = lock_dir(cluster)
-    return f"mkdir {quote(d)} 2>/dev/null && cat > {quote(d + '/holder')}"
+    return f"mkdir -p -m 700 {LOCKS} && mkdir {_path(cluster)} 2>/dev/null && cat > {_path(cluster)}/holder"
 
 
 def holder_command(cluster: str) -> str:
-    return f"cat {quote(lock_dir(cluster) + '/holder')} 2>/dev/null"
+    return f"cat {_path(cluster)}/holder 2>/dev/null"
 
 
 def release_command(cluster: str) -> str:
-    return f"rm -rf {quote(lock_dir(cluster))}"
+    return f"rm -rf {_path(cluster)}"
 
 
 def holder_record(command: str, host: str, pid: int, since: str) -> str:

@@ -12,16 +12,16 @@ returns what it saw, or the error, as data (spark_cluster.observation).
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import httpx
+from pydantic import BaseModel
 
 from . import kept, lifecycle, timeouts
 from .config import ClusterConfig
@@ -30,6 +30,8 @@ from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, ProcessFact, Ra
                     marked_sections, parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process, parse_ray_state,
                     parse_sysctl, process_command, progressed, sysctl_command)
 from .judge import key_refused
+from .masking import mask
+from .state_dir import read_state, write_private
 from .watch_state import gpu_baselines, read_watchdog_state
 from .observation import ContainerObs, NodeObs, Observation, ProcessObs, RayObs, VLLMObs
 from .facts import LABEL_PREFIX
@@ -166,25 +168,22 @@ def read_process(t: "SSHTransport", p: ProcessSpec) -> ProcessFact:
     return parse_process(p.argv, r.exit_code, r.stdout, r.stderr)
 
 
-def tail_logs(t: "SSHTransport", name: str, lines: int = 20) -> str:
-    """A container's last log lines (or why they could not be read)."""
+def tail_logs(t: "SSHTransport", name: str, secrets: Sequence[str], lines: int = 20) -> str:
+    """A container's last log lines, secrets masked (or why they could not be read)."""
     try:
         r = t.run(lifecycle.tail_command(name, lines), timeout=timeouts.QUICK_S)
-        return r.stdout.strip() or "(no output)"
+        return mask(r.stdout.strip(), secrets) or "(no output)"
     except SparkClusterError as exc:
         return f"(could not read logs: {exc})"
 
 
-def save_logs(t: "SSHTransport", name: str, folder: Path) -> Optional[Path]:
-    """A container's whole log into folder (None when the node did not give it)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def save_logs(t: "SSHTransport", name: str, folder: Path, secrets: Sequence[str]) -> Optional[Path]:
+    """A container's whole log into folder, secrets masked (None when the node did not give it)."""
     try:
         r = t.run(lifecycle.logs_command(name), timeout=timeouts.LOG_DUMP_S)
     except SparkClusterError:
         return None
-    path = folder / f"{t.node}--{name}.log"
-    path.write_text(r.stdout)
-    return path
+    return write_private(folder / f"{t.node}--{name}.log", r.stdout, secrets)
 
 
 def host_snapshot(t: "SSHTransport") -> str:
@@ -309,25 +308,28 @@ class Engine:
 
 # ---- the whole cluster -------------------------------------------------------------------------
 
+class ProgressFile(BaseModel):
+    """progress.json: the engine's counters as `status` last saw them, and when they last moved."""
+
+    counters: list[Optional[float]]
+    last_change: float
+
+
 def progress_age(cfg: ClusterConfig, v: VLLMObs, now: float) -> Optional[float]:
     """Seconds since the counters last moved, remembered across status runs in state_dir."""
     if v.steps_total is None and v.generation_tokens_total is None:
         return None
     path = cfg.resolved_state_dir() / "progress.json"
     counters = [v.steps_total, v.generation_tokens_total, v.prompt_tokens_total]
-    try:
-        prev = json.loads(path.read_text())
-    except (OSError, ValueError):
-        prev = None
+    prev = read_state(path, ProgressFile, cfg.name)
     if v.steps_in_window or v.generation_tok_s:
         last = now
-    elif prev is not None and prev.get("counters") == counters:
-        last = float(prev.get("last_change", now))
+    elif prev is not None and prev.counters == counters:
+        last = prev.last_change
     else:  # no earlier record of these values: flat for at least the window
         last = now - (v.window_s or 0)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"counters": counters, "last_change": last}))
+        write_private(path, ProgressFile(counters=counters, last_change=last).model_dump_json())
     except OSError:
         pass
     return round(now - last, 1)
@@ -398,7 +400,7 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
     return Observation(
         ts=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         cluster=cfg.name, executor=cfg.executor, plan_hash=plan.plan_hash,
-        nodes=node_obs, ray=ray_obs, vllm=vllm_obs, watchdog=watchdog,
+        nodes=node_obs, ray=ray_obs, vllm=vllm_obs, watchdog=watchdog.model_dump(mode="json") if watchdog else None,
         took_s=round(time.monotonic() - t0, 3),
     )
 

@@ -16,7 +16,8 @@ from .config import ClusterConfig
 from .facts import LABEL_PREFIX
 from .link import LinkPick
 from .plan_checks import PreflightSteps
-from .render import MASK, quote, read_template, render, render_argv
+from .masking import MASK, mask_data
+from .render import quote, read_template, render, render_argv
 from .settings import Mount, Node
 from .steps import ContainerSpec, HttpRequest, Plan, ProcessSpec, Step, container_name, node_env
 
@@ -267,7 +268,12 @@ class _Builder:
 
 
 def build_plan(cfg: ClusterConfig, *, reveal_secrets: bool = False, links: Optional[dict[str, LinkPick]] = None) -> Plan:
-    """The plan of `up`. Secrets are masked unless reveal_secrets (only the executor asks for that).
-    links: what `nccl: auto` detected per node (kept.links); without it those variables show
-    NOT_DETECTED."""
-    return _Builder(cfg, reveal_secrets, links or {}).build()
+    """The plan of `up`. Secrets are masked unless reveal_secrets (only the executor asks for that):
+    secret variables show MASK, and so does any secret value anywhere else (a secret flag's value in
+    extra_args); the plan's hashes are those of the executed plan. links: what `nccl: auto` detected
+    per node (kept.links); without it those variables show NOT_DETECTED."""
+    plan = _Builder(cfg, reveal_secrets, links or {}).build()
+    values = cfg.secret_values()
+    if reveal_secrets or not values:
+        return plan
+    return Plan.model_validate(mask_data(plan.model_dump(), values))

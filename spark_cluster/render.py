@@ -11,8 +11,6 @@ import jinja2
 
 from .errors import RenderError
 
-MASK = "********"
-
 
 def templates_dir() -> Path:
     here = Path(__file__).resolve().parent

@@ -67,14 +67,29 @@ class GatewaySettings(Strict):
     max_connections: int = Field(1024, ge=1, description="Connections to vLLM at once (httpx's default 100 is a known failure of routers "
                                                          "with many concurrent streams).")
     retry_after_s: int = Field(30, ge=1, description="Retry-After of a 503 past hold_s or max_held.")
+    max_attempts: int = Field(10, ge=1, description="Most times one request is sent to the engine (a retry happens only before any byte "
+                                                    "reached the client); past it 503, whatever is left of hold_s.")
+    max_head: str = Field("64k", description="Largest request line and headers together, as a size (431 and the connection closed above it).")
+    request_deadline_s: float = Field(60, gt=0, description="Longest time a client may take to send a whole request (head and body), from "
+                                                            "its first byte (408 and the connection closed past it).")
+    max_clients: int = Field(4096, ge=1, description="Most client connections open at once; past it a new one gets 503 and is closed "
+                                                     "(the controller's unit raises its file limit above it).")
+    max_buffered: str = Field("256m", description="Request bodies held in memory at once, over every connection, as a size: past it the "
+                                                  "gateway stops reading new bodies until earlier ones went to the engine.")
 
-    @field_validator("max_body", mode="before")
+    @field_validator("max_body", "max_head", "max_buffered", mode="before")
     @classmethod
-    def _max_body(cls, value: Any) -> str:
+    def _sizes(cls, value: Any) -> str:
         return size_text(value)
 
     def max_body_bytes(self) -> int:
         return parse_size(self.max_body)
+
+    def max_head_bytes(self) -> int:
+        return parse_size(self.max_head)
+
+    def max_buffered_bytes(self) -> int:
+        return parse_size(self.max_buffered)
 
 
 class ControllerSettings(Strict):
@@ -85,6 +100,9 @@ class ControllerSettings(Strict):
                                                "are readable by anyone who reaches it: from another machine use an SSH tunnel, or "
                                                "listen wider (0.0.0.0) only behind a firewall.")
     port: int = Field(8081, ge=1, le=65535, description="Port of the API, the status page and /metrics (what Prometheus scrapes).")
+    allowed_hosts: list[str] = Field(default_factory=list, description=(
+        "Names and addresses clients reach the control plane by (its Host header), besides loopback, `host` and this machine's own "
+        "name and addresses: another is refused with 400 (a web page of another site cannot read the status page through DNS rebinding)."))
 
 
 class ApiSettings(Strict):

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from .config import ClusterConfig
 from .judge import Verdict, verdict
+from .masking import mask_data
 from .observation import Observation, VLLMObs
 from .observe import observe
 
@@ -26,4 +27,6 @@ class StatusReport(BaseModel):
 def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "Optional[Future[VLLMObs]]" = None) -> StatusReport:
     obs = observe(cfg, nodes, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s, vllm=vllm)
     word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes={n.name: n.address for n in cfg.nodes})
-    return StatusReport(verdict=word, reason=reason, observation=obs)
+    report = StatusReport(verdict=word, reason=reason, observation=obs)
+    values = cfg.secret_values()  # a node's or the engine's error text may quote a command line
+    return StatusReport.model_validate(mask_data(report.model_dump(), values)) if values else report

@@ -47,6 +47,8 @@ class ReadTimeout(UpstreamError):
 _END = object()
 
 
+ONE_WRITE_BELOW = 16384  # a body smaller than this goes out with the head in one write; a larger one is not copied
+
 class _Conn(asyncio.Protocol):
     """One kept-alive connection; one exchange at a time."""
 
@@ -73,13 +75,18 @@ class _Conn(asyncio.Protocol):
         self.last_read = 0.0
 
     # ---- the exchange ----------------------------------------------------------------------------
-    def start(self, data: bytes, no_body: bool) -> asyncio.Future[None]:
+    def start(self, head: bytes, body: bytes, no_body: bool) -> asyncio.Future[None]:
+        """Send a request (its body as it is: a large one is not copied into one buffer with the head)."""
         self._reset()
         self.no_body = no_body
         self.head = self.loop.create_future()
         self._arm()
         assert self.transport is not None
-        self.transport.write(data)
+        if len(body) < ONE_WRITE_BELOW:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+            self.transport.write(body)
         return self.head
 
     def _arm(self) -> None:
@@ -279,7 +286,7 @@ class Upstream:
         head += [k + b": " + v + b"\r\n" for k, v in headers]
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         try:
-            await conn.start(b"".join(head) + body, no_body=method == "HEAD")
+            await conn.start(b"".join(head), body, no_body=method == "HEAD")
         except BaseException:
             self._release(conn)
             raise

@@ -30,6 +30,7 @@ class Waits:
         self.emit = emit
         self.timed = timed
         self.http = http
+        self.secrets = cfg.secret_values()
 
     def ray(self, step: Step) -> None:
         t0 = time.monotonic()
@@ -50,7 +51,7 @@ class Waits:
                 details = []
                 for n in missing:
                     name = next(s.container.name for s in self.plan.steps if s.container and s.node == n.name)
-                    details.append(f"  {n.name} ({n.address}) has not joined; last lines of {name}:\n" + indent(tail_logs(self.nodes[n.name], name)))
+                    details.append(f"  {n.name} ({n.address}) has not joined; last lines of {name}:\n" + indent(tail_logs(self.nodes[n.name], name, self.secrets)))
                 msg = f"Ray shows {len(alive)} of {len(want)} nodes after {step.deadline_s:g}s"
                 msg += "".join(f", {ray.total(k):g} of {want_resources[k]:g} {k}" for k in short)
                 if missing:
@@ -75,7 +76,7 @@ class Waits:
                 gone = process_gone(s.process.name, s.process.container, s.node, fact.state, fact.detail)
                 name = s.process.container
             if gone:
-                raise StepError(step, gone, indent(tail_logs(self.nodes[s.node], name)))
+                raise StepError(step, gone, indent(tail_logs(self.nodes[s.node], name, self.secrets)))
 
     def ready(self, steps: list[Step]) -> None:
         """Poll each readiness check in turn (cheap HTTP: every timeouts.READY_POLL_S, so a ready engine
@@ -99,7 +100,7 @@ class Waits:
                             self.members_alive(self.plan.steps[-1])
                         if time.monotonic() > deadline:
                             raise StepError(step, f"not ready after {step.deadline_s:g}s: {last_err}",
-                                            indent(tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container)))
+                                            indent(tail_logs(self.nodes[self.cfg.head.name], self.plan.api_container, self.secrets)))
                         time.sleep(timeouts.READY_POLL_S)
         finally:
             engine.close()

@@ -1,8 +1,8 @@
 """The watchdog's state file (state_dir/watchdog.json): what its decisions remember, its restarts
 and the GPUs' learned power, read by `status`, the controller and a restarted watchdog.
 
-Written atomically (a temporary file renamed over it); read defensively: a file of another shape
-starts the watchdog afresh instead of stopping it.
+Written whole or not at all (state_dir.write_private); read as a typed model: a file of another
+shape or encoding is set aside with an alert and the watchdog starts afresh (state_dir.read_state).
 """
 
 from __future__ import annotations
@@ -11,51 +11,52 @@ import dataclasses
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict
 
 from .config import ClusterConfig
 from .decide import State, hour_restarts, recent_restarts, resumed
 from .ranks import GpuBaseline
+from .state_dir import Alert, read_state, write_private
 
 STATE_FILE = "watchdog.json"
+
+
+class WatchdogFile(BaseModel):
+    """watchdog.json: a summary a person reads, and the decision state itself."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: str = "starting"
+    since: Optional[str] = None
+    last_restart: Optional[str] = None
+    last_reason: str = ""
+    restarts_last_hour: int = 0
+    restarts_counted: int = 0
+    updated: Optional[str] = None
+    decision: State
+    gpu_baseline: dict[str, GpuBaseline] = {}
 
 
 def iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def read_watchdog_state(cfg: ClusterConfig) -> Optional[dict[str, Any]]:
-    """The file as written, or None when there is none or it is not JSON."""
-    try:
-        return json.loads((cfg.resolved_state_dir() / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+def read_watchdog_state(cfg: ClusterConfig, alert: Optional[Alert] = None) -> Optional[WatchdogFile]:
+    """The file, or None when there is none (or it could not be read: then it is set aside)."""
+    return read_state(cfg.resolved_state_dir() / STATE_FILE, WatchdogFile, cfg.name, alert)
 
 
-def gpu_baselines(watchdog: Optional[dict[str, Any]]) -> dict[str, GpuBaseline]:
+def gpu_baselines(saved: Optional[WatchdogFile]) -> dict[str, GpuBaseline]:
     """The GPUs' idle and busy power per node as the watchdog learned them."""
-    saved = watchdog.get("gpu_baseline") if isinstance(watchdog, dict) else None
-    out = {}
-    for node, b in (saved.items() if isinstance(saved, dict) else ()):
-        if isinstance(b, dict):
-            idle, busy = b.get("idle_w"), b.get("busy_w")
-            out[node] = GpuBaseline(idle if isinstance(idle, (int, float)) else None, busy if isinstance(busy, (int, float)) else None)
-    return out
+    return dict(saved.gpu_baseline) if saved is not None else {}
 
 
-def load_decision(data: Optional[dict[str, Any]], now: float) -> State:
+def load_decision(saved: Optional[WatchdogFile], now: float) -> State:
     """The decision state the file keeps, resumed (a new watchdog first confirms what it sees: it
-    never acts on a stale phase); a fresh start when there is none or it has another shape."""
-    decision = data.get("decision") if isinstance(data, dict) else None
-    if not isinstance(decision, dict):
-        return State(phase="starting", since=now)
-    fields = {f.name for f in dataclasses.fields(State)}
-    try:
-        st = State(**{k: (tuple(v) if k in ("restarts", "last_counters") and v is not None else v)
-                      for k, v in decision.items() if k in fields})
-        return resumed(st, now)
-    except (ValueError, TypeError):
-        return State(phase="starting", since=now)
+    never acts on a stale phase); a fresh start when there is none."""
+    return resumed(saved.decision, now) if saved is not None else State(phase="starting", since=now)
 
 
 def save_watchdog_state(path: Path, st: State, now: float, gpu_baseline: dict[str, GpuBaseline]) -> None:
@@ -70,6 +71,4 @@ def save_watchdog_state(path: Path, st: State, now: float, gpu_baseline: dict[st
         "decision": dataclasses.asdict(st),
         "gpu_baseline": {n: dataclasses.asdict(b) for n, b in gpu_baseline.items()},
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=list))
-    tmp.replace(path)
+    write_private(path, json.dumps(data, indent=1, default=list))

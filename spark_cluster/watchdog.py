@@ -36,6 +36,8 @@ from .watch_state import STATE_FILE, gpu_baselines, iso, load_decision, read_wat
 from .plan import build_plan
 from . import kept
 from .ranks import GpuBaseline, ProcessesReading, learn_baseline
+from .masking import mask_data
+from .state_dir import DIR_MODE, EVENTS_FILE, append_private, private_dir, write_private
 from .transport import Nodes
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -59,7 +61,7 @@ def reset_breaker(cfg: ClusterConfig, why: str, *, recreated: bool = False) -> b
             return False
         reset = wd.deliberate_start(why)
         wd.save_state()
-        (wd.dir / RESET_MARK).write_text(why + "\n")
+        write_private(wd.dir / RESET_MARK, why + "\n", wd.secrets)
         return reset
     finally:
         wd.close()
@@ -83,9 +85,9 @@ class Watchdog:
         self._pause_wanted: Optional[bool] = None
         self.on_event = on_event or (lambda e: None)
         self.in_flight = in_flight  # requests the controller's gateway has sent the engine and not seen finish
-        self.dir = cfg.resolved_state_dir()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.events_path = self.dir / "events.jsonl"
+        self.dir = private_dir(cfg.resolved_state_dir())
+        self.secrets = cfg.secret_values()  # masked in every event and every file of a bundle
+        self.events_path = self.dir / EVENTS_FILE
         self.state_path = self.dir / STATE_FILE
         self.plan = build_plan(cfg, links=kept.links(cfg))
         self.expected_nodes = {n.name: n.address for n in cfg.nodes}
@@ -96,14 +98,16 @@ class Watchdog:
         self.ray_probe: Optional[Future[RayObs]] = None
         self.ray_probe_started = float("-inf")
         self.last_ray: Optional[RayObs] = None  # the last answer of a Ray probe (for incident bundles)
-        self.state = load_decision(read_watchdog_state(cfg), self.clock())
         self.trail: deque[dict[str, Any]] = deque(maxlen=200)
+        # a state file of another shape is set aside with an alert: the watchdog starts afresh
+        saved = read_watchdog_state(cfg, alert=lambda why: self.event("alert", reason=why))
+        self.state = load_decision(saved, self.clock())
+        self.gpu_baseline: dict[str, GpuBaseline] = gpu_baselines(saved)
         self.samples: deque[dict[str, Any]] = deque(maxlen=60)
         self.canary_result: Optional[tuple[Optional[bool], float, Optional[int]]] = None
         self.containers = {n.name: group_containers(self.plan, n.name) for n in cfg.nodes}
         self.last_nodes: list[NodeObs] = []
         self.last_procs: dict[str, ProcessesReading] = {}  # each node's last reading of its processes (CPU between two)
-        self.gpu_baseline: dict[str, GpuBaseline] = gpu_baselines(read_watchdog_state(cfg))
         self.last_good: Optional[float] = None  # when the cluster was last seen healthy (time to detect)
         self.decided_at: Optional[float] = None  # when the running restart was decided (time to recover)
         self.engine = Engine(cfg, http)
@@ -130,10 +134,10 @@ class Watchdog:
         save_watchdog_state(self.state_path, self.state, self.clock(), self.gpu_baseline)
 
     def event(self, kind: str, **data: Any) -> None:
-        e = {"ts": iso(self.clock()), "event": kind, "cluster": self.cfg.name, **data}
+        e = mask_data(json.loads(json.dumps({"ts": iso(self.clock()), "event": kind, "cluster": self.cfg.name, **data}, default=str)),
+                      self.secrets)
         self.trail.append(e)
-        with open(self.events_path, "a") as f:
-            f.write(json.dumps(e, default=str) + "\n")
+        append_private(self.events_path, json.dumps(e) + "\n")
         self.on_event(e)
 
     # ---- observation (never raises) ---------------------------------------------------------
@@ -195,31 +199,33 @@ class Watchdog:
         probe at most timeouts.RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
         slug = re.sub(r"[^a-z0-9]+", "-", reason.lower())[:40].strip("-")
         name = f"{datetime.fromtimestamp(self.clock()).strftime('%Y%m%d-%H%M%S')}-{slug}"
-        (self.dir / "incidents").mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir / "incidents")
         d = self.dir / "incidents" / name
         n = 1
         while True:  # two incidents within one second keep two bundles
             try:
-                d.mkdir()
+                d.mkdir(mode=DIR_MODE)
                 break
             except FileExistsError:
                 n += 1
                 d = d.with_name(f"{name}-{n}")
-        (d / "reason.txt").write_text(reason + "\n")
-        (d / "decision-trail.jsonl").write_text("".join(json.dumps(e, default=str) + "\n" for e in self.trail))
-        (d / "observations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in self.samples))
-        (d / "metrics.txt").write_text(self.engine.last_metrics_text)
-        (d / "state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1, default=list))
+        files = {"reason.txt": reason + "\n",
+                 "decision-trail.jsonl": "".join(json.dumps(e, default=str) + "\n" for e in self.trail),
+                 "observations.jsonl": "".join(json.dumps(x) + "\n" for x in self.samples),
+                 "metrics.txt": self.engine.last_metrics_text,
+                 "state.json": json.dumps(dataclasses.asdict(self.state), indent=1, default=list)}
         if self.last_ray is not None:
-            (d / "ray-state.json").write_text(self.last_ray.model_dump_json(indent=1) + "\n")
+            files["ray-state.json"] = self.last_ray.model_dump_json(indent=1) + "\n"
         ranks = {n.name: {"activity": n.activity, "evidence": n.activity_evidence, "gpu_power_w": n.gpu_power_w,
                           "gpu_memory_util": n.gpu_memory_util, "gpu_baseline": dataclasses.asdict(self.gpu_baseline.get(n.name, GpuBaseline()))}
                  for n in self.last_nodes}
-        (d / "ranks.json").write_text(json.dumps(ranks, indent=1) + "\n")
+        files["ranks.json"] = json.dumps(ranks, indent=1) + "\n"
 
         with ThreadPoolExecutor(max_workers=len(self.cfg.nodes), thread_name_prefix="incident") as pool:
             for n, text in zip(self.cfg.nodes, pool.map(lambda n: host_snapshot(self.nodes[n.name]), self.cfg.nodes)):
-                (d / f"{n.name}-host.txt").write_text(text)
+                files[f"{n.name}-host.txt"] = text
+        for file, text in files.items():
+            write_private(d / file, text, self.secrets)
         return d
 
     def restart(self, action: Action) -> None:
@@ -253,7 +259,8 @@ class Watchdog:
         self.state = restarted(self.state, self.clock(), error or "")
         recover = round(self.clock() - self.decided_at, 1) if self.decided_at is not None else None
         done = {"seconds": took, "recover_s": recover, "phases": phases, "error": error}
-        (bundle / "restart.json").write_text(json.dumps({"event": "restart-done" if ok else "restart-failed", **done}, indent=1) + "\n")
+        write_private(bundle / "restart.json", json.dumps({"event": "restart-done" if ok else "restart-failed", **done}, indent=1) + "\n",
+                      self.secrets)
         self.event("restart-done" if ok else "restart-failed", **done)
 
     # ---- the loop ---------------------------------------------------------------------------

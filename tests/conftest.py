@@ -193,3 +193,20 @@ def assert_nothing_of(before: dict, after: dict, cfg) -> None:
         assert sorted(a.ip for a in new.actors) == sorted(n.address for n in cfg.nodes)  # one vLLM rank per node
         # actors by Ray's ID (their PIDs repeat: each new container numbers its processes afresh)
         assert all(a.id for a in new.actors) and not {a.id for a in old.actors} & {a.id for a in new.actors}
+
+
+@pytest.fixture
+def rig(tmp_path, request):
+    """The controller with a scripted watchdog in front of a fake engine (tests/gateway_rig.py);
+    parametrize indirectly with gateway settings."""
+    from .fake_engine import FakeEngine
+    from .gateway_rig import Rig, rig_cfg, serving_controller
+
+    engine = FakeEngine().start()
+    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url, **getattr(request, "param", {})))
+    served.start()
+    try:
+        yield Rig(engine, ctl, served)
+    finally:
+        served.stop()
+        engine.stop()

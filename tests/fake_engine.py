@@ -106,14 +106,18 @@ class FakeEngine:
         body = await request.body()
         sc.calls += 1
         target = request.scope["raw_path"] + (b"?" + request.scope["query_string"] if request.scope["query_string"] else b"")
-        sc.received.append({"headers": dict(request.headers), "body": body.decode(), "peer": tuple(request.client or ()),
+        sc.received.append({"headers": dict(request.headers), "body": body.decode(errors="replace"), "peer": tuple(request.client or ()),
                             "target": target.decode("latin-1")})
         while sc.hang:
             await asyncio.sleep(0.02)
         if sc.status != 200:
             return JSONResponse({"error": {"message": f"fake error {sc.status}", "type": "BadRequestError" if sc.status < 500 else "InternalServerError",
                                            "code": sc.status}}, status_code=sc.status)
-        req = json.loads(body or b"{}")
+        try:
+            req = json.loads(body or b"{}")
+            assert isinstance(req, dict)
+        except (ValueError, AssertionError):  # as vLLM answers a body that is not a JSON object
+            return JSONResponse({"error": {"message": "invalid JSON body", "type": "BadRequestError", "code": 400}}, status_code=400)
         if not req.get("stream"):
             sc.running += 1
             try:

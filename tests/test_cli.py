@@ -207,3 +207,5 @@ def test_systemd_unit_runs_the_command(command, stays_up):
     assert exec_line.endswith(f" {command} {CONFIGS / 'dgx-spark-2node.yaml'}")
     assert f"spark-cluster-{command}-spark.service" in r.stdout and "RestartPreventExitStatus=12" in r.stdout
     assert ("the controller stays up" in r.stdout) is stays_up
+    # the controller's clients and its connections to vLLM fit under its file limit (gateway.max_clients)
+    assert ("LimitNOFILE=65536" in r.stdout) is stays_up

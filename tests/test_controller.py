@@ -31,6 +31,9 @@ from .test_watchdog import EventWaiter
 pytestmark = pytest.mark.cluster
 
 TOKEN = "controller-test-token-5d1e"
+# a secret in each place cluster.yaml takes one: found in no file under state_dir, no API answer, no plan
+SECRETS = {"container.env": "hf_simenvsecret0123456789", "vllm.extra_args": "hf_simflagsecret0123456789",
+           "container.extra_args": "pw-simdockersecret0123456789"}
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -57,7 +60,7 @@ class ControllerProcess(EventWaiter):
 
     @property
     def events(self) -> list[dict]:
-        return httpx.get(f"{self.url}/api/events?n=500", timeout=10).json()
+        return httpx.get(f"{self.url}/api/events?n=500", timeout=10, headers={"Authorization": f"Bearer {TOKEN}"}).json()
 
     def stopped(self) -> str | None:
         return None if self.proc.poll() is None else f"the controller exited with {self.proc.returncode}"
@@ -90,6 +93,9 @@ def controller(sim, tmp_path_factory):
     # one restart an hour (the API's, below), and a stall window too long to confirm a hang: the
     # last test lets Ray's heartbeat end the engine, which trips the breaker
     data["watchdog"] = {"max_restarts_per_hour": 1, "stall_window_s": 600}
+    data["container"]["env"]["HF_TOKEN"] = SECRETS["container.env"]
+    data["vllm"]["extra_args"] = [*data["vllm"].get("extra_args", []), "--hf-token", SECRETS["vllm.extra_args"]]
+    data["container"]["extra_args"] = [*data["container"].get("extra_args", []), "-e", f"MY_PASSWORD={SECRETS['container.extra_args']}"]
     path = tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     cfg = parse_config(path.read_text())
@@ -109,6 +115,9 @@ def test_status_page_shows_the_cluster_in_a_real_browser(controller):
     with Browser() as browser:
         page = browser.page()
         page.goto(controller.url + "/")
+        # events and incidents need the token: the page asks for it once
+        page.wait("!document.getElementById('login').hidden", 30, "the page asking for the token")
+        page.eval(f"document.getElementById('token').value = '{TOKEN}'; document.getElementById('login').requestSubmit()")
         page.wait("(document.body.dataset.loaded || '').split(' ').length >= 4", 60, "status, samples, events and incidents")
         assert page.eval("document.getElementById('verdict').textContent") == "serving"
         assert page.eval("document.getElementById('wd-state').textContent") == "healthy"
@@ -148,7 +157,8 @@ def test_metrics_parse_and_hold_no_secret(controller):
     assert "spark_cluster_gateway_time_to_first_byte_seconds" in families
     status = httpx.get(f"{controller.url}/api/status", timeout=30)
     assert status.status_code == 200 and status.json()["verdict"] == "serving"
-    events = httpx.get(f"{controller.url}/api/events").text
+    assert httpx.get(f"{controller.url}/api/events").status_code == 401  # what a cluster did needs the token
+    events = httpx.get(f"{controller.url}/api/events", headers={"Authorization": f"Bearer {TOKEN}"}).text
     for body in (text, status.text, events):
         assert TOKEN not in body
     assert httpx.get(f"{controller.url}/docs").status_code == 200
@@ -210,6 +220,21 @@ def test_api_restart_needs_the_token_then_restarts_the_group_once_while_clients_
     assert controller.metric("spark_cluster_last_recovery_seconds") > 0
 
 
+def test_no_api_answer_holds_a_secret(controller):
+    """After up and the API's restart (an incident bundle with the containers' logs: vLLM prints its
+    arguments, the --hf-token among them)."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    incidents = httpx.get(f"{controller.url}/api/incidents", headers=auth, timeout=10).json()
+    assert incidents and any(f.endswith(".log") for i in incidents for f in i["files"])
+    answers = [httpx.get(f"{controller.url}{path}", headers=auth, timeout=30).text
+               for path in ("/api/status", "/api/events?n=500", "/api/incidents", "/api/samples", "/metrics", "/healthz")]
+    answers += [httpx.get(f"{controller.url}/incidents/{i['name']}/{f}", headers=auth, timeout=10).text
+                for i in incidents for f in i["files"]]
+    assert any("non-default args" in a for a in answers)  # vLLM's own account of its arguments is among them
+    for secret in SECRETS.values():
+        assert not [a[:200] for a in answers if secret in a], secret
+
+
 def test_engine_ended_by_rays_heartbeat_is_a_member_gone_and_the_tripped_breaker_closes_the_door(controller):
     """The Ray path's own ending of a frozen worker: the stall window (600 s) is too long to confirm
     the hang, so Ray marks the frozen node dead after its heartbeat timeout, the engine dies and the
@@ -248,3 +273,28 @@ def test_engine_ended_by_rays_heartbeat_is_a_member_gone_and_the_tripped_breaker
         with pytest.raises(WatchdogFailed):
             Watchdog(cfg, nodes).run(max_seconds=5)
     sim_docker("sim-2", "unpause", worker_container(cfg), check=False)
+
+
+def test_after_up_a_failover_and_down_no_file_under_state_dir_holds_a_secret(controller, tmp_path):
+    """Runs last: `down` saves the containers' logs too. Every folder under state_dir 0700, every file 0600."""
+    import stat
+
+    from spark_cluster.executor import Executor
+    from spark_cluster.transport import Nodes
+
+    from .conftest import run_cli
+
+    cfg = controller.cfg
+    with Nodes(cfg) as nodes:
+        assert Executor(cfg, nodes).down() is not None
+    state = cfg.resolved_state_dir()
+    files = [p for p in state.rglob("*") if p.is_file()]
+    assert any(p.parts[-3] == "logs" for p in files) and any("incidents" in p.parts and p.suffix == ".log" for p in files)
+    config = state.parent / "cluster.yaml"
+    shown = [run_cli("plan", str(config)).stdout, run_cli("plan", str(config), "--json").stdout, run_cli("plan", str(config), "--down").stdout]
+    assert "--hf-token" in shown[0]
+    for secret in SECRETS.values():
+        assert not [str(p) for p in files if secret in p.read_text(errors="replace")], secret
+        assert not [x[:200] for x in shown if secret in x], secret
+    for p in [state, *state.rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import httpx
 import pytest
 
 from spark_cluster.serving_settings import WatchdogSettings
@@ -376,12 +377,15 @@ class ScriptedLoop:
         self.t = 1000.0
         self.counter = 0.0
         cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})
-        self.wd = Watchdog(cfg, None, clock=lambda: self.t)
+        def no_engine(request: httpx.Request) -> httpx.Response:
+            raise AssertionError(f"no engine here: {request.method} {request.url}")
+
+        self.wd = Watchdog(cfg, None, clock=lambda: self.t, http=httpx.Client(transport=httpx.MockTransport(no_engine)))
         self.events: list[dict] = []
         self.wd.on_event = self.events.append
         self.restarts: list[str] = []
         self.wd.restart = lambda action: (self.restarts.append(action.reason), setattr(self.wd, "state", restarted(self.wd.state, self.t)))
-        self.wd.canary = lambda: (False, 10.0, None)
+        self.wd.engine.canary = lambda timeout: (False, 10.0, None)
 
     def step(self, seconds: float, *, progress: bool, running: float = 0):
         self.t += seconds
@@ -569,18 +573,3 @@ def test_a_deliberate_start_begins_a_new_restart_budget_and_keeps_the_history():
     assert c.kinds()[-1] == "restart" and c.state.phase != "failed"
     tripped = breaker_reset(State(phase="failed", restarts=(c.t - 10,)), c.t)
     assert tripped.restarts == (c.t - 10,) and recent_restarts(tripped, c.t) == ()
-
-
-@pytest.mark.parametrize("content", ["[]", '{"decision": []}', '{"decision": {"since": "yesterday", "restarts": 3}}', "not json"])
-def test_a_state_file_of_another_shape_starts_the_watchdog_afresh(tmp_path, content):
-    from spark_cluster.config import load_config
-    from spark_cluster.watchdog import Watchdog
-
-    from .conftest import SIM_CONFIG
-
-    (tmp_path / "watchdog.json").write_text(content)
-    wd = Watchdog(load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)}), None, clock=lambda: 5.0)
-    try:
-        assert (wd.state.phase, wd.state.since) == ("starting", 5.0)
-    finally:
-        wd.close()

@@ -5,10 +5,8 @@ real one (the real one on the simulated cluster: tests/test_controller.py)."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from collections import deque
 
 import httpx
 import pytest
@@ -16,18 +14,15 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from spark_cluster.config import GatewaySettings, parse_config
-from spark_cluster.controller import Controller, create_app, listening_socket, load_token
+from spark_cluster.controller import listening_socket, load_token
 from spark_cluster.decide import State
 from spark_cluster.errors import ConfigError
 from spark_cluster.gateway import Admission, Door, admit, door_after, door_for_phase, retry_status
-from spark_cluster.metrics import restart_kind, sample_value
+from spark_cluster.metrics import restart_kind
 
 from .conftest import SIM_CONFIG
-from .fake_engine import FakeEngine, Served
-
-TOKEN = "test-token-7f3a9c"
-SECRET = "hf_secretvalue123456"
-
+from .fake_engine import FakeEngine
+from .gateway_rig import SECRET, TOKEN, completion_request, connected, gateway_url, read_answers, rig_cfg, serving_controller, sse_texts
 
 # ---- the door's rules ---------------------------------------------------------------------------
 @pytest.mark.parametrize("door, event, expected, interrupt", [
@@ -81,102 +76,6 @@ def test_restart_kind(reason, kind):
     assert restart_kind(reason) == kind
 
 
-# ---- the controller in front of a fake vLLM --------------------------------------------------------
-class ScriptedWatchdog:
-    """Stands in for the watchdog thread: the test sends its events."""
-
-    def __init__(self, cfg, nodes, on_event):
-        self.on_event = on_event
-        self.state = State(phase="healthy", since=time.time())
-        self.samples = deque([{"t": 1.0, "health": 200, "running": 2, "waiting": 1, "generation_tokens_total": 40.0,
-                               "prompt_tokens_total": 10.0, "steps_total": 30.0}], maxlen=60)
-        self.paused = False
-        self.woken = threading.Event()
-        self.restarts: list[str] = []
-        self.pauses: list[bool] = []
-
-    @property
-    def busy_restarting(self) -> bool:
-        return self.state.phase in ("backoff", "restarting")
-
-    def clock(self) -> float:
-        return time.time()
-
-    def request_restart(self, reason: str) -> None:
-        self.restarts.append(reason)
-
-    def pause(self, paused: bool = True) -> None:
-        self.pauses.append(paused)
-
-    def run(self, stop, stop_when_failed):
-        while not stop():
-            self.woken.wait(0.05)
-
-    def emit(self, kind: str, **data) -> None:
-        self.on_event({"ts": "2026-11-29T00:00:00.000+00:00", "event": kind, "cluster": "spark", **data})
-
-
-class Rig:
-    def __init__(self, engine: FakeEngine, ctl: Controller, served: Served):
-        self.engine, self.ctl, self.served = engine, ctl, served
-        self.url = gateway_url(ctl)  # the data plane: clients
-        self.api = served.url  # the control plane: API, page, metrics
-        self.script = engine.script
-
-    @property
-    def wd(self) -> ScriptedWatchdog:
-        return self.ctl.wd  # type: ignore[return-value]
-
-    def emit(self, kind: str, **data) -> None:
-        self.wd.emit(kind, **data)
-        time.sleep(0.05)  # the event crosses into the controller's loop
-
-    def metric(self, name: str, **labels) -> float:
-        time.sleep(0.05)  # a request's outcome is counted just after its last byte went out
-        return sample_value(httpx.get(f"{self.api}/metrics").text, name, **labels)
-
-
-def rig_cfg(tmp_path, engine_url: str, **gateway):
-    data = yaml.safe_load(SIM_CONFIG.read_text())
-    data["vllm"]["endpoint"] = engine_url
-    data["state_dir"] = str(tmp_path / "state")
-    data["gateway"] = {"host": "127.0.0.1", "port": 8080, "hold_s": 20, "max_held": 8, "max_body": "1m", **gateway}
-    data["container"]["env"]["HF_TOKEN"] = SECRET
-    return parse_config(yaml.safe_dump(data))
-
-
-def serving_controller(cfg) -> tuple[Controller, Served]:
-    """The controller as `controller` serves it: the control plane on uvicorn (a free port), the
-    gateway on a socket of its own (another free port), a scripted watchdog."""
-    ctl = Controller(cfg, token=TOKEN, watchdog=ScriptedWatchdog, gateway_socket=listening_socket("127.0.0.1", 0, "gateway.port"))
-    return ctl, Served(create_app(ctl))
-
-
-def gateway_url(ctl: Controller) -> str:
-    return f"http://127.0.0.1:{ctl.gateway_socket.getsockname()[1]}"
-
-
-@pytest.fixture
-def rig(tmp_path, request):
-    """The controller with a scripted watchdog in front of a fake engine."""
-    engine = FakeEngine().start()
-    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url, **getattr(request, "param", {})))
-    served.start()
-    try:
-        yield Rig(engine, ctl, served)
-    finally:
-        served.stop()
-        engine.stop()
-
-
-def sse_texts(lines) -> list[str]:
-    out = []
-    for line in lines:
-        if line.startswith("data: ") and line != "data: [DONE]":
-            out.append(line[6:])
-    return out
-
-
 def test_requests_pass_through_unchanged_and_streams_are_not_buffered(rig):
     r = httpx.post(f"{rig.url}/v1/completions?x=1", json={"model": "tiny-qwen3", "prompt": "hi"},
                    headers={"Authorization": "Bearer client-key", "X-Custom": "kept"})
@@ -205,44 +104,6 @@ def test_engine_4xx_reaches_the_client_unchanged_and_is_not_retried(rig):
 
 
 # ---- the front protocol (spark_cluster.front): one connection, several kinds of requests ------------
-def completion_request(target: str = "/v1/completions", body: bytes = b'{"prompt": "p"}', extra: str = "") -> bytes:
-    return (f"POST {target} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
-            ).encode() + body
-
-
-def read_answers(sock: socket.socket, count: int, timeout: float = 10) -> list[tuple[int, dict[str, str], bytes]]:
-    """`count` HTTP/1.1 answers from a socket: status, headers, body (chunked or sized)."""
-    sock.settimeout(timeout)
-    stream = sock.makefile("rb")
-    answers = []
-    for _ in range(count):
-        status = int(stream.readline().split()[1])
-        headers = {}
-        while (line := stream.readline()) not in (b"\r\n", b""):
-            name, value = line.decode().split(":", 1)
-            headers[name.strip().lower()] = value.strip()
-        body = b""
-        if headers.get("transfer-encoding") == "chunked":
-            while size := int(stream.readline(), 16):
-                body += stream.read(size)
-                stream.readline()
-            stream.readline()
-        else:
-            body = stream.read(int(headers.get("content-length", 0)))
-        answers.append((status, headers, body))
-    return answers
-
-
-def connected(url: str, receive_buffer: int = 0) -> socket.socket:
-    host, port = url.split("//")[1].split(":")
-    sock = socket.socket()
-    if receive_buffer:  # before connecting: the window the client offers follows it
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    sock.settimeout(10)
-    sock.connect((host, int(port)))
-    return sock
-
-
 def test_the_two_planes_answer_apart(rig):
     """Clients' port: /v1/* and /health only; the control plane's port: no /v1/*."""
     with connected(rig.url) as sock:  # one kept-alive connection: the gateway, a path it does not serve, the gateway again
@@ -501,17 +362,19 @@ def test_metrics_parse_and_count_restarts_by_reason(rig):
 
 def test_no_secret_in_events_or_metrics(rig):
     rig.emit("restart-failed", error=f"docker run -e HF_TOKEN={SECRET} failed")  # as a failed step could say it
-    events = httpx.get(f"{rig.api}/api/events").text
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    events = httpx.get(f"{rig.api}/api/events", headers=auth).text
     assert "restart-failed" in events and SECRET not in events and "********" in events
     for path in ("/api/events", "/metrics", "/healthz", "/"):
-        body = httpx.get(rig.api + path).text
+        body = httpx.get(rig.api + path, headers=auth).text
         assert SECRET not in body and TOKEN not in body, path
 
 
 def test_events_stream_as_server_sent_events(rig):
     rig.emit("state", state="healthy", previous="starting")
     got = []
-    with httpx.stream("GET", f"{rig.api}/api/events?n=1", headers={"Accept": "text/event-stream"}, timeout=10) as s:
+    with httpx.stream("GET", f"{rig.api}/api/events?n=1", headers={"Accept": "text/event-stream", "Authorization": f"Bearer {TOKEN}"},
+                      timeout=10) as s:
         threading.Timer(0.3, lambda: rig.wd.emit("canary", ok=True, seconds=0.1)).start()
         for line in s.iter_lines():
             if line.startswith("data: "):

@@ -15,7 +15,8 @@ from spark_cluster.config import parse_config
 from spark_cluster.link import LinkPick
 from spark_cluster.plan import build_plan
 from spark_cluster.steps import NOT_DETECTED, node_env
-from spark_cluster.render import MASK, templates_dir
+from spark_cluster.masking import MASK
+from spark_cluster.render import templates_dir
 
 from .conftest import CONFIGS, SIM_CONFIG, recording
 

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -158,3 +159,21 @@ def test_the_copier_pipes_one_commands_output_into_anothers_input(tmp_path):
     port = recv.stdout.readline().split()[1]
     send = node_script("send-pipe", "echo partial; exit 5", "127.0.0.1", port, "0", TOKEN="t0k")
     assert send.wait(30) == 5 and recv.wait(30) == 3
+
+
+def test_a_stalled_or_cut_connection_does_not_hold_the_copier_from_its_sender(tmp_path):
+    """A connection from the peer's address that sends part of the token and stalls, and one that
+    closes at once: each is dropped within seconds, and the real sender still gets through."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("hello")
+    recv, port = receiver(tmp_path / "dest", tmp_path / "partial", token="right-token-0123456789abcdef012")
+    t0 = time.monotonic()
+    stalled = socket.create_connection(("127.0.0.1", int(port)))
+    stalled.sendall(b"right")  # 5 bytes of the token, then nothing
+    cut = socket.create_connection(("127.0.0.1", int(port)))
+    cut.close()
+    send = node_script("send", str(tmp_path / "src"), "127.0.0.1", port, "0", TOKEN="right-token-0123456789abcdef012",
+                       FILES=[["a.txt", 5, 0]])
+    assert send.wait(30) == 0 and recv.wait(30) == 0, send.stderr.read() + recv.stderr.read()
+    assert (tmp_path / "dest" / "a.txt").read_text() == "hello" and time.monotonic() - t0 < 15
+    stalled.close()

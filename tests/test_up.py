@@ -147,7 +147,7 @@ def test_changed_host_key_is_refused_before_anything_runs(sim, sim_cfg, tmp_path
         Executor(cfg, nodes).up()
     assert containers(sim_cfg) == {"sim-1": {}, "sim-2": {}}
     with Nodes(sim_cfg) as nodes:  # not even the head was tuned or locked
-        assert nodes["sim-1"].run("ls /etc/sysctl.d; ls -d /tmp/spark-cluster-spark.lock 2>&1").stdout.count("90-spark-cluster") == 0
+        assert nodes["sim-1"].run("ls /etc/sysctl.d; ls -d ~/.spark-cluster/locks/spark.lock 2>&1").stdout.count("90-spark-cluster") == 0
 
 
 def test_model_missing_on_worker_fails_preflight_naming_the_node(sim, sim_cfg):
@@ -179,14 +179,14 @@ def test_model_that_differs_between_nodes_is_refused(sim, sim_cfg):
 def test_second_operation_is_refused_while_one_holds_the_lock(sim, sim_cfg):
     holder = {"host": "laptop-of-someone-else", "pid": 4242, "command": "up", "since": "2026-11-26T10:00:00+00:00"}
     with Nodes(sim_cfg) as nodes:
-        nodes["sim-1"].run(f"mkdir -p /tmp/spark-cluster-spark.lock && echo '{json.dumps(holder)}' > /tmp/spark-cluster-spark.lock/holder").check()
+        nodes["sim-1"].run(f"mkdir -p ~/.spark-cluster/locks/spark.lock && echo '{json.dumps(holder)}' > ~/.spark-cluster/locks/spark.lock/holder").check()
         try:
             with pytest.raises(LockedError, match="up by pid 4242 on laptop-of-someone-else"):
                 Executor(sim_cfg, nodes).up()
             with pytest.raises(LockedError):
                 Executor(sim_cfg, nodes).down()
         finally:
-            nodes["sim-1"].run("rm -rf /tmp/spark-cluster-spark.lock")
+            nodes["sim-1"].run("rm -rf ~/.spark-cluster/locks/spark.lock")
 
 
 def test_missing_image_is_copied_node_to_node_or_else_through_the_controller(sim, sim_cfg):

@@ -9,6 +9,7 @@ from spark_cluster.checks import BANDWIDTH_REMEDIES
 from spark_cluster.config import load_config
 from spark_cluster.errors import LockedError, PreflightError, RemoveFailed
 from spark_cluster.executor import Executor
+from spark_cluster import lock
 from spark_cluster.kept import links as kept_links
 
 from .conftest import SIM_CONFIGS, recording
@@ -33,7 +34,7 @@ def test_a_serving_cluster_is_kept_whole(cfg):
     res = up(fake)
     assert not res.changed and res.recreated == [] and len(res.kept) == len(fake.plan.containers()) + len(fake.plan.processes())
     assert started(fake) == [] and removed(fake) == []
-    assert fake.commands(containing="rm -rf /tmp/spark-cluster-spark.lock")  # the lock was released
+    assert fake.commands(containing=lock.release_command("spark"))  # the lock was released
 
 
 def test_an_empty_cluster_starts_workers_first_and_is_ready_only_once_the_engine_answers(cfg):
@@ -93,7 +94,7 @@ def test_down_reports_a_container_it_could_not_remove_and_removes_the_rest(cfg):
     with pytest.raises(RemoveFailed, match=f"sim-2: container {worker.name} could not be removed: Error response from daemon"):
         Executor(cfg, fake_nodes(fake)).down()
     assert list(fake.containers["sim-1"]) == [] and list(fake.containers["sim-2"]) == [worker.name]
-    assert fake.commands(containing="rm -rf /tmp/spark-cluster-spark.lock")
+    assert fake.commands(containing=lock.release_command("spark"))
 
 
 def test_a_kill_stops_the_group_in_order_then_removes_it_all_at_once(cfg, tmp_path):
@@ -113,11 +114,11 @@ def test_a_kill_stops_the_group_in_order_then_removes_it_all_at_once(cfg, tmp_pa
 
 def test_a_lock_that_cannot_be_released_is_reported(cfg):
     fake = FakeCluster(cfg).serving()
-    fake.script("rm -rf /tmp/spark-cluster-spark.lock", (1, "", "rm: cannot remove: Read-only file system"))
+    fake.script(lock.release_command("spark"), (1, "", "rm: cannot remove: Read-only file system"))
     events: list[dict] = []
     up(fake, events)
     [warning] = [e for e in events if e["event"] == "warning"]
-    assert "could not release the lock /tmp/spark-cluster-spark.lock on sim-1" in warning["message"]
+    assert "could not release the lock ~/.spark-cluster/locks/spark.lock on sim-1" in warning["message"]
     assert "Read-only file system" in warning["message"]
 
 
@@ -173,7 +174,7 @@ def test_doctor_reports_every_check_and_changes_nothing(cfg):
     assert {f.check for f in findings} >= {"preflight/sim-1/reach-sim-2", "preflight/sim-2/reach-sim-1", "preflight/sim-1/memory"}
     assert next(f for f in findings if f.check == "preflight/sim-1/reach-sim-2").note == "over eth0, MTU 1500 unfragmented, 0.061 ms"
     assert not fake.commands(containing="docker pull") and not fake.commands(containing="docker save")
-    assert not fake.commands(containing="mkdir /tmp/spark-cluster") and not fake.commands(containing="drop_caches")
+    assert not fake.commands(containing="mkdir -p -m 700") and not fake.commands(containing="drop_caches")
 
 
 def test_model_sync_runs_before_the_preflight(cfg):

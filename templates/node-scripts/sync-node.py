@@ -31,26 +31,41 @@ def safe(root, rel):
     return path
 
 
-def recv_exact(conn, n):
-    buf = bytearray()
-    while len(buf) < n:
-        part = conn.recv(min(CHUNK, n - len(buf)))
-        if not part:
-            raise SystemExit("the sender went away")
-        buf += part
-    return bytes(buf)
+ACCEPT_S = 60  # the sender connects within seconds, or it failed
+TOKEN_S = 5  # a connection presents the token at once, or it is not the sender
+
+
+def token_of(conn):
+    """What a connection presents as the token: at most its length, within TOKEN_S ("" when it stalls or ends)."""
+    want = len(TOKEN)  # noqa: F821 (prepended)
+    buf = b""
+    conn.settimeout(TOKEN_S)
+    try:
+        while len(buf) < want:
+            part = conn.recv(want - len(buf))
+            if not part:
+                return b""
+            buf += part
+    except OSError:  # a timeout, a reset
+        return b""
+    return buf
 
 
 def accept(bind, peer):
-    """The one connection from the peer that presents the token."""
+    """The one connection from the peer that presents the token; any other (another address, a wrong
+    token, one that stalls or closes early) is closed and the receiver goes on listening, until ACCEPT_S."""
     srv = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
     srv.bind((bind, 0))
-    srv.listen(1)
-    srv.settimeout(60)  # the sender connects within seconds, or it failed
+    srv.listen(8)
+    deadline = time.monotonic() + ACCEPT_S
     print(f"listening {srv.getsockname()[1]}", flush=True)
     while True:
-        conn, addr = srv.accept()
-        if addr[0] == peer and recv_exact(conn, len(TOKEN)) == TOKEN.encode():  # noqa: F821 (prepended)
+        srv.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            conn, addr = srv.accept()
+        except socket.timeout:
+            raise SystemExit(f"no sender presented the token within {ACCEPT_S}s")
+        if addr[0] == peer and token_of(conn) == TOKEN.encode():  # noqa: F821 (prepended)
             conn.settimeout(300)
             return conn
         conn.close()

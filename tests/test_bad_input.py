@@ -1,0 +1,311 @@
+"""Bad input and what happens (docs/bad-input.md): the gateway tried as a careless or hostile client
+would, on loopback, against the real server in front of a fake engine. Each test failed before its
+bound existed (checked by taking the bound out)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from spark_cluster.controller import host_of
+from spark_cluster.gateway import end_to_end, forwarded_for
+
+from .gateway_rig import TOKEN, completion_request, connected, gateway_url, read_answers, rig_cfg, serving_controller
+
+
+def rss_mb() -> float:
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def status_of(sock: socket.socket, timeout: float = 10) -> int:
+    sock.settimeout(timeout)
+    line = sock.makefile("rb").readline()
+    return int(line.split()[1]) if line else 0
+
+
+# ---- request heads --------------------------------------------------------------------------------
+@pytest.mark.parametrize("rig", [{"max_head": "64k"}], indirect=True)
+def test_a_64_mb_header_gets_431_and_the_memory_is_not_kept(rig):
+    before = rss_mb()
+    with connected(rig.url) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\nx-big: ")
+        sent = 0
+        try:
+            while sent < 64 * 2**20:
+                sock.sendall(b"a" * 2**20)
+                sent += 2**20
+        except OSError:
+            pass  # the gateway closed the connection: the rest is not read
+        assert status_of(sock) == 431
+    assert sent < 64 * 2**20
+    assert rss_mb() - before < 10
+    assert rig.script.calls == 0
+    # a head within the limit passes, the connection after the 431 is the only one closed
+    r = httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}, headers={"x-fine": "b" * 60000})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("rig", [{"request_deadline_s": 1}], indirect=True)
+def test_300_half_sent_requests_are_closed_at_the_deadline_while_others_are_served(rig):
+    socks = [connected(rig.url) for _ in range(300)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\n" if i % 2 else completion_request()[:-5])
+        r = httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"})
+        assert r.status_code == 200  # served meanwhile
+        t0 = time.monotonic()
+        statuses = [status_of(sock, timeout=5) for sock in socks]
+        assert statuses == [408] * 300 and time.monotonic() - t0 < 3
+        assert all(sock.recv(1) == b"" for sock in socks)  # and closed
+    finally:
+        for sock in socks:
+            sock.close()
+    assert rig.script.calls == 1
+
+
+@pytest.mark.parametrize("rig", [{"max_clients": 4}], indirect=True)
+def test_past_max_clients_a_new_connection_gets_503(rig):
+    socks = [connected(rig.url) for _ in range(4)]
+    try:
+        with connected(rig.url) as extra:
+            assert status_of(extra) == 503 and extra.recv(1) == b""
+        socks[0].sendall(completion_request())  # the open ones are served
+        assert read_answers(socks[0], 1)[0][0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+    time.sleep(0.2)
+    assert httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}).status_code == 200  # room again
+
+
+# ---- request bodies --------------------------------------------------------------------------------
+def test_a_pipelined_body_is_not_read_while_an_earlier_request_is_answered(rig):
+    rig.script.hang = True
+    with connected(rig.url) as sock:
+        big = json.dumps({"prompt": "p" * 900_000}).encode()
+        sock.sendall(completion_request())
+        time.sleep(0.3)  # with the engine
+        threading.Thread(target=lambda: sock.sendall(completion_request(body=big)), daemon=True).start()
+        time.sleep(0.5)
+        assert rig.ctl.front.budget.used < 300_000  # the second body waits in the client's socket, not in memory
+        rig.script.hang = False
+        assert [a[0] for a in read_answers(sock, 2)] == [200, 200]
+    time.sleep(0.1)  # released just after the last byte went out
+    assert rig.ctl.front.budget.used == 0
+
+
+@pytest.mark.parametrize("rig", [{"max_buffered": "2m"}], indirect=True)
+def test_bodies_held_at_once_stay_within_max_buffered(rig):
+    rig.script.hang = True
+    body = json.dumps({"prompt": "p" * 900_000}).encode()
+    answers: list[int] = []
+    clients = [threading.Thread(target=lambda: answers.append(httpx.post(f"{rig.url}/v1/completions", content=body, timeout=30).status_code))
+               for _ in range(4)]
+    for c in clients:
+        c.start()
+    time.sleep(1.5)
+    assert rig.script.calls <= 3 and rig.ctl.front.budget.used <= 2 * 2**20 + 3 * 2**18  # the rest waits to be read
+    rig.script.hang = False
+    for c in clients:
+        c.join(30)
+    time.sleep(0.1)
+    assert answers == [200] * 4 and rig.script.calls == 4 and rig.ctl.front.budget.used == 0
+
+
+@pytest.mark.parametrize("rig", [{"max_attempts": 3}], indirect=True)
+def test_a_request_the_engine_keeps_failing_is_retried_a_bounded_number_of_times(rig):
+    rig.script.status = 503  # the engine answers garbage while /health says 200: the door stays open
+    t0 = time.monotonic()
+    r = httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}, timeout=30)
+    assert r.status_code == 503 and "3 times" in r.json()["error"]["message"] and "retry-after" in r.headers
+    assert rig.script.calls == 3 and time.monotonic() - t0 < 5  # not for the whole hold_s (20 s)
+
+
+# ---- honest answers ---------------------------------------------------------------------------------
+class RawEngine:
+    """An engine that answers every request with the given bytes, then closes (what no real server
+    library lets a test send: a declared length it does not keep, its own Connection header)."""
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next((int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")), 0)
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests.append(head)
+                conn.sendall(self.answer)
+
+
+@contextmanager
+def gateway_before(tmp_path, answer: bytes):
+    engine = RawEngine(answer)
+    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url))
+    served.start()
+    try:
+        yield gateway_url(ctl), engine
+    finally:
+        served.stop()
+        engine.sock.close()
+
+
+def test_an_answer_the_engine_cut_short_never_reaches_the_client_as_complete(tmp_path):
+    cut = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{}"
+    with gateway_before(tmp_path, cut) as (gateway, engine):
+        url = gateway + "/v1/completions"
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(url, json={"prompt": "p"})
+        curl = subprocess.run(["curl", "-sS", "-o", "/dev/null", "--max-time", "20", "-H", "content-type: application/json",
+                               "-d", '{"prompt": "p"}', url], capture_output=True, text=True)
+        assert curl.returncode != 0, curl  # 18: transfer closed with outstanding read data remaining
+        assert len(engine.requests) == 2  # not retried: its first byte had gone to the client
+
+
+def test_hop_by_hop_headers_go_no_further_either_way_and_the_gateway_says_who_the_client_is(tmp_path):
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close, x-engine-hop\r\nx-engine-hop: 1\r\n"
+              b"keep-alive: timeout=5\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\n{}")
+    with gateway_before(tmp_path, answer) as (gateway, engine):
+        r = httpx.post(gateway + "/v1/completions", json={"prompt": "p"},
+                       headers={"connection": "x-client-hop", "x-client-hop": "1", "x-forwarded-for": "6.6.6.6",
+                                "forwarded": "for=6.6.6.6", "x-kept": "1"})
+    assert r.status_code == 200 and r.json() == {} and r.headers["x-kept"] == "1"
+    assert "x-engine-hop" not in r.headers and "keep-alive" not in r.headers
+    head = engine.requests[0].decode().lower()
+    assert "x-client-hop" not in head and "6.6.6.6" not in head and "x-kept: 1" in head
+    assert "x-forwarded-for: 127.0.0.1\r\n" in head and 'forwarded: for=127.0.0.1' in head
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ([(b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"), (b"X-Kept", b"2")], [(b"X-Kept", b"2")]),
+    ([(b"TE", b"trailers"), (b"Keep-Alive", b"timeout=5"), (b"Upgrade", b"h2c"), (b"Proxy-Authorization", b"x")], []),
+    ([(b"connection", b"a"), (b"connection", b"b"), (b"a", b"1"), (b"b", b"2"), (b"c", b"3")], [(b"c", b"3")]),
+    ([(b"authorization", b"Bearer k"), (b"content-type", b"application/json")],
+     [(b"authorization", b"Bearer k"), (b"content-type", b"application/json")]),
+])
+def test_end_to_end_headers(headers, expected):
+    assert end_to_end(headers) == expected
+
+
+@pytest.mark.parametrize("client, expected", [
+    ("10.0.0.5", [(b"x-forwarded-for", b"10.0.0.5"), (b"forwarded", b"for=10.0.0.5")]),
+    ("::1", [(b"x-forwarded-for", b"::1"), (b"forwarded", b'for="[::1]"')]),
+    ("", []),
+])
+def test_forwarded_for(client, expected):
+    assert forwarded_for(client) == expected
+
+
+# ---- the control plane ------------------------------------------------------------------------------
+def test_events_and_incidents_need_the_token_as_a_header_or_the_page_session(rig):
+    bundle = rig.ctl.dir / "incidents" / "20261203-010000-hang"
+    bundle.mkdir(parents=True)
+    (bundle / "reason.txt").write_text("hang confirmed\n")
+    (rig.ctl.dir / "api-token").write_text("not served\n")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/api/events", "/api/incidents", "/incidents/20261203-010000-hang/reason.txt"):
+        assert httpx.get(rig.api + path).status_code == 401, path
+        assert httpx.get(rig.api + path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
+        assert httpx.get(f"{rig.api}{path}?token={TOKEN}").status_code == 401, path  # never from the query
+        assert httpx.get(rig.api + path, headers=auth).status_code == 200, path
+    for escape in ("/incidents/../api-token", "/incidents/%2e%2e/api-token", "/incidents/..%2fapi-token"):
+        r = httpx.get(rig.api + escape, headers=auth)
+        assert r.status_code == 404 and "not served" not in r.text, escape
+    with httpx.Client(base_url=rig.api) as page:  # the status page: the token once, then a session
+        assert page.post("/api/session", json={"token": "wrong"}).status_code == 401
+        login = page.post("/api/session", json={"token": TOKEN})
+        assert login.status_code == 204 and TOKEN not in login.headers["set-cookie"]
+        assert "httponly" in login.headers["set-cookie"].lower() and "samesite=strict" in login.headers["set-cookie"].lower()
+        assert page.get("/api/incidents").json()[0]["reason"] == "hang confirmed"
+        assert page.get("/incidents/20261203-010000-hang/reason.txt").text == "hang confirmed\n"
+        assert page.post("/api/restart").status_code == 401  # the session reads; acting takes the header
+    for path in ("/api/status", "/healthz", "/metrics", "/"):
+        assert httpx.get(rig.api + path, timeout=30).status_code == 200, path  # what is open stays open
+
+
+def test_the_control_plane_answers_only_to_its_own_names(rig):
+    port = rig.api.rsplit(":", 1)[1]
+    assert httpx.get(f"{rig.api}/healthz", headers={"Host": "rebound.example:" + port}).status_code == 400
+    assert httpx.get(f"{rig.api}/healthz", headers={"Host": f"localhost:{port}"}).status_code == 200
+    assert httpx.get(f"{rig.api}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("header, host", [
+    ("127.0.0.1:8081", "127.0.0.1"), ("LOCALHOST", "localhost"), ("[::1]:8081", "::1"), ("[::1]", "::1"),
+    ("spark-1.lan:80", "spark-1.lan"), ("", ""), ("[broken", ""), ("::1", "::1"),
+])
+def test_host_of(header, host):
+    assert host_of(header) == host
+
+
+def test_status_requests_get_the_last_observation_while_one_is_taken(rig, monkeypatch):
+    import spark_cluster.status as status_module
+
+    calls = []
+
+    def slow_status(cfg, nodes, window_s):
+        calls.append(time.monotonic())
+        time.sleep(2)
+        return SimpleNamespace(model_dump_json=lambda: json.dumps({"verdict": "serving", "n": len(calls)}))
+
+    monkeypatch.setattr(status_module, "status", slow_status)
+    assert httpx.get(f"{rig.api}/api/status", timeout=10).json()["n"] == 1  # the first one waits for it
+    rig.ctl.status_cache = (float("-inf"), rig.ctl.status_cache[1])  # and it is old now
+    answers: list[tuple[float, int]] = []
+
+    def ask() -> None:
+        t0 = time.monotonic()
+        n = httpx.get(f"{rig.api}/api/status", timeout=10).json()["n"]
+        answers.append((time.monotonic() - t0, n))
+
+    askers = [threading.Thread(target=ask) for _ in range(6)]
+    for a in askers:
+        a.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    assert httpx.post(f"{rig.api}/api/watchdog/pause", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert time.monotonic() - t0 < 1  # not queued behind the gather
+    for a in askers:
+        a.join()
+    assert len(calls) == 2  # one gather at a time
+    assert sorted(n for _, n in answers).count(1) == 5 and max(s for s, n in answers if n == 1) < 1
+
+
+def test_an_answer_without_a_body_ends_at_once(rig):
+    """Found by the fuzz test: the answer to HEAD (or any empty one) waited for a body that never
+    comes, until gateway.read_timeout_s (15 minutes)."""
+    t0 = time.monotonic()
+    r = httpx.head(f"{rig.url}/v1/models", timeout=10)
+    assert r.status_code == 200 and r.content == b"" and time.monotonic() - t0 < 2
+    with connected(rig.url) as sock:  # and the connection serves the next request
+        sock.sendall(b"HEAD /v1/models HTTP/1.1\r\nhost: gw\r\n\r\n" + completion_request())
+        sock.settimeout(5)
+        stream = sock.makefile("rb")
+        assert stream.readline().startswith(b"HTTP/1.1 200")
+        while stream.readline() not in (b"\r\n", b""):
+            pass
+        assert read_answers(sock, 1)[0][0] == 200

@@ -1,0 +1,116 @@
+"""Secrets masked where they are written, and state_dir private: a known secret put in every place
+cluster.yaml takes one (container.env, vllm.extra_args, container.extra_args) goes through `up`'s
+events, a failover (events, the incident bundle with the containers' logs), `down`'s saved logs,
+`status` and `plan`, on the fake transport; then no file under state_dir holds it, and every
+folder there is 0700, every file 0600. (On the simulated cluster: tests/test_controller.py.)"""
+
+from __future__ import annotations
+
+import json
+import stat
+from concurrent.futures import Future
+
+import pytest
+
+from spark_cluster.config import secret_arguments
+from spark_cluster.executor import Executor
+from spark_cluster.observation import VLLMObs
+from spark_cluster.plan import build_plan
+from spark_cluster.status import status
+from spark_cluster.watchdog import Watchdog
+
+from .conftest import sim_variant
+from .fakes import FakeCluster, FakeEngineApi, fake_nodes
+from .test_watchdog_fake import Clock, periods
+
+ENV_SECRET = "hf_envsecret0123456789"
+FLAG_SECRET = "sk-flagsecret0123456789"
+DOCKER_SECRET = "pw-dockersecret0123456789"
+SECRETS = (ENV_SECRET, FLAG_SECRET, DOCKER_SECRET)
+
+
+def secret_config(tmp_path, executor: str):
+    return sim_variant(executor, **{"container.env": {"HF_TOKEN": ENV_SECRET}, "vllm.extra_args": ["--api-key", FLAG_SECRET],
+                                    "container.extra_args": ["-e", f"MY_PASSWORD={DOCKER_SECRET}"],
+                                    "state_dir": str(tmp_path / "state")})
+
+
+def leaky(cluster: FakeCluster) -> None:
+    """The nodes say the secrets back, as vLLM's log does (it prints its arguments) and `docker ps` may."""
+    said = " ".join(SECRETS)
+    cluster.script("docker logs ", (0, f"2026-12-03T00:00:00Z non-default args: api_key={FLAG_SECRET} env {said}\n", ""))
+    cluster.script("docker ps -a; echo", (0, f"CONTAINER vllm serve --api-key {FLAG_SECRET} -e {DOCKER_SECRET} {ENV_SECRET}\n", ""))
+
+
+@pytest.mark.parametrize("executor", ["ray", "native"])
+def test_no_file_under_state_dir_holds_a_secret_and_none_is_readable_by_others(tmp_path, executor):
+    cfg = secret_config(tmp_path, executor)
+    assert set(SECRETS) <= set(cfg.secret_values())
+    state = tmp_path / "state"
+
+    cluster = FakeCluster(cfg)
+    leaky(cluster)
+    events: list[dict] = []
+    Executor(cfg, fake_nodes(cluster), events.append, http=FakeEngineApi(cluster).client()).up()
+
+    cluster.generation = 1
+    engine = FakeEngineApi(cluster)
+    clock = Clock()
+    wd = Watchdog(cfg, fake_nodes(cluster), on_event=events.append, clock=clock, sleep=clock.sleep, http=engine.client())
+    try:
+        periods(wd, clock, 40)
+        engine.wedge()
+        periods(wd, clock, 20)
+        assert any(e["event"] == "restart-done" for e in events)
+        wd.event("note", said=f"a step failed: docker run -e HF_TOKEN={ENV_SECRET} --api-key {FLAG_SECRET}")
+    finally:
+        wd.close()
+    Executor(cfg, fake_nodes(cluster)).down()
+
+    seen = Future()
+    seen.set_result(VLLMObs(endpoint=cfg.endpoint(), error=f"/health: ConnectError: refused (--api-key {FLAG_SECRET})"))
+    report = status(cfg, fake_nodes(FakeCluster(cfg).serving()), vllm=seen).model_dump_json()
+    shown_plan = build_plan(cfg).model_dump_json()
+
+    files = [p for p in state.rglob("*") if p.is_file()]
+    assert {"events.jsonl", "watchdog.json"} <= {p.name for p in files}
+    assert any(p.suffix == ".log" and "incidents" in p.parts for p in files) and any("logs" in p.parts for p in files)
+    for text, where in [(p.read_text(errors="replace"), str(p)) for p in files] + [
+            (json.dumps(events), "the events as reported"), (report, "status"), (shown_plan, "plan")]:
+        for secret in SECRETS:
+            assert secret not in text, f"{where} holds {secret}"
+    assert "********" in (next(p for p in files if p.suffix == ".log")).read_text()
+    for p in [state, *state.rglob("*")]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o700 if p.is_dir() else 0o600), f"{p} is {oct(mode)}"
+
+
+@pytest.mark.parametrize("args, names, found", [
+    (["--api-key", "sk-1"], set(), ["sk-1"]),
+    (["--api-key=sk-2", "--hf-token", "hf-3"], set(), ["sk-2", "hf-3"]),
+    (["--max-model-len", "4096", "--token-budget"], set(), []),  # a secret flag at the end: nothing after it
+    (["-e", "HF_TOKEN=hf-4", "-e", "PLAIN=x", "--env", "MY_PASSWORD=pw-5", "--env=API_KEY=k-6"], set(), ["hf-4", "pw-5", "k-6"]),
+    (["-e", "CUSTOM=c-7"], {"CUSTOM"}, ["c-7"]),
+    (["--shm-size", "10.24g", "-e", "NCCL_DEBUG=INFO"], set(), []),
+    (["--secret-file", "/run/s", "--client-secret=cs-8", "--password", "p-9"], set(), ["cs-8", "p-9"]),  # a path to a secret is none
+])
+def test_secret_arguments(args, names, found):
+    assert secret_arguments(args, names) == found
+
+
+def test_a_state_folder_is_made_private_but_a_shared_one_is_left_as_it_is(tmp_path):
+    from spark_cluster.state_dir import private_dir, write_private
+
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    mine.chmod(0o755)
+    shared = tmp_path / "shared"  # as /tmp is: sticky, everyone's
+    shared.mkdir()
+    shared.chmod(0o1777)
+    write_private(mine / "f.json", "{}")  # a state_dir made wider by an earlier version, or by hand
+    write_private(mine / "a" / "b" / "f.json", "{}")
+    write_private(shared / "g.json", "{}")
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    assert modes == {"mine": 0o700, "mine/f.json": 0o600, "mine/a": 0o700, "mine/a/b": 0o700, "mine/a/b/f.json": 0o600,
+                     "shared": 0o1777, "shared/g.json": 0o600}
+    assert private_dir(shared) == shared and stat.S_IMODE(shared.stat().st_mode) == 0o1777
