@@ -16,9 +16,26 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .serving_settings import HealthSettings, VLLM_STEP_TIMEOUT_S, WatchdogSettings, GatewaySettings, ControllerSettings, ApiSettings
-from .settings import (UNIFIED_MEMORY_CAP, DEFAULT_UTILIZATION_SINGLE_NODE, DEFAULT_UTILIZATION_MULTI_NODE, NAME_RE, SYSCTL_KEY_RE, SECRET_ENV_RE, Strict, SSHSettings, SSH_DEFAULTS, NCCLSettings, Node, ContainerSettings, RaySettings, ModelSettings, VLLMSettings, MemoryGuard, LinkSettings)
-
+from .serving_settings import VLLM_STEP_TIMEOUT_S, ApiSettings, ControllerSettings, GatewaySettings, HealthSettings, WatchdogSettings
+from .settings import (
+    DEFAULT_UTILIZATION_MULTI_NODE,
+    DEFAULT_UTILIZATION_SINGLE_NODE,
+    NAME_RE,
+    SECRET_ENV_RE,
+    SSH_DEFAULTS,
+    SYSCTL_KEY_RE,
+    UNIFIED_MEMORY_CAP,
+    ContainerSettings,
+    LinkSettings,
+    MemoryGuard,
+    ModelSettings,
+    NCCLSettings,
+    Node,
+    RaySettings,
+    SSHSettings,
+    Strict,
+    VLLMSettings,
+)
 
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 

@@ -9,9 +9,9 @@ from typing import Iterator, Sequence, TextIO
 
 from . import timeouts
 from .config import ClusterConfig
-from .observe import list_containers
 from .facts import ContainerFact
 from .masking import mask
+from .observe import list_containers
 from .render import quote
 from .transport import Nodes
 

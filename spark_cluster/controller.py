@@ -42,8 +42,8 @@ from .decide import hour_restarts, recent_restarts
 from .errors import ConfigError
 from .front import GatewayServer
 from .gateway import Gateway, door_for_phase
-from .metrics import ControllerMetrics
 from .masking import mask
+from .metrics import ControllerMetrics
 from .render import render
 from .state_dir import EVENTS_FILE, FILE_MODE, private_dir, set_aside
 from .transport import Nodes

@@ -27,13 +27,13 @@ from .errors import CommandTimeout, LockedError, PreflightError, RemoveFailed, S
 from .facts import ContainerFact, ProcessFact
 from .lifecycle import COMPONENT_ORDER, stop_rank
 from .masking import mask_data
-from .state_dir import private_dir
 from .model_sync import ModelSync
 from .observe import list_containers, read_process, save_logs, tail_logs
 from .plan import build_plan
-from .steps import NOT_DETECTED, Plan, Step
 from .preflight import Finding, Preflight
 from .reconcile import member_name, reconcile
+from .state_dir import private_dir
+from .steps import NOT_DETECTED, Plan, Step
 from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck
 from .waits import Waits

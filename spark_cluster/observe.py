@@ -26,19 +26,35 @@ from pydantic import BaseModel
 from . import kept, lifecycle, timeouts
 from .config import ClusterConfig
 from .errors import CommandFailed, SparkClusterError
-from .facts import (GPU_COMMAND, MEMINFO_COMMAND, ContainerFact, ProcessFact, RayState, containers_command, counters,
-                    marked_sections, parse_containers, parse_gpu, parse_meminfo, parse_metrics, parse_process, parse_ray_state,
-                    parse_sysctl, process_command, progressed, sysctl_command)
+from .facts import (
+    GPU_COMMAND,
+    LABEL_PREFIX,
+    MEMINFO_COMMAND,
+    ContainerFact,
+    ProcessFact,
+    RayState,
+    containers_command,
+    counters,
+    marked_sections,
+    parse_containers,
+    parse_gpu,
+    parse_meminfo,
+    parse_metrics,
+    parse_process,
+    parse_ray_state,
+    parse_sysctl,
+    process_command,
+    progressed,
+    sysctl_command,
+)
 from .judge import key_refused
 from .masking import mask
-from .state_dir import read_state, write_private
-from .watch_state import gpu_baselines, read_watchdog_state
 from .observation import ContainerObs, NodeObs, Observation, ProcessObs, RayObs, VLLMObs
-from .facts import LABEL_PREFIX
 from .plan import build_plan
-from .steps import Plan
 from .ranks import GPU_ACTIVITY_COMMAND, GpuBaseline, parse_gpu_activity, parse_processes, processes_command
-from .steps import HttpRequest, ProcessSpec
+from .state_dir import read_state, write_private
+from .steps import HttpRequest, Plan, ProcessSpec
+from .watch_state import gpu_baselines, read_watchdog_state
 
 if TYPE_CHECKING:  # paramiko is imported by whoever makes the Nodes, while vLLM is being sampled
     from .transport import Nodes, SSHTransport

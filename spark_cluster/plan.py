@@ -15,11 +15,11 @@ from .checks import HttpAnswer, ProcessRuns, RayMembers, ReadBack
 from .config import ClusterConfig
 from .facts import LABEL_PREFIX
 from .link import LinkPick
-from .plan_checks import PreflightSteps
 from .masking import MASK, mask_data
+from .plan_checks import PreflightSteps, StepList
 from .render import quote, read_template, render, render_argv
 from .settings import Mount, Node
-from .steps import ContainerSpec, HttpRequest, Plan, ProcessSpec, Step, container_name, node_env
+from .steps import ContainerSpec, HttpRequest, Plan, ProcessSpec, container_name, node_env
 
 # where the vLLM process started in the Ray head container writes its PID
 VLLM_PID_FILE = "/tmp/spark-cluster-vllm.pid"
@@ -41,26 +41,15 @@ def _masked(env: dict[str, str], secrets: set[str], reveal: bool) -> dict[str, s
     return {k: (MASK if k in secrets else v) for k, v in env.items()}
 
 
-class _Builder:
+class _Builder(StepList):
     def __init__(self, cfg: ClusterConfig, reveal: bool, links: dict[str, LinkPick]) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.reveal = reveal
         self.links = links
         self.secrets = cfg.secret_names()
         self.util, self.util_source = cfg.gpu_memory_utilization()
-        self.steps: list[Step] = []
 
     # ---- helpers ------------------------------------------------------------------------
-    def add(self, **kw: Any) -> None:
-        self.steps.append(Step(**kw))
-
-    def sudo(self, node: Node) -> str:
-        """The prefix of privileged commands on this node (its own ssh.sudo, else the cluster's)."""
-        return "sudo -n " if self.cfg.node_ssh(node).sudo else ""
-
-    def ssh_timeout(self, node: Node) -> float:
-        return float(self.cfg.node_ssh(node).command_timeout_s or 120)
-
     def vllm_argv(self, native: Optional[dict[str, Any]]) -> list[str]:
         cfg = self.cfg
         return render_argv(

@@ -9,10 +9,34 @@ import json
 from typing import Any
 
 from . import timeouts
-from .checks import (ClockInSync, ClusterLink, DiskFree, DockerAnswers, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth,
-                     MemoryAvailable, ModelFiles, PeerReachable, PerftestPresent, PortsFree, RdmaBandwidth, SudoWorks, VllmFlags)
+from .checks import (
+    ClockInSync,
+    ClusterLink,
+    DiskFree,
+    DockerAnswers,
+    GpuWorks,
+    ImagePlatform,
+    ImagePresent,
+    LinkBandwidth,
+    MemoryAvailable,
+    ModelFiles,
+    PeerReachable,
+    PerftestPresent,
+    PortsFree,
+    RdmaBandwidth,
+    SudoWorks,
+    VllmFlags,
+)
 from .config import ClusterConfig
-from .facts import CLOCK_COMMAND, DOCKER_DISK_COMMAND, LABEL_PREFIX, MEMINFO_COMMAND, gpu_smoke_command, model_files_command, platforms_command
+from .facts import (
+    CLOCK_COMMAND,
+    DOCKER_DISK_COMMAND,
+    LABEL_PREFIX,
+    MEMINFO_COMMAND,
+    gpu_smoke_command,
+    model_files_command,
+    platforms_command,
+)
 from .link import LinkPick
 from .link_facts import LINK_COMMAND, PERFTEST_COMMAND, ib_write_bw_client_command, ib_write_bw_server_command, reach_command
 from .render import quote
@@ -26,14 +50,12 @@ BANDWIDTH_ITERS = 10
 DISK_MIN_GIB = 10.0  # where Docker keeps images and container logs (a model load logs little; an image pull needs more)
 
 
-class PreflightSteps:
-    def __init__(self, cfg: ClusterConfig, links: dict[str, LinkPick], util: float, secrets: set[str]) -> None:
-        """links: what `nccl: auto` detected; util: the guarded gpu_memory_utilization; secrets: the
-        variables a check's container never gets."""
+class StepList:
+    """Steps being written for a cluster (the plan's builder and the preflight's), with what every
+    node's commands need."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
         self.cfg = cfg
-        self.links = links
-        self.util = util
-        self.secrets = secrets
         self.steps: list[Step] = []
 
     def add(self, **kw: Any) -> None:
@@ -45,6 +67,16 @@ class PreflightSteps:
 
     def ssh_timeout(self, node: Node) -> float:
         return float(self.cfg.node_ssh(node).command_timeout_s or 120)
+
+
+class PreflightSteps(StepList):
+    def __init__(self, cfg: ClusterConfig, links: dict[str, LinkPick], util: float, secrets: set[str]) -> None:
+        """links: what `nccl: auto` detected; util: the guarded gpu_memory_utilization; secrets: the
+        variables a check's container never gets."""
+        super().__init__(cfg)
+        self.links = links
+        self.util = util
+        self.secrets = secrets
 
     def preflight(self) -> list[Step]:
         """Every node's checks (clock first: the nodes run theirs in parallel), then the bandwidth test's."""

@@ -15,8 +15,23 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import kept, lifecycle, timeouts
-from .checks import (Check, ClusterLink, GpuWorks, ImagePlatform, ImagePresent, LinkBandwidth, PerftestPresent, RdmaBandwidth,
-                     STATE_MIN_GIB, VllmFlags, differs, evaluate, link_of, note, state_dir_problem)
+from .checks import (
+    STATE_MIN_GIB,
+    Check,
+    ClusterLink,
+    GpuWorks,
+    ImagePlatform,
+    ImagePresent,
+    LinkBandwidth,
+    PerftestPresent,
+    RdmaBandwidth,
+    VllmFlags,
+    differs,
+    evaluate,
+    link_of,
+    note,
+    state_dir_problem,
+)
 from .config import ClusterConfig
 from .errors import CommandTimeout, VllmCheckError
 from .facts import ContainerFact
@@ -24,8 +39,8 @@ from .link import LinkPick
 from .model_sync import node_to_node
 from .observe import list_containers
 from .plan import build_plan
-from .steps import Plan, Step
 from .render import quote, read_template
+from .steps import Plan, Step
 from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck, argv_hash, parse_output
 

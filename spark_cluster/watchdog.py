@@ -22,23 +22,21 @@ from typing import Any, Callable, Optional
 
 import httpx
 
-from . import timeouts
+from . import kept, timeouts
 from .config import ClusterConfig
-from .decide import (Action, Sample, State, breaker_reset, decide, fresh_budget, hour_restarts, requested_restart,
-                     restarted, resumed)
+from .decide import Action, Sample, State, breaker_reset, decide, fresh_budget, hour_restarts, requested_restart, restarted, resumed
 from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
 from .executor import Executor
 from .facts import progressed
 from .judge import sample_of
+from .masking import mask_data
 from .observation import NodeObs, RayObs
 from .observe import Engine, group_containers, host_snapshot, observe_nodes, observe_ray
-from .watch_state import STATE_FILE, gpu_baselines, iso, load_decision, read_watchdog_state, save_watchdog_state
 from .plan import build_plan
-from . import kept
 from .ranks import GpuBaseline, ProcessesReading, learn_baseline
-from .masking import mask_data
 from .state_dir import DIR_MODE, EVENTS_FILE, append_private, private_dir, write_private
 from .transport import Nodes
+from .watch_state import STATE_FILE, gpu_baselines, iso, load_decision, read_watchdog_state, save_watchdog_state
 
 EventSink = Callable[[dict[str, Any]], None]
 
