@@ -60,12 +60,12 @@ def write_private(path: Path, text: str, secrets: Sequence[str] = ()) -> Path:
     return path
 
 
-def append_private(path: Path, line: str, secrets: Sequence[str] = ()) -> None:
-    """One line added at the end of the file (made 0600 when new), secrets masked."""
+def append_private(path: Path, line: str) -> None:
+    """One line added at the end of the file (made 0600 when new); the caller masks it (Watchdog.event)."""
     private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(mask(line, secrets))
+        f.write(line)
 
 
 EVENTS_FILE = "events.jsonl"

@@ -134,6 +134,13 @@ def read_answers(sock: socket.socket, count: int, timeout: float = 10) -> list[t
     return answers
 
 
+def status_of(sock: socket.socket, timeout: float = 10) -> int:
+    """The status of the answer a socket reads first (0 when it is closed without one)."""
+    sock.settimeout(timeout)
+    line = sock.makefile("rb").readline()
+    return int(line.split()[1]) if line else 0
+
+
 def connected(url: str, receive_buffer: int = 0) -> socket.socket:
     host, port = url.split("//")[1].split(":")
     sock = socket.socket()

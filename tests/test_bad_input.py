@@ -19,17 +19,11 @@ import pytest
 from spark_cluster.controller import host_of
 from spark_cluster.gateway import end_to_end, forwarded_for
 
-from .gateway_rig import TOKEN, completion_request, connected, gateway_url, read_answers, rig_cfg, serving_controller
+from .gateway_rig import TOKEN, completion_request, connected, gateway_url, read_answers, rig_cfg, serving_controller, status_of
 
 
 def rss_mb() -> float:
     return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
-
-
-def status_of(sock: socket.socket, timeout: float = 10) -> int:
-    sock.settimeout(timeout)
-    line = sock.makefile("rb").readline()
-    return int(line.split()[1]) if line else 0
 
 
 # ---- request heads --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The controller as a user runs it (`spark-cluster controller cluster.yaml`, a process of its own)
 on the simulated cluster (Ray): its status page in a real browser, its metrics, clients that go
-away, the API's restart (token or not), and the circuit breaker closing the gateway's door.
+away, bad input (a huge header, half-sent requests), the API's restart (token or not), and the
+circuit breaker closing the gateway's door.
 The tests share one controller and run in this order."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from spark_cluster.metrics import sample_value
 from .browser import Browser
 from .conftest import ROOT, SIM_CONFIG, sim_docker, worker_container
 from .fake_engine import free_port
+from .gateway_rig import completion_request, connected, status_of
 from .test_watchdog import EventWaiter
 
 pytestmark = pytest.mark.cluster
@@ -87,7 +89,7 @@ def controller(sim, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("controller")
     data = yaml.safe_load(SIM_CONFIG.read_text())
     data["state_dir"] = str(tmp / "state")
-    data["gateway"] = {"host": "127.0.0.1", "port": free_port(), "hold_s": 600}
+    data["gateway"] = {"host": "127.0.0.1", "port": free_port(), "hold_s": 600, "request_deadline_s": 5}
     data["controller"] = {"port": free_port()}
     data["api"] = {"token_env": "SPARK_CLUSTER_TEST_TOKEN"}
     # one restart an hour (the API's, below), and a stall window too long to confirm a hang: the
@@ -162,6 +164,44 @@ def test_metrics_parse_and_hold_no_secret(controller):
     for body in (text, status.text, events):
         assert TOKEN not in body
     assert httpx.get(f"{controller.url}/docs").status_code == 200
+
+
+def rss_mb(pid: int) -> float:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_a_huge_header_and_half_sent_requests_cost_the_controller_nothing(controller):
+    """docs/bad-input.md against the process itself: a 64 MB header gets 431 with the memory back
+    within 10 MB; 300 half-sent requests are closed at gateway.request_deadline_s while a real
+    completion is served."""
+    body = {"model": controller.cfg.model.name, "prompt": "Hi", "max_tokens": 1}
+    assert httpx.post(f"{controller.gateway}/v1/completions", json=body, timeout=60).status_code == 200
+    before = rss_mb(controller.proc.pid)
+    with connected(controller.gateway) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\nx-big: ")
+        sent = 0
+        try:
+            while sent < 64 * 2**20:
+                sock.sendall(b"a" * 2**20)
+                sent += 2**20
+        except OSError:
+            pass  # closed by the gateway: the rest is never read
+        assert status_of(sock) == 431 and sent < 64 * 2**20
+    assert rss_mb(controller.proc.pid) - before < 10, (before, rss_mb(controller.proc.pid))
+
+    socks = [connected(controller.gateway) for _ in range(300)]
+    try:
+        t0 = time.monotonic()
+        for i, sock in enumerate(socks):
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\n" if i % 2 else completion_request()[:-5])
+        assert httpx.post(f"{controller.gateway}/v1/completions", json=body, timeout=60).status_code == 200  # served meanwhile
+        statuses = [status_of(sock, timeout=15) for sock in socks]
+        assert statuses == [408] * 300, sorted(set(statuses))
+        assert time.monotonic() - t0 < controller.cfg.gateway.request_deadline_s + 5
+    finally:
+        for sock in socks:
+            sock.close()
+    assert controller.stopped() is None
 
 
 def vllm_running(cfg) -> float:

@@ -225,6 +225,7 @@ def test_with_perftest_on_every_node_the_bandwidth_test_is_ib_write_bw_per_rail(
     assert bad == ["ib_write_bw per rail below link.min_gbits 95 (sim-2 rocep1s0f0: 92.6 Gb/s): " + BANDWIDTH_REMEDIES]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the refusal ends the receiver's thread: the point
 def test_a_fake_node_refuses_what_nobody_scripted_even_when_the_code_under_test_catches_it(cfg):
     fake = FakeCluster(cfg)
     with pytest.raises(Unscripted, match="sim-1: nothing scripted answers 'uname -a'"):
