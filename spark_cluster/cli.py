@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, TypeVar
 
@@ -15,6 +16,7 @@ from . import __version__, kept
 from .config import ClusterConfig
 from .plan import build_plan
 from .steps import Plan
+from .groups import for_each_group, labelled
 from .guard import guard, load, run_until_stopped
 from .sim.cli import sim_app
 from .views import (err, out, print_down_plan, print_findings, print_plan, print_synced, print_up_result, print_valid,
@@ -78,12 +80,13 @@ def validate(
     """Check cluster.yaml without contacting any node (exit 2 when invalid); --vllm also checks the
     `vllm serve` flags with vLLM's parser (exit 15 when vLLM refuses them)."""
     cfg = load(config)
-    plan = guard(lambda: build_plan(cfg))
+    plans = {label: guard(lambda: build_plan(group)) for label, group in cfg.group_configs()}
+    plan = next(iter(plans.values()))  # every group runs the same `vllm serve` flags
     if not as_json:
         print_valid(config, cfg, plan)
     if vllm is None:
         return
-    check = guard(lambda: _check_vllm(cfg, plan, vllm))
+    check = guard(lambda: _check_vllm(cfg.group_configs()[0][1], plan, vllm))
     if as_json:
         sys.stdout.write(check.model_dump_json(indent=2) + "\n")
     guard(lambda: check.raise_for_problems(cfg))
@@ -106,28 +109,36 @@ def plan(
     down: bool = typer.Option(False, "--down", help="The plan of `down` instead: every command it will run."),
     kill: bool = typer.Option(False, "--kill", help="With --down: as the watchdog's restart runs it (SIGKILL in order, then removal)."),
 ) -> None:
-    """Show, in execution order and per node, every command `up` (or `down`) will run. Contacts nothing (unless --vllm image)."""
+    """Show, in execution order and per node, every command `up` (or `down`) will run; with groups, each
+    group's (they run at once). Contacts nothing (unless --vllm image)."""
     cfg = load(config)
-    p = guard(lambda: build_plan(cfg, links=kept.links(cfg)))
+    groups = cfg.group_configs()
+    plans = {label: guard(lambda: build_plan(group, links=kept.links(group))) for label, group in groups}
     if down or kill:
         from .lifecycle import build_down_plan
 
-        d = build_down_plan(cfg, p, graceful=not kill)
+        downs = {label: build_down_plan(group, plans[label], graceful=not kill) for label, group in groups}
         if as_json:
-            sys.stdout.write(d.model_dump_json(indent=2) + "\n")
-        else:
-            print_down_plan(cfg, d)
+            sys.stdout.write(_per_group(cfg, {label: json.loads(d.model_dump_json()) for label, d in downs.items()}))
+        for label, group in () if as_json else groups:
+            print_down_plan(group, downs[label])
         return
-    check = guard(lambda: _check_vllm(cfg, p, vllm)) if vllm is not None else None
+    first, p = groups[0][1], plans[groups[0][0]]
+    check = guard(lambda: _check_vllm(first, p, vllm)) if vllm is not None else None
     if as_json:
-        data = json.loads(p.model_dump_json())
-        if check is not None:
-            data["vllm_check"] = json.loads(check.model_dump_json())
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
-    else:
-        print_plan(p, cfg, check)
+        data = {label: json.loads(plan.model_dump_json()) for label, plan in plans.items()}
+        for one in data.values() if check is not None else ():
+            one["vllm_check"] = json.loads(check.model_dump_json())
+        sys.stdout.write(_per_group(cfg, data))
+    for label, group in () if as_json else groups:
+        print_plan(plans[label], group, check)
     if check is not None:
         guard(lambda: check.raise_for_problems(cfg))
+
+
+def _per_group(cfg: ClusterConfig, data: dict) -> str:
+    """JSON of one group as it always was; of several, {"groups": {label: ...}}."""
+    return json.dumps({"groups": data} if cfg.groups else next(iter(data.values())), indent=2) + "\n"
 
 
 @app.command()
@@ -141,18 +152,21 @@ def up(
     from .executor import Executor
 
     cfg = load(config)
+    report = step_reporter(as_json)
 
-    def run():
-        with _nodes(cfg) as nodes:
-            return Executor(cfg, nodes, step_reporter(as_json)).up()
+    def one(label: str, group: ClusterConfig):
+        with _nodes(group) as nodes:
+            return Executor(group, nodes, labelled(report, label, bool(cfg.groups))).up()
 
-    res = guard(run)
+    results = guard(lambda: for_each_group(cfg, one))
     from .watchdog import reset_breaker
 
-    if reset_breaker(cfg, "a successful manual up", recreated=res.changed) and not as_json:
-        out.print("[yellow]watchdog:[/] out of its failed state (the circuit breaker is reset)", highlight=False)
-    if not as_json:
-        print_up_result(cfg, res)
+    for label, group in cfg.group_configs():
+        if reset_breaker(group, "a successful manual up", recreated=results[label].changed) and not as_json:
+            out.print(f"[yellow]watchdog{f' of group {label}' if cfg.groups else ''}:[/] out of its failed state "
+                      "(the circuit breaker is reset)", highlight=False)
+        if not as_json:
+            print_up_result(group, results[label])
     if watch_after:
         _controller(cfg, as_json)
 
@@ -170,11 +184,11 @@ def doctor(
 
     cfg = load(config)
 
-    def run():
-        with _nodes(cfg) as nodes:
-            return Executor(cfg, nodes).doctor()
+    def one(label: str, group: ClusterConfig):
+        with _nodes(group) as nodes:
+            return Executor(group, nodes).doctor()
 
-    findings = guard(run)
+    findings = [f for found in guard(lambda: for_each_group(cfg, one)).values() for f in found]
     bad = [f for f in findings if f.problem]
     if as_json:
         sys.stdout.write(json.dumps([{"node": f.node, "check": f.check, "description": f.description, "ok": not f.problem,
@@ -244,11 +258,13 @@ def _print_unit(cfg: ClusterConfig, config: Path, command: str) -> None:
 def _watch(cfg: ClusterConfig, as_json: bool, max_seconds: Optional[float]) -> None:
     from .watchdog import Watchdog
 
-    def run():
-        with _nodes(cfg) as nodes:
-            return Watchdog(cfg, nodes, on_event=watch_event_printer(as_json)).run(max_seconds=max_seconds)
+    printer = watch_event_printer(as_json)
 
-    run_until_stopped(run)
+    def one(label: str, group: ClusterConfig):
+        with _nodes(group) as nodes:
+            return Watchdog(group, nodes, on_event=labelled(printer, label, bool(cfg.groups))).run(max_seconds=max_seconds)
+
+    run_until_stopped(lambda: for_each_group(cfg, one))
 
 
 @app.command()
@@ -267,9 +283,10 @@ def watch(
     if reset:
         from .watchdog import reset_breaker
 
-        done = reset_breaker(cfg, "watch --reset")
-        err.print("watchdog: " + ("out of its failed state (the circuit breaker is reset)" if done else "was not failed; nothing to reset"),
-                  highlight=False)
+        for label, group in cfg.group_configs():
+            done = reset_breaker(group, "watch --reset")
+            err.print(f"watchdog{f' of group {label}' if cfg.groups else ''}: "
+                      + ("out of its failed state (the circuit breaker is reset)" if done else "was not failed; nothing to reset"), highlight=False)
     if print_unit:
         _print_unit(cfg, config, "watch")
         return
@@ -285,14 +302,16 @@ def down(
     from .executor import Executor
 
     cfg = load(config)
+    report = step_reporter(as_json)
 
-    def run():
-        with _nodes(cfg) as nodes:
-            return Executor(cfg, nodes, step_reporter(as_json)).down()
+    def one(label: str, group: ClusterConfig):
+        with _nodes(group) as nodes:
+            return Executor(group, nodes, labelled(report, label, bool(cfg.groups))).down()
 
-    logs = guard(run)
+    saved = [str(logs) for logs in guard(lambda: for_each_group(cfg, one)).values() if logs]
     if not as_json:
-        out.print("down: no cluster container left" + (f"; logs saved in {logs}" if logs else " (nothing was running)"), highlight=False)
+        out.print("down: no cluster container left" + (f"; logs saved in {', '.join(saved)}" if saved else " (nothing was running)"),
+                  highlight=False)
 
 
 @app.command()
@@ -338,16 +357,22 @@ def status(
 ) -> None:
     """Is it serving, and if not, where is it broken? One verdict from every node, Ray and vLLM."""
     from .observe import begin_vllm
+    from .status import groups_status
     from .status import status as get_status
 
     cfg = load(config)
+    groups = cfg.group_configs()
     # vLLM's sampling window starts before paramiko is even imported: it overlaps the SSH work
-    first = begin_vllm(cfg, window, cfg.health.probe_timeout_s)
+    first = {label: begin_vllm(group, window, group.health.probe_timeout_s) for label, group in groups}
 
     def get(vllm=None):
-        return guard(lambda: get_status(cfg, nodes, window_s=window, vllm=vllm))
+        if cfg.groups:
+            return guard(lambda: groups_status(cfg, nodes, window_s=window, vllm=vllm))
+        label = groups[0][0]
+        return guard(lambda: get_status(cfg, nodes[label], window_s=window, vllm=(vllm or {}).get(label)))
 
-    with _nodes(cfg) as nodes:
+    with ExitStack() as stack:
+        nodes = {label: stack.enter_context(_nodes(group)) for label, group in groups}
         rep = show_status(lambda: get(first), get, as_json=as_json, watch=watch, interval=interval)
     if rep is not None and rep.verdict != "serving":
         raise typer.Exit(3)

@@ -26,6 +26,7 @@ from .settings import (
     SYSCTL_KEY_RE,
     UNIFIED_MEMORY_CAP,
     ContainerSettings,
+    Group,
     LinkSettings,
     MemoryGuard,
     ModelSettings,
@@ -52,7 +53,10 @@ class ClusterConfig(Strict):
     executor: Literal["ray", "native"] = Field(
         "ray", description="ray: the card's path (Ray workers, Ray head, vllm serve --distributed-executor-backend ray). native: vLLM's own multi-node mode (--nnodes/--node-rank, headless workers), no Ray."
     )
-    nodes: list[Node] = Field(..., min_length=1, description="The boxes. Exactly one has role head.")
+    nodes: list[Node] = Field(..., min_length=1, description="The boxes. Exactly one has role head (one per group).")
+    groups: list[Group] = Field(default_factory=list, description=(
+        "Several groups of the same model behind one gateway (e.g. four Sparks as two groups of TP=2): every node in "
+        "exactly one group, each group with one head and the model's whole parallel layout. Empty: one group of all nodes."))
     ssh: SSHSettings = Field(default_factory=SSHSettings, description="SSH defaults for every node.")
     nccl: NCCLSettings = Field(default_factory=NCCLSettings, description="NCCL defaults for every node (`auto`: detected per node).")
     link: LinkSettings = Field(default_factory=LinkSettings, description="The link gate before anything starts.")
@@ -93,12 +97,10 @@ class ClusterConfig(Strict):
     def problems(self) -> list[tuple[tuple[Any, ...], Any, str]]:
         """Checks across fields, as (key path, offending value, message). Empty when consistent."""
         out: list[tuple[tuple[Any, ...], Any, str]] = []
-        heads = [i for i, n in enumerate(self.nodes) if n.role == "head"]
-        if not heads:
-            out.append((("nodes",), None, "no node has role head: exactly one must"))
-        elif len(heads) > 1:
-            names = ", ".join(self.nodes[i].name for i in heads)
-            out.append((("nodes", heads[1], "role"), "head", f"{len(heads)} nodes have role head ({names}): exactly one must"))
+        if self.groups:
+            out += self._group_problems()
+        else:
+            out += _head_problems(self.nodes, ("nodes",), "")
         for attr in ("name", "host", "address"):
             seen: dict[str, str] = {}
             for i, node in enumerate(self.nodes):
@@ -106,13 +108,15 @@ class ClusterConfig(Strict):
                 if val in seen:
                     out.append((("nodes", i, attr), val, f"nodes {seen[val]} and {node.name} have the same {attr} {val!r}"))
                 seen[val] = node.name
-        gpus = self.total_gpus
         tp, pp = self.tensor_parallel_size, self.vllm.pipeline_parallel_size
-        if tp * pp != gpus:
-            out.append((
-                ("vllm", "tensor_parallel_size"), tp,
-                f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} = {tp * pp}, but the nodes have {gpus} GPU(s) in all: they must match",
-            ))
+        for label, cfg in self.group_configs():
+            if tp * pp != cfg.total_gpus:
+                whose = f"group {label}'s nodes have" if self.groups else "the nodes have"
+                out.append((
+                    ("vllm", "tensor_parallel_size"), tp,
+                    f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} = {tp * pp}, but {whose} {cfg.total_gpus} GPU(s) in all: "
+                    "they must match",
+                ))
         util = self.vllm.gpu_memory_utilization
         if util is not None and self.memory.unified and util > UNIFIED_MEMORY_CAP and not self.memory.override_cap:
             out.append((
@@ -132,6 +136,41 @@ class ClusterConfig(Strict):
                                 "the native executor runs one rank per node here; use executor: ray for several GPUs per node"))
         return out
 
+    def _group_problems(self) -> list[tuple[tuple[Any, ...], Any, str]]:
+        out: list[tuple[tuple[Any, ...], Any, str]] = []
+        if self.vllm.endpoint:
+            out.append((("vllm", "endpoint"), self.vllm.endpoint, "names one engine, but each group has its own: leave it out with groups"))
+        known = {n.name for n in self.nodes}
+        owner: dict[str, str] = {}
+        names: set[str] = set()
+        for gi, group in enumerate(self.groups):
+            if group.name in names:
+                out.append((("groups", gi, "name"), group.name, f"two groups are named {group.name!r}"))
+            names.add(group.name)
+            for ni, name in enumerate(group.nodes):
+                if name not in known:
+                    out.append((("groups", gi, "nodes", ni), name, f"no node is named {name!r} (nodes: {', '.join(sorted(known))})"))
+                elif name in owner:
+                    out.append((("groups", gi, "nodes", ni), name, f"{name} is in group {owner[name]} already: a node serves one group"))
+                else:
+                    owner[name] = group.name
+            members = [n for n in self.nodes if n.name in group.nodes]
+            out += _head_problems(members, ("groups", gi, "nodes"), f" of group {group.name}")
+        for i, node in enumerate(self.nodes):
+            if node.name not in owner:
+                out.append((("nodes", i, "name"), node.name, "in no group: with groups, every node is in one"))
+        return out
+
+    def group_configs(self) -> list[tuple[str, "ClusterConfig"]]:
+        """Each group as a cluster of its own, with its label: its nodes only, named <name>-<group>,
+        its state in state_dir/<group>. Without groups: the cluster itself, labelled by its name."""
+        if not self.groups:
+            return [(self.name, self)]
+        base = self.resolved_state_dir()
+        return [(g.name, self.model_copy(update={
+            "name": f"{self.name}-{g.name}", "groups": [], "state_dir": str(base / g.name),
+            "nodes": [n for n in self.nodes if n.name in g.nodes]})) for g in self.groups]
+
     # ---- derived values -------------------------------------------------------------------
     def gateway_url(self) -> str:
         """Where this machine reaches the controller's gateway (clients elsewhere use the machine's address)."""
@@ -143,6 +182,8 @@ class ClusterConfig(Strict):
 
     @property
     def head(self) -> Node:
+        if len(self.groups) > 1:
+            raise RuntimeError("a cluster of several groups has one head per group: ask its group_configs()")
         return next(n for n in self.nodes if n.role == "head")
 
     @property
@@ -251,6 +292,18 @@ class ClusterConfig(Strict):
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir or f"~/.local/state/spark-cluster/{self.name}").expanduser()
+
+
+def _head_problems(nodes: list[Node], where: tuple[Any, ...], of: str) -> list[tuple[tuple[Any, ...], Any, str]]:
+    """Exactly one head among `nodes` (all of them, or a group's: `of` says which, `where` is its key)."""
+    heads = [i for i, n in enumerate(nodes) if n.role == "head"]
+    if not heads:
+        return [(where, None, f"no node{of} has role head: exactly one must")]
+    if len(heads) > 1:
+        names = ", ".join(nodes[i].name for i in heads)
+        at = ("nodes", heads[1], "role") if where == ("nodes",) else where  # the second head's line
+        return [(at, "head", f"{len(heads)} nodes{of} have role head ({names}): exactly one must")]
+    return []
 
 
 SECRET_FLAG_RE = re.compile(r"^--?[a-z0-9-]*(key|token|secret|password|passwd|credential)s?$", re.I)

@@ -17,7 +17,9 @@ from .transport import Nodes
 
 
 def containers_of(cfg: ClusterConfig, nodes: Nodes, targets: list[str]) -> list[tuple[str, ContainerFact]]:
-    return [(n, c) for n in targets for c in list_containers(nodes[n], cfg.name)]
+    """The cluster's containers on each target node (with groups: the node's group's)."""
+    cluster_of = {n.name: group.name for _, group in cfg.group_configs() for n in group.nodes}
+    return [(n, c) for n in targets for c in list_containers(nodes[n], cluster_of[n])]
 
 
 def _lines(tail: int) -> str:

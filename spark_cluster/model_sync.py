@@ -139,7 +139,7 @@ class ModelSync:
 
     def run(self, *, source: Optional[str] = None, checksum: bool = False, max_rate_mb_s: float = 0) -> SyncResult:
         listings = self.listings()
-        plan = plan_sync(listings, prefer=self.cfg.head.name, source=source)
+        plan = plan_sync(listings, prefer=self.cfg.group_configs()[0][1].head.name, source=source)
         if plan.error:
             raise SyncError(plan.error)
         assert plan.source is not None

@@ -211,6 +211,15 @@ def _check_env(value: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+class Group(Strict):
+    """One tensor-parallel group: nodes that serve one copy of the model (its own Ray cluster, or its
+    own native group). Several groups of one model stand behind one gateway."""
+
+    name: str = Field(..., pattern=NAME_RE, description="Short name of the group (its containers are named <cluster>-<group>-...).")
+    nodes: list[str] = Field(..., min_length=1, description="The names of its nodes; the one with role head runs its Ray head "
+                                                            "and API server.")
+
+
 class Mount(Strict):
     source: str = Field(..., description="Absolute path on the node.")
     target: str = Field(..., description="Absolute path inside the container.")

@@ -30,3 +30,22 @@ def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "
     report = StatusReport(verdict=word, reason=reason, observation=obs)
     values = cfg.secret_values()  # a node's or the engine's error text may quote a command line
     return StatusReport.model_validate(mask_data(report.model_dump(), values)) if values else report
+
+
+class GroupsReport(BaseModel):
+    """`status` of a cluster of several groups: each group's report and the overall verdict."""
+
+    verdict: Verdict
+    reason: str
+    groups: dict[str, StatusReport]
+
+
+def groups_status(cfg: ClusterConfig, nodes: "dict[str, Nodes]", *, window_s: float = 0.5,
+                  vllm: "Optional[dict[str, Future[VLLMObs]]]" = None) -> GroupsReport:
+    """Every group observed at once (groups.for_each_group), then the overall verdict."""
+    from .groups import for_each_group, overall_verdict
+
+    reports = for_each_group(cfg, lambda label, group: status(group, nodes[label], window_s=window_s,
+                                                              vllm=(vllm or {}).get(label)))
+    word, reason = overall_verdict({label: r.verdict for label, r in reports.items()})
+    return GroupsReport(verdict=word, reason=reason, groups=reports)

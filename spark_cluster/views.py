@@ -11,6 +11,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
+from rich.rule import Rule
 from rich.table import Table
 
 from . import kept
@@ -100,7 +101,7 @@ def step_reporter(as_json: bool):
             json_line(e)
             return
         kind = e["event"]
-        where = e.get("node") or "controller"
+        where = e.get("node") or (f"group {e['group']}" if e.get("group") else "controller")
         if kind == "step-ok":
             extra = f" [dim](vLLM {escape(str(e['vllm_version']))})[/]" if e.get("vllm_version") else \
                 f" [dim]({escape(str(e['note']))})[/]" if e.get("note") else ""
@@ -180,6 +181,14 @@ def _ray_rows(eng: Table, ray: RayObs) -> None:
 
 
 def render_status(rep) -> Table:
+    """A status report as a table; a cluster of several groups as its verdict, then each group's."""
+    if hasattr(rep, "groups"):
+        grid = Table.grid()
+        grid.add_row(f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]  {escape(rep.reason)}")
+        for label, one in rep.groups.items():
+            grid.add_row(Rule(f"group {label}", align="left"))
+            grid.add_row(render_status(one))
+        return grid
     o = rep.observation
     title = f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]" + (f"  {rep.reason}" if rep.reason else "")
     nodes = Table(title=None, expand=False, box=None, padding=(0, 1))
@@ -318,7 +327,8 @@ def print_sim_status(data: dict) -> None:
 
 
 def print_valid(path, cfg: ClusterConfig, plan: Plan) -> None:
-    out.print(f"[green]ok[/] {path}: cluster [bold]{cfg.name}[/], {len(cfg.nodes)} node(s), executor {cfg.executor}, "
+    groups = f" as {len(cfg.groups)} groups ({', '.join(f'{g.name}: ' + ' '.join(g.nodes) for g in cfg.groups)})" if cfg.groups else ""
+    out.print(f"[green]ok[/] {path}: cluster [bold]{cfg.name}[/], {len(cfg.nodes)} node(s){groups}, executor {cfg.executor}, "
               f"TP={cfg.tensor_parallel_size} PP={cfg.vllm.pipeline_parallel_size}, "
               f"gpu-memory-utilization {plan.gpu_memory_utilization} ({plan.gpu_memory_utilization_source})", highlight=False)
 

@@ -8,7 +8,7 @@ import yaml
 from spark_cluster.config import ClusterConfig, load_config, parse_config
 from spark_cluster.errors import ConfigError
 
-from .conftest import EXAMPLE_CONFIGS
+from .conftest import CONFIGS, EXAMPLE_CONFIGS
 
 
 def edit(card_yaml: str, fn) -> str:
@@ -31,9 +31,9 @@ def test_example_configs_are_valid(path):
     from spark_cluster.plan import build_plan
 
     cfg = load_config(path)
-    plan = build_plan(cfg)
-    started = [s.node for s in plan.steps if s.kind == "start"]
-    assert set(started) == {n.name for n in cfg.nodes} and started[-1] == cfg.head.name
+    for _, group in cfg.group_configs():
+        started = [s.node for s in build_plan(group).steps if s.kind == "start"]
+        assert set(started) == {n.name for n in group.nodes} and started[-1] == group.head.name
     assert ClusterConfig.model_validate_json(cfg.model_dump_json()) == cfg
 
 
@@ -229,3 +229,47 @@ def test_the_gateway_and_the_control_plane_need_two_listening_places(card_yaml, 
     else:
         cfg = parse_config(text)
         assert cfg.controller_url().startswith("http://") and cfg.gateway_url() != cfg.controller_url()
+
+
+# ---- groups ---------------------------------------------------------------------------------------
+TWO_GROUPS = CONFIGS / "local-sim-2groups.yaml"
+
+
+def test_two_groups_are_two_clusters_of_their_own():
+    cfg = load_config(TWO_GROUPS)
+    (a, ga), (b, gb) = cfg.group_configs()
+    assert (a, ga.name, [n.name for n in ga.nodes], ga.head.name) == ("a", "spark-a", ["sim-1", "sim-2"], "sim-1")
+    assert (b, gb.name, [n.name for n in gb.nodes], gb.head.name) == ("b", "spark-b", ["sim-3", "sim-4"], "sim-3")
+    assert gb.endpoint() == "http://10.99.0.13:8000" and ga.tensor_parallel_size == gb.tensor_parallel_size == 2
+    assert gb.resolved_state_dir() == cfg.resolved_state_dir() / "b" and not gb.groups
+    with pytest.raises(RuntimeError, match="one head per group"):
+        cfg.head  # noqa: B018 (a question only a group can answer)
+    assert load_config(CONFIGS / "local-sim.yaml").group_configs()[0][0] == "spark"  # no groups: the cluster itself
+
+
+def groups(*members, **edits):
+    def f(d):
+        d["groups"] = [{"name": n, "nodes": list(m)} for n, m in zip("abc", members)]
+        for key, value in edits.items():
+            d[key] = value
+    return edit(TWO_GROUPS.read_text(), f)
+
+
+@pytest.mark.parametrize("text, said", [
+    (groups(["sim-1", "sim-2"], ["sim-2", "sim-3", "sim-4"]), "groups[1].nodes[0] = 'sim-2': sim-2 is in group a already"),
+    (groups(["sim-1", "sim-2"], ["sim-3", "sim-5"]), "groups[1].nodes[1] = 'sim-5': no node is named 'sim-5'"),
+    (groups(["sim-1", "sim-2"], ["sim-3"]), "nodes[3].name = 'sim-4': in no group"),
+    (groups(["sim-1", "sim-3"], ["sim-2", "sim-4"]), "2 nodes of group a have role head (sim-1, sim-3)"),
+    (groups(["sim-1", "sim-2"], ["sim-3", "sim-4"], ["sim-5"]), "no node is named 'sim-5'"),
+    (edit(TWO_GROUPS.read_text(), lambda d: d["groups"][1].update(name="a")), "two groups are named 'a'"),
+    (edit(TWO_GROUPS.read_text(), lambda d: d["vllm"].update(endpoint="http://127.0.0.1:8000")), "vllm.endpoint"),
+])
+def test_groups_that_cannot_be_served(text, said):
+    assert said in problems(text)
+
+
+def test_every_group_holds_the_whole_parallel_layout():
+    text = edit(TWO_GROUPS.read_text(), lambda d: d["groups"].__setitem__(slice(None), [
+        {"name": "a", "nodes": ["sim-1", "sim-2", "sim-4"]}, {"name": "b", "nodes": ["sim-3"]}]))
+    msg = problems(text)
+    assert "but group a's nodes have 3 GPU(s)" in msg and "but group b's nodes have 1 GPU(s)" in msg

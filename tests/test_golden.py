@@ -34,14 +34,17 @@ def readable(plan) -> str:
 
 @pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda p: p.stem)
 def test_plan_matches_golden(path):
-    plan = build_plan(load_config(path))
-    cfg = load_config(path)
-    outputs = {
-        GOLDEN / f"{path.stem}.plan.json": plan.model_dump_json(indent=2) + "\n",
-        GOLDEN / f"{path.stem}.plan.txt": readable(plan),
-        GOLDEN / f"{path.stem}.down.txt": readable(build_down_plan(cfg, plan)),
-        GOLDEN / f"{path.stem}.kill.txt": readable(build_down_plan(cfg, plan, graceful=False)),
-    }
+    outputs = {}
+    whole = load_config(path)
+    for label, cfg in whole.group_configs():  # a config of groups: one golden set per group
+        stem = f"{path.stem}.{label}" if whole.groups else path.stem
+        plan = build_plan(cfg)
+        outputs.update({
+            GOLDEN / f"{stem}.plan.json": plan.model_dump_json(indent=2) + "\n",
+            GOLDEN / f"{stem}.plan.txt": readable(plan),
+            GOLDEN / f"{stem}.down.txt": readable(build_down_plan(cfg, plan)),
+            GOLDEN / f"{stem}.kill.txt": readable(build_down_plan(cfg, plan, graceful=False)),
+        })
     for golden, text in outputs.items():
         if os.environ.get("UPDATE_GOLDEN"):
             golden.parent.mkdir(exist_ok=True)

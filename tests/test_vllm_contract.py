@@ -43,7 +43,7 @@ def replaced(argv: list[str], flag: str, value: str) -> list[str]:
 
 def test_example_configs_pass(vllm_python):
     release, python = vllm_python
-    argvs = [argv for path in EXAMPLE_CONFIGS for argv in build_plan(load_config(path)).vllm_argvs]
+    argvs = [argv for path in EXAMPLE_CONFIGS for _, cfg in load_config(path).group_configs() for argv in build_plan(cfg).vllm_argvs]
     check = check_local(python, argvs)
     assert check.vllm_version == release
     assert check.ok, check.messages()
