@@ -68,7 +68,8 @@ def gateway(upstream_port: int, port: int) -> None:
     from spark_cluster.serving_settings import GatewaySettings
     from spark_cluster.controller import listening_socket
     from spark_cluster.front import GatewayServer
-    from spark_cluster.gateway import Door, Gateway
+    from spark_cluster.door import Door
+    from spark_cluster.gateway import Gateway
 
     async def main() -> None:
         gw = Gateway(f"http://127.0.0.1:{upstream_port}", GatewaySettings())

@@ -225,7 +225,7 @@ def sync(
 
 
 def _controller(cfg: ClusterConfig, as_json: bool) -> None:
-    from .controller import serve
+    from .control_api import serve
 
     if not as_json:
         gateway, control = cfg.gateway_url(), cfg.controller_url()

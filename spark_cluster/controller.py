@@ -4,11 +4,9 @@ It holds the watchdog (in a thread: observe, decide, restart the group in order)
 planes on two ports:
 - the data plane on `gateway.port`: /v1/*, the OpenAI API clients use instead of vLLM's port
   (spark_cluster.gateway), on a server of its own (spark_cluster.front);
-- the control plane on `controller.port` (127.0.0.1 by default), FastAPI on uvicorn: /api/status
-  and /api/samples, OpenAPI docs at /docs, /metrics for Prometheus, /healthz (the controller
-  itself), / (the status page); with the API token (cluster.yaml `api`; a bearer header, or the
-  status page's session): /api/events, /api/incidents and /incidents/ (the bundles' files), and, as
-  a bearer header only, restart and pause/resume. It answers only to its own host names.
+- the control plane on `controller.port` (127.0.0.1 by default), FastAPI on uvicorn
+  (spark_cluster.control_api: status, events, incidents, metrics, the status page, restart and
+  pause/resume with the token).
 Every watchdog event is pushed from its thread into the event loop, where it moves the gateway's
 door, the metrics and the event streams. Nothing shown carries a secret: events and status pass
 through `mask` with every secret value of cluster.yaml, and the token is never printed.
@@ -20,28 +18,24 @@ import asyncio
 import hashlib
 import hmac
 import json
-import logging
 import os
 import secrets
 import socket
 import threading
 import time
 from collections import deque
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.staticfiles import StaticFiles
+from fastapi import Request
 
 from . import timeouts
-from .config import WILDCARD_HOSTS, ClusterConfig
+from .config import ClusterConfig
 from .decide import hour_restarts, recent_restarts
 from .errors import ConfigError
 from .front import GatewayServer
-from .gateway import Gateway, door_for_phase
+from .door import door_for_phase
+from .gateway import Gateway
 from .masking import mask
 from .metrics import ControllerMetrics
 from .render import render
@@ -259,200 +253,6 @@ class Controller:
         return out
 
 
-def create_app(ctl: Controller) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await ctl.start()
-        try:
-            yield
-        finally:
-            await ctl.stop()
-
-    app = FastAPI(title=f"spark-cluster controller: {ctl.cfg.name}", lifespan=lifespan,
-                  description="The control plane: the cluster's status and events, restart and pause/resume of the watchdog "
-                              "(bearer token), Prometheus metrics. Clients use the gateway on gateway.port (vLLM's OpenAI API "
-                              "at /v1/*, passed through unchanged, hiding failover).")
-    app.include_router(_reading_routes(ctl))
-    app.include_router(_private_routes(ctl))
-    app.include_router(_session_route(ctl))
-    app.include_router(_action_routes(ctl))
-    page = render("status-page.html", cluster=ctl.cfg.name)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index():
-        return HTMLResponse(page)
-
-    incidents = StaticFiles(directory=ctl.dir / "incidents", check_dir=False)
-    app.mount("/incidents", _guarded(incidents, lambda request: ctl.token_ok(request)), name="incidents")
-    allowed = allowed_hosts(ctl.cfg)
-    return _host_checked(app, allowed)
-
-
-def allowed_hosts(cfg: ClusterConfig) -> set[str]:
-    """The Host names the control plane answers to: loopback, its own address, this machine's name
-    and addresses, and controller.allowed_hosts."""
-    names = {"localhost", "127.0.0.1", "::1", *cfg.controller.allowed_hosts}
-    if cfg.controller.host not in WILDCARD_HOSTS:
-        names.add(cfg.controller.host)
-    for name in {socket.gethostname(), socket.getfqdn()}:
-        names.add(name)
-        try:
-            names.update(str(info[4][0]) for info in socket.getaddrinfo(name, None))
-        except OSError:
-            pass
-    return {n.lower() for n in names}
-
-
-def host_of(header: str) -> str:
-    """The host of a Host header, without its port (an IPv6 literal without its brackets). Pure."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else ""
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-def _host_checked(app: Any, allowed: set[str]) -> Any:
-    """Requests whose Host is not one of `allowed` get 400 (DNS rebinding)."""
-    async def checked(scope, receive, send):
-        if scope["type"] == "http":
-            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-            if host_of(host) not in allowed:
-                await JSONResponse({"detail": f"unknown host {host!r}: add it to controller.allowed_hosts"}, 400)(scope, receive, send)
-                return
-        await app(scope, receive, send)
-    checked.app = app  # type: ignore[attr-defined]
-    return checked
-
-
-def _guarded(app: Any, ok: Callable[[Request], bool]) -> Any:
-    """An ASGI app answered only with the token (401 otherwise)."""
-    async def guarded(scope, receive, send):
-        if scope["type"] == "http" and not ok(Request(scope)):
-            await _unauthorized()(scope, receive, send)
-            return
-        await app(scope, receive, send)
-    return guarded
-
-
-def _unauthorized() -> JSONResponse:
-    return JSONResponse({"detail": TOKEN_NEEDED}, 401, headers={"WWW-Authenticate": "Bearer"})
-
-
-def _reading_routes(ctl: Controller) -> APIRouter:
-    """What the controller knows: its own health, the status, events, samples, incidents, metrics."""
-    api = APIRouter()
-
-    @api.get("/healthz", summary="The controller itself (not the engine)")
-    def healthz():
-        alive = ctl.thread is not None and ctl.thread.is_alive()
-        body = {"controller": "ok" if alive else "watchdog stopped", **ctl.watchdog_json()}
-        return JSONResponse(body, status_code=200 if alive else 503)
-
-    @api.get("/api/status", summary="The same JSON as `spark-cluster status --json`, plus the controller's view")
-    def api_status():
-        return {**ctl.status_json(), "controller": ctl.watchdog_json()}
-
-    @api.get("/api/samples", summary="The watchdog's last observations (counters, running, waiting), oldest first")
-    def api_samples():
-        return list(ctl.wd.samples) if ctl.wd else []
-
-    @api.get("/metrics", summary="Prometheus metrics")
-    def metrics():
-        return Response(ctl.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return api
-
-
-async def _event_stream(ctl: Controller, last: list[dict]):
-    """Server-sent events: the last ones, then each as it happens (a keep-alive comment meanwhile)."""
-    q: asyncio.Queue = asyncio.Queue()
-    ctl.subscribers.add(q)
-    try:
-        for e in last:
-            yield f"data: {json.dumps(e, default=str)}\n\n"
-        while not ctl.stopping.is_set():
-            try:
-                e = await asyncio.wait_for(q.get(), timeout=timeouts.EVENT_STREAM_KEEP_ALIVE_S)
-                yield f"data: {json.dumps(e, default=str)}\n\n"
-            except asyncio.TimeoutError:
-                yield ": keep-alive\n\n"
-    finally:
-        ctl.subscribers.discard(q)
-
-
-def _private_routes(ctl: Controller) -> APIRouter:
-    """What a cluster did (events, incidents: reasons, logs): the token, as a bearer header or the
-    session the status page opens with it."""
-
-    def authorized(request: Request) -> None:
-        if not ctl.token_ok(request):
-            raise HTTPException(401, TOKEN_NEEDED, headers={"WWW-Authenticate": "Bearer"})
-
-    api = APIRouter(dependencies=[Depends(authorized)])
-
-    @api.get("/api/events", summary="The watchdog's events: the last n as JSON, or a server-sent event stream "
-                                    "(Accept: text/event-stream) that starts with them")
-    async def api_events(request: Request, n: int = Query(100, ge=0, le=EVENTS_KEPT)):
-        last = list(ctl.events)[-n:] if n else []
-        if "text/event-stream" not in request.headers.get("accept", ""):
-            return last
-        return StreamingResponse(_event_stream(ctl, last), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @api.get("/api/incidents", summary="The last incident bundles and their files (served under /incidents/)")
-    def api_incidents(n: int = Query(10, ge=1, le=100)):
-        return ctl.incidents(n)
-
-    return api
-
-
-def _session_route(ctl: Controller) -> APIRouter:
-    api = APIRouter()
-
-    @api.post("/api/session", status_code=204, summary="The status page gives the token once; a session cookie (HttpOnly, "
-                                                     "SameSite=Strict) lets it read events and incidents")
-    def api_session(body: dict[str, str] = Body(...)):
-        given = str(body.get("token", ""))
-        if not hmac.compare_digest(given.encode(), ctl.token.encode()):
-            raise HTTPException(401, TOKEN_NEEDED)
-        resp = Response(status_code=204)
-        resp.set_cookie(SESSION_COOKIE, ctl.session, httponly=True, samesite="strict", path="/")
-        return resp
-
-    return api
-
-
-def _action_routes(ctl: Controller) -> APIRouter:
-    """What changes the cluster: restart, pause, resume; each needs the bearer token (in the header:
-    the status page's session does not act)."""
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
-        if creds is None or not hmac.compare_digest(creds.credentials.encode(), ctl.token.encode()):
-            raise HTTPException(401, TOKEN_NEEDED, headers={"WWW-Authenticate": "Bearer"})
-
-    api = APIRouter(dependencies=[Depends(authorized)])
-
-    @api.post("/api/restart", status_code=202, summary="Restart the whole group in order now (bearer token)")
-    def api_restart():
-        if ctl.wd is None or ctl.wd.busy_restarting:
-            raise HTTPException(409, "a restart is already under way")
-        ctl.wd.request_restart("requested through the controller's API")
-        return {"restart": "requested"}
-
-    @api.post("/api/watchdog/pause", summary="Observe only: no automatic restart (bearer token)")
-    def api_pause():
-        ctl.wd.pause(True)
-        return {"watchdog": "pausing"}
-
-    @api.post("/api/watchdog/resume", summary="Restart automatically again (bearer token)")
-    def api_resume():
-        ctl.wd.pause(False)
-        return {"watchdog": "resuming"}
-
-    return api
-
-
 def systemd_unit(cfg: ClusterConfig, config: Path, command: str) -> str:
     """A systemd unit that runs `spark-cluster <command> CONFIG` (controller or watch) as this user."""
     import getpass
@@ -464,20 +264,3 @@ def systemd_unit(cfg: ClusterConfig, config: Path, command: str) -> str:
                   state_dir=str(cfg.resolved_state_dir()), user=getpass.getuser(), executable=exe,
                   max_clients=cfg.gateway.max_clients, max_connections=cfg.gateway.max_connections,
                   nofile=max(65536, 2 * (cfg.gateway.max_clients + cfg.gateway.max_connections)))
-
-
-def serve(cfg: ClusterConfig) -> None:
-    """Run the controller until SIGINT/SIGTERM (uvicorn handles both): the control plane on uvicorn,
-    the gateway started and stopped by its lifespan, both on one uvloop event loop."""
-    import uvicorn
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for chatty in ("httpx", "httpcore"):  # one line per watchdog probe (every period) would bury what matters
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    gateway = listening_socket(cfg.gateway.host, cfg.gateway.port, "gateway.host/gateway.port")
-    control = listening_socket(cfg.controller.host, cfg.controller.port, "controller.host/controller.port")
-    ctl = Controller(cfg, gateway_socket=gateway)
-    private_dir(ctl.dir / "incidents")
-    # uvloop named: a missing one stops the controller at start instead of falling back silently to asyncio's slower loop
-    uvicorn.Server(uvicorn.Config(create_app(ctl), loop="uvloop", log_level="warning", access_log=False,
-                                  timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S)).run(sockets=[control])

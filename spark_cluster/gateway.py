@@ -14,9 +14,14 @@ What routers in front of vLLM learned (docs/field.md, "Routers in front of vLLM"
 - Bytes pass through unchanged and unbuffered, chunk by chunk; the engine's 4xx reach the client
   unchanged and are never retried.
 
-The door's rules are pure functions (`door_after`, `admit`, `retry_status`), table-tested; the
-proxy itself is one coroutine per request (`Gateway.serve`), in the request's own task, called
-by the gateway's own server (spark_cluster.front) straight from the parser.
+Several groups of one model (cluster.yaml `groups`) stand behind one gateway as its members: each
+has its door; a new request goes to one whose door is open (spark_cluster.routing: the fewest in
+flight, a conversation kept where its prefix is cached), and a request that failed on one before
+its first byte is sent to another. A hang in one group cuts only that group's streams.
+
+The door's rules are pure functions (spark_cluster.door), table-tested; the proxy itself is one
+coroutine per request (`Gateway.serve`), in the request's own task, called by the gateway's own
+server (spark_cluster.front) straight from the parser.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal, Optional, Protocol
 
 from . import timeouts
+from .door import Admission, Door, admit, door_after, overall_door, retry_status
+from .routing import PrefixTable, choose, prefix_keys, prompt_text
 from .serving_settings import GatewaySettings
 from .upstream import ConnectFailed, ConnectionLost, ReadTimeout, Upstream, UpstreamError
 
 PATHS = "/v1/"  # what the gateway passes to vLLM (its OpenAI API)
-Mode = Literal["open", "hold", "closed"]
 Outcome = Literal["ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled"]
 OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled")
 log = logging.getLogger("spark_cluster.gateway")  # one line per request that did not simply pass (ok ones are counted only)
@@ -47,70 +53,6 @@ FORWARDED = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"
 # Pause between two attempts while the door stays open (the watchdog may not know yet that the engine
 # is gone). The first retry is at once: a kept-alive connection the engine had just closed fails that way.
 RETRY_PAUSES_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-# ---- the door: pure rules ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Door:
-    mode: Mode = "hold"
-    reason: str = "the controller is starting"
-
-
-def door_for_phase(phase: str, reason: str = "") -> Door:
-    """The door for a watchdog phase: open while it serves (busy and suspect are still serving: busy is not dead)."""
-    if phase in ("healthy", "busy", "suspect", "paused"):
-        return Door("open", "")
-    if phase == "failed":
-        return Door("closed", reason or "the watchdog has given up")
-    what = {"starting": "the engine is starting", "backoff": "the engine is about to be restarted (backoff)",
-            "restarting": "the engine is being restarted"}.get(phase, f"the cluster is {phase}")
-    return Door("hold", what + (f": {reason}" if reason else ""))
-
-
-def door_after(door: Door, event: dict[str, Any]) -> tuple[Door, bool]:
-    """The door after one watchdog event, and whether what is in flight must be acted on now
-    (a restart was decided: the engine is hung or a member is gone). Pure."""
-    kind = event.get("event")
-    if kind == "state":
-        new = door_for_phase(str(event.get("state")), str(event.get("reason") or ""))
-        return new, new.mode == "hold" and event.get("state") in ("backoff", "restarting")
-    if kind == "decision" and event.get("action") == "restart":
-        return Door("hold", f"the engine is being restarted: {event.get('reason', '')}"), True
-    if kind == "restart-done":
-        return Door("open", ""), False  # `up` ended with a real completion: it serves
-    if kind == "watch-paused":
-        return Door("open", ""), False
-    return door, False
-
-
-@dataclass(frozen=True)
-class Admission:
-    verdict: Literal["pass", "hold", "reject"]
-    message: str = ""
-    retry_after: bool = False
-
-
-def admit(door: Door, held_now: int, s: GatewaySettings) -> Admission:
-    """What a new (or re-queued) request does at the door. Pure."""
-    if door.mode == "open":
-        return Admission("pass")
-    if door.mode == "closed":
-        return Admission("reject", f"not serving, and the watchdog has given up: {door.reason}")
-    if held_now >= s.max_held:
-        return Admission("reject", f"not serving ({door.reason}) and {held_now} requests are already waiting "
-                                   f"(gateway.max_held {s.max_held})", retry_after=True)
-    return Admission("hold")
-
-
-def retry_status(status: int, engine_answers: Optional[bool]) -> bool:
-    """May an error status from the engine be retried (it has reached no client yet)? 502/503/504
-    say the engine is unavailable; a 500 only when the engine no longer answers /health (a dying
-    engine); 4xx never (bad input is the engine's to judge). Pure."""
-    if status in (502, 503, 504):
-        return True
-    if status == 500:
-        return engine_answers is False
-    return False
 
 
 def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = HOP_BY_HOP) -> list[tuple[bytes, bytes]]:
@@ -150,6 +92,16 @@ class Signal(asyncio.Event):
 
 
 @dataclass(eq=False)
+class Member:
+    """One group's engine behind the gateway."""
+
+    name: str
+    engine: Upstream
+    door: Door = field(default_factory=Door)
+    flights: set["Flight"] = field(default_factory=set)
+
+
+@dataclass(eq=False)
 class Flight:
     """One request while it is with the engine."""
 
@@ -175,6 +127,7 @@ class Observer:
     def first_byte(self, seconds: float) -> None: ...
     def held(self, count: int) -> None: ...
     def count_in_flight(self, count: Callable[[], int]) -> None: ...
+    def routed(self, group: str, how: str) -> None: ...
 
 
 # Takes the answer as messages of ASGI's shape (http.response.start, then http.response.body pieces).
@@ -192,34 +145,64 @@ class Writer(Protocol):
 
 
 class Gateway:
-    def __init__(self, upstream: str, settings: GatewaySettings, observer: Observer | None = None):
+    def __init__(self, upstreams: "str | dict[str, str]", settings: GatewaySettings, observer: Observer | None = None):
+        """upstreams: each group's engine by its label (one URL: one group)."""
         self.s = settings
         self.obs = observer or Observer()
         self.door = Door()
-        self.changed = asyncio.Event()  # set (and replaced) at every change of the door
+        self.changed = asyncio.Event()  # set (and replaced) at every change of a door
         self.held = 0
         self.flights: set[Flight] = set()
         self.max_body = settings.max_body_bytes()
         self.obs.count_in_flight(lambda: len(self.flights))
-        self.engine = Upstream(upstream, max_connections=settings.max_connections, connect_timeout_s=settings.connect_timeout_s,
-                               read_timeout_s=settings.read_timeout_s)
+        urls = upstreams if isinstance(upstreams, dict) else {"": upstreams}
+        self.members = {name: Member(name, Upstream(url, max_connections=settings.max_connections, connect_timeout_s=settings.connect_timeout_s,
+                                                     read_timeout_s=settings.read_timeout_s)) for name, url in urls.items()}
+        self.prefixes = PrefixTable()
+        self.turn = 0
 
     async def aclose(self) -> None:
-        await self.engine.aclose()
+        for m in self.members.values():
+            await m.engine.aclose()
 
-    # ---- the door ----------------------------------------------------------------------------
-    def set_door(self, door: Door, interrupt: bool = False) -> None:
-        if door != self.door:
-            self.door = door
+    # ---- the doors ---------------------------------------------------------------------------
+    def set_door(self, door: Door, interrupt: bool = False, group: Optional[str] = None) -> None:
+        """A group's door (every group's when `group` is None); interrupt: act on that group's flights now."""
+        changed = False
+        for m in self.members.values() if group is None else [self.members[group]]:
+            if door != m.door:
+                m.door, changed = door, True
+                if door.mode != "open":
+                    self.prefixes.forget(m.name)  # its cache does not outlive a restart
+            for f in list(m.flights) if interrupt else ():
+                f.interrupt.set()
+        if changed:
+            self.door = overall_door([m.door for m in self.members.values()])
             self.changed.set()
             self.changed = asyncio.Event()
-        if interrupt:
-            for f in list(self.flights):
-                f.interrupt.set()
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        door, interrupt = door_after(self.door, event)
-        self.set_door(door, interrupt)
+    def on_event(self, event: dict[str, Any], group: Optional[str] = None) -> None:
+        """A watchdog's event: its group's door moves (`group` None: the only group)."""
+        m = self.members[group] if group is not None else next(iter(self.members.values()))
+        door, interrupt = door_after(m.door, event)
+        self.set_door(door, interrupt, m.name)
+
+    def pick(self, tried: set[str], keys: list[bytes]) -> Optional[Member]:
+        """The member a request goes to now: an open one it has not failed on (a suspect one only when
+        no other serves), by routing.choose; None when no door is open."""
+        open_ = [m for m in self.members.values() if m.door.mode == "open"]
+        fresh = [m for m in open_ if m.name not in tried] or open_
+        candidates = [m for m in fresh if not m.door.suspect] or fresh
+        if not candidates:
+            return None
+        if len(self.members) == 1:
+            return candidates[0]
+        self.turn += 1
+        name, how = choose({m.name: len(m.flights) for m in candidates}, self.prefixes.longest(keys) if keys else None,
+                           self.s.affinity_bound, self.turn)
+        self.prefixes.remember(keys, name)
+        self.obs.routed(name, how)
+        return self.members[name]
 
     async def _wait_for_door(self, deadline: float, gone: Signal) -> Optional[Admission]:
         """None once the door is open; else why the request is refused. Counted as held while waiting."""
@@ -240,8 +223,8 @@ class Gateway:
             if gone.is_set():
                 return Admission("reject", "the client went away")
 
-    async def engine_answers(self) -> bool:
-        return await self.engine.get_status("/health", min(timeouts.ENGINE_HEALTH_S, self.s.connect_timeout_s)) == 200
+    async def engine_answers(self, m: Member) -> bool:
+        return await m.engine.get_status("/health", min(timeouts.ENGINE_HEALTH_S, self.s.connect_timeout_s)) == 200
 
     # ---- one request -------------------------------------------------------------------------
     async def serve(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, send: Send,
@@ -253,6 +236,8 @@ class Gateway:
         deadline = t0 + self.s.hold_s
         held = attempts = 0
         headers = end_to_end(headers, HOP_BY_HOP | FORWARDED) + forwarded_for(client)
+        keys = self._prefix_keys(target, body)
+        tried: set[str] = set()  # the groups this request failed on before its first byte
         flight = Flight()
         outcome: Outcome = "failed"
         try:
@@ -267,14 +252,19 @@ class Gateway:
                     await self._refuse(send, refusal)
                     outcome = "rejected"
                     return outcome
+                member = self.pick(tried, keys)
+                if member is None:
+                    continue  # no door open now: wait again
                 attempts += 1
-                result = await self._attempt(flight, method, target, headers, body, send, gone, t0, writer)
+                result = await self._attempt(member, flight, method, target, headers, body, send, gone, t0, writer)
+                tried.add(member.name)
                 if result != "retry":
                     outcome = result if result != "ok" else ("retried" if attempts > 1 else "held" if held else "ok")
                     return outcome
-                # nothing reached the client: wait for the door (the watchdog is told of the failure by its own probes),
-                # pausing a little between attempts while it stays open
-                pause = RETRY_PAUSES_S[min(attempts - 1, len(RETRY_PAUSES_S) - 1)]
+                # nothing reached the client: another group at once; else wait for the door (the watchdog is told of the
+                # failure by its own probes), pausing a little between attempts while it stays open
+                untried = any(m.door.mode == "open" and m.name not in tried for m in self.members.values())
+                pause = 0.0 if untried else RETRY_PAUSES_S[min(attempts - 1, len(RETRY_PAUSES_S) - 1)]
                 if attempts >= self.s.max_attempts:
                     await self._refuse(send, Admission("reject", f"the engine failed this request {attempts} times before answering "
                                                                  f"(gateway.max_attempts)", retry_after=True))
@@ -294,6 +284,13 @@ class Gateway:
                 log.info("%s %s: %s after %.1fs (%d attempts%s)", method, target, outcome,
                          time.monotonic() - t0, attempts, ", waited at the door" if held else "")
 
+    def _prefix_keys(self, target: str, body: bytes) -> list[bytes]:
+        """What prefix affinity knows a request by (nothing with one group: no cost on the hop)."""
+        if len(self.members) == 1 or not self.s.prefix_affinity:
+            return []
+        text = prompt_text(target, body)
+        return prefix_keys(text) if text else []
+
     async def refuse_too_large(self, send: Send) -> None:
         self.obs.outcome("rejected")
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
@@ -307,7 +304,7 @@ class Gateway:
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": error_body(a.message)})
 
-    async def _attempt(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
+    async def _attempt(self, m: Member, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
                        send: Send, gone: Signal, t0: float, writer: Optional[Writer]) -> str:
         """One try at the engine: ok | failed (an answer passed through) | retry (nothing reached the
         client) | interrupted (a stream cut after its first byte) | cancelled (the client went away).
@@ -322,6 +319,7 @@ class Gateway:
                 task.cancel()  # closes the connection to vLLM, which aborts the request
 
         self.flights.add(flight)
+        m.flights.add(flight)
         flight.interrupt.callbacks.append(cut)
         gone.callbacks.append(cut)
         try:
@@ -329,7 +327,7 @@ class Gateway:
                 flight.cut = True
             else:
                 try:
-                    return await self._exchange(flight, method, path, headers, body, send, t0, writer)
+                    return await self._exchange(m, flight, method, path, headers, body, send, t0, writer)
                 except asyncio.CancelledError:
                     if not flight.cut or task.uncancel() > 0:
                         raise  # cancelled from outside (the server stops)
@@ -339,17 +337,18 @@ class Gateway:
                 return "ok" if flight.done_sent else "cancelled"
             if not flight.started:
                 return "retry"
-            await self._end_stream(send, flight, f"the watchdog is restarting the engine ({self.door.reason or 'it stopped answering'})")
+            await self._end_stream(send, flight, f"the watchdog is restarting the engine ({m.door.reason or 'it stopped answering'})")
             return "interrupted"
         finally:
             flight.interrupt.callbacks.remove(cut)
             gone.callbacks.remove(cut)
             self.flights.discard(flight)
+            m.flights.discard(flight)
 
-    async def _exchange(self, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
+    async def _exchange(self, m: Member, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
                         send: Send, t0: float, writer: Optional[Writer]) -> str:
         try:
-            resp = await self.engine.send(method, path, headers, body)
+            resp = await m.engine.send(method, path, headers, body)
         except ConnectFailed:
             return "retry"  # refused, unreachable, no free connection: nothing was sent
         except ReadTimeout:
@@ -358,7 +357,7 @@ class Gateway:
         except ConnectionLost:
             return "retry"  # reset or closed before an answer: nothing reached the client
         try:
-            if resp.status >= 500 and retry_status(resp.status, await self.engine_answers() if resp.status == 500 else None):
+            if resp.status >= 500 and retry_status(resp.status, await self.engine_answers(m) if resp.status == 500 else None):
                 return "retry"
             try:
                 first = await resp.next_chunk()

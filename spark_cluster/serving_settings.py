@@ -69,6 +69,11 @@ class GatewaySettings(Strict):
     retry_after_s: int = Field(30, ge=1, description="Retry-After of a 503 past hold_s or max_held.")
     max_attempts: int = Field(10, ge=1, description="Most times one request is sent to the engine (a retry happens only before any byte "
                                                     "reached the client); past it 503, whatever is left of hold_s.")
+    prefix_affinity: bool = Field(True, description="With several groups: requests whose prompt (or chat history) starts the same go "
+                                                     "to the same group, where vLLM's prefix cache holds it, while its load allows.")
+    affinity_bound: float = Field(1.25, ge=1, description="With prefix_affinity: a group takes a request for its cached prefix while it "
+                                                          "would hold at most this times the mean of requests in flight; past it the least "
+                                                          "loaded group does.")
     max_head: str = Field("64k", description="Largest request line and headers together, as a size (431 and the connection closed above it).")
     request_deadline_s: float = Field(60, gt=0, description="Longest time a client may take to send a whole request (head and body), from "
                                                             "its first byte (408 and the connection closed past it).")

@@ -13,7 +13,8 @@ import httpx
 import yaml
 
 from spark_cluster.config import parse_config
-from spark_cluster.controller import Controller, create_app, listening_socket
+from spark_cluster.control_api import create_app
+from spark_cluster.controller import Controller, listening_socket
 from spark_cluster.decide import State
 from spark_cluster.metrics import sample_value
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from spark_cluster.controller import host_of
+from spark_cluster.control_api import host_of
 from spark_cluster.gateway import end_to_end, forwarded_for
 
 from .gateway_rig import TOKEN, completion_request, connected, gateway_url, read_answers, rig_cfg, serving_controller, status_of

@@ -17,7 +17,7 @@ from spark_cluster.config import GatewaySettings, parse_config
 from spark_cluster.controller import listening_socket, load_token
 from spark_cluster.decide import State
 from spark_cluster.errors import ConfigError
-from spark_cluster.gateway import Admission, Door, admit, door_after, door_for_phase, retry_status
+from spark_cluster.door import Admission, Door, admit, door_after, door_for_phase, retry_status
 from spark_cluster.metrics import restart_kind
 
 from .conftest import SIM_CONFIG

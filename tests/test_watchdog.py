@@ -133,7 +133,8 @@ class Controlled(EventWaiter):
     ports; clients go through `url` (the gateway)."""
 
     def __init__(self, cfg, token: str = "test-token"):
-        from spark_cluster.controller import Controller, create_app, listening_socket
+        from spark_cluster.control_api import create_app
+        from spark_cluster.controller import Controller, listening_socket
 
         from .fake_engine import Served
 

@@ -1,0 +1,85 @@
+"""Which group a request goes to (spark_cluster.routing): pure rules, table-tested."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spark_cluster.routing import PrefixTable, choose, prefix_keys, prompt_text
+
+
+@pytest.mark.parametrize("load, preferred, turn, expected", [
+    ({"a": 0, "b": 0}, None, 0, ("a", "least")),
+    ({"a": 0, "b": 0}, None, 1, ("b", "least")),  # equal loads: in turn
+    ({"a": 3, "b": 1}, None, 0, ("b", "least")),
+    ({"a": 3, "b": 1}, "a", 0, ("a", "affinity")),  # 4 of 5 allowed: 1.25 x (5 / 2) -> 4
+    ({"a": 4, "b": 1}, "a", 0, ("b", "overflow")),  # a fifth on a is past the bound
+    ({"a": 0, "b": 0}, "b", 0, ("b", "affinity")),
+    ({"a": 0}, "b", 0, ("a", "least")),  # the preferred group does not serve now
+    ({"a": 0, "b": 5, "c": 5}, "b", 0, ("a", "overflow")),
+    ({"a": 2, "b": 2, "c": 2}, "c", 0, ("c", "affinity")),  # 3 of 7: ceil(1.25 x 7 / 3) = 3
+])
+def test_choose(load, preferred, turn, expected):
+    assert choose(load, preferred, 1.25, turn) == expected
+
+
+def test_affinity_never_leaves_a_group_idle_while_another_queues():
+    """Every request of one long conversation prefers a; with requests piling up, b takes its share."""
+    load = {"a": 0, "b": 0}
+    for _ in range(20):
+        group, _ = choose(load, "a", 1.25)
+        load[group] += 1
+    assert load["b"] >= 7 and load["a"] - load["b"] <= 6
+
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(*turns: str) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "system", "content": "You are terse. " * 20}] +
+                       [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]}).encode()
+
+
+def test_a_conversations_next_turn_shares_its_prefix_and_another_conversation_does_not():
+    turn1 = prefix_keys(prompt_text(CHAT, chat("What is RoCE? " * 10)))
+    turn2 = prefix_keys(prompt_text(CHAT, chat("What is RoCE? " * 10, "RDMA over Converged Ethernet. " * 5, "And NCCL?")))
+    other = prefix_keys(prompt_text(CHAT, chat("Tell me about Ray. " * 10)))
+    assert len(turn2) > len(turn1) >= 3 and turn2[:len(turn1)] == turn1
+    assert other[0] == turn1[0] and other[-1] not in turn2  # the same system prompt, another conversation
+    table = PrefixTable()
+    table.remember(turn1, "b")
+    table.remember(other, "a")
+    assert table.longest(turn2) == "b" and table.longest(other) == "a"
+    table.forget("b")
+    assert table.longest(turn2) == "a"  # only the shared system prompt is known now, on a
+
+
+def test_the_table_forgets_the_least_recently_used():
+    table = PrefixTable(kept=3)
+    table.remember([b"1", b"2"], "a")
+    table.remember([b"3"], "b")
+    table.remember([b"1"], "b")  # used again
+    table.remember([b"4"], "a")
+    assert set(table.groups) == {b"3", b"1", b"4"} and table.groups[b"1"] == "b"
+
+
+@pytest.mark.parametrize("path, body, text", [
+    ("/v1/completions", b'{"prompt": "abc"}', "abc"),
+    ("/v1/completions", b'{"prompt": ["abc", "def"]}', "abc"),
+    ("/v1/completions", b'{"prompt": [1, 2, 3]}', "[1, 2, 3]"),
+    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}', "user\x00hi\x00"),
+    (CHAT, b'{"messages": "x"}', None),
+    ("/v1/models", b"", None),
+    ("/v1/completions", b"not json", None),
+    ("/v1/completions", b"[]", None),
+    ("/v1/embeddings", b'{"input": "abc"}', None),
+])
+def test_prompt_text(path, body, text):
+    assert prompt_text(path, body) == text
+
+
+def test_prefix_keys_are_whole_blocks_and_bounded():
+    assert prefix_keys("x" * 127) == [] and len(prefix_keys("x" * 256)) == 2
+    assert len(prefix_keys("x" * 100_000)) == 64
+    assert prefix_keys("\ud800 lone surrogate" * 20)  # any text a JSON body can carry
