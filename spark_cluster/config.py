@@ -285,9 +285,7 @@ class ClusterConfig(Strict):
         values = {str(v) for env in envs for k, v in env.items() if k in names}
         for args in (self.vllm.extra_args, self.ray.extra_args, self.container.extra_args):
             values.update(secret_arguments(args, names))
-        key = self.engine_api_key()
-        if key:
-            values.add(key)
+        values.update(key for _, group in self.group_configs() if (key := group.engine_api_key()))  # each group's head
         return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
 
     def resolved_state_dir(self) -> Path:

@@ -51,8 +51,10 @@ def create_app(ctl: Controller) -> FastAPI:
     def index():
         return HTMLResponse(page)
 
-    incidents = StaticFiles(directory=ctl.dir / "incidents", check_dir=False)
-    app.mount("/incidents", _guarded(incidents, lambda request: ctl.token_ok(request)), name="incidents")
+    for label, group in ctl.groups.items():  # with groups, /incidents/<group>/<bundle>/<file>
+        incidents = StaticFiles(directory=group.resolved_state_dir() / "incidents", check_dir=False)
+        app.mount(f"/incidents/{label}" if ctl.several else "/incidents", _guarded(incidents, lambda request: ctl.token_ok(request)),
+                  name=f"incidents-{label}")
     allowed = allowed_hosts(ctl.cfg)
     return _host_checked(app, allowed)
 
@@ -113,7 +115,7 @@ def _reading_routes(ctl: Controller) -> APIRouter:
 
     @api.get("/healthz", summary="The controller itself (not the engine)")
     def healthz():
-        alive = ctl.thread is not None and ctl.thread.is_alive()
+        alive = ctl.watching()
         body = {"controller": "ok" if alive else "watchdog stopped", **ctl.watchdog_json()}
         return JSONResponse(body, status_code=200 if alive else 503)
 
@@ -123,6 +125,8 @@ def _reading_routes(ctl: Controller) -> APIRouter:
 
     @api.get("/api/samples", summary="The watchdog's last observations (counters, running, waiting), oldest first")
     def api_samples():
+        if ctl.several:
+            return {label: list(wd.samples) for label, wd in ctl.wds.items()}
         return list(ctl.wd.samples) if ctl.wd else []
 
     @api.get("/metrics", summary="Prometheus metrics")
@@ -202,21 +206,32 @@ def _action_routes(ctl: Controller) -> APIRouter:
 
     api = APIRouter(dependencies=[Depends(authorized)])
 
-    @api.post("/api/restart", status_code=202, summary="Restart the whole group in order now (bearer token)")
-    def api_restart():
-        if ctl.wd is None or ctl.wd.busy_restarting:
+    def watchdogs(group: Optional[str], every: bool) -> list[Any]:
+        """The watchdogs a request names: `group`, else the only one (every one when `every`)."""
+        if group is not None and group not in ctl.wds:
+            raise HTTPException(404, f"no group {group!r} (groups: {', '.join(ctl.wds)})")
+        if group is None and len(ctl.wds) > 1 and not every:
+            raise HTTPException(400, f"name the group to restart: ?group= one of {', '.join(ctl.wds)}")
+        return [ctl.wds[group]] if group is not None else list(ctl.wds.values())
+
+    @api.post("/api/restart", status_code=202, summary="Restart a whole group in order now (bearer token; ?group= with groups)")
+    def api_restart(group: Optional[str] = Query(None)):
+        [wd] = watchdogs(group, every=False)
+        if wd.busy_restarting:
             raise HTTPException(409, "a restart is already under way")
-        ctl.wd.request_restart("requested through the controller's API")
+        wd.request_restart("requested through the controller's API")
         return {"restart": "requested"}
 
-    @api.post("/api/watchdog/pause", summary="Observe only: no automatic restart (bearer token)")
-    def api_pause():
-        ctl.wd.pause(True)
+    @api.post("/api/watchdog/pause", summary="Observe only: no automatic restart (bearer token; every group, or ?group=)")
+    def api_pause(group: Optional[str] = Query(None)):
+        for wd in watchdogs(group, every=True):
+            wd.pause(True)
         return {"watchdog": "pausing"}
 
-    @api.post("/api/watchdog/resume", summary="Restart automatically again (bearer token)")
-    def api_resume():
-        ctl.wd.pause(False)
+    @api.post("/api/watchdog/resume", summary="Restart automatically again (bearer token; every group, or ?group=)")
+    def api_resume(group: Optional[str] = Query(None)):
+        for wd in watchdogs(group, every=True):
+            wd.pause(False)
         return {"watchdog": "resuming"}
 
     return api
@@ -233,7 +248,8 @@ def serve(cfg: ClusterConfig) -> None:
     gateway = listening_socket(cfg.gateway.host, cfg.gateway.port, "gateway.host/gateway.port")
     control = listening_socket(cfg.controller.host, cfg.controller.port, "controller.host/controller.port")
     ctl = Controller(cfg, gateway_socket=gateway)
-    private_dir(ctl.dir / "incidents")
+    for group in ctl.groups.values():
+        private_dir(group.resolved_state_dir() / "incidents")
     # uvloop named: a missing one stops the controller at start instead of falling back silently to asyncio's slower loop
     uvicorn.Server(uvicorn.Config(create_app(ctl), loop="uvloop", log_level="warning", access_log=False,
                                   timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S)).run(sockets=[control])

@@ -119,63 +119,87 @@ class Controller:
     def __init__(self, cfg: ClusterConfig, *, token: Optional[str] = None, watchdog: Optional[WatchdogFactory] = None,
                  gateway_socket: Optional[socket.socket] = None):
         """`gateway_socket`: where the gateway serves clients (bound by `listening_socket`); without
-        it the gateway is made but not served (tests of the control plane alone)."""
+        it the gateway is made but not served (tests of the control plane alone). With groups
+        (cluster.yaml `groups`), one watchdog per group, each in its own thread, and one gateway."""
         self.cfg = cfg
+        self.groups = dict(cfg.group_configs())  # label -> the group as a cluster of its own
+        self.several = bool(cfg.groups)
         self.gateway_socket = gateway_socket
         self.front: Optional[GatewayServer] = None
         self.make_watchdog: WatchdogFactory = watchdog or (
-            lambda cfg, nodes, on_event: Watchdog(cfg, nodes, on_event=on_event, in_flight=self.in_flight))
+            lambda group, nodes, on_event: Watchdog(group, nodes, on_event=on_event, in_flight=lambda: self.in_flight(self.label_of(group))))
         self.token = token if token is not None else load_token(cfg)
         # the status page's session: derived from the token, so the cookie never holds the token itself
         self.session = hmac.new(self.token.encode(), b"spark-cluster status page", hashlib.sha256).hexdigest()
         self.secrets = [v for v in cfg.secret_values() + [self.token] if v]
         self.dir = cfg.resolved_state_dir()
-        self.events: deque[dict[str, Any]] = deque(tail_events(self.dir / EVENTS_FILE, EVENTS_KEPT, cfg.name), maxlen=EVENTS_KEPT)
+        self.events: deque[dict[str, Any]] = deque(self._kept_events(), maxlen=EVENTS_KEPT)
         self.subscribers: set[asyncio.Queue] = set()
-        self.wd: Optional[Watchdog] = None
-        self.metrics = ControllerMetrics(lambda: self.wd.samples[-1] if self.wd and self.wd.samples else None)
+        self.wds: dict[str, Watchdog] = {}
         self.gateway: Optional[Gateway] = None
+        self.metrics = ControllerMetrics(list(self.groups), lambda: {g: wd.samples[-1] for g, wd in self.wds.items() if wd.samples},
+                                         lambda: {g: len(m.flights) for g, m in self.gateway.members.items()} if self.gateway else {})
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping = threading.Event()
-        self.thread: Optional[threading.Thread] = None
-        self.nodes: Optional[Nodes] = None
-        self.status_nodes: Optional[Nodes] = None
+        self.threads: dict[str, threading.Thread] = {}
+        self.nodes: dict[str, Nodes] = {}
+        self.status_nodes: dict[str, Nodes] = {}
         self.status_lock = threading.Lock()
         self.status_cache: tuple[float, Any] = (float("-inf"), None)
-        self.watchdog_error: Optional[str] = None
+        self.watchdog_errors: dict[str, str] = {}
+
+    @property
+    def wd(self) -> Optional[Watchdog]:
+        """The watchdog of a cluster without groups (the first group's with groups)."""
+        return next(iter(self.wds.values()), None)
+
+    def label_of(self, group: ClusterConfig) -> str:
+        return next(label for label, g in self.groups.items() if g.name == group.name)
+
+    def _kept_events(self) -> list[dict[str, Any]]:
+        """The last events each group's watchdog wrote (events.jsonl in its state folder), in time order."""
+        if not self.several:
+            return tail_events(self.dir / EVENTS_FILE, EVENTS_KEPT, self.cfg.name)
+        merged = [{**e, "group": label} for label, g in self.groups.items()
+                  for e in tail_events(g.resolved_state_dir() / EVENTS_FILE, EVENTS_KEPT, g.name)]
+        return sorted(merged, key=lambda e: str(e.get("ts", "")))[-EVENTS_KEPT:]
 
     # ---- life -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.gateway = Gateway(self.cfg.endpoint(), self.cfg.gateway, self.metrics)
-        self.nodes = Nodes(self.cfg)
-        self.status_nodes = Nodes(self.cfg)
-        self.wd = self.make_watchdog(self.cfg, self.nodes, self._from_thread)
-        self.gateway.set_door(door_for_phase(self.wd.state.phase, self.wd.state.last_reason))
-        self.metrics.state.state(self.wd.state.phase)
-        self.thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
-        self.thread.start()
+        self.gateway = Gateway({label: g.endpoint() for label, g in self.groups.items()}, self.cfg.gateway, self.metrics)
+        for label, group in self.groups.items():
+            self.nodes[label], self.status_nodes[label] = Nodes(group), Nodes(group)
+            wd = self.wds[label] = self.make_watchdog(group, self.nodes[label], self._reporter(label))
+            self.gateway.set_door(door_for_phase(wd.state.phase, wd.state.last_reason), group=label)
+            self.metrics.state.labels(label).state(wd.state.phase)
+        for label in self.groups:
+            self.threads[label] = threading.Thread(target=self._watch, args=(label,), name=f"watchdog-{label}", daemon=True)
+            self.threads[label].start()
         if self.gateway_socket is not None:
             self.front = GatewayServer(self.gateway)
             await self.front.start(self.gateway_socket)
 
-    def _watch(self) -> None:
+    def _watch(self, label: str) -> None:
         try:
-            self.wd.run(stop=self.stopping.is_set, stop_when_failed=False)
+            self.wds[label].run(stop=self.stopping.is_set, stop_when_failed=False)
         except Exception as exc:  # noqa: BLE001 - shown by /healthz and the page, the controller stays up
-            self.watchdog_error = f"{type(exc).__name__}: {exc}"
+            self.watchdog_errors[label] = f"{type(exc).__name__}: {exc}"
+
+    def watching(self) -> bool:
+        """Every group's watchdog thread runs."""
+        return bool(self.threads) and all(t.is_alive() for t in self.threads.values())
 
     async def stop(self) -> None:
         if self.front is not None:
             await self.front.stop(timeouts.GRACEFUL_SHUTDOWN_S)
         self.stopping.set()
-        if self.wd is not None:
-            self.wd.woken.set()
-        if self.thread is not None:
-            await asyncio.to_thread(self.thread.join, timeouts.CONTROLLER_STOP_S)
-        for n in (self.nodes, self.status_nodes):
-            if n is not None:
-                n.close()
+        for wd in self.wds.values():
+            wd.woken.set()
+        for t in self.threads.values():
+            await asyncio.to_thread(t.join, timeouts.CONTROLLER_STOP_S)
+        for n in [*self.nodes.values(), *self.status_nodes.values()]:
+            n.close()
         if self.gateway is not None:
             await self.gateway.aclose()
 
@@ -187,22 +211,26 @@ class Controller:
             return hmac.compare_digest(auth[7:].strip().encode(), self.token.encode())
         return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), self.session.encode())
 
-    def in_flight(self) -> int:
-        """Requests the gateway has sent the engine and not seen finish (read from the watchdog's thread:
-        the length of a set is one atomic read)."""
-        return len(self.gateway.flights) if self.gateway is not None else 0
+    def in_flight(self, label: str) -> int:
+        """Requests the gateway has sent a group's engine and not seen finish (read from its watchdog's
+        thread: the length of a set is one atomic read)."""
+        return len(self.gateway.members[label].flights) if self.gateway is not None else 0
 
     # ---- events -----------------------------------------------------------------------------
-    def _from_thread(self, e: dict[str, Any]) -> None:
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.on_event, e)
+    def _reporter(self, label: str) -> Callable[[dict[str, Any]], None]:
+        """A group's watchdog's events, into the event loop (labelled with the group when there are several)."""
+        def report(e: dict[str, Any]) -> None:
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.on_event, {**e, "group": label} if self.several else e)
+        return report
 
     def on_event(self, e: dict[str, Any]) -> None:
         e = json.loads(mask(json.dumps(e, default=str), self.secrets))
+        label = e.get("group") if e.get("group") in self.groups else next(iter(self.groups))
         self.events.append(e)
-        self.metrics.on_event(e)
+        self.metrics.on_event(e, label)
         if self.gateway is not None:
-            self.gateway.on_event(e)
+            self.gateway.on_event(e, label)
         for q in list(self.subscribers):
             if q.qsize() < 1000:
                 q.put_nowait(e)
@@ -211,8 +239,6 @@ class Controller:
     def status_json(self) -> dict[str, Any]:
         """The last observation when recent; else one gather at a time, while the other requests get
         the last observation at once (only the very first waits for it)."""
-        from . import status
-
         t, rep = self.status_cache
         if rep is not None and time.monotonic() - t <= timeouts.STATUS_CACHE_S:
             return rep
@@ -221,35 +247,58 @@ class Controller:
         try:
             t, rep = self.status_cache
             if rep is None or time.monotonic() - t > timeouts.STATUS_CACHE_S:
-                rep = json.loads(mask(status.status(self.cfg, self.status_nodes, window_s=0.5).model_dump_json(), self.secrets))
+                rep = json.loads(mask(self._observe().model_dump_json(), self.secrets))
                 self.status_cache = (time.monotonic(), rep)
             return rep
         finally:
             self.status_lock.release()
 
+    def _observe(self) -> Any:
+        from . import status
+
+        if self.several:
+            return status.groups_status(self.cfg, self.status_nodes, window_s=0.5)
+        return status.status(self.cfg, next(iter(self.status_nodes.values())), window_s=0.5)
+
     def watchdog_json(self) -> dict[str, Any]:
-        wd = self.wd
+        """The watchdog's state and the gateway's door; with groups, each group's under `groups`."""
+        gw = self.gateway
+        door = {"door": gw.door.mode if gw else "hold", "reason": mask(gw.door.reason, self.secrets) if gw else "",
+                "held": gw.held if gw else 0, "in_flight": len(gw.flights) if gw else 0}
+        groups = {label: self._group_json(label) for label in self.groups}
+        if not self.several:
+            return {**next(iter(groups.values())), "gateway": door}
+        states = {label: g["state"] for label, g in groups.items()}
+        summary = next(iter(states.values())) if len(set(states.values())) == 1 else ", ".join(f"{k} {v}" for k, v in states.items())
+        return {"state": summary, "groups": groups, "gateway": door,
+                "error": "; ".join(f"group {k}: {v}" for k, v in self.watchdog_errors.items()) or None}
+
+    def _group_json(self, label: str) -> dict[str, Any]:
+        wd = self.wds.get(label)
         st = wd.state if wd else None
+        member = self.gateway.members[label] if self.gateway else None
         return {
             "state": "paused" if wd and wd.paused else (st.phase if st else "starting"),
             "reason": mask(st.suspect_reason or st.last_reason, self.secrets) if st else "",
             "restarts_last_hour": len(hour_restarts(st, wd.clock())) if st and wd else 0,
             "restarts_counted": len(recent_restarts(st, wd.clock())) if st and wd else 0,  # since the last deliberate start
             "last_restart": st.last_restart if st else None,
-            "gateway": {"door": self.gateway.door.mode if self.gateway else "hold",
-                        "reason": mask(self.gateway.door.reason, self.secrets) if self.gateway else "",
-                        "held": self.gateway.held if self.gateway else 0,
-                        "in_flight": len(self.gateway.flights) if self.gateway else 0},
-            "error": self.watchdog_error,
+            "door": member.door.mode if member else "hold",
+            "in_flight": len(member.flights) if member else 0,
+            "error": self.watchdog_errors.get(label),
         }
 
     def incidents(self, n: int) -> list[dict[str, Any]]:
-        root = self.dir / "incidents"
+        """The last n incident bundles (of every group: named <group>/<bundle>), newest first."""
+        found = []
+        for label, group in self.groups.items():
+            root = group.resolved_state_dir() / "incidents"
+            found += [(d.name, f"{label}/{d.name}" if self.several else d.name, d) for d in root.glob("*") if d.is_dir()]
         out = []
-        for d in sorted((p for p in root.glob("*") if p.is_dir()), reverse=True)[:n]:
+        for _, name, d in sorted(found, reverse=True)[:n]:
             reason = (d / "reason.txt").read_text().strip() if (d / "reason.txt").exists() else ""
             files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-            out.append({"name": d.name, "reason": mask(reason, self.secrets), "files": files})
+            out.append({"name": name, "reason": mask(reason, self.secrets), "files": files})
         return out
 
 

@@ -35,7 +35,7 @@ from typing import Any, Awaitable, Callable, Literal, Optional, Protocol
 
 from . import timeouts
 from .door import Admission, Door, admit, door_after, overall_door, retry_status
-from .routing import PrefixTable, choose, prefix_keys, prompt_text
+from .routing import PrefixTable, choose, prefix_keys, prompt_of
 from .serving_settings import GatewaySettings
 from .upstream import ConnectFailed, ConnectionLost, ReadTimeout, Upstream, UpstreamError
 
@@ -197,9 +197,9 @@ class Gateway:
             return None
         if len(self.members) == 1:
             return candidates[0]
-        self.turn += 1
         name, how = choose({m.name: len(m.flights) for m in candidates}, self.prefixes.longest(keys) if keys else None,
                            self.s.affinity_bound, self.turn)
+        self.turn += how != "affinity"  # equal loads: the next request not following its prefix goes to the next group
         self.prefixes.remember(keys, name)
         self.obs.routed(name, how)
         return self.members[name]
@@ -288,8 +288,8 @@ class Gateway:
         """What prefix affinity knows a request by (nothing with one group: no cost on the hop)."""
         if len(self.members) == 1 or not self.s.prefix_affinity:
             return []
-        text = prompt_text(target, body)
-        return prefix_keys(text) if text else []
+        prompt = prompt_of(target, body)
+        return prefix_keys(prompt) if prompt else []
 
     async def refuse_too_large(self, send: Send) -> None:
         self.obs.outcome("rejected")

@@ -5,7 +5,10 @@
 - Prefix affinity: chat clients resend the whole conversation each turn, and a turn that lands on
   the group that served the previous one skips its prefill (vLLM's prefix cache). A request's text
   is cut into blocks; the hash of each prefix (block 1, blocks 1-2, ...) is remembered with the
-  group it was sent to, and a request goes to the group that holds its longest remembered prefix...
+  group it was sent to, and a request goes to the group that holds its longest remembered prefix.
+  Only prefixes that reach past a chat's system messages count: a system prompt shared by every
+  conversation says nothing about where one conversation's cache is (and the whole conversation is
+  cached where it was served, vLLM's reply included, though only the prompt is seen here)...
 - ...while that group's load stays within a bound: at most `bound` times the mean of requests in
   flight (consistent hashing with bounded loads, Mirrokni et al. 2018). Past it, or without a
   known prefix, the group with the fewest requests in flight takes it (ties in turn).
@@ -17,7 +20,7 @@ import hashlib
 import json
 import math
 from collections import OrderedDict
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Iterable, Literal, NamedTuple, Optional, Sequence
 
 How = Literal["affinity", "overflow", "least"]
 HOWS: tuple[str, ...] = ("affinity", "overflow", "least")
@@ -42,7 +45,12 @@ def choose(load: dict[str, int], preferred: Optional[str], bound: float, turn: i
     return names[best], "least" if preferred is None or preferred not in load else "overflow"
 
 
-def prompt_text(path: str, body: bytes) -> Optional[str]:
+class Prompt(NamedTuple):
+    text: str
+    shared: int = 0  # how many of its first characters are a chat's system messages (shared by conversations)
+
+
+def prompt_of(path: str, body: bytes) -> Optional[Prompt]:
     """The text a request's prefix is read from: a chat's messages in order (role and content), a
     completion's prompt; None for other paths and bodies that are not such JSON. Pure."""
     if not path.startswith(TEXT_PATHS) or not body:
@@ -57,11 +65,17 @@ def prompt_text(path: str, body: bytes) -> Optional[str]:
         messages = data.get("messages")
         if not isinstance(messages, list):
             return None
-        return "".join(f"{m.get('role', '')}\x00{_content(m.get('content'))}\x00" for m in messages if isinstance(m, dict))
+        parts = [(m.get("role"), f"{m.get('role', '')}\x00{_content(m.get('content'))}\x00") for m in messages if isinstance(m, dict)]
+        shared = 0
+        for role, part in parts:
+            if role not in ("system", "developer"):
+                break
+            shared += len(part.encode("utf-8", "surrogatepass"))
+        return Prompt("".join(part for _, part in parts), shared)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of prompts: the first (a list of lists: token ids)
-    return prompt if isinstance(prompt, str) else json.dumps(prompt) if prompt is not None else None
+    return Prompt(prompt) if isinstance(prompt, str) else Prompt(json.dumps(prompt)) if prompt is not None else None
 
 
 def _content(content: object) -> str:
@@ -72,14 +86,16 @@ def _content(content: object) -> str:
     return "" if content is None else str(content)
 
 
-def prefix_keys(text: str, block: int = BLOCK_CHARS, most: int = MAX_BLOCKS) -> list[bytes]:
-    """The hash of every whole-block prefix of `text`, shortest first. Pure."""
+def prefix_keys(prompt: Prompt, block: int = BLOCK_CHARS, most: int = MAX_BLOCKS) -> list[bytes]:
+    """The hash of every whole-block prefix of a prompt that reaches past its shared part, shortest
+    first (at most `most` blocks in all). Pure."""
     h = hashlib.blake2b(digest_size=12)
     keys = []
-    data = text.encode("utf-8", "surrogatepass")
+    data = prompt.text.encode("utf-8", "surrogatepass")
     for start in range(0, min(len(data) // block, most) * block, block):
         h.update(data[start:start + block])
-        keys.append(h.copy().digest())
+        if start + block > prompt.shared:
+            keys.append(h.copy().digest())
     return keys
 
 

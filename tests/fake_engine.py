@@ -30,10 +30,10 @@ def free_port() -> int:
 class Served:
     """A real uvicorn server for an ASGI app, in a thread, on a free loopback port."""
 
-    def __init__(self, app: Any, port: Optional[int] = None, **options: Any):
+    def __init__(self, app: Any, port: Optional[int] = None, host: str = "127.0.0.1", **options: Any):
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **options))
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on", **options))
         self.thread: Optional[threading.Thread] = None
 
     def start(self) -> "Served":
@@ -76,7 +76,7 @@ class Script:
 
 
 class FakeEngine:
-    def __init__(self, port: Optional[int] = None):
+    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1"):
         self.script = Script()
         app = Starlette(routes=[
             Route("/health", self.health),
@@ -84,7 +84,7 @@ class FakeEngine:
             Route("/v1/chat/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models),
         ])
-        self.served = Served(app, port)
+        self.served = Served(app, port, host)
         self.url = self.served.url
         self.port = self.served.port
 

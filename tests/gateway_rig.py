@@ -88,6 +88,18 @@ def rig_cfg(tmp_path, engine_url: str, **gateway):
     return parse_config(yaml.safe_dump(data))
 
 
+def groups_cfg(tmp_path, port: int, **gateway):
+    """configs/local-sim-2groups.yaml with each group's head on a loopback address of its own
+    (127.0.0.1 and 127.0.0.2), vLLM's port `port` on both: where two fake engines listen."""
+    data = yaml.safe_load((SIM_CONFIG.parent / "local-sim-2groups.yaml").read_text())
+    for node, host in zip(data["nodes"], ["127.0.0.1", "10.99.0.12", "127.0.0.2", "10.99.0.14"]):
+        node["host"] = host
+    data["vllm"]["port"] = port
+    data["state_dir"] = str(tmp_path / "state")
+    data["gateway"] = {"host": "127.0.0.1", "port": 8080, "hold_s": 20, "max_held": 8, **gateway}
+    return parse_config(yaml.safe_dump(data))
+
+
 def serving_controller(cfg) -> tuple[Controller, Served]:
     """The controller as `controller` serves it: the control plane on uvicorn (a free port), the
     gateway on a socket of its own (another free port), a scripted watchdog."""

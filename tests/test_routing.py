@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from spark_cluster.routing import PrefixTable, choose, prefix_keys, prompt_text
+from spark_cluster.routing import Prompt, PrefixTable, choose, prefix_keys, prompt_of
 
 
 @pytest.mark.parametrize("load, preferred, turn, expected", [
@@ -42,17 +42,17 @@ def chat(*turns: str) -> bytes:
 
 
 def test_a_conversations_next_turn_shares_its_prefix_and_another_conversation_does_not():
-    turn1 = prefix_keys(prompt_text(CHAT, chat("What is RoCE? " * 10)))
-    turn2 = prefix_keys(prompt_text(CHAT, chat("What is RoCE? " * 10, "RDMA over Converged Ethernet. " * 5, "And NCCL?")))
-    other = prefix_keys(prompt_text(CHAT, chat("Tell me about Ray. " * 10)))
-    assert len(turn2) > len(turn1) >= 3 and turn2[:len(turn1)] == turn1
-    assert other[0] == turn1[0] and other[-1] not in turn2  # the same system prompt, another conversation
+    turn1 = prefix_keys(prompt_of(CHAT, chat("What is RoCE? " * 10)))
+    turn2 = prefix_keys(prompt_of(CHAT, chat("What is RoCE? " * 10, "RDMA over Converged Ethernet. " * 15, "And NCCL?")))
+    other = prefix_keys(prompt_of(CHAT, chat("Tell me about Ray. " * 10)))
+    assert len(turn2) > len(turn1) >= 1 and turn2[:len(turn1)] == turn1
+    assert not set(other) & set(turn2)  # the same system prompt, another conversation: no prefix in common counts
     table = PrefixTable()
     table.remember(turn1, "b")
     table.remember(other, "a")
     assert table.longest(turn2) == "b" and table.longest(other) == "a"
     table.forget("b")
-    assert table.longest(turn2) == "a"  # only the shared system prompt is known now, on a
+    assert table.longest(turn2) is None
 
 
 def test_the_table_forgets_the_least_recently_used():
@@ -65,21 +65,25 @@ def test_the_table_forgets_the_least_recently_used():
 
 
 @pytest.mark.parametrize("path, body, text", [
-    ("/v1/completions", b'{"prompt": "abc"}', "abc"),
-    ("/v1/completions", b'{"prompt": ["abc", "def"]}', "abc"),
-    ("/v1/completions", b'{"prompt": [1, 2, 3]}', "[1, 2, 3]"),
-    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}', "user\x00hi\x00"),
+    ("/v1/completions", b'{"prompt": "abc"}', Prompt("abc")),
+    ("/v1/completions", b'{"prompt": ["abc", "def"]}', Prompt("abc")),
+    ("/v1/completions", b'{"prompt": [1, 2, 3]}', Prompt("[1, 2, 3]")),
+    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}', Prompt("user\x00hi\x00")),
+    (CHAT, b'{"messages": [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]}',
+     Prompt("system\x00be\x00user\x00hi\x00", 10)),
     (CHAT, b'{"messages": "x"}', None),
     ("/v1/models", b"", None),
     ("/v1/completions", b"not json", None),
     ("/v1/completions", b"[]", None),
     ("/v1/embeddings", b'{"input": "abc"}', None),
 ])
-def test_prompt_text(path, body, text):
-    assert prompt_text(path, body) == text
+def test_prompt_of(path, body, text):
+    assert prompt_of(path, body) == text
 
 
-def test_prefix_keys_are_whole_blocks_and_bounded():
-    assert prefix_keys("x" * 127) == [] and len(prefix_keys("x" * 256)) == 2
-    assert len(prefix_keys("x" * 100_000)) == 64
-    assert prefix_keys("\ud800 lone surrogate" * 20)  # any text a JSON body can carry
+def test_prefix_keys_are_whole_blocks_past_the_shared_part_and_bounded():
+    assert prefix_keys(Prompt("x" * 127)) == [] and len(prefix_keys(Prompt("x" * 256))) == 2
+    assert len(prefix_keys(Prompt("x" * 640, shared=256))) == 3 and len(prefix_keys(Prompt("x" * 640, shared=255))) == 4
+    assert prefix_keys(Prompt("x" * 640, shared=256))[0] == prefix_keys(Prompt("x" * 640))[2]  # hashes of the whole prefix
+    assert len(prefix_keys(Prompt("x" * 100_000))) == 64
+    assert prefix_keys(Prompt("\ud800 lone surrogate" * 20))  # any text a JSON body can carry

@@ -159,7 +159,7 @@ class Controlled(EventWaiter):
         return self.ctl.wd
 
     def stopped(self) -> str | None:
-        return self.ctl.watchdog_error
+        return "; ".join(self.ctl.watchdog_errors.values()) or None
 
 
 def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_cfg, tmp_path):

@@ -1,0 +1,165 @@
+"""Two groups behind one gateway (cluster.yaml groups), each a fake engine on a loopback address of
+its own, each with a scripted watchdog: requests spread over the groups that serve, a hang in one
+costs clients nothing but that group's open streams, and a conversation stays where its prefix is."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from spark_cluster.metrics import sample_value
+
+from .fake_engine import FakeEngine, free_port
+from .gateway_rig import gateway_url, groups_cfg, serving_controller, sse_texts
+
+
+@pytest.fixture
+def two(tmp_path, request):
+    port = free_port()
+    engines = {"a": FakeEngine(port, "127.0.0.1").start(), "b": FakeEngine(port, "127.0.0.2").start()}
+    ctl, served = serving_controller(groups_cfg(tmp_path, port, **getattr(request, "param", {})))
+    served.start()
+    try:
+        for wd in ctl.wds.values():
+            wd.emit("state", state="healthy")
+        time.sleep(0.05)
+        yield ctl, served, engines
+    finally:
+        served.stop()
+        for e in engines.values():
+            e.stop()
+
+
+def emit(ctl, group: str, kind: str, **data) -> None:
+    ctl.wds[group].emit(kind, **data)
+    time.sleep(0.05)  # the event crosses into the controller's loop
+
+
+def post(url: str, body: dict, timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+
+
+def at_once(n: int, fn) -> list:
+    out: list = [None] * n
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_requests_spread_over_the_groups_by_what_each_has_in_flight(two):
+    ctl, served, engines = two
+    for e in engines.values():
+        e.script.chunk_delay_s = 0.1  # each answer takes 0.5 s: eight at once are in flight together
+    answers = at_once(8, lambda i: post(gateway_url(ctl), {"prompt": f"p{i}"}))
+    assert [r.status_code for r in answers] == [200] * 8
+    assert (engines["a"].script.calls, engines["b"].script.calls) == (4, 4)
+    metrics = httpx.get(f"{served.url}/metrics").text
+    assert sample_value(metrics, "spark_cluster_gateway_routed_total", group="a", how="least") == 4
+    assert sample_value(metrics, "spark_cluster_state", group="b", spark_cluster_state="healthy") == 1
+
+
+def test_a_hang_in_one_group_ends_only_its_streams_and_new_requests_go_to_the_other_at_once(two):
+    ctl, served, engines = two
+    for e in engines.values():
+        e.script.chunks, e.script.chunk_delay_s = 40, 0.05  # streams of 2 s
+    url = gateway_url(ctl)
+    streams: dict[int, list[str]] = {}
+
+    def stream(i: int) -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": f"s{i}", "stream": True}, timeout=30) as r:
+            streams[i] = sse_texts(r.iter_lines())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert (engines["a"].script.running, engines["b"].script.running) == (2, 2)
+    emit(ctl, "a", "decision", action="restart", reason="hang confirmed: no progress for 20s under load")
+    t0 = time.monotonic()
+    answers = at_once(4, lambda i: post(url, {"prompt": f"n{i}"}))
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in answers] == [200] * 4 and took < 3  # each answer takes 2 s: none was held
+    assert sample_value(httpx.get(f"{served.url}/metrics").text, "spark_cluster_gateway_requests_total", outcome="held") == 0
+    cut = [texts for texts in streams.values() if "engine_unavailable" in texts[-1]]
+    whole = [texts for texts in streams.values() if texts[-1] == '{"id": "cmpl-fake", "choices": [{"index": 0, "text": "t39"}]}']
+    assert len(cut) == 2 and len(whole) == 2  # a's two streams cut, b's two whole
+    assert engines["a"].script.calls == 2 and engines["b"].script.calls == 6
+    emit(ctl, "a", "restart-done", seconds=1.0)
+    answers = at_once(4, lambda i: post(url, {"prompt": f"m{i}"}))
+    assert [r.status_code for r in answers] == [200] * 4 and engines["a"].script.calls > 2  # a serves again
+
+
+def test_a_request_one_group_refuses_before_its_first_byte_goes_to_the_other_at_once(two):
+    ctl, served, engines = two
+    engines["a"].stop()  # refused connections, and its watchdog has not noticed yet: its door is open
+    engines["b"].script.chunks, engines["b"].script.chunk_delay_s = 60, 0.05
+    busy = [threading.Thread(target=post, args=(gateway_url(ctl), {"prompt": f"long{i}"})) for i in range(2)]
+    for t in busy:  # b has more in flight than a: the least loaded is a, again and again, unless a is not tried twice
+        t.start()
+    time.sleep(0.5)
+    engines["b"].script.chunks = 1
+    t0 = time.monotonic()
+    answers = [post(gateway_url(ctl), {"prompt": f"p{i}"}) for i in range(4)]
+    assert [r.status_code for r in answers] == [200] * 4 and time.monotonic() - t0 < 2
+    for t in busy:
+        t.join()
+    assert engines["b"].script.calls == 6
+    assert sample_value(httpx.get(f"{served.url}/metrics").text, "spark_cluster_gateway_requests_total", outcome="retried") >= 1
+
+
+def test_a_suspect_group_gets_no_new_request_while_another_serves_and_nothing_waits_while_one_does(two):
+    ctl, served, engines = two
+    emit(ctl, "a", "state", state="suspect", reason="no progress for 5s")
+    assert [post(gateway_url(ctl), {"prompt": f"p{i}"}).status_code for i in range(3)] == [200] * 3
+    assert (engines["a"].script.calls, engines["b"].script.calls) == (0, 3)
+    emit(ctl, "b", "state", state="restarting")
+    assert post(gateway_url(ctl), {"prompt": "q"}).status_code == 200 and engines["a"].script.calls == 1  # suspect, but it serves
+    emit(ctl, "a", "state", state="restarting")
+    r = httpx.get(f"{served.url}/healthz").json()
+    assert r["gateway"]["door"] == "hold" and r["groups"]["a"]["door"] == "hold"
+
+
+def chat_turns(conversation: int, turns: int) -> list[dict]:
+    messages = [{"role": "system", "content": "You answer questions about DGX Sparks, briefly. " * 4}]
+    out = []
+    for t in range(turns):
+        messages = messages + [{"role": "user", "content": f"Conversation {conversation}, question {t}: " + "why? " * 30}]
+        out.append({"model": "tiny-qwen3", "messages": list(messages)})
+        messages = messages + [{"role": "assistant", "content": "Because. " * 20}]
+    return out
+
+
+def test_each_conversation_stays_on_one_group(two):
+    ctl, served, engines = two
+    for c in range(6):
+        for body in chat_turns(c, 4):
+            assert httpx.post(f"{gateway_url(ctl)}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    where: dict[int, set[str]] = {}
+    for name, e in engines.items():
+        for r in e.script.received:
+            conversation = int(json.loads(r["body"])["messages"][1]["content"].split(",")[0].split()[1])
+            where.setdefault(conversation, set()).add(name)
+    assert all(len(groups) == 1 for groups in where.values()), where
+    # the conversations are spread: a new one shares only the system prompt with the others (a third of its
+    # text), too little to follow
+    assert {g for groups in where.values() for g in groups} == {"a", "b"}
+    metrics = httpx.get(f"{served.url}/metrics").text
+    hits = sum(sample_value(metrics, "spark_cluster_gateway_routed_total", group=g, how="affinity") for g in "ab")
+    assert hits == 6 * 3  # every turn after the first
+
+
+@pytest.mark.parametrize("two", [{"prefix_affinity": False}], indirect=True)
+def test_without_prefix_affinity_a_conversation_is_spread(two):
+    ctl, served, engines = two
+    for body in chat_turns(0, 4):
+        assert httpx.post(f"{gateway_url(ctl)}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    assert (engines["a"].script.calls, engines["b"].script.calls) == (2, 2)
