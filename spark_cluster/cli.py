@@ -153,6 +153,12 @@ def up(
 
     cfg = load(config)
     report = step_reporter(as_json)
+    from .rollout import through_controller
+
+    if guard(lambda: through_controller(cfg, config.read_text(), report)):  # the controller serves: one group at a time
+        if not as_json:
+            out.print(f"[bold green]serving[/] the new config through {cfg.gateway_url()} (rolled one group at a time)", highlight=False)
+        return
 
     def one(label: str, group: ClusterConfig):
         with _nodes(group) as nodes:

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import socket
+import time
 from contextlib import asynccontextmanager
 from typing import Any, Callable, Optional
 
@@ -22,7 +23,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.staticfiles import StaticFiles
 
 from . import timeouts
-from .config import WILDCARD_HOSTS, ClusterConfig
+from .config import WILDCARD_HOSTS, ClusterConfig, parse_config
+from .errors import ConfigError
+from .masking import mask
+from .watch_state import iso
 from .controller import EVENTS_KEPT, SESSION_COOKIE, TOKEN_NEEDED, Controller, listening_socket
 from .state_dir import private_dir
 from .render import render
@@ -45,6 +49,7 @@ def create_app(ctl: Controller) -> FastAPI:
     app.include_router(_private_routes(ctl))
     app.include_router(_session_route(ctl))
     app.include_router(_action_routes(ctl))
+    app.include_router(_rollout_route(ctl))
     page = render("status-page.html", cluster=ctl.cfg.name)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -116,7 +121,7 @@ def _reading_routes(ctl: Controller) -> APIRouter:
     @api.get("/healthz", summary="The controller itself (not the engine)")
     def healthz():
         alive = ctl.watching()
-        body = {"controller": "ok" if alive else "watchdog stopped", **ctl.watchdog_json()}
+        body = {"controller": "ok" if alive else "watchdog stopped", "cluster": ctl.cfg.name, **ctl.watchdog_json()}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @api.get("/api/status", summary="The same JSON as `spark-cluster status --json`, plus the controller's view")
@@ -195,16 +200,75 @@ def _session_route(ctl: Controller) -> APIRouter:
     return api
 
 
-def _action_routes(ctl: Controller) -> APIRouter:
-    """What changes the cluster: restart, pause, resume; each needs the bearer token (in the header:
-    the status page's session does not act)."""
+def _bearer_only(ctl: Controller) -> Callable[..., None]:
+    """A dependency that lets through only the token as a bearer header."""
     bearer = HTTPBearer(auto_error=False)
 
     def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         if creds is None or not hmac.compare_digest(creds.credentials.encode(), ctl.token.encode()):
             raise HTTPException(401, TOKEN_NEEDED, headers={"WWW-Authenticate": "Bearer"})
+    return authorized
 
-    api = APIRouter(dependencies=[Depends(authorized)])
+
+def _rollout_route(ctl: Controller) -> APIRouter:
+    """A rolling change (spark_cluster.rollout), as `up` asks for it while the controller serves."""
+    api = APIRouter(dependencies=[Depends(_bearer_only(ctl))])
+
+    @api.post("/api/rollout", summary="A rolling change to the cluster.yaml sent as the body, one group at a time (bearer "
+                                      "token); the answer is its events as JSON lines, the last one rollout-done")
+    async def api_rollout(request: Request):
+        from .rollout import needs_restart, refusal, roll_out
+
+        text = (await request.body()).decode("utf-8", "replace")
+        try:
+            new = parse_config(text, source="the config sent")
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc)) from None
+        why = refusal(ctl.cfg, new)
+        if why:
+            raise HTTPException(409, why)
+        if ctl.rolling.locked():
+            raise HTTPException(409, "a rolling change is already under way")
+        later = needs_restart(ctl.cfg, new)
+        q: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def deliver(e: dict) -> None:
+            e = json.loads(mask(json.dumps(e, default=str), ctl.secrets))
+            q.put_nowait(e)
+            if e.get("event", "").startswith("roll-"):
+                ctl.on_event({"ts": iso(time.time()), "cluster": ctl.cfg.name, **e})
+
+        def report(e: dict) -> None:  # also from the executor's thread
+            loop.call_soon_threadsafe(deliver, e)
+
+        async def roll() -> None:  # a task of its own: the change goes on when the client leaves
+            try:
+                ok = await roll_out(ctl, new, report)
+            except Exception as exc:  # noqa: BLE001 - said in the last line instead
+                deliver({"event": "roll-failed", "error": f"{type(exc).__name__}: {exc}"})
+                ok = False
+            loop.call_soon(q.put_nowait, {"event": "rollout-done", "ok": ok, "restart_controller_for": later})
+
+        ctl.tasks.add(task := asyncio.create_task(roll()))
+        task.add_done_callback(ctl.tasks.discard)
+
+        async def lines():
+            while True:
+                e = await q.get()
+                yield json.dumps(e) + "\n"
+                if e["event"] == "rollout-done":
+                    return
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    return api
+
+
+def _action_routes(ctl: Controller) -> APIRouter:
+    """What changes the cluster: restart, pause, resume; each needs the bearer token (in the header:
+    the status page's session does not act)."""
+    api = APIRouter(dependencies=[Depends(_bearer_only(ctl))])
 
     def watchdogs(group: Optional[str], every: bool) -> list[Any]:
         """The watchdogs a request names: `group`, else the only one (every one when `every`)."""

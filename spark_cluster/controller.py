@@ -142,6 +142,9 @@ class Controller:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping = threading.Event()
         self.threads: dict[str, threading.Thread] = {}
+        self.stop_flags: dict[str, threading.Event] = {}  # one group's watchdog stops (a rolling change)
+        self.rolling = asyncio.Lock()  # one rolling change at a time
+        self.tasks: set[asyncio.Task] = set()  # rolling changes under way (kept: a task nobody holds may vanish)
         self.nodes: dict[str, Nodes] = {}
         self.status_nodes: dict[str, Nodes] = {}
         self.status_lock = threading.Lock()
@@ -168,27 +171,43 @@ class Controller:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.gateway = Gateway({label: g.endpoint() for label, g in self.groups.items()}, self.cfg.gateway, self.metrics)
-        for label, group in self.groups.items():
-            self.nodes[label], self.status_nodes[label] = Nodes(group), Nodes(group)
-            wd = self.wds[label] = self.make_watchdog(group, self.nodes[label], self._reporter(label))
+        for label, group in list(self.groups.items()):
+            self.status_nodes[label] = Nodes(group)
+            self.start_watch(label, group, Nodes(group))
+            wd = self.wds[label]
             self.gateway.set_door(door_for_phase(wd.state.phase, wd.state.last_reason), group=label)
-            self.metrics.state.labels(label).state(wd.state.phase)
-        for label in self.groups:
-            self.threads[label] = threading.Thread(target=self._watch, args=(label,), name=f"watchdog-{label}", daemon=True)
-            self.threads[label].start()
         if self.gateway_socket is not None:
             self.front = GatewayServer(self.gateway)
             await self.front.start(self.gateway_socket)
 
-    def _watch(self, label: str) -> None:
+    def start_watch(self, label: str, group: ClusterConfig, nodes: Nodes) -> None:
+        """A watchdog of `group` in a thread of its own (a rolling change: of the group's new config)."""
+        old = self.nodes.get(label)
+        if old is not None and old is not nodes:
+            old.close()
+        self.groups[label], self.nodes[label] = group, nodes
+        wd = self.wds[label] = self.make_watchdog(group, nodes, self._reporter(label))
+        self.metrics.state.labels(label).state(wd.state.phase)
+        flag = self.stop_flags[label] = threading.Event()
+        self.watchdog_errors.pop(label, None)
+        self.threads[label] = threading.Thread(target=self._watch, args=(label, wd, flag), name=f"watchdog-{label}", daemon=True)
+        self.threads[label].start()
+
+    async def stop_watch(self, label: str) -> None:
+        """One group's watchdog stopped (after the period, or the restart, it is in)."""
+        self.stop_flags[label].set()
+        self.wds[label].woken.set()
+        await asyncio.to_thread(self.threads[label].join, timeouts.CONTROLLER_STOP_S + self.groups[label].health.ready_timeout_s)
+
+    def _watch(self, label: str, wd: Watchdog, flag: threading.Event) -> None:
         try:
-            self.wds[label].run(stop=self.stopping.is_set, stop_when_failed=False)
+            wd.run(stop=lambda: self.stopping.is_set() or flag.is_set(), stop_when_failed=False)
         except Exception as exc:  # noqa: BLE001 - shown by /healthz and the page, the controller stays up
             self.watchdog_errors[label] = f"{type(exc).__name__}: {exc}"
 
     def watching(self) -> bool:
         """Every group's watchdog thread runs."""
-        return bool(self.threads) and all(t.is_alive() for t in self.threads.values())
+        return bool(self.threads) and all(t.is_alive() or self.stop_flags[label].is_set() for label, t in self.threads.items())
 
     async def stop(self) -> None:
         if self.front is not None:

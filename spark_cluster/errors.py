@@ -197,6 +197,12 @@ class EngineKeyRefused(SparkClusterError):
                          hint=f"give the engine's key as {ENGINE_KEY_FIX}; spark-cluster sends it with readiness, the canary and status")
 
 
+class RolloutFailed(SparkClusterError):
+    """A rolling change (`up` while the controller serves) stopped at a group that did not come back with the new config."""
+
+    exit_code = 18
+
+
 def exit_codes() -> dict[int, str]:
     """Exit code -> what it means (for the documented table and its test)."""
     table: dict[int, str] = {EXIT_OK: "done (`status`: serving)", EXIT_NOT_SERVING: "`status`: not serving",

@@ -31,7 +31,7 @@ from .model_sync import ModelSync
 from .observe import list_containers, read_process, save_logs, tail_logs
 from .plan import build_plan
 from .preflight import Finding, Preflight
-from .reconcile import member_name, reconcile
+from .reconcile import Reconciliation, member_name, reconcile
 from .state_dir import private_dir
 from .steps import NOT_DETECTED, Plan, Step
 from .transport import Nodes, Result, SSHTransport
@@ -247,12 +247,8 @@ class Executor:
                 self.preflight(existing)
             with self.timed("prepare"):
                 self.prepare()
-            found = [c for cs in existing.values() for c in cs]
             members = [s for s in self.plan.steps if s.kind in ("start", "exec") and s.phase in allowed]
-            running = {(c.node, c.name) for c in found if c.running}
-            processes = {member_name(s): read_process(self.nodes[s.process.node], s.process) for s in members
-                         if s.process is not None and (s.node, s.process.container) in running}
-            todo = reconcile(members, found, processes)
+            todo = _reconcile(self.nodes, members, existing)
             if todo.remove:
                 with self.timed("remove"):
                     logs = self.logs_dir("replaced")
@@ -283,6 +279,12 @@ class Executor:
         self.emit("up-done", changed=result.changed, recreated=result.recreated, kept=result.kept, phases=result.phases,
                   total_s=result.total_s)
         return result
+
+    def pending(self) -> Reconciliation:
+        """What `up` would do to the group's containers now (nothing started, nothing locked): a
+        rolling change drains a group only when it will be recreated."""
+        self.connect_all()
+        return _reconcile(self.nodes, [s for s in self.plan.steps if s.kind in ("start", "exec")], self.existing())
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -350,6 +352,15 @@ class Executor:
             raise RemoveFailed("down did not remove everything:\n" + "\n".join(f"  - {x}" for x in left),
                                hint="run down again once the node answers, or remove what is left by hand")
         return logs
+
+
+def _reconcile(nodes: Nodes, members: list[Step], existing: dict[str, list[ContainerFact]]) -> Reconciliation:
+    """What up must do, from the containers found and the hosted processes read in the running ones."""
+    found = [c for cs in existing.values() for c in cs]
+    running = {(c.node, c.name) for c in found if c.running}
+    processes = {member_name(s): read_process(nodes[s.process.node], s.process) for s in members
+                 if s.process is not None and (s.node, s.process.container) in running}
+    return reconcile(members, found, processes)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -99,6 +99,7 @@ class Member:
     engine: Upstream
     door: Door = field(default_factory=Door)
     flights: set["Flight"] = field(default_factory=set)
+    draining: bool = False  # a rolling change: its watchdog's events leave its door alone
 
 
 @dataclass(eq=False)
@@ -184,8 +185,34 @@ class Gateway:
     def on_event(self, event: dict[str, Any], group: Optional[str] = None) -> None:
         """A watchdog's event: its group's door moves (`group` None: the only group)."""
         m = self.members[group] if group is not None else next(iter(self.members.values()))
+        if m.draining:
+            return
         door, interrupt = door_after(m.door, event)
         self.set_door(door, interrupt, m.name)
+
+    # ---- a rolling change, one group at a time ---------------------------------------------------
+    def drain(self, group: str, reason: str) -> None:
+        """The group takes no new request (they go to the other groups, or wait at the door when it
+        is the only one); what it has in flight goes on."""
+        self.set_door(Door("hold", reason), group=group)
+        self.members[group].draining = True
+
+    async def drained(self, group: str, timeout_s: float) -> int:
+        """Wait until the group has nothing in flight, at most timeout_s; what is left then is cut
+        (a stream ends with its error event, a request not yet answered goes to another group).
+        How many were cut."""
+        m = self.members[group]
+        deadline = time.monotonic() + timeout_s
+        while m.flights and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(m.flights)
+        for f in left:
+            f.interrupt.set()
+        return len(left)
+
+    def undrain(self, group: str, door: Door) -> None:
+        self.members[group].draining = False
+        self.set_door(door, group=group)
 
     def pick(self, tried: set[str], keys: list[bytes]) -> Optional[Member]:
         """The member a request goes to now: an open one it has not failed on (a suspect one only when

@@ -69,6 +69,9 @@ class GatewaySettings(Strict):
     retry_after_s: int = Field(30, ge=1, description="Retry-After of a 503 past hold_s or max_held.")
     max_attempts: int = Field(10, ge=1, description="Most times one request is sent to the engine (a retry happens only before any byte "
                                                     "reached the client); past it 503, whatever is left of hold_s.")
+    drain_s: float = Field(300, gt=0, description="A rolling change (`up` with a changed config while the controller runs): how long a "
+                                                   "group's requests in flight may take to finish before it is recreated; streams still "
+                                                   "open then end with an error event.")
     prefix_affinity: bool = Field(True, description="With several groups: requests whose prompt (or chat history) starts the same go "
                                                      "to the same group, where vLLM's prefix cache holds it, while its load allows.")
     affinity_bound: float = Field(1.25, ge=1, description="With prefix_affinity: a group takes a request for its cached prefix while it "

@@ -69,3 +69,7 @@ LOCAL_CHECK_S = 600
 VLLM_ENV_STEP_S = 1800
 # A client's kept-alive connection to the gateway with no request: closed after this (as uvicorn's default).
 GATEWAY_KEEP_ALIVE_S = 5
+
+# `up` asks whether this cluster's controller serves (then the change rolls through it): on loopback
+# by default, an answer comes at once or not at all.
+CONTROLLER_PROBE_S = 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -116,6 +117,11 @@ def step_reporter(as_json: bool):
             out.print(f"[yellow]-[/] {'':8} {where:10} {'remove':13} {e['container']} [dim]({e['reason']})[/]", highlight=False)
         elif kind == "node-unreachable":
             err.print(f"[yellow]![/] {where}: unreachable: {e['error']}", highlight=False)
+        elif kind.startswith("roll-"):
+            said = {"roll-group": "group {group}", "roll-skip": "group {group}: unchanged", "roll-drain": "group {group}: draining "
+                    "({in_flight} in flight): {why}", "roll-drained": "group {group}: drained ({cut} cut)", "roll-done":
+                    "group {group}: serves the new config ({seconds}s)", "roll-failed": "group {group}: failed: {error}"}
+            out.print(f"[bold]»[/] {escape(said.get(kind, kind).format_map(defaultdict(str, e)))}", highlight=False)
 
     return report
 

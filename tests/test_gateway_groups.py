@@ -163,3 +163,130 @@ def test_without_prefix_affinity_a_conversation_is_spread(two):
     for body in chat_turns(0, 4):
         assert httpx.post(f"{gateway_url(ctl)}/v1/chat/completions", json=body, timeout=30).status_code == 200
     assert (engines["a"].script.calls, engines["b"].script.calls) == (2, 2)
+
+
+# ---- a rolling change -----------------------------------------------------------------------------
+class RecreatedEngine:
+    """Stands in for rollout's Executor: `pending` says the group changes, `up` takes its fake engine
+    away for a while and brings it back (as a recreated group), recording when."""
+
+    def __init__(self, engines, log):
+        self.engines, self.log = engines, log
+
+    def __call__(self, group, nodes, report):
+        self.label = group.name.split("-")[-1]
+        return self
+
+    def pending(self):
+        from spark_cluster.reconcile import Reconciliation
+
+        return Reconciliation(why="the config changed", start=[object()])
+
+    def up(self):
+        from spark_cluster.executor import UpResult
+
+        old = self.engines[self.label]
+        self.log.append((self.label, "up", time.monotonic(), old.script.running))
+        old.stop()
+        time.sleep(0.5)
+        self.engines[self.label] = FakeEngine(old.port, old.served.server.config.host).start()
+        self.log.append((self.label, "done", time.monotonic(), 0))
+        return UpResult(changed=True, recreated=[f"{self.label}-head"], total_s=0.5)
+
+
+class NoNodes:
+    def __init__(self, cfg):
+        pass
+
+    def close(self):
+        pass
+
+
+def load(url: str, stop: threading.Event, results: list, stream: bool) -> None:
+    while not stop.is_set():
+        try:
+            if stream:
+                with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "s", "stream": True}, timeout=30) as r:
+                    texts = sse_texts(r.iter_lines())
+                results.append("cut" if any("engine_unavailable" in t for t in texts) else r.status_code)
+            else:
+                results.append(post(url, {"prompt": "p"}).status_code)
+        except httpx.HTTPError as exc:
+            results.append(type(exc).__name__)
+
+
+@pytest.mark.parametrize("two", [{"drain_s": 5}], indirect=True)
+def test_a_rolling_change_recreates_one_group_after_the_other_and_no_request_fails(two, monkeypatch, tmp_path):
+    from spark_cluster import rollout
+    from spark_cluster.config import parse_config
+
+    ctl, served, engines = two
+    for e in engines.values():
+        e.script.chunks, e.script.chunk_delay_s = 6, 0.05
+    log: list = []
+    monkeypatch.setattr(rollout, "Executor", RecreatedEngine(engines, log))
+    monkeypatch.setattr(rollout, "Nodes", NoNodes)
+    monkeypatch.setenv("SPARK_CLUSTER_TEST_TOKEN", "tok-rollout-1")
+    ctl.token = "tok-rollout-1"
+    new = ctl.cfg.model_dump()
+    new["vllm"]["extra_args"] = ["--max-num-seqs", "64"]
+    new["controller"] = {"port": served.port}
+    new["api"] = {"token_env": "SPARK_CLUSTER_TEST_TOKEN"}
+    import yaml
+
+    text = yaml.safe_dump(new)
+    stop, results = threading.Event(), []
+    clients = [threading.Thread(target=load, args=(gateway_url(ctl), stop, results, i % 2 == 0)) for i in range(4)]
+    for t in clients:
+        t.start()
+    time.sleep(0.5)
+    said: list = []
+    try:
+        assert rollout.through_controller(parse_config(text), text, said.append) is True
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        for t in clients:
+            t.join()
+    kinds = [(e["event"], e.get("group")) for e in said if e["event"].startswith("roll-")]
+    assert kinds == [("roll-group", "a"), ("roll-drain", "a"), ("roll-drained", "a"), ("roll-done", "a"),
+                     ("roll-group", "b"), ("roll-drain", "b"), ("roll-drained", "b"), ("roll-done", "b")]
+    assert [e["cut"] for e in said if e["event"] == "roll-drained"] == [0, 0]
+    (a_up, a_done), (b_up, b_done) = [(log[i][2], log[i + 1][2]) for i in (0, 2)]
+    assert [x[:2] for x in log] == [("a", "up"), ("a", "done"), ("b", "up"), ("b", "done")] and a_done <= b_up
+    assert [x[3] for x in log if x[1] == "up"] == [0, 0]  # nothing in flight when its group went away
+    assert len(results) > 20 and set(results) == {200}, results
+    metrics = httpx.get(f"{served.url}/metrics").text
+    assert sample_value(metrics, "spark_cluster_gateway_requests_total", outcome="retried") == 0  # none met a vanished engine
+    assert ctl.cfg.vllm.extra_args == ["--max-num-seqs", "64"]
+    assert [e["event"] for e in ctl.events if e.get("group") == "b"][-1] == "roll-done"
+
+
+@pytest.mark.parametrize("two", [{"drain_s": 0.5}], indirect=True)
+def test_streams_still_open_past_the_drain_timeout_end_with_the_error_event(two, monkeypatch):
+    from spark_cluster import rollout
+
+    ctl, served, engines = two
+    engines["a"].script.chunks, engines["a"].script.chunk_delay_s = 100, 0.05  # 5 s streams
+    engines["b"].script.chunks = 1
+    log: list = []
+    monkeypatch.setattr(rollout, "Executor", RecreatedEngine(engines, log))
+    monkeypatch.setattr(rollout, "Nodes", NoNodes)
+    got: list = []
+    stream = threading.Thread(target=lambda: got.append(_one_stream(gateway_url(ctl))))
+    stream.start()
+    time.sleep(0.3)
+    assert engines["a"].script.running == 1
+    said: list = []
+    import asyncio
+
+    ok = asyncio.run_coroutine_threadsafe(rollout.roll_out(ctl, ctl.cfg, said.append), ctl.loop).result(30)
+    stream.join()
+    assert ok and [e["cut"] for e in said if e["event"] == "roll-drained"] == [1, 0]
+    assert got == ["cut"]
+
+
+def _one_stream(url: str):
+    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "s", "stream": True}, timeout=30) as r:
+        texts = sse_texts(r.iter_lines())
+    return "cut" if any("engine_unavailable" in t for t in texts) else r.status_code
