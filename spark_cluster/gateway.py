@@ -157,10 +157,13 @@ class Gateway:
         self.max_body = settings.max_body_bytes()
         self.obs.count_in_flight(lambda: len(self.flights))
         urls = upstreams if isinstance(upstreams, dict) else {"": upstreams}
-        self.members = {name: Member(name, Upstream(url, max_connections=settings.max_connections, connect_timeout_s=settings.connect_timeout_s,
-                                                     read_timeout_s=settings.read_timeout_s)) for name, url in urls.items()}
+        self.members = {name: Member(name, self._upstream(url)) for name, url in urls.items()}
         self.prefixes = PrefixTable()
         self.turn = 0
+
+    def _upstream(self, url: str) -> Upstream:
+        return Upstream(url, max_connections=self.s.max_connections, connect_timeout_s=self.s.connect_timeout_s,
+                        read_timeout_s=self.s.read_timeout_s)
 
     async def aclose(self) -> None:
         for m in self.members.values():
@@ -210,8 +213,13 @@ class Gateway:
             f.interrupt.set()
         return len(left)
 
-    def undrain(self, group: str, door: Door) -> None:
-        self.members[group].draining = False
+    async def undrain(self, group: str, door: Door, url: str) -> None:
+        """The group takes requests again, at `url` (a rolling change may have moved its API server)."""
+        m = self.members[group]
+        if url != m.engine.url:
+            old, m.engine = m.engine, self._upstream(url)
+            await old.aclose()
+        m.draining = False
         self.set_door(door, group=group)
 
     def pick(self, tried: set[str], keys: list[bytes]) -> Optional[Member]:

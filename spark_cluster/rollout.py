@@ -81,13 +81,13 @@ async def _roll_group(ctl: "Controller", label: str, group: ClusterConfig, repor
     except SparkClusterError as exc:
         report({"event": "roll-failed", "group": label, "error": str(exc)})
         ctl.start_watch(label, group, nodes)  # the new config's watchdog takes the group from here
-        gateway.undrain(label, Door("hold", f"the rolling change failed on group {label}"))
+        await gateway.undrain(label, Door("hold", f"the rolling change failed on group {label}"), group.endpoint())
         return False
     from .watchdog import reset_breaker
 
     reset_breaker(group, "a rolling change", recreated=True)
     ctl.start_watch(label, group, nodes)
-    gateway.undrain(label, Door("open", ""))  # up ended with a real completion: it serves
+    await gateway.undrain(label, Door("open", ""), group.endpoint())  # up ended with a real completion: it serves
     report({"event": "roll-done", "group": label, "seconds": result.total_s, "recreated": result.recreated})
     return True
 

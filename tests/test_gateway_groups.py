@@ -290,3 +290,23 @@ def _one_stream(url: str):
     with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "s", "stream": True}, timeout=30) as r:
         texts = sse_texts(r.iter_lines())
     return "cut" if any("engine_unavailable" in t for t in texts) else r.status_code
+
+
+def test_a_group_whose_api_server_moved_in_a_rolling_change_is_reached_at_its_new_address():
+    import asyncio
+
+    from spark_cluster.door import Door
+    from spark_cluster.gateway import Gateway
+    from spark_cluster.serving_settings import GatewaySettings
+
+    async def run():
+        gw = Gateway({"a": "http://127.0.0.1:8000", "b": "http://127.0.0.2:8000"}, GatewaySettings())
+        gw.drain("a", "rolling")
+        assert gw.door.mode == "open" and gw.members["a"].door.mode == "hold"
+        gw.on_event({"event": "state", "state": "healthy"}, "a")  # its watchdog's word does not reopen it meanwhile
+        assert gw.members["a"].door.mode == "hold"
+        await gw.undrain("a", Door("open", ""), "http://127.0.0.1:8001")
+        assert gw.members["a"].engine.url == "http://127.0.0.1:8001" and gw.members["a"].door.mode == "open"
+        await gw.aclose()
+
+    asyncio.run(run())
