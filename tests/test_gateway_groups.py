@@ -301,6 +301,7 @@ def test_a_group_whose_api_server_moved_in_a_rolling_change_is_reached_at_its_ne
 
     async def run():
         gw = Gateway({"a": "http://127.0.0.1:8000", "b": "http://127.0.0.2:8000"}, GatewaySettings())
+        gw.set_door(Door("open", ""))
         gw.drain("a", "rolling")
         assert gw.door.mode == "open" and gw.members["a"].door.mode == "hold"
         gw.on_event({"event": "state", "state": "healthy"}, "a")  # its watchdog's word does not reopen it meanwhile
