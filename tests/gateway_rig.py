@@ -92,8 +92,8 @@ def groups_cfg(tmp_path, port: int, **gateway):
     """configs/local-sim-2groups.yaml with each group's head on a loopback address of its own
     (127.0.0.1 and 127.0.0.2), vLLM's port `port` on both: where two fake engines listen."""
     data = yaml.safe_load((SIM_CONFIG.parent / "local-sim-2groups.yaml").read_text())
-    for node, host in zip(data["nodes"], ["127.0.0.1", "10.99.0.12", "127.0.0.2", "10.99.0.14"]):
-        node["host"] = host
+    for node, host in zip(data["nodes"], ["127.0.0.1", "127.0.0.3", "127.0.0.2", "127.0.0.4"]):
+        node["host"] = host  # loopback only: nothing answers SSH there (status finds the nodes unreachable at once)
     data["vllm"]["port"] = port
     data["state_dir"] = str(tmp_path / "state")
     data["gateway"] = {"host": "127.0.0.1", "port": 8080, "hold_s": 20, "max_held": 8, **gateway}

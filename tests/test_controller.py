@@ -124,9 +124,9 @@ def test_status_page_shows_the_cluster_in_a_real_browser(controller):
         assert page.eval("document.getElementById('verdict').textContent") == "serving"
         assert page.eval("document.getElementById('wd-state').textContent") == "healthy"
         assert page.eval("document.getElementById('door').textContent") == "open"
-        nodes = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[0].textContent + ' ' + r.cells[1].textContent)")
+        nodes = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[1].textContent + ' ' + r.cells[2].textContent)")
         assert nodes == ["sim-1 head", "sim-2 worker"]
-        ranks = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[6].textContent + ': ' + r.cells[6].title)")
+        ranks = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[7].textContent + ': ' + r.cells[7].title)")
         assert all(r.split(":")[0] in ("working", "waiting") and "rank process" in r for r in ranks), ranks  # the evidence on hover
         containers = page.eval("document.getElementById('containers').textContent")
         assert "spark-ray-head" in containers and "spark-ray-worker" in containers and "vllm" in containers

@@ -311,3 +311,34 @@ def test_a_group_whose_api_server_moved_in_a_rolling_change_is_reached_at_its_ne
         await gw.aclose()
 
     asyncio.run(run())
+
+
+@pytest.mark.browser
+def test_the_status_page_shows_every_group(two):
+    from .browser import Browser
+    from .gateway_rig import TOKEN
+
+    ctl, served, engines = two
+    for label, wd in ctl.wds.items():  # 20 and 50 tokens/s
+        for t in (2.0, 3.0):
+            wd.samples.append({"t": t, "health": 200, "running": 1, "waiting": 0, "prompt_tokens_total": 10.0, "steps_total": 40.0,
+                               "generation_tokens_total": 40.0 + (t - 1) * (20.0 if label == "a" else 50.0)})
+    from spark_cluster.decide import State
+
+    ctl.wds["b"].state = State(phase="suspect", since=time.time())
+    emit(ctl, "b", "state", state="suspect", reason="no progress for 5s")
+    with Browser() as browser:
+        page = browser.page()
+        page.goto(served.url + "/")
+        page.wait("!document.getElementById('login').hidden", 30, "the page asking for the token")
+        page.eval(f"document.getElementById('token').value = '{TOKEN}'; document.getElementById('login').requestSubmit()")
+        page.wait("(document.body.dataset.loaded || '').split(' ').length >= 3", 60, "status, samples and events")
+        rows = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[0].textContent + ' ' + r.cells[1].textContent)")
+        assert rows == ["a sim-1", "a sim-2", "b sim-3", "b sim-4"]
+        assert page.eval("getComputedStyle(document.querySelector('#nodes th.g')).display") == "table-cell"
+        groups = page.eval("[...document.querySelectorAll('.group-vllm')].map(d => d.textContent)")
+        assert len(groups) == 2 and "group a · watchdog healthy · door open" in groups[0] and "group b · watchdog suspect" in groups[1]
+        assert page.eval("document.querySelectorAll('#throughput polyline').length") == 2
+        assert "a 20.0, b 50.0" in page.eval("document.getElementById('throughput-label').textContent")
+        assert page.eval("document.getElementById('verdict').textContent") == "down"  # nothing answers SSH on these nodes
+        assert not page.console, page.console
