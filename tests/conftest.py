@@ -31,7 +31,7 @@ def card_yaml() -> str:
     return (CONFIGS / "dgx-spark-2node.yaml").read_text()
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 60):
     """Run the real console entry point in a subprocess (as a user would)."""
     import subprocess
 
@@ -41,7 +41,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
         text=True,
         cwd=cwd or ROOT,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
-        timeout=60,
+        timeout=timeout,
     )
 
 

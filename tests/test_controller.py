@@ -42,8 +42,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 class ControllerProcess(EventWaiter):
     poll_s = 1.0
 
-    def __init__(self, cfg_path: Path, cfg, env: dict):
-        self.cfg = cfg
+    def __init__(self, cfg_path: Path, cfg, env: dict, token: str = TOKEN):
+        self.cfg, self.token = cfg, token
         self.url = cfg.controller_url()  # the control plane: page, API, metrics
         self.gateway = cfg.gateway_url()  # clients
         self.log = open(cfg_path.with_suffix(".log"), "w")
@@ -62,7 +62,7 @@ class ControllerProcess(EventWaiter):
 
     @property
     def events(self) -> list[dict]:
-        return httpx.get(f"{self.url}/api/events?n=500", timeout=10, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        return httpx.get(f"{self.url}/api/events?n=500", timeout=10, headers={"Authorization": f"Bearer {self.token}"}).json()
 
     def stopped(self) -> str | None:
         return None if self.proc.poll() is None else f"the controller exited with {self.proc.returncode}"

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Benchmark: prefix affinity across two groups behind one gateway, on four simulated nodes.
+
+configs/local-sim-2groups.yaml (two groups of TP=2, Ray): both groups up, then for each routing
+mode (prefix affinity on, then plain least-outstanding routing) a controller is started and a
+multi-turn chat load goes through its gateway: `--clients` conversations at once, each `--turns`
+turns, each turn resending the whole conversation so far (its earlier prompts and the model's
+answers) plus a new question of fresh random words. Each mode gets conversations of its own (no
+cache of the other mode's text helps it).
+
+Printed side by side: vLLM's own prefix-cache counters of both groups over the run (hits / queried
+tokens), the mean time to first token of turn 1 and of later turns, the requests each group took
+(affinity must not leave a group idle while the other queues) and the gateway's routing counts.
+
+Usage (root; `spark-cluster sim up --nodes 4` first):
+    python bench/affinity_bench.py [--clients 6] [--turns 6] [--executor ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spark_cluster.config import parse_config  # noqa: E402
+from spark_cluster.executor import Executor  # noqa: E402
+from spark_cluster.groups import for_each_group  # noqa: E402
+from spark_cluster.metrics import samples  # noqa: E402
+from spark_cluster.transport import Nodes  # noqa: E402
+from tests.fake_engine import free_port  # noqa: E402
+from tests.loadgen import random_prompt  # noqa: E402
+
+TOKEN = "affinity-bench-token"
+
+
+def cache_counters(cfg) -> dict[str, tuple[float, float]]:
+    """Each group's vLLM prefix-cache counters: (hit tokens, queried tokens)."""
+    out = {}
+    for label, group in cfg.group_configs():
+        text = httpx.get(f"{group.endpoint()}/metrics", timeout=10).text
+        total = {}
+        for name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
+            total[name] = sum(v for n in (name, name + "_total") for _, v in samples(text, n))
+        out[label] = (total["vllm:prefix_cache_hits"], total["vllm:prefix_cache_queries"])
+    return out
+
+
+def conversation(url: str, model: str, turns: int, rng: random.Random, ttft: list, errors: list) -> None:
+    """One chat through the gateway: each turn sends everything so far plus a new question (streamed: time to first token)."""
+    text = f"A conversation about {random_prompt(40, rng)}.\n"
+    for turn in range(turns):
+        text += f"\nUser: {random_prompt(60, rng)}?\nAssistant:"
+        body = {"model": model, "prompt": text, "max_tokens": 24, "ignore_eos": True, "stream": True}
+        t0 = time.monotonic()
+        first, answer = None, []
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=300)) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        first = first or time.monotonic()
+                        answer.append(json.loads(line[6:])["choices"][0].get("text", ""))
+        except httpx.HTTPError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        if first is None:
+            errors.append(f"turn {turn}: no token")
+            return
+        ttft.append((turn, first - t0))
+        text += "".join(answer)
+
+
+def run_mode(path: Path, cfg, affinity: bool, args, seed: int) -> dict:
+    data = yaml.safe_load(path.read_text())
+    data["gateway"]["prefix_affinity"] = affinity
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "SPARK_CLUSTER_BENCH_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{cfg.controller_url()}/healthz", timeout=2).json().get("gateway", {}).get("door") == "open":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the controller did not open its door"
+            time.sleep(0.5)
+        before = cache_counters(cfg)
+        ttft: list = []
+        errors: list = []
+        threads = [threading.Thread(target=conversation, args=(cfg.gateway_url(), cfg.model.name, args.turns, random.Random(seed + i),
+                                                               ttft, errors)) for i in range(args.clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        took = time.monotonic() - t0
+        after = cache_counters(cfg)
+        metrics = httpx.get(f"{cfg.controller_url()}/metrics", timeout=10).text
+        routed = {(s["group"], s["how"]): v for s, v in samples(metrics, "spark_cluster_gateway_routed_total")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    hits = sum(after[g][0] - before[g][0] for g in after)
+    queried = sum(after[g][1] - before[g][1] for g in after)
+    return {
+        "hit_rate": hits / queried if queried else float("nan"),
+        "ttft_first": statistics.mean(t for turn, t in ttft if turn == 0),
+        "ttft_later": statistics.mean(t for turn, t in ttft if turn > 0),
+        "per_group": {g: sum(v for (gg, _), v in routed.items() if gg == g) for g in after},
+        "routed": {how: sum(v for (_, h), v in routed.items() if h == how) for how in ("affinity", "overflow", "least")},
+        "errors": errors, "seconds": took,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=6, help="Conversations at once.")
+    ap.add_argument("--turns", type=int, default=6, help="Turns per conversation.")
+    ap.add_argument("--executor", default="ray", choices=["ray", "native"])
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="affinity-bench-"))
+    data = yaml.safe_load((ROOT / "configs" / "local-sim-2groups.yaml").read_text())
+    data["executor"] = args.executor
+    if args.executor == "native":
+        del data["ray"]["resources"]
+    data["state_dir"] = str(tmp / "state")
+    data["gateway"] = {"host": "127.0.0.1", "port": free_port()}
+    data["controller"] = {"port": free_port()}
+    data["api"] = {"token_env": "SPARK_CLUSTER_BENCH_TOKEN"}
+    path = tmp / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = parse_config(path.read_text())
+
+    def up(label, group):
+        with Nodes(group) as nodes:
+            Executor(group, nodes).up()
+
+    print(f"up: two groups of TP=2 ({args.executor}) ...", flush=True)
+    for_each_group(cfg, up)
+    try:
+        results = {"affinity": run_mode(path, cfg, True, args, 1000), "least outstanding": run_mode(path, cfg, False, args, 2000)}
+    finally:
+        def down(label, group):
+            with Nodes(group) as nodes:
+                Executor(group, nodes).down()
+
+        for_each_group(cfg, down)
+    print(f"\n{args.clients} conversations x {args.turns} turns, two groups of TP=2 ({args.executor}), simulated nodes")
+    print(f"{'':34}" + "".join(f"{mode:>20}" for mode in results))
+    rows = [("prefix cache hit rate (vLLM)", lambda r: f"{r['hit_rate']:.1%}"),
+            ("mean TTFT, turn 1 (s)", lambda r: f"{r['ttft_first']:.3f}"),
+            ("mean TTFT, later turns (s)", lambda r: f"{r['ttft_later']:.3f}"),
+            ("requests per group", lambda r: " / ".join(f"{g} {int(v)}" for g, v in r["per_group"].items())),
+            ("routed affinity/overflow/least", lambda r: "/".join(str(int(r["routed"][h])) for h in ("affinity", "overflow", "least"))),
+            ("errors", lambda r: str(len(r["errors"]))),
+            ("seconds", lambda r: f"{r['seconds']:.1f}")]
+    for name, fmt in rows:
+        print(f"{name:34}" + "".join(f"{fmt(r):>20}" for r in results.values()))
+    a, b = results["affinity"], results["least outstanding"]
+    print(f"\nlater turns' TTFT, affinity / least outstanding: {a['ttft_later'] / b['ttft_later']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
