@@ -66,7 +66,11 @@ async def _roll_group(ctl: "Controller", label: str, group: ClusterConfig, repor
         report({"event": "roll-failed", "group": label, "error": str(exc)})
         return False
     if not todo.changed:
-        nodes.close()
+        if group == ctl.groups[label]:
+            nodes.close()
+        else:  # the watchdog's settings, say: its watchdog takes the new config, the containers stay
+            await ctl.stop_watch(label)
+            ctl.start_watch(label, group, nodes)
         report({"event": "roll-skip", "group": label, "reason": "every member runs as the new config says"})
         return True
     gateway = ctl.gateway

@@ -342,3 +342,26 @@ def test_the_status_page_shows_every_group(two):
         assert "a 20.0, b 50.0" in page.eval("document.getElementById('throughput-label').textContent")
         assert page.eval("document.getElementById('verdict').textContent") == "down"  # nothing answers SSH on these nodes
         assert not page.console, page.console
+
+
+def test_a_change_no_container_sees_gives_each_group_a_watchdog_of_the_new_config_and_drains_nothing(two, monkeypatch):
+    import asyncio
+
+    from spark_cluster import rollout
+    from spark_cluster.reconcile import Reconciliation
+
+    ctl, served, engines = two
+
+    class Unchanged(RecreatedEngine):
+        def pending(self):
+            return Reconciliation(why="")
+
+    monkeypatch.setattr(rollout, "Executor", Unchanged(engines, []))
+    monkeypatch.setattr(rollout, "Nodes", NoNodes)
+    before = dict(ctl.wds)
+    new = ctl.cfg.model_copy(update={"watchdog": ctl.cfg.watchdog.model_copy(update={"period_s": 7.0})})
+    said: list = []
+    assert asyncio.run_coroutine_threadsafe(rollout.roll_out(ctl, new, said.append), ctl.loop).result(30)
+    assert [e["event"] for e in said] == ["roll-group", "roll-skip", "roll-group", "roll-skip"]
+    assert all(ctl.wds[g] is not before[g] and ctl.groups[g].watchdog.period_s == 7.0 for g in "ab")
+    assert ctl.cfg.watchdog.period_s == 7.0 and all(m.door.mode == "open" for m in ctl.gateway.members.values())
