@@ -103,6 +103,11 @@ class Page:
             time.sleep(0.25)
         raise AssertionError(f"the page never showed {what} within {timeout}s; errors: {self.console}")
 
+    def log_in(self, token: str) -> None:
+        """The status page asks for the API token once (events and incidents need it): give it."""
+        self.wait("!document.getElementById('login').hidden", 30, "the page asking for the token")
+        self.eval(f"document.getElementById('token').value = {json.dumps(token)}; document.getElementById('login').requestSubmit()")
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
         path.parent.mkdir(parents=True, exist_ok=True)

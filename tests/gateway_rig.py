@@ -154,6 +154,21 @@ def status_of(sock: socket.socket, timeout: float = 10) -> int:
     return int(line.split()[1]) if line else 0
 
 
+def send_huge_header(url: str, size: int = 64 * 2**20) -> tuple[int, int]:
+    """A request whose one header value is `size` bytes, sent a MiB at a time until the gateway
+    closes the connection: the status it answered, and how many bytes went out."""
+    with connected(url) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\nx-big: ")
+        sent = 0
+        try:
+            while sent < size:
+                sock.sendall(b"a" * 2**20)
+                sent += 2**20
+        except OSError:
+            pass  # the gateway closed the connection: the rest is never read
+        return status_of(sock), sent
+
+
 def connected(url: str, receive_buffer: int = 0) -> socket.socket:
     host, port = url.split("//")[1].split(":")
     sock = socket.socket()

@@ -27,7 +27,7 @@ from spark_cluster.metrics import sample_value
 from .browser import Browser
 from .conftest import ROOT, SIM_CONFIG, sim_docker, worker_container
 from .fake_engine import free_port
-from .gateway_rig import completion_request, connected, status_of
+from .gateway_rig import completion_request, connected, send_huge_header, status_of
 from .test_watchdog import EventWaiter
 
 pytestmark = pytest.mark.cluster
@@ -117,9 +117,7 @@ def test_status_page_shows_the_cluster_in_a_real_browser(controller):
     with Browser() as browser:
         page = browser.page()
         page.goto(controller.url + "/")
-        # events and incidents need the token: the page asks for it once
-        page.wait("!document.getElementById('login').hidden", 30, "the page asking for the token")
-        page.eval(f"document.getElementById('token').value = '{TOKEN}'; document.getElementById('login').requestSubmit()")
+        page.log_in(TOKEN)  # events and incidents need the token: the page asks for it once
         page.wait("(document.body.dataset.loaded || '').split(' ').length >= 4", 60, "status, samples, events and incidents")
         assert page.eval("document.getElementById('verdict').textContent") == "serving"
         assert page.eval("document.getElementById('wd-state').textContent") == "healthy"
@@ -177,16 +175,8 @@ def test_a_huge_header_and_half_sent_requests_cost_the_controller_nothing(contro
     body = {"model": controller.cfg.model.name, "prompt": "Hi", "max_tokens": 1}
     assert httpx.post(f"{controller.gateway}/v1/completions", json=body, timeout=60).status_code == 200
     before = rss_mb(controller.proc.pid)
-    with connected(controller.gateway) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\nx-big: ")
-        sent = 0
-        try:
-            while sent < 64 * 2**20:
-                sock.sendall(b"a" * 2**20)
-                sent += 2**20
-        except OSError:
-            pass  # closed by the gateway: the rest is never read
-        assert status_of(sock) == 431 and sent < 64 * 2**20
+    status, sent = send_huge_header(controller.gateway)
+    assert status == 431 and sent < 64 * 2**20
     assert rss_mb(controller.proc.pid) - before < 10, (before, rss_mb(controller.proc.pid))
 
     socks = [connected(controller.gateway) for _ in range(300)]

@@ -330,8 +330,7 @@ def test_the_status_page_shows_every_group(two):
     with Browser() as browser:
         page = browser.page()
         page.goto(served.url + "/")
-        page.wait("!document.getElementById('login').hidden", 30, "the page asking for the token")
-        page.eval(f"document.getElementById('token').value = '{TOKEN}'; document.getElementById('login').requestSubmit()")
+        page.log_in(TOKEN)
         page.wait("(document.body.dataset.loaded || '').split(' ').length >= 3", 60, "status, samples and events")
         rows = page.eval("[...document.querySelectorAll('#nodes tbody tr')].map(r => r.cells[0].textContent + ' ' + r.cells[1].textContent)")
         assert rows == ["a sim-1", "a sim-2", "b sim-3", "b sim-4"]
