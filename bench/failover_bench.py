@@ -20,6 +20,11 @@ For each executor:
 Prints the figures of each executor side by side, then the restart's parts.
 Usage (root, simulated cluster up with the image: `spark-cluster sim up`):
     python bench/failover_bench.py [--executors ray,native] [--soak-minutes 20] [--soak-streams 8]
+
+With --groups (four simulated nodes: `spark-cluster sim up --nodes 4`), instead: the failover of
+one group under load through the controller's gateway, one group alone beside two groups of TP=2
+(bench/groups_failover.py): failed requests, the longest wait, time to first byte during the
+failover against steady state.
 """
 
 from __future__ import annotations
@@ -243,8 +248,14 @@ def main() -> None:
     ap.add_argument("--soak-minutes", type=float, default=20)
     ap.add_argument("--soak-streams", type=int, default=8)
     ap.add_argument("--soak-executors", default="ray,native", help="Executors that get the soak (20 minutes each by default).")
+    ap.add_argument("--groups", action="store_true", help="One group beside two groups behind the gateway (four simulated nodes).")
     args = ap.parse_args()
     executors = args.executors.split(",")
+    if args.groups:
+        from groups_failover import compare
+
+        compare(executors, streams=args.streams)
+        return
     res = {x: measure(x, args) for x in executors}
     out = Path(tempfile.gettempdir()) / "failover_bench.json"
     out.write_text(json.dumps(res, indent=1))

@@ -1,0 +1,144 @@
+"""The two-group failover beside the one-group one (`bench/failover_bench.py --groups`), on four
+simulated nodes (`spark-cluster sim up --nodes 4`).
+
+For each layout, the controller as a user runs it (its own process) and a mixed load through its
+gateway (streams and short non-streamed requests): steady state for a while, then group a's worker
+frozen (`docker pause`), until a's restart is done and a little after. One group: configs/local-sim.yaml
+(sim-1, sim-2; the other two nodes idle). Two groups: configs/local-sim-2groups.yaml.
+
+Figures per layout: non-streamed requests failed, streams interrupted (the error event) or failed,
+the longest time to first byte of a request sent while group a was down, the median time to
+first byte in steady state and during the failover.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spark_cluster.config import parse_config  # noqa: E402
+from spark_cluster.executor import Executor  # noqa: E402
+from spark_cluster.groups import for_each_group  # noqa: E402
+from spark_cluster.sim import cluster  # noqa: E402
+from spark_cluster.transport import Nodes  # noqa: E402
+from tests.fake_engine import free_port  # noqa: E402
+from tests.loadgen import mixed_load  # noqa: E402
+
+TOKEN = "groups-failover-bench"
+LAYOUTS = {"one group": "local-sim.yaml", "two groups": "local-sim-2groups.yaml"}
+
+
+def ts(e) -> float:
+    return datetime.fromisoformat(e["ts"]).timestamp()
+
+
+def layout_cfg(name: str, executor: str, tmp: Path):
+    data = yaml.safe_load((ROOT / "configs" / LAYOUTS[name]).read_text())
+    data["executor"] = executor
+    if executor == "native":
+        data["ray"].pop("resources", None)
+    data["state_dir"] = str(tmp / "state")
+    data["gateway"] = {"host": "127.0.0.1", "port": free_port(), "hold_s": 600}
+    data["controller"] = {"port": free_port()}
+    data["api"] = {"token_env": "SPARK_CLUSTER_BENCH_TOKEN"}
+    path = tmp / f"{name.replace(' ', '-')}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, parse_config(path.read_text())
+
+
+def events(cfg) -> list[dict]:
+    r = httpx.get(f"{cfg.controller_url()}/api/events?n=500", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    return r.json()
+
+
+def wait_event(cfg, pred, timeout: float) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            hit = next((e for e in events(cfg) if pred(e)), None)
+        except (httpx.HTTPError, ValueError):
+            hit = None
+        if hit is not None:
+            return hit
+        time.sleep(1)
+    raise SystemExit("timed out waiting for the controller's event")
+
+
+def measure(name: str, executor: str, steady_s: float, streams: int, plain: int) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="groups-failover-"))
+    path, cfg = layout_cfg(name, executor, tmp)
+    several = bool(cfg.groups)
+
+    def up(label, group):
+        with Nodes(group) as nodes:
+            Executor(group, nodes).up()
+
+    def down(label, group):
+        with Nodes(group) as nodes:
+            Executor(group, nodes).down()
+
+    for_each_group(cfg, up)
+    proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], cwd=ROOT,
+                            env={**os.environ, "SPARK_CLUSTER_BENCH_TOKEN": TOKEN}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        of_a = (lambda e: e.get("group") == "a") if several else (lambda e: True)
+        wait_event(cfg, lambda e: of_a(e) and e["event"] == "state" and e["state"] == "healthy", 180)
+        stop = threading.Event()
+        threads, results = mixed_load(cfg.gateway_url(), cfg.model.name, stop, streams=streams, plain=plain, stream_tokens=300, plain_tokens=8)
+        time.sleep(steady_s)
+        worker = ("spark-a-" if several else "spark-") + ("ray-worker" if executor == "ray" else "vllm-worker")
+        t_freeze = time.time()
+        cluster.node_exec("sim-2", "docker", "pause", worker, check=True, timeout=60)
+        done = wait_event(cfg, lambda e: of_a(e) and e["event"] in ("restart-done", "restart-failed"), 1200)
+        time.sleep(10)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        for_each_group(cfg, down)
+    t_done = ts(done)
+    steady = [r.first_byte - r.start for r in results if r.first_byte and r.end < t_freeze]
+    during = [r for r in results if t_freeze <= r.start <= t_done]
+    waits = [r.first_byte - r.start for r in during if r.first_byte]
+    plain_rs = [r for r in results if r.kind == "plain"]
+    stream_rs = [r for r in results if r.kind == "stream"]
+    return {
+        "restart": done["event"], "failover_s": t_done - t_freeze,
+        "plain failed": sum(r.outcome == "failed" for r in plain_rs), "plain": len(plain_rs),
+        "streams interrupted": sum(r.outcome == "interrupted" for r in stream_rs),
+        "streams failed": sum(r.outcome in ("failed", "cut") for r in stream_rs), "streams": len(stream_rs),
+        "longest wait": max(waits) if waits else float("nan"),
+        "ttfb steady": statistics.median(steady) if steady else float("nan"),
+        "ttfb failover": statistics.median(waits) if waits else float("nan"),
+        "served during failover": len(waits),
+    }
+
+
+def compare(executors: list[str], steady_s: float = 30, streams: int = 4, plain: int = 4) -> None:
+    """Both layouts on each executor, printed side by side."""
+    res = {(x, name): measure(name, x, steady_s, streams, plain) for x in executors for name in LAYOUTS}
+    cols = list(res)
+    print(f"\nfailover of group a under load ({streams} streams, {plain} non-streamed clients), simulated nodes")
+    print(f"{'':46}" + "".join(f"{x + ' ' + n:>22}" for x, n in cols))
+    rows = [("freeze -> a's restart done (s)", "failover_s", "{:22.1f}"), ("non-streamed requests failed", "plain failed", "{:22d}"),
+            ("  of non-streamed requests", "plain", "{:22d}"), ("streams ended with the error event", "streams interrupted", "{:22d}"),
+            ("streams failed or cut", "streams failed", "{:22d}"), ("requests answered during the failover", "served during failover", "{:22d}"),
+            ("longest wait for a first byte then (s)", "longest wait", "{:22.1f}"), ("median first byte, steady (s)", "ttfb steady", "{:22.2f}"),
+            ("median first byte, during the failover (s)", "ttfb failover", "{:22.2f}")]
+    for label, key, fmt in rows:
+        print(f"{label:46}" + "".join(fmt.format(res[c][key]) for c in cols))
