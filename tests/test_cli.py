@@ -209,3 +209,16 @@ def test_systemd_unit_runs_the_command(command, stays_up):
     assert ("the controller stays up" in r.stdout) is stays_up
     # the controller's clients and its connections to vLLM fit under its file limit (gateway.max_clients)
     assert ("LimitNOFILE=65536" in r.stdout) is stays_up
+
+
+def test_a_config_of_groups_plans_each_group_and_says_so():
+    path = str(CONFIGS / "local-sim-2groups.yaml")
+    valid = run_cli("validate", path)
+    assert valid.returncode == 0 and "4 node(s) as 2 groups (a: sim-1 sim-2, b: sim-3 sim-4)" in valid.stdout
+    plans = json.loads(run_cli("plan", "--json", path).stdout)["groups"]
+    assert {g: (p["cluster"], p["endpoint"]) for g, p in plans.items()} == {"a": ("spark-a", "http://10.99.0.11:8000"),
+                                                                           "b": ("spark-b", "http://10.99.0.13:8000")}
+    text = run_cli("plan", path).stdout
+    assert text.count("spark-cluster plan") == 2 and "spark-b-ray-worker" in text
+    down = json.loads(run_cli("plan", "--down", "--json", path).stdout)["groups"]
+    assert set(down) == {"a", "b"}
