@@ -271,7 +271,7 @@ class Gateway:
         deadline = t0 + self.s.hold_s
         held = attempts = 0
         headers = end_to_end(headers, HOP_BY_HOP | FORWARDED) + forwarded_for(client)
-        keys = self._prefix_keys(target, body)
+        keys = affinity_keys(target, body) if len(self.members) > 1 and self.s.prefix_affinity else []  # no cost with one group
         tried: set[str] = set()  # the groups this request failed on before its first byte
         flight = Flight()
         outcome: Outcome = "failed"
@@ -318,13 +318,6 @@ class Gateway:
             if outcome != "ok":
                 log.info("%s %s: %s after %.1fs (%d attempts%s)", method, target, outcome,
                          time.monotonic() - t0, attempts, ", waited at the door" if held else "")
-
-    def _prefix_keys(self, target: str, body: bytes) -> list[bytes]:
-        """What prefix affinity knows a request by (nothing with one group: no cost on the hop)."""
-        if len(self.members) == 1 or not self.s.prefix_affinity:
-            return []
-        prompt = prompt_of(target, body)
-        return prefix_keys(prompt) if prompt else []
 
     async def refuse_too_large(self, send: Send) -> None:
         self.obs.outcome("rejected")
@@ -447,6 +440,12 @@ class Gateway:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client is gone as well
+
+
+def affinity_keys(target: str, body: bytes) -> list[bytes]:
+    """What prefix affinity knows a request by (routing.prefix_keys of its prompt, if it has one)."""
+    prompt = prompt_of(target, body)
+    return prefix_keys(prompt) if prompt else []
 
 
 async def _first(*aws: Any, timeout: float | None = None) -> Any:
