@@ -356,6 +356,7 @@ def test_metrics_parse_and_count_restarts_by_reason(rig):
     assert rig.metric("spark_cluster_incidents_total") == 1
     assert rig.metric("spark_cluster_state", spark_cluster_state="healthy") == 1
     assert rig.metric("spark_cluster_engine_requests_running") == 2 and rig.metric("spark_cluster_engine_generation_tokens_total") == 40
+    assert rig.metric("spark_cluster_engine_steps_total", group="spark") == 30  # as docs/controller.md names it
     names = {f.name for f in text_string_to_metric_families(httpx.get(f"{rig.api}/metrics").text)}
     assert {"spark_cluster_gateway_time_to_first_byte_seconds", "spark_cluster_gateway_requests", "spark_cluster_restarts"} <= names
 
