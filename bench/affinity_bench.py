@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: prefix affinity across two groups behind one gateway, on four simulated nodes.
 
-configs/local-sim-2groups.yaml (two groups of TP=2, Ray): both groups up, then for each routing
+configs/local-sim-2groups.yaml (two groups of TP=2), on each executor: both groups up, then for each routing
 mode (prefix affinity on, then plain least-outstanding routing) a controller is started and a
 multi-turn chat load goes through its gateway: `--clients` conversations at once, each `--turns`
 turns, each turn resending the whole conversation so far (its earlier prompts and the model's
@@ -13,7 +13,7 @@ tokens), the mean time to first token of turn 1 and of later turns, the requests
 (affinity must not leave a group idle while the other queues) and the gateway's routing counts.
 
 Usage (root; `spark-cluster sim up --nodes 4` first):
-    python bench/affinity_bench.py [--clients 6] [--turns 6] [--executor ray]
+    python bench/affinity_bench.py [--clients 6] [--turns 6] [--executors ray,native]
 """
 
 from __future__ import annotations
@@ -34,17 +34,11 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from spark_cluster.config import parse_config  # noqa: E402
-from spark_cluster.executor import Executor  # noqa: E402
-from spark_cluster.groups import for_each_group  # noqa: E402
+from groups_failover import TOKEN, down_all, layout_cfg, up_all  # noqa: E402
 from spark_cluster.metrics import samples  # noqa: E402
-from spark_cluster.transport import Nodes  # noqa: E402
-from tests.fake_engine import free_port  # noqa: E402
 from tests.loadgen import random_prompt  # noqa: E402
-
-TOKEN = "affinity-bench-token"
 
 
 def cache_counters(cfg) -> dict[str, tuple[float, float]]:
@@ -133,37 +127,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=6, help="Conversations at once.")
     ap.add_argument("--turns", type=int, default=6, help="Turns per conversation.")
-    ap.add_argument("--executor", default="ray", choices=["ray", "native"])
+    ap.add_argument("--executors", default="ray,native", help="Comma-separated: ray, native.")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="affinity-bench-"))
-    data = yaml.safe_load((ROOT / "configs" / "local-sim-2groups.yaml").read_text())
-    data["executor"] = args.executor
-    if args.executor == "native":
-        del data["ray"]["resources"]
-    data["state_dir"] = str(tmp / "state")
-    data["gateway"] = {"host": "127.0.0.1", "port": free_port()}
-    data["controller"] = {"port": free_port()}
-    data["api"] = {"token_env": "SPARK_CLUSTER_BENCH_TOKEN"}
-    path = tmp / "cluster.yaml"
-    path.write_text(yaml.safe_dump(data))
-    cfg = parse_config(path.read_text())
-
-    def up(label, group):
-        with Nodes(group) as nodes:
-            Executor(group, nodes).up()
-
-    print(f"up: two groups of TP=2 ({args.executor}) ...", flush=True)
-    for_each_group(cfg, up)
-    try:
-        results = {"affinity": run_mode(path, cfg, True, args, 1000), "least outstanding": run_mode(path, cfg, False, args, 2000)}
-    finally:
-        def down(label, group):
-            with Nodes(group) as nodes:
-                Executor(group, nodes).down()
-
-        for_each_group(cfg, down)
-    print(f"\n{args.clients} conversations x {args.turns} turns, two groups of TP=2 ({args.executor}), simulated nodes")
-    print(f"{'':34}" + "".join(f"{mode:>20}" for mode in results))
+    results = {}
+    for executor in args.executors.split(","):
+        path, cfg = layout_cfg("two groups", executor, Path(tempfile.mkdtemp(prefix="affinity-bench-")))
+        print(f"up: two groups of TP=2 ({executor}) ...", flush=True)
+        up_all(cfg)
+        try:
+            seed = 1000 * len(results)  # every run's conversations are its own: no cache of another run helps it
+            results[(executor, "affinity")] = run_mode(path, cfg, True, args, seed + 1)
+            results[(executor, "least outstanding")] = run_mode(path, cfg, False, args, seed + 500)
+        finally:
+            down_all(cfg)
+    print(f"\n{args.clients} conversations x {args.turns} turns, two groups of TP=2, simulated nodes")
+    print(f"{'':34}" + "".join(f"{x + ' ' + mode:>26}" for x, mode in results))
     rows = [("prefix cache hit rate (vLLM)", lambda r: f"{r['hit_rate']:.1%}"),
             ("mean TTFT, turn 1 (s)", lambda r: f"{r['ttft_first']:.3f}"),
             ("mean TTFT, later turns (s)", lambda r: f"{r['ttft_later']:.3f}"),
@@ -172,9 +150,10 @@ def main() -> None:
             ("errors", lambda r: str(len(r["errors"]))),
             ("seconds", lambda r: f"{r['seconds']:.1f}")]
     for name, fmt in rows:
-        print(f"{name:34}" + "".join(f"{fmt(r):>20}" for r in results.values()))
-    a, b = results["affinity"], results["least outstanding"]
-    print(f"\nlater turns' TTFT, affinity / least outstanding: {a['ttft_later'] / b['ttft_later']:.2f}")
+        print(f"{name:34}" + "".join(f"{fmt(r):>26}" for r in results.values()))
+    for executor in args.executors.split(","):
+        a, b = results[(executor, "affinity")], results[(executor, "least outstanding")]
+        print(f"{executor}: later turns' TTFT, affinity / least outstanding: {a['ttft_later'] / b['ttft_later']:.2f}")
 
 
 if __name__ == "__main__":

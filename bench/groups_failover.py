@@ -59,6 +59,21 @@ def layout_cfg(name: str, executor: str, tmp: Path):
     return path, parse_config(path.read_text())
 
 
+def up_all(cfg) -> None:
+    """`up` of every group at once, as the CLI does it."""
+    def up(label, group):
+        with Nodes(group) as nodes:
+            Executor(group, nodes).up()
+    for_each_group(cfg, up)
+
+
+def down_all(cfg) -> None:
+    def down(label, group):
+        with Nodes(group) as nodes:
+            Executor(group, nodes).down()
+    for_each_group(cfg, down)
+
+
 def events(cfg) -> list[dict]:
     r = httpx.get(f"{cfg.controller_url()}/api/events?n=500", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     return r.json()
@@ -82,15 +97,7 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
     path, cfg = layout_cfg(name, executor, tmp)
     several = bool(cfg.groups)
 
-    def up(label, group):
-        with Nodes(group) as nodes:
-            Executor(group, nodes).up()
-
-    def down(label, group):
-        with Nodes(group) as nodes:
-            Executor(group, nodes).down()
-
-    for_each_group(cfg, up)
+    up_all(cfg)
     proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], cwd=ROOT,
                             env={**os.environ, "SPARK_CLUSTER_BENCH_TOKEN": TOKEN}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
@@ -110,7 +117,7 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-        for_each_group(cfg, down)
+        down_all(cfg)
     t_done = ts(done)
     steady = [r.first_byte - r.start for r in results if r.first_byte and r.end < t_freeze]
     during = [r for r in results if t_freeze <= r.start <= t_done]

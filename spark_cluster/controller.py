@@ -172,7 +172,6 @@ class Controller:
         self.loop = asyncio.get_running_loop()
         self.gateway = Gateway({label: g.endpoint() for label, g in self.groups.items()}, self.cfg.gateway, self.metrics)
         for label, group in list(self.groups.items()):
-            self.status_nodes[label] = Nodes(group)
             self.start_watch(label, group, Nodes(group))
             wd = self.wds[label]
             self.gateway.set_door(door_for_phase(wd.state.phase, wd.state.last_reason), group=label)
@@ -181,11 +180,12 @@ class Controller:
             await self.front.start(self.gateway_socket)
 
     def start_watch(self, label: str, group: ClusterConfig, nodes: Nodes) -> None:
-        """A watchdog of `group` in a thread of its own (a rolling change: of the group's new config)."""
-        old = self.nodes.get(label)
-        if old is not None and old is not nodes:
-            old.close()
-        self.groups[label], self.nodes[label] = group, nodes
+        """A watchdog of `group` in a thread of its own (a rolling change: of the group's new config), and
+        status's connections to its nodes."""
+        for old in (self.nodes.get(label), self.status_nodes.get(label)):
+            if old is not None and old is not nodes:
+                old.close()
+        self.groups[label], self.nodes[label], self.status_nodes[label] = group, nodes, Nodes(group)
         wd = self.wds[label] = self.make_watchdog(group, nodes, self._reporter(label))
         self.metrics.state.labels(label).state(wd.state.phase)
         flag = self.stop_flags[label] = threading.Event()

@@ -109,7 +109,6 @@ class ControllerMetrics(Observer):
                               buckets=TTFB_BUCKETS, registry=r)
         r.register(EngineCollector(last_samples, in_flight))
         self.outcomes = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}  # a label lookup less per request
-        self.groups = groups
         self.parts: dict[str, dict[str, float]] = {}
         for group in groups:
             for kind in RESTART_KINDS:

@@ -82,8 +82,9 @@ async def _roll_group(ctl: "Controller", label: str, group: ClusterConfig, repor
     await ctl.stop_watch(label)
     try:
         result = await asyncio.to_thread(executor.up)
-    except SparkClusterError as exc:
-        report({"event": "roll-failed", "group": label, "error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - a node's doing or a bug: either way the group gets its watchdog back
+        report({"event": "roll-failed", "group": label, "error": str(exc) if isinstance(exc, SparkClusterError) else
+                f"{type(exc).__name__}: {exc}"})
         ctl.start_watch(label, group, nodes)  # the new config's watchdog takes the group from here
         await gateway.undrain(label, Door("hold", f"the rolling change failed on group {label}"), group.endpoint())
         return False

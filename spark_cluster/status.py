@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 from pydantic import BaseModel
 
 from .config import ClusterConfig
+from .groups import for_each_group, overall_verdict
 from .judge import Verdict, verdict
 from .masking import mask_data
 from .observation import Observation, VLLMObs
@@ -43,8 +44,6 @@ class GroupsReport(BaseModel):
 def groups_status(cfg: ClusterConfig, nodes: "dict[str, Nodes]", *, window_s: float = 0.5,
                   vllm: "Optional[dict[str, Future[VLLMObs]]]" = None) -> GroupsReport:
     """Every group observed at once (groups.for_each_group), then the overall verdict."""
-    from .groups import for_each_group, overall_verdict
-
     reports = for_each_group(cfg, lambda label, group: status(group, nodes[label], window_s=window_s,
                                                               vllm=(vllm or {}).get(label)))
     word, reason = overall_verdict({label: r.verdict for label, r in reports.items()})

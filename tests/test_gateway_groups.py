@@ -364,3 +364,27 @@ def test_a_change_no_container_sees_gives_each_group_a_watchdog_of_the_new_confi
     assert [e["event"] for e in said] == ["roll-group", "roll-skip", "roll-group", "roll-skip"]
     assert all(ctl.wds[g] is not before[g] and ctl.groups[g].watchdog.period_s == 7.0 for g in "ab")
     assert ctl.cfg.watchdog.period_s == 7.0 and all(m.door.mode == "open" for m in ctl.gateway.members.values())
+
+
+def test_a_group_that_fails_its_rolling_change_stops_it_and_keeps_a_watchdog(two, monkeypatch):
+    import asyncio
+
+    from spark_cluster import rollout
+    from spark_cluster.errors import PreflightError
+
+    ctl, served, engines = two
+
+    class Failing(RecreatedEngine):
+        def up(self):
+            raise PreflightError(["sim-1: docker does not answer"])
+
+    monkeypatch.setattr(rollout, "Executor", Failing(engines, []))
+    monkeypatch.setattr(rollout, "Nodes", NoNodes)
+    before = dict(ctl.wds)
+    said: list = []
+    assert not asyncio.run_coroutine_threadsafe(rollout.roll_out(ctl, ctl.cfg, said.append), ctl.loop).result(30)
+    assert [e["event"] for e in said] == ["roll-group", "roll-drain", "roll-drained", "roll-failed"]
+    assert "docker does not answer" in said[-1]["error"]
+    assert ctl.wds["a"] is not before["a"] and ctl.threads["a"].is_alive() and ctl.wds["b"] is before["b"]
+    assert ctl.gateway.members["a"].door.mode == "hold" and not ctl.gateway.members["a"].draining
+    assert post(gateway_url(ctl), {"prompt": "p"}).status_code == 200 and engines["b"].script.calls == 1  # b serves on
