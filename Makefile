@@ -26,7 +26,7 @@ sim-deps:
 
 ## the whole suite, cluster tests included (what .ci/run runs)
 test: install sim-deps
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest --durations=30
 
 ## the inner loop: lint and unit tests, no cluster, under a minute
 check: install
@@ -37,7 +37,8 @@ check: install
 test-unit: install
 	$(PYTHON) -m pytest -m "not cluster and not contract"
 
-## four simulated nodes (TP=2 x PP=2) on both executors: up, status, failover, down (about 10 minutes)
+## four simulated nodes on both executors: one group of TP=2 x PP=2 (up, status, failover, down) and two groups of
+## TP=2 (a hang in one, a rolling change); 10-25 minutes a test
 test-scale: install sim-deps
 	$(PYTHON) -m pytest -m scale -s
 

@@ -237,7 +237,7 @@ def _rollout_route(ctl: Controller) -> APIRouter:
             e = json.loads(mask(json.dumps(e, default=str), ctl.secrets))
             q.put_nowait(e)
             if e.get("event", "").startswith("roll-"):
-                ctl.on_event({"ts": iso(time.time()), "cluster": ctl.cfg.name, **e})
+                ctl.record({"ts": iso(time.time()), "cluster": ctl.cfg.name, **e})
 
         def report(e: dict) -> None:  # also from the executor's thread
             loop.call_soon_threadsafe(deliver, e)

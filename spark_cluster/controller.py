@@ -39,7 +39,7 @@ from .gateway import Gateway
 from .masking import mask
 from .metrics import ControllerMetrics
 from .render import render
-from .state_dir import EVENTS_FILE, FILE_MODE, private_dir, set_aside
+from .state_dir import EVENTS_FILE, FILE_MODE, append_private, private_dir, set_aside
 from .transport import Nodes
 from .watchdog import Watchdog
 
@@ -253,6 +253,15 @@ class Controller:
         for q in list(self.subscribers):
             if q.qsize() < 1000:
                 q.put_nowait(e)
+
+    def record(self, e: dict[str, Any]) -> None:
+        """An event of the controller's own doing to a group (a rolling change's): published as the
+        watchdogs' are, and kept in the group's events.jsonl beside theirs (read again at a restart)."""
+        group = self.groups.get(str(e.get("group")))
+        if group is not None:
+            e = {**e, "cluster": group.name}
+            append_private(group.resolved_state_dir() / EVENTS_FILE, mask(json.dumps(e, default=str), self.secrets) + "\n")
+        self.on_event(e)
 
     # ---- what the API reads -----------------------------------------------------------------
     def status_json(self) -> dict[str, Any]:

@@ -260,6 +260,10 @@ def test_a_rolling_change_recreates_one_group_after_the_other_and_no_request_fai
     assert sample_value(metrics, "spark_cluster_gateway_requests_total", outcome="retried") == 0  # none met a vanished engine
     assert ctl.cfg.vllm.extra_args == ["--max-num-seqs", "64"]
     assert [e["event"] for e in ctl.events if e.get("group") == "b"][-1] == "roll-done"
+    for label, group in ctl.groups.items():  # kept where the group's watchdog writes, for after a restart of the controller
+        kept = [json.loads(line) for line in (group.resolved_state_dir() / "events.jsonl").read_text().splitlines()]
+        assert [(e["event"], e["cluster"]) for e in kept if e["event"].startswith("roll-")] == [
+            (k, group.name) for k in ("roll-group", "roll-drain", "roll-drained", "roll-done")]
 
 
 @pytest.mark.parametrize("two", [{"drain_s": 0.5}], indirect=True)
