@@ -9,8 +9,10 @@ answers) plus a new question of fresh random words. Each mode gets conversations
 cache of the other mode's text helps it).
 
 Printed side by side: vLLM's own prefix-cache counters of both groups over the run (hits / queried
-tokens), the mean time to first token of turn 1 and of later turns, the requests each group took
-(affinity must not leave a group idle while the other queues) and the gateway's routing counts.
+tokens), the share of later turns' prompt tokens that came from the cache (each answer's usage,
+`--enable-prompt-tokens-details`) and how many later turns found nothing cached, the mean time to
+first token of turn 1 and of later turns, the requests each group took (affinity must not leave a
+group idle while the other queues) and the gateway's routing counts.
 
 Usage (root; `spark-cluster sim up --nodes 4` first):
     python bench/affinity_bench.py [--clients 6] [--turns 6] [--executors ray,native]
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -37,8 +40,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from groups_failover import TOKEN, down_all, layout_cfg, up_all  # noqa: E402
+from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.metrics import samples  # noqa: E402
 from tests.loadgen import random_prompt  # noqa: E402
+
+
+@dataclass
+class Turn:
+    turn: int
+    ttft: float
+    prompt_tokens: int
+    cached_tokens: int
 
 
 def cache_counters(cfg) -> dict[str, tuple[float, float]]:
@@ -53,27 +65,35 @@ def cache_counters(cfg) -> dict[str, tuple[float, float]]:
     return out
 
 
-def conversation(url: str, model: str, turns: int, rng: random.Random, ttft: list, errors: list) -> None:
-    """One chat through the gateway: each turn sends everything so far plus a new question (streamed: time to first token)."""
+def conversation(url: str, model: str, turns: int, rng: random.Random, seen: list, errors: list) -> None:
+    """One chat through the gateway: each turn sends everything so far plus a new question, streamed:
+    its time to first token, and from the last chunk's usage how many of its prompt tokens came from
+    the cache (vLLM's `--enable-prompt-tokens-details`)."""
     text = f"A conversation about {random_prompt(40, rng)}.\n"
     for turn in range(turns):
         text += f"\nUser: {random_prompt(60, rng)}?\nAssistant:"
-        body = {"model": model, "prompt": text, "max_tokens": 24, "ignore_eos": True, "stream": True}
+        body = {"model": model, "prompt": text, "max_tokens": 24, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
         t0 = time.monotonic()
-        first, answer = None, []
+        first, answer, usage = None, [], None
         try:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=300)) as r:
                 for line in r.iter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    if chunk.get("choices"):
                         first = first or time.monotonic()
-                        answer.append(json.loads(line[6:])["choices"][0].get("text", ""))
+                        answer.append(chunk["choices"][0].get("text", ""))
         except httpx.HTTPError as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
             return
         if first is None:
             errors.append(f"turn {turn}: no token")
             return
-        ttft.append((turn, first - t0))
+        details = (usage or {}).get("prompt_tokens_details") or {}
+        seen.append(Turn(turn, first - t0, (usage or {}).get("prompt_tokens", 0), details.get("cached_tokens") or 0))
         text += "".join(answer)
 
 
@@ -95,10 +115,10 @@ def run_mode(path: Path, cfg, affinity: bool, args, seed: int) -> dict:
             assert time.monotonic() < deadline and proc.poll() is None, "the controller did not open its door"
             time.sleep(0.5)
         before = cache_counters(cfg)
-        ttft: list = []
+        seen: list[Turn] = []
         errors: list = []
         threads = [threading.Thread(target=conversation, args=(cfg.gateway_url(), cfg.model.name, args.turns, random.Random(seed + i),
-                                                               ttft, errors)) for i in range(args.clients)]
+                                                               seen, errors)) for i in range(args.clients)]
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -113,10 +133,13 @@ def run_mode(path: Path, cfg, affinity: bool, args, seed: int) -> dict:
         proc.wait(timeout=60)
     hits = sum(after[g][0] - before[g][0] for g in after)
     queried = sum(after[g][1] - before[g][1] for g in after)
+    later = [t for t in seen if t.turn > 0]
     return {
         "hit_rate": hits / queried if queried else float("nan"),
-        "ttft_first": statistics.mean(t for turn, t in ttft if turn == 0),
-        "ttft_later": statistics.mean(t for turn, t in ttft if turn > 0),
+        "later_cached": sum(t.cached_tokens for t in later) / max(1, sum(t.prompt_tokens for t in later)),
+        "later_cold": sum(t.cached_tokens == 0 for t in later), "later": len(later),
+        "ttft_first": statistics.mean(t.ttft for t in seen if t.turn == 0),
+        "ttft_later": statistics.mean(t.ttft for t in later),
         "per_group": {g: sum(v for (gg, _), v in routed.items() if gg == g) for g in after},
         "routed": {how: sum(v for (_, h), v in routed.items() if h == how) for how in ("affinity", "overflow", "least")},
         "errors": errors, "seconds": took,
@@ -132,6 +155,10 @@ def main() -> None:
     results = {}
     for executor in args.executors.split(","):
         path, cfg = layout_cfg("two groups", executor, Path(tempfile.mkdtemp(prefix="affinity-bench-")))
+        data = yaml.safe_load(path.read_text())  # each answer's usage says how many of its prompt tokens were cached
+        data["vllm"]["extra_args"] = [*data["vllm"].get("extra_args", []), "--enable-prompt-tokens-details"]
+        path.write_text(yaml.safe_dump(data))
+        cfg = parse_config(path.read_text())
         print(f"up: two groups of TP=2 ({executor}) ...", flush=True)
         up_all(cfg)
         try:
@@ -143,6 +170,8 @@ def main() -> None:
     print(f"\n{args.clients} conversations x {args.turns} turns, two groups of TP=2, simulated nodes")
     print(f"{'':34}" + "".join(f"{x + ' ' + mode:>26}" for x, mode in results))
     rows = [("prefix cache hit rate (vLLM)", lambda r: f"{r['hit_rate']:.1%}"),
+            ("later turns: prompt tokens cached", lambda r: f"{r['later_cached']:.1%}"),
+            ("later turns with nothing cached", lambda r: f"{r['later_cold']} of {r['later']}"),
             ("mean TTFT, turn 1 (s)", lambda r: f"{r['ttft_first']:.3f}"),
             ("mean TTFT, later turns (s)", lambda r: f"{r['ttft_later']:.3f}"),
             ("requests per group", lambda r: " / ".join(f"{g} {int(v)}" for g, v in r["per_group"].items())),

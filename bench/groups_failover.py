@@ -137,8 +137,16 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
 
 
 def compare(executors: list[str], steady_s: float = 30, streams: int = 4, plain: int = 4) -> None:
-    """Both layouts on each executor, printed side by side."""
-    res = {(x, name): measure(name, x, steady_s, streams, plain) for x in executors for name in LAYOUTS}
+    """Both layouts on each executor, printed side by side: the table so far after each executor (a
+    run takes about 20 minutes an executor; what one measured is not lost to trouble in the next)."""
+    res: dict[tuple[str, str], dict] = {}
+    for x in executors:
+        for name in LAYOUTS:
+            res[(x, name)] = measure(name, x, steady_s, streams, plain)
+        table(res, streams, plain)
+
+
+def table(res: dict[tuple[str, str], dict], streams: int, plain: int) -> None:
     cols = list(res)
     print(f"\nfailover of group a under load ({streams} streams, {plain} non-streamed clients), simulated nodes")
     print(f"{'':46}" + "".join(f"{x + ' ' + n:>22}" for x, n in cols))
