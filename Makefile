@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 STAMP := $(VENV)/.installed.stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install sim-deps check test test-unit test-contract test-scale demo demo-down golden docs clean
+.PHONY: install sim-deps check test test-unit test-contract test-scale test-long demo demo-down golden docs clean
 SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables iputils-ping chromium
 
 $(STAMP): pyproject.toml
@@ -41,6 +41,11 @@ test-unit: install
 ## TP=2 (a hang in one, a rolling change); 10-25 minutes a test
 test-scale: install sim-deps
 	$(PYTHON) -m pytest -m scale -s
+
+## the native executor's run of the longest two-node tests (a long step, a killed API server, a frozen rank
+## against /health); their Ray run is in `make test`; about 7 minutes
+test-long: install sim-deps
+	$(PYTHON) -m pytest -m long
 
 ## the rendered flags against pinned vLLM releases' own parsers
 test-contract: install

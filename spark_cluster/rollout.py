@@ -120,11 +120,14 @@ def through_controller(cfg: ClusterConfig, text: str, report: Report) -> Optiona
                 raise RolloutFailed(f"the controller at {url} refuses the change: {_detail(r)}")
             for line in r.iter_lines():
                 e = json.loads(line) if line.strip() else None
-                if e is None:
+                if not isinstance(e, dict):
                     continue
-                if e["event"] == "rollout-done":
+                if e.get("event") == "rollout-done":
                     return _done(e)
                 report(e)
+    except ValueError:
+        raise RolloutFailed(f"the controller at {url} sent a line that is not an event during the change; "
+                            "its events say how far it went") from None
     except httpx.HTTPError as exc:
         raise RolloutFailed(f"the controller at {url} stopped answering during the change ({type(exc).__name__}); "
                             "its events say how far it went") from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,6 +123,11 @@ def engine_cfg(request, sim):
     return load_config(SIM_CONFIGS[request.param])
 
 
+# engine_cfg's executors in its order, the native one marked `long`: the longest two-node tests run
+# on Ray in `make test` and on both in `make test-long` (the suite's 60 minutes)
+RAY_IN_SUITE = [pytest.param("native", marks=pytest.mark.long), "ray"]
+
+
 def worker_container(cfg) -> str:
     """The container on the worker node that holds a tensor-parallel rank."""
     return f"{cfg.name}-ray-worker" if cfg.executor == "ray" else f"{cfg.name}-vllm-worker"
@@ -159,6 +165,22 @@ def sim_docker(node: str, *args: str, check: bool = True, timeout: float = 120):
     from spark_cluster.sim import cluster
 
     return cluster.node_exec(node, "docker", *args, check=check, timeout=timeout)
+
+
+def freeze(node: str, container: str, tries: int = 5) -> None:
+    """`docker pause` a container inside a simulated node: a frozen rank. runc's freeze gives up
+    when the cgroup does not settle in time ("unable to freeze", moby/moby#48205; seen here under the
+    suite's load), and leaves the container running: tried again a few times."""
+    from spark_cluster.errors import SimError
+
+    for attempt in range(tries):
+        try:
+            sim_docker(node, "pause", container)
+            return
+        except SimError as exc:
+            if "unable to freeze" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(1)
 
 
 def generation(cfg) -> dict:

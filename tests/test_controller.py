@@ -25,7 +25,7 @@ from spark_cluster.facts import parse_metrics
 from spark_cluster.metrics import sample_value
 
 from .browser import Browser
-from .conftest import ROOT, SIM_CONFIG, sim_docker, worker_container
+from .conftest import ROOT, SIM_CONFIG, freeze, sim_docker, worker_container
 from .fake_engine import free_port
 from .gateway_rig import completion_request, connected, send_huge_header, status_of
 from .test_watchdog import EventWaiter
@@ -280,7 +280,7 @@ def test_engine_ended_by_rays_heartbeat_is_a_member_gone_and_the_tripped_breaker
     try:
         time.sleep(5)
         frozen_at = time.time()
-        sim_docker("sim-2", "pause", worker_container(cfg))
+        freeze("sim-2", worker_container(cfg))
         alert = controller.wait_for(lambda e: e["event"] == "alert", 240, "breaker alert")
     finally:
         stop.set()

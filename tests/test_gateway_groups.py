@@ -392,3 +392,48 @@ def test_a_group_that_fails_its_rolling_change_stops_it_and_keeps_a_watchdog(two
     assert ctl.wds["a"] is not before["a"] and ctl.threads["a"].is_alive() and ctl.wds["b"] is before["b"]
     assert ctl.gateway.members["a"].door.mode == "hold" and not ctl.gateway.members["a"].draining
     assert post(gateway_url(ctl), {"prompt": "p"}).status_code == 200 and engines["b"].script.calls == 1  # b serves on
+
+
+def test_a_controller_that_answers_the_change_with_something_not_an_event_is_a_clear_error(tmp_path):
+    """`up`'s side of a rolling change: a line that is not an event (a proxy's page, a cut line) ends
+    it with RolloutFailed, not a traceback; the events before it were reported."""
+    import http.server
+
+    from spark_cluster import rollout
+    from spark_cluster.errors import RolloutFailed
+
+    class Garbled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._send(json.dumps({"cluster": cfg.name}).encode())
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(b'{"event": "roll-group", "group": "a"}\n<html>502 Bad Gateway</html>\n')
+
+        def _send(self, body: bytes):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbled)
+    cfg = groups_cfg(tmp_path, free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        import yaml
+
+        data = cfg.model_dump()
+        data["controller"] = {"host": "127.0.0.1", "port": server.server_address[1]}
+        text = yaml.safe_dump(data)
+        from spark_cluster.config import parse_config
+
+        said: list = []
+        with pytest.raises(RolloutFailed, match="not an event"):
+            rollout.through_controller(parse_config(text), text, said.append)
+        assert said == [{"event": "roll-group", "group": "a"}]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,7 +16,7 @@ from spark_cluster.observe import list_containers
 from spark_cluster.status import status
 from spark_cluster.transport import Nodes
 
-from .conftest import CONFIGS, assert_nothing_of, generation, ray_leftovers, sim_docker, simulated
+from .conftest import CONFIGS, assert_nothing_of, freeze, generation, ray_leftovers, simulated
 from .test_watchdog import Running, completion_works, streaming, ts
 
 pytestmark = [pytest.mark.cluster, pytest.mark.scale]
@@ -51,7 +51,7 @@ def test_four_nodes_serve_fail_over_as_one_group_and_come_down(sim4, tmp_path, e
         with Running(cfg) as w:
             w.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 120, "healthy state")
             t_freeze = time.time()
-            sim_docker("sim-4", "pause", worker)  # the last pipeline stage's second rank
+            freeze("sim-4", worker)  # the last pipeline stage's second rank
             decision = w.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 120, "restart decision")
             print(f"{executor}: hang confirmed {ts(decision) - t_freeze:.1f}s after the freeze: {decision['reason']}")
             assert "hang confirmed" in decision["reason"] and ts(decision) - t_freeze < 25
@@ -131,7 +131,7 @@ def test_two_groups_a_hang_in_one_costs_clients_nothing_and_a_change_rolls_throu
         b_before = group_ids(cfg, "b")
         worker = "spark-a-ray-worker" if executor == "ray" else "spark-a-vllm-worker"
         t_freeze = time.time()
-        sim_docker("sim-2", "pause", worker)
+        freeze("sim-2", worker)
         decision = c.wait_for(lambda e: e.get("group") == "a" and e["event"] == "decision" and e["action"] == "restart", 180, "a's restart")
         done = c.wait_for(lambda e: e.get("group") == "a" and e["event"] in ("restart-done", "restart-failed"), 900, "a's restart end")
         time.sleep(10)

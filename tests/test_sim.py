@@ -17,7 +17,7 @@ from spark_cluster.executor import Executor
 from spark_cluster.sim import cluster
 from spark_cluster.transport import Nodes
 
-from .conftest import sim_docker, sim_variant, worker_container
+from .conftest import RAY_IN_SUITE, freeze, sim_docker, sim_variant, worker_container
 
 pytestmark = pytest.mark.cluster
 
@@ -94,6 +94,7 @@ def test_ray_path_forms_a_cluster_worker_first(sim):
         assert left == {"sim-1": "", "sim-2": ""}
 
 
+@pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
 def test_engine_spans_both_nodes(sim, engine_cfg):
     """Pausing the worker node's container (its vLLM rank, or its Ray node holding the rank) hangs a
     new 1-token completion while /health says 200."""
@@ -103,7 +104,7 @@ def test_engine_spans_both_nodes(sim, engine_cfg):
     body = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 1}
     assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
     worker = worker_container(engine_cfg)
-    sim_docker("sim-2", "pause", worker)
+    freeze("sim-2", worker)
     try:
         t0 = time.monotonic()
         with pytest.raises(httpx.TimeoutException):
@@ -123,7 +124,7 @@ def test_down_leaves_nothing_even_without_state_then_comes_back(sim, sim_image):
     # a frozen container, as a run killed in the middle of a fault injection leaves it: its
     # processes ignore SIGKILL until thawed
     sim_docker("sim-2", "run", "-d", "--name", "frozen-leftover", "--network=host", "--entrypoint", "sleep", sim_image.tag, "600")
-    sim_docker("sim-2", "pause", "frozen-leftover")
+    freeze("sim-2", "frozen-leftover")
     cluster.state_file().unlink()  # as if the run that created it had been killed
     try:
         _check_down_leaves_nothing()

@@ -12,7 +12,7 @@ from spark_cluster.executor import Executor
 from spark_cluster.status import status
 from spark_cluster.transport import Nodes
 
-from .conftest import ROOT, group_containers, sim_docker, worker_container
+from .conftest import ROOT, freeze, group_containers, sim_docker, worker_container
 
 pytestmark = pytest.mark.cluster
 RECORD = ROOT / "tests" / "data" / "observations"
@@ -66,7 +66,7 @@ def test_status_serving_down_stalled(sim, engine_cfg):
             record("serving-busy", rep)
             assert rep.verdict == "serving", rep.reason
 
-            sim_docker("sim-2", "pause", worker)
+            freeze("sim-2", worker)
             try:
                 rep = status(cfg, nodes)
                 record("stalled-paused-worker", rep)

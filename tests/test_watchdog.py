@@ -20,7 +20,7 @@ from spark_cluster.metrics import sample_value
 from spark_cluster.transport import Nodes
 from spark_cluster.watchdog import Watchdog
 
-from .conftest import SIM_CONFIGS, assert_nothing_of, generation, kill_vllm_api, sim_docker, worker_container
+from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_nothing_of, freeze, generation, kill_vllm_api, sim_docker, worker_container
 from .test_status import stream_load
 
 pytestmark = pytest.mark.cluster
@@ -183,7 +183,7 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
                 assert time.monotonic() < deadline, "the load never showed in the metrics"
                 time.sleep(0.5)
             frozen_at = time.time()
-            sim_docker("sim-2", "pause", worker)
+            freeze("sim-2", worker)
             decision = c.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 120, "restart decision")
             detect_s = ts(decision) - frozen_at
             print(f"{cfg.executor}: hang confirmed {detect_s:.1f}s after the freeze: {decision['reason']}")
@@ -274,7 +274,7 @@ def test_a_hang_of_an_idle_engine_or_one_starting_as_requests_arrive_is_confirme
             if when == "idle":
                 c.wait_for(lambda e: e["event"] == "canary" and e["ok"], cfg.watchdog.idle_canary_s + 30, "an idle canary")
             frozen_at = time.time()
-            sim_docker("sim-2", "pause", worker)
+            freeze("sim-2", worker)
             if when == "arrival":
                 clients = [threading.Thread(target=one_request, args=(c.url, cfg.model.name, kind, 16), kwargs={"stop": stop}, daemon=True)
                            for kind in ("stream", "plain", "stream")]
@@ -319,6 +319,7 @@ def test_killed_worker_container_leads_to_a_restart(sim, tmp_path):
     assert_nothing_of(before, generation(cfg), cfg)
 
 
+@pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
 def test_killed_vllm_process_leads_to_a_restart(engine_cfg, tmp_path):
     cfg = cfg_with(tmp_path, engine_cfg.executor)
     serving(cfg)
@@ -370,6 +371,7 @@ def marked_request(cfg, mark: str, seconds: float, timeout: float) -> threading.
 LONG_STEP_S, COMPILE_S = 40, 30
 
 
+@pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
 def test_a_long_step_or_a_compile_is_busy_and_a_stopped_rank_a_wedge_under_load(engine_cfg, tmp_path):
     """Under 4 streams, at default settings, on one watchdog: every rank computing for a minute inside
     one step, then the last rank compiling while its peer waits in the collective. The counters stop
