@@ -399,14 +399,19 @@ def test_a_controller_that_answers_the_change_with_something_not_an_event_is_a_c
     it with RolloutFailed, not a traceback; the events before it were reported."""
     import http.server
 
+    import yaml
+
     from spark_cluster import rollout
+    from spark_cluster.config import parse_config
     from spark_cluster.errors import RolloutFailed
 
-    class Garbled(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self._send(json.dumps({"cluster": cfg.name}).encode())
+    name = groups_cfg(tmp_path, free_port()).name
 
-        def do_POST(self):
+    class Garbled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # /healthz: this cluster's controller
+            self._send(json.dumps({"cluster": name}).encode())
+
+        def do_POST(self):  # /api/rollout: one event, then a proxy's page
             self.rfile.read(int(self.headers["Content-Length"]))
             self._send(b'{"event": "roll-group", "group": "a"}\n<html>502 Bad Gateway</html>\n')
 
@@ -420,16 +425,11 @@ def test_a_controller_that_answers_the_change_with_something_not_an_event_is_a_c
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbled)
-    cfg = groups_cfg(tmp_path, free_port())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        import yaml
-
-        data = cfg.model_dump()
+        data = groups_cfg(tmp_path, free_port()).model_dump()
         data["controller"] = {"host": "127.0.0.1", "port": server.server_address[1]}
         text = yaml.safe_dump(data)
-        from spark_cluster.config import parse_config
-
         said: list = []
         with pytest.raises(RolloutFailed, match="not an event"):
             rollout.through_controller(parse_config(text), text, said.append)
