@@ -119,19 +119,28 @@ def through_controller(cfg: ClusterConfig, text: str, report: Report) -> Optiona
                 r.read()
                 raise RolloutFailed(f"the controller at {url} refuses the change: {_detail(r)}")
             for line in r.iter_lines():
-                e = json.loads(line) if line.strip() else None
-                if not isinstance(e, dict):
+                e = _event(line, url)
+                if e is None:
                     continue
                 if e.get("event") == "rollout-done":
                     return _done(e)
                 report(e)
-    except ValueError:
-        raise RolloutFailed(f"the controller at {url} sent a line that is not an event during the change; "
-                            "its events say how far it went") from None
     except httpx.HTTPError as exc:
         raise RolloutFailed(f"the controller at {url} stopped answering during the change ({type(exc).__name__}); "
                             "its events say how far it went") from None
     raise RolloutFailed(f"the controller at {url} ended the change without saying how it went")
+
+
+def _event(line: str, url: str) -> Optional[dict[str, Any]]:
+    """One line of the controller's answer: an event; None for a blank line or JSON that is no event."""
+    if not line.strip():
+        return None
+    try:
+        e = json.loads(line)
+    except ValueError:
+        raise RolloutFailed(f"the controller at {url} sent a line that is not an event during the change; "
+                            "its events say how far it went") from None
+    return e if isinstance(e, dict) else None
 
 
 def _detail(r: Any) -> str:
