@@ -7,13 +7,17 @@ frozen (`docker pause`), until a's restart is done and a little after. One group
 (sim-1, sim-2; the other two nodes idle). Two groups: configs/local-sim-2groups.yaml.
 
 Figures per layout: non-streamed requests failed, streams interrupted (the error event) or failed,
-the longest time to first byte of a request sent while group a was down, the median time to
-first byte in steady state and during the failover.
+the longest time to first byte of a request waiting while group a was down (sent then, or sent
+before and still unanswered at the freeze), the median time to first byte in steady state and
+during the failover; the gateway's own counts of requests held at its door and retried (its
+metrics), and its log line of the slowest request that did not pass at once (which groups it
+failed on).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from spark_cluster.config import parse_config  # noqa: E402
 from spark_cluster.executor import Executor  # noqa: E402
 from spark_cluster.groups import for_each_group  # noqa: E402
+from spark_cluster.metrics import sample_value  # noqa: E402
 from spark_cluster.sim import cluster  # noqa: E402
 from spark_cluster.transport import Nodes  # noqa: E402
 from tests.fake_engine import free_port  # noqa: E402
@@ -92,14 +97,31 @@ def wait_event(cfg, pred, timeout: float) -> dict:
     raise SystemExit("timed out waiting for the controller's event")
 
 
+def gateway_counts(cfg) -> dict[str, float]:
+    text = httpx.get(f"{cfg.controller_url()}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).text
+    return {o: sample_value(text, "spark_cluster_gateway_requests_total", outcome=o) for o in ("held", "retried", "rejected")}
+
+
+SLOW = re.compile(r": (held|retried|rejected|failed|interrupted) after ([0-9.]+)s \((.*)\)$")
+
+
+def slowest_logged(log: Path) -> str:
+    """The gateway's line of the slowest request that did not pass at once ('' when none)."""
+    hits = [(float(m.group(2)), f"{m.group(1)} after {m.group(2)} s ({m.group(3)})")
+            for line in log.read_text(errors="replace").splitlines() if (m := SLOW.search(line))]
+    return max(hits)[1] if hits else ""
+
+
 def measure(name: str, executor: str, steady_s: float, streams: int, plain: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="groups-failover-"))
     path, cfg = layout_cfg(name, executor, tmp)
     several = bool(cfg.groups)
 
     up_all(cfg)
-    proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], cwd=ROOT,
-                            env={**os.environ, "SPARK_CLUSTER_BENCH_TOKEN": TOKEN}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    log = tmp / "controller.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], cwd=ROOT,
+                                env={**os.environ, "SPARK_CLUSTER_BENCH_TOKEN": TOKEN}, stdout=out, stderr=subprocess.STDOUT)
     try:
         of_a = (lambda e: e.get("group") == "a") if several else (lambda e: True)
         wait_event(cfg, lambda e: of_a(e) and e["event"] == "state" and e["state"] == "healthy", 180)
@@ -114,13 +136,14 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
         stop.set()
         for t in threads:
             t.join(timeout=60)
+        counts = gateway_counts(cfg)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         down_all(cfg)
     t_done = ts(done)
     steady = [r.first_byte - r.start for r in results if r.first_byte and r.end < t_freeze]
-    during = [r for r in results if t_freeze <= r.start <= t_done]
+    during = [r for r in results if r.start <= t_done and (r.first_byte is None or r.first_byte >= t_freeze)]
     waits = [r.first_byte - r.start for r in during if r.first_byte]
     plain_rs = [r for r in results if r.kind == "plain"]
     stream_rs = [r for r in results if r.kind == "stream"]
@@ -133,6 +156,8 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
         "ttfb steady": statistics.median(steady) if steady else float("nan"),
         "ttfb failover": statistics.median(waits) if waits else float("nan"),
         "served during failover": len(waits),
+        "held": int(counts["held"]), "retried": int(counts["retried"]), "rejected": int(counts["rejected"]),
+        "slowest": slowest_logged(log),
     }
 
 
@@ -155,5 +180,9 @@ def table(res: dict[tuple[str, str], dict], streams: int, plain: int) -> None:
             ("streams failed or cut", "streams failed", "{:22d}"), ("requests answered during the failover", "served during failover", "{:22d}"),
             ("longest wait for a first byte then (s)", "longest wait", "{:22.1f}"), ("median first byte, steady (s)", "ttfb steady", "{:22.2f}"),
             ("median first byte, during the failover (s)", "ttfb failover", "{:22.2f}")]
+    rows += [("gateway: held at its door, then answered", "held", "{:22d}"), ("gateway: retried, then answered", "retried", "{:22d}"),
+             ("gateway: refused (503)", "rejected", "{:22d}")]
     for label, key, fmt in rows:
         print(f"{label:46}" + "".join(fmt.format(res[c][key]) for c in cols))
+    for c in cols:
+        print(f"slowest request the gateway logged, {c[0]} {c[1]}: {res[c]['slowest'] or '-'}")

@@ -17,7 +17,8 @@ What routers in front of vLLM learned (docs/field.md, "Routers in front of vLLM"
 Several groups of one model (cluster.yaml `groups`) stand behind one gateway as its members: each
 has its door; a new request goes to one whose door is open (spark_cluster.routing: the fewest in
 flight, a conversation kept where its prefix is cached), and a request that failed on one before
-its first byte is sent to another. A hang in one group cuts only that group's streams.
+its first byte is sent to another, as is one still unanswered on a group the watchdog starts to
+doubt (suspect) while another serves. A hang in one group cuts only that group's streams.
 
 The door's rules are pure functions (spark_cluster.door), table-tested; the proxy itself is one
 coroutine per request (`Gateway.serve`), in the request's own task, called by the gateway's own
@@ -31,7 +32,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal, Optional, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Literal, Optional, Protocol
 
 from . import timeouts
 from .door import Admission, Door, admit, door_after, overall_door, retry_status
@@ -113,6 +114,7 @@ class Flight:
     tail: bytes = b""  # the last bytes sent (an error event must start on an event boundary)
     done_sent: bool = False  # an event stream's `data: [DONE]` went out: the client has the whole answer
     cut: bool = False  # an interruption or the client's leaving cancelled the exchange
+    tried: frozenset[str] = frozenset()  # the groups its request failed on before this one
 
     def passing(self, chunk: bytes) -> bytes:
         """Note a piece of the answer on its way to the client."""
@@ -145,6 +147,16 @@ class Writer(Protocol):
     def write(self, chunk: bytes) -> bool: ...
 
 
+def to_move(doubted: Member, members: Iterable[Member]) -> list[Flight]:
+    """The requests to take off a group the watchdog now doubts (no progress with work in flight, its
+    ranks not all seen working): those that have sent nothing to their client yet, each when a group
+    serves undoubted that it has not tried; rather than wait there for the hang to be confirmed.
+    Started streams stay: the doubt may pass. Each request moves at most once per group, so two
+    doubted groups never pass one between them."""
+    others = [o for o in members if o is not doubted and o.door.mode == "open" and not o.door.suspect]
+    return [f for f in doubted.flights if not f.started and any(o.name not in f.tried for o in others)]
+
+
 class Gateway:
     def __init__(self, upstreams: "str | dict[str, str]", settings: GatewaySettings, observer: Observer | None = None):
         """upstreams: each group's engine by its label (one URL: one group)."""
@@ -171,14 +183,16 @@ class Gateway:
 
     # ---- the doors ---------------------------------------------------------------------------
     def set_door(self, door: Door, interrupt: bool = False, group: Optional[str] = None) -> None:
-        """A group's door (every group's when `group` is None); interrupt: act on that group's flights now."""
+        """A group's door (every group's when `group` is None); interrupt: act on that group's flights now.
+        A group turning suspect gives up its unanswered requests to the others (to_move)."""
         changed = False
         for m in self.members.values() if group is None else [self.members[group]]:
+            doubted = door.suspect and not m.door.suspect
             if door != m.door:
                 m.door, changed = door, True
                 if door.mode != "open":
                     self.prefixes.forget(m.name)  # its cache does not outlive a restart
-            for f in list(m.flights) if interrupt else ():
+            for f in list(m.flights) if interrupt else to_move(m, self.members.values()) if doubted else ():
                 f.interrupt.set()
         if changed:
             self.door = overall_door([m.door for m in self.members.values()])
@@ -312,12 +326,13 @@ class Gateway:
                     return outcome
                 if self.door.mode == "open" and pause:
                     await _first(gone.wait(), timeout=pause)
-                flight = Flight()
+                flight = Flight(tried=frozenset(tried))
         finally:
             self.obs.outcome(outcome)
             if outcome != "ok":
-                log.info("%s %s: %s after %.1fs (%d attempts%s)", method, target, outcome,
-                         time.monotonic() - t0, attempts, ", waited at the door" if held else "")
+                log.info("%s %s: %s after %.1fs (%d attempts%s%s)", method, target, outcome,
+                         time.monotonic() - t0, attempts, ", waited at the door" if held else "",
+                         f", failed on {', '.join(sorted(tried))}" if tried and len(self.members) > 1 else "")
 
     async def refuse_too_large(self, send: Send) -> None:
         self.obs.outcome("rejected")

@@ -128,6 +128,64 @@ def test_a_suspect_group_gets_no_new_request_while_another_serves_and_nothing_wa
     assert r["gateway"]["door"] == "hold" and r["groups"]["a"]["door"] == "hold"
 
 
+def test_requests_unanswered_on_a_group_turning_suspect_go_to_one_that_serves_and_its_started_streams_stay(two):
+    ctl, served, engines = two
+    url = gateway_url(ctl)
+    engines["a"].script.chunks, engines["a"].script.chunk_delay_s = 10, 0.02
+    emit(ctl, "b", "state", state="restarting")  # everything goes to a for now
+    texts: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "s", "stream": True}, timeout=30) as r:
+            texts.extend(sse_texts(r.iter_lines()))
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    time.sleep(0.1)
+    engines["a"].script.hang = True  # a stops in the middle of the stream: its frozen rank
+    answers: list = []
+    plain = threading.Thread(target=lambda: answers.extend(at_once(2, lambda i: post(url, {"prompt": f"p{i}"}))))
+    plain.start()
+    time.sleep(0.3)
+    emit(ctl, "b", "state", state="healthy")
+    time.sleep(0.3)
+    assert engines["a"].script.calls == 3 and not answers  # they wait on a: nothing moves them while a is not doubted
+    t0 = time.monotonic()
+    emit(ctl, "a", "state", state="suspect", reason="no progress for 4s with 3 request(s) in flight")
+    plain.join(timeout=10)
+    assert [r.status_code for r in answers] == [200, 200] and time.monotonic() - t0 < 2
+    assert engines["b"].script.calls == 2
+    assert sample_value(httpx.get(f"{served.url}/metrics").text, "spark_cluster_gateway_requests_total", outcome="retried") == 2
+    assert streaming.is_alive() and engines["a"].script.abandoned == 0  # the stream that had started stays: the doubt may pass
+    engines["a"].script.hang = False
+    streaming.join(timeout=10)
+    assert texts[-1] == '{"id": "cmpl-fake", "choices": [{"index": 0, "text": "t9"}]}'
+
+
+def test_a_request_moves_off_a_doubted_group_once_so_two_doubted_groups_never_pass_it_between_them(two):
+    ctl, served, engines = two
+    for e in engines.values():
+        e.script.hang = True
+    answer: list = []
+    asking = threading.Thread(target=lambda: answer.append(post(gateway_url(ctl), {"prompt": "p"})))
+    asking.start()
+    time.sleep(0.3)
+    first = next(g for g, e in engines.items() if e.script.calls == 1)
+    other = "b" if first == "a" else "a"
+    emit(ctl, first, "state", state="suspect", reason="no progress")
+    time.sleep(0.2)
+    assert engines[other].script.calls == 1  # moved to the group that serves undoubted
+    emit(ctl, other, "state", state="suspect", reason="no progress")
+    emit(ctl, first, "state", state="healthy")
+    emit(ctl, other, "state", state="healthy")
+    emit(ctl, other, "state", state="suspect", reason="no progress")  # doubted again: the request tried `first` already
+    time.sleep(0.2)
+    assert (engines[first].script.calls, engines[other].script.calls) == (1, 1) and not answer
+    engines[other].script.hang = False
+    asking.join(timeout=10)
+    assert answer[0].status_code == 200
+
+
 def chat_turns(conversation: int, turns: int) -> list[dict]:
     messages = [{"role": "system", "content": "You answer questions about DGX Sparks, briefly. " * 4}]
     out = []
