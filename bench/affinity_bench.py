@@ -8,7 +8,8 @@ turns, each turn resending the whole conversation so far (its earlier prompts an
 answers) plus a new question of fresh random words. Each mode gets conversations of its own (no
 cache of the other mode's text helps it).
 
-Printed side by side: vLLM's own prefix-cache counters of both groups over the run (hits / queried
+Both groups get a few requests of their own first (a fresh engine's first requests are slow, and
+the first mode would pay for them alone). Printed side by side: vLLM's own prefix-cache counters of both groups over the run (hits / queried
 tokens), the share of later turns' prompt tokens that came from the cache (each answer's usage,
 `--enable-prompt-tokens-details`) and how many later turns found nothing cached, the mean time to
 first token of turn 1 and of later turns, the requests each group took (affinity must not leave a
@@ -63,6 +64,19 @@ def cache_counters(cfg) -> dict[str, tuple[float, float]]:
             total[name] = sum(v for n in (name, name + "_total") for _, v in samples(text, n))
         out[label] = (total["vllm:prefix_cache_hits"], total["vllm:prefix_cache_queries"])
     return out
+
+
+def warm_up(cfg, rng: random.Random, n: int = 4) -> None:
+    """A few requests to each group's engine at once, before the first mode: a fresh engine's first
+    requests are slow, which the first mode would pay alone (random words: no cache helps later)."""
+    def one(url: str) -> None:
+        httpx.post(f"{url}/v1/completions", json={"model": cfg.model.name, "prompt": random_prompt(60, rng), "max_tokens": 8},
+                   timeout=httpx.Timeout(10, read=300)).raise_for_status()
+    threads = [threading.Thread(target=one, args=(group.endpoint(),)) for _, group in cfg.group_configs() for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def conversation(url: str, model: str, turns: int, rng: random.Random, seen: list, errors: list) -> None:
@@ -163,6 +177,7 @@ def main() -> None:
         up_all(cfg)
         try:
             seed = 1000 * len(results)  # every run's conversations are its own: no cache of another run helps it
+            warm_up(cfg, random.Random(seed + 900))
             results[(executor, "affinity")] = run_mode(path, cfg, True, args, seed + 1)
             results[(executor, "least outstanding")] = run_mode(path, cfg, False, args, seed + 500)
         finally:

@@ -10,8 +10,8 @@ Figures per layout: non-streamed requests failed, streams interrupted (the error
 the longest time to first byte of a request waiting while group a was down (sent then, or sent
 before and still unanswered at the freeze), the median time to first byte in steady state and
 during the failover; the gateway's own counts of requests held at its door and retried (its
-metrics), and its log line of the slowest request that did not pass at once (which groups it
-failed on).
+metrics), and its log line of the slowest request that did not pass at once (with the groups it
+went to).
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
     steady = [r.first_byte - r.start for r in results if r.first_byte and r.end < t_freeze]
     during = [r for r in results if r.start <= t_done and (r.first_byte is None or r.first_byte >= t_freeze)]
     waits = [r.first_byte - r.start for r in during if r.first_byte]
+    slow = max((r for r in during if r.first_byte), key=lambda r: r.first_byte - r.start, default=None)
     plain_rs = [r for r in results if r.kind == "plain"]
     stream_rs = [r for r in results if r.kind == "stream"]
     return {
@@ -158,6 +159,8 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
         "served during failover": len(waits),
         "held": int(counts["held"]), "retried": int(counts["retried"]), "rejected": int(counts["rejected"]),
         "slowest": slowest_logged(log),
+        "slowest seen": f"a {slow.kind} request sent {slow.start - t_freeze:+.1f} s from the freeze, first byte after "
+                        f"{slow.first_byte - slow.start:.1f} s" if slow else "-",
     }
 
 
@@ -185,4 +188,5 @@ def table(res: dict[tuple[str, str], dict], streams: int, plain: int) -> None:
     for label, key, fmt in rows:
         print(f"{label:46}" + "".join(fmt.format(res[c][key]) for c in cols))
     for c in cols:
-        print(f"slowest request the gateway logged, {c[0]} {c[1]}: {res[c]['slowest'] or '-'}")
+        print(f"{c[0]} {c[1]}: slowest first byte the clients saw: {res[c]['slowest seen']}; slowest request the gateway "
+              f"logged (held, retried, refused, cut): {res[c]['slowest'] or '-'}")

@@ -114,7 +114,7 @@ class Flight:
     tail: bytes = b""  # the last bytes sent (an error event must start on an event boundary)
     done_sent: bool = False  # an event stream's `data: [DONE]` went out: the client has the whole answer
     cut: bool = False  # an interruption or the client's leaving cancelled the exchange
-    tried: frozenset[str] = frozenset()  # the groups its request failed on before this one
+    tried: frozenset[str] = frozenset()  # the groups its request went to before this attempt
 
     def passing(self, chunk: bytes) -> bytes:
         """Note a piece of the answer on its way to the client."""
@@ -332,7 +332,7 @@ class Gateway:
             if outcome != "ok":
                 log.info("%s %s: %s after %.1fs (%d attempts%s%s)", method, target, outcome,
                          time.monotonic() - t0, attempts, ", waited at the door" if held else "",
-                         f", failed on {', '.join(sorted(tried))}" if tried and len(self.members) > 1 else "")
+                         f", tried {', '.join(sorted(tried))}" if tried and len(self.members) > 1 else "")
 
     async def refuse_too_large(self, send: Send) -> None:
         self.obs.outcome("rejected")

@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 
+from spark_cluster.door import Door
+from spark_cluster.gateway import Flight, Member, to_move
 from spark_cluster.metrics import sample_value
 
 from .fake_engine import FakeEngine, free_port
@@ -126,6 +128,21 @@ def test_a_suspect_group_gets_no_new_request_while_another_serves_and_nothing_wa
     emit(ctl, "a", "state", state="restarting")
     r = httpx.get(f"{served.url}/healthz").json()
     assert r["gateway"]["door"] == "hold" and r["groups"]["a"]["door"] == "hold"
+
+
+@pytest.mark.parametrize("other_door, started, tried, moves", [
+    (Door("open"), False, frozenset(), True),
+    (Door("open"), True, frozenset(), False),  # a started answer cannot move
+    (Door("open", suspect=True), False, frozenset(), False),  # no group serves undoubted
+    (Door("hold", "restarting"), False, frozenset(), False),
+    (Door("open"), False, frozenset({"b"}), False),  # it failed on b already
+])
+def test_what_leaves_a_group_turning_suspect(other_door, started, tried, moves):
+    a, b = Member("a", None), Member("b", None, door=other_door)
+    a.door = Door("open", suspect=True)
+    f = Flight(started=started, tried=tried)
+    a.flights.add(f)
+    assert to_move(a, [a, b]) == ([f] if moves else [])
 
 
 def test_requests_unanswered_on_a_group_turning_suspect_go_to_one_that_serves_and_its_started_streams_stay(two):
