@@ -9,11 +9,12 @@ answers) plus a new question of fresh random words. Each mode gets conversations
 cache of the other mode's text helps it).
 
 Both groups get a few requests of their own first (a fresh engine's first requests are slow, and
-the first mode would pay for them alone). Printed side by side: vLLM's own prefix-cache counters of both groups over the run (hits / queried
-tokens), the share of later turns' prompt tokens that came from the cache (each answer's usage,
-`--enable-prompt-tokens-details`) and how many later turns found nothing cached, the mean time to
-first token of turn 1 and of later turns, the requests each group took (affinity must not leave a
-group idle while the other queues) and the gateway's routing counts.
+the first mode would pay for them alone). Printed side by side: vLLM's own prefix-cache counters of
+both groups over the run (hits / queried tokens), the share of later turns' prompt tokens that came
+from the cache (each answer's usage, `--enable-prompt-tokens-details`) and how many later turns
+found nothing cached, the mean time to first token of turn 1 and of later turns, the requests each
+group took (affinity must not leave a group idle while the other queues) and the gateway's routing
+counts.
 
 Usage (root; `spark-cluster sim up --nodes 4` first):
     python bench/affinity_bench.py [--clients 6] [--turns 6] [--executors ray,native]
