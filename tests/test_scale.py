@@ -143,6 +143,11 @@ def test_two_groups_a_hang_in_one_costs_clients_nothing_and_a_change_rolls_throu
         plain = [r for r in results if r.kind == "plain"]
         streams = [r for r in results if r.kind == "stream"]
         assert [r.error for r in plain if r.outcome not in ("ok", "stopped")] == []  # no non-streamed request failed
+        # what a had taken when it froze moved to b once a was suspect, before its hang was confirmed
+        caught = [r for r in plain if r.start < t_freeze + 1 and r.first_byte and r.first_byte > t_freeze]
+        print(f"{executor}: non-streamed in flight at the freeze answered {max(r.first_byte for r in caught) - t_freeze:.1f}s after it "
+              f"at the latest; hang confirmed after {ts(decision) - t_freeze:.1f}s")
+        assert caught and max(r.first_byte for r in caught) < ts(decision)
         after = [r.first_byte - r.start for r in plain if r.start > ts(decision) + 1 and r.first_byte]
         print(f"{executor}: non-streamed answers while a restarted: {len(after)}, the slowest {max(after):.1f}s")
         # group b answers while a restarts: nothing waits at the door (below); on 2 cores shared with a's
