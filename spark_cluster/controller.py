@@ -231,9 +231,9 @@ class Controller:
         return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), self.session.encode())
 
     def in_flight(self, label: str) -> int:
-        """Requests the gateway has sent a group's engine and not seen finish (read from its watchdog's
-        thread: the length of a set is one atomic read)."""
-        return len(self.gateway.members[label].flights) if self.gateway is not None else 0
+        """Requests the gateway has sent a group's engine and not seen finish, their clients reading (read
+        from its watchdog's thread): what a client leaves unread is not the engine's pending work."""
+        return self.gateway.members[label].with_engine() if self.gateway is not None else 0
 
     # ---- events -----------------------------------------------------------------------------
     def _reporter(self, label: str) -> Callable[[dict[str, Any]], None]:

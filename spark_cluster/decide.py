@@ -19,7 +19,10 @@ The rules, from what the field knows (docs/field.md):
   either way: an alert names the configuration error, and no canary confirms a hang until a restart.
 - Do not trust the engine's own gauges alone: they freeze with the engine (a hang that starts as
   requests arrive reads 0 running). Work in flight is what the engine reports or, where the
-  controller's gateway runs, what the gateway has sent it and not seen finish, whichever is more.
+  controller's gateway runs, what the gateway has sent it and not seen finish (its clients reading),
+  whichever is more. But the gateway's count alone never confirms a hang: an engine that reports
+  nothing pending may simply have finished (a client that stopped reading keeps its request open at
+  the gateway, and the ranks then idle). On that count the watchdog only looks: the canary decides.
   And an idle engine gets a canary every `idle_canary_s`, since nothing else would reveal a
   wedge that nobody is waiting on yet.
 - Definitively gone: a cluster container exited or vanished, or a node unreachable for several
@@ -75,9 +78,14 @@ class Sample:
         return (self.steps_total, self.generation_tokens_total, self.prompt_tokens_total)
 
     @property
+    def engine_pending(self) -> float:
+        """Requests the engine itself reports running or waiting."""
+        return (self.running or 0) + (self.waiting or 0)
+
+    @property
     def pending(self) -> float:
         """Requests in flight or waiting: the engine's gauges freeze with it, the gateway's count does not."""
-        return max((self.running or 0) + (self.waiting or 0), self.gateway_in_flight or 0)
+        return max(self.engine_pending, self.gateway_in_flight or 0)
 
 
 @dataclass(frozen=True)
@@ -288,7 +296,7 @@ def _no_progress(state: State, x: Sample, now: float, s: WatchdogSettings, in_gr
     if x.health != 200:
         reason = "the API does not answer" if x.health is None else f"/health answers {x.health}"
     elif x.pending > 0:
-        engine = (x.running or 0) + (x.waiting or 0)
+        engine = x.engine_pending
         stalled_s = now - (state.last_progress or now)
         reason = f"no progress for {stalled_s:.0f}s with {x.pending:g} request(s) in flight or waiting" + (
             f" (the gateway's count; the engine reports {engine:g})" if x.pending > engine else "")
@@ -297,7 +305,9 @@ def _no_progress(state: State, x: Sample, now: float, s: WatchdogSettings, in_gr
             # one long step, a compile: the ranks work, nothing to confirm or restart
             return replace(state, phase="busy", since=state.since if state.phase == "busy" else now, suspect_since=None,
                            suspect_reason=f"{reason}; ranks working: {x.rank_evidence}"), None
-        if x.ranks == "wedged" and stalled_s >= s.stall_window_s and not in_grace:
+        if x.ranks == "wedged" and engine > 0 and stalled_s >= s.stall_window_s and not in_grace:
+            # idle ranks confirm a hang only with work the engine itself reports: an engine that finished its
+            # requests idles too (the gateway's count alone then waits for the canary)
             return _restart(state, now, f"hang confirmed: {reason}, and {x.rank_evidence}", s)
         if x.ranks == "busy":
             reason += f", past the busy budget of {budget:g}s (the engine's step timeout)"

@@ -11,10 +11,14 @@ Besides /v1/*, `/health` answers as vLLM's does for load balancers (200 while th
 anything else is 404.
 
 Bounded against careless and hostile clients (docs/bad-input.md): a request line and headers past
-gateway.max_head get 431, a request not complete within gateway.request_deadline_s 408, a
-connection past gateway.max_clients 503, each then closed; request bodies held at once over every
-connection stay within gateway.max_buffered (past it reading pauses), and a pipelined request's
-body is not read while an earlier one is answered.
+gateway.max_head get 431, as do a chunked body's framing and trailers past it (trailers are never
+passed on); a request not complete within gateway.request_deadline_s 408; a connection past
+gateway.max_clients, or past gateway.max_clients_per_peer from one address, 503; each then closed.
+Blank lines before a request do not keep a connection alive (its keep-alive timeout runs until a
+request begins). Request bodies held at once over every connection stay within
+gateway.max_buffered (past it reading pauses), and a pipelined request's body is not read while an
+earlier one is answered. A client that leaves its answer unread for gateway.client_write_timeout_s
+is cut: a request nobody reads holds nothing at the engine or here.
 """
 
 from __future__ import annotations
@@ -32,39 +36,13 @@ import httptools
 
 from . import timeouts
 from .gateway import PATHS, Gateway, Signal, error_body
+from .client_bounds import BodyBudget, HeadMeter, Peers, WriteWatch
 
 GATEWAY_PATHS = PATHS.encode()
 MAX_PIPELINED = 16  # requests parsed while an earlier one is answered; past it the connection is closed
 BACKLOG = 2048  # connections the kernel queues before the server accepts them (clients arriving at once)
 STATUS_LINE = {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 log = logging.getLogger("spark_cluster.front")
-
-
-class BodyBudget:
-    """Request bodies held in memory over every connection. A connection whose body takes it past
-    the limit stops reading (what it already received is kept: at most one read more per
-    connection) until earlier bodies are released, first starved first fed."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self.starved: dict[GatewayProtocol, None] = {}  # ordered
-
-    def take(self, conn: "GatewayProtocol", size: int) -> None:
-        self.used += size
-        if self.used > self.limit:
-            self.starved[conn] = None
-            conn.set_reading(starved=True)
-
-    def give(self, size: int) -> None:
-        self.used -= size
-        while self.starved and self.used < self.limit:
-            conn = next(iter(self.starved))
-            del self.starved[conn]
-            conn.set_reading(starved=False)
-
-    def forget(self, conn: "GatewayProtocol") -> None:
-        self.starved.pop(conn, None)
 
 
 class GatewayServer:
@@ -76,6 +54,8 @@ class GatewayServer:
         self.max_head = gateway.s.max_head_bytes()
         self.request_deadline_s = gateway.s.request_deadline_s
         self.max_clients = gateway.s.max_clients
+        self.write_timeout_s = gateway.s.client_write_timeout_s
+        self.peers = Peers(gateway.s.max_clients_per_peer)
         self.budget = BodyBudget(gateway.s.max_buffered_bytes())
         self.connections: set[GatewayProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -126,6 +106,11 @@ class _Request:
         self.complete = False
         self.on_drain: Optional[Callable[[], None]] = None
 
+    @property
+    def blocked(self) -> bool:
+        """The client is not reading: its connection holds as much as it may (gateway.Writer)."""
+        return self.conn.drained is not None
+
     async def send(self, message: dict[str, Any]) -> None:
         """The gateway's response messages (ASGI's shape), written as they come (the body chunked); the
         head waits for the body's first message and goes out with it (a write less per answer)."""
@@ -151,7 +136,7 @@ class _Request:
         if not more:
             self.complete = True
         if out:
-            conn.transport.write(out)
+            conn.writes.write(out)
         if conn.drained is not None:  # the client reads slower than the engine writes
             await asyncio.shield(conn.drained)
 
@@ -162,7 +147,7 @@ class _Request:
         if self.gone.is_set() or conn.transport is None or conn.transport.is_closing():
             return True  # nobody to write to: the gateway is about to be told
         if out := self._framed(chunk, last=False):
-            conn.transport.write(out)
+            conn.writes.write(out)
         return conn.drained is None
 
     def _framed(self, body: bytes, last: bool) -> bytes:
@@ -205,43 +190,58 @@ class GatewayProtocol(asyncio.Protocol):
         self.deadline: Optional[asyncio.TimerHandle] = None  # the request being read must be complete by then
         self.drained: Optional[asyncio.Future[None]] = None
         self.in_head = True  # the bytes arriving are a request's line and headers
-        self.head_size = 0
-        self.head_tail = b""  # the last bytes of the head so far (its end may be split between reads)
+        self.meter = HeadMeter(server.max_head)
         self.starved = False  # the server's body budget is spent: not reading
         self.held_back = False  # a request's body waits until the earlier answers are done: not reading
         self.paused = False
         self.peer = ""  # the client's address
+        self.counted = False  # in the server's connections (and its peer's count)
+        self.writes: Optional[WriteWatch] = None
 
     # ---- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if len(self.server.connections) >= self.server.max_clients:
-            self._refuse(503, f"more than gateway.max_clients ({self.server.max_clients}) connections are open: try again shortly")
-            return
-        self.server.connections.add(self)
+        self.writes = WriteWatch(self.transport, self.server.write_timeout_s, self._not_reading)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        server = self.server
+        if len(server.connections) >= server.max_clients:
+            self._refuse(503, f"more than gateway.max_clients ({server.max_clients}) connections are open: try again shortly", "max_clients")
+            return
+        if not server.peers.admit(self.peer):
+            self._refuse(503, f"more than gateway.max_clients_per_peer ({server.peers.limit}) connections are open from this "
+                              "address: try again shortly", "max_clients_per_peer")
+            return
+        server.connections.add(self)
+        self.counted = True
         self._next()
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        # the idle timer keeps running until a request begins (on_message_begin): blank lines keep nothing open
         if not self.reading:
             return
-        if self.in_head and self._head_too_large(data):
-            self._refuse(431, f"the request line and headers are larger than gateway.max_head ({self.gateway.s.max_head})")
+        if self.in_head and self.meter.head_too_large(data):
+            self._refuse(431, f"the request line and headers are larger than gateway.max_head ({self.gateway.s.max_head})", "max_head")
             return
+        in_body = not self.in_head
+        if in_body:
+            self.meter.arrived(len(data))
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "a protocol upgrade is not answered by the gateway")
+            self._refuse(400, "a protocol upgrade is not answered by the gateway", "invalid")
         except httptools.HttpParserError as exc:
-            self._refuse(400, f"invalid HTTP request: {exc}")
+            self._refuse(400, f"invalid HTTP request: {exc}", "invalid")
+        if in_body and not self.in_head and self.reading and self.meter.framing_too_large():
+            self._refuse(431, f"the request's chunk framing and trailers are larger than gateway.max_head ({self.gateway.s.max_head})",
+                         "max_head")
         self._next()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.server.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            self.server.connections.discard(self)
+            self.server.peers.leave(self.peer)
         self.server.budget.forget(self)
         for request in (self.current, self.parsing, *self.waiting):
             if request is not None:
@@ -252,15 +252,6 @@ class GatewayProtocol(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._writable()
-
-    def _head_too_large(self, data: bytes) -> bool:
-        """Counts the bytes of the request head in `data` (up to the blank line that ends it). The
-        parser keeps a header's whole value before it calls back, so the count comes first."""
-        seen = self.head_tail + data
-        end = seen.find(b"\r\n\r\n")
-        self.head_size += len(data) if end < 0 else max(end + 4 - len(self.head_tail), 0)
-        self.head_tail = seen[-3:]
-        return self.head_size > self.server.max_head
 
     def set_reading(self, *, starved: Optional[bool] = None, held_back: Optional[bool] = None) -> None:
         """Read from the client unless the body budget is spent or an earlier answer is under way."""
@@ -280,11 +271,23 @@ class GatewayProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.drained is None:
             self.drained = self.loop.create_future()
+        if self.writes is not None:
+            self.writes.full()
 
     def resume_writing(self) -> None:
         self._writable()
 
+    def _not_reading(self) -> None:
+        """gateway.client_write_timeout_s after the client's connection filled, with nothing taken since: cut."""
+        assert self.transport is not None
+        log.info("cut a client (%s) that left its answer unread for gateway.client_write_timeout_s (%gs)", self.peer,
+                 self.server.write_timeout_s)
+        self.gateway.obs.cut("not_reading")
+        self.transport.abort()  # connection_lost follows: its request is cancelled at the engine
+
     def _writable(self) -> None:
+        if self.writes is not None:
+            self.writes.room()
         if self.drained is not None:
             if not self.drained.done():
                 self.drained.set_result(None)
@@ -300,6 +303,9 @@ class GatewayProtocol(asyncio.Protocol):
 
     # ---- httptools' callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         self.parsing = _Request(self)
         if self.deadline is None:
             self.deadline = self.loop.call_later(self.server.request_deadline_s, self._too_slow)
@@ -310,14 +316,19 @@ class GatewayProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.parsing is not None
-        self.parsing.headers.append((name, value))
+        if self.in_head:  # after the head: a chunked body's trailer, counted as framing and never passed on
+            self.parsing.headers.append((name, value))
+
+    def on_chunk_header(self) -> None:
+        self.meter.chunk()
 
     def on_headers_complete(self) -> None:
         request = self.parsing
         assert request is not None and self.transport is not None
         request.method = self.parser.get_method().decode("ascii")
         request.keep_alive = self.parser.should_keep_alive()
-        self.in_head, self.head_size, self.head_tail = False, 0, b""
+        self.in_head = False
+        self.meter.head_done()
         if self.current is not None or self.waiting:  # pipelined: its body is read once the earlier answers are done
             self.set_reading(held_back=True)
         declared = next((v for k, v in request.headers if k.lower() == b"content-length"), b"")
@@ -328,6 +339,7 @@ class GatewayProtocol(asyncio.Protocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        self.meter.body(len(body))
         request = self.parsing
         if request is None or request.too_large:
             return
@@ -347,7 +359,7 @@ class GatewayProtocol(asyncio.Protocol):
         if request is None:
             return
         if len(self.waiting) >= MAX_PIPELINED:
-            self._refuse(400, f"more than {MAX_PIPELINED} requests sent ahead of their answers")
+            self._refuse(400, f"more than {MAX_PIPELINED} requests sent ahead of their answers", "invalid")
             return
         self.waiting.append(request)
 
@@ -375,7 +387,7 @@ class GatewayProtocol(asyncio.Protocol):
             task.add_done_callback(self.server.tasks.discard)
         elif self.closing or not self.reading:
             self.transport.close()
-        elif self.parsing is None:
+        elif self.parsing is None and self.idle_timer is None:
             self.idle_timer = self.loop.call_later(self.server.keep_alive_s, self._idle)
 
     async def _answer(self, request: _Request) -> None:
@@ -403,10 +415,11 @@ class GatewayProtocol(asyncio.Protocol):
                 self.transport.close()
             self._next()
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, why: str) -> None:
         """An answer of the server's own, then the close (when an answer is under way, only the close:
-        nothing more of this client's is read)."""
+        nothing more of this client's is read). why: the bound it passed, counted."""
         assert self.transport is not None
+        self.gateway.obs.cut(why)
         self.reading = False
         if self.current is None:
             body = error_body(message, HTTPStatus(status).phrase.lower().replace(" ", "_"), status)
@@ -420,7 +433,8 @@ class GatewayProtocol(asyncio.Protocol):
             return
         self.deadline = None
         if self.transport is not None and not self.transport.is_closing():
-            self._refuse(408, f"the request was not complete within gateway.request_deadline_s ({self.server.request_deadline_s:g}s)")
+            self._refuse(408, f"the request was not complete within gateway.request_deadline_s ({self.server.request_deadline_s:g}s)",
+                         "request_deadline")
 
     def _idle(self) -> None:
         self.idle_timer = None

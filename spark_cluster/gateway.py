@@ -102,6 +102,11 @@ class Member:
     flights: set["Flight"] = field(default_factory=set)
     draining: bool = False  # a rolling change: its watchdog's events leave its door alone
 
+    def with_engine(self) -> int:
+        """Its requests that wait on the engine: those whose client does not read (the engine may be done
+        with them) are not counted. Read from the watchdog's thread: the copy of the set is one atomic step."""
+        return sum(1 for f in tuple(self.flights) if not f.client_blocked)
+
 
 @dataclass(eq=False)
 class Flight:
@@ -115,6 +120,12 @@ class Flight:
     done_sent: bool = False  # an event stream's `data: [DONE]` went out: the client has the whole answer
     cut: bool = False  # an interruption or the client's leaving cancelled the exchange
     tried: frozenset[str] = frozenset()  # the groups its request went to before this attempt
+    client: Optional["Writer"] = None  # where its answer goes (front's request): is the client reading?
+
+    @property
+    def client_blocked(self) -> bool:
+        """The client does not read: the answer waits on it, not on the engine."""
+        return self.client is not None and self.client.blocked
 
     def passing(self, chunk: bytes) -> bytes:
         """Note a piece of the answer on its way to the client."""
@@ -131,6 +142,7 @@ class Observer:
     def held(self, count: int) -> None: ...
     def count_in_flight(self, count: Callable[[], int]) -> None: ...
     def routed(self, group: str, how: str) -> None: ...
+    def cut(self, why: str) -> None: ...
 
 
 # Takes the answer as messages of ASGI's shape (http.response.start, then http.response.body pieces).
@@ -143,6 +155,9 @@ class Writer(Protocol):
     engine writes; `on_drain` is called when it has caught up."""
 
     on_drain: Optional[Callable[[], None]]
+
+    @property
+    def blocked(self) -> bool: ...
 
     def write(self, chunk: bytes) -> bool: ...
 
@@ -175,7 +190,7 @@ class Gateway:
 
     def _upstream(self, url: str) -> Upstream:
         return Upstream(url, max_connections=self.s.max_connections, connect_timeout_s=self.s.connect_timeout_s,
-                        read_timeout_s=self.s.read_timeout_s)
+                        read_timeout_s=self.s.read_timeout_s, max_head=self.s.max_head_bytes())
 
     async def aclose(self) -> None:
         for m in self.members.values():
@@ -361,6 +376,7 @@ class Gateway:
                 flight.cut = True
                 task.cancel()  # closes the connection to vLLM, which aborts the request
 
+        flight.client = writer
         self.flights.add(flight)
         m.flights.add(flight)
         flight.interrupt.callbacks.append(cut)

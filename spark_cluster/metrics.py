@@ -80,6 +80,10 @@ class EngineCollector(Collector):
         yield from (up, running, waiting, *counters.values())
 
 
+# why the gateway closed a client's connection at one of its bounds (spark_cluster.front)
+CUT_REASONS = ("not_reading", "request_deadline", "max_head", "max_clients", "max_clients_per_peer", "invalid")
+
+
 class ControllerMetrics(Observer):
     """Labelled by group: each group's label (cluster.yaml groups), or the cluster's name without groups."""
 
@@ -102,6 +106,9 @@ class ControllerMetrics(Observer):
         self.requests = Counter("spark_cluster_gateway_requests", "Requests through the gateway by outcome: ok, held (then ok), "
                                 "retried (then ok), interrupted (a stream cut after its first byte), rejected (503), failed, "
                                 "cancelled (the client went away).", ["outcome"], registry=r)
+        self.cuts = Counter("spark_cluster_gateway_clients_cut", "Client connections the gateway closed at one of its bounds: "
+                            "not_reading (gateway.client_write_timeout_s), request_deadline (408), max_head (431), max_clients, "
+                            "max_clients_per_peer (503), invalid (400).", ["why"], registry=r)
         self.held_now = Gauge("spark_cluster_gateway_held_requests", "Requests waiting at the gateway for the engine to serve.", registry=r)
         self.in_flight_now = Gauge("spark_cluster_gateway_requests_in_flight", "Requests with the engine now.", registry=r)
         self.ttfb = Histogram("spark_cluster_gateway_time_to_first_byte_seconds",
@@ -109,6 +116,8 @@ class ControllerMetrics(Observer):
                               buckets=TTFB_BUCKETS, registry=r)
         r.register(EngineCollector(last_samples, in_flight))
         self.outcomes = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}  # a label lookup less per request
+        for why in CUT_REASONS:
+            self.cuts.labels(why)
         self.parts: dict[str, dict[str, float]] = {}
         for group in groups:
             for kind in RESTART_KINDS:
@@ -134,6 +143,9 @@ class ControllerMetrics(Observer):
 
     def routed(self, group: str, how: str) -> None:
         self.routes.labels(group, how).inc()
+
+    def cut(self, why: str) -> None:
+        self.cuts.labels(why).inc()
 
     # ---- the watchdog's events ------------------------------------------------------------------
     def on_event(self, e: dict[str, Any], group: str) -> None:

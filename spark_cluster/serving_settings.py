@@ -82,6 +82,12 @@ class GatewaySettings(Strict):
                                                             "its first byte (408 and the connection closed past it).")
     max_clients: int = Field(4096, ge=1, description="Most client connections open at once; past it a new one gets 503 and is closed "
                                                      "(the controller's unit raises its file limit above it).")
+    max_clients_per_peer: int = Field(1024, ge=1, description="Most connections open at once from one client address; past it a new one "
+                                                              "from there gets 503 and is closed (one client cannot fill max_clients). Raise "
+                                                              "it when a proxy in front of the gateway is the one address it sees.")
+    client_write_timeout_s: float = Field(60, gt=0, description="Longest time a client may leave its answer unread while the gateway "
+                                                                "has more for it (its connection full); past it the client is cut, so "
+                                                                "that a request nobody reads holds nothing at the engine or the gateway.")
     max_buffered: str = Field("256m", description="Request bodies held in memory at once, over every connection, as a size: past it the "
                                                   "gateway stops reading new bodies until earlier ones went to the engine.")
 

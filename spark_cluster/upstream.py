@@ -9,6 +9,9 @@ written at once, the response head, its body chunk by chunk as it arrives (chunk
 decoded by httptools), a connection returned to the pool only after a whole answer, and a
 connection closed when its answer is abandoned (vLLM aborts a request whose client is gone).
 
+An answer's head, its chunks' framing and its trailers together stay within the gateway's
+max_head (an engine or a proxy sending an endless header costs no memory: the answer fails).
+
 Failures are typed for the gateway's one question, "did anything reach the client yet?":
 `ConnectFailed` (refused, unreachable, connect or pool deadline), `ConnectionLost` (reset or
 closed before the answer was whole), `ReadTimeout` (silence longer than the read deadline).
@@ -26,6 +29,9 @@ import httptools
 
 # a connection stops reading from vLLM while this many chunks wait for a slow client, and reads again below LOW
 HIGH_WATER, LOW_WATER = 64, 16
+# A chunk's own framing (its size in hex, two line ends, a short extension): what a chunked body may carry
+# besides its bytes, per chunk, on top of the bound of a head (which its trailers count against too)
+CHUNK_FRAMING = 32
 
 
 class UpstreamError(Exception):
@@ -52,8 +58,9 @@ ONE_WRITE_BELOW = 16384  # a body smaller than this goes out with the head in on
 class _Conn(asyncio.Protocol):
     """One kept-alive connection; one exchange at a time."""
 
-    def __init__(self, read_timeout_s: float):
+    def __init__(self, read_timeout_s: float, max_head: int):
         self.read_timeout_s = read_timeout_s
+        self.max_head = max_head
         self.loop = asyncio.get_running_loop()  # made by create_connection, in the loop
         self.transport: Optional[asyncio.Transport] = None
         self.lost = False
@@ -73,6 +80,8 @@ class _Conn(asyncio.Protocol):
         self.sink: Optional[Callable[[bytes], bool]] = None  # Response.splice
         self.timer: Optional[asyncio.TimerHandle] = None
         self.last_read = 0.0
+        self.framing = 0  # bytes of the answer that were not its body: head, chunk framing, trailers
+        self.chunks = 0
 
     # ---- the exchange ----------------------------------------------------------------------------
     def start(self, head: bytes, body: bytes, no_body: bool) -> asyncio.Future[None]:
@@ -144,8 +153,11 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
             return
         self.last_read = self.loop.time()
+        self.framing += len(data)  # on_body takes the body's bytes back out
         try:
             self.parser.feed_data(data)
+            if self.framing > self.max_head + CHUNK_FRAMING * self.chunks and not self.complete:
+                raise httptools.HttpParserError(f"its head, chunk framing or trailers are larger than {self.max_head} bytes")
         except httptools.HttpParserUpgrade:
             self._fail(ConnectionLost("vLLM answered with a protocol upgrade"))
             assert self.transport is not None
@@ -168,7 +180,11 @@ class _Conn(asyncio.Protocol):
 
     # ---- httptools callbacks ------------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if self.head is not None and not self.head.done():  # after the head: a trailer, never passed on
+            self.headers.append((name, value))
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -182,6 +198,7 @@ class _Conn(asyncio.Protocol):
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
+        self.framing -= len(body)
         if self.complete or not body:
             return
         if self.sink is None:
@@ -265,7 +282,7 @@ class Response:
 
 
 class Upstream:
-    def __init__(self, url: str, *, max_connections: int, connect_timeout_s: float, read_timeout_s: float):
+    def __init__(self, url: str, *, max_connections: int, connect_timeout_s: float, read_timeout_s: float, max_head: int = 65536):
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -275,7 +292,7 @@ class Upstream:
         self.prefix = u.path.rstrip("/")
         self.host_header = u.netloc.rsplit("@", 1)[-1].encode("idna")
         self.ssl = ssl.create_default_context() if u.scheme == "https" else None
-        self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
+        self.connect_timeout_s, self.read_timeout_s, self.max_head = connect_timeout_s, read_timeout_s, max_head
         self.slots = asyncio.Semaphore(max_connections)  # connections open or being opened
         self.idle: list[_Conn] = []  # kept alive, newest last
 
@@ -305,7 +322,7 @@ class Upstream:
             raise ConnectFailed(f"no free connection to vLLM within {self.connect_timeout_s:g}s") from None
         try:
             _, conn = await asyncio.wait_for(
-                asyncio.get_running_loop().create_connection(lambda: _Conn(self.read_timeout_s), self.host, self.port, ssl=self.ssl),
+                asyncio.get_running_loop().create_connection(lambda: _Conn(self.read_timeout_s, self.max_head), self.host, self.port, ssl=self.ssl),
                 self.connect_timeout_s)
             return conn
         except asyncio.TimeoutError:

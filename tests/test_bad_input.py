@@ -72,6 +72,132 @@ def test_past_max_clients_a_new_connection_gets_503(rig):
     assert httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}).status_code == 200  # room again
 
 
+def send_chunked_with_trailer(url: str, trailer_size: int, piece: int = 2**20) -> tuple[int, int]:
+    """A chunked request whose body is whole and whose one trailer value is `trailer_size` bytes, sent a
+    piece at a time until the gateway closes the connection: the status it answered, and the bytes sent."""
+    with connected(url) as sock:
+        body = b'{"prompt": "p"}'
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\nx-trailer: " % (len(body), body))
+        sent = 0
+        try:
+            while sent < trailer_size:
+                sock.sendall(b"t" * min(piece, trailer_size - sent))
+                sent += piece
+            sock.sendall(b"\r\nx-second: 2\r\n\r\n")
+        except OSError:
+            pass  # the gateway closed the connection: the rest is never read
+        return status_of(sock), sent
+
+
+@pytest.mark.parametrize("rig", [{"max_head": "64k"}], indirect=True)
+def test_chunked_trailers_count_against_max_head_and_never_reach_the_engine_as_headers(rig):
+    """The attack: a 96 MiB trailer was accepted (the process grew to 270 MB) and 20,000 trailer lines
+    reached the engine as request headers."""
+    before = rss_mb()
+    status, sent = send_chunked_with_trailer(rig.url, 96 * 2**20)
+    assert status == 431 and sent < 96 * 2**20
+    assert rss_mb() - before < 10
+    assert rig.script.calls == 0
+    status, _ = send_chunked_with_trailer(rig.url, 100)  # a small trailer: the request passes, the trailers stay here
+    assert status == 200 and rig.script.calls == 1
+    received = rig.script.received[0]["headers"]
+    assert "x-trailer" not in received and "x-second" not in received
+    assert rig.metric("spark_cluster_gateway_clients_cut_total", why="max_head") == 1
+
+
+def test_blank_lines_keep_no_connection_open_and_a_client_is_served_meanwhile(rig):
+    """The attack: 200 connections sending CRLF every 3 s stayed open past the keep-alive timeout and the
+    request deadline (blank lines never begin a request), filling max_clients."""
+    socks = [connected(rig.url) for _ in range(200)]
+    try:
+        t0 = time.monotonic()
+        closed: set[int] = set()
+        while len(closed) < len(socks) and time.monotonic() - t0 < 15:
+            for i, sock in enumerate(socks):
+                if i not in closed:
+                    try:
+                        sock.sendall(b"\r\n")
+                    except OSError:
+                        closed.add(i)
+            t = time.monotonic()
+            r = httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}, timeout=5)
+            assert r.status_code == 200 and time.monotonic() - t < 1  # a real client is served meanwhile
+            time.sleep(0.5)
+        # closed at the keep-alive timeout (5 s): blank lines are no request
+        assert len(closed) == len(socks) and time.monotonic() - t0 < 5 + 3
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("rig", [{"max_clients_per_peer": 3}], indirect=True)
+def test_one_address_cannot_take_every_connection(rig):
+    socks = [connected(rig.url) for _ in range(3)]
+    try:
+        with connected(rig.url) as extra:
+            assert status_of(extra) == 503 and extra.recv(1) == b""
+        other = socket.socket()  # another client address (loopback is all of 127/8)
+        other.bind(("127.0.0.2", 0))
+        other.settimeout(10)
+        with other:
+            other.connect(("127.0.0.1", int(rig.url.rsplit(":", 1)[1])))
+            other.sendall(completion_request())
+            assert read_answers(other, 1)[0][0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+    time.sleep(0.2)
+    assert httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}).status_code == 200  # room again
+    assert rig.metric("spark_cluster_gateway_clients_cut_total", why="max_clients_per_peer") == 1
+
+
+@pytest.mark.parametrize("rig", [{"client_write_timeout_s": 2}], indirect=True)
+def test_a_client_that_never_reads_holds_nothing_at_the_engine_and_is_cut_at_the_write_timeout(rig):
+    """The attack: a client that asks for a large stream and never reads kept its request counted in flight
+    after the engine had finished; with the ranks idle, the watchdog took that for a hang."""
+    rig.script.pad, rig.script.chunks, rig.script.chunk_delay_s = 100_000, 200, 0  # 20 MB of events, at once
+    label = next(iter(rig.ctl.gateway.members))
+    member = rig.ctl.gateway.members[label]
+    with connected(rig.url, receive_buffer=4096) as sock:
+        sock.sendall(completion_request(body=b'{"prompt": "p", "stream": true}'))
+        t0 = time.monotonic()
+        while not (member.flights and all(f.client_blocked for f in member.flights)) and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert len(member.flights) == 1 and next(iter(member.flights)).client_blocked  # its client does not read
+        assert rig.ctl.in_flight(label) == 0  # what the watchdog counts: nothing waits on the engine
+        while member.flights and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        assert 2 <= time.monotonic() - t0 < 4  # cut at the write timeout
+        while rig.script.running and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert rig.script.running == 0  # the engine holds nothing for it either (done, or abandoned at the cut)
+        with pytest.raises(OSError):
+            while sock.recv(65536):  # what was written is there, then the connection is gone
+                pass
+            raise ConnectionResetError("closed")
+    assert rig.metric("spark_cluster_gateway_clients_cut_total", why="not_reading") == 1
+
+
+@pytest.mark.parametrize("rig", [{"client_write_timeout_s": 1}], indirect=True)
+def test_a_client_that_reads_slowly_is_not_cut(rig):
+    rig.script.pad, rig.script.chunks, rig.script.chunk_delay_s = 2_000, 60, 0  # 120 kB
+    # small kernel buffers on the gateway's side too (its accepted connections inherit them): what the client
+    # leaves unread waits in the gateway's own buffer, which the client drains slower than the write timeout
+    rig.ctl.gateway_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with connected(rig.url, receive_buffer=4096) as sock:
+        sock.sendall(completion_request(body=b'{"prompt": "p", "stream": true}'))
+        got = b""
+        t0 = time.monotonic()
+        while not got.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n") and time.monotonic() - t0 < 30:
+            piece = sock.recv(1024)
+            assert piece, "cut"
+            got += piece
+            time.sleep(0.05)  # about 20 kB/s: its connection stays full for longer than the write timeout, yet it reads
+        assert time.monotonic() - t0 > 3  # slower than the write timeout, whole
+    assert rig.metric("spark_cluster_gateway_clients_cut_total", why="not_reading") == 0
+
+
 # ---- request bodies --------------------------------------------------------------------------------
 def test_a_pipelined_body_is_not_read_while_an_earlier_request_is_answered(rig):
     rig.script.hang = True
@@ -144,13 +270,27 @@ class RawEngine:
                 while len(body) < length:
                     body += conn.recv(65536)
                 self.requests.append(head)
-                conn.sendall(self.answer)
+                try:
+                    conn.sendall(self.answer)
+                except OSError:
+                    pass  # the gateway stopped reading: its bound
+
+
+def test_an_engine_that_sends_an_endless_header_costs_no_memory(tmp_path):
+    """The attack: an engine (or a proxy in front of it) sending an endless response header grew the
+    process from 91 to 387 MB."""
+    endless = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-big: " + b"a" * (64 * 2**20)
+    before = rss_mb()
+    with gateway_before(tmp_path, endless, max_attempts=2) as (gateway, engine):
+        r = httpx.post(gateway + "/v1/completions", json={"prompt": "p"}, timeout=30)
+    assert r.status_code == 503 and rss_mb() - before < 20
+    assert len(engine.requests) == 2  # nothing reached the client: tried again, then refused
 
 
 @contextmanager
-def gateway_before(tmp_path, answer: bytes):
+def gateway_before(tmp_path, answer: bytes, **gateway):
     engine = RawEngine(answer)
-    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url))
+    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url, **gateway))
     served.start()
     try:
         yield gateway_url(ctl), engine

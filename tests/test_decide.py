@@ -546,6 +546,41 @@ def test_an_idle_engine_is_never_judged_by_its_idle_ranks():
     assert "restart" not in c.kinds()
 
 
+@pytest.mark.parametrize("running, gateway, ranks, canary, restarted_", [
+    # a client that stopped reading: the engine finished (reports 0), its ranks idle, the gateway still counts
+    # the request. The canary answers: never a restart, however long
+    (0, 1, "wedged", True, False),
+    (0, 3, "wedged", True, False),
+    # the same count with a canary that does not finish: a hang that began as the requests arrived
+    (0, 1, "wedged", False, True),
+    # the engine itself reports the work: idle ranks confirm without a canary
+    (2, 2, "wedged", None, True),
+    (1, 3, "wedged", None, True),
+])
+def test_the_gateways_count_alone_never_confirms_a_hang_the_canary_decides(running, gateway, ranks, canary, restarted_):
+    """Pending work is the engine's: a request the gateway still counts because its client does not read
+    may make the watchdog look (a canary), never decide with the ranks (which idle once the engine is done)."""
+    c = ready()
+    c.feed(300, progress=False, running=running, gateway=gateway, ranks=ranks, evidence="GPU rank at near-idle power: sim-2",
+           canary_result=canary)
+    assert ("restart" in c.kinds()) is restarted_, c.actions
+    if restarted_ and canary is None:
+        assert "canary" not in c.kinds() and "near-idle power" in c.actions[-1][1].reason
+    if not restarted_:
+        assert c.kinds() and set(c.kinds()) == {"canary"}
+
+
+def test_the_rule_fed_the_attack_sample_does_not_restart():
+    """The sample the attack produced: a non-reading client's request counted by the gateway, the engine
+    reporting 0, GPU ranks at idle power; before, it was a restart 10 s later ("the gateway's count ... and GPU
+    rank at near-idle power")."""
+    c = ready()
+    c.feed(S.stall_window_s + S.period_s, progress=False, running=0, gateway=1, ranks="wedged",
+           evidence="GPU rank at near-idle power: sim-1: 15 W (idle 14 W)")
+    assert "restart" not in c.kinds() and c.kinds() == ["canary"]
+    assert "the gateway's count; the engine reports 0" in c.state.suspect_reason
+
+
 def test_a_canary_refused_for_its_key_is_a_configuration_alert_never_a_restart():
     c = ready()
     c.feed(200, progress=False, running=0, refused=401)  # idle canaries: the first is refused
