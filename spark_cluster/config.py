@@ -242,13 +242,8 @@ class ClusterConfig(Strict):
     def engine_api_key(self) -> Optional[str]:
         """The key vLLM's API server demands on /v1/* (its `--api-key`, else VLLM_API_KEY in the head's
         container environment), or None. Readiness, the canary and status send it."""
-        args = self.vllm.extra_args
-        for i, arg in enumerate(args):
-            if arg == "--api-key" and i + 1 < len(args):
-                return args[i + 1]
-            if arg.startswith("--api-key="):
-                return arg.split("=", 1)[1]
-        return self._head_env().get("VLLM_API_KEY") or None
+        keys = flag_values(self.vllm.extra_args, "--api-key")
+        return keys[0] if keys else self._head_env().get("VLLM_API_KEY") or None
 
     def _head_env(self) -> dict[str, str]:
         """The environment the user gives the head's containers (vLLM's API server runs there)."""
@@ -304,8 +299,37 @@ def _head_problems(nodes: list[Node], where: tuple[Any, ...], of: str) -> list[t
     return []
 
 
-SECRET_FLAG_RE = re.compile(r"^--?[a-z0-9-]*(key|token|secret|password|passwd|credential)s?$", re.I)
+SECRET_FLAG_RE = re.compile(r"^--?[a-z0-9-]*(key|token|secret|password|passwd|credential)s?$")
 ENV_FLAGS = ("-e", "--env")
+# flags whose value may be several words (vLLM's `--api-key k1 k2`: any of them is accepted)
+MANY_VALUES = ("--api-key",)
+
+
+def flag_name(word: str) -> str:
+    """A command-line word's flag as vLLM's parser reads it: `--api_key=x` and `--API-KEY` are `--api-key`
+    (vLLM's FlexibleArgumentParser turns underscores into dashes; the case is folded here so that no
+    spelling of a secret escapes masking). Pure."""
+    flag = word.partition("=")[0]
+    return flag.lower().replace("_", "-") if flag.startswith("-") else flag
+
+
+def flag_values(args: list[str], name: str) -> list[str]:
+    """The values given to flag `name` in any spelling: `--name X`, `--name=X`, and for a flag of
+    MANY_VALUES every word up to the next flag. Pure."""
+    found = []
+    for i, arg in enumerate(args):
+        if not arg.startswith("-") or flag_name(arg) != name:
+            continue
+        if "=" in arg:
+            found.append(arg.partition("=")[2])
+            continue
+        for value in args[i + 1:]:
+            if value.startswith("-") and value != "-":
+                break
+            found.append(value)
+            if name not in MANY_VALUES:
+                break
+    return found
 
 
 def secret_arguments(args: list[str], names: set[str]) -> list[str]:
@@ -320,11 +344,10 @@ def secret_arguments(args: list[str], names: set[str]) -> list[str]:
             name, assigned, secret = ((value if eq else following) or "").partition("=")
             if assigned and (name in names or SECRET_ENV_RE.search(name)):
                 found.append(secret)
-        elif SECRET_FLAG_RE.match(flag):
-            if eq:
-                found.append(value)
-            elif following is not None:
-                found.append(following)
+    flags = dict.fromkeys(flag_name(a) for a in args if a.startswith("-"))
+    for flag in flags:
+        if SECRET_FLAG_RE.match(flag):
+            found += flag_values(args, flag)
     return found
 
 

@@ -1,6 +1,10 @@
 """The gateway's door: whether a new request passes, waits or is refused, from what the watchdog
 says (its phase and events) and how many wait already. Pure rules, table-tested (tests/test_gateway.py);
-with several groups each has its door and the gateway's is `overall_door` of theirs."""
+with several groups each has its door and the gateway's is `overall_door` of theirs.
+
+A door has two reasons: `reason`, the watchdog's whole reason (SSH targets, paths, a failed restart's
+text), for the control plane behind its token; and `told`, a short category that clients of the
+public port see (`/health`, 503 bodies, a cut stream's error event)."""
 
 from __future__ import annotations
 
@@ -12,22 +16,33 @@ from .serving_settings import GatewaySettings
 Mode = Literal["open", "hold", "closed"]
 
 
+PUBLIC = {"open": "serving", "hold": "not serving yet", "closed": "not serving"}
+
+
 @dataclass(frozen=True)
 class Door:
     mode: Mode = "hold"
     reason: str = "the controller is starting"
     suspect: bool = False  # open, but the watchdog doubts it: with several groups, new requests go to the others
+    public: str = "the controller is starting"  # what clients are told (no detail); "" for the mode's own word
+
+    @property
+    def told(self) -> str:
+        return self.public or PUBLIC[self.mode]
+
+
+OPEN = Door("open", "", public="")
 
 
 def door_for_phase(phase: str, reason: str = "") -> Door:
     """The door for a watchdog phase: open while it serves (busy and suspect are still serving: busy is not dead)."""
     if phase in ("healthy", "busy", "suspect", "paused"):
-        return Door("open", "", suspect=phase == "suspect")
+        return Door("open", "", suspect=phase == "suspect", public="")
     if phase == "failed":
-        return Door("closed", reason or "the watchdog has given up")
+        return Door("closed", reason or "the watchdog has given up", public="the watchdog has given up restarting the engine")
     what = {"starting": "the engine is starting", "backoff": "the engine is about to be restarted (backoff)",
-            "restarting": "the engine is being restarted"}.get(phase, f"the cluster is {phase}")
-    return Door("hold", what + (f": {reason}" if reason else ""))
+            "restarting": "the engine is being restarted"}.get(phase, "the engine is not serving")
+    return Door("hold", what + (f": {reason}" if reason else ""), public=what)
 
 
 def door_after(door: Door, event: dict[str, Any]) -> tuple[Door, bool]:
@@ -38,11 +53,11 @@ def door_after(door: Door, event: dict[str, Any]) -> tuple[Door, bool]:
         new = door_for_phase(str(event.get("state")), str(event.get("reason") or ""))
         return new, new.mode == "hold" and event.get("state") in ("backoff", "restarting")
     if kind == "decision" and event.get("action") == "restart":
-        return Door("hold", f"the engine is being restarted: {event.get('reason', '')}"), True
+        return Door("hold", f"the engine is being restarted: {event.get('reason', '')}", public="the engine is being restarted"), True
     if kind == "restart-done":
-        return Door("open", ""), False  # `up` ended with a real completion: it serves
+        return OPEN, False  # `up` ended with a real completion: it serves
     if kind == "watch-paused":
-        return Door("open", ""), False
+        return OPEN, False
     return door, False
 
 
@@ -58,9 +73,9 @@ def admit(door: Door, held_now: int, s: GatewaySettings) -> Admission:
     if door.mode == "open":
         return Admission("pass")
     if door.mode == "closed":
-        return Admission("reject", f"not serving, and the watchdog has given up: {door.reason}")
+        return Admission("reject", f"not serving: {door.told}")
     if held_now >= s.max_held:
-        return Admission("reject", f"not serving ({door.reason}) and {held_now} requests are already waiting "
+        return Admission("reject", f"not serving ({door.told}) and {held_now} requests are already waiting "
                                    f"(gateway.max_held {s.max_held})", retry_after=True)
     return Admission("hold")
 
@@ -80,9 +95,13 @@ def overall_door(doors: list[Door]) -> Door:
     """The gateway's door over several groups' doors: open while any is open, closed when all are
     closed (every watchdog has given up), else holding. Pure."""
     if any(d.mode == "open" for d in doors):
-        return Door("open", "")
+        return OPEN
     if doors and all(d.mode == "closed" for d in doors):
-        return doors[0] if len(doors) == 1 else Door("closed", "; ".join(d.reason for d in doors))
+        return doors[0] if len(doors) == 1 else _joined("closed", doors)
     held = [d for d in doors if d.mode == "hold"]
-    return held[0] if len(doors) == 1 or not held else Door("hold", "; ".join(d.reason for d in held))
+    return held[0] if len(doors) == 1 or not held else _joined("hold", held)
+
+
+def _joined(mode: Mode, doors: list[Door]) -> Door:
+    return Door(mode, "; ".join(d.reason for d in doors), public="; ".join(dict.fromkeys(d.told for d in doors)))
 

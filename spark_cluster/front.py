@@ -399,7 +399,7 @@ class GatewayProtocol(asyncio.Protocol):
                                          request.send, request.gone, request, self.peer)
             elif request.target.split(b"?", 1)[0] == b"/health":
                 door = self.gateway.door
-                await request.answer(200 if door.mode == "open" else 503, json.dumps({"gateway": door.mode, "reason": door.reason}).encode())
+                await request.answer(200 if door.mode == "open" else 503, json.dumps({"gateway": door.mode, "reason": door.told}).encode())
             else:
                 await request.answer(404, error_body("not found: the gateway answers /v1/* (and /health); the controller's API, "
                                                      "status page and metrics are on controller.port", "not_found", 404))

@@ -226,7 +226,7 @@ class Gateway:
     def drain(self, group: str, reason: str) -> None:
         """The group takes no new request (they go to the other groups, or wait at the door when it
         is the only one); what it has in flight goes on."""
-        self.set_door(Door("hold", reason), group=group)
+        self.set_door(Door("hold", reason, public="a rolling change is under way"), group=group)
         self.members[group].draining = True
 
     async def drained(self, group: str, timeout_s: float) -> int:
@@ -276,7 +276,7 @@ class Gateway:
                 return None if a.verdict == "pass" else a
             left = deadline - time.monotonic()
             if left <= 0:
-                return Admission("reject", f"not serving again within gateway.hold_s ({self.s.hold_s:g}s): {self.door.reason}", retry_after=True)
+                return Admission("reject", f"not serving again within gateway.hold_s ({self.s.hold_s:g}s): {self.door.told}", retry_after=True)
             self.held += 1
             self.obs.held(self.held)
             try:
@@ -396,7 +396,7 @@ class Gateway:
                 return "ok" if flight.done_sent else "cancelled"
             if not flight.started:
                 return "retry"
-            await self._end_stream(send, flight, f"the watchdog is restarting the engine ({m.door.reason or 'it stopped answering'})")
+            await self._end_stream(send, flight, f"the watchdog is restarting the engine ({m.door.public or 'it stopped answering'})")
             return "interrupted"
         finally:
             flight.interrupt.callbacks.remove(cut)

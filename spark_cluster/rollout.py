@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import timeouts
 from .config import ClusterConfig
-from .door import Door
+from .door import OPEN, Door
 from .errors import RolloutFailed, SparkClusterError
 from .executor import Executor
 from .transport import Nodes
@@ -86,13 +86,13 @@ async def _roll_group(ctl: "Controller", label: str, group: ClusterConfig, repor
         report({"event": "roll-failed", "group": label, "error": str(exc) if isinstance(exc, SparkClusterError) else
                 f"{type(exc).__name__}: {exc}"})
         ctl.start_watch(label, group, nodes)  # the new config's watchdog takes the group from here
-        await gateway.undrain(label, Door("hold", f"the rolling change failed on group {label}"), group.endpoint())
+        await gateway.undrain(label, Door("hold", f"the rolling change failed on group {label}", public="a rolling change failed"), group.endpoint())
         return False
     from .watchdog import reset_breaker
 
     reset_breaker(group, "a rolling change", recreated=True)
     ctl.start_watch(label, group, nodes)
-    await gateway.undrain(label, Door("open", ""), group.endpoint())  # up ended with a real completion: it serves
+    await gateway.undrain(label, OPEN, group.endpoint())  # up ended with a real completion: it serves
     report({"event": "roll-done", "group": label, "seconds": result.total_s, "recreated": result.recreated})
     return True
 

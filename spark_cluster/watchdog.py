@@ -268,15 +268,15 @@ class Watchdog:
             why = mark.read_text().strip()
             mark.unlink(missing_ok=True)
             self.deliberate_start(why)  # `up` or `watch --reset` ran while this loop held its state
-        if self._pause_wanted is not None and self._pause_wanted != self.paused:
-            self.paused = self._pause_wanted
-            if self.paused:
-                self.event("watch-paused", state=self.state.phase)
-            else:
-                self.deliberate_start("resumed through the controller's API", recreated=False)  # a person has looked
-                self.state = resumed(self.state, self.clock())
-                self.event("watch-resumed", state=self.state.phase)
-        self._pause_wanted = None
+        wanted, self._pause_wanted = self._pause_wanted, None
+        if wanted and not self.paused:
+            self.paused = True
+            self.event("watch-paused", state=self.state.phase)
+        elif wanted is False and (self.paused or self.state.phase == "failed"):  # resume also takes a tripped breaker back
+            self.paused = False
+            self.deliberate_start("resumed through the controller's API", recreated=False)  # a person has looked
+            self.state = resumed(self.state, self.clock())
+            self.event("watch-resumed", state=self.state.phase)
 
     def deliberate_start(self, why: str, *, recreated: bool = True) -> bool:
         """Someone took a deliberate step: a failed watchdog has its breaker reset (True); one that was not

@@ -51,8 +51,10 @@ def test_door_reason_names_the_phase():
 @pytest.mark.parametrize("door, held, expected", [
     (Door("open"), 999, Admission("pass")),
     (Door("hold", "restarting"), 0, Admission("hold")),
-    (Door("hold", "restarting"), 2, Admission("reject", "not serving (restarting) and 2 requests are already waiting (gateway.max_held 2)", True)),
-    (Door("closed", "breaker"), 0, Admission("reject", "not serving, and the watchdog has given up: breaker")),
+    (Door("hold", "restarting: ssh x@y", public="restarting"), 2,
+     Admission("reject", "not serving (restarting) and 2 requests are already waiting (gateway.max_held 2)", True)),
+    (Door("closed", "breaker: ssh x@y", public=""), 0, Admission("reject", "not serving: not serving")),
+    (door_for_phase("failed", "breaker: ssh x@y"), 0, Admission("reject", "not serving: the watchdog has given up restarting the engine")),
 ])
 def test_admit(door, held, expected):
     assert admit(door, held, GatewaySettings(max_held=2)) == expected
@@ -223,7 +225,27 @@ def test_when_the_watchdog_has_given_up_nothing_is_held(rig):
     t0 = time.monotonic()
     r = httpx.post(f"{rig.url}/v1/completions", json={})
     assert time.monotonic() - t0 < 1 and r.status_code == 503
-    assert "given up: circuit breaker" in r.json()["error"]["message"] and "retry-after" not in r.headers
+    assert "given up" in r.json()["error"]["message"] and "retry-after" not in r.headers
+
+
+@pytest.mark.parametrize("event", [
+    {"event": "state", "state": "failed", "previous": "backoff",
+     "reason": "the last restart failed: ssh root@10.77.0.2:22: host key not in /root/.ssh/known_hosts"},
+    {"event": "decision", "action": "restart", "reason": "member gone: node sim-2 (root@10.77.0.2) unreachable for 3 periods"},
+    {"event": "state", "state": "starting", "previous": "restarting", "reason": "docker: Error response from daemon: /srv/models"},
+])
+def test_the_public_port_says_serving_holding_or_closed_never_the_watchdogs_detail(rig, event):
+    """The attack: /health and every 503 body carried the watchdog's whole reason: SSH targets, the
+    known_hosts path, a failed restart's text. The control plane keeps it."""
+    rig.emit(event.pop("event"), **event)
+    health = httpx.get(f"{rig.url}/health")
+    with httpx.Client(timeout=10) as c:
+        refused = c.post(f"{rig.url}/v1/completions", json={"prompt": "p"}, timeout=10) if health.json()["gateway"] == "closed" else None
+    for text in [health.text] + ([refused.text] if refused is not None else []):
+        assert "10.77.0.2" not in text and "known_hosts" not in text and "docker" not in text and "/srv" not in text, text
+    assert health.status_code == 503 and health.json()["reason"].startswith(("the engine", "the watchdog"))
+    detail = httpx.get(f"{rig.api}/api/status", timeout=30).json()
+    assert "10.77.0.2" in json.dumps(detail) or "/srv/models" in json.dumps(detail)  # the control plane keeps the detail
 
 
 def test_a_request_refused_before_its_first_byte_is_retried_once_the_engine_is_back(tmp_path):

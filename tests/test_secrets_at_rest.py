@@ -12,6 +12,9 @@ from concurrent.futures import Future
 
 import pytest
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from spark_cluster.config import secret_arguments
 from spark_cluster.executor import Executor
 from spark_cluster.observation import VLLMObs
@@ -93,6 +96,8 @@ def test_no_file_under_state_dir_holds_a_secret_and_none_is_readable_by_others(t
     (["-e", "CUSTOM=c-7"], {"CUSTOM"}, ["c-7"]),
     (["--shm-size", "10.24g", "-e", "NCCL_DEBUG=INFO"], set(), []),
     (["--secret-file", "/run/s", "--client-secret=cs-8", "--password", "p-9"], set(), ["cs-8", "p-9"]),  # a path to a secret is none
+    (["--api_key", "sk-10", "--hf_token=hf-11"], set(), ["sk-10", "hf-11"]),  # vLLM reads underscores as dashes
+    (["--api-key", "k-12", "k-13", "--port", "8000"], set(), ["k-12", "k-13"]),  # vLLM takes several keys
 ])
 def test_secret_arguments(args, names, found):
     assert secret_arguments(args, names) == found
@@ -114,3 +119,38 @@ def test_a_state_folder_is_made_private_but_a_shared_one_is_left_as_it_is(tmp_pa
     assert modes == {"mine": 0o700, "mine/f.json": 0o600, "mine/a": 0o700, "mine/a/b": 0o700, "mine/a/b/f.json": 0o600,
                      "shared": 0o1777, "shared/g.json": 0o600}
     assert private_dir(shared) == shared and stat.S_IMODE(shared.stat().st_mode) == 0o1777
+
+
+SPELLINGS = {"api-key": ["--api-key", "--api_key"], "hf-token": ["--hf-token", "--hf_token"]}
+BENIGN = [["--max-model-len", "4096"], ["--enable-prefix-caching"], ["--port=8000"], ["--served-model-name", "qwen"],
+          ["--gpu_memory_utilization", "0.8"], ["--swap-space", "4"]]
+
+
+@st.composite
+def command_line(draw) -> tuple[list[str], dict[str, list[str]]]:
+    """vllm.extra_args with the API key (one or two) and an HF token in every spelling vLLM's parser
+    accepts (`--api-key X`, `--api_key=X`, ...), among other flags in any order."""
+    parts = [list(p) for p in draw(st.lists(st.sampled_from(BENIGN), max_size=4))]
+    secrets: dict[str, list[str]] = {}
+    for flag, spellings in SPELLINGS.items():
+        if not draw(st.booleans()):
+            continue
+        spelled = draw(st.sampled_from(spellings))
+        values = [f"{flag}-{draw(st.text('abcdef0123', min_size=6, max_size=12))}" for _ in range(draw(st.integers(1, 2)) if flag == "api-key" else 1)]
+        secrets[flag] = values
+        parts.insert(draw(st.integers(0, len(parts))), [f"{spelled}={values[0]}"] if len(values) == 1 and draw(st.booleans())
+                     else [spelled, *values])
+    return [w for p in parts for w in p], secrets
+
+
+@settings(max_examples=60, deadline=None)
+@given(command_line())
+def test_a_secret_flag_is_masked_and_the_engine_key_found_in_every_spelling(line):
+    """The attack: `--api_key` and `--hf_token`, which vLLM accepts, were printed raw by `plan`, and
+    `--api_key` was not taken for the engine's key (readiness then failed)."""
+    args, secrets = line
+    cfg = sim_variant("ray", **{"vllm.extra_args": args})
+    shown = build_plan(cfg).model_dump_json()
+    for value in (v for values in secrets.values() for v in values):
+        assert value in secret_arguments(args, set()) and value not in shown, (args, value)
+    assert cfg.engine_api_key() == (secrets["api-key"][0] if "api-key" in secrets else None)

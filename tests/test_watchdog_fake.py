@@ -88,3 +88,25 @@ def test_a_wedged_engine_is_restarted_in_order_then_backed_off_then_the_breaker_
     assert len([e for e in events if e["event"] == "restart-done"]) == 3
     assert wd.state.phase == "failed" and any(e["event"] == "alert" and "circuit breaker" in e["reason"] for e in events)
     assert len({p.name for p in (tmp_path / "incidents").iterdir()}) == 3  # one bundle per restart, none overwritten
+
+
+def test_resume_takes_a_tripped_breaker_back_as_the_docs_say_without_a_pause_before(loop):
+    """docs/controller.md and failover.md: POST /api/watchdog/resume resets a tripped breaker. The code
+    acted only when the pause flag changed, so a failed watchdog that was never paused stayed failed."""
+    from dataclasses import replace
+
+    wd, cluster, engine, clock, events = loop
+    periods(wd, clock, 3)
+    wd.state = replace(wd.state, phase="failed", last_reason="circuit breaker: 3 restarts in the last hour (limit 3)",
+                       restarts=(clock.t - 30, clock.t - 20, clock.t - 10))
+    periods(wd, clock, 2)
+    assert wd.state.phase == "failed"  # it stays failed until told otherwise
+    wd.pause(False)  # the API's resume
+    periods(wd, clock, 2)
+    [reset] = [e for e in events if e["event"] == "breaker-reset"]
+    assert reset["previous"].startswith("circuit breaker") and "resumed" in reset["why"]
+    assert wd.state.phase == "healthy" and [e["event"] for e in events].count("watch-resumed") == 1
+    assert len(wd.state.restarts) == 3 and wd.state.budget_since is not None  # the history kept, not counted
+    wd.pause(False)  # resuming a watchdog that runs changes nothing
+    periods(wd, clock, 1)
+    assert [e["event"] for e in events].count("watch-resumed") == 1
