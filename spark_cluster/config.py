@@ -439,6 +439,8 @@ def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a cluster.yaml") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level, found {type(data).__name__}")
     try:

@@ -30,6 +30,8 @@ from .watch_state import iso
 from .controller import EVENTS_KEPT, SESSION_COOKIE, TOKEN_NEEDED, Controller, listening_socket
 from .state_dir import private_dir
 from .render import render
+from .control_guard import uvicorn_options
+from .decide import request_refused
 
 
 def create_app(ctl: Controller) -> FastAPI:
@@ -58,7 +60,7 @@ def create_app(ctl: Controller) -> FastAPI:
 
     for label, group in ctl.groups.items():  # with groups, /incidents/<group>/<bundle>/<file>
         incidents = StaticFiles(directory=group.resolved_state_dir() / "incidents", check_dir=False)
-        app.mount(f"/incidents/{label}" if ctl.several else "/incidents", _guarded(incidents, lambda request: ctl.token_ok(request)),
+        app.mount(f"/incidents/{label}" if ctl.several else "/incidents", _guarded(ctl, incidents),
                   name=f"incidents-{label}")
     allowed = allowed_hosts(ctl.cfg)
     return _host_checked(app, allowed)
@@ -100,14 +102,28 @@ def _host_checked(app: Any, allowed: set[str]) -> Any:
     return checked
 
 
-def _guarded(app: Any, ok: Callable[[Request], bool]) -> Any:
+def _guarded(ctl: Controller, app: Any) -> Any:
     """An ASGI app answered only with the token (401 otherwise)."""
     async def guarded(scope, receive, send):
-        if scope["type"] == "http" and not ok(Request(scope)):
+        if scope["type"] == "http" and not ctl.token_ok(request := Request(scope)):
+            await _failed_attempt(ctl, _presented(request))
             await _unauthorized()(scope, receive, send)
             return
         await app(scope, receive, send)
     return guarded
+
+
+def _presented(request: Request) -> bool:
+    """The request carries a token or a session (a wrong one is an attempt; none is a page not logged in)."""
+    return "authorization" in request.headers or SESSION_COOKIE in request.cookies
+
+
+async def _failed_attempt(ctl: Controller, attempted: bool) -> None:
+    """A wrong token waits timeouts.FAILED_TOKEN_S, one after the other whoever sends them: guesses go at
+    that pace at most (the right token never waits)."""
+    if attempted:
+        async with ctl.guesses:
+            await asyncio.sleep(timeouts.FAILED_TOKEN_S)
 
 
 def _unauthorized() -> JSONResponse:
@@ -162,8 +178,9 @@ def _private_routes(ctl: Controller) -> APIRouter:
     """What a cluster did (events, incidents: reasons, logs): the token, as a bearer header or the
     session the status page opens with it."""
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:
         if not ctl.token_ok(request):
+            await _failed_attempt(ctl, _presented(request))
             raise HTTPException(401, TOKEN_NEEDED, headers={"WWW-Authenticate": "Bearer"})
 
     api = APIRouter(dependencies=[Depends(authorized)])
@@ -189,9 +206,10 @@ def _session_route(ctl: Controller) -> APIRouter:
 
     @api.post("/api/session", status_code=204, summary="The status page gives the token once; a session cookie (HttpOnly, "
                                                      "SameSite=Strict) lets it read events and incidents")
-    def api_session(body: dict[str, str] = Body(...)):
+    async def api_session(body: dict[str, str] = Body(...)):
         given = str(body.get("token", ""))
         if not hmac.compare_digest(given.encode(), ctl.token.encode()):
+            await _failed_attempt(ctl, True)
             raise HTTPException(401, TOKEN_NEEDED)
         resp = Response(status_code=204)
         resp.set_cookie(SESSION_COOKIE, ctl.session, httponly=True, samesite="strict", path="/")
@@ -204,8 +222,9 @@ def _bearer_only(ctl: Controller) -> Callable[..., None]:
     """A dependency that lets through only the token as a bearer header."""
     bearer = HTTPBearer(auto_error=False)
 
-    def authorized(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+    async def authorized(request: Request, creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         if creds is None or not hmac.compare_digest(creds.credentials.encode(), ctl.token.encode()):
+            await _failed_attempt(ctl, _presented(request))
             raise HTTPException(401, TOKEN_NEEDED, headers={"WWW-Authenticate": "Bearer"})
     return authorized
 
@@ -283,6 +302,9 @@ def _action_routes(ctl: Controller) -> APIRouter:
         [wd] = watchdogs(group, every=False)
         if wd.busy_restarting:
             raise HTTPException(409, "a restart is already under way")
+        refused = request_refused(wd.state, wd.clock(), ctl.cfg.watchdog)
+        if refused is not None:
+            raise HTTPException(429, refused)
         wd.request_restart("requested through the controller's API")
         return {"restart": "requested"}
 
@@ -316,4 +338,5 @@ def serve(cfg: ClusterConfig) -> None:
         private_dir(group.resolved_state_dir() / "incidents")
     # uvloop named: a missing one stops the controller at start instead of falling back silently to asyncio's slower loop
     uvicorn.Server(uvicorn.Config(create_app(ctl), loop="uvloop", log_level="warning", access_log=False,
-                                  timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S)).run(sockets=[control])
+                                  timeout_graceful_shutdown=timeouts.GRACEFUL_SHUTDOWN_S,
+                                  **uvicorn_options(cfg.gateway.max_head_bytes()))).run(sockets=[control])

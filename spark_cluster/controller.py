@@ -144,6 +144,7 @@ class Controller:
         self.threads: dict[str, threading.Thread] = {}
         self.stop_flags: dict[str, threading.Event] = {}  # one group's watchdog stops (a rolling change)
         self.rolling = asyncio.Lock()  # one rolling change at a time
+        self.guesses = asyncio.Lock()  # wrong tokens wait their turn (control_api._failed_attempt)
         self.tasks: set[asyncio.Task] = set()  # rolling changes under way (kept: a task nobody holds may vanish)
         self.nodes: dict[str, Nodes] = {}
         self.status_nodes: dict[str, Nodes] = {}

@@ -169,9 +169,24 @@ def restarted(state: State, now: float, error: str = "") -> State:
                    grace_on_ready=True, failed_restart=error, key_refused=False)
 
 
-def requested_restart(state: State, now: float, reason: str) -> tuple[State, Action]:
+def request_refused(state: State, now: float, s: WatchdogSettings) -> Optional[str]:
+    """Why a restart asked for through the API is refused (None: it is carried out): it counts against the
+    circuit breaker like any other, so a script calling it in a loop cannot restart-loop the group (restart
+    loops leak unified memory). Resume resets a tripped breaker. Pure."""
+    recent = recent_restarts(state, now)
+    if len(recent) >= s.max_restarts_per_hour:
+        return (f"{len(recent)} restarts in the last hour reach the circuit breaker's limit (watchdog.max_restarts_per_hour "
+                f"{s.max_restarts_per_hour}): resume the watchdog (POST /api/watchdog/resume) to reset it, then restart")
+    return None
+
+
+def requested_restart(state: State, now: float, reason: str, s: WatchdogSettings) -> tuple[State, Action]:
     """A person asked for a restart (POST /api/restart): carried out at once whatever the phase, with no
-    backoff and past the breaker (someone has looked); it counts in the restart history like any other."""
+    backoff, within the circuit breaker (request_refused: then an alert); it counts in the restart history
+    like any other."""
+    refused = request_refused(state, now, s)
+    if refused is not None:
+        return state, Action("alert", f"restart asked for through the API refused: {refused}")
     new = replace(state, phase="restarting", since=now, backoff_until=now, suspect_since=None, suspect_reason="",
                   canary_pending=False, last_reason=reason, failed_restart="")
     return new, Action("restart", reason)

@@ -57,7 +57,7 @@ def prompt_of(path: str, body: bytes) -> Optional[Prompt]:
         return None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to read: the engine judges it, unrouted
         return None
     if not isinstance(data, dict):
         return None

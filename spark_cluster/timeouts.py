@@ -69,6 +69,12 @@ LOCAL_CHECK_S = 600
 VLLM_ENV_STEP_S = 1800
 # A client's kept-alive connection to the gateway with no request: closed after this (as uvicorn's default).
 GATEWAY_KEEP_ALIVE_S = 5
+# A request to the control plane must be whole this long after its first byte (blank lines included):
+# its requests are small and come from this machine or a tunnel.
+CONTROL_REQUEST_S = 10
+# A wrong API token is answered this long after it came, one after another: guessing goes at 2 a second
+# at most; a person who mistyped does not notice.
+FAILED_TOKEN_S = 0.5
 
 # `up` asks whether this cluster's controller serves (then the change rolls through it): on loopback
 # by default, an answer comes at once or not at all.

@@ -300,7 +300,7 @@ class Watchdog:
         now = self.clock()
         requested, self.restart_requested = self.restart_requested, None
         if requested is not None:
-            self.state, action = requested_restart(self.state, now, requested)
+            self.state, action = requested_restart(self.state, now, requested, self.s)
         elif self.paused:
             return None
         else:

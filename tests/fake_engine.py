@@ -116,7 +116,7 @@ class FakeEngine:
         try:
             req = json.loads(body or b"{}")
             assert isinstance(req, dict)
-        except (ValueError, AssertionError):  # as vLLM answers a body that is not a JSON object
+        except (ValueError, AssertionError, RecursionError):  # as vLLM answers a body that is not a JSON object
             return JSONResponse({"error": {"message": "invalid JSON body", "type": "BadRequestError", "code": 400}}, status_code=400)
         if not req.get("stream"):
             sc.running += 1

@@ -14,6 +14,7 @@ import yaml
 
 from spark_cluster.config import parse_config
 from spark_cluster.control_api import create_app
+from spark_cluster.control_guard import uvicorn_options
 from spark_cluster.controller import Controller, listening_socket
 from spark_cluster.decide import State
 from spark_cluster.metrics import sample_value
@@ -104,7 +105,7 @@ def serving_controller(cfg) -> tuple[Controller, Served]:
     """The controller as `controller` serves it: the control plane on uvicorn (a free port), the
     gateway on a socket of its own (another free port), a scripted watchdog."""
     ctl = Controller(cfg, token=TOKEN, watchdog=ScriptedWatchdog, gateway_socket=listening_socket("127.0.0.1", 0, "gateway.port"))
-    return ctl, Served(create_app(ctl))
+    return ctl, Served(create_app(ctl), **uvicorn_options(cfg.gateway.max_head_bytes()))
 
 
 def gateway_url(ctl: Controller) -> str:

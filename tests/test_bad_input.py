@@ -346,6 +346,126 @@ def test_forwarded_for(client, expected):
 
 
 # ---- the control plane ------------------------------------------------------------------------------
+def health_times(url: str, stop: threading.Event, out: list[float]) -> None:
+    with httpx.Client(timeout=10) as c:
+        while not stop.is_set():
+            t = time.monotonic()
+            c.get(f"{url}/health")
+            out.append(time.monotonic() - t)
+            time.sleep(0.01)
+
+
+def test_a_64_mb_header_to_the_control_plane_gets_431_and_the_gateway_keeps_answering(rig):
+    """The attack: a 64 MiB header to controller.port got 200 and stalled the gateway's /health 5.7 s."""
+    stop, times = threading.Event(), []
+    probe = threading.Thread(target=health_times, args=(rig.url, stop, times))
+    probe.start()
+    try:
+        time.sleep(0.3)
+        before = rss_mb()
+        status, sent = send_huge_header(rig.api)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        probe.join()
+    assert status == 431 and sent < 64 * 2**20 and rss_mb() - before < 10
+    times.sort()
+    assert len(times) > 20 and times[int(len(times) * 0.99)] < 0.1, times[-5:]  # the gateway's /health p99
+    assert httpx.get(f"{rig.api}/healthz").status_code == 200
+
+
+@pytest.fixture
+def quick_control(tmp_path, monkeypatch):
+    """The rig with the control plane's deadline and idle time short (1 s, 2 s)."""
+    from spark_cluster import timeouts
+
+    from .fake_engine import FakeEngine
+    from .gateway_rig import Rig
+
+    monkeypatch.setattr(timeouts, "CONTROL_REQUEST_S", 1)
+    monkeypatch.setattr(timeouts, "GATEWAY_KEEP_ALIVE_S", 2)
+    engine = FakeEngine().start()
+    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url))
+    served.start()
+    try:
+        yield Rig(engine, ctl, served)
+    finally:
+        served.stop()
+        engine.stop()
+
+
+def test_trickling_blank_and_idle_connections_to_the_control_plane_are_closed_in_time(quick_control):
+    """The attack: 100 trickling connections stayed open 60 s; at the fd limit, idle control-plane connections
+    made every gateway client get a reset."""
+    rig = quick_control
+    trickling = [connected(rig.api) for _ in range(20)]
+    blank = [connected(rig.api) for _ in range(20)]
+    idle = [connected(rig.api) for _ in range(20)]
+    try:
+        t0 = time.monotonic()
+        for sock in trickling:
+            sock.sendall(b"GET /api/status HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        for sock in blank:
+            sock.sendall(b"\r\n")
+        assert httpx.get(f"{rig.api}/healthz").status_code == 200  # others are served meanwhile
+        assert [status_of(s, timeout=5) for s in trickling] == [408] * 20
+        assert {status_of(s, timeout=5) for s in blank} <= {400, 408}  # uvicorn's h11 refuses a blank line at once
+        assert time.monotonic() - t0 < 1 + 1.5  # at the deadline (1 s here)
+        assert [status_of(s, timeout=5) for s in idle] == [408] * 20 and time.monotonic() - t0 < 2 + 1.5  # sent nothing (2 s here)
+        assert all(s.recv(1) == b"" for s in trickling + blank + idle)  # and closed
+    finally:
+        for sock in trickling + blank + idle:
+            sock.close()
+
+
+def test_one_address_cannot_take_every_control_plane_connection(rig):
+    from spark_cluster.control_guard import MAX_PER_PEER
+
+    socks = [connected(rig.api) for _ in range(MAX_PER_PEER)]
+    try:
+        with connected(rig.api) as extra:
+            assert status_of(extra) == 503
+        socks[0].sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        assert read_answers(socks[0], 1)[0][0] == 200  # the open ones are served
+    finally:
+        for sock in socks:
+            sock.close()
+    time.sleep(0.2)
+    assert httpx.get(f"{rig.api}/healthz").status_code == 200  # room again
+
+
+def test_wrong_tokens_are_answered_one_after_another_and_the_right_one_at_once(rig, monkeypatch):
+    """The attack: 500 token guesses were answered in 0.14 s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spark_cluster import timeouts
+
+    monkeypatch.setattr(timeouts, "FAILED_TOKEN_S", 0.1)
+
+    def guess(i: int) -> int:
+        path = ("/api/events", "/api/restart", "/incidents/x/reason.txt")[i % 3]
+        method = "POST" if path == "/api/restart" else "GET"
+        return httpx.request(method, rig.api + path, headers={"Authorization": f"Bearer guess-{i}"}, timeout=30).status_code
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(10) as pool:
+        guesses = pool.map(guess, range(20))
+        time.sleep(0.3)
+        t = time.monotonic()
+        assert httpx.get(f"{rig.api}/api/events", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert httpx.get(f"{rig.api}/api/events").status_code == 401  # no token at all: the page before its log-in
+        assert time.monotonic() - t < 0.5  # neither waits behind the guesses
+        assert list(guesses) == [401] * 20
+    assert time.monotonic() - t0 >= 20 * 0.1  # one after another
+    assert httpx.post(f"{rig.api}/api/session", json={"token": "guess"}).status_code == 401
+
+
+def test_a_body_past_the_control_planes_bound_gets_413(rig):
+    r = httpx.post(f"{rig.api}/api/rollout", content=b"x" * (2 * 2**20), headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 413
+
+
+
 def test_events_and_incidents_need_the_token_as_a_header_or_the_page_session(rig):
     bundle = rig.ctl.dir / "incidents" / "20261203-010000-hang"
     bundle.mkdir(parents=True)

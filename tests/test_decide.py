@@ -349,12 +349,30 @@ def test_a_tripped_breaker_names_itself_not_the_stall_before_it():
     assert c.state.phase == "failed" and c.state.suspect_reason == "" and c.state.last_reason.startswith("circuit breaker")
 
 
-def test_a_requested_restart_goes_past_backoff_and_breaker_and_counts():
-    failed = State(phase="failed", since=1.0, restarts=(1.0,), consecutive=3, last_reason="circuit breaker: x", suspect_reason="stall")
-    state, action = requested_restart(failed, 5.0, "requested through the controller's API")
+def test_a_requested_restart_goes_past_backoff_and_counts():
+    backoff = State(phase="backoff", since=1.0, restarts=(1.0,), consecutive=3, suspect_reason="stall")
+    state, action = requested_restart(backoff, 5.0, "requested through the controller's API", S)
     assert (action.kind, action.delay_s) == ("restart", 0) and state.phase == "restarting" and state.suspect_reason == ""
     after = restarted(state, 9.0)
     assert after.restarts == (1.0, 9.0) and after.phase == "starting"
+
+
+@pytest.mark.parametrize("restarts, budget_since, refused", [
+    ((), None, False),
+    ((100.0, 200.0), None, False),
+    ((100.0, 200.0, 300.0), None, True),  # the breaker's limit (3): a script restarting in a loop stops here
+    ((100.0, 200.0, 300.0), 250.0, False),  # resume (a new budget) counts only what came after
+    ((-4000.0, 200.0, 300.0), None, False),  # one of them is over an hour old
+])
+def test_a_requested_restart_counts_against_the_breaker(restarts, budget_since, refused):
+    from spark_cluster.decide import request_refused
+
+    state = State(phase="failed" if refused else "healthy", restarts=restarts, budget_since=budget_since)
+    assert (request_refused(state, 400.0, S) is not None) is refused
+    new, action = requested_restart(state, 400.0, "requested", S)
+    assert action.kind == ("alert" if refused else "restart") and (new is state) is refused
+    if refused:
+        assert "max_restarts_per_hour 3" in action.reason and "resume" in action.reason
 
 
 def test_resume_confirms_afresh_but_a_failed_watchdog_stays_failed():

@@ -361,6 +361,10 @@ def test_restart_and_pause_need_the_token(rig):
     assert rig.wd.pauses == [True, False]
     rig.wd.state = State(phase="restarting")
     assert httpx.post(f"{rig.api}/api/restart", headers=auth).status_code == 409
+    now = time.time()  # three restarts in the last hour: the breaker's limit counts the API's too
+    rig.wd.state = State(phase="failed", restarts=(now - 300, now - 200, now - 100))
+    r = httpx.post(f"{rig.api}/api/restart", headers=auth)
+    assert r.status_code == 429 and "resume" in r.json()["detail"] and len(rig.wd.restarts) == 1
 
 
 def test_metrics_parse_and_count_restarts_by_reason(rig):

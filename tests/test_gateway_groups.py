@@ -16,7 +16,7 @@ from spark_cluster.gateway import Flight, Member, to_move
 from spark_cluster.metrics import sample_value
 
 from .fake_engine import FakeEngine, free_port
-from .gateway_rig import gateway_url, groups_cfg, serving_controller, sse_texts
+from .gateway_rig import TOKEN, gateway_url, groups_cfg, serving_controller, sse_texts
 
 
 @pytest.fixture
@@ -401,7 +401,6 @@ def test_a_group_whose_api_server_moved_in_a_rolling_change_is_reached_at_its_ne
 @pytest.mark.browser
 def test_the_status_page_shows_every_group(two):
     from .browser import Browser
-    from .gateway_rig import TOKEN
 
     ctl, served, engines = two
     for label, wd in ctl.wds.items():  # 20 and 50 tokens/s
@@ -518,3 +517,15 @@ def test_a_controller_that_answers_the_change_with_something_not_an_event_is_a_c
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_deeply_nested_input_is_a_clear_answer_never_a_500(two):
+    """The attack: with two groups, deeply nested JSON gave 500 and a traceback (routing read the body);
+    deeply nested YAML in a rollout gave 500."""
+    ctl, served, engines = two
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(f"{gateway_url(ctl)}/v1/chat/completions", content=deep, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400  # the engine's own answer to what it cannot read (the fake's: invalid JSON)
+    r = httpx.post(f"{served.url}/api/rollout", content=b"a: " + b"[" * 100_000, timeout=30,
+                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/yaml"})
+    assert r.status_code == 422 and "nested too deeply" in r.json()["detail"]

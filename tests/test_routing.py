@@ -76,6 +76,7 @@ def test_the_table_forgets_the_least_recently_used():
     ("/v1/completions", b"not json", None),
     ("/v1/completions", b"[]", None),
     ("/v1/embeddings", b'{"input": "abc"}', None),
+    (CHAT, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # nested past Python's recursion limit
 ])
 def test_prompt_of(path, body, text):
     assert prompt_of(path, body) == text
