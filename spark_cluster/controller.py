@@ -39,7 +39,7 @@ from .gateway import Gateway
 from .masking import mask
 from .metrics import ControllerMetrics
 from .render import render
-from .state_dir import EVENTS_FILE, FILE_MODE, append_private, private_dir, set_aside
+from .state_dir import EVENTS_FILE, FILE_MODE, append_private, private_dir, read_private, set_aside
 from .transport import Nodes
 from .watchdog import Watchdog
 
@@ -65,7 +65,7 @@ def load_token(cfg: ClusterConfig) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
     try:
-        value = path.read_text().strip()
+        value = (path.read_text() if a.token_file else read_private(path).decode("utf-8", "replace")).strip()
     except OSError as exc:
         raise ConfigError(f"api.token_file {path}: cannot be read ({exc.strerror})") from None
     if not value:
@@ -77,7 +77,7 @@ def tail_events(path: Path, n: int, cluster: str) -> list[dict[str, Any]]:
     """The last n events of events.jsonl. A file holding a line that is not a JSON object in UTF-8
     is set aside with an alert (state_dir.set_aside); its readable events are still shown."""
     try:
-        lines = path.read_bytes().splitlines()
+        lines = read_private(path).splitlines()
     except OSError:
         return []
     out, bad = [], 0

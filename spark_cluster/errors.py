@@ -203,6 +203,12 @@ class RolloutFailed(SparkClusterError):
     exit_code = 18
 
 
+class StateDirUnsafe(SparkClusterError):
+    """state_dir, or a file in it, is not the user's own (another owner, writable by others, a symbolic link): nothing was read from it."""
+
+    exit_code = 19
+
+
 def exit_codes() -> dict[int, str]:
     """Exit code -> what it means (for the documented table and its test)."""
     table: dict[int, str] = {EXIT_OK: "done (`status`: serving)", EXIT_NOT_SERVING: "`status`: not serving",

@@ -34,7 +34,7 @@ from .observation import NodeObs, RayObs
 from .observe import Engine, group_containers, host_snapshot, observe_nodes, observe_ray
 from .plan import build_plan
 from .ranks import GpuBaseline, ProcessesReading, learn_baseline
-from .state_dir import DIR_MODE, EVENTS_FILE, append_private, private_dir, write_private
+from .state_dir import DIR_MODE, EVENTS_FILE, INCIDENTS_KEPT, append_private, private_dir, prune, read_private, write_private
 from .transport import Nodes
 from .watch_state import STATE_FILE, gpu_baselines, iso, load_decision, read_watchdog_state, save_watchdog_state
 
@@ -197,7 +197,7 @@ class Watchdog:
         probe at most timeouts.RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
         slug = re.sub(r"[^a-z0-9]+", "-", reason.lower())[:40].strip("-")
         name = f"{datetime.fromtimestamp(self.clock()).strftime('%Y%m%d-%H%M%S')}-{slug}"
-        private_dir(self.dir / "incidents")
+        prune(private_dir(self.dir / "incidents"), INCIDENTS_KEPT - 1)  # the newest kept, this one among them
         d = self.dir / "incidents" / name
         n = 1
         while True:  # two incidents within one second keep two bundles
@@ -265,7 +265,7 @@ class Watchdog:
     def _commands(self) -> None:
         mark = self.dir / RESET_MARK
         if mark.exists():
-            why = mark.read_text().strip()
+            why = read_private(mark).decode("utf-8", "replace").strip()
             mark.unlink(missing_ok=True)
             self.deliberate_start(why)  # `up` or `watch --reset` ran while this loop held its state
         wanted, self._pause_wanted = self._pause_wanted, None

@@ -103,8 +103,9 @@ def test_secret_arguments(args, names, found):
     assert secret_arguments(args, names) == found
 
 
-def test_a_state_folder_is_made_private_but_a_shared_one_is_left_as_it_is(tmp_path):
-    from spark_cluster.state_dir import private_dir, write_private
+def test_a_state_folder_is_made_private_but_a_shared_one_is_refused_and_left_as_it_is(tmp_path):
+    from spark_cluster.errors import StateDirUnsafe
+    from spark_cluster.state_dir import write_private
 
     mine = tmp_path / "mine"
     mine.mkdir(mode=0o755)
@@ -114,11 +115,11 @@ def test_a_state_folder_is_made_private_but_a_shared_one_is_left_as_it_is(tmp_pa
     shared.chmod(0o1777)
     write_private(mine / "f.json", "{}")  # a state_dir made wider by an earlier version, or by hand
     write_private(mine / "a" / "b" / "f.json", "{}")
-    write_private(shared / "g.json", "{}")
+    with pytest.raises(StateDirUnsafe, match="writable by others"):  # nothing of ours in a folder others can write to
+        write_private(shared / "g.json", "{}")
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
     assert modes == {"mine": 0o700, "mine/f.json": 0o600, "mine/a": 0o700, "mine/a/b": 0o700, "mine/a/b/f.json": 0o600,
-                     "shared": 0o1777, "shared/g.json": 0o600}
-    assert private_dir(shared) == shared and stat.S_IMODE(shared.stat().st_mode) == 0o1777
+                     "shared": 0o1777}
 
 
 SPELLINGS = {"api-key": ["--api-key", "--api_key"], "hf-token": ["--hf-token", "--hf_token"]}
