@@ -1,19 +1,26 @@
 """`spark-cluster logs`: the cluster's container logs from the nodes, once or followed (every
-container at once, each line prefixed with where it comes from)."""
+container at once, each line prefixed with where it comes from); and a container's whole log saved
+into a folder (`down` and the watchdog's incident bundles)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Iterator, Sequence, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, TextIO
 
-from . import timeouts
+from . import lifecycle, timeouts
 from .config import ClusterConfig
+from .errors import SparkClusterError
 from .facts import ContainerFact
 from .masking import mask
 from .observe import list_containers
 from .render import quote
+from .state_dir import write_private
 from .transport import Nodes
+
+if TYPE_CHECKING:
+    from .transport import SSHTransport
 
 
 def containers_of(cfg: ClusterConfig, nodes: Nodes, targets: list[str]) -> list[tuple[str, ContainerFact]]:
@@ -56,3 +63,12 @@ def follow_logs(nodes: Nodes, found: list[tuple[str, ContainerFact]], tail: int,
         th.start()
     while any(th.is_alive() for th in threads):
         time.sleep(0.2)
+
+
+def save_logs(t: "SSHTransport", name: str, folder: Path, secrets: Sequence[str]) -> Optional[Path]:
+    """A container's whole log into folder, secrets masked (None when the node did not give it)."""
+    try:
+        r = t.run(lifecycle.logs_command(name), timeout=timeouts.LOG_DUMP_S)
+    except SparkClusterError:
+        return None
+    return write_private(folder / f"{t.node}--{name}.log", r.stdout, secrets)

@@ -28,7 +28,8 @@ from .facts import ContainerFact, ProcessFact
 from .lifecycle import COMPONENT_ORDER, stop_rank
 from .masking import mask_data
 from .model_sync import ModelSync
-from .observe import list_containers, read_process, save_logs, tail_logs
+from .container_logs import save_logs
+from .observe import list_containers, read_process, tail_logs
 from .plan import build_plan
 from .preflight import Finding, Preflight
 from .reconcile import Reconciliation, member_name, reconcile

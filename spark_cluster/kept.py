@@ -37,11 +37,12 @@ def save_links(cfg: ClusterConfig, picks: dict[str, LinkPick]) -> None:
                               "nodes": {name: {**asdict(p), "hcas": list(p.hcas)} for name, p in sorted(picks.items())}})
 
 
-def links(cfg: ClusterConfig) -> dict[str, LinkPick]:
-    """What the last detection found, for the nodes still in the config (nothing when `nccl.auto` is off)."""
+def links(cfg: ClusterConfig, *, repair: bool = True) -> dict[str, LinkPick]:
+    """What the last detection found, for the nodes still in the config (nothing when `nccl.auto` is off).
+    repair: a file that cannot be read is set aside (False: left as it is, for `status`)."""
     if not any(cfg.node_nccl(n).auto for n in cfg.nodes):
         return {}
-    kept = read_state(cfg.resolved_state_dir() / "link.json", LinkFile, cfg.name)
+    kept = read_state(cfg.resolved_state_dir() / "link.json", LinkFile, cfg.name, repair=repair)
     nodes = kept.nodes if kept is not None else {}
     return {n.name: LinkPick(netdev=nodes[n.name].netdev, hcas=tuple(nodes[n.name].hcas), mtu=nodes[n.name].mtu, note=nodes[n.name].note)
             for n in cfg.nodes if n.name in nodes}
@@ -73,14 +74,14 @@ class VllmFile(BaseModel):
         return {"checks": [data]} if isinstance(data, dict) and "checks" not in data else data  # earlier versions kept one
 
 
-def _checks(cfg: ClusterConfig) -> list[dict]:
-    kept = read_state(cfg.resolved_state_dir() / "vllm.json", VllmFile, cfg.name)
+def _checks(cfg: ClusterConfig, repair: bool = True) -> list[dict]:
+    kept = read_state(cfg.resolved_state_dir() / "vllm.json", VllmFile, cfg.name, repair=repair)
     return kept.checks if kept is not None else []
 
 
-def last_check(cfg: ClusterConfig) -> Optional[dict]:
+def last_check(cfg: ClusterConfig, *, repair: bool = True) -> Optional[dict]:
     """The newest check of this image (version, image ID, argv hash, ok), for `status` and `plan`."""
-    return next((r for r in _checks(cfg) if r.get("image") == cfg.container.image), None)
+    return next((r for r in _checks(cfg, repair) if r.get("image") == cfg.container.image), None)
 
 
 def passed_before(cfg: ClusterConfig, image_id: str, argv_hash: str) -> Optional[dict]:

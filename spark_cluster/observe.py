@@ -17,11 +17,9 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import httpx
-from pydantic import BaseModel
 
 from . import kept, lifecycle, timeouts
 from .config import ClusterConfig
@@ -50,11 +48,9 @@ from .facts import (
 from .judge import key_refused
 from .masking import mask
 from .observation import ContainerObs, NodeObs, Observation, ProcessObs, RayObs, VLLMObs
-from .plan import build_plan
 from .ranks import GPU_ACTIVITY_COMMAND, GpuBaseline, parse_gpu_activity, parse_processes, processes_command
-from .state_dir import read_state, write_private
 from .steps import HttpRequest, Plan, ProcessSpec
-from .watch_state import gpu_baselines, read_watchdog_state
+from .watch_state import WatchdogFile, gpu_baselines, read_watchdog_state
 
 if TYPE_CHECKING:  # paramiko is imported by whoever makes the Nodes, while vLLM is being sampled
     from .transport import Nodes, SSHTransport
@@ -193,15 +189,6 @@ def tail_logs(t: "SSHTransport", name: str, secrets: Sequence[str], lines: int =
         return f"(could not read logs: {exc})"
 
 
-def save_logs(t: "SSHTransport", name: str, folder: Path, secrets: Sequence[str]) -> Optional[Path]:
-    """A container's whole log into folder, secrets masked (None when the node did not give it)."""
-    try:
-        r = t.run(lifecycle.logs_command(name), timeout=timeouts.LOG_DUMP_S)
-    except SparkClusterError:
-        return None
-    return write_private(folder / f"{t.node}--{name}.log", r.stdout, secrets)
-
-
 def host_snapshot(t: "SSHTransport") -> str:
     """Every container, memory and load on a node as a person reads them (an incident bundle's)."""
     try:
@@ -324,31 +311,19 @@ class Engine:
 
 # ---- the whole cluster -------------------------------------------------------------------------
 
-class ProgressFile(BaseModel):
-    """progress.json: the engine's counters as `status` last saw them, and when they last moved."""
-
-    counters: list[Optional[float]]
-    last_change: float
-
-
-def progress_age(cfg: ClusterConfig, v: VLLMObs, now: float) -> Optional[float]:
-    """Seconds since the counters last moved, remembered across status runs in state_dir."""
+def progress_age(v: VLLMObs, watchdog: Optional[WatchdogFile], now: float) -> Optional[float]:
+    """Seconds since the counters last moved: 0 when they moved in the window; else since the watchdog
+    (which observes every period) last saw them move, when it saw these same values; else the window
+    (at least that long). Pure: `status` writes nothing."""
     if v.steps_total is None and v.generation_tokens_total is None:
         return None
-    path = cfg.resolved_state_dir() / "progress.json"
-    counters = [v.steps_total, v.generation_tokens_total, v.prompt_tokens_total]
-    prev = read_state(path, ProgressFile, cfg.name)
     if v.steps_in_window or v.generation_tok_s:
-        last = now
-    elif prev is not None and prev.counters == counters:
-        last = prev.last_change
-    else:  # no earlier record of these values: flat for at least the window
-        last = now - (v.window_s or 0)
-    try:
-        write_private(path, ProgressFile(counters=counters, last_change=last).model_dump_json())
-    except OSError:
-        pass
-    return round(now - last, 1)
+        return 0.0
+    d = watchdog.decision if watchdog is not None else None
+    counters = (v.steps_total, v.generation_tokens_total, v.prompt_tokens_total)
+    if d is not None and d.last_progress is not None and d.last_counters is not None and tuple(d.last_counters) == counters:
+        return round(max(now - d.last_progress, v.window_s or 0), 1)
+    return v.window_s or 0.0
 
 
 def sample_engine(cfg: ClusterConfig, window_s: float, timeout: float) -> VLLMObs:
@@ -383,16 +358,16 @@ def _connect(t: "SSHTransport") -> float:
     return time.monotonic() - t0
 
 
-def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_timeout_s: float = 5.0,
+def observe(cfg: ClusterConfig, nodes: "Nodes", plan: Plan, *, window_s: float = 1.0, probe_timeout_s: float = 5.0,
             vllm: "Optional[Future[VLLMObs]]" = None) -> Observation:
+    """Every read of a cluster at once, `status`'s: reads only (what was kept in state_dir included,
+    a file that cannot be read left as it is)."""
     t0 = getattr(vllm, "t0", None) or time.monotonic()
     head = nodes[cfg.head.name]
     with ThreadPoolExecutor(max_workers=len(cfg.nodes) + 2) as pool:
         # the sampling window starts first
         vllm_fut = vllm if vllm is not None else pool.submit(sample_engine, cfg, window_s, probe_timeout_s)
-        # SSH handshakes go on while the plan is built
         connected = {n.name: pool.submit(_connect, nodes[n.name]) for n in cfg.nodes}
-        plan = build_plan(cfg, links=kept.links(cfg))
 
         def ray_after_connect() -> RayObs:
             # an unreachable head costs one connect timeout, not a second one here
@@ -404,13 +379,13 @@ def observe(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 1.0, probe_
         node_obs = observe_nodes(cfg, nodes, plan, probe_timeout_s, twice_s=window_s, connected=connected)
         ray_obs = ray_fut.result()
         vllm_obs = vllm_fut.result()
-    watchdog = read_watchdog_state(cfg)
+    watchdog = read_watchdog_state(cfg, repair=False)
     baselines = gpu_baselines(watchdog)
     for n in node_obs:
         n.judge_ranks(group_containers(plan, n.name), None, baselines.get(n.name, GpuBaseline()))
-    vllm_obs.progress_age_s = progress_age(cfg, vllm_obs, time.time())
+    vllm_obs.progress_age_s = progress_age(vllm_obs, watchdog, time.time())
     if vllm_obs.version is None:
-        seen = kept.last_check(cfg)
+        seen = kept.last_check(cfg, repair=False)
         if seen and seen.get("vllm_version"):
             vllm_obs.version, vllm_obs.version_source = str(seen["vllm_version"]), "preflight"
     return Observation(

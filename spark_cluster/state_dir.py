@@ -172,9 +172,10 @@ def set_aside(path: Path, why: str, cluster: str, alert: Optional[Alert] = None)
     return aside
 
 
-def read_state(path: Path, model: type[M], cluster: str, alert: Optional[Alert] = None) -> Optional[M]:
+def read_state(path: Path, model: type[M], cluster: str, alert: Optional[Alert] = None, *, repair: bool = True) -> Optional[M]:
     """A JSON state file as its typed model; None when there is none. One of another shape or
-    encoding is set aside (set_aside) and None returned: the reader goes on from a clean state."""
+    encoding is set aside (set_aside; repair False: left as it is, for readers that write nothing,
+    `status`) and None returned: the reader goes on from a clean state."""
     try:
         raw = read_private(path)
     except OSError:
@@ -182,6 +183,8 @@ def read_state(path: Path, model: type[M], cluster: str, alert: Optional[Alert] 
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
+        if not repair:
+            return None
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ())) or "the file"
         set_aside(path, f"{where}: {first.get('msg', 'invalid')}", cluster, alert)

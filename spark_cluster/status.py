@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel
 
+from . import kept
 from .config import ClusterConfig
 from .groups import for_each_group, overall_verdict
 from .judge import Verdict, verdict
 from .masking import mask_data
 from .observation import Observation, VLLMObs
 from .observe import observe
+from .plan import build_plan
 
 if TYPE_CHECKING:
     from .transport import Nodes
@@ -26,7 +28,8 @@ class StatusReport(BaseModel):
 
 
 def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "Optional[Future[VLLMObs]]" = None) -> StatusReport:
-    obs = observe(cfg, nodes, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s, vllm=vllm)
+    plan = build_plan(cfg, links=kept.links(cfg, repair=False))
+    obs = observe(cfg, nodes, plan, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s, vllm=vllm)
     word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes={n.name: n.address for n in cfg.nodes})
     report = StatusReport(verdict=word, reason=reason, observation=obs)
     values = cfg.secret_values()  # a node's or the engine's error text may quote a command line

@@ -43,9 +43,9 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def read_watchdog_state(cfg: ClusterConfig, alert: Optional[Alert] = None) -> Optional[WatchdogFile]:
-    """The file, or None when there is none (or it could not be read: then it is set aside)."""
-    return read_state(cfg.resolved_state_dir() / STATE_FILE, WatchdogFile, cfg.name, alert)
+def read_watchdog_state(cfg: ClusterConfig, alert: Optional[Alert] = None, *, repair: bool = True) -> Optional[WatchdogFile]:
+    """The file, or None when there is none (or it could not be read: then it is set aside, unless not `repair`)."""
+    return read_state(cfg.resolved_state_dir() / STATE_FILE, WatchdogFile, cfg.name, alert, repair=repair)
 
 
 def gpu_baselines(saved: Optional[WatchdogFile]) -> dict[str, GpuBaseline]:

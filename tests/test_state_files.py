@@ -50,21 +50,43 @@ def test_the_watchdog_starts_afresh_beside_a_state_file_it_cannot_read(tmp_path,
     assert json.loads((tmp_path / "watchdog.json").read_text())["state"] == "starting"  # a clean one written
 
 
-def test_status_goes_on_beside_state_files_it_cannot_read(tmp_path):
-    cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})
-    (tmp_path / "watchdog.json").write_bytes(b'{"decision": {"restarts": "abc"}}')
-    (tmp_path / "progress.json").write_bytes(b"[]")
-    (tmp_path / "vllm.json").write_bytes(b'{"checks": "x"}')
+def engine_sample(cfg) -> Future:
     engine = Future()
     engine.set_result(VLLMObs(endpoint=cfg.endpoint(), health=200, models=[cfg.model.name], running=0, waiting=0,
                               steps_total=5, generation_tokens_total=5, prompt_tokens_total=5, window_s=0.5, progressed=False))
-    report = status(cfg, fake_nodes(FakeCluster(cfg).serving()), vllm=engine)
+    return engine
+
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_status_goes_on_beside_state_files_it_cannot_read_and_leaves_them(tmp_path):
+    cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path)})
+    (tmp_path / "watchdog.json").write_bytes(b'{"decision": {"restarts": "abc"}}')
+    (tmp_path / "vllm.json").write_bytes(b'{"checks": "x"}')
+    before = snapshot(tmp_path)
+    report = status(cfg, fake_nodes(FakeCluster(cfg).serving()), vllm=engine_sample(cfg))
     assert report.verdict == "serving" and report.observation.watchdog is None
-    for name in ("watchdog.json", "progress.json", "vllm.json"):
-        assert len(set_aside(tmp_path, name)) == 1, name
-    assert len(alerts(tmp_path)) == 3
-    assert status(cfg, fake_nodes(FakeCluster(cfg).serving()), vllm=engine).verdict == "serving"  # and again, quietly
-    assert len(alerts(tmp_path)) == 3
+    assert snapshot(tmp_path) == before  # status only reads: the watchdog or up set such files aside
+
+
+def test_status_writes_nothing_to_state_dir(tmp_path):
+    """The read-only `status` wrote progress.json (and set unreadable files aside): now not a file nor an mtime changes."""
+    cfg = load_config(SIM_CONFIG).model_copy(update={"state_dir": str(tmp_path / "state")})
+    cluster = FakeCluster(cfg).serving()
+    wd = Watchdog(cfg, fake_nodes(cluster), clock=lambda: 1_800_000_000.0, http=httpx.Client(transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, text="vllm:num_requests_running 0\n"))))
+    try:
+        wd.step()  # the folder as a watchdog leaves it: watchdog.json, events.jsonl
+    finally:
+        wd.close()
+    before = snapshot(tmp_path)
+    assert {"state", "state/watchdog.json", "state/events.jsonl"} <= set(before)
+    for _ in range(2):
+        status(cfg, fake_nodes(cluster), vllm=engine_sample(cfg))
+    assert snapshot(tmp_path) == before
 
 
 def test_the_controller_starts_beside_unreadable_events_and_state(tmp_path):

@@ -140,3 +140,21 @@ def test_status_and_the_watchdog_agree(name, observation):
         action is not None and action.kind == "restart" and "hang confirmed" in action.reason)
     assert stalled_for_status == suspect_for_watchdog, (word, reason, new)
     assert (word == "busy") == (new.phase == "busy"), (word, reason, new)
+
+
+@pytest.mark.parametrize("moved, last_counters, last_progress, age", [
+    (True, None, None, 0.0),  # it moved in the window
+    (False, None, None, 1.0),  # no watchdog: at least the window
+    (False, (5.0, 6.0, 7.0), 970.0, 30.0),  # the watchdog saw these counters last move 30 s ago
+    (False, (4.0, 6.0, 7.0), 970.0, 1.0),  # it saw other values: they moved since, as far as status knows
+])
+def test_progress_age_from_the_window_and_the_watchdogs_last_progress(moved, last_counters, last_progress, age):
+    from spark_cluster.decide import State
+    from spark_cluster.observation import VLLMObs
+    from spark_cluster.observe import progress_age
+    from spark_cluster.watch_state import WatchdogFile
+
+    v = VLLMObs(endpoint="http://e", steps_total=5, generation_tokens_total=6, prompt_tokens_total=7, window_s=1.0,
+                steps_in_window=1 if moved else 0, generation_tok_s=0.0)
+    saved = WatchdogFile(decision=State(last_counters=last_counters, last_progress=last_progress)) if last_counters else None
+    assert progress_age(v, saved, 1000.0) == age
