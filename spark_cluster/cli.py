@@ -153,7 +153,7 @@ def up(
 
     cfg = load(config)
     report = step_reporter(as_json)
-    from .rollout import through_controller
+    from .controller_client import through_controller
 
     if guard(lambda: through_controller(cfg, config.read_text(), report)):  # the controller serves: one group at a time
         if not as_json:

@@ -236,19 +236,15 @@ def _rollout_route(ctl: Controller) -> APIRouter:
     @api.post("/api/rollout", summary="A rolling change to the cluster.yaml sent as the body, one group at a time (bearer "
                                       "token); the answer is its events as JSON lines, the last one rollout-done")
     async def api_rollout(request: Request):
-        from .rollout import needs_restart, refusal, roll_out
-
         text = (await request.body()).decode("utf-8", "replace")
         try:
             new = parse_config(text, source="the config sent")
         except ConfigError as exc:
             raise HTTPException(422, str(exc)) from None
-        why = refusal(ctl.cfg, new)
+        why = ctl.change_refused(new)
         if why:
             raise HTTPException(409, why)
-        if ctl.rolling.locked():
-            raise HTTPException(409, "a rolling change is already under way")
-        later = needs_restart(ctl.cfg, new)
+        later = ctl.restart_needed_for(new)
         q: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -263,7 +259,7 @@ def _rollout_route(ctl: Controller) -> APIRouter:
 
         async def roll() -> None:  # a task of its own: the change goes on when the client leaves
             try:
-                ok = await roll_out(ctl, new, report)
+                ok = await ctl.roll_out(new, report)
             except Exception as exc:  # noqa: BLE001 - said in the last line instead
                 deliver({"event": "roll-failed", "error": f"{type(exc).__name__}: {exc}"})
                 ok = False

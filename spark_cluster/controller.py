@@ -29,12 +29,12 @@ from typing import Any, Callable, Optional
 
 from fastapi import Request
 
-from . import timeouts
+from . import rollout, timeouts
 from .config import ClusterConfig
 from .decide import hour_restarts, recent_restarts
 from .errors import ConfigError
 from .front import GatewayServer
-from .door import door_for_phase
+from .door import Door, door_for_phase
 from .gateway import Gateway
 from .masking import mask
 from .metrics import ControllerMetrics
@@ -193,6 +193,45 @@ class Controller:
         self.watchdog_errors.pop(label, None)
         self.threads[label] = threading.Thread(target=self._watch, args=(label, wd, flag), name=f"watchdog-{label}", daemon=True)
         self.threads[label].start()
+
+    # ---- a rolling change (spark_cluster.rollout: its Fleet) --------------------------------------
+    def change_refused(self, new: ClusterConfig) -> Optional[str]:
+        """Why `new` cannot roll through the running groups (None: it can)."""
+        return rollout.refusal(self.cfg, new) or ("a rolling change is already under way" if self.rolling.locked() else None)
+
+    def restart_needed_for(self, new: ClusterConfig) -> list[str]:
+        """The changed settings this controller reads only when it starts."""
+        return rollout.needs_restart(self.cfg, new)
+
+    async def roll_out(self, new: ClusterConfig, report: Callable[[dict[str, Any]], None]) -> bool:
+        """Each group of `new` in turn (one change at a time); True when every group serves it, which
+        is then this controller's config."""
+        async with self.rolling:
+            ok = await rollout.roll_out(self, new, report)
+            if ok:
+                self.cfg = new
+            return ok
+
+    @property
+    def drain_s(self) -> float:
+        return self.cfg.gateway.drain_s
+
+    def current(self, label: str) -> ClusterConfig:
+        return self.groups[label]
+
+    def drain(self, label: str, reason: str) -> int:
+        """The group takes no new request; how many it has in flight."""
+        assert self.gateway is not None
+        self.gateway.drain(label, reason)
+        return len(self.gateway.members[label].flights)
+
+    async def drained(self, label: str, timeout_s: float) -> int:
+        assert self.gateway is not None
+        return await self.gateway.drained(label, timeout_s)
+
+    async def undrain(self, label: str, door: Door, url: str) -> None:
+        assert self.gateway is not None
+        await self.gateway.undrain(label, door, url)
 
     async def stop_watch(self, label: str) -> None:
         """One group's watchdog stopped (after the period, or the restart, it is in)."""

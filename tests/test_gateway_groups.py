@@ -298,7 +298,7 @@ def load(url: str, stop: threading.Event, results: list, stream: bool) -> None:
 
 @pytest.mark.parametrize("two", [{"drain_s": 5}], indirect=True)
 def test_a_rolling_change_recreates_one_group_after_the_other_and_no_request_fails(two, monkeypatch, tmp_path):
-    from spark_cluster import rollout
+    from spark_cluster import controller_client, rollout
     from spark_cluster.config import parse_config
 
     ctl, served, engines = two
@@ -323,7 +323,7 @@ def test_a_rolling_change_recreates_one_group_after_the_other_and_no_request_fai
     time.sleep(0.5)
     said: list = []
     try:
-        assert rollout.through_controller(parse_config(text), text, said.append) is True
+        assert controller_client.through_controller(parse_config(text), text, said.append) is True
     finally:
         time.sleep(0.5)
         stop.set()
@@ -365,7 +365,7 @@ def test_streams_still_open_past_the_drain_timeout_end_with_the_error_event(two,
     said: list = []
     import asyncio
 
-    ok = asyncio.run_coroutine_threadsafe(rollout.roll_out(ctl, ctl.cfg, said.append), ctl.loop).result(30)
+    ok = asyncio.run_coroutine_threadsafe(ctl.roll_out(ctl.cfg, said.append), ctl.loop).result(30)
     stream.join()
     assert ok and [e["cut"] for e in said if e["event"] == "roll-drained"] == [1, 0]
     assert got == ["cut"]
@@ -444,7 +444,7 @@ def test_a_change_no_container_sees_gives_each_group_a_watchdog_of_the_new_confi
     before = dict(ctl.wds)
     new = ctl.cfg.model_copy(update={"watchdog": ctl.cfg.watchdog.model_copy(update={"period_s": 7.0})})
     said: list = []
-    assert asyncio.run_coroutine_threadsafe(rollout.roll_out(ctl, new, said.append), ctl.loop).result(30)
+    assert asyncio.run_coroutine_threadsafe(ctl.roll_out(new, said.append), ctl.loop).result(30)
     assert [e["event"] for e in said] == ["roll-group", "roll-skip", "roll-group", "roll-skip"]
     assert all(ctl.wds[g] is not before[g] and ctl.groups[g].watchdog.period_s == 7.0 for g in "ab")
     assert ctl.cfg.watchdog.period_s == 7.0 and all(m.door.mode == "open" for m in ctl.gateway.members.values())
@@ -466,7 +466,7 @@ def test_a_group_that_fails_its_rolling_change_stops_it_and_keeps_a_watchdog(two
     monkeypatch.setattr(rollout, "Nodes", NoNodes)
     before = dict(ctl.wds)
     said: list = []
-    assert not asyncio.run_coroutine_threadsafe(rollout.roll_out(ctl, ctl.cfg, said.append), ctl.loop).result(30)
+    assert not asyncio.run_coroutine_threadsafe(ctl.roll_out(ctl.cfg, said.append), ctl.loop).result(30)
     assert [e["event"] for e in said] == ["roll-group", "roll-drain", "roll-drained", "roll-failed"]
     assert "docker does not answer" in said[-1]["error"]
     assert ctl.wds["a"] is not before["a"] and ctl.threads["a"].is_alive() and ctl.wds["b"] is before["b"]
@@ -481,7 +481,7 @@ def test_a_controller_that_answers_the_change_with_something_not_an_event_is_a_c
 
     import yaml
 
-    from spark_cluster import rollout
+    from spark_cluster import controller_client
     from spark_cluster.config import parse_config
     from spark_cluster.errors import RolloutFailed
 
@@ -512,7 +512,7 @@ def test_a_controller_that_answers_the_change_with_something_not_an_event_is_a_c
         text = yaml.safe_dump(data)
         said: list = []
         with pytest.raises(RolloutFailed, match="not an event"):
-            rollout.through_controller(parse_config(text), text, said.append)
+            controller_client.through_controller(parse_config(text), text, said.append)
         assert said == [{"event": "roll-group", "group": "a"}]
     finally:
         server.shutdown()

@@ -40,3 +40,34 @@ def test_the_size_check_finds_what_is_over():
     assert oversized(long_class, "m.py") == ["m.py: class C 301 lines"]
     assert oversized("x = 1\n" * 501, "m.py") == ["m.py: module 501 lines"]
     assert oversized("def f():\n" + "    x = 1\n" * 59, "m.py") == []
+
+
+def imports_of(module: str) -> set[str]:
+    """The package's modules `module` imports (relative imports, at any depth of its code)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {a.name for a in node.names}
+    return found
+
+
+def reached(start: str, stop: set[str]) -> set[str]:
+    """The package's modules `start` reaches by its imports, not going through those in `stop`."""
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m in seen or m in stop or not (PACKAGE / f"{m}.py").exists():
+            continue
+        seen.add(m)
+        todo += imports_of(m)
+    return seen
+
+
+GATEWAY_AND_CONTROL_PLANE = ["gateway", "front", "upstream", "door", "routing", "client_bounds", "control_api", "control_guard", "metrics"]
+
+
+def test_the_gateway_and_the_control_plane_reach_the_executor_only_through_the_controller():
+    for m in GATEWAY_AND_CONTROL_PLANE:
+        assert not {"executor", "rollout"} & reached(m, stop={"controller"}), m
+    assert "executor" in reached("controller", stop=set())  # the check sees what it looks for
