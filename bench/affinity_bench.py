@@ -17,7 +17,7 @@ group took (affinity must not leave a group idle while the other queues) and the
 counts.
 
 Usage (root; `spark-cluster sim up --nodes 4` first):
-    python bench/affinity_bench.py [--clients 6] [--turns 6] [--executors ray,native]
+    python -m bench.affinity_bench [--clients 6] [--turns 6] [--executors ray,native]
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from groups_failover import TOKEN, down_all, layout_cfg, up_all  # noqa: E402
-from spark_cluster.config import parse_config  # noqa: E402
-from spark_cluster.metrics import samples  # noqa: E402
-from tests.loadgen import random_prompt  # noqa: E402
+from bench.groups_failover import TOKEN, down_all, layout_cfg, up_all
+from spark_cluster.config import parse_config
+from spark_cluster.metrics import samples
+from tests.loadgen import random_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

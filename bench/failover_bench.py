@@ -19,7 +19,7 @@ For each executor:
 
 Prints the figures of each executor side by side, then the restart's parts.
 Usage (root, simulated cluster up with the image: `spark-cluster sim up`):
-    python bench/failover_bench.py [--executors ray,native] [--soak-minutes 20] [--soak-streams 8]
+    python -m bench.failover_bench [--executors ray,native] [--soak-minutes 20] [--soak-streams 8]
 
 With --groups (four simulated nodes: `spark-cluster sim up --nodes 4`), instead: the failover of
 one group under load through the controller's gateway, one group alone beside two groups of TP=2
@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -43,16 +42,16 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from spark_cluster.config import parse_config  # noqa: E402
-from spark_cluster.executor import Executor  # noqa: E402
-from spark_cluster.facts import parse_metrics  # noqa: E402
-from tests.loadgen import mixed_load, random_prompt, stream_load  # noqa: E402
-from spark_cluster.sim import cluster  # noqa: E402
-from spark_cluster.transport import Nodes  # noqa: E402
-from spark_cluster.watchdog import Watchdog  # noqa: E402
+from spark_cluster.config import parse_config
+from spark_cluster.executor import Executor
+from spark_cluster.facts import parse_metrics
+from tests.loadgen import mixed_load, random_prompt, stream_load
+from spark_cluster.sim import cluster
+from spark_cluster.transport import Nodes
+from spark_cluster.watchdog import Watchdog
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = {"ray": ROOT / "configs" / "local-sim.yaml", "native": ROOT / "configs" / "local-sim-native.yaml"}
 
@@ -252,7 +251,7 @@ def main() -> None:
     args = ap.parse_args()
     executors = args.executors.split(",")
     if args.groups:
-        from groups_failover import compare
+        from bench.groups_failover import compare
 
         compare(executors, streams=args.streams)
         return

@@ -17,7 +17,7 @@
    frozen (`docker pause`) and the group restarts: requests by outcome as the clients saw them.
 
 Usage (root, simulated cluster up: `spark-cluster sim up`):
-    python bench/gateway_bench.py [--executors ray,native] [--probes 1000] [--rounds 30] [--loaded-rounds 20] [--load 4] [--cores shared,spare] [--idle-seconds 30] [--no-failover]
+    python -m bench.gateway_bench [--executors ray,native] [--probes 1000] [--rounds 30] [--loaded-rounds 20] [--load 4] [--cores shared,spare] [--idle-seconds 30] [--no-failover]
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from spark_cluster.config import parse_config  # noqa: E402
-from spark_cluster.executor import Executor  # noqa: E402
-from tests.loadgen import mixed_load, one_request, stream_load  # noqa: E402
-from spark_cluster.metrics import sample_value, samples  # noqa: E402
-from spark_cluster.sim import cluster  # noqa: E402
-from spark_cluster.transport import Nodes  # noqa: E402
+from spark_cluster.config import parse_config
+from spark_cluster.executor import Executor
+from tests.loadgen import mixed_load, one_request, stream_load
+from spark_cluster.metrics import sample_value, samples
+from spark_cluster.sim import cluster
+from spark_cluster.transport import Nodes
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RELAY_PORT = 8091

@@ -30,17 +30,17 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from spark_cluster.config import parse_config  # noqa: E402
-from spark_cluster.executor import Executor  # noqa: E402
-from spark_cluster.groups import for_each_group  # noqa: E402
-from spark_cluster.metrics import sample_value  # noqa: E402
-from spark_cluster.sim import cluster  # noqa: E402
-from spark_cluster.transport import Nodes  # noqa: E402
-from tests.fake_engine import free_port  # noqa: E402
-from tests.loadgen import mixed_load  # noqa: E402
+from spark_cluster.config import parse_config
+from spark_cluster.executor import Executor
+from spark_cluster.groups import for_each_group
+from spark_cluster.metrics import sample_value
+from spark_cluster.sim import cluster
+from spark_cluster.transport import Nodes
+from tests.fake_engine import free_port
+from tests.loadgen import mixed_load
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TOKEN = "groups-failover-bench"
 LAYOUTS = {"one group": "local-sim.yaml", "two groups": "local-sim-2groups.yaml"}

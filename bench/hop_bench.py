@@ -8,7 +8,7 @@ server, spark_cluster.front, and its client, spark_cluster.upstream; the door op
 process of its own, asked in turn by one client on a kept-alive connection. Prints the medians and
 p90s side by side and the hop over the relay. No cluster needed.
 
-Usage: python bench/hop_bench.py [--requests 5000] [--rounds 10] [--split-ms 2]
+Usage: python -m bench.hop_bench [--requests 5000] [--rounds 10] [--split-ms 2]
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 BODY = b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "x"}]}\n\n'
 
@@ -130,9 +128,9 @@ def main() -> None:
         return gateway(*args.gateway)
 
     ports = {"direct": free_port(), "relay": free_port(), "gateway": free_port()}
-    procs = [subprocess.Popen([sys.executable, __file__, "--upstream", str(ports["direct"]), "--split-ms", str(args.split_ms)]),
-             subprocess.Popen([sys.executable, str(ROOT / "bench" / "gateway_bench.py"), "--relay", f"127.0.0.1:{ports['direct']}", str(ports["relay"])]),
-             subprocess.Popen([sys.executable, __file__, "--gateway", str(ports["direct"]), str(ports["gateway"])])]
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.hop_bench", "--upstream", str(ports["direct"]), "--split-ms", str(args.split_ms)], cwd=ROOT),
+             subprocess.Popen([sys.executable, "-m", "bench.gateway_bench", "--relay", f"127.0.0.1:{ports['direct']}", str(ports["relay"])], cwd=ROOT),
+             subprocess.Popen([sys.executable, "-m", "bench.hop_bench", "--gateway", str(ports["direct"]), str(ports["gateway"])], cwd=ROOT)]
     try:
         for p in ports.values():
             wait_port(p)

@@ -5,9 +5,9 @@ Nodes carry no engine (the API does not answer: one refused connection), so this
 the fan-out over SSH and the probes. Also measures a healthy 2-node cluster with the engine when
 one is serving (--with-engine). Prints medians and the ratio 16/2.
 
-Usage (root): python bench/status_bench.py [--sizes 2,4,8,16] [--repeat 5]
+Usage (root): python -m bench.status_bench [--sizes 2,4,8,16] [--repeat 5]
 Tears down the simulated cluster it made at the end.
-       python bench/status_bench.py --engine
+       python -m bench.status_bench --engine
 measures instead a serving cluster of configs/local-sim.yaml (up first): the library call and the
 whole `spark-cluster status` command (new process, new SSH connections, 0.5 s sampling window).
 """
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from spark_cluster.config import parse_config  # noqa: E402
-from spark_cluster.sim import cluster  # noqa: E402
-from spark_cluster.status import status  # noqa: E402
-from spark_cluster.transport import Nodes  # noqa: E402
+from spark_cluster.config import parse_config
+from spark_cluster.sim import cluster
+from spark_cluster.status import status
+from spark_cluster.transport import Nodes
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def config_for(n: int, ghost: bool = False, connect_timeout_s: float = 2):

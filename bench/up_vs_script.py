@@ -9,7 +9,7 @@ clean state each time. Prints, per executor side by side: both wall times, the r
 per-phase times of `up` and the memory the cluster's containers use on every node once serving.
 
 Usage (root, simulated cluster up: `spark-cluster sim up`):
-    python bench/up_vs_script.py [--configs configs/local-sim.yaml,configs/local-sim-native.yaml] [--rounds 1]
+    python -m bench.up_vs_script [--configs configs/local-sim.yaml,configs/local-sim-native.yaml] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -17,18 +17,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from spark_cluster.config import load_config  # noqa: E402
-from spark_cluster.executor import Executor  # noqa: E402
-from spark_cluster.plan import build_plan  # noqa: E402
-from spark_cluster.render import quote  # noqa: E402
-from spark_cluster.transport import Nodes, resolve_endpoint  # noqa: E402
+from spark_cluster.config import load_config
+from spark_cluster.executor import Executor
+from spark_cluster.plan import build_plan
+from spark_cluster.render import quote
+from spark_cluster.transport import Nodes, resolve_endpoint
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def bare_script(cfg) -> str:

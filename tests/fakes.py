@@ -20,13 +20,16 @@ from typing import Callable, Optional
 
 import httpx
 
-from spark_cluster.config import ClusterConfig
+import yaml
+
+from spark_cluster.config import ClusterConfig, parse_config
+from spark_cluster.checks import ClusterLink, link_of
 from spark_cluster.facts import LABEL_PREFIX
 from spark_cluster.plan import build_plan
 from spark_cluster.steps import Plan
 from spark_cluster.transport import Nodes, Result
 
-from .conftest import recording
+from .conftest import SIM_CONFIG, recording
 
 Answer = tuple[int, str, str]  # exit code, stdout, stderr
 MADE: list["FakeCluster"] = []  # every FakeCluster of the running test (checked at its end)
@@ -301,3 +304,31 @@ def removed(cluster: FakeCluster) -> list[str]:
             out.append(f"{node}:{shlex.split(m.group(1))[0]}")
     return out
 
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+def periods(wd, clock: Clock, n: int) -> None:
+    for _ in range(n):
+        clock.sleep(wd.s.period_s)
+        wd.step()
+
+
+def auto_sim(**nccl):
+    """The simulated cluster's config with `nccl: auto` in place of its hand-written interface names."""
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["nccl"] = {"auto": True, "p2p_disable": True, **nccl}
+    del data["container"]["env"]["GLOO_SOCKET_IFNAME"]
+    return parse_config(yaml.safe_dump(data))
+
+def sim_links(cfg):
+    """What the detection reads on each simulated node (link-sim recorded on sim-1, with the node's address)."""
+    out = recording("link-sim")["stdout"]
+    return {n.name: link_of(ClusterLink(address=n.address), out.replace("10.99.0.11/", f"{n.address}/")) for n in cfg.nodes}

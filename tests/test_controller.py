@@ -6,10 +6,6 @@ The tests share one controller and run in this order."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
@@ -22,13 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spark_cluster.config import parse_config
 from spark_cluster.facts import parse_metrics
-from spark_cluster.metrics import sample_value
 
 from .browser import Browser
 from .conftest import ROOT, SIM_CONFIG, freeze, sim_docker, worker_container
 from .fake_engine import free_port
 from .gateway_rig import completion_request, connected, send_huge_header, status_of
-from .test_watchdog import EventWaiter
+from .cluster_helpers import ControllerProcess
 
 pytestmark = pytest.mark.cluster
 
@@ -37,48 +32,6 @@ TOKEN = "controller-test-token-5d1e"
 SECRETS = {"container.env": "hf_simenvsecret0123456789", "vllm.extra_args": "hf_simflagsecret0123456789",
            "container.extra_args": "pw-simdockersecret0123456789"}
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-class ControllerProcess(EventWaiter):
-    poll_s = 1.0
-
-    def __init__(self, cfg_path: Path, cfg, env: dict, token: str = TOKEN):
-        self.cfg, self.token = cfg, token
-        self.url = cfg.controller_url()  # the control plane: page, API, metrics
-        self.gateway = cfg.gateway_url()  # clients
-        self.log = open(cfg_path.with_suffix(".log"), "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(cfg_path)], cwd=ROOT,
-                                     env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, cfg_path.with_suffix(".log").read_text()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the controller did not answer /healthz"
-            time.sleep(0.3)
-
-    @property
-    def events(self) -> list[dict]:
-        return httpx.get(f"{self.url}/api/events?n=500", timeout=10, headers={"Authorization": f"Bearer {self.token}"}).json()
-
-    def stopped(self) -> str | None:
-        return None if self.proc.poll() is None else f"the controller exited with {self.proc.returncode}"
-
-    def metric(self, name: str, **labels) -> float:
-        return sample_value(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +56,7 @@ def controller(sim, tmp_path_factory):
     cfg = parse_config(path.read_text())
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).up()
-    c = ControllerProcess(path, cfg, {"SPARK_CLUSTER_TEST_TOKEN": TOKEN})
+    c = ControllerProcess(path, cfg, {"SPARK_CLUSTER_TEST_TOKEN": TOKEN}, TOKEN)
     try:
         c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
         yield c

@@ -17,7 +17,7 @@ from spark_cluster.plan import build_plan
 from spark_cluster.transport import Nodes
 
 from .conftest import SIM_CONFIG, SIM_CONFIGS, run_cli
-from .test_up import containers
+from .cluster_helpers import containers
 
 pytestmark = pytest.mark.cluster
 

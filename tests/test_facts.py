@@ -371,7 +371,7 @@ def test_a_node_whose_docker_does_not_answer_says_so():
     obs = on_stubbed_node(STUB_NO_DOCKER)
     assert obs.error.startswith("docker does not answer: Cannot connect to the Docker daemon")
     assert [c.state for c in obs.containers] == ["missing"] and obs.processes[0].state == "unknown"
-    from .test_verdict import EXPECTED, obs as observation
+    from .samples import EXPECTED, obs as observation
 
     seen = observation()
     seen.nodes[0] = obs

@@ -10,7 +10,6 @@ import sys
 import pytest
 import yaml
 
-from spark_cluster.checks import ClusterLink, link_of
 from spark_cluster.config import parse_config
 from spark_cluster.link import LinkPick
 from spark_cluster.plan import build_plan
@@ -18,7 +17,8 @@ from spark_cluster.steps import NOT_DETECTED, node_env
 from spark_cluster.masking import MASK
 from spark_cluster.render import templates_dir
 
-from .conftest import CONFIGS, SIM_CONFIG, recording
+from .conftest import CONFIGS, SIM_CONFIG
+from .fakes import auto_sim, sim_links
 
 
 def plan_of(text: str, **kw):
@@ -243,18 +243,6 @@ def test_privileged_commands_follow_each_nodes_own_sudo(card_yaml):
 
 
 # ---- nccl: auto and the link gate ------------------------------------------------------------------
-def auto_sim(**nccl):
-    """The simulated cluster's config with `nccl: auto` in place of its hand-written interface names."""
-    data = yaml.safe_load(SIM_CONFIG.read_text())
-    data["nccl"] = {"auto": True, "p2p_disable": True, **nccl}
-    del data["container"]["env"]["GLOO_SOCKET_IFNAME"]
-    return parse_config(yaml.safe_dump(data))
-
-
-def sim_links(cfg):
-    """What the detection reads on each simulated node (link-sim recorded on sim-1, with the node's address)."""
-    out = recording("link-sim")["stdout"]
-    return {n.name: link_of(ClusterLink(address=n.address), out.replace("10.99.0.11/", f"{n.address}/")) for n in cfg.nodes}
 
 
 def test_nccl_auto_renders_the_hand_written_sim_environment():

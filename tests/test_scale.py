@@ -17,7 +17,7 @@ from spark_cluster.status import status
 from spark_cluster.transport import Nodes
 
 from .conftest import CONFIGS, assert_nothing_of, freeze, generation, ray_leftovers, simulated
-from .test_watchdog import Running, completion_works, streaming, ts
+from .cluster_helpers import ControllerProcess, Running, completion_works, streaming, ts
 
 pytestmark = [pytest.mark.cluster, pytest.mark.scale]
 
@@ -110,7 +110,6 @@ def test_two_groups_a_hang_in_one_costs_clients_nothing_and_a_change_rolls_throu
 
     from .conftest import run_cli
     from .loadgen import mixed_load
-    from .test_controller import ControllerProcess
 
     path, cfg = two_groups_cfg(tmp_path, executor)
 

@@ -23,8 +23,8 @@ from spark_cluster.status import status
 from spark_cluster.watchdog import Watchdog
 
 from .conftest import sim_variant
-from .fakes import FakeCluster, FakeEngineApi, fake_nodes
-from .test_watchdog_fake import Clock, periods
+from .fakes import Clock, FakeCluster, FakeEngineApi, fake_nodes, periods
+
 
 ENV_SECRET = "hf_envsecret0123456789"
 FLAG_SECRET = "sk-flagsecret0123456789"

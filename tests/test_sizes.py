@@ -71,3 +71,11 @@ def test_the_gateway_and_the_control_plane_reach_the_executor_only_through_the_c
     for m in GATEWAY_AND_CONTROL_PLANE:
         assert not {"executor", "rollout"} & reached(m, stop={"controller"}), m
     assert "executor" in reached("controller", stop=set())  # the check sees what it looks for
+
+
+def test_no_test_file_imports_another():
+    """Shared helpers live in modules of their own (cluster_helpers, fakes, samples, gateway_rig...)."""
+    tests = Path(__file__).parent
+    found = [f"{p.name}: {node.module}" for p in sorted(tests.glob("test_*.py")) for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1].startswith("test_")]
+    assert found == []

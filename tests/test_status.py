@@ -13,6 +13,7 @@ from spark_cluster.status import status
 from spark_cluster.transport import Nodes
 
 from .conftest import ROOT, freeze, group_containers, sim_docker, worker_container
+from .cluster_helpers import stream_load
 
 pytestmark = pytest.mark.cluster
 RECORD = ROOT / "tests" / "data" / "observations"
@@ -28,12 +29,6 @@ def record(name: str, rep) -> None:
         RECORD.mkdir(parents=True, exist_ok=True)
         # no verdict kept: the case's name says what the cluster was made to show (its first word)
         (RECORD / f"{name}.json").write_text(json.dumps({"case": name, "observation": rep.observation.model_dump()}, indent=1) + "\n")
-
-
-def stream_load(url: str, n: int, stop: threading.Event, max_tokens: int = 1500, repeat: bool = False):
-    from .loadgen import stream_load as load
-
-    return load(url, "tiny-qwen3", n, stop, max_tokens=max_tokens, repeat=repeat)
 
 
 def test_status_serving_down_stalled(sim, engine_cfg):

@@ -14,21 +14,14 @@ from spark_cluster.config import parse_config
 from spark_cluster.errors import LockedError, PreflightError, StepError
 from spark_cluster.executor import Executor
 from spark_cluster.reconcile import member_name
-from spark_cluster.observe import list_containers
 from spark_cluster.plan import build_plan
 from spark_cluster.sim import cluster
 from spark_cluster.transport import HostKeyError, Nodes
 
 from .conftest import SIM_CONFIG, SIM_CONFIGS, generation, ray_leftovers, run_cli, sim_docker, sim_variant, worker_container
+from .cluster_helpers import containers
 
 pytestmark = pytest.mark.cluster
-
-
-
-
-def containers(cfg) -> dict[str, dict[str, str]]:
-    with Nodes(cfg) as nodes:
-        return {n: {c.name: c.id for c in list_containers(nodes[n], cfg.name)} for n in nodes.by_name}
 
 
 def members(cfg) -> list[str]:

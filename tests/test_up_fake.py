@@ -14,7 +14,7 @@ from spark_cluster.kept import links as kept_links
 
 from .conftest import SIM_CONFIGS, recording
 from .fakes import MADE, FakeCluster, FakeEngineApi, Unscripted, fake_nodes, removed, started
-from .test_plan import sim_links
+from .fakes import sim_links
 
 
 @pytest.fixture(params=sorted(SIM_CONFIGS))

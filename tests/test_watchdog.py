@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import contextmanager
-from datetime import datetime
 
 import httpx
 import pytest
@@ -18,10 +16,9 @@ from spark_cluster.observe import list_containers
 from spark_cluster.gateway import OUTCOMES
 from spark_cluster.metrics import sample_value
 from spark_cluster.transport import Nodes
-from spark_cluster.watchdog import Watchdog
 
 from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_nothing_of, freeze, generation, kill_vllm_api, sim_docker, worker_container
-from .test_status import stream_load
+from .cluster_helpers import EventWaiter, Running, completion_works, streaming, ts
 
 pytestmark = pytest.mark.cluster
 
@@ -33,79 +30,6 @@ def cfg_with(tmp_path, executor="ray", **watchdog):
     return parse_config(yaml.safe_dump(data))
 
 
-class EventWaiter:
-    """Waits for a watchdog event. Subclasses hold `events` (a list, or a property reading them) and
-    say whether the watchdog stopped."""
-
-    poll_s = 0.5
-    events: list[dict]
-
-    def stopped(self) -> str | None:
-        return None
-
-    def wait_for(self, pred, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hit = next((e for e in self.events if pred(e)), None)
-            if hit is not None:
-                return hit
-            error = self.stopped()
-            assert error is None, f"watchdog stopped: {error}"
-            time.sleep(self.poll_s)
-        raise AssertionError(f"no {what} within {timeout}s; events: {[e['event'] for e in self.events][-30:]}")
-
-    def kinds(self, kind):
-        return [e for e in self.events if e["event"] == kind]
-
-
-class Running(EventWaiter):
-    """A watchdog in a background thread, stopped and joined at the end."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.events: list[dict] = []
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.nodes = Nodes(cfg)
-        self.wd = Watchdog(cfg, self.nodes, on_event=self.events.append)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        try:
-            self.wd.run(stop=self.stop.is_set)
-        except BaseException as exc:  # noqa: BLE001
-            self.error = exc
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=300)
-        self.nodes.close()
-
-    def stopped(self) -> str | None:
-        return None if self.error is None else repr(self.error)
-
-    def restart_succeeded(self):
-        done = self.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
-        assert done["event"] == "restart-done", done
-
-
-@contextmanager
-def streaming(cfg, n: int, **kw):
-    """n streaming completions in flight while the block runs; stopped and joined after it."""
-    stop = threading.Event()
-    threads = stream_load(cfg.endpoint(), n, stop, max_tokens=1800, **kw)
-    try:
-        yield
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-
-
 def ids(cfg) -> dict[str, str]:
     with Nodes(cfg) as nodes:
         return {c.name: c.id for n in nodes.by_name for c in list_containers(nodes[n], cfg.name)}
@@ -114,18 +38,6 @@ def ids(cfg) -> dict[str, str]:
 def serving(cfg):
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).up()
-
-
-def completion_works(cfg) -> bool:
-    try:
-        r = httpx.post(f"{cfg.endpoint()}/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hi", "max_tokens": 2}, timeout=60)
-    except httpx.HTTPError:
-        return False
-    return r.status_code == 200 and bool(r.json()["choices"])
-
-
-def ts(e) -> float:
-    return datetime.fromisoformat(e["ts"]).timestamp()
 
 
 class Controlled(EventWaiter):

@@ -12,18 +12,7 @@ from spark_cluster.config import load_config
 from spark_cluster.watchdog import Watchdog
 
 from .conftest import SIM_CONFIGS
-from .fakes import FakeCluster, FakeEngineApi, fake_nodes, removed, started
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
+from .fakes import Clock, FakeCluster, FakeEngineApi, fake_nodes, periods, removed, started
 
 
 @pytest.fixture(params=sorted(SIM_CONFIGS))
@@ -37,12 +26,6 @@ def loop(tmp_path, request):
     wd = Watchdog(cfg, fake_nodes(cluster), on_event=events.append, clock=clock, sleep=clock.sleep, http=engine.client())
     yield wd, cluster, engine, clock, events
     wd.close()
-
-
-def periods(wd: Watchdog, clock: Clock, n: int) -> None:
-    for _ in range(n):
-        clock.sleep(wd.s.period_s)
-        wd.step()
 
 
 def test_a_wedged_engine_is_restarted_in_order_then_backed_off_then_the_breaker_stops_it(loop, tmp_path):
