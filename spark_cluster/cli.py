@@ -10,17 +10,15 @@ from pathlib import Path
 from typing import Optional, TypeVar
 
 import typer
-from rich.markup import escape
 
-from . import __version__, kept
+from . import __version__, cli_run, kept
 from .config import ClusterConfig
 from .plan import build_plan
-from .steps import Plan
 from .groups import for_each_group, labelled
 from .guard import guard, load, run_until_stopped
 from .sim.cli import sim_app
 from .views import (err, out, print_down_plan, print_findings, print_plan, print_synced, print_up_result, print_valid,
-                    show_status, step_reporter, sync_reporter, watch_event_printer)
+                    show_status, step_reporter, sync_reporter)
 from .vllm_env import COST as VLLM_ENV_COST
 
 app = typer.Typer(
@@ -35,13 +33,6 @@ app.add_typer(sim_app, name="sim")
 T = TypeVar("T")
 
 CONFIG_ARG = typer.Argument(..., help="The cluster file (cluster.yaml).", show_default=False)
-
-
-def _nodes(cfg: ClusterConfig):
-    from .transport import Nodes
-
-    return Nodes(cfg)
-
 
 
 @app.callback(invoke_without_command=True)
@@ -59,18 +50,6 @@ VLLM_OPT_HELP = (
 )
 
 
-def _check_vllm(cfg: ClusterConfig, p: Plan, target: str):
-    """--vllm: the image's own vLLM on the head node, or a local interpreter, environment or release."""
-    if target == "image":
-        from .executor import Executor
-
-        with _nodes(cfg) as nodes:
-            return Executor(cfg, nodes).check_vllm_flags()
-    from .vllm_check import check_local, resolve_python
-
-    return check_local(resolve_python(target, log=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False)), p.vllm_argvs)
-
-
 @app.command()
 def validate(
     config: Path = CONFIG_ARG,
@@ -86,7 +65,7 @@ def validate(
         print_valid(config, cfg, plan)
     if vllm is None:
         return
-    check = guard(lambda: _check_vllm(cfg.group_configs()[0][1], plan, vllm))
+    check = guard(lambda: cli_run.check_vllm(cfg.group_configs()[0][1], plan, vllm))
     if as_json:
         sys.stdout.write(check.model_dump_json(indent=2) + "\n")
     guard(lambda: check.raise_for_problems(cfg))
@@ -119,26 +98,21 @@ def plan(
 
         downs = {label: build_down_plan(group, plans[label], graceful=not kill) for label, group in groups}
         if as_json:
-            sys.stdout.write(_per_group(cfg, {label: json.loads(d.model_dump_json()) for label, d in downs.items()}))
+            sys.stdout.write(cli_run.per_group(cfg, {label: json.loads(d.model_dump_json()) for label, d in downs.items()}))
         for label, group in () if as_json else groups:
             print_down_plan(group, downs[label])
         return
     first, p = groups[0][1], plans[groups[0][0]]
-    check = guard(lambda: _check_vllm(first, p, vllm)) if vllm is not None else None
+    check = guard(lambda: cli_run.check_vllm(first, p, vllm)) if vllm is not None else None
     if as_json:
         data = {label: json.loads(plan.model_dump_json()) for label, plan in plans.items()}
         for one in data.values() if check is not None else ():
             one["vllm_check"] = json.loads(check.model_dump_json())
-        sys.stdout.write(_per_group(cfg, data))
+        sys.stdout.write(cli_run.per_group(cfg, data))
     for label, group in () if as_json else groups:
         print_plan(plans[label], group, check)
     if check is not None:
         guard(lambda: check.raise_for_problems(cfg))
-
-
-def _per_group(cfg: ClusterConfig, data: dict) -> str:
-    """JSON of one group as it always was; of several, {"groups": {label: ...}}."""
-    return json.dumps({"groups": data} if cfg.groups else next(iter(data.values())), indent=2) + "\n"
 
 
 @app.command()
@@ -161,7 +135,7 @@ def up(
         return
 
     def one(label: str, group: ClusterConfig):
-        with _nodes(group) as nodes:
+        with cli_run.nodes_of(group) as nodes:
             return Executor(group, nodes, labelled(report, label, bool(cfg.groups))).up()
 
     results = guard(lambda: for_each_group(cfg, one))
@@ -174,7 +148,7 @@ def up(
         if not as_json:
             print_up_result(group, results[label])
     if watch_after:
-        _controller(cfg, as_json)
+        cli_run.controller(cfg, as_json)
 
 
 @app.command()
@@ -191,7 +165,7 @@ def doctor(
     cfg = load(config)
 
     def one(label: str, group: ClusterConfig):
-        with _nodes(group) as nodes:
+        with cli_run.nodes_of(group) as nodes:
             return Executor(group, nodes).doctor()
 
     findings = [f for found in guard(lambda: for_each_group(cfg, one)).values() for f in found]
@@ -222,22 +196,12 @@ def sync(
     progress, report = sync_reporter(cfg, as_json)
 
     def run():
-        with _nodes(cfg) as nodes, progress:
+        with cli_run.nodes_of(cfg) as nodes, progress:
             return ModelSync(cfg, nodes, report).run(source=source, checksum=checksum, max_rate_mb_s=max_rate)
 
     res = run_until_stopped(run)
     if not as_json:
         print_synced(res)
-
-
-def _controller(cfg: ClusterConfig, as_json: bool) -> None:
-    from .control_api import serve
-
-    if not as_json:
-        gateway, control = cfg.gateway_url(), cfg.controller_url()
-        out.print(f"controller: clients use [bold]{gateway}/v1[/] (OpenAI API, failover hidden); status page {control}/ ; "
-                  f"metrics {control}/metrics ; API docs {control}/docs", highlight=False)
-    run_until_stopped(lambda: serve(cfg))
 
 
 @app.command()
@@ -250,27 +214,9 @@ def controller(
     and a status page (/)."""
     cfg = load(config)
     if print_unit:
-        _print_unit(cfg, config, "controller")
+        cli_run.print_unit(cfg, config, "controller")
         return
-    _controller(cfg, False)
-
-
-def _print_unit(cfg: ClusterConfig, config: Path, command: str) -> None:
-    from .controller import systemd_unit
-
-    sys.stdout.write(systemd_unit(cfg, config, command) + "\n")
-
-
-def _watch(cfg: ClusterConfig, as_json: bool, max_seconds: Optional[float]) -> None:
-    from .watchdog import Watchdog
-
-    printer = watch_event_printer(as_json)
-
-    def one(label: str, group: ClusterConfig):
-        with _nodes(group) as nodes:
-            return Watchdog(group, nodes, on_event=labelled(printer, label, bool(cfg.groups))).run(max_seconds=max_seconds)
-
-    run_until_stopped(lambda: for_each_group(cfg, one))
+    cli_run.controller(cfg, False)
 
 
 @app.command()
@@ -294,9 +240,9 @@ def watch(
             err.print(f"watchdog{f' of group {label}' if cfg.groups else ''}: "
                       + ("out of its failed state (the circuit breaker is reset)" if done else "was not failed; nothing to reset"), highlight=False)
     if print_unit:
-        _print_unit(cfg, config, "watch")
+        cli_run.print_unit(cfg, config, "watch")
         return
-    _watch(cfg, as_json, max_seconds)
+    cli_run.watch(cfg, as_json, max_seconds)
 
 
 @app.command()
@@ -311,7 +257,7 @@ def down(
     report = step_reporter(as_json)
 
     def one(label: str, group: ClusterConfig):
-        with _nodes(group) as nodes:
+        with cli_run.nodes_of(group) as nodes:
             return Executor(group, nodes, labelled(report, label, bool(cfg.groups))).down()
 
     saved = [str(logs) for logs in guard(lambda: for_each_group(cfg, one)).values() if logs]
@@ -337,7 +283,7 @@ def logs(
         raise typer.Exit(2)
 
     def run():
-        with _nodes(cfg) as nodes:
+        with cli_run.nodes_of(cfg) as nodes:
             found = containers_of(cfg, nodes, [node] if node else names)
             if not follow:
                 for n, c, text in read_logs(nodes, found, tail, cfg.secret_values()):
@@ -378,7 +324,7 @@ def status(
         return guard(lambda: get_status(cfg, nodes[label], window_s=window, vllm=(vllm or {}).get(label)))
 
     with ExitStack() as stack:
-        nodes = {label: stack.enter_context(_nodes(group)) for label, group in groups}
+        nodes = {label: stack.enter_context(cli_run.nodes_of(group)) for label, group in groups}
         rep = show_status(lambda: get(first), get, as_json=as_json, watch=watch, interval=interval)
     if rep is not None and rep.verdict != "serving":
         raise typer.Exit(3)

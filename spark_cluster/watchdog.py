@@ -1,44 +1,37 @@
 """The failover controller: observe every period, decide (spark_cluster.decide), act.
 
-Actions: a 1-token canary completion; an incident bundle then an ordered gang restart of the
-whole group with the same code as `up` (executor.down then executor.up); an alert when the
-circuit breaker trips. Every change, decision and action is a JSON line in
-state_dir/events.jsonl; the decision state lives in state_dir/watchdog.json, so the controller
-can be restarted at any time without losing its history or touching a healthy cluster.
+Each job has a room: observing (watch_observe.Eyes), deciding (decide, a pure function),
+restarting (watch_restart: the full restart today), recording (watch_record.Record). This loop
+sequences them and takes commands from the controller's API. Actions: a 1-token canary
+completion; an incident bundle then a restart of the whole group; an alert when the circuit
+breaker trips. Every change, decision and action is a JSON line in state_dir/events.jsonl; the
+decision state lives in state_dir/watchdog.json, so the controller can be restarted at any time
+without losing its history or touching a healthy cluster.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import httpx
 
-from . import kept, timeouts
 from .config import ClusterConfig
 from .decide import Action, Sample, State, breaker_reset, decide, fresh_budget, hour_restarts, requested_restart, restarted, resumed
-from .errors import SparkClusterError, WatchdogFailed  # noqa: F401 - re-exported
-from .executor import Executor
+from .errors import WatchdogFailed
 from .facts import progressed
-from .judge import sample_of
-from .masking import mask_data
-from .observation import NodeObs, RayObs
-from .observe import Engine, group_containers, host_snapshot, observe_nodes, observe_ray
-from .plan import build_plan
-from .ranks import GpuBaseline, ProcessesReading, learn_baseline
-from .state_dir import DIR_MODE, EVENTS_FILE, INCIDENTS_KEPT, append_private, private_dir, prune, read_private, write_private
+from .observe import host_snapshot
+from .state_dir import read_private, write_private
 from .transport import Nodes
-from .watch_state import STATE_FILE, gpu_baselines, iso, load_decision, read_watchdog_state, save_watchdog_state
-
-EventSink = Callable[[dict[str, Any]], None]
+from .watch_observe import Eyes
+from .watch_record import EventSink, Record
+from .watch_restart import FullRestart, Restart
+from .watch_state import gpu_baselines, load_decision, read_watchdog_state
 
 
 RESET_HINT = ("the watchdog stays stopped until told otherwise: fix the cause, then `spark-cluster up CONFIG` "
@@ -59,7 +52,7 @@ def reset_breaker(cfg: ClusterConfig, why: str, *, recreated: bool = False) -> b
             return False
         reset = wd.deliberate_start(why)
         wd.save_state()
-        write_private(wd.dir / RESET_MARK, why + "\n", wd.secrets)
+        write_private(wd.dir / RESET_MARK, why + "\n", wd.rec.secrets)
         return reset
     finally:
         wd.close()
@@ -70,7 +63,8 @@ class Watchdog:
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] | None = None,
                  in_flight: Callable[[], int] = lambda: 0, http: Optional[httpx.Client] = None):
         """http: the client for the engine's API (probes, the canary, readiness after a restart); by
-        default one with the engine's API key, when it has one. Tests give one on a fake transport."""
+        default one with the engine's API key, when it has one. Tests give one on a fake transport.
+        in_flight: requests the controller's gateway has with the engine, their clients reading."""
         self.cfg = cfg
         self.nodes = nodes
         self.s = cfg.watchdog.model_copy(update={"busy_budget_s": cfg.busy_budget_s()})
@@ -81,34 +75,32 @@ class Watchdog:
         self.restart_requested: Optional[str] = None
         self.paused = False
         self._pause_wanted: Optional[bool] = None
-        self.on_event = on_event or (lambda e: None)
-        self.in_flight = in_flight  # requests the controller's gateway has sent the engine and not seen finish
-        self.dir = private_dir(cfg.resolved_state_dir())
-        self.secrets = cfg.secret_values()  # masked in every event and every file of a bundle
-        self.events_path = self.dir / EVENTS_FILE
-        self.state_path = self.dir / STATE_FILE
-        self.plan = build_plan(cfg, links=kept.links(cfg))
-        self.expected_nodes = {n.name: n.address for n in cfg.nodes}
-        self.ray_step = next((s for s in self.plan.steps if s.kind == "wait-ray"), None)
-        # Ray's membership is asked in the background (importing Ray costs a second or two of CPU on
-        # the head): at most one probe in flight, started at most every timeouts.RAY_PROBE_INTERVAL_S
-        self.ray_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-probe")
-        self.ray_probe: Optional[Future[RayObs]] = None
-        self.ray_probe_started = float("-inf")
-        self.last_ray: Optional[RayObs] = None  # the last answer of a Ray probe (for incident bundles)
-        self.trail: deque[dict[str, Any]] = deque(maxlen=200)
+        self.rec = Record(cfg, clock, on_event or (lambda e: None))
+        self.dir = self.rec.dir
         # a state file of another shape is set aside with an alert: the watchdog starts afresh
         saved = read_watchdog_state(cfg, alert=lambda why: self.event("alert", reason=why))
         self.state = load_decision(saved, self.clock())
-        self.gpu_baseline: dict[str, GpuBaseline] = gpu_baselines(saved)
-        self.samples: deque[dict[str, Any]] = deque(maxlen=60)
-        self.canary_result: Optional[tuple[Optional[bool], float, Optional[int]]] = None
-        self.containers = {n.name: group_containers(self.plan, n.name) for n in cfg.nodes}
-        self.last_nodes: list[NodeObs] = []
-        self.last_procs: dict[str, ProcessesReading] = {}  # each node's last reading of its processes (CPU between two)
+        self.eyes = Eyes(cfg, nodes, gpu_baselines(saved), in_flight, http)
+        self.restarter: Restart = FullRestart(cfg, nodes, self.eyes.engine.http, self.event)
         self.last_good: Optional[float] = None  # when the cluster was last seen healthy (time to detect)
         self.decided_at: Optional[float] = None  # when the running restart was decided (time to recover)
-        self.engine = Engine(cfg, http)
+
+    # what the controller, its metrics and tests read of the rooms
+    @property
+    def samples(self):
+        return self.eyes.samples
+
+    @property
+    def engine(self):
+        return self.eyes.engine
+
+    @property
+    def canary_result(self):
+        return self.eyes.canary_result
+
+    @canary_result.setter
+    def canary_result(self, value) -> None:
+        self.eyes.canary_result = value
 
     # ---- commands (thread-safe: they only set a flag and wake the loop) ------------------------
     def _nap(self, seconds: float) -> None:
@@ -127,66 +119,15 @@ class Watchdog:
     def busy_restarting(self) -> bool:
         return self.state.phase in ("backoff", "restarting") or self.restart_requested is not None
 
-    # ---- persistence ----------------------------------------------------------------------
+    # ---- recording ------------------------------------------------------------------------------
     def save_state(self) -> None:
-        save_watchdog_state(self.state_path, self.state, self.clock(), self.gpu_baseline)
+        self.rec.save(self.state, self.eyes.gpu_baseline)
 
     def event(self, kind: str, **data: Any) -> None:
-        e = mask_data(json.loads(json.dumps({"ts": iso(self.clock()), "event": kind, "cluster": self.cfg.name, **data}, default=str)),
-                      self.secrets)
-        self.trail.append(e)
-        append_private(self.events_path, json.dumps(e) + "\n")
-        self.on_event(e)
+        self.rec.event(kind, **data)
 
-    # ---- observation (never raises) ---------------------------------------------------------
     def observe(self) -> Sample:
-        now = self.clock()
-        cfg = self.cfg
-        t_probe = cfg.health.probe_timeout_s
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodes") as pool:  # the engine is asked meanwhile
-            reading = pool.submit(observe_nodes, cfg, self.nodes, self.plan, t_probe + timeouts.NODE_PROBE_EXTRA_S)
-            vllm = self.engine.sample(t_probe)
-            nodes = reading.result()
-        canary = self.canary_result
-        self.canary_result = None
-        self.last_nodes = nodes
-        self._ranks(nodes)
-        sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary, self.in_flight())
-        self.samples.append(dataclasses.asdict(sample))
-        return sample
-
-    def _ranks(self, nodes: list[NodeObs]) -> None:
-        """Each node's rank activity, from its processes against their last reading and its GPUs."""
-        for n in nodes:
-            n.judge_ranks(self.containers[n.name], self.last_procs.get(n.name), self.gpu_baseline.get(n.name, GpuBaseline()))
-            if n._procs is not None:
-                self.last_procs[n.name] = n._procs
-            else:
-                self.last_procs.pop(n.name, None)
-
-    def _learn(self, sample: Sample, moved: bool) -> None:
-        """The GPUs' idle power while the engine is ready with nothing to do, their busy power while it progresses."""
-        if self.state.phase != "healthy":  # what a stalled, starting or failed engine draws teaches nothing
-            return
-        idle = sample.health == 200 and not sample.pending and not moved
-        working = moved and sample.pending > 0
-        for n in self.last_nodes:
-            self.gpu_baseline[n.name] = learn_baseline(self.gpu_baseline.get(n.name, GpuBaseline()), n.gpu_power_w,
-                                                       idle=idle, working=working)
-
-    def _ray_obs(self) -> RayObs:
-        """The answer of the last finished Ray probe (then a new one starts), or not checked yet."""
-        if self.ray_step is None:
-            return RayObs()
-        ray = RayObs()
-        if self.ray_probe is not None and self.ray_probe.done():
-            ray = self.last_ray = self.ray_probe.result()
-            self.ray_probe = None
-        if self.ray_probe is None and time.monotonic() - self.ray_probe_started >= timeouts.RAY_PROBE_INTERVAL_S:
-            self.ray_probe_started = time.monotonic()
-            self.ray_probe = self.ray_pool.submit(observe_ray, self.nodes[self.cfg.head.name], self.cfg, self.plan,
-                                                  max(self.cfg.health.probe_timeout_s, timeouts.QUICK_S))
-        return ray
+        return self.eyes.observe(self.clock())
 
     # ---- actions ----------------------------------------------------------------------------
     def incident_bundle(self, reason: str) -> Path:
@@ -195,71 +136,33 @@ class Watchdog:
         timeouts.INCIDENT_S: the restart waits for the bundle. The containers' logs are added by the
         kill. (Ray is not asked afresh: importing Ray on the head costs seconds of the restart, and a
         probe at most timeouts.RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
-        slug = re.sub(r"[^a-z0-9]+", "-", reason.lower())[:40].strip("-")
-        name = f"{datetime.fromtimestamp(self.clock()).strftime('%Y%m%d-%H%M%S')}-{slug}"
-        prune(private_dir(self.dir / "incidents"), INCIDENTS_KEPT - 1)  # the newest kept, this one among them
-        d = self.dir / "incidents" / name
-        n = 1
-        while True:  # two incidents within one second keep two bundles
-            try:
-                d.mkdir(mode=DIR_MODE)
-                break
-            except FileExistsError:
-                n += 1
-                d = d.with_name(f"{name}-{n}")
-        files = {"reason.txt": reason + "\n",
-                 "decision-trail.jsonl": "".join(json.dumps(e, default=str) + "\n" for e in self.trail),
-                 "observations.jsonl": "".join(json.dumps(x) + "\n" for x in self.samples),
-                 "metrics.txt": self.engine.last_metrics_text,
-                 "state.json": json.dumps(dataclasses.asdict(self.state), indent=1, default=list)}
-        if self.last_ray is not None:
-            files["ray-state.json"] = self.last_ray.model_dump_json(indent=1) + "\n"
-        ranks = {n.name: {"activity": n.activity, "evidence": n.activity_evidence, "gpu_power_w": n.gpu_power_w,
-                          "gpu_memory_util": n.gpu_memory_util, "gpu_baseline": dataclasses.asdict(self.gpu_baseline.get(n.name, GpuBaseline()))}
-                 for n in self.last_nodes}
-        files["ranks.json"] = json.dumps(ranks, indent=1) + "\n"
-
+        files = {**self.eyes.known(), "state.json": json.dumps(dataclasses.asdict(self.state), indent=1, default=list)}
         with ThreadPoolExecutor(max_workers=len(self.cfg.nodes), thread_name_prefix="incident") as pool:
             for n, text in zip(self.cfg.nodes, pool.map(lambda n: host_snapshot(self.nodes[n.name]), self.cfg.nodes)):
                 files[f"{n.name}-host.txt"] = text
-        for file, text in files.items():
-            write_private(d / file, text, self.secrets)
-        return d
+        return self.rec.bundle(reason, files)
 
     def restart(self, action: Action) -> None:
-        """The ordered gang restart, timed by part: the incident bundle, the kill (logs saved into the
-        bundle), then `up`'s parts (executor.phases). The parts go into restart-done and the bundle."""
+        """The restart, timed by part: the incident bundle, then the restarter's own parts (the kill, up's).
+        The parts go into restart-done and the bundle."""
         if action.delay_s:
             self.event("backoff", seconds=action.delay_s, reason=action.reason)
             self.sleep(action.delay_s)
-        phases: dict[str, float] = {}
         t0 = time.monotonic()
         bundle = self.incident_bundle(action.reason)
-        phases["incident-bundle"] = round(time.monotonic() - t0, 2)
+        phases: dict[str, float] = {"incident-bundle": round(time.monotonic() - t0, 2)}
         self.event("incident", reason=action.reason, bundle=str(bundle))
         self.event("restart-start", reason=action.reason, attempt=self.state.consecutive + 1)
-        ex = Executor(self.cfg, self.nodes, report=lambda e: self.event(
-            "executor", step_event=e.get("event"), **{k: v for k, v in e.items() if k not in ("ts", "event")}), http=self.engine.http)
-        ok, error = True, None
-        try:
-            t = time.monotonic()
-            try:
-                ex.down(graceful=False, logs_to=bundle / "logs")
-            finally:
-                phases["kill"] = round(time.monotonic() - t, 2)
-            ex.up()
-        except SparkClusterError as exc:
-            ok, error = False, str(exc)
-        phases.update(ex.phases)
+        error, parts = self.restarter.run(bundle)
+        phases.update(parts)
         took = round(time.monotonic() - t0, 1)
-        self.ray_probe = None  # an answer about the previous generation is no news about this one
-        self.last_ray = None
+        self.eyes.new_generation()
         self.state = restarted(self.state, self.clock(), error or "")
         recover = round(self.clock() - self.decided_at, 1) if self.decided_at is not None else None
         done = {"seconds": took, "recover_s": recover, "phases": phases, "error": error}
-        write_private(bundle / "restart.json", json.dumps({"event": "restart-done" if ok else "restart-failed", **done}, indent=1) + "\n",
-                      self.secrets)
-        self.event("restart-done" if ok else "restart-failed", **done)
+        kind = "restart-failed" if error else "restart-done"
+        self.rec.write(bundle / "restart.json", json.dumps({"event": kind, **done}, indent=1) + "\n")
+        self.event(kind, **done)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _commands(self) -> None:
@@ -305,7 +208,8 @@ class Watchdog:
             return None
         else:
             self.state, action = decide(self.state, sample, now, self.s)
-        self._learn(sample, moved=before_counters is not None and progressed(before_counters, sample.counters))
+        if self.state.phase == "healthy":  # what a stalled, starting or failed engine draws teaches nothing
+            self.eyes.learn(sample, moved=before_counters is not None and progressed(before_counters, sample.counters))
         if self.state.phase != before:
             self.event("state", state=self.state.phase, previous=before, reason=self.state.suspect_reason or self.state.last_reason,
                        running=sample.running, waiting=sample.waiting, health=sample.health)
@@ -354,5 +258,4 @@ class Watchdog:
             self.close()
 
     def close(self) -> None:
-        self.engine.close()
-        self.ray_pool.shutdown(wait=False, cancel_futures=True)
+        self.eyes.close()

@@ -400,7 +400,7 @@ class ScriptedLoop:
 
         self.wd = Watchdog(cfg, None, clock=lambda: self.t, http=httpx.Client(transport=httpx.MockTransport(no_engine)))
         self.events: list[dict] = []
-        self.wd.on_event = self.events.append
+        self.wd.rec.on_event = self.events.append
         self.restarts: list[str] = []
         self.wd.restart = lambda action: (self.restarts.append(action.reason), setattr(self.wd, "state", restarted(self.wd.state, self.t)))
         self.wd.engine.canary = lambda timeout: (False, 10.0, None)

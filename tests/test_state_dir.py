@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from spark_cluster import watchdog as watchdog_module
 from spark_cluster.config import load_config
 from spark_cluster.controller import load_token
 from spark_cluster.errors import StateDirUnsafe
 from spark_cluster.state_dir import append_private, private_dir, prune, read_private
+from spark_cluster.watchdog import Watchdog
 
 from .conftest import SIM_CONFIG
 from .fakes import FakeCluster, fake_nodes
@@ -76,10 +76,10 @@ def test_events_rotate_past_their_bound(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
-def test_only_the_newest_incident_bundles_are_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(watchdog_module, "INCIDENTS_KEPT", 3)
+def test_only_the_newest_incident_bundles_are_kept(tmp_path):
     cluster = FakeCluster(cfg_in(tmp_path)).serving()
-    wd = watchdog_module.Watchdog(cluster.cfg, fake_nodes(cluster), clock=iter(range(1_800_000_000, 1_800_001_000, 7)).__next__)
+    wd = Watchdog(cluster.cfg, fake_nodes(cluster), clock=iter(range(1_800_000_000, 1_800_001_000, 7)).__next__)
+    wd.rec.incidents_kept = 3
     try:
         made = [wd.incident_bundle(f"hang {i}").name for i in range(5)]
     finally:

@@ -1,0 +1,63 @@
+"""What the CLI's commands run beyond one library call: the flag check's choice of vLLM, a group's
+JSON, the controller and the watchdog in the foreground, a systemd unit (cli.py holds the commands)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rich.markup import escape
+
+from .config import ClusterConfig
+from .groups import for_each_group, labelled
+from .guard import run_until_stopped
+from .steps import Plan
+from .views import err, out, watch_event_printer
+
+
+def nodes_of(cfg: ClusterConfig):
+    from .transport import Nodes
+
+    return Nodes(cfg)
+
+def check_vllm(cfg: ClusterConfig, p: Plan, target: str):
+    """--vllm: the image's own vLLM on the head node, or a local interpreter, environment or release."""
+    if target == "image":
+        from .executor import Executor
+
+        with nodes_of(cfg) as nodes:
+            return Executor(cfg, nodes).check_vllm_flags()
+    from .vllm_check import check_local, resolve_python
+
+    return check_local(resolve_python(target, log=lambda m: err.print(f"[dim]{escape(m)}[/]", highlight=False)), p.vllm_argvs)
+
+def per_group(cfg: ClusterConfig, data: dict) -> str:
+    """JSON of one group as it always was; of several, {"groups": {label: ...}}."""
+    return json.dumps({"groups": data} if cfg.groups else next(iter(data.values())), indent=2) + "\n"
+
+def controller(cfg: ClusterConfig, as_json: bool) -> None:
+    from .control_api import serve
+
+    if not as_json:
+        gateway, control = cfg.gateway_url(), cfg.controller_url()
+        out.print(f"controller: clients use [bold]{gateway}/v1[/] (OpenAI API, failover hidden); status page {control}/ ; "
+                  f"metrics {control}/metrics ; API docs {control}/docs", highlight=False)
+    run_until_stopped(lambda: serve(cfg))
+
+def print_unit(cfg: ClusterConfig, config: Path, command: str) -> None:
+    from .controller import systemd_unit
+
+    sys.stdout.write(systemd_unit(cfg, config, command) + "\n")
+
+def watch(cfg: ClusterConfig, as_json: bool, max_seconds: Optional[float]) -> None:
+    from .watchdog import Watchdog
+
+    printer = watch_event_printer(as_json)
+
+    def one(label: str, group: ClusterConfig):
+        with nodes_of(group) as nodes:
+            return Watchdog(group, nodes, on_event=labelled(printer, label, bool(cfg.groups))).run(max_seconds=max_seconds)
+
+    run_until_stopped(lambda: for_each_group(cfg, one))
