@@ -147,6 +147,53 @@ def test_a_huge_header_and_half_sent_requests_cost_the_controller_nothing(contro
     assert controller.stopped() is None
 
 
+def test_crlf_floods_and_a_huge_header_to_the_control_plane_leave_the_gateway_serving(controller):
+    """#36's attacks on the process: 200 connections sending blank lines do not stop a real client from
+    being served within 1 s; a 64 MiB header to the control plane gets 431 while the gateway's /health
+    answers within 100 ms (p99)."""
+    body = {"model": controller.cfg.model.name, "prompt": "Hi", "max_tokens": 1}
+    socks = [connected(controller.gateway) for _ in range(200)]
+    try:
+        for _ in range(3):
+            for sock in socks:
+                try:
+                    sock.sendall(b"\r\n")
+                except OSError:
+                    pass  # closed at the keep-alive timeout: what the test wants
+            t = time.monotonic()
+            assert httpx.post(f"{controller.gateway}/v1/completions", json=body, timeout=60).status_code == 200
+            assert time.monotonic() - t < 1
+            time.sleep(1)
+    finally:
+        for sock in socks:
+            sock.close()
+    stop, times = threading.Event(), []
+
+    def probe() -> None:
+        with httpx.Client(timeout=10) as c:
+            while not stop.is_set():
+                t = time.monotonic()
+                c.get(f"{controller.gateway}/health")
+                times.append(time.monotonic() - t)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        time.sleep(0.5)
+        status, sent = send_huge_header(controller.url)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        prober.join()
+    times.sort()
+    p99 = times[int(len(times) * 0.99)]
+    print(f"control plane 64 MiB header: {status} after {sent / 2**20:.0f} MiB sent; the gateway's /health p99 {p99 * 1000:.1f} ms "
+          f"over {len(times)} probes")
+    assert status == 431 and sent < 64 * 2**20 and p99 < 0.1
+    assert controller.stopped() is None
+
+
 def vllm_running(cfg) -> float:
     return parse_metrics(httpx.get(f"{cfg.endpoint()}/metrics", timeout=10).text).get("running") or 0
 

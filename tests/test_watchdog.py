@@ -74,6 +74,43 @@ class Controlled(EventWaiter):
         return "; ".join(self.ctl.watchdog_errors.values()) or None
 
 
+def test_a_client_that_never_reads_a_large_stream_restarts_nothing_and_is_cut(sim, tmp_path):
+    """#36's attack on the real engine: a client asks the gateway for a stream of many megabytes (4
+    choices of 1900 tokens with 20 logprobs each) and never reads it. The engine finishes; the gateway
+    must not count the request as the engine's pending work (its ranks then idle: before, a hang
+    confirmed 10 s later), and cuts the client at gateway.client_write_timeout_s."""
+    from .gateway_rig import completion_request, connected
+
+    data = yaml.safe_load(SIM_CONFIGS["ray"].read_text())
+    data["state_dir"] = str(tmp_path / "state")
+    data["gateway"] = {"client_write_timeout_s": 20}
+    cfg = parse_config(yaml.safe_dump(data))
+    serving(cfg)
+    body = json.dumps({"model": cfg.model.name, "prompt": "Count", "max_tokens": 1900, "n": 4, "logprobs": 20, "stream": True,
+                       "ignore_eos": True}).encode()
+    with Controlled(cfg) as c:
+        c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+        member = c.ctl.gateway.members[cfg.name]
+        with connected(c.url, receive_buffer=4096) as sock:
+            sock.sendall(completion_request(body=body))
+            t0 = time.monotonic()
+            while not (member.flights and all(f.client_blocked for f in member.flights)):
+                assert time.monotonic() - t0 < 60, "the answer never filled the client's connection"
+                time.sleep(0.2)
+            assert c.ctl.in_flight(cfg.name) == 0  # what the watchdog counts
+            while member.flights:
+                assert time.monotonic() - t0 < 120, "the client was never cut"
+                time.sleep(0.5)
+            cut_after = time.monotonic() - t0
+            time.sleep(30)  # and nothing happens after: three watchdog stall windows
+        print(f"the non-reading client was cut {cut_after:.1f}s after its answer filled its connection")
+        assert not c.kinds("decision") or not [e for e in c.kinds("decision") if e["action"] == "restart"], c.kinds("decision")
+        metrics = c.ctl.metrics.exposition().decode()
+        assert sample_value(metrics, "spark_cluster_gateway_clients_cut_total", why="not_reading") == 1
+        assert sample_value(metrics, "spark_cluster_restarts_total", group=cfg.name, reason="hang") == 0
+    assert completion_works(cfg)
+
+
 def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_cfg, tmp_path):
     """The card's failure under a steady mix of streamed and non-streamed clients of the gateway:
     the hang is confirmed before Ray's heartbeat ends the engine, the group restarts in order, no
