@@ -35,7 +35,7 @@ check: install
 
 ## fast unit run: no simulated cluster, no vLLM releases
 test-unit: install
-	$(PYTHON) -m pytest -m "not cluster and not contract"
+	$(PYTHON) -m pytest -m "not cluster and not contract and not browser"
 
 ## four simulated nodes on both executors: one group of TP=2 x PP=2 (up, status, failover, down) and two groups of
 ## TP=2 (a hang in one, a rolling change); 10-25 minutes a test
