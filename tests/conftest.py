@@ -221,14 +221,7 @@ def assert_nothing_of(before: dict, after: dict, cfg) -> None:
 def rig(tmp_path, request):
     """The controller with a scripted watchdog in front of a fake engine (tests/gateway_rig.py);
     parametrize indirectly with gateway settings."""
-    from .fake_engine import FakeEngine
-    from .gateway_rig import Rig, rig_cfg, serving_controller
+    from .gateway_rig import rig_running
 
-    engine = FakeEngine().start()
-    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url, **getattr(request, "param", {})))
-    served.start()
-    try:
-        yield Rig(engine, ctl, served)
-    finally:
-        served.stop()
-        engine.stop()
+    with rig_running(tmp_path, **getattr(request, "param", {})) as r:
+        yield r

@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
+from typing import Iterator
 
 import httpx
 import yaml
@@ -78,6 +80,48 @@ class Rig:
     def metric(self, name: str, **labels) -> float:
         time.sleep(0.05)  # a request's outcome is counted just after its last byte went out
         return sample_value(httpx.get(f"{self.api}/metrics").text, name, **labels)
+
+
+@contextmanager
+def rig_running(tmp_path, **gateway) -> Iterator[Rig]:
+    """The rig with these gateway settings, stopped at the end."""
+    engine = FakeEngine().start()
+    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url, **gateway))
+    served.start()
+    try:
+        yield Rig(engine, ctl, served)
+    finally:
+        served.stop()
+        engine.stop()
+
+
+@contextmanager
+def health_probe(url: str) -> Iterator[list[float]]:
+    """The gateway's /health asked again and again while the block runs: the answers' times, sorted at the end."""
+    stop, times = threading.Event(), []
+
+    def probe() -> None:
+        with httpx.Client(timeout=10) as c:
+            while not stop.is_set():
+                t = time.monotonic()
+                c.get(f"{url}/health")
+                times.append(time.monotonic() - t)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        time.sleep(0.5)
+        yield times
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        prober.join()
+        times.sort()
+
+
+def p99(times: list[float]) -> float:
+    return times[int(len(times) * 0.99)]
 
 
 def rig_cfg(tmp_path, engine_url: str, **gateway):

@@ -19,7 +19,8 @@ import pytest
 from spark_cluster.control_api import host_of
 from spark_cluster.gateway import end_to_end, forwarded_for
 
-from .gateway_rig import TOKEN, completion_request, connected, gateway_url, read_answers, rig_cfg, send_huge_header, serving_controller, status_of
+from .gateway_rig import (TOKEN, completion_request, connected, gateway_url, health_probe, p99, read_answers, rig_cfg, rig_running,
+                          send_huge_header, serving_controller, status_of)
 
 
 def rss_mb() -> float:
@@ -346,31 +347,13 @@ def test_forwarded_for(client, expected):
 
 
 # ---- the control plane ------------------------------------------------------------------------------
-def health_times(url: str, stop: threading.Event, out: list[float]) -> None:
-    with httpx.Client(timeout=10) as c:
-        while not stop.is_set():
-            t = time.monotonic()
-            c.get(f"{url}/health")
-            out.append(time.monotonic() - t)
-            time.sleep(0.01)
-
-
 def test_a_64_mb_header_to_the_control_plane_gets_431_and_the_gateway_keeps_answering(rig):
     """The attack: a 64 MiB header to controller.port got 200 and stalled the gateway's /health 5.7 s."""
-    stop, times = threading.Event(), []
-    probe = threading.Thread(target=health_times, args=(rig.url, stop, times))
-    probe.start()
-    try:
-        time.sleep(0.3)
+    with health_probe(rig.url) as times:
         before = rss_mb()
         status, sent = send_huge_header(rig.api)
-        time.sleep(0.3)
-    finally:
-        stop.set()
-        probe.join()
     assert status == 431 and sent < 64 * 2**20 and rss_mb() - before < 10
-    times.sort()
-    assert len(times) > 20 and times[int(len(times) * 0.99)] < 0.1, times[-5:]  # the gateway's /health p99
+    assert len(times) > 20 and p99(times) < 0.1, times[-5:]  # the gateway's /health
     assert httpx.get(f"{rig.api}/healthz").status_code == 200
 
 
@@ -379,19 +362,10 @@ def quick_control(tmp_path, monkeypatch):
     """The rig with the control plane's deadline and idle time short (1 s, 2 s)."""
     from spark_cluster import timeouts
 
-    from .fake_engine import FakeEngine
-    from .gateway_rig import Rig
-
     monkeypatch.setattr(timeouts, "CONTROL_REQUEST_S", 1)
     monkeypatch.setattr(timeouts, "GATEWAY_KEEP_ALIVE_S", 2)
-    engine = FakeEngine().start()
-    ctl, served = serving_controller(rig_cfg(tmp_path, engine.url))
-    served.start()
-    try:
-        yield Rig(engine, ctl, served)
-    finally:
-        served.stop()
-        engine.stop()
+    with rig_running(tmp_path) as r:
+        yield r
 
 
 def test_trickling_blank_and_idle_connections_to_the_control_plane_are_closed_in_time(quick_control):
