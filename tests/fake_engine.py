@@ -33,6 +33,8 @@ class Served:
     def __init__(self, app: Any, port: Optional[int] = None, host: str = "127.0.0.1", **options: Any):
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
+        # a test's server stops within a second, open connections or not (uvicorn's default waits for them)
+        options.setdefault("timeout_graceful_shutdown", 1)
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on", **options))
         self.thread: Optional[threading.Thread] = None
 
