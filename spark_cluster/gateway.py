@@ -261,7 +261,7 @@ class Gateway(Members):
                 except UpstreamError:
                     await self._end_stream(send, flight, "the engine's connection ended before the answer was complete")
                     return "interrupted"
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": flight.rest(), "more_body": False})
             flight.finished = True
             return "failed" if resp.status >= 500 else "ok"
         finally:
@@ -283,10 +283,9 @@ class Gateway(Members):
         raises on it."""
         if not flight.event_stream:
             return
-        try:
-            sep = b"" if flight.tail in (b"\n\n", b"") else b"\n\n"
+        try:  # what went out ends with a whole event (Flight.passing): the error event follows it
             await send({"type": "http.response.body", "more_body": True,
-                        "body": sep + b"data: " + error_body(message + "; the stream cannot be resumed: send the request again",
+                        "body": b"data: " + error_body(message + "; the stream cannot be resumed: send the request again",
                                                              "engine_unavailable") + b"\n\n"})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:

@@ -55,7 +55,7 @@ class Flight:
     started: bool = False  # the response's head went to the client: no retry from here on
     finished: bool = False  # its last byte went too (a client leaving now changes nothing)
     event_stream: bool = False
-    tail: bytes = b""  # the last bytes sent (an error event must start on an event boundary)
+    partial: bytes = b""  # an event stream's bytes past its last whole event: held until the event is whole
     done_sent: bool = False  # an event stream's `data: [DONE]` went out: the client has the whole answer
     cut: bool = False  # an interruption or the client's leaving cancelled the exchange
     tried: frozenset[str] = frozenset()  # the groups its request went to before this attempt
@@ -67,10 +67,23 @@ class Flight:
         return self.client is not None and self.client.blocked
 
     def passing(self, chunk: bytes) -> bytes:
-        """Note a piece of the answer on its way to the client."""
-        self.tail = chunk[-2:]
-        self.done_sent = self.event_stream and chunk.endswith(b"data: [DONE]\n\n")
-        return chunk
+        """What of a piece of the answer goes on to the client now: all of it, but of an event stream
+        only whole events (what follows the last one waits for its end), so that a stream cut in the
+        middle of an event never hands the client half an event: its error event comes after whole ones."""
+        if not self.event_stream:
+            return chunk
+        data = self.partial + chunk if self.partial else chunk
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        out, self.partial = data[:end], data[end:]
+        if out:
+            self.done_sent = out.endswith(b"data: [DONE]\n\n")
+        return out
+
+    def rest(self) -> bytes:
+        """What was held back, once the answer has ended whole (its last event without its blank line)."""
+        out, self.partial = self.partial, b""
+        return out
 
 
 class Observer:

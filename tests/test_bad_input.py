@@ -312,6 +312,32 @@ def test_an_answer_the_engine_cut_short_never_reaches_the_client_as_complete(tmp
         assert len(engine.requests) == 2  # not retried: its first byte had gone to the client
 
 
+def test_a_stream_cut_in_the_middle_of_an_event_ends_with_whole_events_then_the_error_event(tmp_path):
+    """The attack's finding: a stream cut mid-event sent the truncated event before the error event
+    (a client's SSE parser then fails on half a JSON object instead of reading the error)."""
+    whole, half = b'data: {"choices": [{"text": "a"}]}\n\n', b'data: {"choices": [{"te'
+    cut = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+           + b"%x\r\n%b\r\n" % (len(whole), whole) + b"%x\r\n%b\r\n" % (len(half), half))  # then the engine's connection ends
+    with gateway_before(tmp_path, cut) as (gateway, engine):
+        with httpx.stream("POST", gateway + "/v1/completions", json={"prompt": "p", "stream": True}, timeout=30) as r:
+            body = r.read()
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[0] == whole.strip() and half not in body.replace(whole, b""), body
+    assert len(events) == 2 and json.loads(events[1][len(b"data: "):])["error"]["type"] == "engine_unavailable"
+
+
+@pytest.mark.parametrize("cuts", [[], [1], [5, 6], [40, 41, 42], [10, 50, 79]])
+def test_an_event_stream_passes_whole_events_however_it_is_split(cuts):
+    from spark_cluster.gateway import Flight
+
+    stream = b'data: {"a": 1}\n\ndata: {"b": 2}\r\n\r\ndata: {"c": 3}\n\ndata: [DONE]\n\n'
+    edges = [0, *cuts, len(stream)]
+    flight = Flight(event_stream=True)
+    out = [flight.passing(stream[a:b]) for a, b in zip(edges, edges[1:])]
+    assert b"".join(out) + flight.rest() == stream and all(o.endswith((b"\n\n", b"\r\n\r\n")) for o in out if o)
+    assert flight.done_sent
+
+
 def test_hop_by_hop_headers_go_no_further_either_way_and_the_gateway_says_who_the_client_is(tmp_path):
     answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close, x-engine-hop\r\nx-engine-hop: 1\r\n"
               b"keep-alive: timeout=5\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\n{}")
