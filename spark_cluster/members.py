@@ -47,6 +47,11 @@ class Member:
         return sum(1 for f in tuple(self.flights) if not f.client_blocked)
 
 
+# The most of an event stream held back waiting for its event's end (vLLM's events are a few kB, with
+# logprobs tens): past it the bytes go on as they are
+EVENT_HELD_MAX = 2**20
+
+
 @dataclass(eq=False)
 class Flight:
     """One request while it is with the engine."""
@@ -76,6 +81,8 @@ class Flight:
         lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
         end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
         out, self.partial = data[:end], data[end:]
+        if len(self.partial) > EVENT_HELD_MAX:  # not events as vLLM sends them: passed on as they come
+            out, self.partial = data, b""
         if out:
             self.done_sent = out.endswith(b"data: [DONE]\n\n")
         return out

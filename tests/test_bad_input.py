@@ -338,6 +338,14 @@ def test_an_event_stream_passes_whole_events_however_it_is_split(cuts):
     assert flight.done_sent
 
 
+def test_a_stream_without_event_boundaries_is_not_held_without_bound():
+    from spark_cluster.members import EVENT_HELD_MAX, Flight
+
+    flight = Flight(event_stream=True)
+    sent = b"".join(flight.passing(b"x" * 65536) for _ in range(EVENT_HELD_MAX // 65536 + 2))
+    assert len(flight.partial) <= EVENT_HELD_MAX and len(sent) + len(flight.partial) == 65536 * (EVENT_HELD_MAX // 65536 + 2)
+
+
 def test_hop_by_hop_headers_go_no_further_either_way_and_the_gateway_says_who_the_client_is(tmp_path):
     answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close, x-engine-hop\r\nx-engine-hop: 1\r\n"
               b"keep-alive: timeout=5\r\nx-kept: 1\r\ncontent-length: 2\r\n\r\n{}")
