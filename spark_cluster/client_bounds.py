@@ -12,9 +12,10 @@ from .upstream import CHUNK_FRAMING
 
 
 class Reader(Protocol):
-    """A connection the body budget can stop and start reading from."""
+    """A connection the body budget can stop and start reading from, and close when its body stalls."""
 
     def set_reading(self, *, starved: Optional[bool] = None, held_back: Optional[bool] = None) -> None: ...
+    def evict(self) -> None: ...
 
 
 class HeadMeter:
@@ -58,18 +59,28 @@ class HeadMeter:
 class BodyBudget:
     """Request bodies held in memory over every connection. A connection whose body takes it past
     the limit stops reading (what it already received is kept: at most one read more per
-    connection) until earlier bodies are released, first starved first fed."""
+    connection) until earlier bodies are released, first starved first fed. While some starve, a
+    body that has stopped arriving for `stall_s` gives its room back (its connection is `evict`ed):
+    half-sent bodies cannot hold the budget until their request deadline while others wait."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, stall_s: float):
+        self.limit, self.stall_s = limit, stall_s
         self.used = 0
         self.starved: dict[Reader, None] = {}  # ordered
+        self.held: dict[Reader, float] = {}  # connections holding a body still arriving -> when its last bytes came
+        self.timer: Optional[asyncio.TimerHandle] = None
 
     def take(self, conn: Reader, size: int) -> None:
         self.used += size
+        self.held[conn] = asyncio.get_running_loop().time()
         if self.used > self.limit:
             self.starved[conn] = None
             conn.set_reading(starved=True)
+            self._watch()
+
+    def whole(self, conn: Reader) -> None:
+        """conn's body has arrived whole: it waits for the engine, not for its client."""
+        self.held.pop(conn, None)
 
     def give(self, size: int) -> None:
         self.used -= size
@@ -80,6 +91,24 @@ class BodyBudget:
 
     def forget(self, conn: Reader) -> None:
         self.starved.pop(conn, None)
+        self.held.pop(conn, None)
+
+    def _watch(self) -> None:
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.stall_s / 2, self._reclaim)
+
+    def _reclaim(self) -> None:
+        """Someone starves: bodies stalled for stall_s give their room back."""
+        self.timer = None
+        if not self.starved:
+            return
+        now = asyncio.get_running_loop().time()
+        for conn, last in list(self.held.items()):
+            if now - last >= self.stall_s and conn not in self.starved:
+                self.held.pop(conn, None)
+                conn.evict()
+        if self.starved:
+            self._watch()
 
 
 class Peers:

@@ -56,7 +56,7 @@ class GatewayServer:
         self.max_clients = gateway.s.max_clients
         self.write_timeout_s = gateway.s.client_write_timeout_s
         self.peers = Peers(gateway.s.max_clients_per_peer)
-        self.budget = BodyBudget(gateway.s.max_buffered_bytes())
+        self.budget = BodyBudget(gateway.s.max_buffered_bytes(), timeouts.BODY_STALL_S)
         self.connections: set[GatewayProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: Optional[asyncio.AbstractServer] = None
@@ -351,6 +351,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.server.budget.take(self, len(body))
 
     def on_message_complete(self) -> None:
+        self.server.budget.whole(self)
         request, self.parsing = self.parsing, None
         self.in_head = True
         if self.deadline is not None:
@@ -435,6 +436,12 @@ class GatewayProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self._refuse(408, f"the request was not complete within gateway.request_deadline_s ({self.server.request_deadline_s:g}s)",
                          "request_deadline")
+
+    def evict(self) -> None:
+        """The body budget needs the room this connection's stalled body holds (BodyBudget)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._refuse(408, f"the request's body stopped arriving for {timeouts.BODY_STALL_S:g}s while others waited for "
+                              "room (gateway.max_buffered)", "request_deadline")
 
     def _idle(self) -> None:
         self.idle_timer = None

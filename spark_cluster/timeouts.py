@@ -69,6 +69,9 @@ LOCAL_CHECK_S = 600
 VLLM_ENV_STEP_S = 1800
 # A client's kept-alive connection to the gateway with no request: closed after this (as uvicorn's default).
 GATEWAY_KEEP_ALIVE_S = 5
+# While request bodies wait for room (gateway.max_buffered spent), one that has not arrived any further
+# for this long gives its room back (408): a client sending its body does not pause for seconds.
+BODY_STALL_S = 2.0
 # A request to the control plane must be whole this long after its first byte (blank lines included):
 # its requests are small and come from this machine or a tunnel.
 CONTROL_REQUEST_S = 10

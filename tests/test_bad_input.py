@@ -233,6 +233,36 @@ def test_bodies_held_at_once_stay_within_max_buffered(rig):
     assert answers == [200] * 4 and rig.script.calls == 4 and rig.ctl.front.budget.used == 0
 
 
+@pytest.mark.parametrize("rig", [{"max_buffered": "2m", "request_deadline_s": 20}], indirect=True)
+def test_half_sent_bodies_give_their_room_back_to_a_client_that_sends(rig):
+    """The attack: half-sent bodies held the max_buffered budget until their deadline; a legitimate
+    2 MB POST waited 9.9 s. Now a body that stopped arriving gives its room back within seconds
+    (here: 2.4 MB of half-sent bodies against a budget of 2 MB, then a 900 kB POST)."""
+    stallers = [connected(rig.url) for _ in range(3)]
+    try:
+        for sock in stallers:  # 2.4 MB of bodies that will never be whole
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                         b"content-length: 900000\r\n\r\n" + b"x" * 800_000)
+        time.sleep(0.5)
+        body = json.dumps({"prompt": "p" * 900_000}).encode()  # within the rig's max_body (1m)
+        t0 = time.monotonic()
+        r = httpx.post(f"{rig.url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+        took = time.monotonic() - t0
+        assert r.status_code == 200 and took < 6, took  # not the 20 s request deadline
+        evicted = []
+        for sock in stallers:
+            try:
+                evicted.append(status_of(sock, timeout=0.5))
+            except OSError:  # still held (it was starved itself when room was made): its deadline ends it
+                evicted.append(None)
+        assert evicted.count(408) >= 2, evicted
+    finally:
+        for sock in stallers:
+            sock.close()
+    time.sleep(0.2)
+    assert rig.ctl.front.budget.used == 0
+
+
 @pytest.mark.parametrize("rig", [{"max_attempts": 3}], indirect=True)
 def test_a_request_the_engine_keeps_failing_is_retried_a_bounded_number_of_times(rig):
     rig.script.status = 503  # the engine answers garbage while /health says 200: the door stays open
