@@ -31,7 +31,7 @@ test: install sim-deps
 ## the inner loop: lint and unit tests, no cluster, under a minute
 check: install
 	$(PYTHON) -m ruff check spark_cluster tests bench
-	$(PYTHON) -m pytest -q -n 3 --dist worksteal -m "not cluster and not contract and not fuzz and not browser"
+	$(PYTHON) -m pytest -q -n 4 --dist worksteal -m "not cluster and not contract and not fuzz and not browser"
 
 ## fast unit run: no simulated cluster, no vLLM releases
 test-unit: install
