@@ -87,6 +87,8 @@ class BodyBudget:
         while self.starved and self.used < self.limit:
             conn = next(iter(self.starved))
             del self.starved[conn]
+            if conn in self.held:  # it waited for room, it did not stall: its time starts again
+                self.held[conn] = asyncio.get_running_loop().time()
             conn.set_reading(starved=False)
 
     def forget(self, conn: Reader) -> None:

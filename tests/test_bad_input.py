@@ -263,6 +263,38 @@ def test_half_sent_bodies_give_their_room_back_to_a_client_that_sends(rig):
     assert rig.ctl.front.budget.used == 0
 
 
+def test_a_body_that_waited_for_room_is_not_taken_for_a_stalled_one():
+    import asyncio
+
+    from spark_cluster.client_bounds import BodyBudget
+
+    class Conn:
+        def __init__(self, name: str):
+            self.name, self.evicted, self.reading = name, False, True
+
+        def set_reading(self, *, starved=None, held_back=None) -> None:
+            self.reading = not starved
+
+        def evict(self) -> None:
+            self.evicted = True
+
+    async def run() -> tuple[Conn, Conn, Conn]:
+        budget = BodyBudget(100, stall_s=0.2)
+        stalled, waiting, late = Conn("stalled"), Conn("waiting"), Conn("late")
+        budget.take(stalled, 60)  # then sends nothing more
+        budget.take(waiting, 60)  # past the limit: waits for room
+        await asyncio.sleep(0.5)  # the stalled one is evicted (it would release its 60 when closed)
+        budget.give(60)
+        budget.forget(stalled)
+        assert waiting.reading
+        budget.take(late, 60)  # another waits now: the one just fed has not stalled
+        await asyncio.sleep(0.15)
+        return stalled, waiting, late
+
+    stalled, waiting, late = asyncio.run(run())
+    assert stalled.evicted and not waiting.evicted and not late.evicted
+
+
 @pytest.mark.parametrize("rig", [{"max_attempts": 3}], indirect=True)
 def test_a_request_the_engine_keeps_failing_is_retried_a_bounded_number_of_times(rig):
     rig.script.status = 503  # the engine answers garbage while /health says 200: the door stays open
