@@ -93,7 +93,8 @@ class VLLMObs(BaseModel):
     window_s: Optional[float] = None
     steps_in_window: Optional[float] = None
     generation_tok_s: Optional[float] = Field(None, description="generation throughput over the sampling window")
-    progress_age_s: Optional[float] = Field(None, description="seconds since the step/token counters last moved (across status runs)")
+    progress_age_s: Optional[float] = Field(None, description="seconds since the step/token counters last moved: as the watchdog last saw "
+                                                               "them move, else at least the sampling window")
     progressed: Optional[bool] = Field(None, description="whether any progress counter (steps, generated or prompt tokens) moved "
                                                          "over the window (facts.progressed: the watchdog's rule too)")
 
