@@ -5,7 +5,10 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 STAMP := $(VENV)/.installed.stamp
-export PYTHONDONTWRITEBYTECODE := 1
+# compiled bytecode (pytest's rewritten tests too) is kept under .venv, never beside the sources: each
+# pytest worker and each `python -m spark_cluster` a test starts then skips compiling what has not changed
+export PYTHONDONTWRITEBYTECODE :=
+export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
 
 .PHONY: install sim-deps check test test-unit test-contract test-scale test-long demo demo-down golden docs clean
 SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables iputils-ping chromium
@@ -31,7 +34,7 @@ test: install sim-deps
 ## the inner loop: lint and unit tests, no cluster, under a minute
 check: install
 	$(PYTHON) -m ruff check spark_cluster tests bench
-	$(PYTHON) -m pytest -q -n 4 --dist worksteal -m "not cluster and not contract and not fuzz and not browser"
+	$(PYTHON) -m pytest -q -n 6 --dist worksteal --hypothesis-profile=check -m "not cluster and not contract and not fuzz and not browser"
 
 ## fast unit run: no simulated cluster, no vLLM releases
 test-unit: install

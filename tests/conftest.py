@@ -2,12 +2,28 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# property tests: 60 examples each in `make test`, 15 in `make check` (the inner loop; --hypothesis-profile=check);
+# the gateway's fuzz test (not in `make check`) sets its own
+settings.register_profile("suite", max_examples=60, deadline=None)
+settings.register_profile("check", max_examples=15, deadline=None)
+settings.load_profile("suite")
+
+# The tests speak plain HTTP on loopback, yet httpx builds a TLS context for every client (every
+# httpx.get): from a CA file that is ~35-90 ms of CPU each, half of `make check`'s CPU (306 clients).
+# From the system's CA folder it is 0.2 ms: a folder's certificates are read only when one is checked.
+_CA_DIR = ssl.get_default_verify_paths().capath
+if _CA_DIR:
+    os.environ.pop("SSL_CERT_FILE", None)
+    os.environ["SSL_CERT_DIR"] = _CA_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -99,11 +115,43 @@ def simulated(n: int, image):
         cluster.down()
 
 
+FOUR_NODES = "sim4"  # the fixture of the tests that need four simulated nodes
+
+
+def needs_four_nodes(item) -> bool:
+    return FOUR_NODES in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the items by their session fixtures
+def pytest_collection_modifyitems(items):
+    """Engines are shared (a test brings one up only where it needs a fresh one, `up` keeps one
+    serving as planned): the test that remakes the simulated cluster after the other two-node tests,
+    the four-node tests last (the two-node engine is taken down once, before them)."""
+    items.sort(key=lambda item: (needs_four_nodes(item), item.get_closest_marker("remakes_sim") is not None))  # stable
+
+
 @pytest.fixture(scope="session")
-def sim(sim_image):
-    """Two simulated nodes with the image and the model loaded. Yields the SimNode list."""
-    with simulated(2, sim_image) as nodes:
+def sim(sim_image, request):
+    """The session's simulated nodes with the image and the model loaded: two, or four when a selected
+    test needs them (the two-node configs name sim-1 and sim-2 only, so they run on four alike; one
+    cluster, provisioned once). Yields the SimNode list."""
+    n = 4 if any(needs_four_nodes(item) for item in request.session.items) else 2
+    with simulated(n, sim_image) as nodes:
         yield nodes
+
+
+@pytest.fixture(scope="session")
+def sim4(sim):
+    """Four simulated nodes, with no two-node engine left on sim-1 and sim-2 (they share its ports)."""
+    from spark_cluster.config import load_config
+    from spark_cluster.executor import Executor
+    from spark_cluster.transport import Nodes
+
+    assert len(sim) == 4, [n.name for n in sim]
+    cfg = load_config(SIM_CONFIG)  # both executors' two-node configs name their cluster alike: one down for both
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).down(graceful=False)
+    return sim
 
 
 @pytest.fixture(scope="session")

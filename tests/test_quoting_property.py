@@ -49,7 +49,7 @@ def words(command: str) -> list[str]:
     return res.stdout.decode(errors="surrogateescape").split("\0")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])  # examples: conftest's profiles
 @given(
     path=shellish, served=shellish, env_val=shellish, extra=shellish, mount=shellish, parser=shellish, nccl=shellish,
 )

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from spark_cluster.config import secret_arguments
@@ -144,7 +144,6 @@ def command_line(draw) -> tuple[list[str], dict[str, list[str]]]:
     return [w for p in parts for w in p], secrets
 
 
-@settings(max_examples=60, deadline=None)
 @given(command_line())
 def test_a_secret_flag_is_masked_and_the_engine_key_found_in_every_spelling(line):
     """The attack: `--api_key` and `--hf_token`, which vLLM accepts, were printed raw by `plan`, and

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from spark_cluster.errors import CommandTimeout, SparkClusterError
@@ -17,7 +16,7 @@ from spark_cluster.executor import Executor
 from spark_cluster.sim import cluster
 from spark_cluster.transport import Nodes
 
-from .conftest import RAY_IN_SUITE, freeze, sim_docker, sim_variant, worker_container
+from .conftest import freeze, sim_docker, sim_variant
 
 pytestmark = pytest.mark.cluster
 
@@ -28,14 +27,14 @@ def test_each_node_has_its_own_address_sshd_and_docker(sim, sim_cfg):
     with Nodes(sim_cfg) as nodes:
         res = nodes.map(lambda t: t.run("hostname; ip -4 -o addr show eth0; docker info --format '{{.Name}} {{.ID}}'").check()).values_or_raise()
     seen_ids = set()
-    for node in sim:
+    for node in sim[:2]:  # the config's two (the session's cluster may have four)
         out = res[node.name].stdout
         assert out.splitlines()[0] == node.name
         assert f"inet {node.ip}/24" in out
         name, daemon_id = out.splitlines()[-1].split()
         assert name == node.name
         seen_ids.add(daemon_id)
-    assert len(seen_ids) == len(sim)  # one Docker daemon per node
+    assert len(seen_ids) == 2  # one Docker daemon per node
 
 
 def test_same_image_id_on_every_node(sim, sim_image):
@@ -94,29 +93,7 @@ def test_ray_path_forms_a_cluster_worker_first(sim):
         assert left == {"sim-1": "", "sim-2": ""}
 
 
-@pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
-def test_engine_spans_both_nodes(sim, engine_cfg):
-    """Pausing the worker node's container (its vLLM rank, or its Ray node holding the rank) hangs a
-    new 1-token completion while /health says 200."""
-    with Nodes(engine_cfg) as nodes:
-        Executor(engine_cfg, nodes).up()
-    url = engine_cfg.endpoint()
-    body = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 1}
-    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
-    worker = worker_container(engine_cfg)
-    freeze("sim-2", worker)
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{url}/v1/completions", json=body, timeout=20)
-        assert time.monotonic() - t0 >= 19
-        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
-    finally:
-        sim_docker("sim-2", "unpause", worker)
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-    assert r.status_code == 200 and r.json()["choices"]
-
-
+@pytest.mark.remakes_sim
 def test_down_leaves_nothing_even_without_state_then_comes_back(sim, sim_image):
     """Teardown works from the fixed names alone (as after a crashed run), then the sim returns."""
     from spark_cluster.sim import provision
@@ -129,7 +106,7 @@ def test_down_leaves_nothing_even_without_state_then_comes_back(sim, sim_image):
     try:
         _check_down_leaves_nothing()
     finally:  # the other tests share this cluster: bring it back whatever happened
-        nodes = cluster.up(2)  # also removes containers the kept docker state remembers
+        nodes = cluster.up(len(sim))  # also removes containers the kept docker state remembers
         provision.provision(nodes, sim_image)
         sim[:] = nodes
 

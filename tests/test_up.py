@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 
 import pytest
 import yaml
-from openai import OpenAI
 
 from spark_cluster.config import parse_config
 from spark_cluster.errors import LockedError, PreflightError, StepError
@@ -16,12 +16,29 @@ from spark_cluster.executor import Executor
 from spark_cluster.reconcile import member_name
 from spark_cluster.plan import build_plan
 from spark_cluster.sim import cluster
+from spark_cluster.status import status
 from spark_cluster.transport import HostKeyError, Nodes
 
-from .conftest import SIM_CONFIG, SIM_CONFIGS, generation, ray_leftovers, run_cli, sim_docker, sim_variant, worker_container
-from .cluster_helpers import containers
+from .conftest import (ROOT, SIM_CONFIG, SIM_CONFIGS, freeze, generation, group_containers, ray_leftovers, run_cli, sim_docker,
+                       sim_variant, worker_container)
+from .cluster_helpers import containers, stream_load
 
 pytestmark = pytest.mark.cluster
+
+
+RECORD = ROOT / "tests" / "data" / "observations"
+
+
+def record(name: str, rep) -> None:
+    """Keep real observations for the verdict's table-driven tests (RECORD_OBSERVATIONS=1)."""
+    import os
+
+    if rep.observation.executor != "native":
+        name = f"{name}-{rep.observation.executor}"
+    if os.environ.get("RECORD_OBSERVATIONS"):
+        RECORD.mkdir(parents=True, exist_ok=True)
+        # no verdict kept: the case's name says what the cluster was made to show (its first word)
+        (RECORD / f"{name}.json").write_text(json.dumps({"case": name, "observation": rep.observation.model_dump()}, indent=1) + "\n")
 
 
 def members(cfg) -> list[str]:
@@ -29,7 +46,10 @@ def members(cfg) -> list[str]:
     return [member_name(s) for s in build_plan(cfg).steps if s.kind in ("start", "exec")]
 
 
-def test_up_serves_is_idempotent_and_down_cleans(sim, engine_cfg):
+def test_up_serves_idempotently_status_tells_serving_stalled_down_and_down_cleans(sim, engine_cfg):
+    """One engine's life on each executor (one engine start, where two tests took two): `up` from
+    nothing, `up` again keeps every member; `status` says serving (idle, then loaded), stalled (a
+    paused worker, /health 200), down (the worker stopped); `down` removes everything, saving the logs."""
     cfg = engine_cfg
     (cfg.resolved_state_dir() / "vllm.json").unlink(missing_ok=True)  # the image's vLLM check runs afresh
     events: list[dict] = []
@@ -41,6 +61,8 @@ def test_up_serves_is_idempotent_and_down_cleans(sim, engine_cfg):
                                "native": ["spark-vllm-worker@sim-2", "spark-vllm@sim-1"]}[cfg.executor]
     flags = [e for e in events if e.get("step") == "preflight/sim-1/vllm-flags" and e["event"] != "step-start"]
     assert [(e["event"], e.get("vllm_version")) for e in flags] == [("step-ok", "0.32.0")]
+
+    from openai import OpenAI  # here: importing it takes a second of every pytest worker's collection
 
     client = OpenAI(base_url=f"{cfg.endpoint()}/v1", api_key="none", timeout=120)
     reply = client.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
@@ -61,8 +83,57 @@ def test_up_serves_is_idempotent_and_down_cleans(sim, engine_cfg):
     assert [e["event"] for e in flags] == ["step-skip"] and "same image ID and flags" in flags[0]["reason"]
     assert containers(cfg) == ids  # same container IDs: nothing recreated
 
+    url, worker = cfg.endpoint(), worker_container(cfg)
     with Nodes(cfg) as nodes:
+        rep = status(cfg, nodes)
+        record("serving-idle", rep)
+        assert rep.verdict == "serving", rep.reason
+        assert {c.name for n in rep.observation.nodes for c in n.containers} == group_containers(cfg)
+        assert rep.observation.nodes[0].sysctl == {"vm.swappiness": {"expected": "1", "actual": "1"}}
+        if cfg.executor == "ray":  # Ray with both nodes alive, and the engine's placement group across them
+            ray = rep.observation.ray
+            assert ray.alive == ["10.99.0.11", "10.99.0.12"] and ray.error is None and ray.actors == 2
+            assert [n.resources.get("vllm_cpu") for n in ray.nodes] == [1.0, 1.0]
+            assert [sorted(b.ip for b in pg.bundles) for pg in ray.placement_groups] == [["10.99.0.11", "10.99.0.12"]]
+            assert [(p.name, p.state) for p in rep.observation.nodes[0].processes] == [("vllm", "running")]
+
+        stop = threading.Event()
+        threads = stream_load(url, 4, stop)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                rep = status(cfg, nodes)
+                if (rep.observation.vllm.running or 0) > 0 and rep.observation.vllm.generation_tok_s:
+                    break
+                assert time.monotonic() < deadline, "load never showed up in the metrics"
+            record("serving-busy", rep)
+            assert rep.verdict == "serving", rep.reason
+
+            freeze("sim-2", worker)
+            try:
+                rep = status(cfg, nodes)
+                record("stalled-paused-worker", rep)
+                assert rep.verdict == "stalled", rep.reason
+                assert rep.observation.vllm.health == 200
+                assert rep.observation.vllm.steps_in_window == 0 and rep.observation.vllm.running > 0
+                assert "sim-2" in rep.reason
+            finally:
+                sim_docker("sim-2", "unpause", worker)
+            rep = status(cfg, nodes)
+            assert rep.verdict == "serving", rep.reason
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+
+        sim_docker("sim-2", "stop", "-t", "1", worker)
+        rep = status(cfg, nodes)
+        record("down-worker-stopped", rep)
+        assert rep.verdict == "down"
+        assert f"{worker} on sim-2 is exited" in rep.reason
         logs = Executor(cfg, nodes).down()
+        rep = status(cfg, nodes)
+        assert rep.verdict == "down" and "missing" in rep.reason
     assert containers(cfg) == {"sim-1": {}, "sim-2": {}}
     assert ray_leftovers(cfg) == {"sim-1": "", "sim-2": ""}
     saved = sorted(p.name for p in logs.iterdir())

@@ -1,7 +1,7 @@
 """The status verdict: one pure function, table-driven over observations.
 
 Recorded observations from the simulated cluster live in tests/data/observations/ (written by
-tests/test_status.py with RECORD_OBSERVATIONS=1); the constructed rows cover what the cluster
+tests/test_up.py with RECORD_OBSERVATIONS=1); the constructed rows cover what the cluster
 cannot easily be made to show.
 """
 

@@ -75,6 +75,30 @@ class Controlled(EventWaiter):
         return "; ".join(self.ctl.watchdog_errors.values()) or None
 
 
+@pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
+def test_engine_spans_both_nodes(sim, engine_cfg):
+    """What the watchdog is for: pausing the worker node's container (its vLLM rank, or its Ray node
+    holding the rank) hangs a new 1-token completion while /health says 200. (After `up`'s test, which
+    ends with `down`: the engine it starts serves the frozen-worker test next.)"""
+    with Nodes(engine_cfg) as nodes:
+        Executor(engine_cfg, nodes).up()
+    url = engine_cfg.endpoint()
+    body = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 1}
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+    worker = worker_container(engine_cfg)
+    freeze("sim-2", worker)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=20)
+        assert time.monotonic() - t0 >= 19
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    finally:
+        sim_docker("sim-2", "unpause", worker)
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["choices"]
+
+
 def test_a_client_that_never_reads_a_large_stream_restarts_nothing_and_is_cut(sim, tmp_path):
     """#36's attack on the real engine: a client asks the gateway for a stream of many megabytes (4
     choices of 1900 tokens with 20 logprobs each) and never reads it. The engine finishes; the gateway
