@@ -125,9 +125,13 @@ def needs_four_nodes(item) -> bool:
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the items by their session fixtures
 def pytest_collection_modifyitems(items):
     """Engines are shared (a test brings one up only where it needs a fresh one, `up` keeps one
-    serving as planned): the test that remakes the simulated cluster after the other two-node tests,
-    the four-node tests last (the two-node engine is taken down once, before them)."""
-    items.sort(key=lambda item: (needs_four_nodes(item), item.get_closest_marker("remakes_sim") is not None))  # stable
+    serving as planned): the tests that end the engine (or recreate it) after those that share a
+    serving one, then the test that remakes the simulated cluster, the four-node tests last (the
+    two-node engine is taken down once, before them)."""
+    def key(item) -> tuple[bool, bool, bool]:
+        return needs_four_nodes(item), item.get_closest_marker("remakes_sim") is not None, item.get_closest_marker("ends_engine") is not None
+
+    items.sort(key=key)  # stable: pytest's order (grouped by executor) kept within each
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
 """The gateway fuzzed: hypothesis writes request heads and bodies (sizes, framing right and wrong,
-pipelining, bytes split into reads at random) and sends them to the running gateway on loopback.
-Whatever comes in: the gateway never fails, answers or closes within its deadlines, holds no body
-once the connection is gone, and every answer it writes is well-formed HTTP/1.1."""
+trailers, blank lines, pipelining, bytes split into reads at random, large streams whose client
+reads nothing) and sends them to the running gateway on loopback. Whatever comes in: the gateway
+never fails, answers or closes within its deadlines, holds no body once the connection is gone,
+holds no client that does not read past its write timeout, and every answer it writes to a client
+that reads is well-formed HTTP/1.1."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from .gateway_rig import connected
 pytestmark = pytest.mark.fuzz
 
 DEADLINE_S = 0.5  # gateway.request_deadline_s here: an incomplete request is answered 408 by then
+WRITE_TIMEOUT_S = 1.0  # gateway.client_write_timeout_s here: a client that reads nothing is cut by then
+STREAM = b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 31\r\n\r\n{\"prompt\": \"p\", \"stream\": true}"
 TOKEN_CHARS = st.sampled_from("abcxyz-_0129")
 WEIRD = st.sampled_from([b"", b" ", b"\t", b"\r", b"\n", b"\x00", b"\xff", b":", b"\r\n ", b"%00", b"\xc3\xa9"])
 
@@ -75,12 +79,17 @@ def request(draw) -> bytes:
 
 
 @st.composite
-def exchange(draw) -> list[bytes]:
-    """Some requests back to back, the bytes split into reads at random places."""
-    data = b"".join(draw(st.lists(request(), min_size=1, max_size=3)))
+def exchange(draw) -> tuple[list[bytes], bool]:
+    """Some requests back to back, the bytes split into reads at random places; and whether the client
+    reads: one in eight reads nothing, having asked for a large stream among its requests."""
+    reads = draw(st.integers(0, 7)) > 0
+    requests = draw(st.lists(request(), min_size=1, max_size=3))
+    if not reads:
+        requests.insert(draw(st.integers(0, len(requests))), STREAM)
+    data = b"".join(requests)
     cuts = sorted(set(draw(st.lists(st.integers(0, len(data)), max_size=4))))
     edges = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:]) if b > a]
+    return [data[a:b] for a, b in zip(edges, edges[1:]) if b > a], reads
 
 
 def read_all(sock: socket.socket, limit_s: float) -> tuple[bytes, bool]:
@@ -133,21 +142,33 @@ def answers(data: bytes) -> list[int]:
     return statuses
 
 
-@pytest.mark.parametrize("rig", [{"request_deadline_s": DEADLINE_S, "max_head": "64k", "max_body": "64k"}], indirect=True)
+@pytest.mark.parametrize("rig", [{"request_deadline_s": DEADLINE_S, "max_head": "64k", "max_body": "64k",
+                                  "client_write_timeout_s": WRITE_TIMEOUT_S}], indirect=True)
 def test_whatever_a_client_sends_the_gateway_answers_well_or_closes_in_time(rig, caplog):
-    rig.script.chunks, rig.script.chunk_delay_s = 2, 0.0
+    rig.script.chunks, rig.script.chunk_delay_s, rig.script.pad = 2, 0.0, 300_000  # a stream: 600 kB of events at once
+    # small kernel buffers on the gateway's side (accepted connections inherit them): what a client leaves
+    # unread fills them within a few kB
+    rig.ctl.gateway_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     caplog.set_level(logging.ERROR, logger="spark_cluster")
+
+    def not_reading() -> list:
+        return [f for m in rig.ctl.gateway.members.values() for f in tuple(m.flights) if f.client_blocked]
 
     @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(exchange())
-    def one(pieces: list[bytes]) -> None:
-        with connected(rig.url) as sock:
+    def one(case: tuple[list[bytes], bool]) -> None:
+        pieces, reads = case
+        with connected(rig.url, receive_buffer=0 if reads else 4096) as sock:
             try:
                 for piece in pieces:
                     sock.sendall(piece)
                     time.sleep(0.005)
             except OSError:
                 pass  # closed on us: what it answered is read below
+            if not reads:  # whatever it asked for, nothing of it is held past the write timeout
+                time.sleep(WRITE_TIMEOUT_S + 0.5)
+                assert not not_reading(), "a client that reads nothing is held past the write timeout"
+                return
             # every request is answered (or refused) by the deadline; a kept-alive connection then
             # idles until the gateway's keep-alive ends it
             data, closed = read_all(sock, DEADLINE_S + 1.0)
@@ -160,6 +181,7 @@ def test_whatever_a_client_sends_the_gateway_answers_well_or_closes_in_time(rig,
     one()
     time.sleep(0.2)
     assert rig.ctl.front.budget.used == 0  # every body let go with its connection
+    assert not not_reading()
     assert not [r for r in rig.script.received if "x-trailer" in r["headers"]]  # no trailer passed on as a header
     assert httpx.post(f"{rig.url}/v1/completions", json={"prompt": "p"}).status_code == 200  # and it still serves
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

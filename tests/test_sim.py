@@ -81,6 +81,7 @@ def test_ray_path_forms_a_cluster_worker_first(sim):
     events = []
     with Nodes(cfg) as nodes:
         ex = Executor(cfg, nodes, events.append)
+        ex.down()  # from nothing (an earlier test may leave its group running)
         try:
             ex.up(stop_after="wait-ray")
             started = [e["step"] for e in events if e["event"] == "step-ok" and e["phase"] in ("start-workers", "start-head")]

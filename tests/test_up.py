@@ -144,6 +144,7 @@ def test_up_serves_idempotently_status_tells_serving_stalled_down_and_down_clean
         assert Executor(cfg, nodes).down() is None
 
 
+@pytest.mark.ends_engine
 def test_changed_config_restarts_the_whole_group_in_order(sim, sim_cfg):
     """On Ray (the native executor's restart order is checked by the frozen-worker failover test,
     and both executors' recreate decisions by tests/test_reconcile.py)."""
@@ -172,6 +173,7 @@ def test_changed_config_restarts_the_whole_group_in_order(sim, sim_cfg):
     assert before["sim-1"]  # it was running before
 
 
+@pytest.mark.ends_engine
 def test_worker_that_cannot_reach_the_head_is_named(sim):
     cfg = sim_variant(**{"health.ray_join_timeout_s": 30})
     block = ["ip", "netns", "exec", "scsim-sim-2", "iptables", "-I", "OUTPUT", "-d", "10.99.0.11", "-p", "tcp", "-j", "DROP"]
@@ -195,6 +197,7 @@ def test_worker_that_cannot_reach_the_head_is_named(sim):
     assert 30 <= waited < 30 + 30  # gave up at the join deadline (not before, not much after)
 
 
+@pytest.mark.ends_engine
 def test_changed_host_key_is_refused_before_anything_runs(sim, sim_cfg, tmp_path):
     key = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -214,6 +217,7 @@ def test_changed_host_key_is_refused_before_anything_runs(sim, sim_cfg, tmp_path
         assert nodes["sim-1"].run("ls /etc/sysctl.d; ls -d ~/.spark-cluster/locks/spark.lock 2>&1").stdout.count("90-spark-cluster") == 0
 
 
+@pytest.mark.ends_engine
 def test_model_missing_on_worker_fails_preflight_naming_the_node(sim, sim_cfg):
     model = cluster.SIM_ROOT / "nodes" / "sim-2" / "srv" / "models" / "tiny-qwen3"
     aside = model.with_name("tiny-qwen3.aside")
@@ -230,6 +234,7 @@ def test_model_missing_on_worker_fails_preflight_naming_the_node(sim, sim_cfg):
     assert containers(sim_cfg) == {"sim-1": {}, "sim-2": {}}
 
 
+@pytest.mark.ends_engine
 def test_model_that_differs_between_nodes_is_refused(sim, sim_cfg):
     extra = cluster.SIM_ROOT / "nodes" / "sim-2" / "srv" / "models" / "tiny-qwen3" / "stray.bin"
     extra.write_bytes(b"x")
@@ -240,6 +245,7 @@ def test_model_that_differs_between_nodes_is_refused(sim, sim_cfg):
         extra.unlink()
 
 
+@pytest.mark.ends_engine
 def test_second_operation_is_refused_while_one_holds_the_lock(sim, sim_cfg):
     holder = {"host": "laptop-of-someone-else", "pid": 4242, "command": "up", "since": "2026-11-26T10:00:00+00:00"}
     with Nodes(sim_cfg) as nodes:
@@ -253,6 +259,7 @@ def test_second_operation_is_refused_while_one_holds_the_lock(sim, sim_cfg):
             nodes["sim-1"].run("rm -rf ~/.spark-cluster/locks/spark.lock")
 
 
+@pytest.mark.ends_engine
 def test_missing_image_is_copied_node_to_node_or_else_through_the_controller(sim, sim_cfg):
     """No registry here: `docker pull` fails at once, so preflight copies the image from sim-1 over
     the cluster link (docker save there, docker load on sim-2); when sim-2 cannot be reached that
@@ -290,6 +297,7 @@ def test_missing_image_is_copied_node_to_node_or_else_through_the_controller(sim
             sim_docker(node, "rmi", "-f", tag, check=False)
 
 
+@pytest.mark.ends_engine
 def test_misspelt_tool_parser_fails_preflight_with_a_suggestion_and_starts_nothing(sim, sim_cfg, tmp_path):
     """Acceptance of #7: the image's own vLLM refuses `qwen3xml` within 60 s, before any container starts."""
     with Nodes(sim_cfg) as nodes:
