@@ -156,7 +156,8 @@ class VllmFlags(_Check):
 
 
 class RayMembers(_Check):
-    """Ray shows every node alive and the resources the engine will ask for."""
+    """Ray shows every node alive and the resources the engine will ask for, and no placement group
+    of an earlier engine holds them (Ray removes an engine's when it ends: vLLM would wait for it)."""
 
     kind: Literal["ray-members"] = "ray-members"
     alive_ips: list[str]

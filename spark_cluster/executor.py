@@ -198,6 +198,19 @@ class Executor(Teardown):
         raise StepError(step, f"{step.process.name} did not start in {step.process.container}: {fact.detail}",
                         indent(tail_logs(self.nodes[step.node], step.process.container, self.secrets)))
 
+    def _clear(self, step: Step, todo: Reconciliation) -> None:
+        """What an earlier engine left in a kept container goes before its process starts there again."""
+        target = next(s for s in self.plan.steps if s.id == step.clears)
+        if target not in todo.start or any(s.container is not None for s in todo.start):
+            self.emit("step-skip", step, reason="nothing starts again in a kept container")
+            return
+        with self.timed(step.id):
+            t0 = time.monotonic()
+            r = self._run_step(step)
+            if not r.ok:
+                raise StepError(step, f"what is left of the earlier engine did not go: {r.stdout.strip() or r.exit_code}", r.tail())
+            self._done(step, t0)
+
     def _waits(self) -> Waits:
         return Waits(self.cfg, self.nodes, self.plan, self.emit, self.timed, self.http)
 
@@ -240,6 +253,8 @@ class Executor(Teardown):
                 if s.kind in ("start", "exec") and s in todo.start:
                     with self.timed(s.id):
                         self._start(s)
+                elif s.phase == "clear":
+                    self._clear(s, todo)
                 elif s.kind == "wait-ray":
                     if todo.start:
                         with self.timed(s.id):

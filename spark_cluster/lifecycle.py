@@ -41,6 +41,19 @@ def stop_process_command(p: ProcessSpec, timeout_s: int) -> str:
     return f"docker exec {quote(p.container)} sh -c {quote(script)} stop {quote(p.pid_file)} {timeout_s * 2} >/dev/null 2>&1; true"
 
 
+def clear_engine_command(container: str, wait_s: int = timeouts.ENGINE_GONE_S) -> str:
+    """SIGKILL whatever is left of an engine in a container, and wait (bounded) until it is gone: a
+    SIGKILLed vLLM API server leaves its EngineCore and workers alive, holding their memory
+    (vllm#55510), and a wedged engine takes no SIGTERM. Matched by command line (`vllm serve`, the
+    `VLLM::` process titles), this shell left out (its own text is written so it does not match).
+    Exit 0 once none is left; else 1, naming the PIDs still there (stuck in the kernel)."""
+    script = ('left() { for d in /proc/[0-9]*; do c=$(tr "\\0" " " < "$d/cmdline" 2>/dev/null) || continue; '
+              'case "$c" in *"vllm"" serve"*|"VLLM"::*) echo "${d#/proc/}";; esac; done; }; '
+              'i=0; while l=$(left); [ -n "$l" ]; do [ "$i" -ge "$1" ] && { echo "engine processes still there: "$l; exit 1; }; '
+              'kill -9 $l 2>/dev/null; sleep 0.5; i=$((i+1)); done')
+    return f"docker exec {quote(container)} sh -c {quote(script)} clear {wait_s * 2}"
+
+
 def logs_command(name: str) -> str:
     """A container's whole log, with timestamps (saved by down, the watchdog's bundles, a replacement)."""
     return f"docker logs --timestamps {quote(name)} 2>&1"

@@ -166,6 +166,12 @@ class _Builder(StepList):
         )
         spec = self.spec(head, "ray-head", "ray", self.ray_argv(head), {}, [], hosts=serve)
         self.start("start-head", head, spec, f"Ray head on port {cfg.ray.port}")
+        # vLLM started again in a kept head container (its containers run as planned, vLLM does not): what the
+        # earlier engine left there goes first (its EngineCore outlives a killed API server, holding its memory
+        # and Ray's placement group), before Ray is waited for
+        self.add(id=f"clear/{head.name}/vllm", phase="clear", node=head.name, kind="run", clears=f"serve/{head.name}/vllm",
+                 description=f"end what is left of an earlier engine in {serve.container} (when vllm starts again in it)",
+                 command=lifecycle.clear_engine_command(serve.container), timeout_s=self.ssh_timeout(head) + timeouts.ENGINE_GONE_S)
         resources = {"GPU": float(cfg.total_gpus)} if cfg.container.gpus else {}
         resources.update({key: float(amount * len(cfg.nodes)) for key, amount in cfg.ray.resources.items()})
         self.add(id=f"wait-ray/{head.name}/nodes", phase="wait-ray", node=head.name, kind="wait-ray",

@@ -1,9 +1,12 @@
 """What `up` must do to the group, as one pure function of the plan and what the nodes show.
 
 The group restarts whole, in order: a vLLM rank 0 (or Ray head) restarted alone would leave the
-workers' ranks (or raylets) orphaned. So: when every member runs as planned, keep them all;
-otherwise remove every member found (and any cluster container the plan does not have) in stop
-order, and start every member in plan order.
+workers' ranks (or raylets) orphaned. So: when every member runs as planned, keep them all; when
+every container runs as planned and only a process hosted in one does not (vLLM in the Ray head:
+its ranks are Ray's actors, which Ray ends with the engine that owned them, and `up` waits until Ray
+has released them), start only that process, in its kept container; otherwise remove every member
+found (and any cluster container the plan does not have) in stop order, and start every member in
+plan order.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from .steps import Step
 
 @dataclass(frozen=True)
 class Reconciliation:
-    why: str  # why the group is (re)created; "" when every member runs as planned
+    why: str  # why members start (the whole group, or a process in its kept container); "" when every member runs as planned
     start: list[Step] = field(default_factory=list)  # in plan order
     remove: list[ContainerFact] = field(default_factory=list)  # in stop order
     kept: list[str] = field(default_factory=list)
@@ -57,10 +60,12 @@ def reconcile(members: list[Step], found: list[ContainerFact], processes: dict[s
     member_name) whose container runs."""
     by_key = {(c.node, c.name): c for c in found}
     wanted = {(s.node, s.container.name) for s in members if s.container is not None}
-    stale = [c for c in found if (c.node, c.name) not in wanted]
-    why = why_recreate(members, by_key, processes)
-    if not why:
-        return Reconciliation(why="", remove=sorted(stale, key=lambda c: stop_rank(c.component)),
-                              kept=[member_name(s) for s in members])
-    ours = [by_key[k] for k in sorted(wanted) if k in by_key]
-    return Reconciliation(why=why, start=list(members), remove=sorted(ours + stale, key=lambda c: stop_rank(c.component)))
+    stale = sorted((c for c in found if (c.node, c.name) not in wanted), key=lambda c: stop_rank(c.component))
+    why = why_recreate([s for s in members if s.container is not None], by_key, processes)
+    if why:
+        ours = [by_key[k] for k in sorted(wanted) if k in by_key]
+        return Reconciliation(why=why, start=list(members), remove=sorted(ours + stale, key=lambda c: stop_rank(c.component)))
+    # every container runs as planned: the hosted processes that do not run start again in them
+    stopped = [s for s in members if s.process is not None and why_recreate([s], by_key, processes)]
+    return Reconciliation(why=why_recreate(stopped, by_key, processes), start=stopped, remove=stale,
+                          kept=[member_name(s) for s in members if s not in stopped])

@@ -4,7 +4,7 @@ watchdog, the gateway, the controller and its API (spark_cluster.settings has th
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -43,6 +43,11 @@ class WatchdogSettings(Strict):
     backoff_reset_s: float = Field(600, ge=0, description="Healthy this long resets the backoff.")
     max_restarts_per_hour: int = Field(3, ge=0, description="Circuit breaker: more restarts than this in an hour stop the watchdog (state failed).")
     enabled: bool = Field(True, description="Restart automatically (false: only observe and report).")
+    restart: Literal["auto", "full"] = Field(
+        "auto", description="Which restart a hang gets. auto: when everything but the engine is seen sound (the Ray executor, every "
+        "container running as planned, Ray showing every node alive), only the engine restarts: what is left of it is killed, Ray "
+        "releases its ranks, and vllm serve starts again in the kept head container; on any doubt, and when that fails, the full "
+        "restart. full: every container removed and created again, always.")
     busy_budget_s: Optional[float] = Field(
         None, gt=0, description="How long a step may run without progress while every rank is seen working (GPU power above its idle "
         "baseline, CPU ranks using CPU, a compile running) before the canary may confirm a hang. Default: the engine's own step "

@@ -4,9 +4,9 @@ then one verdict (spark_cluster.judge.verdict, a pure function tested on recorde
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from . import kept
 from .config import ClusterConfig
@@ -16,6 +16,7 @@ from .masking import mask_data
 from .observation import Observation, VLLMObs
 from .observe import observe
 from .plan import build_plan
+from .restart_choice import choose_restart
 
 if TYPE_CHECKING:
     from .transport import Nodes
@@ -25,13 +26,17 @@ class StatusReport(BaseModel):
     verdict: Verdict
     reason: str
     observation: Observation
+    restart: Literal["kept", "full", ""] = Field("", description="The restart a hang would get now (restart_choice).")
+    restart_why: str = ""
 
 
 def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "Optional[Future[VLLMObs]]" = None) -> StatusReport:
     plan = build_plan(cfg, links=kept.links(cfg, repair=False))
     obs = observe(cfg, nodes, plan, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s, vllm=vllm)
-    word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes={n.name: n.address for n in cfg.nodes})
-    report = StatusReport(verdict=word, reason=reason, observation=obs)
+    addresses = {n.name: n.address for n in cfg.nodes}
+    word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes=addresses)
+    choice = choose_restart(cfg.watchdog.restart, cfg.executor, obs.nodes, obs.ray, addresses)
+    report = StatusReport(verdict=word, reason=reason, observation=obs, restart=choice.kind, restart_why=choice.why)
     values = cfg.secret_values()  # a node's or the engine's error text may quote a command line
     return StatusReport.model_validate(mask_data(report.model_dump(), values)) if values else report
 

@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from .settings import Node
 
 # `up`'s phases in order, then those `down` adds
-PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "start-workers", "start-head", "wait-ray", "serve", "ready",
-                           "unlock")
-Phase = Literal["lock", "list", "preflight", "prepare", "replace", "start-workers", "start-head", "wait-ray", "serve", "ready", "unlock",
-                "kill", "remove"]
+PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "start-workers", "start-head", "clear", "wait-ray", "serve",
+                           "ready", "unlock")
+Phase = Literal["lock", "list", "preflight", "prepare", "replace", "start-workers", "start-head", "clear", "wait-ray", "serve", "ready",
+                "unlock", "kill", "remove"]
 
 
 class Frozen(BaseModel):
@@ -85,6 +85,8 @@ class Step(Frozen):
     request: Optional[HttpRequest] = Field(None, description="HTTP request made by the controller (kind http).")
     container: Optional[ContainerSpec] = Field(None, description="The container this step creates (kind start).")
     process: Optional[ProcessSpec] = Field(None, description="The process this step starts in a container (kind exec).")
+    clears: Optional[str] = Field(None, description="Phase clear: the exec step (its id) whose way this step clears; run only when that "
+                                                    "process starts again in a container that was kept.")
     stdin: Optional[str] = Field(None, description="Template file (templates/) fed to the command on standard input.")
     timeout_s: float = Field(..., description="Deadline of one attempt.")
     deadline_s: Optional[float] = Field(None, description="For polls: keep trying until this many seconds have passed.")

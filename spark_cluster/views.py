@@ -186,6 +186,15 @@ def _ray_rows(eng: Table, ray: RayObs) -> None:
         eng.add_row("placement group", "[dim]none (vLLM has not placed its workers)[/]")
 
 
+def _watch_rows(eng: Table, rep) -> None:
+    """Which restart a hang would get now, and the watchdog's state where one runs."""
+    if rep.restart:
+        eng.add_row("on a hang", f"the {rep.restart} restart: {escape(rep.restart_why)}")
+    w = rep.observation.watchdog
+    if w:
+        eng.add_row("watchdog", f"{w.get('state')}" + (f", last restart {w.get('last_restart')} ({w.get('last_reason')})" if w.get("last_restart") else ""))
+
+
 def render_status(rep) -> Table:
     """A status report as a table; a cluster of several groups as its verdict, then each group's."""
     if hasattr(rep, "groups"):
@@ -235,9 +244,7 @@ def render_status(rep) -> Table:
         eng.add_row("generation", f"{v.generation_tok_s or 0:.1f} tok/s over {v.window_s:.1f}s ({v.steps_in_window or 0:g} engine steps)")
         eng.add_row("last progress", f"{v.progress_age_s:g}s ago" if v.progress_age_s else "now")
     _ray_rows(eng, o.ray)
-    if o.watchdog:
-        w = o.watchdog
-        eng.add_row("watchdog", f"{w.get('state')}" + (f", last restart {w.get('last_restart')} ({w.get('last_reason')})" if w.get("last_restart") else ""))
+    _watch_rows(eng, rep)
     grid = Table.grid()
     grid.add_row(title)
     grid.add_row(nodes)

@@ -42,7 +42,8 @@ class Waits:
             ray = read_ray_state(self.nodes[step.node], step.command, step.timeout_s)
             alive = set(ray.alive)
             short = {k: ray.total(k) for k, v in want_resources.items() if ray.total(k) < v}
-            if want <= alive and not short:
+            held = ray.engine_placement_groups()  # an earlier engine's, not yet released
+            if want <= alive and not short and not held:
                 self.emit("step-ok", step, duration_s=round(time.monotonic() - t0, 3), alive=sorted(alive), resources={k: ray.total(k) for k in want_resources})
                 return
             self.members_alive(step)
@@ -56,6 +57,8 @@ class Waits:
                 msg += "".join(f", {ray.total(k):g} of {want_resources[k]:g} {k}" for k in short)
                 if missing:
                     msg += "; missing: " + ", ".join(n.name for n in missing)
+                if held:
+                    msg += f"; {len(held)} placement group(s) of an earlier engine not released: " + ", ".join(pg.id for pg in held)
                 raise StepError(step, msg, "\n".join(details))
             time.sleep(self.cfg.health.poll_interval_s)
 

@@ -1,7 +1,8 @@
 """The failover controller: observe every period, decide (spark_cluster.decide), act.
 
 Each job has a room: observing (watch_observe.Eyes), deciding (decide, a pure function),
-restarting (watch_restart: the full restart today), recording (watch_record.Record). This loop
+restarting (restart_choice picks a kind, watch_restart carries it out: the kept or the full
+restart), recording (watch_record.Record). This loop
 sequences them and takes commands from the controller's API. Actions: a 1-token canary
 completion; an incident bundle then a restart of the whole group; an alert when the circuit
 breaker trips. Every change, decision and action is a JSON line in state_dir/events.jsonl; the
@@ -30,7 +31,8 @@ from .state_dir import read_private, write_private
 from .transport import Nodes
 from .watch_observe import Eyes
 from .watch_record import EventSink, Record
-from .watch_restart import FullRestart, Restart
+from .restart_choice import choose_restart
+from .watch_restart import FullRestart, KeptRestart
 from .watch_state import gpu_baselines, load_decision, read_watchdog_state
 
 
@@ -81,7 +83,8 @@ class Watchdog:
         saved = read_watchdog_state(cfg, alert=lambda why: self.event("alert", reason=why))
         self.state = load_decision(saved, self.clock())
         self.eyes = Eyes(cfg, nodes, gpu_baselines(saved), in_flight, http)
-        self.restarter: Restart = FullRestart(cfg, nodes, self.eyes.engine.http, self.event)
+        self.full_restart = FullRestart(cfg, nodes, self.eyes.engine.http, self.event)
+        self.kept_restart = KeptRestart(cfg, nodes, self.eyes.engine.http, self.event, self.full_restart)
         self.last_good: Optional[float] = None  # when the cluster was last seen healthy (time to detect)
         self.decided_at: Optional[float] = None  # when the running restart was decided (time to recover)
 
@@ -152,14 +155,16 @@ class Watchdog:
         bundle = self.incident_bundle(action.reason)
         phases: dict[str, float] = {"incident-bundle": round(time.monotonic() - t0, 2)}
         self.event("incident", reason=action.reason, bundle=str(bundle))
-        self.event("restart-start", reason=action.reason, attempt=self.state.consecutive + 1)
-        error, parts = self.restarter.run(bundle)
+        choice = choose_restart(self.s.restart, self.cfg.executor, self.eyes.last_nodes, self.eyes.last_ray,
+                                {n.name: n.address for n in self.cfg.nodes})
+        self.event("restart-start", reason=action.reason, attempt=self.state.consecutive + 1, restart=choice.kind, why=choice.why)
+        error, parts = (self.kept_restart if choice.kind == "kept" else self.full_restart).run(bundle)
         phases.update(parts)
         took = round(time.monotonic() - t0, 1)
         self.eyes.new_generation()
         self.state = restarted(self.state, self.clock(), error or "")
         recover = round(self.clock() - self.decided_at, 1) if self.decided_at is not None else None
-        done = {"seconds": took, "recover_s": recover, "phases": phases, "error": error}
+        done = {"seconds": took, "recover_s": recover, "restart": choice.kind, "phases": phases, "error": error}
         kind = "restart-failed" if error else "restart-done"
         self.rec.write(bundle / "restart.json", json.dumps({"event": kind, **done}, indent=1) + "\n")
         self.event(kind, **done)

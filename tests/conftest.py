@@ -269,6 +269,19 @@ def assert_nothing_of(before: dict, after: dict, cfg) -> None:
         assert all(a.id for a in new.actors) and not {a.id for a in old.actors} & {a.id for a in new.actors}
 
 
+def assert_engine_alone_new(before: dict, after: dict, cfg) -> None:
+    """The kept restart (Ray): the same containers and Ray's own processes, a new engine: its placement
+    group and its ranks (Ray's actors, one per node) new."""
+    assert before["containers"] and after["containers"] == before["containers"]
+    for node, pids in before["pids"].items():
+        assert pids & after["pids"][node], f"{node}: nothing of Ray's own processes was kept"
+    old, new = before["ray"], after["ray"]
+    assert [pg.state for pg in new.engine_placement_groups()] == ["CREATED"]
+    assert not {pg.id for pg in old.placement_groups} & {pg.id for pg in new.engine_placement_groups()}
+    assert sorted(a.ip for a in new.actors) == sorted(n.address for n in cfg.nodes)
+    assert all(a.id for a in new.actors) and not {a.id for a in old.actors} & {a.id for a in new.actors}
+
+
 @pytest.fixture
 def rig(tmp_path, request):
     """The controller with a scripted watchdog in front of a fake engine (tests/gateway_rig.py);

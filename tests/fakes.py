@@ -60,6 +60,7 @@ class FakeCluster:
     links: Optional[dict] = None  # `nccl: auto`: what the plan is built with (as detected by a preflight)
     locked: bool = False  # the cluster's lock directory on the head
     generation: int = 0  # vLLM starts so far (FakeEngineApi: a wedge ends with the engine that had it)
+    earlier_pg_reads: int = 0  # reads of Ray's state that still show an earlier engine's placement group (Ray releasing it)
 
     def __post_init__(self) -> None:
         MADE.append(self)
@@ -136,7 +137,9 @@ class FakeCluster:
         if step is not None and step.kind == "wait-ray":
             nodes = [{"ip": n.address, "alive": True, "resources": {k: float(v) for k, v in self.cfg.ray.resources.items()}}
                      for n in self.cfg.nodes]
-            return 0, f"SPARK_CLUSTER_RAY_NODES {json.dumps(nodes)}\n", ""
+            pgs = [{"id": "pg-earlier", "state": "CREATED"}] if self.earlier_pg_reads > 0 else []
+            self.earlier_pg_reads -= 1
+            return 0, f"SPARK_CLUSTER_RAY_NODES {json.dumps(nodes)}\nSPARK_CLUSTER_RAY_PGS {json.dumps(pgs)}\n", ""
         if "/proc/$p/cmdline" in command:  # the hosted process fact
             p = self.plan.processes()[0]
             return (0, f"309 {' '.join(p.argv)}\n", "") if self.vllm_running else (4, "pid 309 gone\n", "")
@@ -145,6 +148,9 @@ class FakeCluster:
             self.containers[node].pop(name, None)
             if any(c.component in ("ray-head", "vllm") and c.name == name for c in self.plan.containers()):
                 self.vllm_running = False
+            return 0, "", ""
+        if step is not None and step.phase == "clear":  # what is left of the engine in the head container killed
+            self.vllm_running = False
             return 0, "", ""
         if step is not None:  # a step of the plan whose answer is its exit code alone (sysctl apply, ...)
             return 0, "", ""

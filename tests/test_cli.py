@@ -137,9 +137,11 @@ def test_status_reads_at_80_columns(name):
 
     obs = Observation.model_validate(json.loads((ROOT / "tests" / "data" / "observations" / f"{name}.json").read_text())["observation"])
     console = Console(width=80, record=True, color_system=None)
-    console.print(render_status(StatusReport(verdict="serving", reason="", observation=obs)))
+    console.print(render_status(StatusReport(verdict="serving", reason="", observation=obs, restart="kept",
+                                             restart_why="every container runs as planned and Ray shows every node alive")))
     lines = console.export_text().splitlines()
     assert all(len(line) <= 80 for line in lines)
+    assert any(line.startswith("on a hang") and "the kept restart: every container" in line for line in lines), lines
     for n in obs.nodes:
         for c in n.containers:
             [line] = [line for line in lines if f" {c.name} " in line]

@@ -62,8 +62,13 @@ CASES = [
      ["spark-ray-head@sim-1"], "all"),
     ("native: the worker exited", NATIVE, as_found(NATIVE, **{"spark-vllm-worker": {"state": "exited"}}), {},
      "spark-vllm-worker on sim-2 exited", ["spark-vllm@sim-1", "spark-vllm-worker@sim-2"], "all"),
+    # its containers kept: vLLM alone starts again in the head container (Ray ends the ranks of the engine that died)
     ("ray: vLLM gone from the head", RAY, as_found(RAY), vllm_running(RAY, "gone"), "vllm in spark-ray-head on sim-1 not running",
-     ["spark-ray-head@sim-1", "spark-ray-worker@sim-2"], "all"),
+     [], ["spark-ray-head/vllm@sim-1"]),
+    ("ray: vLLM gone and a stale container", RAY, as_found(RAY) + [STRANGER], vllm_running(RAY, "gone"), "vllm in spark-ray-head",
+     ["spark-old-worker@sim-2"], ["spark-ray-head/vllm@sim-1"]),
+    ("ray: vLLM gone and the worker changed: all again", RAY, as_found(RAY, **{"spark-ray-worker": {"spec_hash": "old"}}),
+     vllm_running(RAY, "gone"), "spark-ray-worker on sim-2 changed", ["spark-ray-head@sim-1", "spark-ray-worker@sim-2"], "all"),
     ("ray: vLLM never read (its container not running)", RAY, as_found(RAY, **{"spark-ray-head": {"state": "paused"}}), {},
      "spark-ray-head on sim-1 paused", ["spark-ray-head@sim-1", "spark-ray-worker@sim-2"], "all"),
     ("native: a stale container of another spec, group kept", NATIVE, as_found(NATIVE) + [STRANGER], {}, "",
@@ -79,7 +84,7 @@ def test_reconcile(name, plan, found, processes, why, removed, started):
     assert [f"{c.name}@{c.node}" for c in todo.remove] == removed
     want_started = [member_name(s) for s in members(plan)] if started == "all" else started
     assert [member_name(s) for s in todo.start] == want_started
-    assert todo.kept == ([] if why else [member_name(s) for s in members(plan)])
+    assert todo.kept == ([] if started == "all" else [member_name(s) for s in members(plan) if member_name(s) not in want_started])
     assert todo.changed == bool(removed or want_started)
 
 

@@ -61,3 +61,5 @@ def test_a_head_that_does_not_answer_costs_one_connect_timeout(tmp_path):
     assert rep.observation.ray.error == "head unreachable"
     # the SSH connect (and banner) timeout once, not once for the node probe and again for Ray's
     assert took < 1.75 * CONNECT_TIMEOUT_S, f"status took {took:.2f}s with a {CONNECT_TIMEOUT_S:g}s connect timeout"
+    # and a hang now would get the full restart, saying why
+    assert rep.restart == "full" and rep.restart_why.startswith("sim-1 did not answer"), rep.restart_why

@@ -7,7 +7,7 @@ import pytest
 
 from spark_cluster.checks import BANDWIDTH_REMEDIES
 from spark_cluster.config import load_config
-from spark_cluster.errors import LockedError, PreflightError, RemoveFailed
+from spark_cluster.errors import LockedError, PreflightError, RemoveFailed, StepError
 from spark_cluster.executor import Executor
 from spark_cluster import lock
 from spark_cluster.kept import links as kept_links
@@ -63,6 +63,39 @@ def test_a_dead_worker_restarts_the_group_api_first_down_workers_first_up(cfg):
         log = [c for _, c in fake.log]
         sigterm = next(i for i, c in enumerate(log) if "kill -TERM" in c)
         assert sigterm < next(i for i, c in enumerate(log) if f"docker rm -f {head.name}" in c)
+
+
+def test_vllm_gone_from_its_kept_head_starts_alone_once_what_it_left_is_cleared_and_ray_released_it(tmp_path):
+    """Ray's ranks are actors Ray ends with the engine that owned them: the containers and Ray are kept,
+    what the earlier engine left in the head container is killed, Ray is waited for until it has
+    released the earlier engine's placement group, then vLLM starts again."""
+    c = load_config(SIM_CONFIGS["ray"])
+    cfg = c.model_copy(update={"state_dir": str(tmp_path), "vllm": c.vllm.model_copy(update={"check_flags": False}),
+                               "health": c.health.model_copy(update={"poll_interval_s": 0.01})})
+    fake = FakeCluster(cfg).serving()
+    fake.vllm_running, fake.earlier_pg_reads = False, 2
+    res = up(fake)
+    assert started(fake) == ["sim-1:spark-ray-head/vllm"] and removed(fake) == []
+    assert res.recreated == ["spark-ray-head/vllm@sim-1"] and res.kept == ["spark-ray-worker@sim-2", "spark-ray-head@sim-1"]
+    steps = [fake.by_command[cmd].id for _, cmd in fake.log if cmd in fake.by_command and fake.by_command[cmd].phase in ("clear", "wait-ray", "serve")]
+    assert steps == ["clear/sim-1/vllm", "wait-ray/sim-1/nodes", "wait-ray/sim-1/nodes", "wait-ray/sim-1/nodes", "serve/sim-1/vllm"]
+
+
+def test_what_an_earlier_engine_left_that_will_not_go_stops_up_before_vllm_starts(tmp_path):
+    c = load_config(SIM_CONFIGS["ray"])
+    cfg = c.model_copy(update={"state_dir": str(tmp_path), "vllm": c.vllm.model_copy(update={"check_flags": False})})
+    fake = FakeCluster(cfg).serving()
+    fake.vllm_running = False
+    fake.script(fake.plan.steps_in("clear")[0].command, (1, "engine processes still there: 4711\n", ""))
+    with pytest.raises(StepError, match="what is left of the earlier engine did not go: engine processes still there: 4711"):
+        up(fake)
+    assert started(fake) == [] and removed(fake) == []
+
+
+def test_a_fresh_group_has_nothing_to_clear(cfg):
+    fake = FakeCluster(cfg)
+    up(fake)
+    assert not [cmd for _, cmd in fake.log if cmd in fake.by_command and fake.by_command[cmd].phase == "clear"]
 
 
 def test_a_node_that_fails_a_check_changes_nothing(cfg):

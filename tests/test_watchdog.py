@@ -18,7 +18,7 @@ from spark_cluster.gateway import OUTCOMES
 from spark_cluster.metrics import sample_value
 from spark_cluster.transport import Nodes
 
-from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_nothing_of, freeze, generation, kill_vllm_api, sim_docker, worker_container
+from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_engine_alone_new, assert_nothing_of, freeze, generation, kill_vllm_api, sim_docker, worker_container
 from .cluster_helpers import EventWaiter, Running, completion_works, streaming, ts
 
 pytestmark = pytest.mark.cluster
@@ -172,6 +172,8 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
             # within 25 s at default settings (on Ray, long before its heartbeat timeout, ~65-80 s, ends the engine)
             assert detect_s < 25
             incident = c.wait_for(lambda e: e["event"] == "incident", 60, "incident bundle")
+            start = c.wait_for(lambda e: e["event"] == "restart-start", 60, "restart start")
+            assert start["restart"] == "full" and start["why"] == f"{worker} on sim-2 is paused", start  # nothing in it can be killed
             done = c.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
             assert done["event"] == "restart-done", done
             # clients keep going through the gateway until each kind has been answered by the new generation
@@ -298,6 +300,9 @@ def test_killed_worker_container_leads_to_a_restart(sim, tmp_path):
 
 @pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
 def test_killed_vllm_process_leads_to_a_restart(engine_cfg, tmp_path):
+    """On Ray everything but the engine is sound: the kept restart, vLLM alone started again in the same
+    containers on the same Ray (what the killed API server left, its EngineCore, killed first). Native:
+    its containers are its ranks, the full restart."""
     cfg = cfg_with(tmp_path, engine_cfg.executor)
     serving(cfg)
     before = generation(cfg)
@@ -308,8 +313,15 @@ def test_killed_vllm_process_leads_to_a_restart(engine_cfg, tmp_path):
         gone = "vllm in spark-ray-head on sim-1 has exited" if cfg.executor == "ray" else "spark-vllm on sim-1"
         assert "member gone" in decision["reason"] and gone in decision["reason"], decision["reason"]
         w.restart_succeeded()
+    [start], [done] = w.kinds("restart-start"), w.kinds("restart-done")
+    print(f"{cfg.executor}: {start['restart']} restart ({start['why']}) in {done['seconds']}s: {done['phases']}")
     assert completion_works(cfg)
-    assert_nothing_of(before, generation(cfg), cfg)
+    if cfg.executor == "ray":
+        assert start["restart"] == "kept" and not w.kinds("restart-fallback")
+        assert_engine_alone_new(before, generation(cfg), cfg)
+    else:
+        assert start["restart"] == "full"
+        assert_nothing_of(before, generation(cfg), cfg)
 
 
 def test_slow_but_progressing_engine_is_not_restarted(sim, tmp_path):

@@ -5,6 +5,7 @@ transport (tests/fakes.py) and a fake vLLM API on httpx's MockTransport, with a 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,20 +16,54 @@ from .conftest import SIM_CONFIGS
 from .fakes import Clock, FakeCluster, FakeEngineApi, fake_nodes, periods, removed, started
 
 
-@pytest.fixture(params=sorted(SIM_CONFIGS))
-def loop(tmp_path, request):
-    cfg = load_config(SIM_CONFIGS[request.param]).model_copy(update={"state_dir": str(tmp_path)})
+@contextmanager
+def watching(tmp_path, executor: str, **watchdog):
+    """The real watchdog over a fake serving group (watchdog settings changed as given)."""
+    cfg = load_config(SIM_CONFIGS[executor])
+    cfg = cfg.model_copy(update={"state_dir": str(tmp_path), "watchdog": cfg.watchdog.model_copy(update=watchdog),
+                                 "health": cfg.health.model_copy(update={"poll_interval_s": 0.01})})
     cluster = FakeCluster(cfg).serving()
     cluster.generation = 1
     engine = FakeEngineApi(cluster)
     clock = Clock()
     events: list[dict] = []
     wd = Watchdog(cfg, fake_nodes(cluster), on_event=events.append, clock=clock, sleep=clock.sleep, http=engine.client())
-    yield wd, cluster, engine, clock, events
-    wd.close()
+    try:
+        yield wd, cluster, engine, clock, events
+    finally:
+        wd.close()
 
 
-def test_a_wedged_engine_is_restarted_in_order_then_backed_off_then_the_breaker_stops_it(loop, tmp_path):
+@pytest.fixture(params=sorted(SIM_CONFIGS))
+def loop(tmp_path, request):
+    with watching(tmp_path, request.param) as parts:
+        yield parts
+
+
+def group_removed(cluster) -> list[str]:
+    """The group's containers removed (not the flag check's own, which `up` removes when done)."""
+    return sorted(r for r in removed(cluster) if "-check-" not in r)
+
+
+def restarted_once(wd, engine, clock, events) -> dict:
+    """Wedge the engine of a healthy watchdog: the restart's end event."""
+    periods(wd, clock, 40)  # ready, past the grace period, progressing
+    assert wd.state.phase == "healthy" and not [e for e in events if e["event"] == "decision"]
+    engine.wedge()  # counters still with requests running; the canary times out
+    for _ in range(20):
+        periods(wd, clock, 1)
+        if any(e["event"] in ("restart-done", "restart-failed") for e in events):
+            break
+    return next(e for e in events if e["event"] in ("restart-done", "restart-failed"))
+
+
+@pytest.mark.parametrize("executor", sorted(SIM_CONFIGS))
+def test_a_wedged_engine_is_restarted_in_order_then_backed_off_then_the_breaker_stops_it(tmp_path, executor):
+    with watching(tmp_path, executor, restart="full") as loop:
+        check_the_full_restart_backoff_and_breaker(loop, tmp_path)
+
+
+def check_the_full_restart_backoff_and_breaker(loop, tmp_path):
     wd, cluster, engine, clock, events = loop
     periods(wd, clock, 40)  # ready, past the grace period, progressing
     assert wd.state.phase == "healthy" and not [e for e in events if e["event"] == "decision"]
@@ -93,3 +128,51 @@ def test_resume_takes_a_tripped_breaker_back_as_the_docs_say_without_a_pause_bef
     wd.pause(False)  # resuming a watchdog that runs changes nothing
     periods(wd, clock, 1)
     assert [e["event"] for e in events].count("watch-resumed") == 1
+
+
+def test_on_ray_a_wedged_engine_restarts_alone_in_its_kept_containers(tmp_path):
+    """Everything but the engine sound: the containers and Ray stay, their logs go into the bundle, what
+    is left of the engine is killed, Ray is asked until it has released the ranks, and vLLM starts again."""
+    with watching(tmp_path, "ray") as (wd, cluster, engine, clock, events):
+        before = len(cluster.log)
+        done = restarted_once(wd, engine, clock, events)
+        assert done["event"] == "restart-done", done
+        [start] = [e for e in events if e["event"] == "restart-start"]
+        assert start["restart"] == "kept" and "only the engine restarts" in start["why"]
+        log = [c for _, c in cluster.log[before:]]
+        assert not [c for c in log if c.startswith("docker kill ")] and group_removed(cluster) == []
+        assert started(cluster)[-1:] == ["sim-1:spark-ray-head/vllm"] and len(started(cluster)) == 1
+        clear = cluster.plan.steps_in("clear")[0].command
+        serve = next(s.command for s in cluster.plan.steps if s.kind == "exec")
+        assert log.index(clear) < log.index(serve)
+        assert list(done["phases"])[:4] == ["incident-bundle", "logs", "kill", "ray-release"]
+        assert {"serve/sim-1/vllm", "ready/completion"} <= set(done["phases"]) and "full/kill" not in done["phases"]
+        bundle = next((tmp_path / "incidents").iterdir())
+        assert {p.name for p in (bundle / "logs").iterdir()} == {"sim-1--spark-ray-head.log", "sim-2--spark-ray-worker.log"}
+        assert cluster.generation == 2  # a new engine serves
+
+
+def test_a_kept_restart_that_fails_becomes_the_full_one_and_says_why(tmp_path):
+    with watching(tmp_path, "ray") as (wd, cluster, engine, clock, events):
+        cluster.script(cluster.plan.steps_in("clear")[0].command, (1, "engine processes still there: 4711\n", ""))
+        done = restarted_once(wd, engine, clock, events)
+        assert done["event"] == "restart-done", done
+        [fallback] = [e for e in events if e["event"] == "restart-fallback"]
+        assert fallback["to"] == "full" and "engine processes still there: 4711" in fallback["why"]
+        assert group_removed(cluster) == ["sim-1:spark-ray-head", "sim-2:spark-ray-worker"]
+        assert started(cluster)[-3:] == ["sim-2:spark-ray-worker", "sim-1:spark-ray-head", "sim-1:spark-ray-head/vllm"]
+        assert {"kill", "full/kill", "full/ready/completion"} <= set(done["phases"])
+
+
+def test_a_paused_container_gets_the_full_restart(tmp_path):
+    with watching(tmp_path, "ray") as (wd, cluster, engine, clock, events):
+        periods(wd, clock, 40)
+        cluster.containers["sim-2"]["spark-ray-worker"].state = "paused"
+        engine.wedge()
+        for _ in range(20):
+            periods(wd, clock, 1)
+            if any(e["event"] == "restart-done" for e in events):
+                break
+        [start] = [e for e in events if e["event"] == "restart-start"]
+        assert start["restart"] == "full" and start["why"] == "spark-ray-worker on sim-2 is paused"
+        assert group_removed(cluster) == ["sim-1:spark-ray-head", "sim-2:spark-ray-worker"]
