@@ -28,13 +28,13 @@ INCIDENT_S = 5
 # How often `up` polls a starting process for its PID file, and for how long: `docker exec -d`
 # returns at once, the process writes its PID within a second unless something is wrong.
 PROCESS_POLL_S = 0.5
-# how long an engine's leftover processes (SIGKILLed) may take to vanish before a new engine starts in
+PROCESS_START_S = 20
+# How long an engine's leftover processes (SIGKILLed) may take to vanish before a new engine starts in
 # their container: past it they are stuck in the kernel (a wedged GPU), and the container must go
 ENGINE_GONE_S = 10
-# a kept restart: how long Ray may take to release the ranks of the engine that was killed (its
+# A kept restart: how long Ray may take to release the ranks of the engine that was killed (its
 # placement group removed) before the full restart is the way back instead (seconds on a sound cluster)
 RAY_RELEASE_S = 30
-PROCESS_START_S = 20
 # How often `up` asks vLLM whether it is ready (/health, /v1/models, a completion): a local HTTP
 # request costs nothing next to a model load, and every second of polling slack is a second of a
 # restart. (Ray's membership is polled at health.poll_interval_s: each poll imports Ray on the head.)

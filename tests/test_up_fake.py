@@ -17,10 +17,16 @@ from .fakes import MADE, FakeCluster, FakeEngineApi, Unscripted, fake_nodes, rem
 from .fakes import sim_links
 
 
+def fake_cfg(executor: str, tmp_path):
+    """The simulated cluster's config for a fake run: its state in tmp_path, no flag check, Ray polled at once."""
+    c = load_config(SIM_CONFIGS[executor])
+    return c.model_copy(update={"state_dir": str(tmp_path), "vllm": c.vllm.model_copy(update={"check_flags": False}),
+                               "health": c.health.model_copy(update={"poll_interval_s": 0.01})})
+
+
 @pytest.fixture(params=sorted(SIM_CONFIGS))
 def cfg(request, tmp_path):
-    c = load_config(SIM_CONFIGS[request.param])
-    return c.model_copy(update={"state_dir": str(tmp_path), "vllm": c.vllm.model_copy(update={"check_flags": False})})
+    return fake_cfg(request.param, tmp_path)
 
 
 def up(cluster: FakeCluster, events=None):
@@ -69,10 +75,7 @@ def test_vllm_gone_from_its_kept_head_starts_alone_once_what_it_left_is_cleared_
     """Ray's ranks are actors Ray ends with the engine that owned them: the containers and Ray are kept,
     what the earlier engine left in the head container is killed, Ray is waited for until it has
     released the earlier engine's placement group, then vLLM starts again."""
-    c = load_config(SIM_CONFIGS["ray"])
-    cfg = c.model_copy(update={"state_dir": str(tmp_path), "vllm": c.vllm.model_copy(update={"check_flags": False}),
-                               "health": c.health.model_copy(update={"poll_interval_s": 0.01})})
-    fake = FakeCluster(cfg).serving()
+    fake = FakeCluster(fake_cfg("ray", tmp_path)).serving()
     fake.vllm_running, fake.earlier_pg_reads = False, 2
     res = up(fake)
     assert started(fake) == ["sim-1:spark-ray-head/vllm"] and removed(fake) == []
@@ -82,9 +85,7 @@ def test_vllm_gone_from_its_kept_head_starts_alone_once_what_it_left_is_cleared_
 
 
 def test_what_an_earlier_engine_left_that_will_not_go_stops_up_before_vllm_starts(tmp_path):
-    c = load_config(SIM_CONFIGS["ray"])
-    cfg = c.model_copy(update={"state_dir": str(tmp_path), "vllm": c.vllm.model_copy(update={"check_flags": False})})
-    fake = FakeCluster(cfg).serving()
+    fake = FakeCluster(fake_cfg("ray", tmp_path)).serving()
     fake.vllm_running = False
     fake.script(fake.plan.steps_in("clear")[0].command, (1, "engine processes still there: 4711\n", ""))
     with pytest.raises(StepError, match="what is left of the earlier engine did not go: engine processes still there: 4711"):

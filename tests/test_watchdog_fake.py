@@ -45,10 +45,11 @@ def group_removed(cluster) -> list[str]:
     return sorted(r for r in removed(cluster) if "-check-" not in r)
 
 
-def restarted_once(wd, engine, clock, events) -> dict:
-    """Wedge the engine of a healthy watchdog: the restart's end event."""
+def restarted_once(wd, engine, clock, events, before_wedge=lambda: None) -> dict:
+    """Wedge the engine of a healthy watchdog (before_wedge changes the cluster first): the restart's end event."""
     periods(wd, clock, 40)  # ready, past the grace period, progressing
     assert wd.state.phase == "healthy" and not [e for e in events if e["event"] == "decision"]
+    before_wedge()
     engine.wedge()  # counters still with requests running; the canary times out
     for _ in range(20):
         periods(wd, clock, 1)
@@ -166,13 +167,8 @@ def test_a_kept_restart_that_fails_becomes_the_full_one_and_says_why(tmp_path):
 
 def test_a_paused_container_gets_the_full_restart(tmp_path):
     with watching(tmp_path, "ray") as (wd, cluster, engine, clock, events):
-        periods(wd, clock, 40)
-        cluster.containers["sim-2"]["spark-ray-worker"].state = "paused"
-        engine.wedge()
-        for _ in range(20):
-            periods(wd, clock, 1)
-            if any(e["event"] == "restart-done" for e in events):
-                break
+        worker = cluster.containers["sim-2"]["spark-ray-worker"]
+        restarted_once(wd, engine, clock, events, before_wedge=lambda: setattr(worker, "state", "paused"))
         [start] = [e for e in events if e["event"] == "restart-start"]
         assert start["restart"] == "full" and start["why"] == "spark-ray-worker on sim-2 is paused"
         assert group_removed(cluster) == ["sim-1:spark-ray-head", "sim-2:spark-ray-worker"]
