@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .facts import parse_clock, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_meminfo, parse_platforms, same_platform
 
+from .memory_back import parse_memory
 from .link_facts import parse_nccl_tests, parse_rdma_bandwidth, parse_link, parse_reach
 from .link import LinkPick, pick_link, reach_problem
 
@@ -141,6 +142,14 @@ class MemoryAvailable(_Check):
     drop_page_cache: bool
 
 
+class MemoryBack(_Check):
+    """Right before an engine starts: each node's memory is read (memory_back.MEMORY_COMMAND), and the
+    start waits until it is back within slack_gib of the node's baseline (Waits.memory)."""
+
+    kind: Literal["memory-back"] = "memory-back"
+    slack_gib: Optional[float] = Field(description="memory.back_slack_gib (None: memory_back.slack_gib's default).")
+
+
 class ReadBack(_Check):
     """The command reads back what was written: its output must be exactly this."""
 
@@ -176,7 +185,7 @@ class HttpAnswer(_Check):
     choices: bool = Field(False, description="A completion must return choices.")
 
 
-Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, LinkBandwidth, RdmaBandwidth, PerftestPresent, PortsFree, MemoryAvailable,
+Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, LinkBandwidth, RdmaBandwidth, PerftestPresent, PortsFree, MemoryAvailable, MemoryBack,
                         ReadBack, VllmFlags, RayMembers, ProcessRuns, HttpAnswer], Field(discriminator="kind")]
 
 
@@ -230,6 +239,8 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
         hint = "" if check.drop_page_cache else " (memory.drop_page_cache: true may free page cache)"
         return (f"only {mem.available_gib:.1f} GiB of {mem.total_gib:.1f} GiB available, {need:.1f} GiB needed "
                 f"for gpu_memory_utilization {check.gpu_memory_utilization}{hint}")
+    if isinstance(check, MemoryBack):
+        return None if ok and parse_memory(stdout) is not None else f"cannot read memory information: {tail or 'no output'}"
     if isinstance(check, ReadBack):
         if not ok:
             return f"exit code {exit_code}: {tail}"

@@ -121,6 +121,8 @@ def up(
     as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines instead of a progress view."),
     watch_after: bool = typer.Option(False, "--watch", help="Stay on after serving as the controller (like `controller`): "
                                                             "watchdog, gateway, API, metrics, status page."),
+    accept_memory: bool = typer.Option(False, "--accept-memory", help="Start the engine although a node has less memory available "
+                                                                     "than before the last engine start (kept as its new figure)."),
 ) -> None:
     """Bring the cluster to serving: preflight, node tuning, workers then head, Ray, vLLM, a real completion."""
     from .executor import Executor
@@ -136,7 +138,7 @@ def up(
 
     def one(label: str, group: ClusterConfig):
         with cli_run.nodes_of(group) as nodes:
-            return Executor(group, nodes, labelled(report, label, bool(cfg.groups))).up()
+            return Executor(group, nodes, labelled(report, label, bool(cfg.groups)), accept_memory=accept_memory).up()
 
     results = guard(lambda: for_each_group(cfg, one))
     from .watchdog import reset_breaker

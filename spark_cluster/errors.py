@@ -209,6 +209,21 @@ class StateDirUnsafe(SparkClusterError):
     exit_code = 19
 
 
+class MemoryNotBack(SparkClusterError):
+    """A node's memory did not come back to what it was before the last engine start: no engine was started into it."""
+
+    exit_code = 20
+
+    def __init__(self, short: dict[str, str], waited_s: float):
+        self.short = short
+        lines = "\n".join(f"  - {node}: {why}" for node, why in sorted(short.items()))
+        super().__init__(
+            f"memory did not come back in {waited_s:g}s, no engine was started into it:\n{lines}",
+            hint="a killed engine can leave unified memory held in the GPU driver, invisible to nvidia-smi: look for a process "
+                 "still holding it (`sudo fuser -v /dev/nvidia*`, `docker ps`), or reboot the node; if something else uses that "
+                 "memory on purpose now, `spark-cluster up --accept-memory` starts anyway and keeps the new figure")
+
+
 def exit_codes() -> dict[int, str]:
     """Exit code -> what it means (for the documented table and its test)."""
     table: dict[int, str] = {EXIT_OK: "done (`status`: serving)", EXIT_NOT_SERVING: "`status`: not serving",

@@ -22,6 +22,7 @@ from . import kept, lock, timeouts
 from .checks import ReadBack, evaluate
 from .config import ClusterConfig
 from .errors import CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError, indent
+from .engine_log import FIGURE_PART, engine_start, log_command
 from .facts import ContainerFact, ProcessFact
 from .masking import mask_data
 from .model_sync import ModelSync
@@ -29,7 +30,7 @@ from .observe import list_containers, read_process, tail_logs
 from .plan import build_plan
 from .preflight import Finding, Preflight
 from .reconcile import Reconciliation, member_name, reconcile
-from .steps import NOT_DETECTED, Plan, Step
+from .steps import ENGINE_COMPONENTS, NOT_DETECTED, Plan, Step
 from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck
 from .teardown import Teardown
@@ -52,10 +53,13 @@ def _now() -> str:
 
 
 class Executor(Teardown):
-    def __init__(self, cfg: ClusterConfig, nodes: Nodes, report: Reporter | None = None, *, http: Optional[httpx.Client] = None):
+    def __init__(self, cfg: ClusterConfig, nodes: Nodes, report: Reporter | None = None, *, http: Optional[httpx.Client] = None,
+                 accept_memory: bool = False):
         """http: the client readiness asks the engine with (its API key in its headers); default a
-        client of its own per wait."""
+        client of its own per wait. accept_memory: an engine starts whatever memory the nodes have
+        (their readings kept as the new baselines; `up --accept-memory`)."""
         self.cfg = cfg
+        self.accept_memory = accept_memory
         self.nodes = nodes
         self.http = http
         self.report = report or (lambda e: None)
@@ -63,6 +67,7 @@ class Executor(Teardown):
         links = kept.links(cfg)  # `nccl: auto`: as last detected, until preflight detects again
         self.plan: Plan = build_plan(cfg, reveal_secrets=True, links=links)
         self.phases: dict[str, float] = {}  # where the last up's time went, by part (see up)
+        self.engine_started: Optional[_dt.datetime] = None  # when this up started the API's engine
 
     # ---- events -------------------------------------------------------------------------
     def emit(self, event: str, step: Step | None = None, **data: Any) -> None:
@@ -181,6 +186,8 @@ class Executor(Teardown):
         if step.container is not None and NOT_DETECTED in step.container.env.values():
             raise StepError(step, "nccl: auto has not detected this node's link: preflight must run first")
         t0 = time.monotonic()
+        if step.process is not None or step.container.component == "vllm":  # the API's engine: its start read from its log once ready
+            self.engine_started = _dt.datetime.now(_dt.timezone.utc)
         r = self._run_step(step)
         if not r.ok:
             raise StepError(step, f"docker {'exec' if step.process else 'run'} exited {r.exit_code}", r.tail())
@@ -210,6 +217,36 @@ class Executor(Teardown):
             if not r.ok:
                 raise StepError(step, f"what is left of the earlier engine did not go: {r.stdout.strip() or r.exit_code}", r.tail())
             self._done(step, t0)
+
+    def _memory(self, steps: list[Step], todo: Reconciliation) -> None:
+        """Every node's memory back before an engine starts (nothing to wait for when none starts)."""
+        if not any(s.process is not None or (s.container is not None and s.container.component in ENGINE_COMPONENTS) for s in todo.start):
+            for s in steps:
+                self.emit("step-skip", s, reason="no engine starts")
+            return
+        with self.timed("memory"):
+            self._waits().memory(steps, accept=self.accept_memory)
+
+    def _engine_start(self) -> None:
+        """Where the start of the engine this `up` started went, from its log (engine_log): its parts
+        into self.phases as engine/<part> (vLLM's own figures under the part that holds them), and an
+        `engine-start` event with the KV cache it got. Best effort: a log that cannot be read says nothing."""
+        started, self.engine_started = self.engine_started, None
+        if started is None:
+            return
+        since = (started - _dt.timedelta(seconds=1)).isoformat(timespec="seconds")
+        head = self.cfg.head.name
+        try:
+            r = self.nodes[head].run(log_command(self.plan.api_container, since), timeout=timeouts.QUICK_S)
+        except SparkClusterError:
+            return
+        if not r.ok:
+            return
+        start = engine_start(r.stdout, started)
+        self.phases.update({f"engine/{part}": s for part, s in start.parts.items()})
+        self.phases.update({f"engine/{FIGURE_PART[name]}/{name}": s for name, s in start.figures.items()})
+        self.emit("engine-start", node=head, parts=start.parts, figures=start.figures, kv_tokens=start.kv_tokens,
+                  kv_device=start.kv_device, kv_gib=start.kv_gib)
 
     def _waits(self) -> Waits:
         return Waits(self.cfg, self.nodes, self.plan, self.emit, self.timed, self.http)
@@ -247,6 +284,7 @@ class Executor(Teardown):
             for s in members:
                 if s not in todo.start:
                     self.emit("step-skip", s, reason="unchanged and running")
+            memory = [s for s in self.plan.steps_in("memory") if s.phase in allowed]
             for s in self.plan.steps:
                 if s.phase not in allowed:
                     continue
@@ -255,6 +293,8 @@ class Executor(Teardown):
                         self._start(s)
                 elif s.phase == "clear":
                     self._clear(s, todo)
+                elif s.phase == "memory" and s is memory[0]:  # the nodes' together
+                    self._memory(memory, todo)
                 elif s.kind == "wait-ray":
                     if todo.start:
                         with self.timed(s.id):
@@ -263,6 +303,7 @@ class Executor(Teardown):
                         self.emit("step-skip", s, reason="Ray unchanged")
             if "ready" in allowed:
                 self._waits().ready(self.plan.steps_in("ready"))
+                self._engine_start()
         finally:
             self.release_lock()
         result = UpResult(changed=todo.changed, recreated=[member_name(s) for s in todo.start], kept=todo.kept,

@@ -124,6 +124,7 @@ class GpuFact(BaseModel):
     names: list[str] = Field(default_factory=list)
     unified_memory: bool = Field(False, description="nvidia-smi reports no memory of its own (GB10: CPU and GPU share it).")
     memory: Optional[str] = Field(None, description="used / total as nvidia-smi reports it, when it does")
+    free_gib: Optional[float] = Field(None, description="The GPUs' own memory not in use, all of the node's together (none when unified).")
     error: Optional[str] = None
 
     def summary(self) -> Optional[str]:
@@ -141,7 +142,7 @@ def parse_gpu(text: str) -> GpuFact:
         return GpuFact()
     if lines[0] == "no nvidia-smi":
         return GpuFact(error="no nvidia-smi")
-    names, memory, unified = [], [], False
+    names, memory, unified, free_mib = [], [], False, []
     for line in lines:
         parts = [x.strip() for x in line.split(",")]
         if len(parts) != 3:
@@ -151,7 +152,16 @@ def parse_gpu(text: str) -> GpuFact:
             unified = True
         else:
             memory.append(f"{parts[1]} / {parts[2]}")
-    return GpuFact(names=names, unified_memory=unified, memory="; ".join(memory) or None)
+            used, total = (_mib(x) for x in parts[1:])
+            free_mib.append(None if used is None or total is None else total - used)
+    known = bool(free_mib) and not unified and None not in free_mib
+    free = round(sum(free_mib) / 1024, 2) if known else None
+    return GpuFact(names=names, unified_memory=unified, memory="; ".join(memory) or None, free_gib=free)
+
+
+def _mib(value: str) -> Optional[float]:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?) MiB", value)
+    return float(m.group(1)) if m else None
 
 
 # ---- a folder's files and sizes (the model on each node) -----------------------------------------

@@ -4,7 +4,9 @@ best effort (a read-only state_dir only means the work is done again next time):
 - link.json: what `nccl: auto` detected per node, so that `plan`, `status` and the watchdog render
   the containers the `up` that detected it started;
 - vllm.json: the last checks of the `vllm serve` flags with vLLM's own parser, per image ID and
-  flags, so that an unchanged `up` does not check again.
+  flags, so that an unchanged `up` does not check again;
+- memory.json: each node's memory right before the last engine start on it, the baseline the next
+  start waits for (memory_back).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from .config import ClusterConfig
 from .link import LinkPick
+from .memory_back import MemoryReading
 from .state_dir import read_state, write_private
 
 # how many checks vllm.json keeps (image ID x flags: e.g. both executors of one image)
@@ -95,3 +98,21 @@ def save_check(cfg: ClusterConfig, record: dict) -> None:
     key = (record.get("image_id"), record.get("argv_hash"))
     rest = [r for r in _checks(cfg) if (r.get("image_id"), r.get("argv_hash")) != key]
     _write(cfg, "vllm.json", {"checks": [record, *rest][:KEPT_CHECKS]})
+
+
+class MemoryFile(BaseModel):
+    """memory.json: each node's memory right before the last engine start on it."""
+
+    model_config = ConfigDict(extra="ignore")
+    nodes: dict[str, MemoryReading]
+
+
+def memory_baselines(cfg: ClusterConfig, *, repair: bool = True) -> dict[str, MemoryReading]:
+    kept = read_state(cfg.resolved_state_dir() / "memory.json", MemoryFile, cfg.name, repair=repair)
+    return kept.nodes if kept is not None else {}
+
+
+def save_memory_baselines(cfg: ClusterConfig, readings: dict[str, MemoryReading]) -> None:
+    """These nodes' readings as their new baselines (the others' kept)."""
+    _write(cfg, "memory.json", {"nodes": {**{k: v.model_dump() for k, v in memory_baselines(cfg).items()},
+                                          **{k: v.model_dump() for k, v in readings.items()}}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import lock, timeouts
 from .config import ClusterConfig
+from .engine_log import SINCE, log_command
 from .facts import containers_command, process_command
 from .render import quote
 from .steps import PHASES, ContainerSpec, DownPlan, Plan, ProcessSpec, Step
@@ -113,8 +114,11 @@ def with_lifecycle(cfg: ClusterConfig, plan: Plan) -> Plan:
             also = members + tails
         elif s.kind == "start" and s.container is not None:
             also = [tail_command(s.container.name)]
+            if s.container.component == "vllm":  # the API's rank: where its start's time went, once ready
+                also.append(log_command(s.container.name, SINCE))
         elif s.kind == "exec" and s.process is not None:
-            also = [process_command(s.process.container, s.process.pid_file), tail_command(s.process.container)]
+            also = [process_command(s.process.container, s.process.pid_file), tail_command(s.process.container),
+                    log_command(s.process.container, SINCE)]
         elif s.check is not None and s.check.kind == "image-present":
             also = image_fetch_commands(cfg, s.node)
         elif s.check is not None and s.check.kind == "vllm-flags":

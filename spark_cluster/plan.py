@@ -11,11 +11,12 @@ import json
 from typing import Any, Optional
 
 from . import lifecycle, timeouts
-from .checks import HttpAnswer, ProcessRuns, RayMembers, ReadBack
+from .checks import HttpAnswer, MemoryBack, ProcessRuns, RayMembers, ReadBack
 from .config import ClusterConfig
 from .facts import LABEL_PREFIX
 from .link import LinkPick
 from .masking import MASK, mask_data
+from .memory_back import MEMORY_COMMAND
 from .plan_checks import PreflightSteps, StepList
 from .render import quote, read_template, render, render_argv
 from .settings import Mount, Node
@@ -168,7 +169,7 @@ class _Builder(StepList):
         self.start("start-head", head, spec, f"Ray head on port {cfg.ray.port}")
         # vLLM started again in a kept head container (its containers run as planned, vLLM does not): what the
         # earlier engine left there goes first (its EngineCore outlives a killed API server, holding its memory
-        # and Ray's placement group), before Ray is waited for
+        # and Ray's placement group), before memory and Ray are waited for (phase clear comes before them)
         self.add(id=f"clear/{head.name}/vllm", phase="clear", node=head.name, kind="run", clears=f"serve/{head.name}/vllm",
                  description=f"end what is left of an earlier engine in {serve.container} (when vllm starts again in it)",
                  command=lifecycle.clear_engine_command(serve.container), timeout_s=self.ssh_timeout(head) + timeouts.ENGINE_GONE_S)
@@ -183,6 +184,15 @@ class _Builder(StepList):
                  description=f"vllm serve over the Ray executor ({cfg.parallelism}), inside {serve.container}",
                  command=render("docker-exec.j2", p=serve), process=serve, timeout_s=self.ssh_timeout(head),
                  check=ProcessRuns(name=serve.name))
+
+    def memory_back(self) -> None:
+        """Every node's memory, right before an engine starts on it (Waits.memory)."""
+        cfg = self.cfg
+        for node in cfg.nodes:
+            self.add(id=f"memory/{node.name}", phase="memory", node=node.name, kind="check",
+                     description="memory back to what the node had before the last engine start (when an engine starts)",
+                     command=MEMORY_COMMAND, timeout_s=self.ssh_timeout(node), deadline_s=cfg.memory.back_timeout_s,
+                     check=MemoryBack(slack_gib=cfg.memory.back_slack_gib))
 
     def per_node_env_names(self) -> list[str]:
         """Variables whose values differ between nodes. vLLM's Ray executor copies VLLM_*, NCCL_* and
@@ -237,6 +247,7 @@ class _Builder(StepList):
     def build(self) -> Plan:
         self.preflight()
         self.prepare()
+        self.memory_back()
         if self.cfg.executor == "ray":
             self.start_ray()
         else:

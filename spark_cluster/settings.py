@@ -410,6 +410,13 @@ class MemoryGuard(Strict):
     min_free_gib: Optional[float] = Field(
         None, ge=0, description="Free memory every node needs before start. Default: derived from gpu_memory_utilization."
     )
+    back_slack_gib: Optional[float] = Field(
+        None, ge=0, description="How far below its baseline (its available memory right before the last engine start) a node may be when an "
+                                "engine starts again. Default: 5 % of its memory, at least 2 GiB.")
+    back_timeout_s: float = Field(
+        60, ge=0, description="How long an engine start waits for every node's memory to come back to its baseline (a killed engine can "
+                              "leave unified memory held for a while, or for good). Then a restart that kept the containers removes them "
+                              "and starts again; a start that still finds memory missing is refused with the figures.")
 
 
 class LinkSettings(Strict):

@@ -16,10 +16,14 @@ if TYPE_CHECKING:
     from .settings import Node
 
 # `up`'s phases in order, then those `down` adds
-PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "start-workers", "start-head", "clear", "wait-ray", "serve",
-                           "ready", "unlock")
-Phase = Literal["lock", "list", "preflight", "prepare", "replace", "start-workers", "start-head", "clear", "wait-ray", "serve", "ready",
-                "unlock", "kill", "remove"]
+PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "clear", "memory", "start-workers", "start-head", "wait-ray",
+                           "serve", "ready", "unlock")
+Phase = Literal["lock", "list", "preflight", "prepare", "replace", "clear", "memory", "start-workers", "start-head", "wait-ray", "serve",
+                "ready", "unlock", "kill", "remove"]
+
+
+# the containers that are the engine's ranks themselves (native executor); on Ray, the engine is the process in the head container
+ENGINE_COMPONENTS = ("vllm", "vllm-worker")
 
 
 class Frozen(BaseModel):

@@ -2,7 +2,7 @@
 simulated cluster's own, spark_cluster/sim/, stay there). What a user may want to change lives in
 cluster.yaml: ssh.*_timeout_s, health.*, watchdog.*, gateway.*, vllm.check_timeout_s."""
 
-# Small node commands (take or release the lock, read a process or the last log lines): they
+# Small node commands (take or release the lock, read a process, the last log lines or an engine start's): they
 # answer in well under a second; 30 s allows for a node under heavy load (a model loading).
 QUICK_S = 30
 # A container's whole log (saved by down and into incident bundles): megabytes over SSH.

@@ -117,6 +117,8 @@ def step_reporter(as_json: bool):
             out.print(f"[yellow]-[/] {'':8} {where:10} {'remove':13} {e['container']} [dim]({e['reason']})[/]", highlight=False)
         elif kind == "node-unreachable":
             err.print(f"[yellow]![/] {where}: unreachable: {e['error']}", highlight=False)
+        elif kind == "memory-short":
+            out.print(f"[yellow]…[/] {'':7} {where:10} {'memory':13} waiting for memory to come back: {escape(e['short'])}", highlight=False)
         elif kind.startswith("roll-"):
             said = {"roll-group": "group {group}", "roll-skip": "group {group}: unchanged", "roll-drain": "group {group}: draining "
                     "({in_flight} in flight): {why}", "roll-drained": "group {group}: drained ({cut} cut)", "roll-done":

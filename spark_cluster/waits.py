@@ -1,4 +1,5 @@
-"""`up`'s waits: Ray's members, then the engine's readiness. Each fails fast, with the last log
+"""`up`'s waits: the nodes' memory back before an engine starts, Ray's members, then the engine's
+readiness. Each of the last two fails fast, with the last log
 lines of what ended, when a member of the group it waits for has gone (judge's rule)."""
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from typing import Callable, Optional
 
 import httpx
 
-from . import timeouts
-from .checks import evaluate
+from . import kept, timeouts
+from .checks import MemoryBack, evaluate
 from .config import ClusterConfig
-from .errors import EngineKeyRefused, StepError, indent
+from .errors import EngineKeyRefused, MemoryNotBack, StepError, indent
 from .judge import container_gone, key_refused, process_gone
+from .memory_back import MemoryReading, parse_memory, shortfall, slack_gib
 from .observe import Engine, list_containers, read_process, read_ray_state, tail_logs
 from .steps import Plan, Step
-from .transport import Nodes
+from .transport import Nodes, SSHTransport
 
 
 class Waits:
@@ -80,6 +82,45 @@ class Waits:
                 name = s.process.container
             if gone:
                 raise StepError(step, gone, indent(tail_logs(self.nodes[s.node], name, self.secrets)))
+
+    def memory(self, steps: list[Step], *, accept: bool = False) -> None:
+        """Right before an engine starts: each node's memory back within its slack of the baseline kept
+        from the last start (kept.memory_baselines), polled until the step's deadline; the readings are
+        then the nodes' new baselines. accept: taken as they are (`up --accept-memory`)."""
+        baselines = kept.memory_baselines(self.cfg)
+        by_node = {s.node: s for s in steps}
+
+        def one(t: SSHTransport) -> MemoryReading | str:
+            step = by_node[t.node]
+            assert isinstance(step.check, MemoryBack)
+            t0 = time.monotonic()
+            self.emit("step-start", step)
+            told = False
+            while True:
+                r = t.run(step.command, timeout=step.timeout_s)
+                problem = evaluate(step.check, r.exit_code, r.stdout, r.stderr)
+                reading = parse_memory(r.stdout)
+                if problem or reading is None:
+                    raise StepError(step, problem or "no memory figures")
+                slack = slack_gib(reading.total_gib, step.check.slack_gib)
+                short = None if accept else shortfall(baselines.get(t.node), reading, slack)
+                waited = round(time.monotonic() - t0, 3)
+                if short is None:
+                    self.emit("step-ok", step, duration_s=waited, available_gib=reading.available_gib, gpu_free_gib=reading.gpu_free_gib)
+                    return reading
+                if waited >= (step.deadline_s or 0):
+                    self.emit("step-failed", step, duration_s=waited, error=short)
+                    return short
+                if not told:  # once: what the start waits for
+                    self.emit("memory-short", step, short=short)
+                    told = True
+                time.sleep(self.cfg.health.poll_interval_s)
+
+        got = self.nodes.map(one, list(by_node)).values_or_raise()
+        short = {node: v for node, v in got.items() if isinstance(v, str)}
+        if short:
+            raise MemoryNotBack(short, max(s.deadline_s or 0 for s in steps))
+        kept.save_memory_baselines(self.cfg, {node: v for node, v in got.items() if isinstance(v, MemoryReading)})
 
     def ready(self, steps: list[Step]) -> None:
         """Poll each readiness check in turn (cheap HTTP: every timeouts.READY_POLL_S, so a ready engine

@@ -78,6 +78,11 @@ def recording(case: str) -> dict:
     return json.loads((FACTS / f"{case}.json").read_text())
 
 
+def recorded_log(name: str) -> str:
+    """A container log recorded on the simulated cluster (tests/data/logs/), as `docker logs --timestamps` printed it."""
+    return (FACTS.parent / "logs" / f"{name}.log").read_text()
+
+
 def sim_variant(base: str = "ray", **changes):
     """A sim config (by executor) with dotted keys changed, e.g. sim_variant(**{"health.ray_join_timeout_s": 30})."""
     import yaml

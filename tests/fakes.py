@@ -61,6 +61,7 @@ class FakeCluster:
     locked: bool = False  # the cluster's lock directory on the head
     generation: int = 0  # vLLM starts so far (FakeEngineApi: a wedge ends with the engine that had it)
     earlier_pg_reads: int = 0  # reads of Ray's state that still show an earlier engine's placement group (Ray releasing it)
+    available_kb: list[int] = field(default_factory=lambda: [120000000])  # MemAvailable read right before an engine start, in turn (the last stays)
 
     def __post_init__(self) -> None:
         MADE.append(self)
@@ -189,6 +190,9 @@ class FakeCluster:
             return 0, "config.json\t100\nmodel.safetensors\t1000\n", ""
         if kind == "memory-available":
             return 0, "MemTotal:       127600816 kB\nMemAvailable:   120000000 kB\n", ""
+        if kind == "memory-back":
+            kb = self.available_kb.pop(0) if len(self.available_kb) > 1 else self.available_kb[0]
+            return 0, f"MemTotal:       127600816 kB\nMemAvailable:   {kb} kB\n@@gpu\nNVIDIA GB10, [N/A], [N/A]\n", ""
         if kind == "read-back":
             return 0, step.check.stdout, ""
         if kind == "clock":

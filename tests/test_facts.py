@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from spark_cluster.config import load_config
+from spark_cluster.memory_back import parse_memory
 from spark_cluster.facts import containers_command, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_meminfo, parse_metrics, parse_platform, parse_process, parse_ray_state, parse_sysctl, platforms_command, process_command, progressed, same_platform, sysctl_command
 from spark_cluster.link_facts import SYSFS_IBDEV2NETDEV, parse_link, parse_rdma_bandwidth, parse_reach, parse_ib_write_bw, parse_ibdev2netdev, parse_ip_addr, parse_nccl_tests, parse_ping, reach_command
 from spark_cluster.plan import build_plan
@@ -33,6 +34,7 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "process": lambda: parse_process(vllm_process().argv, rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
         "containers": lambda: parse_containers("sim-1", rec["exit_code"], rec["stdout"], rec["stderr"]).model_dump(),
         "meminfo": lambda: parse_meminfo(rec["stdout"]).model_dump(),
+        "memory": lambda: parse_memory(rec["stdout"]).model_dump(exclude={"at"}),
         "gpu": lambda: parse_gpu(rec["stdout"]).model_dump(),
         "ibdev2netdev": lambda: [x.model_dump() for x in parse_ibdev2netdev(rec["stdout"])],
         "ip-addr": lambda: [x.model_dump() for x in parse_ip_addr(rec["stdout"])],

@@ -171,6 +171,10 @@ def test_a_client_reading_slower_than_the_engine_writes_gets_every_byte_in_order
     rig.script.chunks, rig.script.chunk_delay_s, rig.script.pad = CHUNKS, 0, 16384
     with connected(rig.url, receive_buffer=16384) as sock:
         sock.sendall(completion_request(body=b'{"stream": true}'))
+        deadline = time.monotonic() + 10
+        while rig.script.calls == 0:  # the engine has the request (a loaded machine takes a while)
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.05)
         time.sleep(1.0)  # nothing read: the gateway's buffer to this client fills, it stops reading from the engine
         assert rig.script.running == 1
         (status, _, body), = read_answers(sock, 1, timeout=30)

@@ -7,12 +7,12 @@ import pytest
 
 from spark_cluster.checks import BANDWIDTH_REMEDIES
 from spark_cluster.config import load_config
-from spark_cluster.errors import LockedError, PreflightError, RemoveFailed, StepError
+from spark_cluster.errors import LockedError, MemoryNotBack, PreflightError, RemoveFailed, StepError
 from spark_cluster.executor import Executor
 from spark_cluster import lock
-from spark_cluster.kept import links as kept_links
+from spark_cluster.kept import links as kept_links, memory_baselines
 
-from .conftest import SIM_CONFIGS, recording
+from .conftest import SIM_CONFIGS, recorded_log, recording
 from .fakes import MADE, FakeCluster, FakeEngineApi, Unscripted, fake_nodes, removed, started
 from .fakes import sim_links
 
@@ -80,8 +80,10 @@ def test_vllm_gone_from_its_kept_head_starts_alone_once_what_it_left_is_cleared_
     res = up(fake)
     assert started(fake) == ["sim-1:spark-ray-head/vllm"] and removed(fake) == []
     assert res.recreated == ["spark-ray-head/vllm@sim-1"] and res.kept == ["spark-ray-worker@sim-2", "spark-ray-head@sim-1"]
-    steps = [fake.by_command[cmd].id for _, cmd in fake.log if cmd in fake.by_command and fake.by_command[cmd].phase in ("clear", "wait-ray", "serve")]
-    assert steps == ["clear/sim-1/vllm", "wait-ray/sim-1/nodes", "wait-ray/sim-1/nodes", "wait-ray/sim-1/nodes", "serve/sim-1/vllm"]
+    steps = [fake.by_node_command[(n, cmd)].id for n, cmd in fake.log
+             if (n, cmd) in fake.by_node_command and fake.by_node_command[(n, cmd)].phase in ("clear", "memory", "wait-ray", "serve")]
+    assert steps[:1] == ["clear/sim-1/vllm"] and sorted(steps[1:3]) == ["memory/sim-1", "memory/sim-2"]
+    assert steps[3:] == ["wait-ray/sim-1/nodes", "wait-ray/sim-1/nodes", "wait-ray/sim-1/nodes", "serve/sim-1/vllm"]
 
 
 def test_what_an_earlier_engine_left_that_will_not_go_stops_up_before_vllm_starts(tmp_path):
@@ -278,7 +280,8 @@ def test_a_fake_node_refuses_what_nobody_scripted_even_when_the_code_under_test_
 
 def allowed_commands(*plans) -> set[tuple[str, str]]:
     """(node, command) pairs the plans show: each step's command and what it may also run, on its
-    node or on the one an `on <node>:` prefix names (`<port>` stands for the one chosen then)."""
+    node or on the one an `on <node>:` prefix names (`<port>` stands for the one chosen then,
+    `<since>` for the moment vLLM was started)."""
     out = set()
     for plan in plans:
         for s in plan.steps:
@@ -293,8 +296,12 @@ def allowed_commands(*plans) -> set[tuple[str, str]]:
 def unplanned(fake: FakeCluster, *plans) -> list[str]:
     import re
 
+    from spark_cluster.engine_log import SINCE
+    from spark_cluster.render import quote
+
     allowed = allowed_commands(*plans)
-    patterns = {(n, re.compile(re.escape(c).replace(re.escape("<port>"), r"\d+"))) for n, c in allowed if "<port>" in c}
+    patterns = {(n, re.compile(re.escape(c).replace(re.escape("<port>"), r"\d+").replace(re.escape(quote(SINCE)), r"\S+")))
+                for n, c in allowed if "<port>" in c or SINCE in c}
     return [f"{n}: {c}" for n, c in fake.log
             if (n, c) not in allowed and not any(n == pn and p.fullmatch(c) for pn, p in patterns)]
 
@@ -341,3 +348,70 @@ def test_a_lock_held_elsewhere_is_reported_and_nothing_runs(cfg):
     with pytest.raises(LockedError, match="holds the lock of cluster spark: up by pid 1 on elsewhere"):
         up(fake)
     assert started(fake) == [] and fake.locked
+
+
+def memory_steps(fake: FakeCluster) -> list[str]:
+    return [fake.by_node_command[(n, cmd)].id for n, cmd in fake.log
+            if (n, cmd) in fake.by_node_command and fake.by_node_command[(n, cmd)].phase == "memory"]
+
+
+def test_an_engine_start_reads_every_nodes_memory_first_and_keeps_it_and_nothing_starting_reads_none(cfg):
+    fake = FakeCluster(cfg)
+    up(fake)
+    first_start = next(i for i, (_, cmd) in enumerate(fake.log) if cmd in fake.by_command and fake.by_command[cmd].kind == "start")
+    memory = [i for i, (n, cmd) in enumerate(fake.log) if (n, cmd) in fake.by_node_command and fake.by_node_command[(n, cmd)].phase == "memory"]
+    assert len(memory) == 2 and max(memory) < first_start  # before the first container (native: its ranks)
+    kept = memory_baselines(cfg)
+    assert sorted(kept) == ["sim-1", "sim-2"] and kept["sim-1"].available_gib == 114.44 and kept["sim-1"].at
+    fake.log.clear()
+    up(fake)  # serving: nothing starts, nothing waits
+    assert memory_steps(fake) == []
+
+
+def test_a_restart_waits_for_memory_to_come_back_then_starts(tmp_path):
+    fake = FakeCluster(fake_cfg("ray", tmp_path))
+    up(fake)
+    fake.vllm_running = False  # the engine gone from its kept head container: it starts again alone
+    fake.available_kb = [80000000, 80000000, 80000000, 80000000, 119000000]  # ~38 GiB held, then back
+    events: list[dict] = []
+    up(fake, events)
+    assert started(fake)[-1] == "sim-1:spark-ray-head/vllm"
+    [short] = {e["short"].split(" (")[0] for e in events if e["event"] == "memory-short"}
+    assert short == "76.3 GiB available, 114.4 GiB before the last engine start"
+    assert memory_baselines(fake.cfg)["sim-1"].available_gib < 114.44  # the figure it started with
+
+
+def test_memory_that_does_not_come_back_starts_no_engine_and_says_how_much_is_missing_unless_accepted(tmp_path):
+    c = fake_cfg("native", tmp_path)
+    c = c.model_copy(update={"memory": c.memory.model_copy(update={"back_timeout_s": 0.05})})
+    fake = FakeCluster(c)
+    up(fake)
+    for name in list(fake.containers["sim-2"]):
+        fake.containers["sim-2"][name].state = "exited"  # a rank died: the group starts again
+    fake.available_kb = [60000000]
+    before = started(fake)
+    with pytest.raises(MemoryNotBack) as exc:
+        up(fake)
+    assert exc.value.exit_code == 20 and started(fake) == before  # removed, nothing started into the leak
+    assert "sim-2: 57.2 GiB available, 114.4 GiB before the last engine start" in str(exc.value)
+    assert "memory did not come back in 0.05s" in str(exc.value) and "--accept-memory" in str(exc.value)
+    Executor(c, fake_nodes(fake), http=FakeEngineApi(fake).client(), accept_memory=True).up()
+    assert started(fake)[len(before):] == ["sim-2:spark-vllm-worker", "sim-1:spark-vllm"]
+    assert memory_baselines(c)["sim-2"].available_gib == 57.22  # the new figure
+
+
+def test_once_ready_the_engines_own_log_says_where_its_start_went(cfg):
+    fake = FakeCluster(cfg)
+    fake.script("docker logs --timestamps --since", (0, recorded_log("vllm-0.32-cpu-ray-start-in-kept-head"), ""), node="sim-1")
+    events: list[dict] = []
+    res = up(fake, events)
+    [asked] = fake.commands("sim-1", "docker logs --timestamps --since")
+    assert asked.endswith(f" {fake.plan.api_container} 2>&1")
+    # the recorded start's parts (its import ran before this run's clock: none)
+    assert {k: v for k, v in res.phases.items() if k.startswith("engine/")} == {
+        "engine/import": 0.0, "engine/load": 12.41, "engine/warmup": 0.55, "engine/api": 1.77, "engine/load/weights": 0.01}
+    [e] = [e for e in events if e["event"] == "engine-start"]
+    assert e["kv_tokens"] == 2097152 and e["kv_device"] == "CPU"
+    fake.log.clear()
+    up(fake)  # nothing started: no log read
+    assert fake.commands(containing="docker logs --timestamps --since") == []

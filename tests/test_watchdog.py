@@ -326,6 +326,82 @@ def test_killed_vllm_process_leads_to_a_restart(engine_cfg, tmp_path):
         assert_nothing_of(before, generation(cfg), cfg)
 
 
+def available_gib() -> float:
+    """This machine's MemAvailable: what every simulated node reads as its own."""
+    from spark_cluster.facts import parse_meminfo
+
+    with open("/proc/meminfo") as f:
+        return parse_meminfo(f.read()).available_gib
+
+
+def holding(gib: int, start) -> None:
+    """Start a process holding gib GiB (start(argv)) and wait until the machine shows it held."""
+    before = available_gib()
+    start(["python3", "-c", f"import time; held = b'1' * ({gib} << 30); time.sleep(3600)"])
+    deadline = time.monotonic() + 60
+    while available_gib() > before - gib + 0.5:
+        assert time.monotonic() < deadline, "the memory was never held"
+        time.sleep(0.5)
+
+
+@pytest.mark.ends_engine
+def test_memory_a_kill_leaves_held_makes_the_kept_restart_full_and_memory_never_back_stops_up(sim, tmp_path):
+    """A process left in the worker's container after the engine was killed holds 5 GiB: the kept
+    restart waits for the memory, then falls back to the full one, whose container removal gives it
+    back. Held outside the containers it never comes back: `up` refuses with the figures (exit 20),
+    nothing started."""
+    import subprocess
+
+    from spark_cluster.watch_restart import FullRestart, KeptRestart
+
+    from .conftest import run_cli
+
+    data = yaml.safe_load(SIM_CONFIGS["ray"].read_text())
+    data.update(state_dir=str(tmp_path / "state"), memory={**data["memory"], "back_timeout_s": 10})
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cfg = parse_config(config.read_text())
+    serving(cfg)
+    events: list[dict] = []
+    event = lambda kind, **data: events.append({"event": kind, **data})  # noqa: E731
+
+    def kept_restart() -> dict[str, float]:
+        with Nodes(cfg) as nodes:
+            error, phases = KeptRestart(cfg, nodes, None, event, FullRestart(cfg, nodes, None, event)).run(tmp_path / "bundle")
+        assert error is None, error
+        return phases
+
+    assert "full/kill" not in kept_restart()  # the first: the figure each node had without an engine, kept
+    kept = json.loads((tmp_path / "state" / "memory.json").read_text())["nodes"]
+    assert sorted(kept) == ["sim-1", "sim-2"]
+    holding(5, lambda argv: sim_docker("sim-2", "exec", "-d", worker_container(cfg), *argv))
+    phases = kept_restart()
+    [fallback] = [e for e in events if e["event"] == "restart-fallback"]
+    print(f"memory held in the worker: {fallback['why']}; {phases}")
+    assert fallback["to"] == "full" and "memory did not come back in 10s" in fallback["why"]
+    assert "sim-2: " in fallback["why"] and "GiB before the last engine start" in fallback["why"], fallback["why"]
+    assert phases["memory"] >= 10 and {"full/kill", "full/memory", "full/ready/completion"} <= set(phases)
+    assert phases["full/memory"] < 10  # the containers gone, the memory was back
+    assert completion_works(cfg)
+
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).down()
+    leak: list[subprocess.Popen] = []
+    try:
+        holding(5, lambda argv: leak.append(subprocess.Popen(argv)))
+        res = run_cli("up", str(config), timeout=180)
+        assert res.returncode == 20, res.stdout + res.stderr
+        assert "memory did not come back in 10s, no engine was started into it" in res.stderr
+        assert "sim-1: " in res.stderr and "GiB before the last engine start" in res.stderr and "--accept-memory" in res.stderr
+        assert "Traceback" not in res.stderr
+        with Nodes(cfg) as nodes:
+            assert {n: list_containers(nodes[n], cfg.name) for n in ("sim-1", "sim-2")} == {"sim-1": [], "sim-2": []}
+    finally:
+        for p in leak:
+            p.kill()
+            p.wait()
+
+
 def test_slow_but_progressing_engine_is_not_restarted(sim, tmp_path):
     """Much heavier load than the 2 cores can serve quickly: slow, queued, but moving, for three
     stall windows and more (longer soaks on both executors: bench/failover_bench.py). The decision

@@ -6,21 +6,26 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from typing import Optional
 
 import pytest
 
 from spark_cluster.config import load_config
 from spark_cluster.watchdog import Watchdog
 
+from spark_cluster.kept import memory_baselines, save_memory_baselines
+from spark_cluster.memory_back import MemoryReading
+
 from .conftest import SIM_CONFIGS
 from .fakes import Clock, FakeCluster, FakeEngineApi, fake_nodes, periods, removed, started
 
 
 @contextmanager
-def watching(tmp_path, executor: str, **watchdog):
-    """The real watchdog over a fake serving group (watchdog settings changed as given)."""
+def watching(tmp_path, executor: str, memory: Optional[dict] = None, **watchdog):
+    """The real watchdog over a fake serving group (watchdog and memory settings changed as given)."""
     cfg = load_config(SIM_CONFIGS[executor])
     cfg = cfg.model_copy(update={"state_dir": str(tmp_path), "watchdog": cfg.watchdog.model_copy(update=watchdog),
+                                 "memory": cfg.memory.model_copy(update=memory or {}),
                                  "health": cfg.health.model_copy(update={"poll_interval_s": 0.01})})
     cluster = FakeCluster(cfg).serving()
     cluster.generation = 1
@@ -163,6 +168,28 @@ def test_a_kept_restart_that_fails_becomes_the_full_one_and_says_why(tmp_path):
         assert group_removed(cluster) == ["sim-1:spark-ray-head", "sim-2:spark-ray-worker"]
         assert started(cluster)[-3:] == ["sim-2:spark-ray-worker", "sim-1:spark-ray-head", "sim-1:spark-ray-head/vllm"]
         assert {"kill", "full/kill", "full/ready/completion"} <= set(done["phases"])
+
+
+def test_memory_the_kept_containers_do_not_give_back_makes_it_the_full_restart_and_says_why(tmp_path):
+    """A process left in the worker's container holds memory after the engine is killed: the kept
+    restart waits (memory.back_timeout_s), then the containers are removed, which gives it back."""
+    with watching(tmp_path, "ray", memory={"back_timeout_s": 0.05}) as (wd, cluster, engine, clock, events):
+        cfg = wd.cfg
+        save_memory_baselines(cfg, {n: MemoryReading(available_gib=114.44, total_gib=121.69) for n in ("sim-1", "sim-2")})
+
+        def meminfo():
+            held = "spark-ray-worker" in cluster.containers["sim-2"]
+            return 0, f"MemTotal: 127600816 kB\nMemAvailable: {80000000 if held else 119000000} kB\n@@gpu\nno nvidia-smi\n", ""
+
+        cluster.script("/proc/meminfo; echo @@gpu", meminfo)  # the memory step (the node script asks for "@@gpu" too)
+        done = restarted_once(wd, engine, clock, events)
+        assert done["event"] == "restart-done", done
+        [start] = [e for e in events if e["event"] == "restart-start"]
+        [fallback] = [e for e in events if e["event"] == "restart-fallback"]
+        assert start["restart"] == "kept" and fallback["to"] == "full"
+        assert "memory did not come back in 0.05s" in fallback["why"] and "sim-2: 76.3 GiB available, 114.4 GiB" in fallback["why"]
+        assert group_removed(cluster) == ["sim-1:spark-ray-head", "sim-2:spark-ray-worker"]
+        assert {"memory", "full/memory"} <= set(done["phases"]) and memory_baselines(cfg)["sim-2"].available_gib == 113.49
 
 
 def test_a_paused_container_gets_the_full_restart(tmp_path):

@@ -1,0 +1,60 @@
+"""Where an engine start's time went, read from its log (spark_cluster.engine_log): a start recorded on
+the simulated cluster, and lines written with vLLM's own format strings for what only GPUs print."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from spark_cluster.engine_log import engine_start
+
+from .conftest import recorded_log
+
+KEPT_HEAD = recorded_log("vllm-0.32-cpu-ray-start-in-kept-head")
+
+
+def at(hh: int, mm: int, ss: float) -> datetime:
+    return datetime(2026, 12, 6, hh, mm, int(ss), int(ss % 1 * 1e6), tzinfo=timezone.utc)
+
+
+def test_a_recorded_start_on_the_simulated_cluster_is_cut_into_its_parts():
+    """vLLM 0.32 on CPU over Ray, started again in a kept head container at 10:33:50: the EngineCore
+    began at 10:34:03.87, the KV cache was sized at 10:34:16.28 (the ranks' import and join took
+    most of it), the engine was up at 10:34:16.83, the API at 10:34:18.61."""
+    start = engine_start(KEPT_HEAD, at(10, 33, 50))
+    assert start.parts == {"import": 13.87, "load": 12.41, "warmup": 0.55, "api": 1.77}
+    assert start.figures == {"weights": 0.01}  # enforce_eager: no compile, no graphs
+    assert (start.kv_device, start.kv_tokens, start.kv_gib) == ("CPU", 2097152, None)
+
+
+def test_only_the_last_start_in_the_window_counts():
+    earlier = KEPT_HEAD.replace("10:3", "10:2").replace("2,097,152 tokens", "1,000 tokens")
+    start = engine_start(earlier + KEPT_HEAD, at(10, 33, 50))
+    assert start.parts["load"] == 12.41 and start.kv_tokens == 2097152
+
+
+def test_a_log_without_an_engine_start_says_nothing():
+    assert engine_start("2026-12-06T10:00:00.000000000Z Ray runtime started.\n", at(10, 0, 0)).parts == {}
+    assert engine_start("", at(10, 0, 0)).kv_tokens is None
+
+
+# lines as vLLM 0.33's format strings print them on a GPU (gpu_model_runner.py, gpu_worker.py,
+# kv_cache_utils.py, core.py, compilation/monitor.py), behind docker's timestamps
+GPU_START = """\
+2026-12-06T10:00:20.100000000Z (EngineCore_DP0 pid=301) INFO 12-06 10:00:20 [core.py:93] Initializing a V1 LLM engine (v0.33.0) with config: model='/models/qwen'
+2026-12-06T10:01:45.000000000Z (Worker_TP0 pid=402) INFO 12-06 10:01:45 [default_loader.py:507] Loading weights took 61.20 seconds
+2026-12-06T10:01:46.000000000Z (Worker_TP0 pid=402) INFO 12-06 10:01:46 [gpu_model_runner.py:5089] Model loading took 31.52 GiB memory and 63.118215 seconds
+2026-12-06T10:01:50.000000000Z (Worker_TP0 pid=402) INFO 12-06 10:01:50 [monitor.py:20] torch.compile took 41.27 s in total
+2026-12-06T10:01:58.000000000Z (Worker_TP0 pid=402) INFO 12-06 10:01:58 [gpu_worker.py:773] Available KV cache memory: 58.9 GiB
+2026-12-06T10:01:58.500000000Z (EngineCore_DP0 pid=301) INFO 12-06 10:01:58 [kv_cache_utils.py:1148] GPU KV cache size: 642,848 tokens, Maximum concurrency for 225,000 tokens per request: 2.86x
+2026-12-06T10:02:10.000000000Z (Worker_TP1 pid=188) INFO 12-06 10:02:10 [gpu_model_runner.py:5089] Model loading took 31.52 GiB memory and 66.400000 seconds
+2026-12-06T10:02:12.000000000Z (Worker_TP0 pid=402) INFO 12-06 10:02:12 [gpu_model_runner.py:6517] Graph capturing finished in 9 secs, took 0.61 GiB
+2026-12-06T10:02:12.700000000Z (EngineCore_DP0 pid=301) INFO 12-06 10:02:12 [core.py:406] init engine (profile, create kv cache, warmup model) took 52.31 s (compilation: 41.27 s)
+2026-12-06T10:02:15.000000000Z INFO:     Application startup complete.
+"""
+
+
+def test_on_a_gpu_the_engines_own_figures_name_the_weights_the_compile_and_the_graphs():
+    start = engine_start(GPU_START, at(10, 0, 0))
+    assert start.parts == {"import": 20.1, "load": 98.4, "warmup": 14.2, "api": 2.3}
+    # the slowest rank's whole model load (not its weights alone), the init line's compile figure
+    assert start.figures == {"weights": 66.4, "compile": 41.27, "graph-capture": 9.0}
+    assert (start.kv_device, start.kv_tokens, start.kv_gib) == ("GPU", 642848, 58.9)
