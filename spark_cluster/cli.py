@@ -17,7 +17,7 @@ from .plan import build_plan
 from .groups import for_each_group, labelled
 from .guard import guard, load, run_until_stopped
 from .sim.cli import sim_app
-from .views import (err, out, print_down_plan, print_findings, print_plan, print_synced, print_up_result, print_valid,
+from .views import (err, out, print_down_plan, print_findings, print_plan, print_restart_plan, print_synced, print_up_result, print_valid,
                     show_status, step_reporter, sync_reporter)
 from .vllm_env import COST as VLLM_ENV_COST
 
@@ -87,12 +87,22 @@ def plan(
     vllm: Optional[str] = typer.Option(None, "--vllm", help=VLLM_OPT_HELP, show_default=False),
     down: bool = typer.Option(False, "--down", help="The plan of `down` instead: every command it will run."),
     kill: bool = typer.Option(False, "--kill", help="With --down: as the watchdog's restart runs it (SIGKILL in order, then removal)."),
+    restart: bool = typer.Option(False, "--restart", help="What the watchdog runs on a hang: which restart and when, and each one's commands."),
 ) -> None:
-    """Show, in execution order and per node, every command `up` (or `down`) will run; with groups, each
-    group's (they run at once). Contacts nothing (unless --vllm image)."""
+    """Show, in execution order and per node, every command `up` (or `down`, or the watchdog's restart)
+    will run; with groups, each group's (they run at once). Contacts nothing (unless --vllm image)."""
     cfg = load(config)
     groups = cfg.group_configs()
     plans = {label: guard(lambda: build_plan(group, links=kept.links(group))) for label, group in groups}
+    if restart:
+        from .lifecycle import build_restart_plan
+
+        restarts = {label: build_restart_plan(group, plans[label]) for label, group in groups}
+        if as_json:
+            sys.stdout.write(cli_run.per_group(cfg, {label: json.loads(r.model_dump_json()) for label, r in restarts.items()}))
+        for label, group in () if as_json else groups:
+            print_restart_plan(group, restarts[label])
+        return
     if down or kill:
         from .lifecycle import build_down_plan
 

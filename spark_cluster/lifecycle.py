@@ -13,7 +13,7 @@ from .config import ClusterConfig
 from .engine_log import SINCE, log_command
 from .facts import containers_command, process_command
 from .render import quote
-from .steps import PHASES, ContainerSpec, DownPlan, Plan, ProcessSpec, Step
+from .steps import PHASES, ContainerSpec, DownPlan, Plan, ProcessSpec, RestartPlan, Step
 
 # the order a group stops in: the API first, the head, then the workers (a Ray head or vLLM's rank 0
 # stopped after its workers would wait on them)
@@ -192,3 +192,24 @@ def build_down_plan(cfg: ClusterConfig, plan: Plan, *, graceful: bool = True) ->
     steps += [remove_step(cfg, c.node, c.name, c.component, plan.processes(), phase="remove", graceful=graceful) for c in containers]
     steps.append(unlock_step(cfg))
     return DownPlan(cluster=cfg.name, graceful=graceful, steps=steps)
+
+
+def build_restart_plan(cfg: ClusterConfig, plan: Plan) -> RestartPlan:
+    """`plan --restart`: the watchdog's two restarts as data (watch_restart runs them)."""
+    from .restart_choice import KEPT_WHY, always_full
+
+    full_kill, why = build_down_plan(cfg, plan, graceful=False), always_full(cfg.watchdog.restart, cfg.executor)
+    if why is not None:
+        return RestartPlan(cluster=cfg.name, on_hang=f"the full restart: {why}", kept=None, full_kill=full_kill, full_up=plan)
+    head = cfg.head.name
+    logs = [Step(id=f"logs/{c.node}/{c.name}", phase="kill", node=c.node, kind="run", timeout_s=timeouts.LOG_DUMP_S,
+                 description=f"save {c.name}'s log so far into the incident bundle (the container stays)", command=logs_command(c.name))
+            for c in plan.containers()]
+    clear = [s.model_copy(update={"phase": "kill"}) for s in plan.steps_in("clear")]
+    wait = next(s for s in plan.steps if s.kind == "wait-ray")
+    release = wait.model_copy(update={"id": f"kill/{head}/ray-release", "phase": "kill", "deadline_s": timeouts.RAY_RELEASE_S,
+                                      "description": "ask Ray until it has released the engine's ranks (its placement group removed)"})
+    then = [s for s in plan.steps if s.kind != "start" and s.phase != "replace"]  # `up` in the kept containers
+    return RestartPlan(cluster=cfg.name, kept=[*logs, *clear, release, *then], full_kill=full_kill, full_up=plan,
+                       on_hang=f"the kept restart when, at the hang, {KEPT_WHY.split(': ')[0]}; else the full restart (the "
+                               "`restart-start` event and the incident say which and why)")

@@ -29,13 +29,21 @@ def full(why: str) -> Choice:
     return Choice("full", why)
 
 
+def always_full(wanted: str, executor: str) -> Optional[str]:
+    """Why every hang of this config gets the full restart (None: the kept one when all else is sound)."""
+    if wanted == "full":
+        return "watchdog.restart is full"
+    if executor != "ray":
+        return "the native executor's containers are its ranks: none can be kept"
+    return None
+
+
 def choose_restart(wanted: str, executor: str, nodes: list[NodeObs], ray: Optional[RayObs], addresses: dict[str, str]) -> Choice:
     """wanted: watchdog.restart ("auto" or "full"). nodes: the watchdog's last look at each node (its
     containers by the plan). ray: the last answer of its Ray probe. addresses: each node's cluster address."""
-    if wanted == "full":
-        return full("watchdog.restart is full")
-    if executor != "ray":
-        return full("the native executor's containers are its ranks: none can be kept")
+    why = always_full(wanted, executor)
+    if why is not None:
+        return full(why)
     for n in nodes:
         if not n.reachable:
             return full(f"{n.name} did not answer ({n.error or 'no reason given'})")

@@ -150,6 +150,18 @@ class DownPlan(Frozen):
         return [s for s in self.steps if s.phase == phase]
 
 
+class RestartPlan(Frozen):
+    """What the watchdog runs on a hang (spark_cluster.lifecycle.build_restart_plan): which restart
+    and when, the kept restart's steps (None when this config never gets it), the full one's."""
+
+    cluster: str
+    on_hang: str
+    kept: Optional[list[Step]] = Field(description="Each container's log saved, the engine killed, Ray's release waited for, then `up` in "
+                                                   "the kept containers (its start steps skipped).")
+    full_kill: DownPlan
+    full_up: Plan
+
+
 # ---- what every step of a cluster shares ------------------------------------------------------
 
 

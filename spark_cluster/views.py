@@ -266,6 +266,18 @@ def print_down_plan(cfg: ClusterConfig, d) -> None:
     print_steps(d.steps, DOWN_PHASES)
 
 
+def print_restart_plan(cfg: ClusterConfig, r) -> None:
+    from .lifecycle import DOWN_PHASES
+
+    out.print(Panel(f"[bold]{escape(cfg.name)}[/] on a hang: {escape(r.on_hang)}", title="spark-cluster plan --restart", expand=False))
+    if r.kept is not None:
+        out.rule("[bold]the kept restart[/] (a part that fails: the full restart below)", align="left")
+        print_steps(r.kept, ("kill", *PHASES))
+    out.rule("[bold]the full restart[/]: the kill, then `up`", align="left")
+    print_steps(r.full_kill.steps, DOWN_PHASES)
+    print_steps(r.full_up.steps, PHASES)
+
+
 def print_findings(cfg: ClusterConfig, findings: list) -> None:
     """`doctor`'s table, then what `up` would do."""
     table = Table(title=f"doctor: cluster {cfg.name}", title_justify="left")

@@ -224,3 +224,7 @@ def test_a_config_of_groups_plans_each_group_and_says_so():
     assert text.count("spark-cluster plan") == 2 and "spark-b-ray-worker" in text
     down = json.loads(run_cli("plan", "--down", "--json", path).stdout)["groups"]
     assert set(down) == {"a", "b"}
+    restart = json.loads(run_cli("plan", "--restart", "--json", path).stdout)["groups"]
+    assert {g: r["kept"][2]["id"] for g, r in restart.items()} == {"a": "clear/sim-1/vllm", "b": "clear/sim-3/vllm"}
+    text = run_cli("plan", "--restart", path).stdout
+    assert text.count("spark-cluster plan --restart") == 2 and text.count("the kept restart") == 4  # each group: what a hang gets, the steps

@@ -10,14 +10,14 @@ import sys
 import pytest
 import yaml
 
-from spark_cluster.config import parse_config
+from spark_cluster.config import load_config, parse_config
 from spark_cluster.link import LinkPick
 from spark_cluster.plan import build_plan
 from spark_cluster.steps import NOT_DETECTED, node_env
 from spark_cluster.masking import MASK
 from spark_cluster.render import templates_dir
 
-from .conftest import CONFIGS, SIM_CONFIG
+from .conftest import CONFIGS, SIM_CONFIG, SIM_CONFIGS
 from .fakes import auto_sim, sim_links
 
 
@@ -335,3 +335,23 @@ def test_who_holds_the_lock_is_said_plainly():
     record = lock.holder_record("down", "spark-1", 77, "2026-12-02T23:00:00Z")
     assert lock.who(record) == "down by pid 77 on spark-1 since 2026-12-02T23:00:00Z"
     assert lock.who("") == lock.who("[1]") == "unknown holder"
+
+
+def test_the_restart_plan_shows_the_kept_restarts_steps_on_ray_and_only_the_full_one_where_nothing_can_be_kept():
+    from spark_cluster.lifecycle import build_restart_plan
+
+    cfg = load_config(SIM_CONFIGS["ray"])
+    r = build_restart_plan(cfg, build_plan(cfg))
+    assert r.on_hang.startswith("the kept restart when, at the hang, every container runs as planned and Ray shows every node alive")
+    kept = [s.id for s in r.kept]
+    # the logs saved (the containers stay), what is left of the engine killed, Ray's release waited for; then `up`, no container started
+    assert kept[:4] == ["logs/sim-2/spark-ray-worker", "logs/sim-1/spark-ray-head", "clear/sim-1/vllm", "kill/sim-1/ray-release"]
+    assert r.kept[3].deadline_s == 30 and [s.kind for s in r.kept[:4]] == ["run", "run", "run", "wait-ray"]
+    assert not [s for s in r.kept if s.kind == "start" or s.phase == "replace"]
+    assert kept.index("memory/sim-1") < kept.index("wait-ray/sim-1/nodes") < kept.index("serve/sim-1/vllm") < kept.index("ready/completion")
+    assert [s.kind for s in r.full_kill.steps if s.phase == "kill"] == ["kill", "kill"] and not r.full_kill.graceful
+    native = load_config(SIM_CONFIGS["native"])
+    n = build_restart_plan(native, build_plan(native))
+    assert n.kept is None and n.on_hang == "the full restart: the native executor's containers are its ranks: none can be kept"
+    full = cfg.model_copy(update={"watchdog": cfg.watchdog.model_copy(update={"restart": "full"})})
+    assert build_restart_plan(full, build_plan(full)).on_hang == "the full restart: watchdog.restart is full"
