@@ -21,6 +21,9 @@ Prints the figures of each executor side by side, then the restart's parts.
 Usage (root, simulated cluster up with the image: `spark-cluster sim up`):
     python -m bench.failover_bench [--executors ray,native] [--soak-minutes 20] [--soak-streams 8]
 
+With --restarts, instead: the kept restart against the full one, a rank stopped under load through the
+controller's gateway (bench/restart_kinds.py): decision -> serving of each, their parts, their ratio.
+
 With --groups (four simulated nodes: `spark-cluster sim up --nodes 4`), instead: the failover of
 one group under load through the controller's gateway, one group alone beside two groups of TP=2
 (bench/groups_failover.py): failed requests, the longest wait, time to first byte during the
@@ -248,8 +251,14 @@ def main() -> None:
     ap.add_argument("--soak-streams", type=int, default=8)
     ap.add_argument("--soak-executors", default="ray,native", help="Executors that get the soak (20 minutes each by default).")
     ap.add_argument("--groups", action="store_true", help="One group beside two groups behind the gateway (four simulated nodes).")
+    ap.add_argument("--restarts", action="store_true", help="The kept restart against the full one, a rank stopped under load (two nodes).")
     args = ap.parse_args()
     executors = args.executors.split(",")
+    if args.restarts:
+        from bench.restart_kinds import compare as kinds
+
+        kinds()
+        return
     if args.groups:
         from bench.groups_failover import compare
 

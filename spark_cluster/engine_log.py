@@ -64,6 +64,27 @@ class EngineStart(BaseModel):
     kv_gib: Optional[float] = None
 
 
+class KvCapacity(BaseModel):
+    """The most KV cache an engine of these `vllm serve` flags got (kv.json): a start that gets less
+    than the last one did is said out loud (a cold first boot can get ~5 % to tens of GiB less than
+    a warm one of the same command, vllm#54383, #54122; memory another process holds, too)."""
+
+    flags_hash: str
+    device: str
+    tokens: int
+    gib: Optional[float] = None
+    at: str = ""
+
+
+def kv_less(kept: Optional[KvCapacity], flags_hash: str, start: EngineStart) -> Optional[str]:
+    """What the engine just started lacks against the most an engine of the same flags got (None: as much or more, or nothing to compare)."""
+    if kept is None or kept.flags_hash != flags_hash or start.kv_tokens is None or start.kv_tokens >= kept.tokens:
+        return None
+    share = 100 * (kept.tokens - start.kv_tokens) / kept.tokens
+    return (f"the engine got a KV cache of {start.kv_tokens:,} tokens, {share:.1f} % less than the {kept.tokens:,} an engine of the "
+            f"same flags got ({kept.at}): memory another process holds, or a colder start")
+
+
 def _when(line: str) -> Optional[datetime]:
     m = _TS.match(line)
     if m is None:

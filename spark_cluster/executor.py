@@ -22,12 +22,12 @@ from . import kept, lock, timeouts
 from .checks import ReadBack, evaluate
 from .config import ClusterConfig
 from .errors import CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError, indent
-from .engine_log import FIGURE_PART, engine_start, log_command
+from .engine_log import FIGURE_PART, KvCapacity, engine_start, kv_less, log_command
 from .facts import ContainerFact, ProcessFact
 from .masking import mask_data
 from .model_sync import ModelSync
 from .observe import list_containers, read_process, tail_logs
-from .plan import build_plan
+from .plan import build_plan, data_hash
 from .preflight import Finding, Preflight
 from .reconcile import Reconciliation, member_name, reconcile
 from .steps import ENGINE_COMPONENTS, NOT_DETECTED, Plan, Step
@@ -247,6 +247,15 @@ class Executor(Teardown):
         self.phases.update({f"engine/{FIGURE_PART[name]}/{name}": s for name, s in start.figures.items()})
         self.emit("engine-start", node=head, parts=start.parts, figures=start.figures, kv_tokens=start.kv_tokens,
                   kv_device=start.kv_device, kv_gib=start.kv_gib)
+        if start.kv_tokens is None:
+            return
+        flags, most = data_hash(mask_data(self.plan.vllm_argvs, self.secrets)), kept.kv_capacity(self.cfg)
+        less = kv_less(most, flags, start)
+        if less:
+            self.emit("kv-less", node=head, message=less, kv_tokens=start.kv_tokens, most=most.tokens if most else None)
+        elif most is None or most.flags_hash != flags or start.kv_tokens > most.tokens:
+            kept.save_kv_capacity(self.cfg, KvCapacity(flags_hash=flags, device=start.kv_device or "?", tokens=start.kv_tokens,
+                                                       gib=start.kv_gib, at=_now()))
 
     def _waits(self) -> Waits:
         return Waits(self.cfg, self.nodes, self.plan, self.emit, self.timed, self.http)

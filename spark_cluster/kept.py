@@ -6,7 +6,8 @@ best effort (a read-only state_dir only means the work is done again next time):
 - vllm.json: the last checks of the `vllm serve` flags with vLLM's own parser, per image ID and
   flags, so that an unchanged `up` does not check again;
 - memory.json: each node's memory right before the last engine start on it, the baseline the next
-  start waits for (memory_back).
+  start waits for (memory_back);
+- kv.json: the most KV cache an engine of the config's flags got (engine_log.KvCapacity).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from .config import ClusterConfig
 from .link import LinkPick
+from .engine_log import KvCapacity
 from .memory_back import MemoryReading
 from .state_dir import read_state, write_private
 
@@ -116,3 +118,11 @@ def save_memory_baselines(cfg: ClusterConfig, readings: dict[str, MemoryReading]
     """These nodes' readings as their new baselines (the others' kept)."""
     _write(cfg, "memory.json", {"nodes": {**{k: v.model_dump() for k, v in memory_baselines(cfg).items()},
                                           **{k: v.model_dump() for k, v in readings.items()}}})
+
+
+def kv_capacity(cfg: ClusterConfig, *, repair: bool = True) -> Optional[KvCapacity]:
+    return read_state(cfg.resolved_state_dir() / "kv.json", KvCapacity, cfg.name, repair=repair)
+
+
+def save_kv_capacity(cfg: ClusterConfig, kv: KvCapacity) -> None:
+    _write(cfg, "kv.json", kv.model_dump())

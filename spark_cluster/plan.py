@@ -32,7 +32,8 @@ def ray_state_command(cfg: ClusterConfig) -> str:
     return f"docker exec {quote(container_name(cfg, 'ray-head'))} python3 -c {quote(code.strip())}"
 
 
-def _hash(data: Any) -> str:
+def data_hash(data: Any) -> str:
+    """A short stable hash of JSON-able data (the plan's, the engine flags' in kv.json)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -88,7 +89,7 @@ class _Builder(StepList):
         # the spec hash covers the masked spec: identical in shown and executed plans
         # a container hosting a process (the Ray head hosting vLLM) is recreated when the process changes
         hosted = None if hosts is None else {**hosts.model_dump(), "env": _masked(hosts.env, self.secrets, False)}
-        spec_hash = _hash({**body, "env": _masked(body["env"], self.secrets, False), "mounts": [m.model_dump() for m in all_mounts],
+        spec_hash = data_hash({**body, "env": _masked(body["env"], self.secrets, False), "mounts": [m.model_dump() for m in all_mounts],
                            **({"hosts": hosted} if hosted else {})})
         labels = {
             f"{LABEL_PREFIX}.cluster": cfg.name,
@@ -268,7 +269,7 @@ class _Builder(StepList):
             gpu_memory_utilization_source=self.util_source,
             vllm_argv=self.vllm,
             vllm_argvs=self.vllm_argvs(),
-            plan_hash=_hash(fingerprint),
+            plan_hash=data_hash(fingerprint),
             steps=self.steps,
         ))
 

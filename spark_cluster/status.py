@@ -15,7 +15,7 @@ from .judge import Verdict, verdict
 from .masking import mask_data
 from .observation import Observation, VLLMObs
 from .observe import observe
-from .plan import build_plan
+from .plan import build_plan, data_hash
 from .restart_choice import choose_restart
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ class StatusReport(BaseModel):
     observation: Observation
     restart: Literal["kept", "full", ""] = Field("", description="The restart a hang would get now (restart_choice).")
     restart_why: str = ""
+    kv: str = Field("", description="The most KV cache an engine of these flags got (kv.json), or of earlier flags.")
 
 
 def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "Optional[Future[VLLMObs]]" = None) -> StatusReport:
@@ -36,9 +37,19 @@ def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "
     addresses = {n.name: n.address for n in cfg.nodes}
     word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes=addresses)
     choice = choose_restart(cfg.watchdog.restart, cfg.executor, obs.nodes, obs.ray, addresses)
-    report = StatusReport(verdict=word, reason=reason, observation=obs, restart=choice.kind, restart_why=choice.why)
+    report = StatusReport(verdict=word, reason=reason, observation=obs, restart=choice.kind, restart_why=choice.why, kv=kv_line(cfg, plan))
     values = cfg.secret_values()  # a node's or the engine's error text may quote a command line
     return StatusReport.model_validate(mask_data(report.model_dump(), values)) if values else report
+
+
+def kv_line(cfg: ClusterConfig, plan) -> str:
+    kv = kept.kv_capacity(cfg, repair=False)
+    if kv is None:
+        return ""
+    got = f"{kv.tokens:,} tokens ({kv.device}" + (f", {kv.gib:g} GiB" if kv.gib is not None else "") + ")"
+    if kv.flags_hash != data_hash(plan.vllm_argvs):
+        return f"{got} for earlier flags ({kv.at})"
+    return f"{got}: the most an engine of these flags got ({kv.at})"
 
 
 class GroupsReport(BaseModel):

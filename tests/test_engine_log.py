@@ -58,3 +58,14 @@ def test_on_a_gpu_the_engines_own_figures_name_the_weights_the_compile_and_the_g
     # the slowest rank's whole model load (not its weights alone), the init line's compile figure
     assert start.figures == {"weights": 66.4, "compile": 41.27, "graph-capture": 9.0}
     assert (start.kv_device, start.kv_tokens, start.kv_gib) == ("GPU", 642848, 58.9)
+
+
+def test_an_engine_with_less_kv_cache_than_the_most_of_the_same_flags_is_told():
+    from spark_cluster.engine_log import KvCapacity, kv_less
+
+    most = KvCapacity(flags_hash="f1", device="GPU", tokens=642848, gib=58.9, at="2026-12-06T10:02:12+00:00")
+    start = engine_start(GPU_START.replace("642,848 tokens", "610,000 tokens"), at(10, 0, 0))
+    assert kv_less(most, "f1", start) == ("the engine got a KV cache of 610,000 tokens, 5.1 % less than the 642,848 an engine of the "
+                                          "same flags got (2026-12-06T10:02:12+00:00): memory another process holds, or a colder start")
+    assert kv_less(most, "f2", start) is None  # other flags: another capacity is expected
+    assert kv_less(most, "f1", engine_start(GPU_START, at(10, 0, 0))) is None and kv_less(None, "f1", start) is None

@@ -415,3 +415,25 @@ def test_once_ready_the_engines_own_log_says_where_its_start_went(cfg):
     fake.log.clear()
     up(fake)  # nothing started: no log read
     assert fake.commands(containing="docker logs --timestamps --since") == []
+
+
+def test_the_most_kv_cache_an_engine_of_these_flags_got_is_kept_and_a_start_with_less_is_told(tmp_path):
+    from spark_cluster.kept import kv_capacity
+    from spark_cluster.plan import build_plan
+    from spark_cluster.status import kv_line
+
+    log = recorded_log("vllm-0.32-cpu-ray-start-in-kept-head")
+    fake = FakeCluster(fake_cfg("ray", tmp_path))
+    answers = [log, log.replace("2,097,152 tokens", "1,900,000 tokens")]
+    fake.script("docker logs --timestamps --since", lambda: (0, answers.pop(0), ""), node="sim-1")
+    up(fake)
+    assert kv_capacity(fake.cfg).tokens == 2097152
+    assert kv_line(fake.cfg, build_plan(fake.cfg)).startswith("2,097,152 tokens (CPU): the most an engine of these flags got (")
+    fake.vllm_running = False  # the engine starts again in its kept head container, with less
+    events: list[dict] = []
+    up(fake, events)
+    [less] = [e for e in events if e["event"] == "kv-less"]
+    assert less["kv_tokens"] == 1900000 and less["most"] == 2097152 and "9.4 % less" in less["message"]
+    assert kv_capacity(fake.cfg).tokens == 2097152  # the most is kept
+    other = fake.cfg.model_copy(update={"vllm": fake.cfg.vllm.model_copy(update={"max_model_len": 1024})})
+    assert " for earlier flags (" in kv_line(other, build_plan(other))
