@@ -25,6 +25,7 @@ from .settings import (
     SSH_DEFAULTS,
     SYSCTL_KEY_RE,
     UNIFIED_MEMORY_CAP,
+    CacheSettings,
     ContainerSettings,
     Group,
     LinkSettings,
@@ -70,6 +71,7 @@ class ClusterConfig(Strict):
     model: ModelSettings = Field(..., description="The model.")
     vllm: VLLMSettings = Field(default_factory=VLLMSettings, description="vllm serve settings.")
     memory: MemoryGuard = Field(default_factory=MemoryGuard, description="Unified-memory guard.")
+    cache: CacheSettings = Field(default_factory=CacheSettings, description="Compile and kernel caches kept on each node's disk.")
     health: HealthSettings = Field(default_factory=HealthSettings, description="Deadlines.")
     watchdog: WatchdogSettings = Field(default_factory=WatchdogSettings, description="Failover controller.")
     gateway: GatewaySettings = Field(default_factory=GatewaySettings, description="The controller's gateway: what clients use instead of vLLM's port.")

@@ -324,6 +324,10 @@ def _no_progress(state: State, x: Sample, now: float, s: WatchdogSettings, in_gr
             # idle ranks confirm a hang only with work the engine itself reports: an engine that finished its
             # requests idles too (the gateway's count alone then waits for the canary)
             return _restart(state, now, f"hang confirmed: {reason}, and {x.rank_evidence}", s)
+        if x.unreachable and engine > 0 and stalled_s >= s.stall_window_s and not in_grace:
+            # a member that does not answer while the engine's own work stands still: a cut link, a node gone
+            # down; no canary can finish across it (UNREACHABLE_SAMPLES periods of a slow SSH timeout: 25 s)
+            return _restart(state, now, f"hang confirmed: {reason}, and {', '.join(x.unreachable)} does not answer", s)
         if x.ranks == "busy":
             reason += f", past the busy budget of {budget:g}s (the engine's step timeout)"
     else:

@@ -189,6 +189,14 @@ def tail_logs(t: "SSHTransport", name: str, secrets: Sequence[str], lines: int =
         return f"(could not read logs: {exc})"
 
 
+def answers(t: "SSHTransport", timeout: float) -> bool:
+    """Whether the node runs a command again (a member the watchdog waits for)."""
+    try:
+        return t.run("true", timeout=timeout).ok
+    except SparkClusterError:
+        return False
+
+
 def host_snapshot(t: "SSHTransport") -> str:
     """Every container, memory and load on a node as a person reads them (an incident bundle's)."""
     try:

@@ -11,6 +11,7 @@ import json
 from typing import Any, Optional
 
 from . import lifecycle, timeouts
+from .caches import cache_mount
 from .checks import HttpAnswer, MemoryBack, ProcessRuns, RayMembers, ReadBack
 from .config import ClusterConfig
 from .facts import LABEL_PREFIX
@@ -68,7 +69,7 @@ class _Builder(StepList):
              hosts: Optional[ProcessSpec] = None) -> ContainerSpec:
         cfg, c = self.cfg, self.cfg.container
         env = _masked({**node_env(cfg, node, self.links.get(node.name)), **extra_env}, self.secrets, self.reveal)
-        all_mounts = [Mount(source=cfg.model.path, target=cfg.model.in_container, read_only=True)] + c.mount_list() + mounts
+        all_mounts = [Mount(source=cfg.model.path, target=cfg.model.in_container, read_only=True), *cache_mount(cfg)] + c.mount_list() + mounts
         body = dict(
             name=container_name(cfg, component),
             node=node.name,

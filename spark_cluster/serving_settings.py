@@ -43,6 +43,9 @@ class WatchdogSettings(Strict):
     backoff_reset_s: float = Field(600, ge=0, description="Healthy this long resets the backoff.")
     max_restarts_per_hour: int = Field(3, ge=0, description="Circuit breaker: more restarts than this in an hour stop the watchdog (state failed).")
     enabled: bool = Field(True, description="Restart automatically (false: only observe and report).")
+    member_wait_s: float = Field(300, ge=0, description="A node the last observation found silent (a cable pulled, a node rebooting) is "
+                                                       "waited for this long before a restart starts: a restart without it fails at once and "
+                                                       "counts against the breaker, the wait does not.")
     restart: Literal["auto", "full"] = Field(
         "auto", description="Which restart a hang gets. auto: when everything but the engine is seen sound (the Ray executor, every "
         "container running as planned, Ray showing every node alive), only the engine restarts: what is left of it is killed, Ray "

@@ -174,10 +174,12 @@ NOT_DETECTED = "<auto: detected by preflight>"
 
 
 def node_env(cfg: ClusterConfig, node: Node, link: Optional[LinkPick] = None) -> dict[str, str]:
-    """Environment of a node's containers: NCCL (per node; with `nccl: auto` what was detected for
-    the variables not given), vLLM's host IP, then user env."""
+    """Environment of a node's containers: the caches' locations (caches.cache_env), NCCL (per node;
+    with `nccl: auto` what was detected for the variables not given), vLLM's host IP, then user env."""
+    from .caches import cache_env
+
     nccl = cfg.node_nccl(node)
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(cache_env(cfg))
     if nccl.auto:
         detected = link.env() if link is not None else {"NCCL_SOCKET_IFNAME": NOT_DETECTED, "GLOO_SOCKET_IFNAME": NOT_DETECTED,
                                                         "NCCL_IB_HCA": NOT_DETECTED}

@@ -26,7 +26,7 @@ from .config import ClusterConfig
 from .decide import Action, Sample, State, breaker_reset, decide, fresh_budget, hour_restarts, requested_restart, restarted, resumed
 from .errors import WatchdogFailed
 from .facts import progressed
-from .observe import host_snapshot
+from .observe import answers, host_snapshot
 from .state_dir import read_private, write_private
 from .transport import Nodes
 from .watch_observe import Eyes
@@ -136,13 +136,18 @@ class Watchdog:
     def incident_bundle(self, reason: str) -> Path:
         """What the watchdog knew (decision trail, observations, the last metrics, Ray's state as its
         last probe saw it, its own state) plus each node's host facts now, asked in parallel within
-        timeouts.INCIDENT_S: the restart waits for the bundle. The containers' logs are added by the
-        kill. (Ray is not asked afresh: importing Ray on the head costs seconds of the restart, and a
-        probe at most timeouts.RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
+        timeouts.INCIDENT_S (a node the last observation found silent is not asked: its file says
+        so): the restart waits for the bundle. The containers' logs are added by the kill. (Ray is
+        not asked afresh: importing Ray on the head costs seconds of the restart, and a probe at most
+        timeouts.RAY_PROBE_INTERVAL_S old says which nodes Ray had and what the engine held.)"""
         files = {**self.eyes.known(), "state.json": json.dumps(dataclasses.asdict(self.state), indent=1, default=list)}
-        with ThreadPoolExecutor(max_workers=len(self.cfg.nodes), thread_name_prefix="incident") as pool:
-            for n, text in zip(self.cfg.nodes, pool.map(lambda n: host_snapshot(self.nodes[n.name]), self.cfg.nodes)):
-                files[f"{n.name}-host.txt"] = text
+        silent = {n.name: n.error for n in self.eyes.last_nodes if not n.reachable}  # not waited for: asked, they would cost a timeout
+        asked = [n.name for n in self.cfg.nodes if n.name not in silent]
+        with ThreadPoolExecutor(max_workers=max(1, len(asked)), thread_name_prefix="incident") as pool:
+            for name, text in zip(asked, pool.map(lambda name: host_snapshot(self.nodes[name]), asked)):
+                files[f"{name}-host.txt"] = text
+        for name, error in silent.items():
+            files[f"{name}-host.txt"] = f"not asked: the node did not answer the last observation ({error or 'no reason given'})\n"
         return self.rec.bundle(reason, files)
 
     def restart(self, action: Action) -> None:
@@ -155,6 +160,9 @@ class Watchdog:
         bundle = self.incident_bundle(action.reason)
         phases: dict[str, float] = {"incident-bundle": round(time.monotonic() - t0, 2)}
         self.event("incident", reason=action.reason, bundle=str(bundle))
+        t = time.monotonic()
+        if self.members_answer():
+            phases["member-wait"] = round(time.monotonic() - t, 2)
         choice = choose_restart(self.s.restart, self.cfg.executor, self.eyes.last_nodes, self.eyes.last_ray,
                                 {n.name: n.address for n in self.cfg.nodes})
         self.event("restart-start", reason=action.reason, attempt=self.state.consecutive + 1, restart=choice.kind, why=choice.why)
@@ -168,6 +176,21 @@ class Watchdog:
         kind = "restart-failed" if error else "restart-done"
         self.rec.write(bundle / "restart.json", json.dumps({"event": kind, **done}, indent=1) + "\n")
         self.event(kind, **done)
+
+    def members_answer(self) -> bool:
+        """Nodes the last observation found silent are waited for (watchdog.member_wait_s, asked every
+        period): a restart without them would fail at once and count against the breaker. False when
+        there was nothing to wait for."""
+        silent = [n.name for n in self.eyes.last_nodes if not n.reachable]
+        if not silent:
+            return False
+        self.event("restart-waiting", nodes=silent, up_to_s=self.s.member_wait_s)
+        deadline = self.clock() + self.s.member_wait_s
+        while silent and self.clock() < deadline:
+            self.sleep(self.s.period_s)
+            silent = [name for name in silent if not answers(self.nodes[name], self.cfg.health.probe_timeout_s)]
+        self.event("members-answer" if not silent else "members-silent", nodes=silent)
+        return True
 
     # ---- the loop ---------------------------------------------------------------------------
     def _commands(self) -> None:

@@ -24,6 +24,7 @@ import yaml
 
 from spark_cluster.config import ClusterConfig, parse_config
 from spark_cluster.checks import ClusterLink, link_of
+from spark_cluster.errors import TransportError
 from spark_cluster.facts import LABEL_PREFIX
 from spark_cluster.plan import build_plan
 from spark_cluster.steps import Plan
@@ -62,6 +63,7 @@ class FakeCluster:
     generation: int = 0  # vLLM starts so far (FakeEngineApi: a wedge ends with the engine that had it)
     earlier_pg_reads: int = 0  # reads of Ray's state that still show an earlier engine's placement group (Ray releasing it)
     available_kb: list[int] = field(default_factory=lambda: [120000000])  # MemAvailable read right before an engine start, in turn (the last stays)
+    silent: dict[str, int] = field(default_factory=dict)  # node -> how many times `true` fails before it answers again (a cut link)
 
     def __post_init__(self) -> None:
         MADE.append(self)
@@ -89,6 +91,11 @@ class FakeCluster:
     # ---- what a node answers ------------------------------------------------------------------
     def answer(self, node: str, command: str) -> Answer:
         self.log.append((node, command))
+        if self.silent.get(node, 0) > 0:  # nothing gets through; each `true` asked (is it back?) brings the link nearer to returning
+            self.silent[node] -= command == "true"
+            raise TransportError(f"{node}: SSH to the node failed: timed out")
+        if command == "true":  # does the node answer?
+            return 0, "", ""
         for where, part, fn in self.scripted:
             if where in ("*", node) and part in command:
                 return fn()

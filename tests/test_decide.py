@@ -626,3 +626,21 @@ def test_a_deliberate_start_begins_a_new_restart_budget_and_keeps_the_history():
     assert c.kinds()[-1] == "restart" and c.state.phase != "failed"
     tripped = breaker_reset(State(phase="failed", restarts=(c.t - 10,)), c.t)
     assert tripped.restarts == (c.t - 10,) and recent_restarts(tripped, c.t) == ()
+
+
+def test_a_node_that_does_not_answer_while_the_engines_work_stands_still_is_a_hang_at_once():
+    """A cable pulled under load: the first observation that finds the worker unreachable (each takes
+    an SSH timeout then) confirms the hang when the engine's own work has stood still for the stall
+    window, without waiting for several periods or a canary."""
+    c = ready()
+    t_cut = c.t
+    c.feed(S.stall_window_s - S.period_s, progress=False, running=4)
+    assert "restart" not in c.kinds()
+    c.feed(S.period_s, progress=False, running=4, unreachable=["sim-2"])
+    assert c.kinds()[-1] == "restart" and c.t - t_cut <= S.stall_window_s
+    assert c.actions[-1][1].reason == "hang confirmed: no progress for 10s with 4 request(s) in flight or waiting, and sim-2 does not answer"
+    # work only the gateway counts (a client not reading) is no hang, a node unreachable or not
+    c = ready()
+    c.feed(S.stall_window_s, progress=False, gateway=3)
+    c.feed(S.period_s, progress=False, gateway=3, unreachable=["sim-2"])
+    assert "restart" not in c.kinds()

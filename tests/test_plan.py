@@ -355,3 +355,30 @@ def test_the_restart_plan_shows_the_kept_restarts_steps_on_ray_and_only_the_full
     assert n.kept is None and n.on_hang == "the full restart: the native executor's containers are its ranks: none can be kept"
     full = cfg.model_copy(update={"watchdog": cfg.watchdog.model_copy(update={"restart": "full"})})
     assert build_restart_plan(full, build_plan(full)).on_hang == "the full restart: watchdog.restart is full"
+
+
+def test_the_caches_live_on_each_nodes_disk_per_cluster_and_image_and_a_users_own_location_wins():
+    from spark_cluster.caches import CACHE_ENV
+
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["container"]["env"]["TRITON_CACHE_DIR"] = "/root/my-triton"
+    p = build_plan(parse_config(yaml.safe_dump(data)))
+    folder = "/srv/spark-cluster-cache/spark/spark-cluster-sim_node_vllm-cpu-0.32.0"
+    for c in p.containers():
+        assert [m.target for m in c.mounts if m.source == folder] == ["/spark-cluster-cache"], c.name
+        assert {k: c.env[k] for k in CACHE_ENV} == {**{k: f"/spark-cluster-cache/{sub}" for k, sub in CACHE_ENV.items()},
+                                                   "TRITON_CACHE_DIR": "/root/my-triton"}
+    data["cache"] = {"enabled": False}
+    off = build_plan(parse_config(yaml.safe_dump(data)))
+    assert not [c for c in off.containers() for m in c.mounts if m.target == "/spark-cluster-cache"]
+    assert not [c for c in off.containers() if "VLLM_CACHE_ROOT" in c.env]
+
+
+@pytest.mark.parametrize("path", ["relative/cache", "/", "/var/../etc", "/srv/a\x00b"])
+def test_a_cache_folder_that_is_not_an_absolute_folder_is_refused(path):
+    from spark_cluster.errors import ConfigError
+
+    data = yaml.safe_load(SIM_CONFIG.read_text())
+    data["cache"] = {"path": path}
+    with pytest.raises(ConfigError, match="cache.path"):
+        parse_config(yaml.safe_dump(data))

@@ -192,6 +192,32 @@ def test_memory_the_kept_containers_do_not_give_back_makes_it_the_full_restart_a
         assert {"memory", "full/memory"} <= set(done["phases"]) and memory_baselines(cfg)["sim-2"].available_gib == 113.49
 
 
+def test_a_member_that_does_not_answer_is_waited_for_and_the_restart_runs_once_it_does(tmp_path):
+    """A cable pulled under load: the bundle does not wait on the silent node, the restart waits for it
+    (not a failed attempt: no backoff, nothing counted against the breaker beyond the restart itself)."""
+    with watching(tmp_path, "ray") as (wd, cluster, engine, clock, events):
+        done = restarted_once(wd, engine, clock, events, before_wedge=lambda: cluster.silent.update({"sim-2": 3}))
+        assert done["event"] == "restart-done", done
+        [waiting] = [e for e in events if e["event"] == "restart-waiting"]
+        assert waiting["nodes"] == ["sim-2"] and waiting["up_to_s"] == 300
+        assert [e["nodes"] for e in events if e["event"] == "members-answer"] == [[]]
+        assert not [e for e in events if e["event"] in ("restart-failed", "backoff")] and "member-wait" in done["phases"]
+        [start] = [e for e in events if e["event"] == "restart-start"]
+        assert start["restart"] == "full" and start["why"].startswith("sim-2 did not answer")
+        bundle = next((tmp_path / "incidents").iterdir())
+        assert (bundle / "sim-2-host.txt").read_text().startswith("not asked: the node did not answer the last observation")
+        assert "containers" in (bundle / "sim-1-host.txt").read_text()
+
+
+def test_a_member_still_silent_after_the_wait_is_a_failed_restart(tmp_path):
+    with watching(tmp_path, "ray", member_wait_s=10) as (wd, cluster, engine, clock, events):
+        done = restarted_once(wd, engine, clock, events, before_wedge=lambda: cluster.silent.update({"sim-2": 10**6}))
+        assert done["event"] == "restart-failed" and "sim-2" in done["error"]
+        assert [e["nodes"] for e in events if e["event"] == "members-silent"] == [["sim-2"]]
+        asked = [c for n, c in cluster.log if n == "sim-2" and c == "true"]
+        assert len(asked) == 10 / wd.s.period_s  # asked every period until member_wait_s had passed
+
+
 def test_a_paused_container_gets_the_full_restart(tmp_path):
     with watching(tmp_path, "ray") as (wd, cluster, engine, clock, events):
         worker = cluster.containers["sim-2"]["spark-ray-worker"]
