@@ -46,7 +46,8 @@ test-scale: install sim-deps
 	$(PYTHON) -m pytest -m scale -s
 
 ## the native executor's run of the longest two-node tests (a long step, a killed API server, a frozen rank
-## against /health); their Ray run is in `make test`; about 7 minutes
+## against /health, a frozen worker under load through the gateway, the worker's cable pulled for a minute);
+## their Ray run is in `make test`; about 15 minutes
 test-long: install sim-deps
 	$(PYTHON) -m pytest -m long
 

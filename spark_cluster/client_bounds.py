@@ -163,8 +163,8 @@ class WriteWatch:
 
     def _check(self) -> None:
         self.timer = None
-        if self.transport.is_closing():
-            return
+        # a closing transport counts too: a close waits for its buffer to be sent, which a client that
+        # reads nothing never lets happen (a request refused behind an answer it left unread)
         if self.sent() > self.mark:
             self.full()  # it reads, slowly
             return

@@ -231,7 +231,9 @@ def decide(state: State, x: Sample, now: float, s: WatchdogSettings) -> Outcome:
         return done
     moved = state.last_counters is not None and progressed(state.last_counters, x.counters)
     if moved or state.last_progress is None:
-        state = replace(state, last_progress=now)
+        # stamped when the counters were read (the sample's start), not when its slowest node answered:
+        # a node that takes its whole timeout would otherwise hide that long of a stall
+        state = replace(state, last_progress=min(x.t, now))
     state = replace(state, last_counters=x.counters)
     in_grace = state.ready_at is not None and now - state.ready_at < s.grace_after_start_s
     state, done = _canary_result(state, x, now, s, in_grace)

@@ -10,6 +10,7 @@ import json
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Optional
 
 import httpx
@@ -19,7 +20,7 @@ from .config import ClusterConfig
 from .decide import Sample
 from .judge import sample_of
 from .observation import NodeObs, RayObs
-from .observe import Engine, group_containers, observe_nodes, observe_ray
+from .observe import Engine, group_containers, observe_node, observe_ray
 from .plan import build_plan
 from .ranks import GpuBaseline, ProcessesReading, learn_baseline
 from .transport import Nodes
@@ -45,21 +46,36 @@ class Eyes:
         self.last_nodes: list[NodeObs] = []
         self.last_procs: dict[str, ProcessesReading] = {}  # each node's last reading of its processes (CPU between two)
         self.engine = Engine(cfg, http)
+        # each node's script runs in a thread of its own; a node silent last time is waited for one period
+        # at most (its connect timeout would hold every period back), its attempt going on in the background
+        self.node_pool = ThreadPoolExecutor(max_workers=len(cfg.nodes), thread_name_prefix="observe")
+        self.asking: dict[str, Future[NodeObs]] = {}
 
     def observe(self, now: float) -> Sample:
         """One period's observation (never raises)."""
         cfg = self.cfg
         t_probe = cfg.health.probe_timeout_s
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodes") as pool:  # the engine is asked meanwhile
-            reading = pool.submit(observe_nodes, cfg, self.nodes, self.plan, t_probe + timeouts.NODE_PROBE_EXTRA_S)
-            vllm = self.engine.sample(t_probe)
-            nodes = reading.result()
+        silent = {n.name for n in self.last_nodes if not n.reachable}
+        for n in cfg.nodes:  # the engine is asked meanwhile
+            if n.name not in self.asking:
+                self.asking[n.name] = self.node_pool.submit(observe_node, self.nodes[n.name], cfg, self.plan, t_probe + timeouts.NODE_PROBE_EXTRA_S)
+        vllm = self.engine.sample(t_probe)
+        nodes = [self._answer(n.name, n.role, cfg.watchdog.period_s if n.name in silent else None) for n in cfg.nodes]
         canary, self.canary_result = self.canary_result, None
         self.last_nodes = nodes
         self._ranks(nodes)
         sample = sample_of(nodes, self._ray_obs(), vllm, self.expected_nodes, now, canary, self.in_flight())
         self.samples.append(dataclasses.asdict(sample))
         return sample
+
+    def _answer(self, name: str, role: str, wait_s: Optional[float]) -> NodeObs:
+        """A node's observation, waited for (wait_s: at most that long; then it is still silent, asked on)."""
+        try:
+            obs = self.asking[name].result(timeout=wait_s)
+        except FutureTimeout:
+            return NodeObs(name=name, role=role, reachable=False, error=f"still no answer after {wait_s:g}s (asked on in the background)")
+        del self.asking[name]
+        return obs
 
     def _ranks(self, nodes: list[NodeObs]) -> None:
         """Each node's rank activity, from its processes against their last reading and its GPUs."""
@@ -114,3 +130,4 @@ class Eyes:
     def close(self) -> None:
         self.engine.close()
         self.ray_pool.shutdown(wait=False, cancel_futures=True)
+        self.node_pool.shutdown(wait=False, cancel_futures=True)

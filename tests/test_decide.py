@@ -644,3 +644,16 @@ def test_a_node_that_does_not_answer_while_the_engines_work_stands_still_is_a_ha
     c.feed(S.stall_window_s, progress=False, gateway=3)
     c.feed(S.period_s, progress=False, gateway=3, unreachable=["sim-2"])
     assert "restart" not in c.kinds()
+
+
+def test_progress_counts_from_when_the_counters_were_read_not_from_when_a_slow_node_answered():
+    """A cable pulled just after a sample began: that sample's worker probe takes its whole timeout (10 s),
+    so the sample is decided 10 s after its counters were read. The stall runs from the read."""
+    c = ready()
+    t = c.t + S.period_s
+    steps = c.steps + 3
+    counters = dict(health=200, steps_total=steps, generation_tokens_total=steps * 2, prompt_tokens_total=100, running=4)
+    c.state, action = decide(c.state, Sample(t=t, **counters), t + 10, S)  # moved; decided when the slow probe gave up
+    assert action is None and c.state.last_progress == t
+    c.state, action = decide(c.state, Sample(t=t + 10.1, unreachable=("sim-2",), **counters), t + 12, S)
+    assert action is not None and action.kind == "restart" and action.reason.endswith("and sim-2 does not answer")

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from .gateway_rig import connected
@@ -156,6 +156,10 @@ def test_whatever_a_client_sends_the_gateway_answers_well_or_closes_in_time(rig,
 
     @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(exchange())
+    # found by this test: a stream left unread, then a request refused (431) behind it: the gateway closed the
+    # connection, and a close waits for the unread answer to be sent, so the client was never cut
+    @example(([b'POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 31\r\n\r\n{"prompt": "p", "stream": true}',
+               b"GET /v1/completions HTTP/1.1\r\nx-long: " + b"a" * 70000 + b"\r\ncontent-length: 0\r\n\r\n"], False))
     def one(case: tuple[list[bytes], bool]) -> None:
         pieces, reads = case
         with connected(rig.url, receive_buffer=0 if reads else 4096) as sock:
