@@ -79,6 +79,13 @@ def down_all(cfg) -> None:
     for_each_group(cfg, down)
 
 
+def start_controller(path: Path, log: Path) -> subprocess.Popen:
+    """The controller as a user runs it (its own process, its output into log)."""
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], cwd=ROOT,
+                                env={**os.environ, "SPARK_CLUSTER_BENCH_TOKEN": TOKEN}, stdout=out, stderr=subprocess.STDOUT)
+
+
 def events(cfg) -> list[dict]:
     r = httpx.get(f"{cfg.controller_url()}/api/events?n=500", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     return r.json()
@@ -119,9 +126,7 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
 
     up_all(cfg)
     log = tmp / "controller.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], cwd=ROOT,
-                                env={**os.environ, "SPARK_CLUSTER_BENCH_TOKEN": TOKEN}, stdout=out, stderr=subprocess.STDOUT)
+    proc = start_controller(path, log)
     try:
         of_a = (lambda e: e.get("group") == "a") if several else (lambda e: True)
         wait_event(cfg, lambda e: of_a(e) and e["event"] == "state" and e["state"] == "healthy", 180)

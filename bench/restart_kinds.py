@@ -15,9 +15,6 @@ the error event or failed; then the kept restart's decision -> serving as a shar
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +23,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from bench.groups_failover import TOKEN, down_all, events, ts, up_all, wait_event
+from bench.groups_failover import down_all, events, start_controller, ts, up_all, wait_event
 from spark_cluster.config import parse_config
 from spark_cluster.ranks import parse_processes, processes_command
 from spark_cluster.sim import cluster
@@ -70,10 +67,7 @@ def measure(executor: str, restart: str, steady_s: float, streams: int, plain: i
     tmp = Path(tempfile.mkdtemp(prefix="restart-kinds-"))
     path, cfg = run_cfg(executor, restart, tmp)
     up_all(cfg)
-    log = tmp / "controller.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "spark_cluster", "controller", str(path)], cwd=ROOT,
-                                env={**os.environ, "SPARK_CLUSTER_BENCH_TOKEN": TOKEN}, stdout=out, stderr=subprocess.STDOUT)
+    proc = start_controller(path, tmp / "controller.log")
     try:
         wait_event(cfg, lambda e: e["event"] == "state" and e["state"] == "healthy", 180)
         stop = threading.Event()

@@ -22,12 +22,12 @@ from . import kept, lock, timeouts
 from .checks import ReadBack, evaluate
 from .config import ClusterConfig
 from .errors import CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError, indent
-from .engine_log import FIGURE_PART, KvCapacity, engine_start, kv_less, log_command
+from .engine_record import record_engine_start
 from .facts import ContainerFact, ProcessFact
 from .masking import mask_data
 from .model_sync import ModelSync
 from .observe import list_containers, read_process, tail_logs
-from .plan import build_plan, data_hash
+from .plan import build_plan
 from .preflight import Finding, Preflight
 from .reconcile import Reconciliation, member_name, reconcile
 from .steps import ENGINE_COMPONENTS, NOT_DETECTED, Plan, Step
@@ -228,34 +228,10 @@ class Executor(Teardown):
             self._waits().memory(steps, accept=self.accept_memory)
 
     def _engine_start(self) -> None:
-        """Where the start of the engine this `up` started went, from its log (engine_log): its parts
-        into self.phases as engine/<part> (vLLM's own figures under the part that holds them), and an
-        `engine-start` event with the KV cache it got. Best effort: a log that cannot be read says nothing."""
+        """Where the start of the engine this `up` started went, and the KV cache it got (engine_record)."""
         started, self.engine_started = self.engine_started, None
-        if started is None:
-            return
-        since = (started - _dt.timedelta(seconds=1)).isoformat(timespec="seconds")
-        head = self.cfg.head.name
-        try:
-            r = self.nodes[head].run(log_command(self.plan.api_container, since), timeout=timeouts.QUICK_S)
-        except SparkClusterError:
-            return
-        if not r.ok:
-            return
-        start = engine_start(r.stdout, started)
-        self.phases.update({f"engine/{part}": s for part, s in start.parts.items()})
-        self.phases.update({f"engine/{FIGURE_PART[name]}/{name}": s for name, s in start.figures.items()})
-        self.emit("engine-start", node=head, parts=start.parts, figures=start.figures, kv_tokens=start.kv_tokens,
-                  kv_device=start.kv_device, kv_gib=start.kv_gib)
-        if start.kv_tokens is None:
-            return
-        flags, most = data_hash(mask_data(self.plan.vllm_argvs, self.secrets)), kept.kv_capacity(self.cfg)
-        less = kv_less(most, flags, start)
-        if less:
-            self.emit("kv-less", node=head, message=less, kv_tokens=start.kv_tokens, most=most.tokens if most else None)
-        elif most is None or most.flags_hash != flags or start.kv_tokens > most.tokens:
-            kept.save_kv_capacity(self.cfg, KvCapacity(flags_hash=flags, device=start.kv_device or "?", tokens=start.kv_tokens,
-                                                       gib=start.kv_gib, at=_now()))
+        if started is not None:
+            self.phases.update(record_engine_start(self.cfg, self.nodes, self.plan, self.secrets, started, self.emit))
 
     def _waits(self) -> Waits:
         return Waits(self.cfg, self.nodes, self.plan, self.emit, self.timed, self.http)

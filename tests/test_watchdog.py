@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -75,6 +76,26 @@ class Controlled(EventWaiter):
 
     def stopped(self) -> str | None:
         return "; ".join(self.ctl.watchdog_errors.values()) or None
+
+
+@contextmanager
+def loaded(c: Controlled, cfg, streams: int):
+    """Streams and two non-streamed clients through the gateway, back to back, until the engine reports the
+    streams running; the clients' results (yielded) keep coming until the end, then they stop."""
+    from .loadgen import mixed_load
+
+    stop = threading.Event()
+    threads, results = mixed_load(c.url, cfg.model.name, stop, streams=streams, plain=2, stream_tokens=600, plain_tokens=24)
+    try:
+        deadline = time.monotonic() + 60
+        while not (c.wd.samples and c.wd.samples[-1]["running"] >= streams):
+            assert time.monotonic() < deadline, "the load never showed in the metrics"
+            time.sleep(0.5)
+        yield results
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
 
 
 @pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
@@ -147,21 +168,13 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     the hang is confirmed before Ray's heartbeat ends the engine, the group restarts in order, no
     non-streamed request and no request that had not started fails, and every stream cut by the
     hang ends with an error event within 5 s of the hang being confirmed."""
-    from .loadgen import mixed_load
-
     cfg = cfg_with(tmp_path, engine_cfg.executor)  # default watchdog settings
     worker = worker_container(cfg)
     serving(cfg)
     before = generation(cfg)
-    stop = threading.Event()
     with Controlled(cfg) as c:
         c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
-        threads, results = mixed_load(c.url, cfg.model.name, stop, streams=3, plain=2, stream_tokens=600, plain_tokens=24)
-        try:
-            deadline = time.monotonic() + 60
-            while not (c.wd.samples and c.wd.samples[-1]["running"] >= 3):
-                assert time.monotonic() < deadline, "the load never showed in the metrics"
-                time.sleep(0.5)
+        with loaded(c, cfg, streams=3) as results:
             frozen_at = time.time()
             freeze("sim-2", worker)
             decision = c.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 120, "restart decision")
@@ -186,10 +199,6 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
             while not all(any(r.complete and r.first_byte > ts(done) for r in list(results) if r.kind == k) for k in ("stream", "plain")):
                 assert time.monotonic() < deadline, "no request succeeded through the gateway after the restart"
                 time.sleep(1)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=60)
     confirmed = ts(decision)
     by = {o: [r for r in results if r.outcome == o] for o in ("ok", "interrupted", "cut", "failed", "stopped")}
     print(f"{cfg.executor}: through the gateway: " + ", ".join(f"{k} {len(v)}" for k, v in by.items()))
@@ -254,19 +263,11 @@ def test_the_workers_cable_pulled_a_minute_under_load_is_decided_fast_waited_for
     the incident bundle not waiting on the worker, the restart waiting for it instead of failing (no
     backoff, nothing but the one restart counted), serving again one engine start after it is back;
     the gateway's non-streamed clients see no error."""
-    from .loadgen import mixed_load
-
     cfg = cfg_with(tmp_path, engine_cfg.executor)
     serving(cfg)
-    stop = threading.Event()
     with Controlled(cfg) as c:
         c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
-        threads, results = mixed_load(c.url, cfg.model.name, stop, streams=2, plain=2, stream_tokens=600, plain_tokens=24)
-        try:
-            deadline = time.monotonic() + 60
-            while not (c.wd.samples and c.wd.samples[-1]["running"] >= 2):
-                assert time.monotonic() < deadline, "the load never showed in the metrics"
-                time.sleep(0.5)
+        with loaded(c, cfg, streams=2) as results:
             cut_at = time.time()
             switch_port("sim-2", "down")
             try:
@@ -283,10 +284,6 @@ def test_the_workers_cable_pulled_a_minute_under_load_is_decided_fast_waited_for
                 assert time.monotonic() < deadline, "no request succeeded through the gateway after the restart"
                 time.sleep(1)
             serving_at = time.time()
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=60)
     detect_s = ts(decision) - cut_at
     restart_s = done["seconds"] - done["phases"].get("member-wait", 0) - done["phases"]["incident-bundle"]
     print(f"{cfg.executor}: cable pulled 60 s under load: decided {detect_s:.1f}s after the cut ({decision['reason']}); the worker "
