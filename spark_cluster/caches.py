@@ -24,7 +24,6 @@ CACHE_ENV = {
     "TORCHINDUCTOR_CACHE_DIR": "torchinductor",  # PyTorch Inductor's compiled graphs and kernels
     "TRITON_CACHE_DIR": "triton",  # Triton's compiled kernels
     "FLASHINFER_WORKSPACE_BASE": "flashinfer",  # FlashInfer's JIT modules (it appends .cache/flashinfer)
-    "VLLM_FLASHINFER_AUTOTUNE_CACHE_DIR": "flashinfer-autotune",  # FlashInfer's autotuner results, as vLLM keeps them
     "TILELANG_CACHE_DIR": "tilelang",  # TileLang's kernels and autotuner
     "TORCH_EXTENSIONS_DIR": "torch-extensions",  # C++/CUDA extensions built at run time
     "CUDA_CACHE_PATH": "cuda",  # the driver's PTX JIT cache

@@ -92,7 +92,8 @@ class FakeCluster:
     def answer(self, node: str, command: str) -> Answer:
         self.log.append((node, command))
         if self.silent.get(node, 0) > 0:  # nothing gets through; each `true` asked (is it back?) brings the link nearer to returning
-            self.silent[node] -= command == "true"
+            if command == "true":
+                self.silent[node] -= 1
             raise TransportError(f"{node}: SSH to the node failed: timed out")
         if command == "true":  # does the node answer?
             return 0, "", ""
