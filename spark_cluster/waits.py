@@ -41,7 +41,9 @@ class Waits:
         want = set(step.check.alive_ips)
         want_resources = dict(step.check.resources)
         while True:
+            asked = time.monotonic()
             ray = read_ray_state(self.nodes[step.node], step.command, step.timeout_s)
+            took = time.monotonic() - asked
             alive = set(ray.alive)
             short = {k: ray.total(k) for k, v in want_resources.items() if ray.total(k) < v}
             held = ray.engine_placement_groups()  # an earlier engine's, not yet released
@@ -62,7 +64,10 @@ class Waits:
                 if held:
                     msg += f"; {len(held)} placement group(s) of an earlier engine not released: " + ", ".join(pg.id for pg in held)
                 raise StepError(step, msg, "\n".join(details))
-            time.sleep(self.cfg.health.poll_interval_s)
+            # each probe imports Ray in the head container: on a busy node (Ray's own start and the
+            # probe compete for its cores) a probe that took longer than the interval is waited out
+            # once more, so that the probes never take most of the node's time from the start they wait for
+            time.sleep(max(self.cfg.health.poll_interval_s, took))
 
     def members_alive(self, step: Step) -> None:
         """Fail fast when a container or process the wait depends on has ended."""

@@ -54,6 +54,40 @@ class EventWaiter:
     def kinds(self, kind):
         return [e for e in self.events if e["event"] == kind]
 
+class Controlled(EventWaiter):
+    """The controller (real watchdog, gateway, API) in this process, both planes on free loopback
+    ports; clients go through `url` (the gateway)."""
+
+    def __init__(self, cfg, token: str = "test-token"):
+        from spark_cluster.control_api import create_app
+        from spark_cluster.controller import Controller, listening_socket
+
+        from .fake_engine import Served
+
+        gateway = listening_socket("127.0.0.1", 0, "gateway.port")
+        self.ctl = Controller(cfg, token=token, gateway_socket=gateway)
+        self.served = Served(create_app(self.ctl))
+        self.url = f"http://127.0.0.1:{gateway.getsockname()[1]}"
+
+    def __enter__(self):
+        self.served.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.served.stop()
+
+    @property
+    def events(self) -> list[dict]:
+        return list(self.ctl.events)
+
+    @property
+    def wd(self):
+        return self.ctl.wd
+
+    def stopped(self) -> str | None:
+        return "; ".join(self.ctl.watchdog_errors.values()) or None
+
+
 class Running(EventWaiter):
     """A watchdog in a background thread, stopped and joined at the end."""
 

@@ -93,10 +93,12 @@ WORDS = ("river", "stone", "lamp", "orbit", "copper", "meadow", "signal", "harbo
 
 
 def mixed_load(url: str, model: str, stop: threading.Event, *, streams: int = 2, plain: int = 2, stream_tokens: int = 400,
-               plain_tokens: int = 32, stream_prompt_words: int = 0, seed: int = 0) -> tuple[list[threading.Thread], list[Result]]:
+               plain_tokens: int = 32, stream_prompt_words: int = 0, seed: int = 0, pace: threading.Event | None = None,
+               pace_s: float = 2.0) -> tuple[list[threading.Thread], list[Result]]:
     """Clients sending streamed and non-streamed completions back to back until `stop`, each
     request's result kept (what a client of the gateway sees during a failover). stream_prompt_words:
-    each stream gets a fresh random prompt of that many words (long prefills), else a short one."""
+    each stream gets a fresh random prompt of that many words (long prefills), else a short one.
+    pace: once set, the streams end and the other clients wait pace_s after each request (a light load from then on)."""
     results: list[Result] = []
     lock = threading.Lock()
     rng = random.Random(seed)
@@ -110,6 +112,10 @@ def mixed_load(url: str, model: str, stop: threading.Event, *, streams: int = 2,
                 results.append(r)
             if r.outcome == "failed":
                 time.sleep(0.5)
+            if pace is not None and pace.is_set():
+                if kind == "stream":
+                    return
+                stop.wait(pace_s)
 
     threads = [threading.Thread(target=client, args=("stream", stream_tokens), daemon=True) for _ in range(streams)]
     threads += [threading.Thread(target=client, args=("plain", plain_tokens), daemon=True) for _ in range(plain)]

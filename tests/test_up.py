@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 
+import httpx
 import pytest
 import yaml
 
@@ -21,7 +22,7 @@ from spark_cluster.transport import HostKeyError, Nodes
 
 from .conftest import (ROOT, SIM_CONFIG, SIM_CONFIGS, freeze, generation, group_containers, ray_leftovers, run_cli, sim_docker,
                        sim_variant, worker_container)
-from .cluster_helpers import containers, stream_load
+from .cluster_helpers import Controlled, containers, stream_load
 
 pytestmark = pytest.mark.cluster
 
@@ -145,22 +146,30 @@ def test_up_serves_idempotently_status_tells_serving_stalled_down_and_down_clean
 
 
 @pytest.mark.ends_engine
-def test_changed_config_restarts_the_whole_group_in_order(sim, sim_cfg):
-    """On Ray (the native executor's restart order is checked by the frozen-worker failover test,
-    and both executors' recreate decisions by tests/test_reconcile.py)."""
+def test_a_key_given_to_the_head_restarts_the_whole_group_in_order_and_the_engine_then_demands_it(sim, sim_cfg, tmp_path):
+    """On Ray (the native executor's restart order is checked by the frozen-worker failover test, and
+    both executors' recreate decisions by tests/test_reconcile.py). The change is VLLM_API_KEY in the
+    head's environment (docs/security.md): only the head's spec changes, yet the whole group restarts
+    in order. Readiness passed only by sending the key; status and the canary send it; a client with a
+    wrong key gets vLLM's own 401 through the gateway, and nothing is restarted. (One test: the key's
+    engine is the changed one, an engine start saved.)"""
     cfg = sim_cfg
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).up()
     before = containers(cfg)
+    key = "sk-sim-engine-key-4d2a"
     data = yaml.safe_load(SIM_CONFIGS[cfg.executor].read_text())
-    data["nodes"][0]["env"]["EXTRA_HEAD_SETTING"] = "1"
+    data["nodes"][0]["env"]["VLLM_API_KEY"] = key
+    data["state_dir"] = str(tmp_path / "state")
+    data["watchdog"] = {**data.get("watchdog", {}), "idle_canary_s": 10}
     changed = parse_config(yaml.safe_dump(data))
     events = []
     with Nodes(changed) as nodes:
         try:
-            res = Executor(changed, nodes, events.append).up()
+            res = Executor(changed, nodes, events.append).up()  # readiness passes only by sending the key
+            engine_demands_the_key_and_the_watchdog_sends_it(changed, key)
         finally:
-            Executor(changed, nodes).down()
+            Executor(changed, nodes).down()  # the next tests get the engine without a key
     # only the head's spec changed, yet the whole group restarts (a lone rank 0 or Ray head would
     # orphan the worker's rank or raylet)
     assert res.recreated == members(cfg)
@@ -171,6 +180,23 @@ def test_changed_config_restarts_the_whole_group_in_order(sim, sim_cfg):
     assert stopped == ["vllm"] and removed == ["spark-ray-head", "spark-ray-worker"]
     assert started == ["start-workers/sim-2/ray-worker", "start-head/sim-1/ray-head", "serve/sim-1/vllm"]
     assert before["sim-1"]  # it was running before
+
+
+def engine_demands_the_key_and_the_watchdog_sends_it(cfg, key: str) -> None:
+    assert httpx.get(f"{cfg.endpoint()}/v1/models", timeout=10).status_code == 401  # the engine does demand it
+    with Nodes(cfg) as nodes:
+        rep = status(cfg, nodes)
+    assert rep.verdict == "serving", rep.reason
+    with Controlled(cfg) as c:
+        c.wait_for(lambda e: e["event"] == "canary" and e["ok"], 60, "an idle canary that passed")
+        body = {"model": cfg.model.name, "prompt": "Hi", "max_tokens": 1}
+        wrong = httpx.post(f"{c.url}/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}, timeout=30)
+        assert wrong.status_code == 401 and wrong.json() == {"error": "Unauthorized"}
+        right = httpx.post(f"{c.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert right.status_code == 200
+        time.sleep(15)
+        assert not [e for e in c.events if e["event"] in ("alert", "restart-start")], c.events[-10:]
+        assert all(e["ok"] for e in c.kinds("canary"))
 
 
 @pytest.mark.ends_engine
