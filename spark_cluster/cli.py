@@ -93,7 +93,7 @@ def plan(
     will run; with groups, each group's (they run at once). Contacts nothing (unless --vllm image)."""
     cfg = load(config)
     groups = cfg.group_configs()
-    plans = {label: guard(lambda: build_plan(group, links=kept.links(group))) for label, group in groups}
+    plans = {label: guard(lambda: build_plan(group, links=kept.links(group), kv=kept.kv_capacity(group))) for label, group in groups}
     if restart:
         from .lifecycle import build_restart_plan
 

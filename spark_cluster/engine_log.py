@@ -76,6 +76,24 @@ class KvCapacity(BaseModel):
     at: str = ""
 
 
+# vLLM's flag for a KV cache of a given size per GPU (0.11 and later: CacheConfig.kv_cache_memory_bytes)
+KV_PIN_FLAG = "--kv-cache-memory-bytes"
+# flags by which a user sizes the KV cache themselves (then nothing is passed)
+USER_KV_FLAGS = (KV_PIN_FLAG, "--num-gpu-blocks-override")
+
+
+def kv_pin(kept: Optional[KvCapacity], flags_hash: str, extra_args: list[str]) -> Optional[int]:
+    """The KV cache size in bytes to pass to an engine of these flags: what an engine of the same
+    flags got, on a GPU (the CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE), unless the
+    user's extra_args size it (any spelling vLLM's parser accepts: -- and _, =value)."""
+    if kept is None or kept.gib is None or kept.flags_hash != flags_hash:
+        return None
+    given = {a.split("=", 1)[0].replace("_", "-") for a in extra_args if a.startswith("--")}
+    if given & set(USER_KV_FLAGS):
+        return None
+    return int(kept.gib * 2**30)
+
+
 def kv_less(kept: Optional[KvCapacity], flags_hash: str, start: EngineStart) -> Optional[str]:
     """What the engine just started lacks against the most an engine of the same flags got (None: as much or more, or nothing to compare)."""
     if kept is None or kept.flags_hash != flags_hash or start.kv_tokens is None or start.kv_tokens >= kept.tokens:

@@ -5,19 +5,17 @@ flags got (kv.json). Best effort: a log that cannot be read says nothing."""
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Callable
+from typing import Callable
 
 from . import kept, timeouts
 from .config import ClusterConfig
 from .engine_log import FIGURE_PART, KvCapacity, engine_start, kv_less, log_command
 from .errors import SparkClusterError
-from .masking import mask_data
-from .plan import data_hash
 from .steps import Plan
 from .transport import Nodes
 
 
-def record_engine_start(cfg: ClusterConfig, nodes: Nodes, plan: Plan, secrets: Any, started: _dt.datetime,
+def record_engine_start(cfg: ClusterConfig, nodes: Nodes, plan: Plan, started: _dt.datetime,
                         emit: Callable[..., None]) -> dict[str, float]:
     """The start's parts as `up`'s phases (engine/<part>, vLLM's own figures under the part that holds
     them); an `engine-start` event with the KV cache it got, a `kv-less` one when that is less than the
@@ -37,7 +35,7 @@ def record_engine_start(cfg: ClusterConfig, nodes: Nodes, plan: Plan, secrets: A
          kv_device=start.kv_device, kv_gib=start.kv_gib)
     if start.kv_tokens is None:
         return phases
-    flags, most = data_hash(mask_data(plan.vllm_argvs, secrets)), kept.kv_capacity(cfg)
+    flags, most = plan.flags_hash, kept.kv_capacity(cfg)
     less = kv_less(most, flags, start)
     if less:
         emit("kv-less", node=head, message=less, kv_tokens=start.kv_tokens, most=most.tokens if most else None)

@@ -20,6 +20,7 @@ import httpx
 
 from . import kept, lock, timeouts
 from .checks import ReadBack, evaluate
+from .cache_keep import run_cache_steps
 from .config import ClusterConfig
 from .errors import CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError, indent
 from .engine_record import record_engine_start
@@ -65,7 +66,7 @@ class Executor(Teardown):
         self.report = report or (lambda e: None)
         self.secrets = cfg.secret_values()  # masked in every event and every log kept
         links = kept.links(cfg)  # `nccl: auto`: as last detected, until preflight detects again
-        self.plan: Plan = build_plan(cfg, reveal_secrets=True, links=links)
+        self.plan: Plan = build_plan(cfg, reveal_secrets=True, links=links, kv=kept.kv_capacity(cfg))
         self.phases: dict[str, float] = {}  # where the last up's time went, by part (see up)
         self.engine_started: Optional[_dt.datetime] = None  # when this up started the API's engine
 
@@ -218,20 +219,38 @@ class Executor(Teardown):
                 raise StepError(step, f"what is left of the earlier engine did not go: {r.stdout.strip() or r.exit_code}", r.tail())
             self._done(step, t0)
 
+    @staticmethod
+    def _engine_starts(todo: Reconciliation) -> bool:
+        return any(s.process is not None or (s.container is not None and s.container.component in ENGINE_COMPONENTS) for s in todo.start)
+
     def _memory(self, steps: list[Step], todo: Reconciliation) -> None:
         """Every node's memory back before an engine starts (nothing to wait for when none starts)."""
-        if not any(s.process is not None or (s.container is not None and s.container.component in ENGINE_COMPONENTS) for s in todo.start):
+        if not self._engine_starts(todo):
             for s in steps:
                 self.emit("step-skip", s, reason="no engine starts")
             return
         with self.timed("memory"):
             self._waits().memory(steps, accept=self.accept_memory)
 
-    def _engine_start(self) -> None:
-        """Where the start of the engine this `up` started went, and the KV cache it got (engine_record)."""
+    def _caches(self, steps: list[Step], todo: Reconciliation) -> None:
+        """Each node's cache checked (what changed since its seal set aside) before an engine starts on it."""
+        if not self._engine_starts(todo):
+            for s in steps:
+                self.emit("step-skip", s, reason="no engine starts")
+            return
+        with self.timed("cache"):
+            run_cache_steps(self.cfg, self.nodes, steps, self.emit)
+
+    def _engine_start(self, allowed: set[str]) -> None:
+        """Where the start of the engine this `up` started went, the KV cache it got (engine_record),
+        and the caches it used sealed."""
         started, self.engine_started = self.engine_started, None
         if started is not None:
-            self.phases.update(record_engine_start(self.cfg, self.nodes, self.plan, self.secrets, started, self.emit))
+            self.phases.update(record_engine_start(self.cfg, self.nodes, self.plan, started, self.emit))
+            seal = [s for s in self.plan.steps_in("seal") if s.phase in allowed]
+            if seal:
+                with self.timed("seal"):
+                    run_cache_steps(self.cfg, self.nodes, seal, self.emit)
 
     def _waits(self) -> Waits:
         return Waits(self.cfg, self.nodes, self.plan, self.emit, self.timed, self.http)
@@ -269,26 +288,10 @@ class Executor(Teardown):
             for s in members:
                 if s not in todo.start:
                     self.emit("step-skip", s, reason="unchanged and running")
-            memory = [s for s in self.plan.steps_in("memory") if s.phase in allowed]
-            for s in self.plan.steps:
-                if s.phase not in allowed:
-                    continue
-                if s.kind in ("start", "exec") and s in todo.start:
-                    with self.timed(s.id):
-                        self._start(s)
-                elif s.phase == "clear":
-                    self._clear(s, todo)
-                elif s.phase == "memory" and s is memory[0]:  # the nodes' together
-                    self._memory(memory, todo)
-                elif s.kind == "wait-ray":
-                    if todo.start:
-                        with self.timed(s.id):
-                            self._waits().ray(s)
-                    else:
-                        self.emit("step-skip", s, reason="Ray unchanged")
+            self._members(allowed, todo)
             if "ready" in allowed:
                 self._waits().ready(self.plan.steps_in("ready"))
-                self._engine_start()
+                self._engine_start(allowed)
         finally:
             self.release_lock()
         result = UpResult(changed=todo.changed, recreated=[member_name(s) for s in todo.start], kept=todo.kept,
@@ -296,6 +299,29 @@ class Executor(Teardown):
         self.emit("up-done", changed=result.changed, recreated=result.recreated, kept=result.kept, phases=result.phases,
                   total_s=result.total_s)
         return result
+
+    def _members(self, allowed: set[str], todo: Reconciliation) -> None:
+        """The plan's steps up to readiness, in order: what must start, and what comes before it."""
+        memory = [s for s in self.plan.steps_in("memory") if s.phase in allowed]
+        cache = [s for s in self.plan.steps_in("cache") if s.phase in allowed]
+        for s in self.plan.steps:
+            if s.phase not in allowed:
+                continue
+            if s.kind in ("start", "exec") and s in todo.start:
+                with self.timed(s.id):
+                    self._start(s)
+            elif s.phase == "clear":
+                self._clear(s, todo)
+            elif s.phase == "memory" and s is memory[0]:  # the nodes' together
+                self._memory(memory, todo)
+            elif s.phase == "cache" and s is cache[0]:
+                self._caches(cache, todo)
+            elif s.kind == "wait-ray":
+                if todo.start:
+                    with self.timed(s.id):
+                        self._waits().ray(s)
+                else:
+                    self.emit("step-skip", s, reason="Ray unchanged")
 
     def pending(self) -> Reconciliation:
         """What `up` would do to the group's containers now (nothing started, nothing locked): a

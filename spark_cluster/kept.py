@@ -7,7 +7,8 @@ best effort (a read-only state_dir only means the work is done again next time):
   flags, so that an unchanged `up` does not check again;
 - memory.json: each node's memory right before the last engine start on it, the baseline the next
   start waits for (memory_back);
-- kv.json: the most KV cache an engine of the config's flags got (engine_log.KvCapacity).
+- kv.json: the most KV cache an engine of the config's flags got (engine_log.KvCapacity);
+- caches.json: each node's cache folder as its last check or seal found it (cache_seal), for `status`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from .config import ClusterConfig
 from .link import LinkPick
+from .cache_seal import CacheAnswer
 from .engine_log import KvCapacity
 from .memory_back import MemoryReading
 from .state_dir import read_state, write_private
@@ -126,3 +128,21 @@ def kv_capacity(cfg: ClusterConfig, *, repair: bool = True) -> Optional[KvCapaci
 
 def save_kv_capacity(cfg: ClusterConfig, kv: KvCapacity) -> None:
     _write(cfg, "kv.json", kv.model_dump())
+
+
+class CachesFile(BaseModel):
+    """caches.json: each node's cache folder as its last check or seal found it."""
+
+    model_config = ConfigDict(extra="ignore")
+    nodes: dict[str, CacheAnswer]
+
+
+def caches(cfg: ClusterConfig, *, repair: bool = True) -> dict[str, CacheAnswer]:
+    kept = read_state(cfg.resolved_state_dir() / "caches.json", CachesFile, cfg.name, repair=repair)
+    return kept.nodes if kept is not None else {}
+
+
+def save_caches(cfg: ClusterConfig, answers: dict[str, CacheAnswer]) -> None:
+    """These nodes' answers (the others' kept)."""
+    _write(cfg, "caches.json", {"nodes": {**{k: v.model_dump() for k, v in caches(cfg).items()},
+                                          **{k: v.model_dump() for k, v in answers.items()}}})

@@ -11,9 +11,12 @@ import json
 from typing import Any, Optional
 
 from . import lifecycle, timeouts
+from .cache_seal import SCRIPT as CACHE_SCRIPT
+from .cache_seal import Mode, script_args, script_options
 from .caches import cache_mount
 from .checks import HttpAnswer, MemoryBack, ProcessRuns, RayMembers, ReadBack
 from .config import ClusterConfig
+from .engine_log import KV_PIN_FLAG, KvCapacity, kv_pin
 from .facts import LABEL_PREFIX
 from .link import LinkPick
 from .masking import MASK, mask_data
@@ -45,10 +48,11 @@ def _masked(env: dict[str, str], secrets: set[str], reveal: bool) -> dict[str, s
 
 
 class _Builder(StepList):
-    def __init__(self, cfg: ClusterConfig, reveal: bool, links: dict[str, LinkPick]) -> None:
+    def __init__(self, cfg: ClusterConfig, reveal: bool, links: dict[str, LinkPick], kv_pin: Optional[int] = None) -> None:
         super().__init__(cfg)
         self.reveal = reveal
         self.links = links
+        self.kv_pin = kv_pin  # bytes of KV cache every `vllm serve` gets (engine_log.kv_pin), or None
         self.secrets = cfg.secret_names()
         self.util, self.util_source = cfg.gpu_memory_utilization()
 
@@ -63,7 +67,11 @@ class _Builder(StepList):
             backend="ray" if cfg.executor == "ray" else "mp",
             native=native,
             gpu_memory_utilization=self.util,
-        )
+        ) + ([KV_PIN_FLAG, str(self.kv_pin)] if self.kv_pin else [])
+
+    def unpinned(self, argv: list[str]) -> list[str]:
+        """argv without the kept KV cache size: a kept size never recreates an engine that runs without it."""
+        return argv[:-2] if self.kv_pin and argv[-2:] == [KV_PIN_FLAG, str(self.kv_pin)] else argv
 
     def spec(self, node: Node, component: str, entrypoint: str, command: list[str], extra_env: dict[str, str], mounts: list[Mount],
              hosts: Optional[ProcessSpec] = None) -> ContainerSpec:
@@ -89,9 +97,10 @@ class _Builder(StepList):
         )
         # the spec hash covers the masked spec: identical in shown and executed plans
         # a container hosting a process (the Ray head hosting vLLM) is recreated when the process changes
-        hosted = None if hosts is None else {**hosts.model_dump(), "env": _masked(hosts.env, self.secrets, False)}
-        spec_hash = data_hash({**body, "env": _masked(body["env"], self.secrets, False), "mounts": [m.model_dump() for m in all_mounts],
-                           **({"hosts": hosted} if hosted else {})})
+        hosted = None if hosts is None else {**hosts.model_dump(), "env": _masked(hosts.env, self.secrets, False),
+                                             "argv": self.unpinned(hosts.argv)}
+        spec_hash = data_hash({**body, "command": self.unpinned(command), "env": _masked(body["env"], self.secrets, False),
+                               "mounts": [m.model_dump() for m in all_mounts], **({"hosts": hosted} if hosted else {})})
         labels = {
             f"{LABEL_PREFIX}.cluster": cfg.name,
             f"{LABEL_PREFIX}.node": node.name,
@@ -196,6 +205,16 @@ class _Builder(StepList):
                      command=MEMORY_COMMAND, timeout_s=self.ssh_timeout(node), deadline_s=cfg.memory.back_timeout_s,
                      check=MemoryBack(slack_gib=cfg.memory.back_slack_gib))
 
+    def caches(self, mode: Mode, phase: str, timeout_s: float, description: str) -> None:
+        """Each node's cache folder (cache_seal): checked before an engine starts, sealed once it is ready."""
+        if not self.cfg.cache.enabled:
+            return
+        for node in self.cfg.nodes:
+            name = container_name(self.cfg, f"cache-{mode}")
+            self.add(id=f"{phase}/{node.name}", phase=phase, node=node.name, kind="run", description=description,
+                     command=self.python_in_image(name, script_options(self.cfg), {}, script_args(self.cfg, mode)),
+                     stdin=CACHE_SCRIPT, timeout_s=self.ssh_timeout(node) + timeout_s)
+
     def per_node_env_names(self) -> list[str]:
         """Variables whose values differ between nodes. vLLM's Ray executor copies VLLM_*, NCCL_* and
         other variables from its driver (the head) to every Ray worker, which would overwrite a
@@ -250,12 +269,16 @@ class _Builder(StepList):
         self.preflight()
         self.prepare()
         self.memory_back()
+        self.caches("check", "cache", timeouts.CACHE_CHECK_S, "cache files changed or added since the last seal moved aside, "
+                    "never deleted (when an engine starts)")
         if self.cfg.executor == "ray":
             self.start_ray()
         else:
             self.start_native()
         self.check_vllm_flags()
         self.ready()
+        self.caches("seal", "seal", timeouts.CACHE_SEAL_S, "seal the cache folder (each file's size, time and SHA-256) "
+                    "once an engine that used it is ready")
         cfg = self.cfg
         # containers count by their (masked) spec hash, other steps by their command: secrets never
         # enter the hash, so the shown and the executed plan have the same one (the lock and the
@@ -270,17 +293,24 @@ class _Builder(StepList):
             gpu_memory_utilization_source=self.util_source,
             vllm_argv=self.vllm,
             vllm_argvs=self.vllm_argvs(),
+            flags_hash=data_hash(mask_data([self.unpinned(a) for a in self.vllm_argvs()], cfg.secret_values())),
+            kv_pin_bytes=self.kv_pin,
             plan_hash=data_hash(fingerprint),
             steps=self.steps,
         ))
 
 
-def build_plan(cfg: ClusterConfig, *, reveal_secrets: bool = False, links: Optional[dict[str, LinkPick]] = None) -> Plan:
+def build_plan(cfg: ClusterConfig, *, reveal_secrets: bool = False, links: Optional[dict[str, LinkPick]] = None,
+               kv: Optional[KvCapacity] = None) -> Plan:
     """The plan of `up`. Secrets are masked unless reveal_secrets (only the executor asks for that):
     secret variables show MASK, and so does any secret value anywhere else (a secret flag's value in
     extra_args); the plan's hashes are those of the executed plan. links: what `nccl: auto` detected
-    per node (kept.links); without it those variables show NOT_DETECTED."""
+    per node (kept.links); without it those variables show NOT_DETECTED. kv: the KV cache an engine
+    of these flags got (kept.kv_capacity): passed to every `vllm serve` (vllm.keep_kv_cache)."""
     plan = _Builder(cfg, reveal_secrets, links or {}).build()
+    pin = kv_pin(kv, plan.flags_hash, cfg.vllm.extra_args) if cfg.vllm.keep_kv_cache else None
+    if pin:
+        plan = _Builder(cfg, reveal_secrets, links or {}, kv_pin=pin).build()
     values = cfg.secret_values()
     if reveal_secrets or not values:
         return plan

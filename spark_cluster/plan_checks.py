@@ -68,6 +68,14 @@ class StepList:
     def ssh_timeout(self, node: Node) -> float:
         return float(self.cfg.node_ssh(node).command_timeout_s or 120)
 
+    def python_in_image(self, name: str, options: list[str], env: dict[str, str], args: list[str]) -> str:
+        """A throwaway container of the cluster's image running python3 on the step's standard input
+        (a leftover of the same name removed first), labelled as the cluster's check."""
+        words = ["docker", "run", "--rm", "-i", "--name", name, *options, "--label", f"{LABEL_PREFIX}.check={self.cfg.name}"]
+        words += [w for k, v in env.items() for w in ("-e", f"{k}={v}")]
+        words += ["--entrypoint", "python3", self.cfg.container.image, "-", *args]
+        return f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words)
+
 
 class PreflightSteps(StepList):
     def __init__(self, cfg: ClusterConfig, links: dict[str, LinkPick], util: float, secrets: set[str]) -> None:
@@ -186,14 +194,6 @@ class PreflightSteps(StepList):
                      command=self.python_in_image(container_name(cfg, "check-bandwidth"), options, env, args),
                      stdin="node-scripts/allreduce.py", timeout_s=timeouts.BANDWIDTH_S,
                      check=LinkBandwidth(rank=rank, backend=backend, min_gbits=cfg.link.min_gbits))
-
-    def python_in_image(self, name: str, options: list[str], env: dict[str, str], args: list[str]) -> str:
-        """A throwaway container of the cluster's image running python3 on the step's standard input
-        (a leftover of the same name removed first), labelled as the cluster's check."""
-        words = ["docker", "run", "--rm", "-i", "--name", name, *options, "--label", f"{LABEL_PREFIX}.check={self.cfg.name}"]
-        words += [w for k, v in env.items() for w in ("-e", f"{k}={v}")]
-        words += ["--entrypoint", "python3", self.cfg.container.image, "-", *args]
-        return f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words)
 
     def hcas(self, node: Node) -> list[str]:
         """The node's RDMA devices on the cluster link: nccl.ib_hca as given, else as `nccl: auto` detected."""

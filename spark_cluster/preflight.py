@@ -146,7 +146,7 @@ class Preflight:
         if self.cfg.memory.drop_page_cache:  # read memory as it is; up drops the page cache first
             cfg = self.cfg.model_copy(update={"memory": self.cfg.memory.model_copy(update={"drop_page_cache": False})})
             links = kept.links(cfg)
-            self.plan = build_plan(cfg, reveal_secrets=True, links=links)
+            self.plan = build_plan(cfg, reveal_secrets=True, links=links, kv=kept.kv_capacity(cfg))
         existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name)).succeeded
         return self.inspect(existing, fetch_images=False)
 
@@ -164,7 +164,7 @@ class Preflight:
         if not auto or set(picks) != set(auto):
             return
         kept.save_links(self.cfg, picks)
-        self.plan = build_plan(self.cfg, reveal_secrets=True, links=picks)
+        self.plan = build_plan(self.cfg, reveal_secrets=True, links=picks, kv=kept.kv_capacity(self.cfg))
         self.emit("link-detected", nodes={n: p.env() | ({"note": p.note} if p.note else {}) for n, p in picks.items()})
 
     def _vllm_findings(self, vllm_step: Step, outputs: dict[str, dict[str, Result]], steps: list[Step]) -> list[Finding]:
@@ -198,7 +198,7 @@ class Preflight:
             plan = self.plan
             if not self.cfg.vllm.check_flags:  # asked for explicitly: check even when preflight would not
                 cfg = self.cfg.model_copy(update={"vllm": self.cfg.vllm.model_copy(update={"check_flags": True})})
-                plan = build_plan(cfg, reveal_secrets=True)
+                plan = build_plan(cfg, reveal_secrets=True, kv=kept.kv_capacity(cfg))
             step = next(s for s in plan.steps if isinstance(s.check, VllmFlags))
         t = self.nodes[step.node]
         where = f"image {self.cfg.container.image} on {step.node}"

@@ -375,6 +375,11 @@ class VLLMSettings(Strict):
     trust_remote_code: bool = Field(False, description="--trust-remote-code.")
     master_port: int = Field(29501, ge=1, le=65535, description="--master-port of vLLM's native multi-node mode (executor: native).")
     extra_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments, passed as separate words.")
+    keep_kv_cache: bool = Field(
+        True,
+        description="Pass the KV cache size an engine of the same flags got (state_dir/kv.json) to every later start "
+        "(--kv-cache-memory-bytes, vLLM 0.11 and later; GPUs only) so that capacity does not change from start to start. "
+        "Not when extra_args set the KV cache size themselves.")
     check_flags: bool = Field(
         True,
         description="Preflight: check the rendered `vllm serve` flags with the image's own vLLM parser "

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Literal, Optional
 from pydantic import BaseModel, Field
 
 from . import kept
+from .cache_seal import cache_line
 from .config import ClusterConfig
 from .groups import for_each_group, overall_verdict
 from .judge import Verdict, verdict
 from .masking import mask_data
 from .observation import Observation, VLLMObs
 from .observe import observe
-from .plan import build_plan, data_hash
+from .plan import build_plan
 from .restart_choice import choose_restart
 
 if TYPE_CHECKING:
@@ -29,15 +30,17 @@ class StatusReport(BaseModel):
     restart: Literal["kept", "full", ""] = Field("", description="The restart a hang would get now (restart_choice).")
     restart_why: str = ""
     kv: str = Field("", description="The most KV cache an engine of these flags got (kv.json), or of earlier flags.")
+    caches: list[str] = Field(default_factory=list, description="Each node's cache folder as its last check or seal found it (caches.json).")
 
 
 def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "Optional[Future[VLLMObs]]" = None) -> StatusReport:
-    plan = build_plan(cfg, links=kept.links(cfg, repair=False))
+    plan = build_plan(cfg, links=kept.links(cfg, repair=False), kv=kept.kv_capacity(cfg, repair=False))
     obs = observe(cfg, nodes, plan, window_s=window_s, probe_timeout_s=cfg.health.probe_timeout_s, vllm=vllm)
     addresses = {n.name: n.address for n in cfg.nodes}
     word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes=addresses)
     choice = choose_restart(cfg.watchdog.restart, cfg.executor, obs.nodes, obs.ray, addresses)
-    report = StatusReport(verdict=word, reason=reason, observation=obs, restart=choice.kind, restart_why=choice.why, kv=kv_line(cfg, plan))
+    report = StatusReport(verdict=word, reason=reason, observation=obs, restart=choice.kind, restart_why=choice.why, kv=kv_line(cfg, plan),
+                          caches=cache_lines(cfg))
     values = cfg.secret_values()  # a node's or the engine's error text may quote a command line
     return StatusReport.model_validate(mask_data(report.model_dump(), values)) if values else report
 
@@ -47,9 +50,17 @@ def kv_line(cfg: ClusterConfig, plan) -> str:
     if kv is None:
         return ""
     got = f"{kv.tokens:,} tokens ({kv.device}" + (f", {kv.gib:g} GiB" if kv.gib is not None else "") + ")"
-    if kv.flags_hash != data_hash(plan.vllm_argvs):
+    if kv.flags_hash != plan.flags_hash:
         return f"{got} for earlier flags ({kv.at})"
     return f"{got}: the most an engine of these flags got ({kv.at})"
+
+
+def cache_lines(cfg: ClusterConfig) -> list[str]:
+    """Each node's cache (warm, cold, unsealed; its size; what was set aside) as the last start found it."""
+    if not cfg.cache.enabled:
+        return []
+    found = kept.caches(cfg, repair=False)
+    return [cache_line(n.name, found[n.name]) if n.name in found else f"{n.name} not checked yet" for n in cfg.nodes]
 
 
 class GroupsReport(BaseModel):

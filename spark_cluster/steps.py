@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from .settings import Node
 
 # `up`'s phases in order, then those `down` adds
-PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "clear", "memory", "start-workers", "start-head", "wait-ray",
-                           "serve", "ready", "unlock")
-Phase = Literal["lock", "list", "preflight", "prepare", "replace", "clear", "memory", "start-workers", "start-head", "wait-ray", "serve",
-                "ready", "unlock", "kill", "remove"]
+PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "clear", "memory", "cache", "start-workers", "start-head",
+                           "wait-ray", "serve", "ready", "seal", "unlock")
+Phase = Literal["lock", "list", "preflight", "prepare", "replace", "clear", "memory", "cache", "start-workers", "start-head", "wait-ray",
+                "serve", "ready", "seal", "unlock", "kill", "remove"]
 
 
 # the containers that are the engine's ranks themselves (native executor); on Ray, the engine is the process in the head container
@@ -116,6 +116,8 @@ class Plan(Frozen):
     gpu_memory_utilization_source: str
     vllm_argv: list[str] = Field(description="`vllm serve` argv of the API (rank 0) process, for validation against vLLM's parser.")
     vllm_argvs: list[list[str]] = Field(description="Every distinct `vllm serve` argv the plan runs (rank 0 first).")
+    flags_hash: str = Field(description="Hash of those argvs (secrets masked) without a kept KV cache size: what kv.json is kept by.")
+    kv_pin_bytes: Optional[int] = Field(None, description="The kept KV cache size passed to the engine (--kv-cache-memory-bytes).")
     plan_hash: str
     steps: list[Step]
 

@@ -35,6 +35,10 @@ ENGINE_GONE_S = 10
 # A kept restart: how long Ray may take to release the ranks of the engine that was killed (its
 # placement group removed) before the full restart is the way back instead (seconds on a sound cluster)
 RAY_RELEASE_S = 30
+# a node's cache folder before an engine start: every file listed, what changed since the seal moved aside
+CACHE_CHECK_S = 120
+# sealing it once the engine is ready: every file hashed (SHA-256 at ~1 GB/s: a few GB of kernels)
+CACHE_SEAL_S = 900
 # How often `up` asks vLLM whether it is ready (/health, /v1/models, a completion): a local HTTP
 # request costs nothing next to a model load, and every second of polling slack is a second of a
 # restart. (Ray's membership is polled at health.poll_interval_s: each poll imports Ray on the head.)

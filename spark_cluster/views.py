@@ -194,6 +194,8 @@ def _watch_rows(eng: Table, rep) -> None:
         eng.add_row("on a hang", f"the {rep.restart} restart: {escape(rep.restart_why)}")
     if rep.kv:
         eng.add_row("kv cache", escape(rep.kv))
+    if rep.caches:
+        eng.add_row("caches", escape("; ".join(rep.caches)))
     w = rep.observation.watchdog
     if w:
         eng.add_row("watchdog", f"{w.get('state')}" + (f", last restart {w.get('last_restart')} ({w.get('last_reason')})" if w.get("last_restart") else ""))

@@ -30,7 +30,7 @@ class Eyes:
     def __init__(self, cfg: ClusterConfig, nodes: Nodes, baselines: dict[str, GpuBaseline],
                  in_flight: Callable[[], int], http: Optional[httpx.Client]):
         self.cfg, self.nodes, self.in_flight = cfg, nodes, in_flight
-        self.plan = build_plan(cfg, links=kept.links(cfg))
+        self.plan = build_plan(cfg, links=kept.links(cfg), kv=kept.kv_capacity(cfg))
         self.expected_nodes = {n.name: n.address for n in cfg.nodes}
         self.ray_step = next((s for s in self.plan.steps if s.kind == "wait-ray"), None)
         # Ray's membership is asked in the background (importing Ray costs a second or two of CPU on

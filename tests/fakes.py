@@ -27,13 +27,18 @@ from spark_cluster.checks import ClusterLink, link_of
 from spark_cluster.errors import TransportError
 from spark_cluster.facts import LABEL_PREFIX
 from spark_cluster.plan import build_plan
-from spark_cluster.steps import Plan
+from spark_cluster.steps import Plan, Step
 from spark_cluster.transport import Nodes, Result
 
 from .conftest import SIM_CONFIG, recording
 
 Answer = tuple[int, str, str]  # exit code, stdout, stderr
 MADE: list["FakeCluster"] = []  # every FakeCluster of the running test (checked at its end)
+
+
+# templates/node-scripts/cache.py's answers: a cold folder checked, then sealed once the engine is ready
+CACHE_ANSWERS = {"check": '{"mode": "check", "files": 0, "bytes": 0, "sealed_at": null, "suspect": 0, "suspect_bytes": 0, "examples": []}',
+                 "seal": '{"mode": "seal", "sealed_at": "20261206T120000Z", "files": 3, "bytes": 52000}'}
 
 
 class Unscripted(AssertionError):
@@ -64,6 +69,7 @@ class FakeCluster:
     earlier_pg_reads: int = 0  # reads of Ray's state that still show an earlier engine's placement group (Ray releasing it)
     available_kb: list[int] = field(default_factory=lambda: [120000000])  # MemAvailable read right before an engine start, in turn (the last stays)
     silent: dict[str, int] = field(default_factory=dict)  # node -> how many times `true` fails before it answers again (a cut link)
+    cache_answers: dict[str, str] = field(default_factory=lambda: dict(CACHE_ANSWERS))  # what a node's cache script prints, by mode
 
     def __post_init__(self) -> None:
         MADE.append(self)
@@ -88,6 +94,13 @@ class FakeCluster:
     def commands(self, node: Optional[str] = None, containing: str = "") -> list[str]:
         return [c for n, c in self.log if (node is None or n == node) and containing in c]
 
+    def _pinned_step(self, node: str, command: str) -> Optional[Step]:
+        """A step of the plan as the executor builds it once a KV cache size is kept (kv.json)."""
+        from spark_cluster.kept import kv_capacity
+
+        plan = build_plan(self.cfg, reveal_secrets=True, links=self.links, kv=kv_capacity(self.cfg))
+        return next((s for s in sorted(plan.steps, key=lambda s: s.node != node) if s.command == command), None)
+
     # ---- what a node answers ------------------------------------------------------------------
     def answer(self, node: str, command: str) -> Answer:
         self.log.append((node, command))
@@ -100,7 +113,7 @@ class FakeCluster:
         for where, part, fn in self.scripted:
             if where in ("*", node) and part in command:
                 return fn()
-        step = self.by_node_command.get((node, command)) or self.by_command.get(command)
+        step = self.by_node_command.get((node, command)) or self.by_command.get(command) or self._pinned_step(node, command)
         if command.startswith("mkdir ") and ".lock" in command:
             if self.locked:
                 return 1, "", ""
@@ -152,6 +165,8 @@ class FakeCluster:
         if "/proc/$p/cmdline" in command:  # the hosted process fact
             p = self.plan.processes()[0]
             return (0, f"309 {' '.join(p.argv)}\n", "") if self.vllm_running else (4, "pid 309 gone\n", "")
+        if step is not None and step.phase in ("cache", "seal"):  # templates/node-scripts/cache.py in a throwaway container
+            return 0, self.cache_answers["check" if step.phase == "cache" else "seal"] + "\n", ""
         if "docker rm -f" in command:
             name = shlex.split(command.split("docker rm -f", 1)[1])[0]
             self.containers[node].pop(name, None)
@@ -315,9 +330,12 @@ def started(cluster: FakeCluster) -> list[str]:
 
 
 def removed(cluster: FakeCluster) -> list[str]:
+    """The group's containers removed, in order, as `node:name` (not a throwaway's leftover removed before it runs)."""
     out = []
     for node, cmd in cluster.log:
         m = re.search(r"docker rm -f (\S+)", cmd)
+        if "docker run --rm" in cmd:
+            continue
         if m:
             out.append(f"{node}:{shlex.split(m.group(1))[0]}")
     return out

@@ -69,3 +69,64 @@ def test_an_engine_with_less_kv_cache_than_the_most_of_the_same_flags_is_told():
                                           "same flags got (2026-12-06T10:02:12+00:00): memory another process holds, or a colder start")
     assert kv_less(most, "f2", start) is None  # other flags: another capacity is expected
     assert kv_less(most, "f1", engine_start(GPU_START, at(10, 0, 0))) is None and kv_less(None, "f1", start) is None
+
+
+def test_three_restarts_in_a_row_keep_the_kv_cache_the_first_start_got_and_a_running_engine_is_not_recreated_for_it(tmp_path):
+    """GPU: the size vLLM reported ("Available KV cache memory") is passed to every later start of the
+    same flags (--kv-cache-memory-bytes); the engine that runs without it is kept; the plan shows it."""
+    import yaml
+
+    from spark_cluster.config import parse_config
+    from spark_cluster.engine_log import KV_PIN_FLAG
+    from spark_cluster.executor import Executor
+    from spark_cluster.kept import kv_capacity
+    from spark_cluster.plan import build_plan
+
+    from .conftest import SIM_CONFIGS
+    from .fakes import FakeCluster, FakeEngineApi, fake_nodes, started
+
+    data = yaml.safe_load(SIM_CONFIGS["ray"].read_text())
+    data.update(state_dir=str(tmp_path), vllm={**data["vllm"], "check_flags": False}, health={"poll_interval_s": 0.01})
+    cfg = parse_config(yaml.safe_dump(data))
+    fake = FakeCluster(cfg)
+    fake.script("docker logs --timestamps --since", (0, GPU_START, ""), node="sim-1")
+    pinned = f"{KV_PIN_FLAG} {int(58.9 * 2**30)}"
+
+    def up() -> list[str]:
+        before = len(fake.log)
+        Executor(cfg, fake_nodes(fake), http=FakeEngineApi(fake).client()).up()
+        return [c for _, c in fake.log[before:] if c.startswith("docker exec") and "vllm serve" in c]
+
+    [first] = up()
+    assert KV_PIN_FLAG not in first and kv_capacity(cfg).gib == 58.9
+    assert up() == [] and started(fake).count("sim-1:spark-ray-head/vllm") == 1  # the running engine is kept, not recreated for the size
+    assert pinned in " ".join(build_plan(cfg, kv=kv_capacity(cfg)).vllm_argv)  # what `plan` shows
+    for _ in range(3):  # vLLM alone gone: it starts again in its kept container, with the size
+        fake.vllm_running = False
+        [again] = up()
+        assert pinned in again
+    assert kv_capacity(cfg).gib == 58.9 and kv_capacity(cfg).flags_hash == build_plan(cfg).flags_hash
+
+    for extra in (["--kv_cache_memory_bytes=1000"], ["--num-gpu-blocks-override", "40"]):  # the user's own size: nothing passed
+        own = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"extra_args": extra})})
+        assert build_plan(own, kv=kv_capacity(cfg).model_copy(update={"flags_hash": build_plan(own).flags_hash})).kv_pin_bytes is None
+    off = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"keep_kv_cache": False})})
+    assert build_plan(off, kv=kv_capacity(cfg)).kv_pin_bytes is None
+    other = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"max_model_len": 1024})})
+    assert build_plan(other, kv=kv_capacity(cfg)).kv_pin_bytes is None  # other flags: vLLM sizes it
+
+
+def test_the_cpu_builds_kv_cache_is_never_pinned(tmp_path):
+    from spark_cluster.engine_log import KvCapacity
+    from spark_cluster.plan import build_plan
+
+    from .conftest import SIM_CONFIGS
+
+    from spark_cluster.config import load_config
+
+    cfg = load_config(SIM_CONFIGS["native"])
+    flags = build_plan(cfg).flags_hash
+    assert build_plan(cfg, kv=KvCapacity(flags_hash=flags, device="CPU", tokens=2097152)).kv_pin_bytes is None
+    gpu = build_plan(cfg, kv=KvCapacity(flags_hash=flags, device="GPU", tokens=642848, gib=58.9))
+    assert gpu.kv_pin_bytes == int(58.9 * 2**30) and all(a[-2:] == ["--kv-cache-memory-bytes", str(gpu.kv_pin_bytes)] for a in gpu.vllm_argvs)
+    assert gpu.flags_hash == flags and [c.labels for c in gpu.containers()] == [c.labels for c in build_plan(cfg).containers()]

@@ -172,7 +172,7 @@ def test_nccl_auto_detects_before_anything_starts_remembers_and_starts_with_what
     up(fake, events)
     assert started(fake) == {"ray": ["sim-2:spark-ray-worker", "sim-1:spark-ray-head", "sim-1:spark-ray-head/vllm"],
                              "native": ["sim-2:spark-vllm-worker", "sim-1:spark-vllm"]}[cfg.executor]
-    runs = fake.commands(containing="docker run")
+    runs = fake.commands(containing="docker run -d")
     assert runs and all("NCCL_SOCKET_IFNAME=eth0" in c and "GLOO_SOCKET_IFNAME=eth0" in c and "NCCL_IB_HCA" not in c for c in runs)
     detected = next(e for e in events if e["event"] == "link-detected")
     assert detected["nodes"]["sim-2"] == {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "note": "no RDMA devices: NCCL over TCP"}
