@@ -23,12 +23,13 @@ if TYPE_CHECKING:
 
 SCRIPT = "node-scripts/cache.py"  # fed on standard input to python3 in a throwaway container of the image
 SCRIPT_ROOT = "/spark-cluster-caches"
-Mode = Literal["seal", "check", "look"]
+Mode = Literal["seal", "check", "look", "manifest", "adopt"]
 
 
-def script_options(cfg: "ClusterConfig") -> list[str]:
-    """The throwaway container's options: as root (the files are root's), no network, the cluster's cache folder mounted."""
-    return ["--network", "none", "--user", "0:0", "-v", f"{cfg.cache.path}/{cfg.name}:{SCRIPT_ROOT}"]
+def script_options(cfg: "ClusterConfig", network: str = "none") -> list[str]:
+    """The throwaway container's options: as root (the files are root's), no network (the copier: the
+    node's), the cluster's cache folder mounted."""
+    return ["--network", network, "--user", "0:0", "-v", f"{cfg.cache.path}/{cfg.name}:{SCRIPT_ROOT}"]
 
 
 def script_args(cfg: "ClusterConfig", mode: Mode) -> list[str]:
@@ -99,3 +100,28 @@ def cache_line(node: str, answer: CacheAnswer) -> str:
     if answer.aside_sets:
         text += f"; set aside {answer.aside_sets} time(s), {size_text(answer.aside_bytes)}"
     return text
+
+
+class Manifest(BaseModel):
+    """A node's `manifest` answer: its seal (None: none readable) and the files its folder holds (sizes)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    mode: Literal["manifest"]
+    sealed: Optional[dict] = None
+    files: dict[str, int] = {}
+
+    def sealed_files(self) -> dict[str, int]:
+        """The sealed files with their sizes (none without a seal, or a seal of another shape)."""
+        try:
+            return {str(k): int(v[0]) for k, v in (self.sealed or {}).get("files", {}).items()}
+        except (AttributeError, TypeError, ValueError, IndexError):
+            return {}
+
+
+def parse_manifest(stdout: str) -> Optional[Manifest]:
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            return Manifest.model_validate_json(line)
+        except ValidationError:
+            continue
+    return None

@@ -201,7 +201,9 @@ def sync(
 ) -> None:
     """Make the model folder identical on every node: node to node over the cluster link (not through this
     machine), from a node that has the whole model, resuming a copy that was cut off; a second sync copies
-    nothing. Exit 16 when the folders cannot be made identical."""
+    nothing. Then the sealed compile caches the same way (a node without them gets them, checked against the
+    seal). Exit 16 when the model folders cannot be made identical."""
+    from .cache_sync import CacheSync
     from .model_sync import ModelSync
 
     cfg = load(config)
@@ -209,7 +211,9 @@ def sync(
 
     def run():
         with cli_run.nodes_of(cfg) as nodes, progress:
-            return ModelSync(cfg, nodes, report).run(source=source, checksum=checksum, max_rate_mb_s=max_rate)
+            synced = ModelSync(cfg, nodes, report).run(source=source, checksum=checksum, max_rate_mb_s=max_rate)
+            CacheSync(cfg, nodes, report).run()  # the sealed caches too: a replaced node starts warm
+            return synced
 
     res = run_until_stopped(run)
     if not as_json:

@@ -21,6 +21,7 @@ import httpx
 from . import kept, lock, timeouts
 from .checks import ReadBack, evaluate
 from .cache_keep import run_cache_steps
+from .cache_sync import CacheSync
 from .config import ClusterConfig
 from .errors import CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError, indent
 from .engine_record import record_engine_start
@@ -275,6 +276,9 @@ class Executor(Teardown):
             with self.timed("preflight"):
                 existing = self.existing()
                 self.preflight(existing)
+            if self.cfg.model.sync:  # the sealed caches with the model, once the image is there
+                with self.timed("cache-sync"):
+                    CacheSync(self.cfg, self.nodes, self.report).run()
             with self.timed("prepare"):
                 self.prepare()
             members = [s for s in self.plan.steps if s.kind in ("start", "exec") and s.phase in allowed]

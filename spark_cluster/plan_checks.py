@@ -48,6 +48,8 @@ BANDWIDTH_PORT = 29517  # the all-reduce's rendezvous on the head (link.check ba
 BANDWIDTH_MB = {"nccl": 256, "gloo": 64}  # per all-reduce: long enough to fill a 200 Gb/s link, short on CPU
 BANDWIDTH_ITERS = 10
 DISK_MIN_GIB = 10.0  # where Docker keeps images and container logs (a model load logs little; an image pull needs more)
+# a model above this many GB, memory-mapped on unified memory, gets a warning from `doctor` (issue #37: ~30 GB)
+MAPPED_WARN_GB = 30.0
 
 
 class StepList:
@@ -120,7 +122,7 @@ class PreflightSteps(StepList):
         self.add(id=f"preflight/{node.name}/model", phase="preflight", node=node.name, kind="check",
                  description="model folder present, same files and sizes on every node",
                  command=model_files_command(model),
-                 timeout_s=t, check=ModelFiles(path=model))
+                 timeout_s=t, check=ModelFiles(path=model, mapped_warn_gb=MAPPED_WARN_GB if self.maps_on_unified() else None))
         self.add(id=f"preflight/{node.name}/platform", phase="preflight", node=node.name, kind="check",
                  description="the image is built for the node's CPU architecture",
                  command=platforms_command(cfg.container.image), timeout_s=t, check=ImagePlatform(image=cfg.container.image))
@@ -227,6 +229,9 @@ class PreflightSteps(StepList):
             return MEMINFO_COMMAND
         # the page cache holds unified memory the model load needs (field notes, "What breaks" 2)
         return f"sync && echo 3 | {self.sudo(node)}tee /proc/sys/vm/drop_caches >/dev/null && {MEMINFO_COMMAND}"
+
+    def maps_on_unified(self) -> bool:
+        return self.cfg.memory.unified and self.cfg.model.maps_weights()
 
     def min_free_fraction(self) -> float:
         # vLLM takes `util` of total memory on unified boxes; it must be available before start.

@@ -324,6 +324,16 @@ def sync_reporter(cfg: ClusterConfig, as_json: bool):
             progress.update(tasks[e["target"]], completed=e["bytes"] or 1)
         elif kind == "sync-checksums" and e["ok"]:
             progress.console.print(f"SHA-256 of all {e['files']} files equal on {e['nodes']} nodes", highlight=False)
+        elif kind == "cache-sync-plan":
+            todo = ", ".join(f"{n}: {c} file(s)" for n, c in e["copies"].items())
+            what = f"sealed on {e['source']}, to copy: {todo}" if todo else e["why"]
+            progress.console.print(f"caches: {escape(what)}", highlight=False)
+        elif kind == "cache-synced":
+            aside = f", {e['set_aside']} set aside" if e["set_aside"] else ""
+            progress.console.print(f"caches: {escape(e['target'])} has {escape(e['source'])}'s sealed cache ({e['files']} file(s), "
+                                   f"{e['copied']} copied{aside})", highlight=False)
+        elif kind == "warning":
+            progress.console.print(f"[yellow]warning[/] {escape(e.get('node') or '')}: {escape(e['message'])}", highlight=False)
 
     return progress, report
 

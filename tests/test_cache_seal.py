@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spark_cluster.cache_seal import CacheAnswer, cache_line, parse_cache_answer, set_aside_message
+from spark_cluster.cache_seal import CacheAnswer, Manifest, cache_line, parse_cache_answer, parse_manifest, set_aside_message
+from spark_cluster.cache_sync import plan_cache_sync
 from spark_cluster.config import parse_config
 from spark_cluster.executor import Executor
 from spark_cluster.plan import build_plan
@@ -200,3 +202,50 @@ def test_nothing_is_checked_or_sealed_when_no_engine_starts(tmp_path):
     events = fake_up(fake, tmp_path)
     assert {e["reason"] for e in events if e["event"] == "step-skip" and e["phase"] == "cache"} == {"no engine starts"}
     assert not fake.commands(containing="/spark-cluster-caches")
+
+
+# ---- sync: a sealed cache copied to a node without it, checked against the seal there -------------------
+
+def run_script(root: Path, mode: str, prepend: str = "") -> str:
+    r = subprocess.run([sys.executable, "-", mode, str(root), IMAGE], input=prepend + read_template("node-scripts/cache.py"),
+                       capture_output=True, text=True, timeout=60, check=True)
+    return r.stdout
+
+
+def test_a_copied_sealed_cache_is_checked_file_by_file_and_sealed_as_the_sources(tmp_path):
+    source, target = tmp_path / "a", tmp_path / "b"
+    folder = cache(source)
+    script(source, "seal")
+    manifest = parse_manifest(run_script(source, "manifest"))
+    assert manifest.sealed_files() == {"triton/abc/kernel.so": 4004, "vllm/torch_compile_cache/graph.py": 14}
+    shutil.copytree(folder, target / IMAGE, copy_function=shutil.copy)  # as the copier leaves them: the same bytes, new times
+    (target / IMAGE / ".spark-cluster-seal.json").unlink()
+    (target / IMAGE / "vllm" / "torch_compile_cache" / "graph.py").write_text("def g(): pass\n")  # same size, other bytes
+    assert parse_manifest(run_script(target, "manifest")).sealed is None
+
+    prepend = f"MANIFEST = __import__('json').loads({json.dumps(manifest.sealed)!r})\n"
+    adopted = parse_cache_answer(run_script(target, "adopt", prepend))
+    assert (adopted.mode, adopted.files, adopted.suspect, adopted.sealed_at) == ("adopt", 1, 1, manifest.sealed["sealed_at"])
+    assert adopted.examples == ("vllm/torch_compile_cache/graph.py",) and (target / adopted.moved_to / "vllm").is_dir()
+    checked = script(target, "check")  # the next start's check: the adopted file is sealed, nothing to set aside
+    assert checked.state == "warm" and checked.moved_to is None and checked.files == 1
+
+
+def m(files: dict[str, int], sealed: dict[str, int] | None, at: str = "t1") -> Manifest:
+    seal = None if sealed is None else {"sealed_at": at, "files": {p: [s, 0, "x"] for p, s in sealed.items()}}
+    return Manifest(mode="manifest", sealed=seal, files=files)
+
+
+@pytest.mark.parametrize("manifests, source, copies", [
+    ({"sim-1": m({"a": 1, "b": 2}, {"a": 1, "b": 2}), "sim-2": m({}, None)}, "sim-1", {"sim-2": ("a", "b")}),
+    ({"sim-1": m({}, None), "sim-2": m({"a": 1}, {"a": 1})}, "sim-2", {"sim-1": ("a",)}),  # the head has none: from who has one
+    ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 1}, {"a": 1})}, "sim-1", {}),  # the same seal everywhere: nothing
+    ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 1}, {"a": 1}, at="t0")}, "sim-1", {"sim-2": ()}),  # the files there: re-adopted
+    ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 1, "b": 5}, {"a": 1, "b": 5}, at="t0")}, "sim-2", {"sim-1": ("b",)}),  # the most
+    ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": None}, "sim-1", {}),  # a node whose folder could not be read: left alone
+    ({"sim-1": m({"a": 1}, None), "sim-2": m({}, None)}, None, {}),  # nothing sealed: nothing trusted to copy
+])
+def test_the_sealed_cache_with_the_most_files_is_copied_where_it_is_not(manifests, source, copies):
+    plan = plan_cache_sync(manifests, prefer="sim-1")
+    assert (plan.source, plan.copies) == (source, copies)
+    assert bool(plan.why) == (not copies)

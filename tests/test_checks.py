@@ -118,3 +118,40 @@ def test_the_controller_needs_room_for_its_state_dir():
     assert state_dir_problem("/var/lib/x", 20.0) is None
     assert "only 0.25 GiB free for state_dir /var/lib/x (1 GiB needed" in state_dir_problem("/var/lib/x", 0.25)
     assert "cannot be created or read here" in state_dir_problem("/nope", None)
+
+
+def test_a_large_model_memory_mapped_on_unified_memory_is_a_warning_with_the_fix():
+    listing = "model-00001-of-00002.safetensors\t40000000000\nmodel-00002-of-00002.safetensors\t23000000000\nconfig.json\t1200\n"
+    warned = note(ModelFiles(path="/m", mapped_warn_gb=30), listing)
+    assert warned.startswith("63.0 GB, memory-mapped (vLLM's default) on unified memory: warning") and "model.load_strategy: eager" in warned
+    assert note(ModelFiles(path="/m", mapped_warn_gb=30), "config.json\t1200\nw.safetensors\t20000000000\n") == "20.0 GB"
+    assert note(ModelFiles(path="/m"), listing) == "63.0 GB"  # read eagerly, by a fast loader, or on a GPU of its own
+    assert note(ModelFiles(path="/m"), "") is None
+
+
+@pytest.mark.parametrize("model, unified, warned", [
+    ({}, True, True),
+    ({"load_strategy": "lazy"}, True, True),
+    ({"load_format": "safetensors"}, True, True),
+    ({"load_strategy": "eager"}, True, False),
+    ({"load_format": "fastsafetensors"}, True, False),
+    ({"load_format": "instanttensor", "load_strategy": "lazy"}, True, False),
+    ({}, False, False),
+])
+def test_the_weights_are_warned_about_only_when_mapped_on_unified_memory(model, unified, warned):
+    import yaml
+
+    from spark_cluster.config import parse_config
+    from spark_cluster.plan import build_plan
+
+    from .conftest import CONFIGS
+
+    data = yaml.safe_load((CONFIGS / "dgx-spark-2node.yaml").read_text())
+    data["model"] = {k: v for k, v in data["model"].items() if k not in ("load_format", "load_strategy")} | model
+    data["memory"] = {**data.get("memory", {}), "unified": unified}
+    plan = build_plan(parse_config(yaml.safe_dump(data)))
+    check = next(s.check for s in plan.steps if isinstance(s.check, ModelFiles))
+    assert (check.mapped_warn_gb == 30) is warned
+    argv = " ".join(plan.vllm_argv)
+    assert ("--load-format " + model["load_format"] in argv) if "load_format" in model else "--load-format" not in argv
+    assert ("--safetensors-load-strategy " + model["load_strategy"] in argv) if "load_strategy" in model else "--safetensors" not in argv

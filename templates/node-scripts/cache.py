@@ -9,6 +9,10 @@ spark_cluster/cache_seal.py builds its command and reads its answer.
                             file when there is none) moved, never deleted, to
                             ROOT/.set-aside/IMAGE/<UTC time>/ (same relative path)
   look  ROOT IMAGE          what check would find, nothing moved
+  manifest ROOT IMAGE       the seal's files and the folder's (`sync` copies a sealed cache from it)
+  adopt ROOT IMAGE          after `sync` copied a sealed cache here: each file of the source's seal
+                            (MANIFEST, prepended to this text) checked by size and SHA-256, those that
+                            differ set aside, and the folder sealed as the source's (its own times)
 """
 
 import hashlib
@@ -75,15 +79,9 @@ def seal(root, image):
     folder = os.path.join(root, image)
     os.makedirs(folder, exist_ok=True)
     files = listing(folder)
-    manifest = {"sealed_at": utc_now(), "files": {rel: [size, mtime, digest(os.path.join(folder, rel))]
-                                                  for rel, (size, mtime) in files.items()}}
-    tmp = os.path.join(folder, SEAL + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, SEAL))
-    return {"sealed_at": manifest["sealed_at"], "files": len(files), "bytes": sum(s for s, _ in files.values())}
+    sealed_at = utc_now()
+    write_seal(folder, sealed_at, {rel: [size, mtime, digest(os.path.join(folder, rel))] for rel, (size, mtime) in files.items()})
+    return {"sealed_at": sealed_at, "files": len(files), "bytes": sum(s for s, _ in files.values())}
 
 
 def aside_size(root, image):
@@ -115,12 +113,61 @@ def check(root, image, move):
     return answer
 
 
+def write_seal(folder, sealed_at, entries):
+    tmp = os.path.join(folder, SEAL + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"sealed_at": sealed_at, "files": entries}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, SEAL))
+
+
+def manifest(root, image):
+    folder = os.path.join(root, image)
+    try:
+        with open(os.path.join(folder, SEAL)) as f:
+            seal_ = json.load(f)
+    except (OSError, ValueError):
+        seal_ = None
+    files = listing(folder) if os.path.isdir(folder) else {}
+    return {"sealed": seal_, "files": {rel: size for rel, (size, _) in files.items()}}
+
+
+def adopt(root, image, source):
+    """source: the sealing node's manifest ({"sealed_at", "files": {path: [size, mtime, sha256]}})."""
+    folder = os.path.join(root, image)
+    os.makedirs(folder, exist_ok=True)
+    files = listing(folder)
+    entries, bad = {}, []
+    for rel, (size, _, sha) in sorted(source["files"].items()):
+        have = files.get(rel)
+        if have is not None and have[0] == size and digest(os.path.join(folder, rel)) == sha:
+            entries[rel] = [size, have[1], sha]
+        elif have is not None:
+            bad.append(rel)
+    answer = {"sealed_at": source["sealed_at"], "files": len(entries), "bytes": sum(e[0] for e in entries.values()),
+              "suspect": len(bad), "suspect_bytes": sum(files[rel][0] for rel in bad), "examples": bad[:EXAMPLES]}
+    if bad:
+        to = os.path.join(ASIDE, image, utc_now())
+        for rel in bad:
+            target = os.path.join(root, to, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(folder, rel), target)
+        answer["moved_to"] = to
+    write_seal(folder, source["sealed_at"], entries)
+    return answer
+
+
 def main(argv):
     mode, root, image = argv
     if mode == "seal":
         answer = seal(root, image)
     elif mode in ("check", "look"):
         answer = check(root, image, move=mode == "check")
+    elif mode == "manifest":
+        answer = manifest(root, image)
+    elif mode == "adopt":
+        answer = adopt(root, image, MANIFEST)  # noqa: F821 (prepended)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(json.dumps({"mode": mode, **answer}))

@@ -1,0 +1,116 @@
+"""`sync` of the sealed caches: a node without a node's sealed cache (a replaced node, a fresh one)
+gets it node to node over the cluster link, as the model is copied (model_sync.node_to_node), then
+checks each file against the seal (size, SHA-256) and seals it as its own: its first engine start
+finds the kernels compiled. The nodes' side runs in throwaway containers of the group's image (the
+files are root's): cache.py's `manifest` and `adopt`, sync-node.py's `receive` and `send` on the
+node's network. Best effort: a cache that cannot be copied is a warning (the engine compiles it).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import kept, timeouts
+from .cache_seal import SCRIPT, SCRIPT_ROOT, Manifest, parse_cache_answer, parse_manifest, script_args, script_options
+from .caches import image_folder
+from .config import ClusterConfig
+from .errors import SparkClusterError
+from .facts import LABEL_PREFIX
+from .model_sync import node_to_node
+from .render import quote, read_template
+from .transport import Nodes
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class CacheSyncPlan:
+    source: Optional[str]
+    copies: dict[str, tuple[str, ...]] = field(default_factory=dict)  # target -> sealed files it lacks (or has at another size)
+    why: str = ""  # when nothing is copied: why
+
+
+def plan_cache_sync(manifests: dict[str, Optional[Manifest]], prefer: str) -> CacheSyncPlan:
+    """Pure. The source: the node whose seal lists the most files (prefer, the head, on a tie). A
+    target: every other node whose seal is not the source's (another time or other files)."""
+    sealed = {n: m for n, m in manifests.items() if m is not None and m.sealed_files()}
+    if not sealed:
+        return CacheSyncPlan(None, why="no node has a sealed cache (one is sealed once an engine that used it is ready)")
+    source = max(sealed, key=lambda n: (len(sealed[n].sealed_files()), n == prefer))
+    want, at = sealed[source].sealed_files(), (sealed[source].sealed or {}).get("sealed_at")
+    copies = {}
+    for node, m in manifests.items():
+        if node == source or m is None:
+            continue
+        if (m.sealed or {}).get("sealed_at") == at and m.sealed_files() == want:
+            continue
+        copies[node] = tuple(sorted(p for p, size in want.items() if m.files.get(p) != size))
+    return CacheSyncPlan(source, copies, "" if copies else f"every node has {source}'s sealed cache")
+
+
+def in_image(cfg: ClusterConfig, name: str, network: str) -> str:
+    """python3 in a throwaway container of the group's image, as root, the cluster's cache folder mounted
+    (what node_to_node runs the copier with: it appends `-` and the mode)."""
+    words = ["docker", "run", "--rm", "-i", "--pull", "never", "--name", name, *script_options(cfg, network), "--label", f"{LABEL_PREFIX}.check={cfg.name}",
+             "--entrypoint", "python3", cfg.container.image]
+    return f"docker rm -f {quote(name)} >/dev/null 2>&1; {shlex.join(words)}"
+
+
+class CacheSync:
+    def __init__(self, cfg: ClusterConfig, nodes: Nodes, report: Reporter | None = None):
+        self.cfg, self.nodes = cfg, nodes
+        self.report = report or (lambda e: None)
+        self.folder = f"{SCRIPT_ROOT}/{image_folder(cfg.container.image)}"
+
+    def emit(self, event: str, **data: Any) -> None:
+        self.report({"event": event, **data})
+
+    def _script(self, node: str, mode: str, prepend: str = "", timeout: float = timeouts.CACHE_CHECK_S) -> str:
+        cmd = in_image(self.cfg, f"{self.cfg.name}-cache-{mode}", "none") + " - " + " ".join(quote(a) for a in script_args(self.cfg, mode))
+        r = self.nodes[node].run(cmd, input=(prepend + read_template(SCRIPT)).encode(), timeout=timeout)
+        if not r.ok:
+            raise SparkClusterError(f"{node}: the cache script ({mode}) failed: {r.tail(3).strip() or r.exit_code}")
+        return r.stdout
+
+    def run(self) -> CacheSyncPlan:
+        if not self.cfg.cache.enabled:
+            return CacheSyncPlan(None, why="cache.enabled is false")
+        got = self.nodes.map(lambda t: parse_manifest(self._script(t.node, "manifest")))
+        for node, exc in got.failed.items():
+            self.emit("warning", node=node, message=f"the cache folder could not be read: {exc}")
+        plan = plan_cache_sync(got.succeeded, prefer=self.cfg.head.name)
+        self.emit("cache-sync-plan", source=plan.source, copies={n: len(f) for n, f in plan.copies.items()}, why=plan.why)
+        if plan.source is None:
+            return plan
+        source = got.succeeded[plan.source]
+        assert source is not None and source.sealed is not None
+        for target, files in plan.copies.items():
+            try:
+                self._copy(plan.source, target, files, source)
+            except SparkClusterError as exc:
+                self.emit("warning", node=target, message=f"the sealed cache of {plan.source} was not copied ({exc.message}): "
+                                                          "its first engine start compiles what it lacks")
+        return plan
+
+    def _copy(self, source: str, target: str, files: tuple[str, ...], manifest: Manifest) -> None:
+        want = manifest.sealed_files()
+        address = {n.name: n.address for n in self.cfg.nodes}
+        if files:
+            partial = f"{SCRIPT_ROOT}/.partial-sync/{image_folder(self.cfg.container.image)}"
+            listed = [[f, want[f], 0] for f in files]
+            _, _, why = node_to_node(
+                self.nodes[source], self.nodes[target], address[source], address[target],
+                receive=f"receive {quote(self.folder)} {quote(partial)}", send=f"send {quote(self.folder)}",
+                prepend=f"FILES = {listed!r}\n", python=in_image(self.cfg, f"{self.cfg.name}-cache-sync", "host"))
+            if why:
+                raise SparkClusterError(why)
+        prepend = f"MANIFEST = __import__('json').loads({json.dumps(manifest.sealed)!r})\n"
+        adopted = parse_cache_answer(self._script(target, "adopt", prepend=prepend, timeout=timeouts.CACHE_SEAL_S))
+        if adopted is None:
+            raise SparkClusterError(f"{target} did not say what it adopted")
+        self.emit("cache-synced", source=source, target=target, copied=len(files), files=adopted.files, bytes=adopted.bytes,
+                  set_aside=adopted.suspect)
+        kept.save_caches(self.cfg, {target: adopted})
