@@ -20,11 +20,10 @@ import httpx
 
 from . import kept, lock, timeouts
 from .checks import ReadBack, evaluate
-from .cache_keep import run_cache_steps
 from .cache_sync import CacheSync
 from .config import ClusterConfig
 from .errors import CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError, indent
-from .engine_record import record_engine_start
+from .engine_gate import EngineGate
 from .facts import ContainerFact, ProcessFact
 from .masking import mask_data
 from .model_sync import ModelSync
@@ -32,7 +31,7 @@ from .observe import list_containers, read_process, tail_logs
 from .plan import build_plan
 from .preflight import Finding, Preflight
 from .reconcile import Reconciliation, member_name, reconcile
-from .steps import ENGINE_COMPONENTS, NOT_DETECTED, Plan, Step
+from .steps import NOT_DETECTED, Plan, Step
 from .transport import Nodes, Result, SSHTransport
 from .vllm_check import VllmCheck
 from .teardown import Teardown
@@ -220,38 +219,8 @@ class Executor(Teardown):
                 raise StepError(step, f"what is left of the earlier engine did not go: {r.stdout.strip() or r.exit_code}", r.tail())
             self._done(step, t0)
 
-    @staticmethod
-    def _engine_starts(todo: Reconciliation) -> bool:
-        return any(s.process is not None or (s.container is not None and s.container.component in ENGINE_COMPONENTS) for s in todo.start)
-
-    def _memory(self, steps: list[Step], todo: Reconciliation) -> None:
-        """Every node's memory back before an engine starts (nothing to wait for when none starts)."""
-        if not self._engine_starts(todo):
-            for s in steps:
-                self.emit("step-skip", s, reason="no engine starts")
-            return
-        with self.timed("memory"):
-            self._waits().memory(steps, accept=self.accept_memory)
-
-    def _caches(self, steps: list[Step], todo: Reconciliation) -> None:
-        """Each node's cache checked (what changed since its seal set aside) before an engine starts on it."""
-        if not self._engine_starts(todo):
-            for s in steps:
-                self.emit("step-skip", s, reason="no engine starts")
-            return
-        with self.timed("cache"):
-            run_cache_steps(self.cfg, self.nodes, steps, self.emit)
-
-    def _engine_start(self, allowed: set[str]) -> None:
-        """Where the start of the engine this `up` started went, the KV cache it got (engine_record),
-        and the caches it used sealed."""
-        started, self.engine_started = self.engine_started, None
-        if started is not None:
-            self.phases.update(record_engine_start(self.cfg, self.nodes, self.plan, started, self.emit))
-            seal = [s for s in self.plan.steps_in("seal") if s.phase in allowed]
-            if seal:
-                with self.timed("seal"):
-                    run_cache_steps(self.cfg, self.nodes, seal, self.emit)
+    def _gate(self) -> EngineGate:
+        return EngineGate(self.cfg, self.nodes, self.plan, self.emit, self.timed, self._waits)
 
     def _waits(self) -> Waits:
         return Waits(self.cfg, self.nodes, self.plan, self.emit, self.timed, self.http)
@@ -295,7 +264,9 @@ class Executor(Teardown):
             self._members(allowed, todo)
             if "ready" in allowed:
                 self._waits().ready(self.plan.steps_in("ready"))
-                self._engine_start(allowed)
+                started, self.engine_started = self.engine_started, None
+                if started is not None:
+                    self.phases.update(self._gate().ready(started, [s for s in self.plan.steps_in("seal") if s.phase in allowed]))
         finally:
             self.release_lock()
         result = UpResult(changed=todo.changed, recreated=[member_name(s) for s in todo.start], kept=todo.kept,
@@ -317,9 +288,9 @@ class Executor(Teardown):
             elif s.phase == "clear":
                 self._clear(s, todo)
             elif s.phase == "memory" and s is memory[0]:  # the nodes' together
-                self._memory(memory, todo)
+                self._gate().before("memory", memory, todo, accept_memory=self.accept_memory)
             elif s.phase == "cache" and s is cache[0]:
-                self._caches(cache, todo)
+                self._gate().before("cache", cache, todo)
             elif s.kind == "wait-ray":
                 if todo.start:
                     with self.timed(s.id):
