@@ -366,8 +366,17 @@ class Controller:
         for _, name, d in sorted(found, reverse=True)[:n]:
             reason = (d / "reason.txt").read_text().strip() if (d / "reason.txt").exists() else ""
             files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-            out.append({"name": name, "reason": mask(reason, self.secrets), "files": files})
+            out.append({"name": name, "reason": mask(reason, self.secrets), "files": files, "restart": _restart_of(d)})
         return out
+
+
+def _restart_of(bundle: Path) -> Optional[dict[str, Any]]:
+    """The bundle's restart.json (its kind, seconds and parts), or None while it runs or when unreadable."""
+    try:
+        done = json.loads((bundle / "restart.json").read_text())
+        return {k: done[k] for k in ("event", "restart", "seconds", "phases") if k in done}
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def systemd_unit(cfg: ClusterConfig, config: Path, command: str) -> str:

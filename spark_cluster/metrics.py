@@ -98,9 +98,10 @@ class ControllerMetrics(Observer):
                             "Time from the last observation that found the group healthy to the last restart decision.", g, registry=r)
         self.recover = Gauge("spark_cluster_last_recovery_seconds",
                              "Time from the last restart decision to serving again (backoff and model load included).", g, registry=r)
-        self.restart_parts = Gauge("spark_cluster_last_restart_part_seconds",
-                                   "Where the last restart's time went: the incident bundle, the kill, then each part of up "
-                                   "(ready/health is the engine's own load).", [*g, "part"], registry=r)
+        self.restart_parts = Gauge("spark_cluster_restart_phase_seconds",
+                                   "Where the last restart's time went, by phase: the incident bundle, the kill, each part of up "
+                                   "(ready/health is the engine's own load), the engine's own parts (engine/...).", [*g, "phase"],
+                                   registry=r)
         self.routes = Counter("spark_cluster_gateway_routed", "Requests sent to each group (several groups): by prefix affinity, "
                               "past its load bound (overflow), or to the least loaded (least).", [*g, "how"], registry=r)
         self.requests = Counter("spark_cluster_gateway_requests", "Requests through the gateway by outcome: ok, held (then ok), "

@@ -546,6 +546,8 @@ def test_events_and_incidents_need_the_token_as_a_header_or_the_page_session(rig
     bundle = rig.ctl.dir / "incidents" / "20261203-010000-hang"
     bundle.mkdir(parents=True)
     (bundle / "reason.txt").write_text("hang confirmed\n")
+    (bundle / "restart.json").write_text(json.dumps({"event": "restart-done", "restart": "kept", "seconds": 31.5, "recover_s": 31.6,
+                                                     "phases": {"kill": 1.2, "engine/import": 14.0}, "error": None}))
     (rig.ctl.dir / "api-token").write_text("not served\n")
     auth = {"Authorization": f"Bearer {TOKEN}"}
     for path in ("/api/events", "/api/incidents", "/incidents/20261203-010000-hang/reason.txt"):
@@ -561,7 +563,9 @@ def test_events_and_incidents_need_the_token_as_a_header_or_the_page_session(rig
         login = page.post("/api/session", json={"token": TOKEN})
         assert login.status_code == 204 and TOKEN not in login.headers["set-cookie"]
         assert "httponly" in login.headers["set-cookie"].lower() and "samesite=strict" in login.headers["set-cookie"].lower()
-        assert page.get("/api/incidents").json()[0]["reason"] == "hang confirmed"
+        [incident] = page.get("/api/incidents").json()
+        assert incident["reason"] == "hang confirmed" and incident["restart"] == {  # the page shows the restart's parts
+            "event": "restart-done", "restart": "kept", "seconds": 31.5, "phases": {"kill": 1.2, "engine/import": 14.0}}
         assert page.get("/incidents/20261203-010000-hang/reason.txt").text == "hang confirmed\n"
         assert page.post("/api/restart").status_code == 401  # the session reads; acting takes the header
     for path in ("/api/status", "/healthz", "/metrics", "/"):

@@ -379,8 +379,8 @@ def test_metrics_parse_and_count_restarts_by_reason(rig):
     rig.emit("restart-done", seconds=140.2, recover_s=141.0, phases={"incident-bundle": 0.3, "kill": 5.1, "ready/health": 110.4})
     rig.emit("state", state="healthy", previous="starting")
     assert rig.metric("spark_cluster_restarts_total", reason="hang") == before + 1
-    assert rig.metric("spark_cluster_last_restart_part_seconds", part="kill") == 5.1
-    assert rig.metric("spark_cluster_last_restart_part_seconds", part="ready/health") == 110.4
+    assert rig.metric("spark_cluster_restart_phase_seconds", phase="kill") == 5.1
+    assert rig.metric("spark_cluster_restart_phase_seconds", phase="ready/health") == 110.4
     assert rig.metric("spark_cluster_last_recovery_seconds") == 141.0
     assert rig.metric("spark_cluster_last_detect_seconds") == 31.5
     assert rig.metric("spark_cluster_incidents_total") == 1
