@@ -37,7 +37,7 @@ from spark_cluster.groups import for_each_group
 from spark_cluster.metrics import sample_value
 from spark_cluster.sim import cluster
 from spark_cluster.transport import Nodes
-from tests.fake_engine import free_port
+from tests.fake_engine import free_ports
 from tests.loadgen import mixed_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,9 @@ def layout_cfg(name: str, executor: str, tmp: Path):
     if executor == "native":
         data["ray"].pop("resources", None)
     data["state_dir"] = str(tmp / "state")
-    data["gateway"] = {"host": "127.0.0.1", "port": free_port(), "hold_s": 600}
-    data["controller"] = {"port": free_port()}
+    gateway, control = free_ports(2)
+    data["gateway"] = {"host": "127.0.0.1", "port": gateway, "hold_s": 600}
+    data["controller"] = {"port": control}
     data["api"] = {"token_env": "SPARK_CLUSTER_BENCH_TOKEN"}
     path = tmp / f"{name.replace(' ', '-')}.yaml"
     path.write_text(yaml.safe_dump(data))

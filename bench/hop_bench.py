@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.fake_engine import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 
 BODY = b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "x"}]}\n\n'
@@ -97,12 +99,6 @@ def first_byte_s(sock: socket.socket, data: bytes) -> float:
     return t
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_port(port: int) -> None:
     end = time.monotonic() + 10
     while time.monotonic() < end:
@@ -127,7 +123,7 @@ def main() -> None:
     if args.gateway:
         return gateway(*args.gateway)
 
-    ports = {"direct": free_port(), "relay": free_port(), "gateway": free_port()}
+    ports = dict(zip(("direct", "relay", "gateway"), free_ports(3)))
     procs = [subprocess.Popen([sys.executable, "-m", "bench.hop_bench", "--upstream", str(ports["direct"]), "--split-ms", str(args.split_ms)], cwd=ROOT),
              subprocess.Popen([sys.executable, "-m", "bench.gateway_bench", "--relay", f"127.0.0.1:{ports['direct']}", str(ports["relay"])], cwd=ROOT),
              subprocess.Popen([sys.executable, "-m", "bench.hop_bench", "--gateway", str(ports["direct"]), str(ports["gateway"])], cwd=ROOT)]

@@ -28,7 +28,7 @@ from spark_cluster.config import parse_config
 from spark_cluster.ranks import parse_processes, processes_command
 from spark_cluster.sim import cluster
 from spark_cluster.transport import Nodes
-from tests.fake_engine import free_port
+from tests.fake_engine import free_ports
 from tests.loadgen import mixed_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +38,9 @@ CONFIGS = {"ray": "local-sim.yaml", "native": "local-sim-native.yaml"}
 
 def run_cfg(executor: str, restart: str, tmp: Path):
     data = yaml.safe_load((ROOT / "configs" / CONFIGS[executor]).read_text())
-    data.update(state_dir=str(tmp / "state"), gateway={"host": "127.0.0.1", "port": free_port(), "hold_s": 600},
-                controller={"port": free_port()}, api={"token_env": "SPARK_CLUSTER_BENCH_TOKEN"})
+    gateway, control = free_ports(2)
+    data.update(state_dir=str(tmp / "state"), gateway={"host": "127.0.0.1", "port": gateway, "hold_s": 600},
+                controller={"port": control}, api={"token_env": "SPARK_CLUSTER_BENCH_TOKEN"})
     data["watchdog"] = {**data.get("watchdog", {}), "restart": restart}
     path = tmp / f"{executor}-{restart}.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -13,8 +13,9 @@ prints:
 - api: to uvicorn's "Application startup complete." (the API server's own start).
 And vLLM's own figures, parts of the above: weights ("Model loading took … and S seconds", else
 "Loading weights took S seconds", the slowest rank), compile ("(compilation: S s)" of the init
-line, else "torch.compile took S s in total"), graph capture ("Graph capturing finished in S
-secs"). The KV cache the engine got ("… KV cache size: N tokens"; on GPUs also "Available KV
+line, else "torch.compile took S s in total"; the CPU build prints neither: from a rank's "Warming
+up model for the compilation..." to its "Warming up done." by vLLM's own clock in the lines, the
+slowest rank), graph capture ("Graph capturing finished in S secs"). The KV cache the engine got ("… KV cache size: N tokens"; on GPUs also "Available KV
 cache memory: G GiB") comes with them.
 """
 
@@ -43,6 +44,9 @@ _MODEL_LOADING = re.compile(r"Model loading took [\d.]+ GiB memory and ([\d.]+) 
 _WEIGHTS = re.compile(r"Loading weights took ([\d.]+) seconds")
 _COMPILE = re.compile(r"torch\.compile took ([\d.]+) s in total")
 _GRAPHS = re.compile(r"Graph capturing finished in ([\d.]+) secs")
+# the CPU build's compile: a rank's warm-up for the compilation, by vLLM's own time in the line
+_CPU_WARM = re.compile(r"\((Worker_TP\d+ pid=\d+)\) INFO (\d\d-\d\d \d\d:\d\d:\d\d) \[cpu_model_runner\.py:\d+\] "
+                       r"Warming up (model for the compilation|done)")
 
 
 # what the plan shows for the moment vLLM was started (the executor knows it once it has started it)
@@ -112,6 +116,20 @@ def _when(line: str) -> Optional[datetime]:
     return datetime.fromisoformat(f"{whole}.{(frac + '000000')[:6]}+00:00" if frac else f"{whole}+00:00")
 
 
+def _cpu_compile(lines: list[str]) -> Optional[float]:
+    """The slowest rank's warm-up for the compilation on the CPU build (vLLM's clock: whole seconds)."""
+    began: dict[str, datetime] = {}
+    took: list[float] = []
+    for line in lines:
+        if m := _CPU_WARM.search(line):
+            at = datetime.strptime(m.group(2), "%m-%d %H:%M:%S")
+            if m.group(3) == "done" and m.group(1) in began:
+                took.append((at - began.pop(m.group(1))).total_seconds() % 86400)
+            elif m.group(3) != "done":
+                began[m.group(1)] = at
+    return max(took) if took else None
+
+
 def engine_start(log: str, started: datetime) -> EngineStart:
     """The last engine start in log (docker logs --timestamps), begun at started (aware UTC)."""
     lines = log.splitlines()
@@ -141,6 +159,8 @@ def engine_start(log: str, started: datetime) -> EngineStart:
         for pattern, name in ((_MODEL_LOADING, "model-loading"), (_WEIGHTS, "weights"), (_COMPILE, "torch-compile"), (_GRAPHS, "graph-capture")):
             if m := pattern.search(line):
                 figures[name] = max(figures.get(name, 0.0), float(m.group(1)))
+    if "compile" not in figures and (cpu := _cpu_compile(lines[first:])) is not None:
+        figures["compile"] = cpu
     # the GPU runner's figure holds the model's whole load; a CPU or other loader says only its weights
     if "model-loading" in figures:
         figures["weights"] = figures.pop("model-loading")

@@ -21,7 +21,7 @@ from spark_cluster.facts import parse_metrics
 
 from .browser import Browser
 from .conftest import ROOT, SIM_CONFIG, freeze, sim_docker, worker_container
-from .fake_engine import free_port
+from .fake_engine import free_ports
 from .gateway_rig import completion_request, connected, health_probe, p99, send_huge_header, status_of
 from .cluster_helpers import ControllerProcess
 
@@ -42,8 +42,9 @@ def controller(sim, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("controller")
     data = yaml.safe_load(SIM_CONFIG.read_text())
     data["state_dir"] = str(tmp / "state")
-    data["gateway"] = {"host": "127.0.0.1", "port": free_port(), "hold_s": 600, "request_deadline_s": 5}
-    data["controller"] = {"port": free_port()}
+    gateway, control = free_ports(2)
+    data["gateway"] = {"host": "127.0.0.1", "port": gateway, "hold_s": 600, "request_deadline_s": 5}
+    data["controller"] = {"port": control}
     data["api"] = {"token_env": "SPARK_CLUSTER_TEST_TOKEN"}
     # one restart an hour (the API's, below), and a stall window too long to confirm a hang: the
     # last test lets Ray's heartbeat end the engine, which trips the breaker

@@ -26,15 +26,16 @@ ENV = {"SPARK_CLUSTER_TEST_TOKEN": GROUPS_TOKEN}
 
 
 def two_groups_cfg(tmp_path, executor: str):
-    from .fake_engine import free_port
+    from .fake_engine import free_ports
 
     data = yaml.safe_load(TWO_GROUPS.read_text())
     data["executor"] = executor
     if executor == "native":
         del data["ray"]["resources"]
     data["state_dir"] = str(tmp_path / "state")
-    data["gateway"] = {"host": "127.0.0.1", "port": free_port(), "hold_s": 600, "drain_s": 120}
-    data["controller"] = {"port": free_port()}
+    gateway, control = free_ports(2)
+    data["gateway"] = {"host": "127.0.0.1", "port": gateway, "hold_s": 600, "drain_s": 120}
+    data["controller"] = {"port": control}
     data["api"] = {"token_env": "SPARK_CLUSTER_TEST_TOKEN"}
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))

