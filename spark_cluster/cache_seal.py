@@ -12,7 +12,7 @@ containers), the cluster's cache folder mounted at SCRIPT_ROOT, no network.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 SCRIPT = "node-scripts/cache.py"  # fed on standard input to python3 in a throwaway container of the image
 SCRIPT_ROOT = "/spark-cluster-caches"
 Mode = Literal["seal", "check", "look", "manifest", "adopt"]
+A = TypeVar("A", bound=BaseModel)
 
 
 def script_options(cfg: "ClusterConfig", network: str = "none") -> list[str]:
@@ -63,14 +64,18 @@ class CacheAnswer(BaseModel):
         return "warm" if self.sealed_at and not pending else "unsealed"
 
 
-def parse_cache_answer(stdout: str) -> Optional[CacheAnswer]:
-    """The script's JSON line (the last one that is an answer), or None when there is none."""
+def _last_answer(stdout: str, model: type[A]) -> Optional[A]:
+    """The script's JSON line (the last one that is such an answer), or None when there is none."""
     for line in reversed(stdout.strip().splitlines()):
         try:
-            return CacheAnswer.model_validate_json(line)
+            return model.model_validate_json(line)
         except ValidationError:
             continue
     return None
+
+
+def parse_cache_answer(stdout: str) -> Optional[CacheAnswer]:
+    return _last_answer(stdout, CacheAnswer)
 
 
 def size_text(n: int) -> str:
@@ -119,9 +124,4 @@ class Manifest(BaseModel):
 
 
 def parse_manifest(stdout: str) -> Optional[Manifest]:
-    for line in reversed(stdout.strip().splitlines()):
-        try:
-            return Manifest.model_validate_json(line)
-        except ValidationError:
-            continue
-    return None
+    return _last_answer(stdout, Manifest)

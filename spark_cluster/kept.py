@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Generic, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -26,6 +26,8 @@ from .cache_seal import CacheAnswer
 from .engine_log import KvCapacity
 from .memory_back import MemoryReading
 from .state_dir import read_state, write_private
+
+R = TypeVar("R", bound=BaseModel)
 
 # how many checks vllm.json keeps (image ID x flags: e.g. both executors of one image)
 KEPT_CHECKS = 8
@@ -104,22 +106,31 @@ def save_check(cfg: ClusterConfig, record: dict) -> None:
     _write(cfg, "vllm.json", {"checks": [record, *rest][:KEPT_CHECKS]})
 
 
-class MemoryFile(BaseModel):
-    """memory.json: each node's memory right before the last engine start on it."""
+class NodesFile(BaseModel, Generic[R]):
+    """A file of one reading per node (memory.json, caches.json)."""
 
     model_config = ConfigDict(extra="ignore")
-    nodes: dict[str, MemoryReading]
+    nodes: dict[str, R]
+
+
+def _by_node(cfg: ClusterConfig, name: str, reading: type[R], repair: bool) -> dict[str, R]:
+    kept = read_state(cfg.resolved_state_dir() / name, NodesFile[reading], cfg.name, repair=repair)  # type: ignore[valid-type]
+    return kept.nodes if kept is not None else {}
+
+
+def _save_by_node(cfg: ClusterConfig, name: str, reading: type[R], new: dict[str, R]) -> None:
+    """These nodes' readings (the others' kept)."""
+    _write(cfg, name, {"nodes": {k: v.model_dump() for k, v in {**_by_node(cfg, name, reading, True), **new}.items()}})
 
 
 def memory_baselines(cfg: ClusterConfig, *, repair: bool = True) -> dict[str, MemoryReading]:
-    kept = read_state(cfg.resolved_state_dir() / "memory.json", MemoryFile, cfg.name, repair=repair)
-    return kept.nodes if kept is not None else {}
+    """memory.json: each node's memory right before the last engine start on it."""
+    return _by_node(cfg, "memory.json", MemoryReading, repair)
 
 
 def save_memory_baselines(cfg: ClusterConfig, readings: dict[str, MemoryReading]) -> None:
     """These nodes' readings as their new baselines (the others' kept)."""
-    _write(cfg, "memory.json", {"nodes": {**{k: v.model_dump() for k, v in memory_baselines(cfg).items()},
-                                          **{k: v.model_dump() for k, v in readings.items()}}})
+    _save_by_node(cfg, "memory.json", MemoryReading, readings)
 
 
 def kv_capacity(cfg: ClusterConfig, *, repair: bool = True) -> Optional[KvCapacity]:
@@ -130,19 +141,10 @@ def save_kv_capacity(cfg: ClusterConfig, kv: KvCapacity) -> None:
     _write(cfg, "kv.json", kv.model_dump())
 
 
-class CachesFile(BaseModel):
-    """caches.json: each node's cache folder as its last check or seal found it."""
-
-    model_config = ConfigDict(extra="ignore")
-    nodes: dict[str, CacheAnswer]
-
-
 def caches(cfg: ClusterConfig, *, repair: bool = True) -> dict[str, CacheAnswer]:
-    kept = read_state(cfg.resolved_state_dir() / "caches.json", CachesFile, cfg.name, repair=repair)
-    return kept.nodes if kept is not None else {}
+    """caches.json: each node's cache folder as its last check or seal found it."""
+    return _by_node(cfg, "caches.json", CacheAnswer, repair)
 
 
 def save_caches(cfg: ClusterConfig, answers: dict[str, CacheAnswer]) -> None:
-    """These nodes' answers (the others' kept)."""
-    _write(cfg, "caches.json", {"nodes": {**{k: v.model_dump() for k, v in caches(cfg).items()},
-                                          **{k: v.model_dump() for k, v in answers.items()}}})
+    _save_by_node(cfg, "caches.json", CacheAnswer, answers)
