@@ -9,7 +9,6 @@ node's network. Best effort: a cache that cannot be copied is a warning (the eng
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -18,9 +17,10 @@ from .cache_seal import SCRIPT, SCRIPT_ROOT, Manifest, parse_cache_answer, parse
 from .caches import image_folder
 from .config import ClusterConfig
 from .errors import SparkClusterError
-from .facts import LABEL_PREFIX
 from .model_sync import node_to_node
+from .plan_checks import python_in_image
 from .render import quote, read_template
+from .steps import container_name
 from .transport import Nodes
 
 Reporter = Callable[[dict[str, Any]], None]
@@ -51,12 +51,10 @@ def plan_cache_sync(manifests: dict[str, Optional[Manifest]], prefer: str) -> Ca
     return CacheSyncPlan(source, copies, "" if copies else f"every node has {source}'s sealed cache")
 
 
-def in_image(cfg: ClusterConfig, name: str, network: str) -> str:
-    """python3 in a throwaway container of the group's image, as root, the cluster's cache folder mounted
-    (what node_to_node runs the copier with: it appends `-` and the mode)."""
-    words = ["docker", "run", "--rm", "-i", "--pull", "never", "--name", name, *script_options(cfg, network), "--label", f"{LABEL_PREFIX}.check={cfg.name}",
-             "--entrypoint", "python3", cfg.container.image]
-    return f"docker rm -f {quote(name)} >/dev/null 2>&1; {shlex.join(words)}"
+def in_image(cfg: ClusterConfig, mode: str, network: str, args: list[str]) -> str:
+    """The cache's scripts in a throwaway container of the group's image, as root, the cluster's cache
+    folder mounted, never pulling the image (what is not on the node is not copied there for this)."""
+    return python_in_image(cfg, container_name(cfg, f"cache-{mode}"), ["--pull", "never", *script_options(cfg, network)], {}, args)
 
 
 class CacheSync:
@@ -69,8 +67,7 @@ class CacheSync:
         self.report({"event": event, **data})
 
     def _script(self, node: str, mode: str, prepend: str = "", timeout: float = timeouts.CACHE_CHECK_S) -> str:
-        cmd = in_image(self.cfg, f"{self.cfg.name}-cache-{mode}", "none") + " - " + " ".join(quote(a) for a in script_args(self.cfg, mode))
-        r = self.nodes[node].run(cmd, input=(prepend + read_template(SCRIPT)).encode(), timeout=timeout)
+        r = self.nodes[node].run(in_image(self.cfg, mode, "none", script_args(self.cfg, mode)), input=(prepend + read_template(SCRIPT)).encode(), timeout=timeout)
         if not r.ok:
             raise SparkClusterError(f"{node}: the cache script ({mode}) failed: {r.tail(3).strip() or r.exit_code}")
         return r.stdout
@@ -104,7 +101,7 @@ class CacheSync:
             _, _, why = node_to_node(
                 self.nodes[source], self.nodes[target], address[source], address[target],
                 receive=f"receive {quote(self.folder)} {quote(partial)}", send=f"send {quote(self.folder)}",
-                prepend=f"FILES = {listed!r}\n", python=in_image(self.cfg, f"{self.cfg.name}-cache-sync", "host"))
+                prepend=f"FILES = {listed!r}\n", python=in_image(self.cfg, "sync", "host", []))
             if why:
                 raise SparkClusterError(why)
         prepend = f"MANIFEST = __import__('json').loads({json.dumps(manifest.sealed)!r})\n"

@@ -70,11 +70,11 @@ class SyncResult:
 
 def node_to_node(src: Any, dst: Any, src_address: str, dst_address: str, *, receive: str, send: str, rate_mb_s: float = 0,
                  prepend: str = "", on_bytes: Optional[Callable[[int], None]] = None, timeout_s: float = timeouts.SYNC_S,
-                 python: str = "python3") -> tuple[Optional[Result], Optional[Result], str]:
+                 python: str = "python3 -") -> tuple[Optional[Result], Optional[Result], str]:
     """One transfer over the cluster link with templates/node-scripts/sync-node.py: its receiving mode
     (`receive`: mode and arguments) on dst, listening on dst's cluster address for one connection from
-    src's, then its sending mode (`send`) on src. python: the command that runs it (a throwaway
-    container's python3 for root's files). Returns both results and, when it failed, why."""
+    src's, then its sending mode (`send`) on src. python: the command that runs it from its standard
+    input (a throwaway container's, plan_checks.python_in_image, for root's files). Returns both results and, when it failed, why."""
     token = secrets.token_hex(16)
     script = read_template(SCRIPT)
     port: list[int] = []
@@ -91,7 +91,7 @@ def node_to_node(src: Any, dst: Any, src_address: str, dst_address: str, *, rece
 
     def run_receiver() -> None:
         try:
-            received["result"] = dst.run(f"{python} - {receive} {quote(dst_address)} {quote(src_address)}",
+            received["result"] = dst.run(f"{python} {receive} {quote(dst_address)} {quote(src_address)}",
                                          input=(f"TOKEN = {token!r}\n" + script).encode(), on_output=on_output, timeout=timeout_s)
         except SparkClusterError as exc:
             received["error"] = exc
@@ -110,7 +110,7 @@ def node_to_node(src: Any, dst: Any, src_address: str, dst_address: str, *, rece
         receiver.join(timeout=timeouts.QUICK_S)
         return None, received.get("result"), f"the receiver on {dst.node} did not start: {why_receiver()}"
     try:
-        sent = src.run(f"{python} - {send} {quote(dst_address)} {port[0]} {rate_mb_s:g}",
+        sent = src.run(f"{python} {send} {quote(dst_address)} {port[0]} {rate_mb_s:g}",
                        input=(f"TOKEN = {token!r}\n{prepend}" + script).encode(), timeout=timeout_s)
     except SparkClusterError as exc:
         return None, received.get("result"), f"sending from {src.node} failed: {exc}"

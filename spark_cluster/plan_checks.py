@@ -52,6 +52,15 @@ DISK_MIN_GIB = 10.0  # where Docker keeps images and container logs (a model loa
 MAPPED_WARN_GB = 30.0
 
 
+def python_in_image(cfg: ClusterConfig, name: str, options: list[str], env: dict[str, str], args: list[str]) -> str:
+    """A throwaway container of the cluster's image running python3 on its standard input (`-`, then
+    args; a leftover of the same name removed first), labelled as the cluster's check."""
+    words = ["docker", "run", "--rm", "-i", "--name", name, *options, "--label", f"{LABEL_PREFIX}.check={cfg.name}"]
+    words += [w for k, v in env.items() for w in ("-e", f"{k}={v}")]
+    words += ["--entrypoint", "python3", cfg.container.image, "-", *args]
+    return f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words)
+
+
 class StepList:
     """Steps being written for a cluster (the plan's builder and the preflight's), with what every
     node's commands need."""
@@ -71,12 +80,7 @@ class StepList:
         return float(self.cfg.node_ssh(node).command_timeout_s or 120)
 
     def python_in_image(self, name: str, options: list[str], env: dict[str, str], args: list[str]) -> str:
-        """A throwaway container of the cluster's image running python3 on the step's standard input
-        (a leftover of the same name removed first), labelled as the cluster's check."""
-        words = ["docker", "run", "--rm", "-i", "--name", name, *options, "--label", f"{LABEL_PREFIX}.check={self.cfg.name}"]
-        words += [w for k, v in env.items() for w in ("-e", f"{k}={v}")]
-        words += ["--entrypoint", "python3", self.cfg.container.image, "-", *args]
-        return f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words)
+        return python_in_image(self.cfg, name, options, env, args)
 
 
 class PreflightSteps(StepList):

@@ -98,7 +98,10 @@ class FakeCluster:
         """A step of the plan as the executor builds it once a KV cache size is kept (kv.json)."""
         from spark_cluster.kept import kv_capacity
 
-        plan = build_plan(self.cfg, reveal_secrets=True, links=self.links, kv=kv_capacity(self.cfg))
+        kv = kv_capacity(self.cfg)
+        if kv is None:  # nothing kept: the plan is the fake's own
+            return None
+        plan = build_plan(self.cfg, reveal_secrets=True, links=self.links, kv=kv)
         return next((s for s in sorted(plan.steps, key=lambda s: s.node != node) if s.command == command), None)
 
     # ---- what a node answers ------------------------------------------------------------------
