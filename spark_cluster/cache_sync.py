@@ -35,17 +35,19 @@ class CacheSyncPlan:
 
 def plan_cache_sync(manifests: dict[str, Optional[Manifest]], prefer: str) -> CacheSyncPlan:
     """Pure. The source: the node whose seal lists the most files (prefer, the head, on a tie). A
-    target: every other node whose seal is not the source's (another time or other files)."""
+    target: every other node whose seal lacks a file of the source's (or lists it at another size);
+    what it lists besides (its own ranks' files) is its own."""
     sealed = {n: m for n, m in manifests.items() if m is not None and m.sealed_files()}
     if not sealed:
         return CacheSyncPlan(None, why="no node has a sealed cache (one is sealed once an engine that used it is ready)")
     source = max(sealed, key=lambda n: (len(sealed[n].sealed_files()), n == prefer))
-    want, at = sealed[source].sealed_files(), (sealed[source].sealed or {}).get("sealed_at")
+    want = sealed[source].sealed_files()
     copies = {}
     for node, m in manifests.items():
         if node == source or m is None:
             continue
-        if (m.sealed or {}).get("sealed_at") == at and m.sealed_files() == want:
+        have = m.sealed_files()
+        if all(have.get(p) == size for p, size in want.items()):
             continue
         copies[node] = tuple(sorted(p for p, size in want.items() if m.files.get(p) != size))
     return CacheSyncPlan(source, copies, "" if copies else f"every node has {source}'s sealed cache")

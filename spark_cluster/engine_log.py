@@ -13,9 +13,9 @@ prints:
 - api: to uvicorn's "Application startup complete." (the API server's own start).
 And vLLM's own figures, parts of the above: weights ("Model loading took … and S seconds", else
 "Loading weights took S seconds", the slowest rank), compile ("(compilation: S s)" of the init
-line, else "torch.compile took S s in total"; the CPU build prints neither: from a rank's "Warming
-up model for the compilation..." to its "Warming up done." by vLLM's own clock in the lines, the
-slowest rank), graph capture ("Graph capturing finished in S secs"). The KV cache the engine got ("… KV cache size: N tokens"; on GPUs also "Available KV
+line, else "torch.compile took S s in total"; the CPU build prints neither: from the first rank's
+"Warming up model for the compilation..." to the last rank's "Warming up done." by vLLM's own clock
+in the lines), graph capture ("Graph capturing finished in S secs"). The KV cache the engine got ("… KV cache size: N tokens"; on GPUs also "Available KV
 cache memory: G GiB") comes with them.
 """
 
@@ -117,17 +117,18 @@ def _when(line: str) -> Optional[datetime]:
 
 
 def _cpu_compile(lines: list[str]) -> Optional[float]:
-    """The slowest rank's warm-up for the compilation on the CPU build (vLLM's clock: whole seconds)."""
-    began: dict[str, datetime] = {}
-    took: list[float] = []
+    """The CPU build's warm-up for the compilation, from the first rank's start to the last rank's end
+    (vLLM's clock: whole seconds). The ranks compile in step (their collectives wait for each other),
+    and Ray's log forwarding reorders ranks' lines and drops some: any rank's start and end will do."""
+    began: list[datetime] = []
+    done: list[datetime] = []
     for line in lines:
         if m := _CPU_WARM.search(line):
-            at = datetime.strptime(m.group(2), "%m-%d %H:%M:%S")
-            if m.group(3) == "done" and m.group(1) in began:
-                took.append((at - began.pop(m.group(1))).total_seconds() % 86400)
-            elif m.group(3) != "done":
-                began[m.group(1)] = at
-    return max(took) if took else None
+            (done if m.group(3) == "done" else began).append(datetime.strptime(m.group(2), "%m-%d %H:%M:%S"))
+    if not began or not done:
+        return None
+    took = (max(done) - min(began)).total_seconds()
+    return took if took >= 0 else None
 
 
 def engine_start(log: str, started: datetime) -> EngineStart:

@@ -231,6 +231,33 @@ def test_a_copied_sealed_cache_is_checked_file_by_file_and_sealed_as_the_sources
     assert checked.state == "warm" and checked.moved_to is None and checked.files == 1
 
 
+def test_a_nodes_own_sealed_files_stay_sealed_beside_an_adopted_cache_and_what_changed_since_does_not(tmp_path):
+    """Each tensor-parallel rank writes its own files on its own node (vLLM's rank_<n>_0): adopting a
+    peer's cache keeps this node's own sealed files sealed; one changed since its seal is not kept."""
+    source, target = tmp_path / "a", tmp_path / "b"
+    cache(source)
+    script(source, "seal")
+    manifest = parse_manifest(run_script(source, "manifest"))
+    mine = target / IMAGE / "vllm" / "torch_compile_cache" / "key"
+    mine.mkdir(parents=True)
+    (mine / "rank_1_0").write_bytes(b"rank one" * 100)
+    (mine / "changed").write_bytes(b"x" * 10)
+    script(target, "seal")
+    (mine / "changed").write_bytes(b"y" * 11)  # changed since this node's seal
+    (target / IMAGE / "unsealed").write_bytes(b"z")  # never sealed here
+    shutil.copytree(source / IMAGE / "triton", target / IMAGE / "triton", copy_function=shutil.copy)
+    shutil.copytree(source / IMAGE / "vllm" / "torch_compile_cache", target / IMAGE / "vllm" / "torch_compile_cache",
+                    copy_function=shutil.copy, dirs_exist_ok=True)
+
+    prepend = f"MANIFEST = __import__('json').loads({json.dumps(manifest.sealed)!r})\n"
+    adopted = parse_cache_answer(run_script(target, "adopt", prepend))
+    assert (adopted.files, adopted.suspect) == (3, 0)  # the source's two and its own rank's file
+    sealed = parse_manifest(run_script(target, "manifest")).sealed_files()
+    assert sealed == {**manifest.sealed_files(), "vllm/torch_compile_cache/key/rank_1_0": 800}
+    checked = script(target, "check")  # the next start: what changed and what was never sealed set aside, the rest warm
+    assert (checked.suspect, sorted(checked.examples)) == (2, ["unsealed", "vllm/torch_compile_cache/key/changed"])
+
+
 def m(files: dict[str, int], sealed: dict[str, int] | None, at: str = "t1") -> Manifest:
     seal = None if sealed is None else {"sealed_at": at, "files": {p: [s, 0, "x"] for p, s in sealed.items()}}
     return Manifest(mode="manifest", sealed=seal, files=files)
@@ -240,8 +267,14 @@ def m(files: dict[str, int], sealed: dict[str, int] | None, at: str = "t1") -> M
     ({"sim-1": m({"a": 1, "b": 2}, {"a": 1, "b": 2}), "sim-2": m({}, None)}, "sim-1", {"sim-2": ("a", "b")}),
     ({"sim-1": m({}, None), "sim-2": m({"a": 1}, {"a": 1})}, "sim-2", {"sim-1": ("a",)}),  # the head has none: from who has one
     ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 1}, {"a": 1})}, "sim-1", {}),  # the same seal everywhere: nothing
-    ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 1}, {"a": 1}, at="t0")}, "sim-1", {"sim-2": ()}),  # the files there: re-adopted
+    ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 1}, {"a": 1}, at="t0")}, "sim-1", {}),  # sealed at another time: the same files
+    ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 1}, {}, at="t0")}, "sim-1", {"sim-2": ()}),  # there, unsealed: re-adopted
+    ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 2}, {"a": 2})}, "sim-1", {"sim-2": ("a",)}),  # another size
     ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": m({"a": 1, "b": 5}, {"a": 1, "b": 5}, at="t0")}, "sim-2", {"sim-1": ("b",)}),  # the most
+    # each rank's own files on its node: the one with the most gives the other what it lacks, never takes its own
+    ({"sim-1": m({"s": 1, "r0": 2}, {"s": 1, "r0": 2}), "sim-2": m({"s": 1, "r1": 2}, {"s": 1, "r1": 2})}, "sim-1", {"sim-2": ("r0",)}),
+    ({"sim-1": m({"s": 1, "r0": 2}, {"s": 1, "r0": 2}), "sim-2": m({"s": 1, "r0": 2, "r1": 2}, {"s": 1, "r0": 2, "r1": 2})}, "sim-2",
+     {"sim-1": ("r1",)}),
     ({"sim-1": m({"a": 1}, {"a": 1}), "sim-2": None}, "sim-1", {}),  # a node whose folder could not be read: left alone
     ({"sim-1": m({"a": 1}, None), "sim-2": m({}, None)}, None, {}),  # nothing sealed: nothing trusted to copy
 ])

@@ -12,7 +12,8 @@ spark_cluster/cache_seal.py builds its command and reads its answer.
   manifest ROOT IMAGE       the seal's files and the folder's (`sync` copies a sealed cache from it)
   adopt ROOT IMAGE          after `sync` copied a sealed cache here: each file of the source's seal
                             (MANIFEST, prepended to this text) checked by size and SHA-256, those that
-                            differ set aside, and the folder sealed as the source's (its own times)
+                            differ set aside, and the folder sealed with them (its own times) and with
+                            what this node's own seal lists that is unchanged (its own ranks' files)
 """
 
 import hashlib
@@ -133,11 +134,24 @@ def manifest(root, image):
     return {"sealed": seal_, "files": {rel: size for rel, (size, _) in files.items()}}
 
 
+def own_entries(folder):
+    """This node's seal as written ({path: [size, mtime, sha256]}), {} when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, SEAL)) as f:
+            files = json.load(f)["files"]
+        return {str(k): [int(v[0]), int(v[1]), str(v[2])] for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}
+
+
 def adopt(root, image, source):
-    """source: the sealing node's manifest ({"sealed_at", "files": {path: [size, mtime, sha256]}})."""
+    """source: the sealing node's manifest ({"sealed_at", "files": {path: [size, mtime, sha256]}}). A
+    tensor-parallel rank's own files (vLLM's torch_compile_cache/<key>/rank_<n>_0) are on its node
+    alone: what this node sealed itself and still has unchanged stays sealed beside the source's."""
     folder = os.path.join(root, image)
     os.makedirs(folder, exist_ok=True)
     files = listing(folder)
+    own = own_entries(folder)
     entries, bad = {}, []
     for rel, (size, _, sha) in sorted(source["files"].items()):
         have = files.get(rel)
@@ -145,6 +159,9 @@ def adopt(root, image, source):
             entries[rel] = [size, have[1], sha]
         elif have is not None:
             bad.append(rel)
+    for rel, entry in own.items():
+        if rel not in source["files"] and files.get(rel) == (entry[0], entry[1]):
+            entries[rel] = entry
     answer = {"sealed_at": source["sealed_at"], "files": len(entries), "bytes": sum(e[0] for e in entries.values()),
               "suspect": len(bad), "suspect_bytes": sum(files[rel][0] for rel in bad), "examples": bad[:EXAMPLES]}
     if bad:
