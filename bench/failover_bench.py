@@ -120,6 +120,22 @@ def fault(executor: str, cfg, events, worker: str, *, idle: bool, after: float) 
     return out
 
 
+def kept_fault(executor: str, cfg, events) -> dict:
+    """The worker's rank stopped under load (SIGSTOP: its container and Ray stay sound): the watchdog's
+    restart, the kept one, until a completion is served again."""
+    from bench.restart_kinds import stop_rank
+
+    t_freeze = time.time()
+    stop_rank(cfg)
+    d = wait(events, lambda e: e["event"] == "decision" and e["action"] == "restart" and ts(e) > t_freeze, 300)
+    r = wait(events, lambda e: e["event"] in ("restart-done", "restart-failed") and ts(e) > ts(d), 900)
+    while not completion_ok(cfg.endpoint(), cfg.model.name):
+        time.sleep(0.2)
+    kind = r.get("restart", "?")
+    print(f"{executor} rank stopped under load: confirmed {ts(d) - t_freeze:.1f}s after, the {kind} restart {r['seconds']:.1f}s", flush=True)
+    return {"restart": kind, "ok": r["event"] == "restart-done", "seconds": r["seconds"]}
+
+
 def prompt_words(cfg, tokens: int) -> int:
     """Words of loadgen's random prompts that make about this many tokens (measured with vLLM's tokenizer)."""
     sample = random_prompt(200, random.Random(1))
@@ -215,6 +231,11 @@ def measure(executor: str, args) -> dict:
         stop_load = threading.Event()
         stream_load(url, model, args.streams, stop_load, max_tokens=1500, repeat=True, read_timeout_s=120)
         time.sleep(15)
+        if args.kept_soak:  # the soak on an engine the kept restart brought back
+            out["kept"] = kept_fault(executor, cfg, events)
+            stop_load.set()
+            out["soak"] = soak(executor, cfg, events, args)
+            return out
         for kind, seconds in SLOW:
             out[kind] = slow(executor, cfg, events, worker, kind, seconds)
         out["loaded"] = fault(executor, cfg, events, worker, idle=False, after=0)
@@ -250,6 +271,8 @@ def main() -> None:
     ap.add_argument("--soak-minutes", type=float, default=20)
     ap.add_argument("--soak-streams", type=int, default=8)
     ap.add_argument("--soak-executors", default="ray,native", help="Executors that get the soak (20 minutes each by default).")
+    ap.add_argument("--kept-soak", action="store_true", help="Instead of the slow cases and the hangs: a rank stopped under load, "
+                    "the kept restart, then the soak on the engine it brought back.")
     ap.add_argument("--groups", action="store_true", help="One group beside two groups behind the gateway (four simulated nodes).")
     ap.add_argument("--restarts", action="store_true", help="The kept restart against the full one, a rank stopped under load (two nodes).")
     args = ap.parse_args()
@@ -272,6 +295,12 @@ def main() -> None:
     def row(label: str, fn, fmt: str = "{:10.1f}") -> None:
         print(f"{label:52}" + "".join(fmt.format(fn(res[x])) for x in executors))
 
+    soaked = [x for x in executors if "soak" in res[x]]
+    if args.kept_soak:
+        print(f"\nthe rank stopped under {args.streams} streams: " + "; ".join(f"{x}: the {res[x]['kept']['restart']} restart "
+              f"{res[x]['kept']['seconds']:.1f}s" for x in executors))
+        print_soak(args, res, soaked)
+        return
     print(f"\ndefault watchdog settings; loaded: {args.streams} streams; idle: frozen just after an idle canary")
     print(f"{'':52}" + "".join(f"{x:>10}" for x in executors))
     row("MTTD loaded: freeze -> hang confirmed (s)", lambda r: r["loaded"]["mttd"])
@@ -289,13 +318,7 @@ def main() -> None:
     row("overhead idle, engine's own start taken out (s)", lambda r: ours(r["idle"]["phases"]) - ours(r["start phases"]))
     row("MTTR loaded: freeze -> completion OK (s)", lambda r: r["loaded"]["mttr"])
     row("MTTR idle (s)", lambda r: r["idle"]["mttr"])
-    soaked = [x for x in executors if "soak" in res[x]]
-    if soaked:
-        print(f"\nsoak: {args.soak_minutes:g} min, {args.soak_streams} long-prompt streams + 2 short clients, no fault")
-        print(f"{'':52}" + "".join(f"{x:>10}" for x in soaked))
-        for k in ("restarts", "suspect", "canaries", "failed canaries", "requests", "longest step"):
-            print(f"{'  ' + k + (' gap between two engine steps (s)' if k == 'longest step' else ''):52}" +
-                  "".join(f"{res[x]['soak'][k]:10.1f}" if k == "longest step" else f"{res[x]['soak'][k]:10d}" for x in soaked))
+    print_soak(args, res, soaked)
     for x in executors:
         r = res[x]
         names = list(dict.fromkeys(["incident-bundle", "kill", *r["start phases"], *r["loaded"]["phases"]]))
@@ -303,6 +326,16 @@ def main() -> None:
         for n in names:
             cells = [r["start phases"].get(n), r["loaded"]["phases"].get(n), r["idle"]["phases"].get(n)]
             print(f"{n:40}" + "".join(f"{c:10.2f}" if c is not None else f"{'-':>10}" for c in cells))
+
+
+def print_soak(args, res: dict, soaked: list[str]) -> None:
+    if not soaked:
+        return
+    print(f"\nsoak: {args.soak_minutes:g} min, {args.soak_streams} long-prompt streams + 2 short clients, no fault")
+    print(f"{'':52}" + "".join(f"{x:>10}" for x in soaked))
+    for k in ("restarts", "suspect", "canaries", "failed canaries", "requests", "longest step"):
+        print(f"{'  ' + k + (' gap between two engine steps (s)' if k == 'longest step' else ''):52}" +
+              "".join(f"{res[x]['soak'][k]:10.1f}" if k == "longest step" else f"{res[x]['soak'][k]:10d}" for x in soaked))
 
 
 if __name__ == "__main__":

@@ -209,12 +209,13 @@ def kill_vllm_api(cfg) -> None:
             nodes[head].run(f"kill -9 $(docker inspect -f '{{{{.State.Pid}}}}' {cfg.name}-vllm)").check()
 
 
-def ray_leftovers(cfg) -> dict[str, str]:
-    """Ray's processes on every node (raylet, GCS, Ray workers): empty after down."""
+def leftovers(cfg) -> dict[str, str]:
+    """Ray's and vLLM's processes on every node (raylet, GCS, Ray workers, `vllm serve`, its engine and
+    ranks): empty after down."""
     from spark_cluster.transport import Nodes
 
     with Nodes(cfg) as nodes:
-        return {n: r.stdout.strip() for n, r in nodes.map(lambda t: t.run("pgrep -af '[r]aylet|[g]cs_server|[R]ayWorker' || true")).values_or_raise().items()}
+        return {n: r.stdout.strip() for n, r in nodes.map(lambda t: t.run("pgrep -af '[r]aylet|[g]cs_server|[R]ayWorker|[v]llm serve|[V]LLM::' || true")).values_or_raise().items()}
 
 
 def sim_docker(node: str, *args: str, check: bool = True, timeout: float = 120):

@@ -230,6 +230,15 @@ def test_api_restart_needs_the_token_then_restarts_the_group_once_while_clients_
     assert controller.metric("spark_cluster_restarts_total", reason="requested") == before + 1
     assert controller.metric("spark_cluster_gateway_requests_total", outcome="held") >= 1
     assert controller.metric("spark_cluster_last_recovery_seconds") > 0
+    with Browser() as browser:  # the page's incident shows the restart that followed it, part by part
+        page = browser.page()
+        page.goto(controller.url + "/")
+        page.log_in(TOKEN)
+        page.wait("document.querySelector('#incidents .restart') !== null", 60, "the incident's restart")
+        shown = page.eval("document.querySelector('#incidents .restart').textContent")
+        print(shown)
+        assert shown.startswith(f"{done['restart']} restart done in ") and "ready/health " in shown, shown
+        assert not page.console, page.console
 
 
 def test_no_api_answer_holds_a_secret(controller):

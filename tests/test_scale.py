@@ -15,7 +15,7 @@ from spark_cluster.observe import list_containers
 from spark_cluster.status import status
 from spark_cluster.transport import Nodes
 
-from .conftest import CONFIGS, assert_nothing_of, freeze, generation, ray_leftovers
+from .conftest import CONFIGS, assert_nothing_of, freeze, generation, leftovers
 from .cluster_helpers import Running, completion_works, streaming, ts
 from .two_groups import a_change_rolls_through, a_frozen_rank_costs_clients_nothing, two_groups_serving
 
@@ -65,7 +65,7 @@ def test_four_nodes_serve_fail_over_as_one_group_and_come_down(sim4, tmp_path, e
         Executor(cfg, nodes).down()
         assert {n: list_containers(nodes[n], cfg.name) for n in nodes.by_name} == {n.name: [] for n in cfg.nodes}
     if executor == "ray":
-        assert not any(ray_leftovers(cfg).values())
+        assert not any(leftovers(cfg).values())
 
 
 # ---- two groups of TP=2 behind one gateway ------------------------------------------------------

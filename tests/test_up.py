@@ -20,7 +20,7 @@ from spark_cluster.sim import cluster
 from spark_cluster.status import status
 from spark_cluster.transport import HostKeyError, Nodes
 
-from .conftest import (ROOT, SIM_CONFIG, SIM_CONFIGS, freeze, generation, group_containers, ray_leftovers, run_cli, sim_docker,
+from .conftest import (ROOT, SIM_CONFIG, SIM_CONFIGS, freeze, generation, group_containers, leftovers, run_cli, sim_docker,
                        sim_variant, worker_container)
 from .cluster_helpers import Controlled, containers, stream_load
 
@@ -136,7 +136,7 @@ def test_up_serves_idempotently_status_tells_serving_stalled_down_and_down_clean
         rep = status(cfg, nodes)
         assert rep.verdict == "down" and "missing" in rep.reason
     assert containers(cfg) == {"sim-1": {}, "sim-2": {}}
-    assert ray_leftovers(cfg) == {"sim-1": "", "sim-2": ""}
+    assert leftovers(cfg) == {"sim-1": "", "sim-2": ""}
     saved = sorted(p.name for p in logs.iterdir())
     api_log = f"sim-1--{build_plan(cfg).api_container}.log"
     assert saved == sorted([api_log, f"sim-2--{worker_container(cfg)}.log"])

@@ -21,7 +21,7 @@ from spark_cluster.memory_back import slack_gib
 from spark_cluster.metrics import sample_value
 from spark_cluster.transport import Nodes
 
-from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_engine_alone_new, assert_nothing_of, freeze, generation, kill_vllm_api, sim_docker, worker_container
+from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_engine_alone_new, assert_nothing_of, freeze, generation, kill_vllm_api, leftovers, sim_docker, worker_container
 from .cluster_helpers import Controlled, Running, completion_works, streaming, ts
 
 pytestmark = pytest.mark.cluster
@@ -396,8 +396,8 @@ def holding(gib: int, start, state_dir) -> None:
 def test_memory_a_kill_leaves_held_makes_the_kept_restart_full_and_memory_never_back_stops_up(sim, tmp_path):
     """A process left in the worker's container after the engine was killed holds 5 GiB: the kept
     restart waits for the memory, then falls back to the full one, whose container removal gives it
-    back. Held outside the containers it never comes back: `up` refuses with the figures (exit 20),
-    nothing started."""
+    back; the next restart is kept again, and `down` after it leaves nothing. Held outside the
+    containers it never comes back: `up` refuses with the figures (exit 20), nothing started."""
     import subprocess
 
     from spark_cluster.watch_restart import FullRestart, KeptRestart
@@ -432,8 +432,15 @@ def test_memory_a_kill_leaves_held_makes_the_kept_restart_full_and_memory_never_
     assert phases["full/memory"] < 10  # the containers gone, the memory was back
     assert completion_works(cfg)
 
+    # the memory back, the next restart keeps the containers again; `down` after it leaves nothing
+    before = generation(cfg)
+    events.clear()
+    assert "full/kill" not in kept_restart() and not [e for e in events if e["event"] == "restart-fallback"]
+    assert_engine_alone_new(before, generation(cfg), cfg)
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).down()
+        assert {n: list_containers(nodes[n], cfg.name) for n in ("sim-1", "sim-2")} == {"sim-1": [], "sim-2": []}
+    assert leftovers(cfg) == {"sim-1": "", "sim-2": ""}  # no process of Ray's or vLLM's: its actors and placement groups with them
     leak: list[subprocess.Popen] = []
     try:
         holding(5, lambda argv: leak.append(subprocess.Popen(argv)), tmp_path / "state")
