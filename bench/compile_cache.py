@@ -2,25 +2,25 @@
 torch.compile on (configs/local-sim-compile.yaml): vLLM's CPU build traces the model and TorchInductor
 compiles it (C++ by g++), into each node's cache folder.
 
-In one run: a first start with every node's cache folder empty (the cold compile), then the
-watchdog's own restart (the kept one: the containers and Ray stay) twice, once finding the cache the
-first start sealed and once with the cache taken away just before (as when an interrupted start's
+In one run, for each executor: a first start with every node's cache folder empty (the cold
+compile), then the watchdog's own restart (Ray: the kept one, the containers and Ray stay; native:
+the full one, its containers are its ranks) twice, once finding the cache the first start sealed and
+once with the cache taken away just before (as when an interrupted start's
 files are set aside, or on a node that never had one). Printed side by side: each start's compile
 (the ranks' warm-up for the compilation, vLLM's own lines), its whole engine start, and the
 restarts' time from the decision (the call) to a completion served, with the ratios: compile warm /
 cold (goal <= 0.25), restart warm / restart without its cache (goal <= 0.6).
 
-    python -m bench.compile_cache [--env VLLM_USE_AOT_COMPILE=1]   (the config turns vLLM's AOT off)
+    python -m bench.compile_cache [--executors ray,native] [--env VLLM_USE_AOT_COMPILE=1]   (the config turns vLLM's AOT off)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
-
-import yaml
 
 from spark_cluster.caches import host_folder
 from spark_cluster.config import parse_config
@@ -28,16 +28,14 @@ from spark_cluster.executor import Executor
 from spark_cluster.sim import cluster
 from spark_cluster.transport import Nodes
 from spark_cluster.watch_restart import FullRestart, KeptRestart
-from tests.cluster_helpers import completion_works
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.cluster_helpers import compile_data, completion_works
 
 
-def compile_cfg(tmp: Path, env: dict[str, str]):
-    data = yaml.safe_load((ROOT / "configs" / "local-sim-compile.yaml").read_text())
+def compile_cfg(tmp: Path, executor: str, env: dict[str, str]):
+    data = compile_data(executor)
     data["state_dir"] = str(tmp / "state")
     data["container"]["env"].update(env)
-    return parse_config(yaml.safe_dump(data))
+    return parse_config(json.dumps(data))
 
 
 def empty_caches(cfg) -> None:
@@ -73,43 +71,50 @@ def restart(cfg, bundle: Path) -> dict:
 
     t = time.monotonic()
     with Nodes(cfg) as nodes:
-        error, phases = KeptRestart(cfg, nodes, None, event, FullRestart(cfg, nodes, None, event)).run(bundle)
+        full = FullRestart(cfg, nodes, None, event)
+        error, _ = (KeptRestart(cfg, nodes, None, event, full) if cfg.executor == "ray" else full).run(bundle)
     assert error is None, error
     while not completion_works(cfg):
         time.sleep(0.2)
-    kind = "full" if any(e["event"] == "restart-fallback" for e in events) else "kept"
+    kind = "full" if cfg.executor != "ray" or any(e["event"] == "restart-fallback" for e in events) else "kept"
     return {**engine_figures(events), "seconds": round(time.monotonic() - t, 1), "kind": kind,
             "set aside": sum(e.get("files", 0) for e in events if e["event"] == "cache-set-aside")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--env", action="append", default=[], help="K=V added to the containers' env (e.g. VLLM_USE_AOT_COMPILE=0)")
-    args = ap.parse_args()
-    env = dict(kv.split("=", 1) for kv in args.env)
-    tmp = Path(tempfile.mkdtemp(prefix="compile-cache-"))
-    cfg = compile_cfg(tmp, env)
+def measure(executor: str, env: dict[str, str]) -> dict[str, dict]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"compile-cache-{executor}-"))
+    cfg = compile_cfg(tmp, executor, env)
     runs = {"first start, cold": first_start(cfg)}
-    print(f"first start: {runs['first start, cold']}", flush=True)
+    print(f"{executor} first start: {runs['first start, cold']}", flush=True)
     runs["restart, cache kept"] = restart(cfg, tmp / "warm")
-    print(f"restart with the cache: {runs['restart, cache kept']}", flush=True)
+    print(f"{executor} restart with the cache: {runs['restart, cache kept']}", flush=True)
     empty_caches(cfg)
     runs["restart, cache taken away"] = restart(cfg, tmp / "cold")
-    print(f"restart without it: {runs['restart, cache taken away']}", flush=True)
+    print(f"{executor} restart without it: {runs['restart, cache taken away']}", flush=True)
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).down(graceful=False)
+    return runs
 
-    cols = list(runs)
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--executors", default="ray,native", help="Comma-separated: ray, native.")
+    ap.add_argument("--env", action="append", default=[], help="K=V added to the containers' env (e.g. VLLM_USE_AOT_COMPILE=1)")
+    args = ap.parse_args()
+    env = dict(kv.split("=", 1) for kv in args.env)
+    res = {x: measure(x, env) for x in args.executors.split(",")}
     print(f"\ntorch.compile on, two simulated nodes{' (' + ', '.join(args.env) + ')' if args.env else ''}")
-    print(f"{'':40}" + "".join(f"{c:>28}" for c in cols))
-    for label, key in (("compile (s, the ranks' own lines)", "compile"), ("engine start (s, its log)", "engine"),
-                       ("call -> a completion served (s)", "seconds")):
-        print(f"{label:40}" + "".join(f"{runs[c][key]!s:>28}" for c in cols))
-    warm, cold, first = runs["restart, cache kept"], runs["restart, cache taken away"], runs["first start, cold"]
-    print(f"{'restart kind':40}{'-':>28}{warm['kind']:>28}{cold['kind']:>28}")
-    if warm["compile"] and first["compile"]:
-        print(f"compile with the cache / the first start's: {warm['compile'] / first['compile']:.2f} (goal <= 0.25)")
-    print(f"restart with the cache / without it: {warm['seconds'] / cold['seconds']:.2f} (goal <= 0.6)")
+    for executor, runs in res.items():
+        cols = list(runs)
+        print(f"\n{executor:40}" + "".join(f"{c:>28}" for c in cols))
+        for label, key in (("compile (s, the ranks' own lines)", "compile"), ("engine start (s, its log)", "engine"),
+                           ("call -> a completion served (s)", "seconds")):
+            print(f"{label:40}" + "".join(f"{runs[c][key]!s:>28}" for c in cols))
+        warm, cold, first = runs["restart, cache kept"], runs["restart, cache taken away"], runs["first start, cold"]
+        print(f"{'restart kind':40}{'-':>28}{warm['kind']:>28}{cold['kind']:>28}")
+        if warm["compile"] and first["compile"]:
+            print(f"compile with the cache / the first start's: {warm['compile'] / first['compile']:.2f} (goal <= 0.25)")
+        print(f"restart with the cache / without it: {warm['seconds'] / cold['seconds']:.2f} (goal <= 0.6)")
 
 
 if __name__ == "__main__":

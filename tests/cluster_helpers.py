@@ -134,6 +134,18 @@ def streaming(cfg, n: int, **kw):
         for t in threads:
             t.join(timeout=30)
 
+def compile_data(executor: str) -> dict:
+    """configs/local-sim-compile.yaml, for the native executor as local-sim-native.yaml differs from
+    local-sim.yaml (the executor, no Ray resource)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "configs" / "local-sim-compile.yaml").read_text())
+    if executor == "native":
+        data["executor"] = "native"
+        data["ray"].pop("resources")
+    return data
+
+
 def completion_works(cfg) -> bool:
     try:
         r = httpx.post(f"{cfg.endpoint()}/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hi", "max_tokens": 2}, timeout=60)

@@ -21,23 +21,13 @@ from spark_cluster.sim import cluster
 from spark_cluster.status import cache_lines
 from spark_cluster.transport import Nodes
 
-from .cluster_helpers import completion_works
-from .conftest import RAY_IN_SUITE, ROOT, kill_vllm_api, run_cli
+from .cluster_helpers import compile_data, completion_works
+from .conftest import RAY_IN_SUITE, kill_vllm_api, run_cli
 
 pytestmark = pytest.mark.cluster
 
 SEAL = ".spark-cluster-seal.json"
 COMPILED = ("./torchinductor/", "./vllm/torch_compile_cache/")  # what the compile writes
-
-
-def compile_data(executor: str) -> dict:
-    """configs/local-sim-compile.yaml, for the native executor as local-sim-native.yaml differs from
-    local-sim.yaml (the executor, no Ray resource)."""
-    data = yaml.safe_load((ROOT / "configs" / "local-sim-compile.yaml").read_text())
-    if executor == "native":
-        data["executor"] = "native"
-        data["ray"].pop("resources")
-    return data
 
 
 def sh(node: str, command: str) -> str:
