@@ -1,0 +1,180 @@
+"""What the gateway keeps of a stream to continue it after a cut, and the request that continues it
+(pure: bytes and dicts in, bytes and dicts out; table-tested).
+
+A stream cut by a hang or a restart can be continued exactly only from the engine's own token ids:
+vLLM's `return_token_ids` puts the prompt's ids in a stream's first event and each event's
+generated ids beside its text. So the gateway asks for them on every stream it may have to continue
+(and takes them out again for a client that did not ask), keeps the prompt's ids and every id that
+went to the client, and, on a cut, sends `prompt: <prompt ids + the ids the client has>` with the
+tokens left and the same sampling settings. The continuation's events are rewritten into the
+client's stream: its `id`, `created` and `model`, the ids only where asked, and the usage counting
+the whole answer.
+
+What cannot be continued exactly is never continued (the stream ends with the error event as
+before, the reason counted): several choices (`n`, `best_of`: the answer would differ), a batch of
+prompts, `echo`, stop strings (the engine holds back text that may begin one: the client's text
+lags its ids), a stream whose ids the engine did not give.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+COMPLETIONS = "/v1/completions"
+MAX_KEPT_IDS = 1 << 18  # ids kept per stream (4 bytes each: 1 MiB); a longer stream is not continued
+# fields of a completion request that concern the prompt as sent: not carried into a continuation
+PROMPT_ONLY = ("prompt", "prompt_logprobs", "echo", "suffix")
+
+
+@dataclass
+class Kept:
+    """One stream the gateway may continue: the request as the client sent it, and what went out."""
+
+    path: str
+    request: dict[str, Any]
+    ids_asked: bool  # the client asked for the token ids itself: they stay in its events
+    prompt_ids: Optional[array] = None
+    sent: array = field(default_factory=lambda: array("i"))
+    head: Optional[dict[str, Any]] = None  # the first event's id, created and model: the client's stream keeps them
+    finished: bool = False  # a finish_reason went out
+    continued: int = 0  # continuations so far
+    why_not: Optional[str] = None  # set once something makes it impossible to continue exactly
+
+    def max_tokens(self) -> Optional[int]:
+        value = self.request.get("max_tokens")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def why_not_kept(path: str, request: Any) -> Optional[str]:
+    """Why a streamed request cannot be continued exactly (None: it can). Pure."""
+    if not isinstance(request, dict):
+        return "not a JSON object"
+    if path.split("?", 1)[0] != COMPLETIONS:
+        return "only completions are continued"
+    for name in ("n", "best_of"):
+        value = request.get(name)
+        if value not in (None, 1):
+            return f"{name} {value!r}: several choices would differ"
+    prompt = request.get("prompt")
+    if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt))):
+        return "a batch of prompts"
+    if request.get("echo"):
+        return "echo"
+    if request.get("stop"):
+        return "stop strings: the engine holds back text that may begin one"
+    return None
+
+
+def keep(path: str, body: bytes) -> tuple[Optional[Kept], bytes, Optional[str]]:
+    """For a request about to go to the engine: (what to keep, the body to send, why it is not kept).
+    A stream that can be continued is sent asking for its token ids; anything else goes unchanged,
+    with a reason only when it is a stream. Pure."""
+    try:
+        request = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        return None, body, None
+    if not isinstance(request, dict) or request.get("stream") is not True:
+        return None, body, None
+    why = why_not_kept(path, request)
+    if why is not None:
+        return None, body, why
+    kept = Kept(path=path.split("?", 1)[0], request=request, ids_asked=request.get("return_token_ids") is True)
+    if kept.ids_asked:
+        return kept, body, None
+    return kept, json.dumps({**request, "return_token_ids": True}).encode(), None
+
+
+def pass_events(kept: Kept, out: bytes) -> bytes:
+    """Whole events of the engine's answer on their way to the client (Flight.passing gives them):
+    what they say is kept (the prompt's ids, the ids sent, the head, the end), and they are
+    rewritten where the client must not see the difference: the ids where it did not ask, and, after
+    a continuation, the head and the usage of the stream it began with. Pure but for `kept`."""
+    if not out:
+        return out
+    rewritten = False
+    parts = out.split(b"\n\n")
+    for i, event in enumerate(parts):
+        if not event.startswith(b"data: {"):
+            continue
+        try:
+            data = json.loads(event[6:])
+        except (ValueError, RecursionError):
+            kept.why_not = kept.why_not or "an event that is not JSON"
+            continue
+        if _take(kept, data):
+            parts[i] = b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+            rewritten = True
+    return b"\n\n".join(parts) if rewritten else out
+
+
+def _take(kept: Kept, data: dict[str, Any]) -> bool:
+    """One event: kept, and changed in place where the client must see it otherwise. True when changed."""
+    changed = False
+    if kept.head is None:
+        kept.head = {k: data.get(k) for k in ("id", "created", "model")}
+    elif kept.continued:
+        for k, v in kept.head.items():
+            if data.get(k) != v:
+                data[k] = v
+                changed = True
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        prompt = choice.get("prompt_token_ids")
+        if prompt is not None:
+            if kept.prompt_ids is None and not kept.continued:
+                kept.prompt_ids = array("i", prompt)
+            if kept.continued or not kept.ids_asked:
+                choice["prompt_token_ids"] = None  # as vLLM sends it unasked; a continuation's prompt is not the client's
+                changed = True
+        ids = choice.get("token_ids")
+        if ids is not None:
+            if len(kept.sent) + len(ids) > MAX_KEPT_IDS:
+                kept.why_not = kept.why_not or f"longer than the {MAX_KEPT_IDS} ids kept per stream"
+            else:
+                kept.sent.extend(ids)
+            if not kept.ids_asked:
+                choice["token_ids"] = None  # as vLLM sends it unasked
+                changed = True
+        elif choice.get("text"):
+            kept.why_not = kept.why_not or "the engine did not give the token ids"
+        if choice.get("finish_reason") is not None:
+            kept.finished = True
+    usage = data.get("usage")
+    if kept.continued and isinstance(usage, dict) and kept.prompt_ids is not None:
+        whole = {"prompt_tokens": len(kept.prompt_ids), "completion_tokens": len(kept.sent)}
+        whole["total_tokens"] = whole["prompt_tokens"] + whole["completion_tokens"]
+        if any(usage.get(k) != v for k, v in whole.items()):
+            usage.update(whole)
+            usage.pop("prompt_tokens_details", None)  # the continuation's cache hits are not the client's prompt's
+            changed = True
+    return changed
+
+
+def continuation(kept: Kept) -> tuple[Optional[bytes], Optional[str]]:
+    """The request that continues a cut stream from the token where it stopped, or why it cannot be. Pure."""
+    if kept.why_not is not None:
+        return None, kept.why_not
+    if kept.finished:
+        return None, "the answer had ended"
+    if kept.prompt_ids is None:
+        return None, "the engine did not give the prompt's token ids"
+    request = {k: v for k, v in kept.request.items() if k not in PROMPT_ONLY}
+    request.update(prompt=[*kept.prompt_ids, *kept.sent], stream=True, return_token_ids=True)
+    limit = kept.max_tokens()
+    if limit is not None:
+        left = limit - len(kept.sent)
+        if left <= 0:
+            return None, "the answer had ended"
+        request["max_tokens"] = left
+    least = request.get("min_tokens")
+    if isinstance(least, int) and not isinstance(least, bool):
+        request["min_tokens"] = max(0, least - len(kept.sent))
+    return json.dumps(request).encode(), None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
