@@ -13,7 +13,8 @@ the whole answer.
 What cannot be continued exactly is never continued (the stream ends with the error event as
 before, the reason counted): several choices (`n`, `best_of`: the answer would differ), a batch of
 prompts, `echo`, stop strings (the engine holds back text that may begin one: the client's text
-lags its ids), a stream whose ids the engine did not give.
+lags its ids), a stream whose ids the engine did not give. Every reason begins with its code (the
+metric's label: `reason_code`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 COMPLETIONS = "/v1/completions"
+# why a cut stream was not continued: each reason's code (the words of the reasons begin with them)
+REASONS = ("request", "path", "choices", "batch", "echo", "stop", "ids", "long", "json", "ended", "attempts", "wait", "refused")
 MAX_KEPT_IDS = 1 << 18  # ids kept per stream (4 bytes each: 1 MiB); a longer stream is not continued
 # fields of a completion request that concern the prompt as sent: not carried into a continuation
 PROMPT_ONLY = ("prompt", "prompt_logprobs", "echo", "suffix")
@@ -36,6 +39,7 @@ class Kept:
     path: str
     request: dict[str, Any]
     ids_asked: bool  # the client asked for the token ids itself: they stay in its events
+    watched: bool = True  # its events are read (False: it cannot be continued, why_not says why, and they pass untouched)
     prompt_ids: Optional[array] = None
     sent: array = field(default_factory=lambda: array("i"))
     head: Optional[dict[str, Any]] = None  # the first event's id, created and model: the client's stream keeps them
@@ -51,40 +55,39 @@ class Kept:
 def why_not_kept(path: str, request: Any) -> Optional[str]:
     """Why a streamed request cannot be continued exactly (None: it can). Pure."""
     if not isinstance(request, dict):
-        return "not a JSON object"
+        return "request: not a JSON object"
     if path.split("?", 1)[0] != COMPLETIONS:
-        return "only completions are continued"
+        return "path: only completions are continued"
     for name in ("n", "best_of"):
         value = request.get(name)
         if value not in (None, 1):
-            return f"{name} {value!r}: several choices would differ"
+            return f"choices: {name} {value!r}, several choices would differ"
     prompt = request.get("prompt")
     if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt))):
-        return "a batch of prompts"
+        return "batch: a batch of prompts"
     if request.get("echo"):
-        return "echo"
+        return "echo: the prompt echoed"
     if request.get("stop"):
-        return "stop strings: the engine holds back text that may begin one"
+        return "stop: stop strings, the engine holds back text that may begin one"
     return None
 
 
-def keep(path: str, body: bytes) -> tuple[Optional[Kept], bytes, Optional[str]]:
-    """For a request about to go to the engine: (what to keep, the body to send, why it is not kept).
-    A stream that can be continued is sent asking for its token ids; anything else goes unchanged,
-    with a reason only when it is a stream. Pure."""
+def keep(path: str, body: bytes) -> tuple[Optional[Kept], bytes]:
+    """For a request about to go to the engine: (what to keep, the body to send). A stream that can be
+    continued is sent asking for its token ids; one that cannot is kept with why_not (its events pass
+    untouched); anything else is not a stream: nothing kept. Pure."""
     try:
         request = json.loads(body) if body else None
     except (ValueError, RecursionError):
-        return None, body, None
+        return None, body
     if not isinstance(request, dict) or request.get("stream") is not True:
-        return None, body, None
+        return None, body
     why = why_not_kept(path, request)
-    if why is not None:
-        return None, body, why
-    kept = Kept(path=path.split("?", 1)[0], request=request, ids_asked=request.get("return_token_ids") is True)
-    if kept.ids_asked:
-        return kept, body, None
-    return kept, json.dumps({**request, "return_token_ids": True}).encode(), None
+    kept = Kept(path=path.split("?", 1)[0], request=request, ids_asked=request.get("return_token_ids") is True,
+                watched=why is None, why_not=why)
+    if why is not None or kept.ids_asked:
+        return kept, body
+    return kept, json.dumps({**request, "return_token_ids": True}).encode()
 
 
 def pass_events(kept: Kept, out: bytes) -> bytes:
@@ -92,7 +95,7 @@ def pass_events(kept: Kept, out: bytes) -> bytes:
     what they say is kept (the prompt's ids, the ids sent, the head, the end), and they are
     rewritten where the client must not see the difference: the ids where it did not ask, and, after
     a continuation, the head and the usage of the stream it began with. Pure but for `kept`."""
-    if not out:
+    if not out or not kept.watched:
         return out
     rewritten = False
     parts = out.split(b"\n\n")
@@ -102,7 +105,7 @@ def pass_events(kept: Kept, out: bytes) -> bytes:
         try:
             data = json.loads(event[6:])
         except (ValueError, RecursionError):
-            kept.why_not = kept.why_not or "an event that is not JSON"
+            kept.why_not = kept.why_not or "json: an event that is not JSON"
             continue
         if _take(kept, data):
             parts[i] = b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
@@ -133,14 +136,14 @@ def _take(kept: Kept, data: dict[str, Any]) -> bool:
         ids = choice.get("token_ids")
         if ids is not None:
             if len(kept.sent) + len(ids) > MAX_KEPT_IDS:
-                kept.why_not = kept.why_not or f"longer than the {MAX_KEPT_IDS} ids kept per stream"
+                kept.why_not = kept.why_not or f"long: longer than the {MAX_KEPT_IDS} ids kept per stream"
             else:
                 kept.sent.extend(ids)
             if not kept.ids_asked:
                 choice["token_ids"] = None  # as vLLM sends it unasked
                 changed = True
         elif choice.get("text"):
-            kept.why_not = kept.why_not or "the engine did not give the token ids"
+            kept.why_not = kept.why_not or "ids: the engine did not give the token ids"
         if choice.get("finish_reason") is not None:
             kept.finished = True
     usage = data.get("usage")
@@ -159,21 +162,29 @@ def continuation(kept: Kept) -> tuple[Optional[bytes], Optional[str]]:
     if kept.why_not is not None:
         return None, kept.why_not
     if kept.finished:
-        return None, "the answer had ended"
+        return None, "ended: the answer had ended"
     if kept.prompt_ids is None:
-        return None, "the engine did not give the prompt's token ids"
+        return None, "ids: the engine did not give the prompt's token ids"
     request = {k: v for k, v in kept.request.items() if k not in PROMPT_ONLY}
     request.update(prompt=[*kept.prompt_ids, *kept.sent], stream=True, return_token_ids=True)
+    # without max_tokens vLLM stops where the context is full: the continuation's longer prompt leaves it
+    # exactly what the cut stream had left (but for a model whose generation config sets max_new_tokens,
+    # which vLLM would count afresh)
     limit = kept.max_tokens()
     if limit is not None:
         left = limit - len(kept.sent)
         if left <= 0:
-            return None, "the answer had ended"
+            return None, "ended: the answer had ended"
         request["max_tokens"] = left
     least = request.get("min_tokens")
     if isinstance(least, int) and not isinstance(least, bool):
         request["min_tokens"] = max(0, least - len(kept.sent))
     return json.dumps(request).encode(), None
+
+
+def reason_code(why: str) -> str:
+    """The label a reason is counted under: the word before its colon."""
+    return why.split(":", 1)[0]
 
 
 def _is_id(value: Any) -> bool:

@@ -37,14 +37,15 @@ from . import timeouts
 from .door import Admission, admit, retry_status
 from .members import Flight, Member, Members, Observer, Send, Signal, Writer, to_move
 from .routing import prefix_keys, prompt_of
+from .stream_carry import CarryOn
 from .serving_settings import GatewaySettings
 from .upstream import ConnectFailed, ConnectionLost, ReadTimeout, UpstreamError
 
 __all__ = ["Flight", "Gateway", "Member", "Observer", "Send", "Signal", "Writer", "to_move"]  # what the others import from here
 
 PATHS = "/v1/"  # what the gateway passes to vLLM (its OpenAI API)
-Outcome = Literal["ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled"]
-OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "interrupted", "rejected", "failed", "cancelled")
+Outcome = Literal["ok", "held", "retried", "continued", "interrupted", "rejected", "failed", "cancelled"]
+OUTCOMES: tuple[str, ...] = ("ok", "held", "retried", "continued", "interrupted", "rejected", "failed", "cancelled")
 log = logging.getLogger("spark_cluster.gateway")  # one line per request that did not simply pass (ok ones are counted only)
 
 # Headers that belong to one hop (RFC 9110 7.6.1), and those the gateway's client or server set themselves;
@@ -79,8 +80,9 @@ def error_body(message: str, kind: str = "service_unavailable", code: int = 503)
 
 
 # ---- the proxy --------------------------------------------------------------------------------
-class Gateway(Members):
-    """The proxy: one coroutine per request (`serve`) over the groups Members keeps."""
+class Gateway(CarryOn, Members):
+    """The proxy: one coroutine per request (`serve`) over the groups Members keeps; a stream cut after
+    its first byte is continued by CarryOn where it can be."""
 
     def __init__(self, upstreams: "str | dict[str, str]", settings: GatewaySettings, observer: Observer | None = None):
         """upstreams: each group's engine by its label (one URL: one group)."""
@@ -121,8 +123,9 @@ class Gateway(Members):
         held = attempts = 0
         headers = end_to_end(headers, HOP_BY_HOP | FORWARDED) + forwarded_for(client)
         keys = affinity_keys(target, body) if len(self.members) > 1 and self.s.prefix_affinity else []  # no cost with one group
+        kept, body = self.keep(method, target, body)
         tried: set[str] = set()  # the groups this request failed on before its first byte
-        flight = Flight()
+        flight = Flight(kept=kept)
         outcome: Outcome = "failed"
         try:
             while True:
@@ -142,6 +145,8 @@ class Gateway(Members):
                 attempts += 1
                 result = await self._attempt(member, flight, method, target, headers, body, send, gone, t0, writer)
                 tried.add(member.name)
+                if result == "cut":
+                    result = await self.carry_on(member, flight, headers, send, gone, t0, writer)
                 if result != "retry":
                     outcome = result if result != "ok" else ("retried" if attempts > 1 else "held" if held else "ok")
                     return outcome
@@ -161,13 +166,16 @@ class Gateway(Members):
                     return outcome
                 if self.door.mode == "open" and pause:
                     await _first(gone.wait(), timeout=pause)
-                flight = Flight(tried=frozenset(tried))
+                flight = Flight(tried=frozenset(tried), kept=kept)
         finally:
-            self.obs.outcome(outcome)
-            if outcome != "ok":
-                log.info("%s %s: %s after %.1fs (%d attempts%s%s)", method, target, outcome,
-                         time.monotonic() - t0, attempts, ", waited at the door" if held else "",
-                         f", tried {', '.join(sorted(tried))}" if tried and len(self.members) > 1 else "")
+            self._done(outcome, method, target, t0, attempts, held, tried)
+
+    def _done(self, outcome: Outcome, method: str, target: str, t0: float, attempts: int, held: int, tried: set[str]) -> None:
+        self.obs.outcome(outcome)
+        if outcome != "ok":
+            log.info("%s %s: %s after %.1fs (%d attempts%s%s)", method, target, outcome,
+                     time.monotonic() - t0, attempts, ", waited at the door" if held else "",
+                     f", tried {', '.join(sorted(tried))}" if tried and len(self.members) > 1 else "")
 
     async def refuse_too_large(self, send: Send) -> None:
         self.obs.outcome("rejected")
@@ -183,9 +191,10 @@ class Gateway(Members):
         await send({"type": "http.response.body", "body": error_body(a.message)})
 
     async def _attempt(self, m: Member, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                       send: Send, gone: Signal, t0: float, writer: Optional[Writer]) -> str:
+                       send: Send, gone: Signal, t0: float, writer: Optional[Writer], continuing: bool = False) -> str:
         """One try at the engine: ok | failed (an answer passed through) | retry (nothing reached the
-        client) | interrupted (a stream cut after its first byte) | cancelled (the client went away).
+        client) | cut (an answer cut after its first byte: flight.why_cut says why) | cancelled (the
+        client went away). continuing: a continuation of a cut stream (its head went out already).
         The exchange runs in the request's own task; an interruption or the client's leaving cancels
         it (a task per exchange would be time on the hop)."""
         task = asyncio.current_task()
@@ -206,7 +215,7 @@ class Gateway(Members):
                 flight.cut = True
             else:
                 try:
-                    return await self._exchange(m, flight, method, path, headers, body, send, t0, writer)
+                    return await self._exchange(m, flight, method, path, headers, body, send, t0, writer, continuing)
                 except asyncio.CancelledError:
                     if not flight.cut or task.uncancel() > 0:
                         raise  # cancelled from outside (the server stops)
@@ -216,8 +225,8 @@ class Gateway(Members):
                 return "ok" if flight.done_sent else "cancelled"
             if not flight.started:
                 return "retry"
-            await self._end_stream(send, flight, f"the watchdog is restarting the engine ({m.door.public or 'it stopped answering'})")
-            return "interrupted"
+            flight.why_cut = f"the watchdog is restarting the engine ({m.door.public or 'it stopped answering'})"
+            return "cut"
         finally:
             flight.interrupt.callbacks.remove(cut)
             gone.callbacks.remove(cut)
@@ -225,7 +234,7 @@ class Gateway(Members):
             m.flights.discard(flight)
 
     async def _exchange(self, m: Member, flight: Flight, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                        send: Send, t0: float, writer: Optional[Writer]) -> str:
+                        send: Send, t0: float, writer: Optional[Writer], continuing: bool = False) -> str:
         try:
             resp = await m.engine.send(method, path, headers, body)
         except ConnectFailed:
@@ -238,6 +247,9 @@ class Gateway(Members):
         try:
             if resp.status >= 500 and retry_status(resp.status, await self.engine_answers(m) if resp.status == 500 else None):
                 return "retry"
+            if continuing and resp.status != 200:
+                flight.why_cut = f"refused: the engine answered the continuation with {resp.status}"
+                return "failed"
             try:
                 first = await resp.next_chunk()
             except UpstreamError:
@@ -247,9 +259,10 @@ class Gateway(Members):
             if flight.event_stream:
                 out_headers.append((b"x-accel-buffering", b"no"))
                 out_headers.append((b"cache-control", b"no-cache"))
-            flight.started = True
-            self.obs.first_byte(time.monotonic() - t0)
-            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+            flight.started, flight.first_at = True, time.monotonic()
+            if not continuing:
+                self.obs.first_byte(flight.first_at - t0)
+                await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             if first is not None:  # None: the answer has no body (HEAD, 204, a length of 0) and has ended
                 await self._send_chunk(send, flight, first)
                 if writer is not None:  # no task woken per piece: under load every token of every stream passes here
@@ -259,8 +272,8 @@ class Gateway(Members):
                     while (chunk := await resp.next_chunk()) is not None:  # no async generator: a frame less per chunk
                         await self._send_chunk(send, flight, chunk)
                 except UpstreamError:
-                    await self._end_stream(send, flight, "the engine's connection ended before the answer was complete")
-                    return "interrupted"
+                    flight.why_cut = "the engine's connection ended before the answer was complete"
+                    return "cut"
             await send({"type": "http.response.body", "body": flight.rest(), "more_body": False})
             flight.finished = True
             return "failed" if resp.status >= 500 else "ok"

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Optional, Protocol
 
+from .continuation import Kept, pass_events
 from .door import Door, door_after, overall_door
 from .routing import PrefixTable, choose
 from .serving_settings import GatewaySettings
@@ -65,6 +66,9 @@ class Flight:
     cut: bool = False  # an interruption or the client's leaving cancelled the exchange
     tried: frozenset[str] = frozenset()  # the groups its request went to before this attempt
     client: Optional["Writer"] = None  # where its answer goes (front's request): is the client reading?
+    kept: Optional[Kept] = None  # a stream the gateway may continue: what it keeps of it (continuation)
+    why_cut: str = ""  # why a started answer could not be completed (its error event says it)
+    first_at: float = 0.0  # when its answer's first piece came (time.monotonic)
 
     @property
     def client_blocked(self) -> bool:
@@ -84,6 +88,8 @@ class Flight:
         if len(self.partial) > EVENT_HELD_MAX:  # not events as vLLM sends them: passed on as they come
             out, self.partial = data, b""
         if out:
+            if self.kept is not None:
+                out = pass_events(self.kept, out)
             self.done_sent = out.endswith(b"data: [DONE]\n\n")
         return out
 
@@ -102,6 +108,8 @@ class Observer:
     def count_in_flight(self, count: Callable[[], int]) -> None: ...
     def routed(self, group: str, how: str) -> None: ...
     def cut(self, why: str) -> None: ...
+    def continued(self, group: str, how: str, pause_s: float) -> None: ...
+    def not_continued(self, reason: str) -> None: ...
 
 
 # Takes the answer as messages of ASGI's shape (http.response.start, then http.response.body pieces).

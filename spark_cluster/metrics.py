@@ -15,9 +15,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from .continuation import REASONS as NOT_CONTINUED
 from .decide import WatchState
 from .gateway import OUTCOMES, Observer
 from .routing import HOWS
+from .stream_carry import HOWS as CONTINUED_HOWS
 
 disable_created_metrics()  # the `_created` series only double the exposition here
 
@@ -110,6 +112,16 @@ class ControllerMetrics(Observer):
         self.cuts = Counter("spark_cluster_gateway_clients_cut", "Client connections the gateway closed at one of its bounds: "
                             "not_reading (gateway.client_write_timeout_s), request_deadline (408), max_head (431), max_clients, "
                             "max_clients_per_peer (503), invalid (400).", ["why"], registry=r)
+        self.continued_streams = Counter("spark_cluster_gateway_streams_continued", "Streams cut by a hang, a restart or a rolling "
+                                         "change and continued from the token where they stopped, by the group that continued them and "
+                                         "how: on another group at once (other_group) or on the same once it served again (same_group).",
+                                         [*g, "how"], registry=r)
+        self.not_continued_streams = Counter("spark_cluster_gateway_streams_not_continued", "Streams cut after their first byte and "
+                                             "ended with the error event instead of continued, by reason (spark_cluster.continuation: "
+                                             "choices, batch, echo, stop, path, ids, long, json, ended, attempts, wait, refused).",
+                                             ["reason"], registry=r)
+        self.seams = Histogram("spark_cluster_gateway_continuation_pause_seconds", "The pause a continued stream's client saw at the "
+                               "seam: from the cut to the continuation's first event.", buckets=TTFB_BUCKETS, registry=r)
         self.held_now = Gauge("spark_cluster_gateway_held_requests", "Requests waiting at the gateway for the engine to serve.", registry=r)
         self.in_flight_now = Gauge("spark_cluster_gateway_requests_in_flight", "Requests with the engine now.", registry=r)
         self.ttfb = Histogram("spark_cluster_gateway_time_to_first_byte_seconds",
@@ -119,7 +131,10 @@ class ControllerMetrics(Observer):
         self.outcomes = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}  # a label lookup less per request
         for why in CUT_REASONS:
             self.cuts.labels(why)
+        for reason in NOT_CONTINUED:
+            self.not_continued_streams.labels(reason)
         self.parts: dict[str, dict[str, float]] = {}
+        self.groups = groups
         for group in groups:
             for kind in RESTART_KINDS:
                 self.restarts.labels(group, kind)
@@ -127,6 +142,8 @@ class ControllerMetrics(Observer):
             self.state.labels(group).state("starting")
             for how in HOWS if len(groups) > 1 else ():
                 self.routes.labels(group, how)
+            for how in CONTINUED_HOWS:
+                self.continued_streams.labels(group, how)
 
     # ---- the gateway's reports ------------------------------------------------------------------
     def outcome(self, outcome: str) -> None:
@@ -147,6 +164,13 @@ class ControllerMetrics(Observer):
 
     def cut(self, why: str) -> None:
         self.cuts.labels(why).inc()
+
+    def continued(self, group: str, how: str, pause_s: float) -> None:
+        self.continued_streams.labels(group or self.groups[0], how).inc()  # "": the gateway's only group
+        self.seams.observe(pause_s)
+
+    def not_continued(self, reason: str) -> None:
+        self.not_continued_streams.labels(reason).inc()
 
     # ---- the watchdog's events ------------------------------------------------------------------
     def on_event(self, e: dict[str, Any], group: str) -> None:

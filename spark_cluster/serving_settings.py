@@ -80,6 +80,14 @@ class GatewaySettings(Strict):
     drain_s: float = Field(300, gt=0, description="A rolling change (`up` with a changed config while the controller runs): how long a "
                                                    "group's requests in flight may take to finish before it is recreated; streams still "
                                                    "open then end with an error event.")
+    continue_streams: bool = Field(True, description="A completion stream cut by a hang, a restart or a rolling change is "
+                                                      "continued from the exact token where it stopped (on another group at once, or "
+                                                      "on this one once it serves again) instead of ending with an error event: the "
+                                                      "gateway asks vLLM for the token ids (return_token_ids) and keeps them per stream.")
+    continue_within_s: float = Field(900, gt=0, description="How long a cut stream is held open (SSE comment lines, so that proxies "
+                                                            "and clients keep it) waiting for a group to continue it on. A restart "
+                                                            "on Sparks takes minutes.")
+    continue_attempts: int = Field(2, ge=1, description="Most continuations of one stream.")
     prefix_affinity: bool = Field(True, description="With several groups: requests whose prompt (or chat history) starts the same go "
                                                      "to the same group, where vLLM's prefix cache holds it, while its load allows.")
     affinity_bound: float = Field(1.25, ge=1, description="With prefix_affinity: a group takes a request for its cached prefix while it "

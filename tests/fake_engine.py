@@ -86,6 +86,9 @@ class Script:
     running: int = 0
     abandoned: int = 0  # streams whose client went away before their end
     abandoned_at: list[float] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)  # each token-id stream's prompt, as ids
+    max_model_len: int = 0  # token-id streams without max_tokens end where the context is full (0: after `chunks`)
+    cut_after: list[int] = field(default_factory=list)  # the next token-id streams' connections break after this many events each
 
 
 class FakeEngine:
@@ -141,6 +144,9 @@ class FakeEngine:
                                  "choices": [{"index": 0, "text": "x" * sc.chunks, "finish_reason": "length"}]},
                                 headers={"x-fake": "1"})
 
+        if req.get("return_token_ids") is True:
+            return StreamingResponse(self._id_events(req), media_type="text/event-stream")
+
         async def events():
             sc.running += 1
             finished = False
@@ -164,3 +170,55 @@ class FakeEngine:
                     sc.abandoned_at.append(time.monotonic())
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _id_events(self, req: dict[str, Any]):
+        """A stream with token ids, as vLLM gives it with `return_token_ids`: the prompt's ids in the
+        first event, each event's generated id beside its text, the usage last when asked. The fake's
+        "model" is deterministic in its context (next_id), so a stream continued from its prompt and
+        the ids already sent goes on with exactly the ids the uncut stream would have given."""
+        sc = self.script
+        prompt = req.get("prompt")
+        context = list(prompt) if isinstance(prompt, list) else list(str(prompt or "").encode())
+        sc.prompts.append(list(context))
+        # as vLLM: max_tokens, else what the context has left (the fake's context: max_model_len, else chunks more than the prompt)
+        n = req["max_tokens"] if isinstance(req.get("max_tokens"), int) else \
+            sc.max_model_len - len(context) if sc.max_model_len else sc.chunks
+        rid, created, model = f"cmpl-fake-{sc.calls}", 1_700_000_000 + sc.calls, req.get("model")
+        cut = sc.cut_after.pop(0) if sc.cut_after else None
+        sc.running += 1
+        finished = False
+        try:
+            for i in range(n):
+                if i == cut:
+                    raise ConnectionAbortedError("the fake engine's connection breaks mid-stream (Script.cut_after)")
+                t = next_id(context)
+                context.append(t)
+                choice = {"index": 0, "text": id_text(t), "logprobs": None, "finish_reason": "length" if i == n - 1 else None,
+                          "stop_reason": None, "prompt_token_ids": context[:len(context) - i - 1] if i == 0 else None, "token_ids": [t]}
+                yield b"data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                              "choices": [choice]}, separators=(",", ":")).encode() + b"\n\n"
+                if sc.chunk_delay_s:
+                    await asyncio.sleep(sc.chunk_delay_s)
+                while sc.hang:
+                    await asyncio.sleep(0.02)
+            if (req.get("stream_options") or {}).get("include_usage"):
+                used = {"prompt_tokens": len(context) - n, "total_tokens": len(context), "completion_tokens": n}
+                yield b"data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                              "choices": [], "usage": used}, separators=(",", ":")).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            sc.running -= 1
+            if not finished:
+                sc.abandoned += 1
+                sc.abandoned_at.append(time.monotonic())
+
+
+def next_id(context: list[int]) -> int:
+    """The fake model's next token: a function of the last ids and the length (deterministic)."""
+    a, b = (context[-1], context[-2]) if len(context) >= 2 else (context[-1] if context else 0, 0)
+    return (a * 31 + b * 17 + len(context)) % 4096 + 256
+
+
+def id_text(t: int) -> str:
+    return f" w{t}"

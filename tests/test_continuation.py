@@ -40,13 +40,13 @@ def events_of(raw: bytes) -> list[dict]:
     ({}, None),
     ({"prompt": PROMPT_IDS}, None),  # a prompt of token ids
     ({"n": 1, "best_of": 1}, None),
-    ({"n": 2}, "n 2: several choices would differ"),
-    ({"best_of": 3}, "best_of 3: several choices would differ"),
-    ({"prompt": ["a", "b"]}, "a batch of prompts"),
-    ({"prompt": [[1, 2], [3]]}, "a batch of prompts"),
-    ({"prompt": [1, True]}, "a batch of prompts"),
-    ({"echo": True}, "echo"),
-    ({"stop": ["\n\n"]}, "stop strings: the engine holds back text that may begin one"),
+    ({"n": 2}, "choices: n 2, several choices would differ"),
+    ({"best_of": 3}, "choices: best_of 3, several choices would differ"),
+    ({"prompt": ["a", "b"]}, "batch: a batch of prompts"),
+    ({"prompt": [[1, 2], [3]]}, "batch: a batch of prompts"),
+    ({"prompt": [1, True]}, "batch: a batch of prompts"),
+    ({"echo": True}, "echo: the prompt echoed"),
+    ({"stop": ["\n\n"]}, "stop: stop strings, the engine holds back text that may begin one"),
     ({"stop": []}, None),
 ])
 def test_what_a_completion_stream_must_not_be_to_be_continued(fields, why):
@@ -54,24 +54,27 @@ def test_what_a_completion_stream_must_not_be_to_be_continued(fields, why):
 
 
 def test_a_chat_is_not_continued_yet_and_other_paths_never():
-    assert why_not_kept("/v1/chat/completions", {"messages": []}) == "only completions are continued"
+    assert why_not_kept("/v1/chat/completions", {"messages": []}) == "path: only completions are continued"
     assert why_not_kept("/v1/completions?x=1", json.loads(request())) is None
 
 
 def test_a_stream_is_sent_asking_for_its_ids_and_anything_else_goes_unchanged():
-    kept, body, why = keep("/v1/completions", request())
-    assert kept is not None and why is None and not kept.ids_asked
+    kept, body = keep("/v1/completions", request())
+    assert kept is not None and kept.why_not is None and kept.watched and not kept.ids_asked
     assert json.loads(body) == {**json.loads(request()), "return_token_ids": True}
     asked = request(return_token_ids=True)
-    kept, body, _ = keep("/v1/completions", asked)
+    kept, body = keep("/v1/completions", asked)
     assert kept.ids_asked and body == asked  # unchanged: the client asked for them itself
     for raw in (request(stream=False), b"", b"not json", b"[1, 2]", json.dumps({"stream": "yes"}).encode()):
-        assert keep("/v1/completions", raw) == (None, raw, None)
-    assert keep("/v1/completions", request(n=2)) == (None, request(n=2), "n 2: several choices would differ")
+        assert keep("/v1/completions", raw) == (None, raw)
+    kept, body = keep("/v1/completions", request(n=2))  # a stream that cannot be continued: why, and its events untouched
+    assert body == request(n=2) and kept.why_not == "choices: n 2, several choices would differ" and not kept.watched
+    raw = event(" Hi", None, prompt=None)
+    assert pass_events(kept, raw) is raw and continuation(kept) == (None, "choices: n 2, several choices would differ")
 
 
 def test_the_ids_are_kept_and_taken_out_of_the_events_of_a_client_that_did_not_ask():
-    kept, _, _ = keep("/v1/completions", request())
+    kept, _ = keep("/v1/completions", request())
     first = event(" Hi", [21927], prompt=PROMPT_IDS) + event(" there", [1052])
     out = pass_events(kept, first)
     assert list(kept.prompt_ids) == PROMPT_IDS and list(kept.sent) == [21927, 1052]
@@ -83,14 +86,14 @@ def test_the_ids_are_kept_and_taken_out_of_the_events_of_a_client_that_did_not_a
 
 
 def test_a_client_that_asked_for_the_ids_gets_the_events_unchanged():
-    kept, _, _ = keep("/v1/completions", request(return_token_ids=True))
+    kept, _ = keep("/v1/completions", request(return_token_ids=True))
     raw = event(" Hi", [21927], prompt=PROMPT_IDS) + event(" there", [1052], finish="length")
     assert pass_events(kept, raw) is raw
     assert list(kept.sent) == [21927, 1052] and kept.finished
 
 
 def test_a_cut_stream_is_continued_from_the_prompt_and_every_id_the_client_has_with_the_tokens_left():
-    kept, _, _ = keep("/v1/completions", request(temperature=0.7, seed=4, min_tokens=5, logprobs=2, prompt_logprobs=1,
+    kept, _ = keep("/v1/completions", request(temperature=0.7, seed=4, min_tokens=5, logprobs=2, prompt_logprobs=1,
                                                  stream_options={"include_usage": True}))
     pass_events(kept, event(" Hi", [21927], prompt=PROMPT_IDS) + event(" there", [1052, 13]))
     body, why = continuation(kept)
@@ -103,7 +106,7 @@ def test_a_cut_stream_is_continued_from_the_prompt_and_every_id_the_client_has_w
 def test_the_continuations_events_join_the_clients_stream():
     """Its head is the first stream's, its prompt ids never reach the client, the usage counts the
     whole answer, and a second cut continues from every id both streams gave."""
-    kept, _, _ = keep("/v1/completions", request(return_token_ids=True, stream_options={"include_usage": True}))
+    kept, _ = keep("/v1/completions", request(return_token_ids=True, stream_options={"include_usage": True}))
     pass_events(kept, event(" Hi", [21927], prompt=PROMPT_IDS) + event(" there", [1052]))
     kept.continued += 1
     seam = continuation(kept)[0]
@@ -118,25 +121,40 @@ def test_the_continuations_events_join_the_clients_stream():
     tail = events_of(out)
     assert [(e["id"], e["created"]) for e in tail] == [("cmpl-a", 100)] * 2
     assert tail[1]["usage"] == {"prompt_tokens": 4, "total_tokens": 8, "completion_tokens": 4}
-    assert continuation(kept) == (None, "the answer had ended")
+    assert continuation(kept) == (None, "ended: the answer had ended")
 
 
 @pytest.mark.parametrize("events, why", [
-    (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + event(" x", [2], finish="stop"), "the answer had ended"),
-    (lambda: event(" Hi", [1]), "the engine did not give the prompt's token ids"),
-    (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + event(" x", None), "the engine did not give the token ids"),
-    (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + b"data: {not json\n\n", "an event that is not JSON"),
-    (lambda: event(" Hi", list(range(10)), prompt=PROMPT_IDS), "the answer had ended"),  # max_tokens 10 reached
+    (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + event(" x", [2], finish="stop"), "ended: the answer had ended"),
+    (lambda: event(" Hi", [1]), "ids: the engine did not give the prompt's token ids"),
+    (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + event(" x", None), "ids: the engine did not give the token ids"),
+    (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + b"data: {not json\n\n", "json: an event that is not JSON"),
+    (lambda: event(" Hi", list(range(10)), prompt=PROMPT_IDS), "ended: the answer had ended"),  # max_tokens 10 reached
 ])
 def test_what_cannot_be_continued_exactly_says_why(events, why):
-    kept, _, _ = keep("/v1/completions", request())
+    kept, _ = keep("/v1/completions", request())
     pass_events(kept, events())
     assert continuation(kept) == (None, why)
 
 
 def test_a_stream_longer_than_the_ids_kept_is_not_continued():
-    kept, _, _ = keep("/v1/completions", request(max_tokens=None))
+    kept, _ = keep("/v1/completions", request(max_tokens=None))
     pass_events(kept, event(" Hi", [1] * (MAX_KEPT_IDS - 1), prompt=PROMPT_IDS))
     assert continuation(kept)[1] is None and json.loads(continuation(kept)[0])["max_tokens"] is None  # none given: the engine's limit
     pass_events(kept, event(" x", [2, 3]))
-    assert continuation(kept) == (None, f"longer than the {MAX_KEPT_IDS} ids kept per stream")
+    assert continuation(kept) == (None, f"long: longer than the {MAX_KEPT_IDS} ids kept per stream")
+
+
+def test_every_reason_a_stream_is_not_continued_for_is_counted_under_a_known_code():
+    """Each reason's text begins with its code (the metric's label): every one the modules write."""
+    import re
+    from pathlib import Path
+
+    from spark_cluster import continuation as c, stream_carry
+
+    written = {"refused"}  # the gateway's, for a continuation the engine refused
+    for module in (c, stream_carry):
+        written |= set(re.findall(r'(?:^|[^\w])f?"([a-z_]+): ', Path(module.__file__).read_text(), re.M))
+    written.discard("data")  # an event's field, not a reason
+    assert len(written) >= 10 and written <= set(c.REASONS), written - set(c.REASONS)
+    assert c.reason_code("stop: stop strings") == "stop"

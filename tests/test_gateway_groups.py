@@ -74,16 +74,26 @@ def test_requests_spread_over_the_groups_by_what_each_has_in_flight(two):
     assert sample_value(metrics, "spark_cluster_state", group="b", spark_cluster_state="healthy") == 1
 
 
-def test_a_hang_in_one_group_ends_only_its_streams_and_new_requests_go_to_the_other_at_once(two):
+def test_a_hang_in_one_group_continues_its_streams_on_the_other_at_once_and_new_requests_go_there(two):
+    """Streams the gateway can continue (a completion with its prompt) are: a's two go on on b from
+    the token where a stopped (the fake's ids depend on their context alone: an uncut stream's)."""
+    from .fake_engine import id_text, next_id
+
     ctl, served, engines = two
-    for e in engines.values():
-        e.script.chunks, e.script.chunk_delay_s = 40, 0.05  # streams of 2 s
+    for e in engines.values():  # streams of 2 s; token-id streams end with the context, as vLLM's without max_tokens
+        e.script.chunks, e.script.chunk_delay_s, e.script.max_model_len = 40, 0.05, 42
     url = gateway_url(ctl)
     streams: dict[int, list[str]] = {}
 
     def stream(i: int) -> None:
         with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": f"s{i}", "stream": True}, timeout=30) as r:
             streams[i] = sse_texts(r.iter_lines())
+
+    def uncut(prompt: str) -> str:
+        context = list(prompt.encode())
+        for _ in range(40):
+            context.append(next_id(context))
+        return "".join(id_text(t) for t in context[len(prompt):])
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     for t in threads:
@@ -98,13 +108,38 @@ def test_a_hang_in_one_group_ends_only_its_streams_and_new_requests_go_to_the_ot
         t.join()
     assert [r.status_code for r in answers] == [200] * 4 and took < 3  # each answer takes 2 s: none was held
     assert sample_value(httpx.get(f"{served.url}/metrics").text, "spark_cluster_gateway_requests_total", outcome="held") == 0
-    cut = [texts for texts in streams.values() if "engine_unavailable" in texts[-1]]
-    whole = [texts for texts in streams.values() if texts[-1] == '{"id": "cmpl-fake", "choices": [{"index": 0, "text": "t39"}]}']
-    assert len(cut) == 2 and len(whole) == 2  # a's two streams cut, b's two whole
-    assert engines["a"].script.calls == 2 and engines["b"].script.calls == 6
+    for i, texts in streams.items():  # every stream whole, a's continued on b without a token repeated or missing
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in texts) == uncut(f"s{i}"), i
+    assert engines["a"].script.calls == 2 and engines["b"].script.calls == 8  # b: its 2 streams, a's 2 continued, 4 new
+    metrics = httpx.get(f"{served.url}/metrics").text
+    assert sample_value(metrics, "spark_cluster_gateway_streams_continued_total", group="b", how="other_group") == 2
     emit(ctl, "a", "restart-done", seconds=1.0)
     answers = at_once(4, lambda i: post(url, {"prompt": f"m{i}"}))
     assert [r.status_code for r in answers] == [200] * 4 and engines["a"].script.calls > 2  # a serves again
+
+
+def test_a_hang_in_one_group_ends_only_its_streams_that_cannot_be_continued(two):
+    ctl, served, engines = two
+    for e in engines.values():
+        e.script.chunks, e.script.chunk_delay_s = 40, 0.05
+    url = gateway_url(ctl)
+    streams: dict[int, list[str]] = {}
+
+    def stream(i: int) -> None:  # two choices: not continued
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": f"s{i}", "stream": True, "n": 2}, timeout=30) as r:
+            streams[i] = sse_texts(r.iter_lines())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    emit(ctl, "a", "decision", action="restart", reason="hang confirmed: no progress for 20s under load")
+    for t in threads:
+        t.join()
+    cut = [texts for texts in streams.values() if "engine_unavailable" in texts[-1]]
+    whole = [texts for texts in streams.values() if texts[-1] == '{"id": "cmpl-fake", "choices": [{"index": 0, "text": "t39"}]}']
+    assert len(cut) == 2 and len(whole) == 2  # a's two streams cut, b's two whole
+    assert sample_value(httpx.get(f"{served.url}/metrics").text, "spark_cluster_gateway_streams_not_continued_total", reason="choices") == 2
 
 
 def test_a_request_one_group_refuses_before_its_first_byte_goes_to_the_other_at_once(two):
@@ -183,7 +218,7 @@ def test_requests_unanswered_on_a_group_turning_suspect_go_to_one_that_serves_an
     assert streaming.is_alive() and engines["a"].script.abandoned == 0  # the stream that had started stays: the doubt may pass
     engines["a"].script.hang = False
     streaming.join(timeout=10)
-    assert texts[-1] == '{"id": "cmpl-fake", "choices": [{"index": 0, "text": "t49"}]}'
+    assert len(texts) == 50 and json.loads(texts[-1])["choices"][0]["finish_reason"] == "length"  # whole, from a
 
 
 def test_a_request_moves_off_a_doubted_group_once_so_two_doubted_groups_never_pass_it_between_them(two):
@@ -348,12 +383,14 @@ def test_a_rolling_change_recreates_one_group_after_the_other_and_no_request_fai
 
 
 @pytest.mark.parametrize("two", [{"drain_s": 0.5}], indirect=True)
-def test_streams_still_open_past_the_drain_timeout_end_with_the_error_event(two, monkeypatch):
+def test_streams_still_open_past_the_drain_timeout_are_continued_on_the_other_group(two, monkeypatch):
     from spark_cluster import rollout
 
     ctl, served, engines = two
-    engines["a"].script.chunks, engines["a"].script.chunk_delay_s = 100, 0.05  # 5 s streams
-    engines["b"].script.chunks = 1
+    for e in engines.values():  # 5 s streams on a, ended by their context as vLLM's without max_tokens
+        e.script.chunks, e.script.chunk_delay_s, e.script.max_model_len = 100, 0.05, 101
+    b = engines["b"]
+    b.script.chunk_delay_s = 0  # what b continues ends before b is drained (and recreated) in turn
     log: list = []
     monkeypatch.setattr(rollout, "Executor", RecreatedEngine(engines, log))
     monkeypatch.setattr(rollout, "Nodes", NoNodes)
@@ -368,7 +405,9 @@ def test_streams_still_open_past_the_drain_timeout_end_with_the_error_event(two,
     ok = asyncio.run_coroutine_threadsafe(ctl.roll_out(ctl.cfg, said.append), ctl.loop).result(30)
     stream.join()
     assert ok and [e["cut"] for e in said if e["event"] == "roll-drained"] == [1, 0]
-    assert got == ["cut"]
+    assert got == [200] and b.script.prompts[0][:1] == list(b"s") and len(b.script.prompts[0]) > 1  # continued from a's tokens
+    assert sample_value(httpx.get(f"{served.url}/metrics").text, "spark_cluster_gateway_streams_continued_total", group="b",
+                        how="other_group") == 1
 
 
 def _one_stream(url: str):

@@ -1,0 +1,175 @@
+"""Streams cut by a hang, continued from the exact token (spark_cluster.stream_carry), through the
+controller's gateway in front of the fake engine (tests/fake_engine.py), whose token-id streams come
+from a "model" deterministic in its context: a stream continued from its prompt and the ids already
+sent goes on with exactly the ids an uncut stream gives."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from spark_cluster import stream_carry
+
+from .fake_engine import id_text, next_id
+
+BODY = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def uncut(prompt: str, n: int) -> list[int]:
+    context = list(prompt.encode())
+    for _ in range(n):
+        context.append(next_id(context))
+    return context[len(prompt.encode()):]
+
+
+def read_stream(url: str, body: dict, lines: list[str]) -> None:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as s:
+        for line in s.iter_lines():
+            lines.append(line)
+
+
+@pytest.fixture
+def quick_hold(monkeypatch):
+    monkeypatch.setattr(stream_carry, "HOLD_COMMENT_S", 0.2)
+
+
+def test_a_stream_cut_by_a_confirmed_hang_is_held_open_and_continued_from_the_exact_token_after_the_restart(rig, quick_hold):
+    rig.script.chunk_delay_s = 0.05
+    lines: list[str] = []
+    t = threading.Thread(target=read_stream, args=(rig.url, BODY, lines))
+    t.start()
+    deadline = time.monotonic() + 10
+    while len([line for line in lines if line.startswith("data: {")]) < 10:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.02)
+    rig.script.hang = True  # the engine freezes mid-stream
+    time.sleep(0.3)
+    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    time.sleep(1.0)  # held: the client hears comment lines
+    assert any(line.startswith(": ") for line in lines), lines[-5:]
+    rig.script.hang = False
+    rig.emit("restart-done", seconds=1.0)
+    t.join(timeout=30)
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    texts = "".join(c["text"] for e in events for c in e["choices"])
+    want = uncut("Hello", 40)
+    assert texts == "".join(id_text(i) for i in want)  # no token repeated, none missing at the seam
+    assert {(e["id"], e["created"]) for e in events} == {(events[0]["id"], events[0]["created"])}  # one stream
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["length"]
+    assert all(c.get("token_ids") is None and c.get("prompt_token_ids") is None for e in events for c in e["choices"])  # not asked
+    assert events[-1]["usage"] == {"prompt_tokens": 5, "total_tokens": 45, "completion_tokens": 40}
+    assert [line for line in lines if line][-1] == "data: [DONE]"
+    first, then = rig.script.prompts[-2:]
+    assert first == list(b"Hello") and then == first + want[:len(then) - len(first)] and len(then) > len(first)
+    sent = [json.loads(r["body"]) for r in rig.script.received][-2:]
+    assert sent[0]["return_token_ids"] is True and sent[1]["max_tokens"] == 40 - (len(then) - len(first))
+    assert rig.metric("spark_cluster_gateway_streams_continued_total", how="same_group") == 1
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="continued") == 1
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="interrupted") == 0
+
+
+def test_a_stream_that_cannot_be_continued_ends_with_the_error_event_and_its_reason_is_counted(rig):
+    rig.script.chunks, rig.script.chunk_delay_s = 50, 0.05
+    lines: list[str] = []
+    t = threading.Thread(target=read_stream, args=(rig.url, {**BODY, "n": 2}, lines))
+    t.start()
+    time.sleep(0.5)
+    rig.script.hang = True
+    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    t.join(timeout=10)
+    assert json.loads([line for line in lines if line][-1][6:])["error"]["type"] == "engine_unavailable"
+    assert rig.metric("spark_cluster_gateway_streams_not_continued_total", reason="choices") == 1
+    rig.script.hang = False
+
+
+def cut_while_streaming(rig, body: dict, lines: list[str]) -> threading.Thread:
+    """A stream under way, then the engine frozen and the hang confirmed: the stream is cut."""
+    rig.script.chunk_delay_s = 0.05
+    t = threading.Thread(target=read_stream, args=(rig.url, body, lines))
+    t.start()
+    deadline = time.monotonic() + 10
+    while len([line for line in lines if line.startswith("data: {")]) < 5:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.02)
+    rig.script.hang = True
+    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    return t
+
+
+def test_a_client_that_leaves_while_its_cut_stream_is_held_gets_nothing_continued(rig, quick_hold):
+    calls = rig.script.calls
+    with httpx.stream("POST", f"{rig.url}/v1/completions", json=BODY, timeout=30) as s:
+        lines = s.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+        rig.script.hang = True
+        rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+        while not next(lines).startswith(": "):  # held: its comment lines
+            pass
+    rig.script.hang = False
+    rig.emit("restart-done", seconds=1.0)
+    time.sleep(0.5)
+    assert rig.script.calls == calls + 1  # the stream's own request, no continuation
+    assert rig.metric("spark_cluster_gateway_requests_total", outcome="cancelled") == 1
+    assert rig.metric("spark_cluster_gateway_streams_continued_total", how="same_group") == 0
+
+
+@pytest.mark.parametrize("rig", [{"continue_within_s": 0.6}], indirect=True)
+def test_a_cut_stream_no_group_takes_within_continue_within_s_ends_with_the_error_event(rig, quick_hold):
+    lines: list[str] = []
+    t = cut_while_streaming(rig, BODY, lines)
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert json.loads([line for line in lines if line][-1][6:])["error"]["type"] == "engine_unavailable"
+    assert any(line.startswith(": ") for line in lines)  # held first
+    assert rig.metric("spark_cluster_gateway_streams_not_continued_total", reason="wait") == 1
+    rig.script.hang = False
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("rig", [{"continue_attempts": 5}], indirect=True)
+def test_streams_cut_at_random_points_join_without_a_repeated_or_missing_token(rig, monkeypatch):
+    """The engine's connection breaks at random points of a stream, up to four times: the client's
+    stream is continued each time and is the uncut stream, to the token (ids where asked, texts, one
+    end, the usage of the whole)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.setattr(stream_carry, "RETRY_PAUSE_S", 0.01)
+    rig.script.chunk_delay_s = 0
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(max_tokens=st.integers(1, 24), cuts=st.lists(st.integers(0, 24), max_size=4), ids=st.booleans(), usage=st.booleans(),
+           prompt=st.text("abcdefgh ", min_size=1, max_size=12))
+    def one(max_tokens, cuts, ids, usage, prompt):
+        rig.script.cut_after = list(cuts)
+        body = {"model": "tiny-qwen3", "prompt": prompt, "max_tokens": max_tokens, "stream": True}
+        if ids:
+            body["return_token_ids"] = True
+        if usage:
+            body["stream_options"] = {"include_usage": True}
+        lines: list[str] = []
+        read_stream(rig.url, body, lines)
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        want = uncut(prompt, max_tokens)
+        choices = [c for e in events for c in e["choices"]]
+        assert not any("error" in e for e in events), events[-1]
+        assert "".join(c["text"] for c in choices) == "".join(id_text(i) for i in want)
+        if ids:
+            assert [t for c in choices for t in c["token_ids"]] == want
+            assert choices[0]["prompt_token_ids"] == list(prompt.encode()) and all(c["prompt_token_ids"] is None for c in choices[1:])
+        else:
+            assert all(c["token_ids"] is None and c["prompt_token_ids"] is None for c in choices)
+        assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["length"]
+        assert len({(e["id"], e["created"]) for e in events}) == 1
+        if usage:
+            assert events[-1]["usage"] == {"prompt_tokens": len(prompt.encode()), "total_tokens": len(prompt.encode()) + max_tokens,
+                                           "completion_tokens": max_tokens}
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+        rig.script.cut_after = []
+
+    one()
