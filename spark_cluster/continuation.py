@@ -20,6 +20,7 @@ metric's label: `reason_code`).
 from __future__ import annotations
 
 import json
+import re
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -102,6 +103,11 @@ def pass_events(kept: Kept, out: bytes) -> bytes:
     for i, event in enumerate(parts):
         if not event.startswith(b"data: {"):
             continue
+        if kept.head is not None and not kept.continued:  # every token of a stream passes here: no JSON parsed
+            fast = _take_fast(kept, event)
+            if fast is not event:
+                parts[i], rewritten = fast, True
+            continue
         try:
             data = json.loads(event[6:])
         except (ValueError, RecursionError):
@@ -111,6 +117,33 @@ def pass_events(kept: Kept, out: bytes) -> bytes:
             parts[i] = b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
             rewritten = True
     return b"\n\n".join(parts) if rewritten else out
+
+
+# an event's fields as vLLM writes them (pydantic's compact JSON); inside a string value every quote is
+# escaped, so a field's quoted name is never found in a text
+_TOKEN_IDS = re.compile(rb'"token_ids"\s*:\s*(\[[\d,\s]*\]|null)')
+_TEXT = re.compile(rb'"text"\s*:\s*"(?!")')  # a text that is not empty
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+
+
+def _take_fast(kept: Kept, event: bytes) -> bytes:
+    """An event after the first of a stream not continued: its ids kept (and taken out where not
+    asked for), its end noted, read from its bytes. The event, or its rewritten copy."""
+    m = _TOKEN_IDS.search(event)
+    if m is not None and m.group(1) != b"null":
+        listed = m.group(1)[1:-1]
+        ids = [int(t) for t in listed.split(b",")] if listed.strip() else []
+        if len(kept.sent) + len(ids) > MAX_KEPT_IDS:
+            kept.why_not = kept.why_not or f"long: longer than the {MAX_KEPT_IDS} ids kept per stream"
+        else:
+            kept.sent.extend(ids)
+        if not kept.ids_asked:
+            event = event[:m.start(1)] + b"null" + event[m.end(1):]  # as vLLM sends it unasked
+    elif _TEXT.search(event):
+        kept.why_not = kept.why_not or "ids: the engine did not give the token ids"
+    if _FINISHED.search(event):
+        kept.finished = True
+    return event
 
 
 def _take(kept: Kept, data: dict[str, Any]) -> bool:

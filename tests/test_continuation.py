@@ -128,7 +128,7 @@ def test_the_continuations_events_join_the_clients_stream():
     (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + event(" x", [2], finish="stop"), "ended: the answer had ended"),
     (lambda: event(" Hi", [1]), "ids: the engine did not give the prompt's token ids"),
     (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + event(" x", None), "ids: the engine did not give the token ids"),
-    (lambda: event(" Hi", [1], prompt=PROMPT_IDS) + b"data: {not json\n\n", "json: an event that is not JSON"),
+    (lambda: b"data: {not json\n\n" + event(" Hi", [1], prompt=PROMPT_IDS), "json: an event that is not JSON"),
     (lambda: event(" Hi", list(range(10)), prompt=PROMPT_IDS), "ended: the answer had ended"),  # max_tokens 10 reached
 ])
 def test_what_cannot_be_continued_exactly_says_why(events, why):
@@ -158,3 +158,18 @@ def test_every_reason_a_stream_is_not_continued_for_is_counted_under_a_known_cod
     written.discard("data")  # an event's field, not a reason
     assert len(written) >= 10 and written <= set(c.REASONS), written - set(c.REASONS)
     assert c.reason_code("stop: stop strings") == "stop"
+
+
+def test_the_events_after_the_first_are_read_from_their_bytes_as_json_would_read_them():
+    """Every token passes the fast path: a text that quotes the field's name, spaces, an empty list."""
+    kept, _ = keep("/v1/completions", request())
+    pass_events(kept, event(" Hi", [1], prompt=PROMPT_IDS))
+    tricky = event(' "token_ids":[7] ', [2])
+    spaced = b'data: {"id": "cmpl-a", "choices": [{"index": 0, "text": "x", "finish_reason": null, "token_ids": [3, 4]}]}\n\n'
+    empty = event("", [])
+    out = pass_events(kept, tricky + spaced + empty)
+    assert list(kept.sent) == [1, 2, 3, 4] and not kept.finished and kept.why_not is None
+    got = events_of(out)
+    assert got[0]["choices"][0]["text"] == ' "token_ids":[7] ' and [e["choices"][0]["token_ids"] for e in got] == [None, None, None]
+    pass_events(kept, event(" end", [5], finish="length"))
+    assert kept.finished and list(kept.sent) == [1, 2, 3, 4, 5]
