@@ -195,8 +195,10 @@ class FakeEngine:
                 context.append(t)
                 choice = {"index": 0, "text": id_text(t), "logprobs": None, "finish_reason": "length" if i == n - 1 else None,
                           "stop_reason": None, "prompt_token_ids": context[:len(context) - i - 1] if i == 0 else None, "token_ids": [t]}
-                yield b"data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                              "choices": [choice]}, separators=(",", ":")).encode() + b"\n\n"
+                event = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+                if sc.pad:
+                    event["pad"] = "p" * sc.pad
+                yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
                 if sc.chunk_delay_s:
                     await asyncio.sleep(sc.chunk_delay_s)
                 while sc.hang:
