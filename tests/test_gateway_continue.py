@@ -37,18 +37,25 @@ def quick_hold(monkeypatch):
     monkeypatch.setattr(stream_carry, "HOLD_COMMENT_S", 0.2)
 
 
-def test_a_stream_cut_by_a_confirmed_hang_is_held_open_and_continued_from_the_exact_token_after_the_restart(rig, quick_hold):
+def cut_while_streaming(rig, body: dict, lines: list[str], after: int = 5) -> threading.Thread:
+    """A stream under way (`after` events read), then the engine frozen and the hang confirmed: the
+    stream is cut. The reading thread (lines: what the client read)."""
     rig.script.chunk_delay_s = 0.05
-    lines: list[str] = []
-    t = threading.Thread(target=read_stream, args=(rig.url, BODY, lines))
+    t = threading.Thread(target=read_stream, args=(rig.url, body, lines))
     t.start()
     deadline = time.monotonic() + 10
-    while len([line for line in lines if line.startswith("data: {")]) < 10:
+    while len([line for line in lines if line.startswith("data: {")]) < after:
         assert time.monotonic() < deadline, lines
         time.sleep(0.02)
     rig.script.hang = True  # the engine freezes mid-stream
-    time.sleep(0.3)
+    time.sleep(0.2)
     rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    return t
+
+
+def test_a_stream_cut_by_a_confirmed_hang_is_held_open_and_continued_from_the_exact_token_after_the_restart(rig, quick_hold):
+    lines: list[str] = []
+    t = cut_while_streaming(rig, BODY, lines, after=10)
     time.sleep(1.0)  # held: the client hears comment lines
     assert any(line.startswith(": ") for line in lines), lines[-5:]
     rig.script.hang = False
@@ -86,18 +93,6 @@ def test_a_stream_that_cannot_be_continued_ends_with_the_error_event_and_its_rea
     rig.script.hang = False
 
 
-def cut_while_streaming(rig, body: dict, lines: list[str]) -> threading.Thread:
-    """A stream under way, then the engine frozen and the hang confirmed: the stream is cut."""
-    rig.script.chunk_delay_s = 0.05
-    t = threading.Thread(target=read_stream, args=(rig.url, body, lines))
-    t.start()
-    deadline = time.monotonic() + 10
-    while len([line for line in lines if line.startswith("data: {")]) < 5:
-        assert time.monotonic() < deadline, lines
-        time.sleep(0.02)
-    rig.script.hang = True
-    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
-    return t
 
 
 def test_a_client_that_leaves_while_its_cut_stream_is_held_gets_nothing_continued(rig, quick_hold):
