@@ -173,3 +173,42 @@ def test_the_events_after_the_first_are_read_from_their_bytes_as_json_would_read
     assert got[0]["choices"][0]["text"] == ' "token_ids":[7] ' and [e["choices"][0]["token_ids"] for e in got] == [None, None, None]
     pass_events(kept, event(" end", [5], finish="length"))
     assert kept.finished and list(kept.sent) == [1, 2, 3, 4, 5]
+
+
+def recorded_streams() -> dict[str, str]:
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / "data" / "streams" / "vllm-0.32-streams.json").read_text())["streams"]
+
+
+def test_a_client_that_did_not_ask_for_ids_gets_what_vllm_sends_unasked_recorded():
+    """Recorded on the simulated cluster: the same completion (temperature 0) streamed with and without
+    return_token_ids. Kept and passed, the stream with ids is, event for event, the one without (but
+    its request id), while the prompt's ids and every generated id are kept."""
+    streams = recorded_streams()
+    kept, _ = keep("/v1/completions", request(prompt="Hello, my name is", max_tokens=6))
+    out = pass_events(kept, streams["ids"].encode())
+    plain, passed = events_of(streams["plain"].encode()), events_of(out)
+    usage = passed.pop()  # asked for by the recorded request alone
+    assert usage["usage"] == {"prompt_tokens": 8, "total_tokens": 14, "completion_tokens": 6}
+    for e in plain + passed:
+        e.pop("id"), e.pop("created"), e.pop("system_fingerprint", None)
+    assert passed == plain
+    assert list(kept.prompt_ids) == [1455, 82, 347, 18, 352, 95, 519, 334] and list(kept.sent) == [334] * 6 and kept.finished
+
+
+def test_a_recorded_continuation_joins_the_stream_it_continues():
+    """vLLM took the prompt's ids and 3 generated ones as the prompt and gave the last 3: joined into
+    the first stream, it says the first stream's head and the usage of the whole answer."""
+    streams = recorded_streams()
+    kept, _ = keep("/v1/completions", request(prompt="Hello, my name is", max_tokens=6, stream_options={"include_usage": True}))
+    first = streams["ids"].encode().split(b"\n\n")
+    pass_events(kept, b"\n\n".join(first[:3]) + b"\n\n")  # 3 events went out, then the cut
+    body, why = continuation(kept)
+    assert why is None and json.loads(body)["prompt"] == [1455, 82, 347, 18, 352, 95, 519, 334, 334, 334, 334]  # what vLLM was sent
+    kept.continued += 1
+    joined = events_of(pass_events(kept, streams["continued"].encode()))
+    head = events_of(first[0] + b"\n\n")[0]
+    assert {(e["id"], e["created"]) for e in joined} == {(head["id"], head["created"])}
+    assert joined[-1]["usage"] == {"prompt_tokens": 8, "total_tokens": 14, "completion_tokens": 6}
+    assert all(c["prompt_token_ids"] is None and c["token_ids"] is None for e in joined for c in e["choices"])
