@@ -26,6 +26,8 @@ class Result:
     complete: bool = False  # the whole answer arrived ([DONE], or a 200 with choices)
     tokens: int = 0
     stopped: bool = False  # the load ended while it was running (neither a success nor a failure)
+    comments: int = 0  # SSE comment lines of a stream (the gateway holding a cut stream open)
+    longest_gap: float = 0.0  # the longest wait between two events of a stream (a continuation's seam)
 
     @property
     def outcome(self) -> str:
@@ -56,17 +58,25 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
                     r.error = str(data.get("error", {}).get("message", data))[:300]
             else:
                 other: list[str] = []  # an error answer's body (a 503 of the gateway, say): read once, here
+                last = None
                 for line in resp.iter_lines():
                     if r.complete:
                         continue  # the body's end after [DONE], read so that the connection is used again (as openai-python does)
                     if stop is not None and stop.is_set():
                         r.stopped = True
                         break
+                    if line.startswith(":"):
+                        r.comments += 1
+                        continue
                     if not line.startswith("data: "):
                         other.append(line)
                         continue
+                    now = time.time()
                     if r.first_byte is None:
-                        r.first_byte = time.time()
+                        r.first_byte = now
+                    if last is not None:
+                        r.longest_gap = max(r.longest_gap, now - last)
+                    last = now
                     if line == "data: [DONE]":
                         r.complete = resp.status_code == 200
                         continue

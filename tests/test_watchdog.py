@@ -149,7 +149,7 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     """The card's failure under a steady mix of streamed and non-streamed clients of the gateway:
     the hang is confirmed before Ray's heartbeat ends the engine, the group restarts in order, no
     non-streamed request and no request that had not started fails, and every stream cut by the
-    hang ends with an error event within 5 s of the hang being confirmed."""
+    hang is held open (SSE comments) and continued after the restart: every token, once."""
     cfg = cfg_with(tmp_path, engine_cfg.executor)  # default watchdog settings
     worker = worker_container(cfg)
     serving(cfg)
@@ -186,16 +186,18 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     print(f"{cfg.executor}: through the gateway: " + ", ".join(f"{k} {len(v)}" for k, v in by.items()))
     assert not [r for r in results if r.kind == "plain" and not r.complete and not r.stopped], "a non-streamed request failed"
     assert not by["failed"], f"requests that had not started failed: {[r.error for r in by['failed']]}"
-    assert not by["cut"], "a stream ended without an error event"
-    assert by["interrupted"], "the hang cut no stream: the test did not test that"
-    assert all(r.error_event - confirmed < 5 for r in by["interrupted"]), [r.error_event - confirmed for r in by["interrupted"]]
+    assert not by["cut"] and not by["interrupted"], [r.error for r in by["cut"] + by["interrupted"]]
+    continued = [r for r in by["ok"] if r.kind == "stream" and r.comments]
+    assert continued, "the hang cut no stream: the test did not test that"
+    print(f"{cfg.executor}: {len(continued)} stream(s) continued, the longest pause {max(r.longest_gap for r in continued):.1f}s")
+    assert all(r.tokens == 600 and r.longest_gap >= done["seconds"] for r in continued), [(r.tokens, r.longest_gap) for r in continued]
     held = [r for r in results if r.start < confirmed < r.first_byte and r.complete]
     assert held, "no request was held across the restart"
     metrics = c.ctl.metrics.exposition().decode()
     # the gateway's own count agrees with what its clients saw
     counted = {o: sample_value(metrics, "spark_cluster_gateway_requests_total", outcome=o) for o in OUTCOMES}
     print(f"{cfg.executor}: the gateway counted {counted}")
-    assert counted["interrupted"] == len(by["interrupted"]) and counted["failed"] == 0, counted
+    assert counted["continued"] == len(continued) and counted["interrupted"] == counted["failed"] == 0, counted
     assert counted["held"] + counted["retried"] >= len(held), (counted, len(held))
     assert sample_value(metrics, "spark_cluster_restarts_total", group=cfg.name, reason="hang") == 1
     assert sample_value(metrics, "spark_cluster_incidents_total", group=cfg.name) == 1
