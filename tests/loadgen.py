@@ -28,6 +28,7 @@ class Result:
     stopped: bool = False  # the load ended while it was running (neither a success nor a failure)
     comments: int = 0  # SSE comment lines of a stream (the gateway holding a cut stream open)
     longest_gap: float = 0.0  # the longest wait between two events of a stream (a continuation's seam)
+    usage_tokens: Optional[int] = None  # a stream's completion tokens, as its usage event says (asked for)
 
     @property
     def outcome(self) -> str:
@@ -45,6 +46,8 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
     """One completion as a client sees it; a stream is left (and counted as stopped) once `stop` is set.
     client: a kept-alive client, as an application's OpenAI client is (else a new connection each time)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": kind == "stream"}
+    if kind == "stream":
+        body["stream_options"] = {"include_usage": True}
     r = Result(kind, time.time())
     try:
         with (client or httpx).stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=read_timeout_s)) as resp:
@@ -84,7 +87,10 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
                     if "error" in event:
                         r.error_event, r.error = time.time(), str(event["error"].get("message"))[:300]
                         break
-                    r.tokens += 1
+                    if event.get("usage") and not event.get("choices"):
+                        r.usage_tokens = event["usage"].get("completion_tokens")
+                        continue
+                    r.tokens += 1  # events: vLLM may put several tokens in one
                 if resp.status_code != 200 and not r.error:
                     r.error = "\n".join(other).strip()[:300] or f"HTTP {resp.status_code}"
     except (httpx.HTTPError, ValueError) as exc:

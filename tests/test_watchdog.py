@@ -190,7 +190,7 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     continued = [r for r in by["ok"] if r.kind == "stream" and r.comments]
     assert continued, "the hang cut no stream: the test did not test that"
     print(f"{cfg.executor}: {len(continued)} stream(s) continued, the longest pause {max(r.longest_gap for r in continued):.1f}s")
-    assert all(r.tokens == 600 and r.longest_gap >= done["seconds"] for r in continued), [(r.tokens, r.longest_gap) for r in continued]
+    assert all(r.usage_tokens == 600 and r.longest_gap >= done["seconds"] for r in continued), [(r.usage_tokens, r.longest_gap) for r in continued]
     held = [r for r in results if r.start < confirmed < r.first_byte and r.complete]
     assert held, "no request was held across the restart"
     metrics = c.ctl.metrics.exposition().decode()
