@@ -250,6 +250,8 @@ class Gateway(CarryOn, Members):
             if continuing and resp.status != 200:
                 flight.why_cut = f"refused: the engine answered the continuation with {resp.status}"
                 return "failed"
+            if continuing and flight.kept is not None and flight.kept.chat:
+                return await self.relay_chat(m, flight, resp, headers, send)
             try:
                 first = await resp.next_chunk()
             except UpstreamError:

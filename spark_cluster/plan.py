@@ -67,6 +67,7 @@ class _Builder(StepList):
             backend="ray" if cfg.executor == "ray" else "mp",
             native=native,
             gpu_memory_utilization=self.util,
+            scale_out=cfg.gateway.continue_streams and cfg.gateway.continue_chat,  # derender, for chat continuations
         ) + ([KV_PIN_FLAG, str(self.kv_pin)] if self.kv_pin else [])
 
     def unpinned(self, argv: list[str]) -> list[str]:

@@ -80,10 +80,14 @@ class GatewaySettings(Strict):
     drain_s: float = Field(300, gt=0, description="A rolling change (`up` with a changed config while the controller runs): how long a "
                                                    "group's requests in flight may take to finish before it is recreated; streams still "
                                                    "open then end with an error event.")
-    continue_streams: bool = Field(True, description="A completion stream cut by a hang, a restart or a rolling change is "
+    continue_streams: bool = Field(True, description="A completion or chat stream cut by a hang, a restart or a rolling change is "
                                                       "continued from the exact token where it stopped (on another group at once, or "
                                                       "on this one once it serves again) instead of ending with an error event: the "
                                                       "gateway asks vLLM for the token ids (return_token_ids) and keeps them per stream.")
+    continue_chat: bool = Field(True, description="Chat streams too, with vLLM's own reasoning and tool parsers: vLLM is started "
+                                                  "with --enable-scale-out (vLLM 0.30 on), whose /v1/chat/completions/derender turns the "
+                                                  "continuation's token ids into chat deltas. false for an older vLLM (its chat streams "
+                                                  "then end with the error event when cut, as before).")
     continue_within_s: float = Field(900, gt=0, description="How long a cut stream is held open (SSE comment lines, so that proxies "
                                                             "and clients keep it) waiting for a group to continue it on. A restart "
                                                             "on Sparks takes minutes.")

@@ -12,16 +12,20 @@ continued exactly ends as before, with the error event and a clean end, the reas
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Optional
 
-from .continuation import Kept, keep, reason_code
+from .chat_continuation import CHAT, DERENDER, client_event, derender_body, first_state, pieces, usage_event, wants_usage
+from .continuation import COMPLETIONS, Kept, keep, reason_code
 from .continuation import continuation as next_request
+from .upstream import UpstreamError
 
 if TYPE_CHECKING:
     from .gateway import Gateway
     from .members import Flight, Member, Send, Signal, Writer
+    from .upstream import Response
 
 log = logging.getLogger("spark_cluster.gateway")
 
@@ -38,6 +42,8 @@ class CarryOn:
         """A stream the gateway may have to continue: what to keep of it, and its body as it goes to
         the engine (asking for the token ids). Anything else: nothing kept, the body unchanged."""
         if not self.s.continue_streams or method != "POST" or b'"stream"' not in body:
+            return None, body
+        if not self.s.continue_chat and target.split("?", 1)[0] == CHAT:
             return None, body
         return keep(target, body)
 
@@ -63,7 +69,7 @@ class CarryOn:
                 return await self._not_continued(send, flight, why or "wait: no group served within gateway.continue_within_s")
             kept.continued += 1
             nxt = Flight(started=True, event_stream=True, kept=kept, tried=frozenset(tried))
-            result = await self._attempt(member, nxt, "POST", kept.path, headers, body, send, gone, t0, writer, continuing=True)
+            result = await self._attempt(member, nxt, "POST", COMPLETIONS, headers, body, send, gone, t0, writer, continuing=True)
             tried.add(member.name)
             if result == "ok":
                 self.obs.continued(member.name, "same_group" if member.name == cut_on.name else "other_group", nxt.first_at - cut_at)
@@ -79,6 +85,77 @@ class CarryOn:
             if result == "failed":
                 return await self._not_continued(send, nxt, nxt.why_cut or "refused: the continuation failed")
             flight, cut_on, cut_at = nxt, member, time.monotonic()  # cut again: from where this one stopped
+
+    async def relay_chat(self: "Gateway", m: "Member", flight: "Flight", resp: "Response", headers: list[tuple[bytes, bytes]],
+                         send: "Send") -> str:
+        """A chat's continuation (a completion from its token ids) on its way to the client: each
+        piece turned into chat chunks by the engine's derender (chat_continuation), the pieces that
+        came while one was being turned taken together. `ok` once the answer ended whole; `cut` when
+        the engine's connection ended after some of it went out (`retry` before); `failed` when
+        derender is refused (flight.why_cut says why)."""
+        kept = flight.kept
+        assert kept is not None
+        rest = b""
+        while True:
+            try:
+                chunk = await resp.next_chunk()
+            except UpstreamError:
+                if not flight.started:
+                    return "retry"
+                flight.why_cut = "the engine's connection ended before the answer was complete"
+                return "cut"
+            if chunk is None:
+                if not flight.started:
+                    return "retry"
+                flight.why_cut = "the engine's answer ended before its last token"
+                return "cut"
+            got, rest = pieces(rest + b"".join([chunk, *resp.ready()]))
+            if got.ids or got.finish is not None:
+                chat, why = await self._derender(m, kept, headers, got.ids, got.finish, got.stop)
+                if chat is None:
+                    flight.why_cut = why
+                    return "failed"
+                out = client_event(kept, chat)
+                kept.sent.extend(got.ids)
+                if got.ids:
+                    kept.chunk_lens.append(len(got.ids))
+                if out is not None:
+                    if not flight.started:
+                        flight.started, flight.first_at = True, time.monotonic()
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            if got.finish is not None or got.done:
+                kept.finished = True
+                end = (usage_event(kept) if wants_usage(kept.request) else b"") + b"data: [DONE]\n\n"
+                if not flight.started:
+                    flight.started, flight.first_at = True, time.monotonic()
+                await send({"type": "http.response.body", "body": end, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                flight.finished = flight.done_sent = True
+                return "ok"
+
+    async def _derender(self: "Gateway", m: "Member", kept: Kept, headers: list[tuple[bytes, bytes]], ids: list[int],
+                        finish: Optional[str], stop: object) -> tuple[Optional[dict], str]:
+        """The chat chunk of a piece of a continuation, from the engine's derender; or why not."""
+        body = derender_body(kept, first_state(kept), ids, finish, stop)
+        hdrs = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"accept")] + [(b"content-type", b"application/json")]
+        try:
+            resp = await m.engine.send("POST", DERENDER, hdrs, body)
+            try:
+                raw = await resp.read()
+            finally:
+                resp.close()
+        except UpstreamError as exc:
+            return None, f"derender: no answer from the engine ({exc})"
+        if resp.status != 200:
+            hint = " (vLLM 0.30 or later, started with --enable-scale-out: gateway.continue_chat)" if resp.status in (403, 404) else ""
+            return None, f"derender: the engine answered {resp.status}{hint}"
+        try:
+            answer = json.loads(raw)
+            chunk, state = answer["chunk"], answer["stream_state"]
+        except (ValueError, KeyError, TypeError):
+            return None, "derender: an answer that is not a chunk and its state"
+        kept.tool_ids = [str(t) for t in state.get("last_tool_call_ids") or ()]
+        return chunk, ""
 
     async def _continue_on(self: "Gateway", tried: set[str], deadline: float, gone: "Signal", send: "Send") -> Optional["Member"]:
         """The group to continue on: one that serves, another than those tried first; else waiting for

@@ -247,6 +247,16 @@ class Response:
         """The next piece of the body as it arrived (never empty: the connection keeps none); None at its end."""
         return await self._conn.next_chunk()
 
+    def ready(self) -> list[bytes]:
+        """The pieces of the body that have arrived and not been read, without waiting (its end or an
+        error stays for next_chunk)."""
+        conn, out = self._conn, []
+        while conn.items and isinstance(conn.items[0], bytes):
+            out.append(conn.items.popleft())
+        if conn.paused and len(conn.items) <= LOW_WATER:
+            conn.resume()
+        return out
+
     def splice(self, sink: Callable[[bytes], bool]) -> None:
         """From here on every piece of the body goes to `sink` as it is read, in the connection's
         own callback (no task woken per piece); `next_chunk()` then returns only the end (None) or

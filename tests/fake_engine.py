@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -89,6 +90,8 @@ class Script:
     prompts: list[list[int]] = field(default_factory=list)  # each token-id stream's prompt, as ids
     max_model_len: int = 0  # token-id streams without max_tokens end where the context is full (0: after `chunks`)
     cut_after: list[int] = field(default_factory=list)  # the next token-id streams' connections break after this many events each
+    derender_status: int = 200  # what /v1/chat/completions/derender answers (vLLM without --enable-scale-out: 403)
+    derendered: int = 0  # derender calls
 
 
 class FakeEngine:
@@ -99,6 +102,7 @@ class FakeEngine:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models),
+            Route("/v1/chat/completions/derender", self.derender, methods=["POST"]),
         ])
         self.served = Served(app, port, host)
         self.url = self.served.url
@@ -144,6 +148,8 @@ class FakeEngine:
                                  "choices": [{"index": 0, "text": "x" * sc.chunks, "finish_reason": "length"}]},
                                 headers={"x-fake": "1"})
 
+        if req.get("return_token_ids") is True and "messages" in req:
+            return StreamingResponse(self._chat_id_events(req), media_type="text/event-stream")
         if req.get("return_token_ids") is True:
             return StreamingResponse(self._id_events(req), media_type="text/event-stream")
 
@@ -214,6 +220,139 @@ class FakeEngine:
             if not finished:
                 sc.abandoned += 1
                 sc.abandoned_at.append(time.monotonic())
+
+
+    async def _chat_id_events(self, req: dict[str, Any]):
+        """A chat stream with token ids, as vLLM gives it with `return_token_ids`: the prompt's ids in
+        the first chunk (the role's), then each id's delta by the fake parser (FakeParser), a chunk with
+        an empty delta where the parser holds its output (vLLM sends those only when asked for ids)."""
+        sc = self.script
+        context = chat_prompt(req)
+        prompt = list(context)
+        sc.prompts.append(list(context))
+        limit = req.get("max_completion_tokens", req.get("max_tokens"))
+        n = limit if isinstance(limit, int) else sc.chunks
+        rid, created, model = f"chatcmpl-fake-{sc.calls}", 1_700_000_000 + sc.calls, req.get("model")
+        cut = sc.cut_after.pop(0) if sc.cut_after else None
+        parser = FakeParser()
+
+        def chunk(choice: dict[str, Any], **top: Any) -> bytes:
+            event = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice], **top}
+            return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+        sc.running += 1
+        finished = False
+        try:
+            yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
+                        prompt_token_ids=prompt)
+            for i in range(n):
+                if i == cut:
+                    raise ConnectionAbortedError("the fake engine's connection breaks mid-stream (Script.cut_after)")
+                t = next_id(context)
+                context.append(t)
+                choice = {"index": 0, "delta": parser.feed(t), "logprobs": None, "finish_reason": "length" if i == n - 1 else None}
+                if i == n - 1:
+                    choice["stop_reason"] = None
+                choice["token_ids"] = [t]
+                yield chunk(choice)
+                if sc.chunk_delay_s:
+                    await asyncio.sleep(sc.chunk_delay_s)
+                while sc.hang:
+                    await asyncio.sleep(0.02)
+            if (req.get("stream_options") or {}).get("include_usage"):
+                used = {"prompt_tokens": len(prompt), "total_tokens": len(context), "completion_tokens": n}
+                yield b"data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                              "choices": [], "usage": used}, separators=(",", ":")).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            sc.running -= 1
+            if not finished:
+                sc.abandoned += 1
+                sc.abandoned_at.append(time.monotonic())
+
+    async def derender(self, request: Request) -> Response:
+        """vLLM's streaming chat derender (0.30 on, --enable-scale-out), for the fake parser: a fresh
+        parser replays the state's ids, then turns the chunk's; the tool calls' ids are pinned by the
+        state's last_tool_call_ids, as vLLM's are."""
+        sc = self.script
+        sc.derendered += 1
+        if sc.derender_status != 200:
+            return JSONResponse({"error": {"message": "Scale-out endpoints are disabled.", "type": "PermissionDeniedError",
+                                           "code": sc.derender_status}}, status_code=sc.derender_status)
+        req = json.loads(await request.body())
+        state, gen = req["stream_state"], req["generate_chunk"]
+        parser = FakeParser()
+        for t in state["output_token_ids"]:
+            parser.feed(t)
+        [choice] = gen["choices"]
+        delta: dict[str, Any] = {}
+        for t in choice["token_ids"]:
+            merge(delta, parser.feed(t))
+        ids = list(state["last_tool_call_ids"])
+        for call in delta.get("tool_calls") or ():
+            if "id" in call:
+                if call["index"] < len(ids):
+                    call["id"] = ids[call["index"]]
+                else:
+                    ids.append(call["id"])
+        out = {"index": 0, "delta": {"role": None, "content": None, "reasoning": None, "tool_calls": [], **delta},
+               "logprobs": None, "finish_reason": choice.get("finish_reason"), "stop_reason": choice.get("stop_reason"),
+               "token_ids": choice["token_ids"] if (req.get("chat_request") or {}).get("return_token_ids") else None}
+        new_state = {**state, "output_token_ids": state["output_token_ids"] + choice["token_ids"],
+                     "output_chunk_lens": state["output_chunk_lens"] + ([len(choice["token_ids"])] if choice["token_ids"] else []),
+                     "tools_streamed": state["tools_streamed"] or bool(delta.get("tool_calls")), "last_tool_call_ids": ids}
+        return JSONResponse({"chunk": {"id": gen.get("request_id"), "object": "chat.completion.chunk", "created": 1, "model": req.get("model"),
+                                       "choices": [out], "usage": None, "prompt_token_ids": None}, "stream_state": new_state})
+
+
+def chat_prompt(req: dict[str, Any]) -> list[int]:
+    """The fake chat template: the messages' bytes."""
+    return list(json.dumps(req.get("messages"), separators=(",", ":")).encode())
+
+
+class FakeParser:
+    """A reasoning and tool parser for the fake model's ids, whose output depends on what came before
+    (as vLLM's do): reasoning until an id divisible by 13 (held: no output), then content; in content
+    an id divisible by 11 opens a tool call (a new id, its name), whose argument pieces follow until
+    an id divisible by 5 closes it (held)."""
+
+    def __init__(self) -> None:
+        self.phase, self.calls = "reasoning", 0
+
+    def feed(self, t: int) -> dict[str, Any]:
+        if self.phase == "reasoning":
+            if t % 13 == 0:
+                self.phase = "content"
+                return {}
+            return {"reasoning": id_text(t)}
+        if self.phase == "content":
+            if t % 11 == 0:
+                self.phase, self.calls = "tool", self.calls + 1
+                return {"tool_calls": [{"index": self.calls - 1, "id": f"call-{os.urandom(4).hex()}", "type": "function",
+                                        "function": {"name": "f", "arguments": ""}}]}
+            return {"content": id_text(t)}
+        if t % 5 == 0:
+            self.phase = "content"
+            return {}
+        return {"tool_calls": [{"index": self.calls - 1, "function": {"arguments": id_text(t)}}]}
+
+
+def merge(delta: dict[str, Any], more: dict[str, Any]) -> None:
+    """Deltas of several ids as one (vLLM's parser, given them in one piece, answers one delta)."""
+    for k, v in more.items():
+        if k == "tool_calls":
+            calls = delta.setdefault("tool_calls", [])
+            for call in v:
+                same = next((c for c in calls if c["index"] == call["index"]), None)
+                if same is None:
+                    calls.append(json.loads(json.dumps(call)))
+                else:
+                    args = call.get("function", {}).get("arguments")
+                    if args:
+                        same.setdefault("function", {})["arguments"] = same.get("function", {}).get("arguments", "") + args
+        else:
+            delta[k] = delta.get(k, "") + v
 
 
 def next_id(context: list[int]) -> int:

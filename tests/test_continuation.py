@@ -53,8 +53,9 @@ def test_what_a_completion_stream_must_not_be_to_be_continued(fields, why):
     assert why_not_kept("/v1/completions", json.loads(request(**fields))) == why
 
 
-def test_a_chat_is_not_continued_yet_and_other_paths_never():
-    assert why_not_kept("/v1/chat/completions", {"messages": []}) == "path: only completions are continued"
+def test_only_completions_and_chats_are_continued():
+    assert why_not_kept("/v1/chat/completions", {"messages": []}) is None
+    assert why_not_kept("/v1/responses", {"input": "Hi"}) == "path: only completions and chats are continued"
     assert why_not_kept("/v1/completions?x=1", json.loads(request())) is None
 
 

@@ -168,3 +168,89 @@ def test_streams_cut_at_random_points_join_without_a_repeated_or_missing_token(r
         rig.script.cut_after = []
 
     one()
+
+
+CHAT_BODY = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "What is the weather?"}], "max_tokens": 60,
+             "stream": True, "stream_options": {"include_usage": True},
+             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+
+
+def read_chat(url: str, body: dict, lines: list[str]) -> None:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as s:
+        for line in s.iter_lines():
+            lines.append(line)
+
+
+def chat_parts(lines: list[str]) -> dict:
+    """What a client makes of a chat stream: reasoning, content, each tool call (id, name, arguments), ends."""
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    choices = [c for e in events for c in e["choices"]]
+    calls: dict[int, dict] = {}
+    for c in choices:
+        for call in c["delta"].get("tool_calls") or ():
+            mine = calls.setdefault(call["index"], {"ids": [], "name": "", "arguments": ""})
+            if "id" in call:
+                mine["ids"].append(call["id"])
+            mine["name"] += (call.get("function") or {}).get("name") or ""
+            mine["arguments"] += (call.get("function") or {}).get("arguments") or ""
+    return {"reasoning": "".join(c["delta"].get("reasoning") or "" for c in choices),
+            "content": "".join(c["delta"].get("content") or "" for c in choices),
+            "calls": [{**v, "ids": len(v["ids"])} for _, v in sorted(calls.items())],
+            "ends": [c["finish_reason"] for c in choices if c["finish_reason"]],
+            "heads": {(e["id"], e["created"], e["model"]) for e in events},
+            "usage": events[-1].get("usage"), "errors": [e for e in events if "error" in e],
+            "empty": [c for c in choices if not c["delta"] and not c["finish_reason"]],
+            "ids": [c.get("token_ids") for c in choices]}
+
+
+def test_a_chat_stream_cut_by_a_hang_is_continued_through_derender_in_its_reasoning_content_and_tool_calls(rig, quick_hold):
+    rig.script.chunk_delay_s = 0
+    whole: list[str] = []
+    read_chat(rig.url, CHAT_BODY, whole)  # the uncut stream of the same ids (the fake model is deterministic in its context)
+    want = chat_parts(whole)
+    assert want["reasoning"] and want["content"] and want["calls"] and not want["errors"]  # the stream has every part
+    lines: list[str] = []
+    t = threading.Thread(target=read_chat, args=(rig.url, CHAT_BODY, lines))
+    rig.script.chunk_delay_s = 0.05
+    t.start()
+    deadline = time.monotonic() + 10
+    while len([line for line in lines if line.startswith("data: {")]) < 25:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.02)
+    rig.script.hang = True
+    time.sleep(0.2)
+    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    time.sleep(0.6)
+    rig.script.hang = False
+    rig.emit("restart-done", seconds=1.0)
+    t.join(timeout=30)
+    got = chat_parts(lines)
+    assert not got["errors"] and got["ends"] == ["length"] and len(got["heads"]) == 1
+    assert (got["reasoning"], got["content"]) == (want["reasoning"], want["content"])
+    assert [(c["name"], c["arguments"], c["ids"]) for c in got["calls"]] == [(c["name"], c["arguments"], 1) for c in want["calls"]]
+    assert got["usage"] == want["usage"] and got["empty"] == [] and all(i is None for i in got["ids"])
+    assert any(line.startswith(": ") for line in lines)  # held open meanwhile
+    first, then = rig.script.prompts[-2:]
+    assert then[:len(first)] == first and len(then) > len(first)  # continued from the chat's ids and those the client had
+    assert rig.script.derendered >= 1
+    assert rig.metric("spark_cluster_gateway_streams_continued_total", how="same_group") == 1
+
+
+def test_a_chat_stream_whose_engine_cannot_derender_ends_with_the_error_event_and_the_reason(rig, quick_hold):
+    rig.script.derender_status = 403  # vLLM without --enable-scale-out
+    lines: list[str] = []
+    t = threading.Thread(target=read_chat, args=(rig.url, CHAT_BODY, lines))
+    rig.script.chunk_delay_s = 0.05
+    t.start()
+    deadline = time.monotonic() + 10
+    while len([line for line in lines if line.startswith("data: {")]) < 5:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.02)
+    rig.script.hang = True
+    time.sleep(0.2)
+    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    rig.script.hang = False
+    rig.emit("restart-done", seconds=1.0)
+    t.join(timeout=30)
+    assert json.loads([line for line in lines if line][-1][6:])["error"]["type"] == "engine_unavailable"
+    assert rig.metric("spark_cluster_gateway_streams_not_continued_total", reason="derender") == 1
