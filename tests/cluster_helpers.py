@@ -4,7 +4,9 @@ no test file imports another."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,3 +204,44 @@ class ControllerProcess(EventWaiter):
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.log.close()
+
+
+# vLLM's own log format, with its request logger at DEBUG: each request's prompt token ids are logged
+# ("Request <id> details: prompt: ..., prompt_token_ids: [...]"), everything else as vLLM logs it
+REQUEST_LOG_DIR = "/srv/spark-cluster-test"  # on each simulated node (its /srv is its own)
+REQUEST_LOGGING = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"vllm": {"()": "vllm.logging_utils.NewLineFormatter", "datefmt": "%m-%d %H:%M:%S", "log_level": "INFO",
+                            "format": "(%(vllm_process_name)s pid=%(process)d) %(levelname)s %(asctime)s [%(fileinfo)s:%(lineno)d] %(message)s"}},
+    "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm", "level": "DEBUG", "stream": "ext://sys.stdout"}},
+    "loggers": {"vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False},
+                "vllm.entrypoints.serve.utils.request_logger": {"level": "DEBUG"}},
+}
+LOGGED_PROMPT = re.compile(r"Request (\S+) details: prompt: .*?, prompt_token_ids: \[([\d, ]*)\]")
+
+
+def log_prompt_ids(data: dict) -> None:
+    """Config data (as parsed YAML) whose engines log every request's prompt token ids: what the
+    engine itself was asked, not what the gateway says it sent."""
+    from spark_cluster.sim import cluster
+
+    text = json.dumps(REQUEST_LOGGING)
+    for node in data["nodes"]:
+        cluster.node_exec(node["name"], "sh", "-c", f'mkdir -p {REQUEST_LOG_DIR} && printf %s "$1" > {REQUEST_LOG_DIR}/vllm-logging.json',
+                          "sh", text, timeout=30)
+    c = data["container"]
+    c.setdefault("env", {})["VLLM_LOGGING_CONFIG_PATH"] = "/etc/spark-cluster-test/vllm-logging.json"
+    c.setdefault("mounts", []).append({"source": REQUEST_LOG_DIR, "target": "/etc/spark-cluster-test", "read_only": True})
+    data["vllm"]["extra_args"] = [*data["vllm"].get("extra_args", []), "--enable-log-requests"]
+
+
+def logged_prompts(cfg) -> list[list[int]]:
+    """Every prompt's token ids the group's engine logged (log_prompt_ids), in order."""
+    from spark_cluster.sim import cluster
+
+    out = []
+    for name in containers(cfg).get(cfg.head.name, {}):
+        log = cluster.node_exec(cfg.head.name, "docker", "logs", name, check=False, timeout=60)
+        for m in LOGGED_PROMPT.finditer(log.stdout + log.stderr):
+            out.append([int(t) for t in m.group(2).split(",") if t.strip()])
+    return out

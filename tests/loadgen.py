@@ -6,7 +6,7 @@ import json
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import httpx
@@ -29,6 +29,10 @@ class Result:
     comments: int = 0  # SSE comment lines of a stream (the gateway holding a cut stream open)
     longest_gap: float = 0.0  # the longest wait between two events of a stream (a continuation's seam)
     usage_tokens: Optional[int] = None  # a stream's completion tokens, as its usage event says (asked for)
+    api: str = "completions"  # completions | chat
+    prompt_ids: Optional[list[int]] = None  # a stream's prompt's token ids, as its first event says (ids asked for)
+    ids: list[int] = field(default_factory=list)  # the token ids a stream's events carried (ids asked for)
+    finishes: list[str] = field(default_factory=list)  # the finish reasons a stream's events carried
 
     @property
     def outcome(self) -> str:
@@ -42,15 +46,24 @@ class Result:
 
 
 def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s: float = 600,
-                stop: Optional[threading.Event] = None, prompt: str = "Once upon a time", client: Optional[httpx.Client] = None) -> Result:
-    """One completion as a client sees it; a stream is left (and counted as stopped) once `stop` is set.
+                stop: Optional[threading.Event] = None, prompt: str = "Once upon a time", client: Optional[httpx.Client] = None,
+                api: str = "completions", ids: bool = False) -> Result:
+    """One completion (api chat: a chat completion of one user message) as a client sees it; a stream
+    is left (and counted as stopped) once `stop` is set. ids: a stream asks for its token ids.
     client: a kept-alive client, as an application's OpenAI client is (else a new connection each time)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": kind == "stream"}
+    body: dict = {"model": model, "max_tokens": max_tokens, "ignore_eos": True, "stream": kind == "stream"}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     if kind == "stream":
         body["stream_options"] = {"include_usage": True}
-    r = Result(kind, time.time())
+        if ids:
+            body["return_token_ids"] = True
+    r = Result(kind, time.time(), api=api)
+    path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
     try:
-        with (client or httpx).stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=read_timeout_s)) as resp:
+        with (client or httpx).stream("POST", f"{url}{path}", json=body, timeout=httpx.Timeout(10, read=read_timeout_s)) as resp:
             r.status = resp.status_code
             if kind == "plain":
                 data = json.loads(resp.read() or b"{}")
@@ -91,6 +104,14 @@ def one_request(url: str, model: str, kind: str, max_tokens: int, read_timeout_s
                         r.usage_tokens = event["usage"].get("completion_tokens")
                         continue
                     r.tokens += 1  # events: vLLM may put several tokens in one
+                    if event.get("prompt_token_ids") and r.prompt_ids is None:  # a chat's, in its first event
+                        r.prompt_ids = event["prompt_token_ids"]
+                    for choice in event.get("choices") or ():
+                        if choice.get("prompt_token_ids") and r.prompt_ids is None:  # a completion's
+                            r.prompt_ids = choice["prompt_token_ids"]
+                        r.ids.extend(choice.get("token_ids") or ())
+                        if choice.get("finish_reason"):
+                            r.finishes.append(choice["finish_reason"])
                 if resp.status_code != 200 and not r.error:
                     r.error = "\n".join(other).strip()[:300] or f"HTTP {resp.status_code}"
     except (httpx.HTTPError, ValueError) as exc:
@@ -110,20 +131,21 @@ WORDS = ("river", "stone", "lamp", "orbit", "copper", "meadow", "signal", "harbo
 
 def mixed_load(url: str, model: str, stop: threading.Event, *, streams: int = 2, plain: int = 2, stream_tokens: int = 400,
                plain_tokens: int = 32, stream_prompt_words: int = 0, seed: int = 0, pace: threading.Event | None = None,
-               pace_s: float = 2.0) -> tuple[list[threading.Thread], list[Result]]:
+               pace_s: float = 2.0, chats: int = 0, ids: bool = False) -> tuple[list[threading.Thread], list[Result]]:
     """Clients sending streamed and non-streamed completions back to back until `stop`, each
     request's result kept (what a client of the gateway sees during a failover). stream_prompt_words:
     each stream gets a fresh random prompt of that many words (long prefills), else a short one.
-    pace: once set, the streams end and the other clients wait pace_s after each request (a light load from then on)."""
+    pace: once set, the streams end and the other clients wait pace_s after each request (a light load from then on).
+    chats: streamed chat clients besides the `streams` streamed completions; ids: the streams ask for their token ids."""
     results: list[Result] = []
     lock = threading.Lock()
     rng = random.Random(seed)
 
-    def client(kind: str, tokens: int) -> None:
+    def client(kind: str, tokens: int, api: str = "completions") -> None:
         while not stop.is_set():
             with lock:
                 prompt = random_prompt(stream_prompt_words, rng) if kind == "stream" and stream_prompt_words else "Once upon a time"
-            r = one_request(url, model, kind, tokens, stop=stop, prompt=prompt)
+            r = one_request(url, model, kind, tokens, stop=stop, prompt=prompt, api=api, ids=ids)
             with lock:
                 results.append(r)
             if r.outcome == "failed":
@@ -134,6 +156,7 @@ def mixed_load(url: str, model: str, stop: threading.Event, *, streams: int = 2,
                 stop.wait(pace_s)
 
     threads = [threading.Thread(target=client, args=("stream", stream_tokens), daemon=True) for _ in range(streams)]
+    threads += [threading.Thread(target=client, args=("stream", stream_tokens, "chat"), daemon=True) for _ in range(chats)]
     threads += [threading.Thread(target=client, args=("plain", plain_tokens), daemon=True) for _ in range(plain)]
     for t in threads:
         t.start()

@@ -170,6 +170,41 @@ def test_streams_cut_at_random_points_join_without_a_repeated_or_missing_token(r
     one()
 
 
+@pytest.mark.fuzz
+@pytest.mark.parametrize("rig", [{"continue_attempts": 5}], indirect=True)
+def test_chat_streams_cut_at_random_points_are_the_uncut_stream_in_every_field(rig, monkeypatch):
+    """The same for chats: cut in reasoning, in content or in a tool call's arguments, up to four
+    times, the client's stream says what the uncut stream says, field by field, each tool call with
+    one id, and the ids (where asked) once each."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.setattr(stream_carry, "RETRY_PAUSE_S", 0.01)
+    rig.script.chunk_delay_s = 0
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(max_tokens=st.integers(1, 40), cuts=st.lists(st.integers(0, 40), max_size=4), ids=st.booleans(),
+           content=st.text("abcdefgh ", min_size=1, max_size=12))
+    def one(max_tokens, cuts, ids, content):
+        body = {**CHAT_BODY, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+        if ids:
+            body["return_token_ids"] = True
+        whole: list[str] = []
+        read_chat(rig.url, body, whole)
+        rig.script.cut_after = list(cuts)
+        lines: list[str] = []
+        read_chat(rig.url, body, lines)
+        rig.script.cut_after = []
+        got, want = chat_parts(lines), chat_parts(whole)
+        assert not got["errors"], got["errors"]
+        assert {k: got[k] for k in ("reasoning", "content", "calls", "ends", "usage", "ids", "unasked")} == \
+               {k: want[k] for k in ("reasoning", "content", "calls", "ends", "usage", "ids", "unasked")}
+        assert len(got["heads"]) == 1 and all(c["ids"] == 1 for c in got["calls"])
+        assert ids or got["empty"] == []  # no chunk a client that did not ask for the ids would not get from vLLM
+
+    one()
+
+
 CHAT_BODY = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "What is the weather?"}], "max_tokens": 60,
              "stream": True, "stream_options": {"include_usage": True},
              "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
@@ -200,7 +235,8 @@ def chat_parts(lines: list[str]) -> dict:
             "heads": {(e["id"], e["created"], e["model"]) for e in events},
             "usage": events[-1].get("usage"), "errors": [e for e in events if "error" in e],
             "empty": [c for c in choices if not c["delta"] and not c["finish_reason"]],
-            "ids": [c.get("token_ids") for c in choices]}
+            "ids": [t for c in choices for t in c.get("token_ids") or ()],  # the events' pieces may differ: their ids may not
+            "unasked": all(c.get("token_ids") is None for c in choices)}
 
 
 def test_a_chat_stream_cut_by_a_hang_is_continued_through_derender_in_its_reasoning_content_and_tool_calls(rig, quick_hold):
@@ -228,7 +264,7 @@ def test_a_chat_stream_cut_by_a_hang_is_continued_through_derender_in_its_reason
     assert not got["errors"] and got["ends"] == ["length"] and len(got["heads"]) == 1
     assert (got["reasoning"], got["content"]) == (want["reasoning"], want["content"])
     assert [(c["name"], c["arguments"], c["ids"]) for c in got["calls"]] == [(c["name"], c["arguments"], 1) for c in want["calls"]]
-    assert got["usage"] == want["usage"] and got["empty"] == [] and all(i is None for i in got["ids"])
+    assert got["usage"] == want["usage"] and got["empty"] == [] and got["unasked"]
     assert any(line.startswith(": ") for line in lines)  # held open meanwhile
     first, then = rig.script.prompts[-2:]
     assert then[:len(first)] == first and len(then) > len(first)  # continued from the chat's ids and those the client had

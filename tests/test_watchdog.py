@@ -61,16 +61,18 @@ def serving_again(cfg, tmp_path) -> None:
 
 
 @contextmanager
-def loaded(c: Controlled, cfg, streams: int):
-    """Streams and two non-streamed clients through the gateway, back to back, until the engine reports the
-    streams running; the clients' results (yielded) keep coming until the end, then they stop."""
+def loaded(c: Controlled, cfg, streams: int, chats: int = 0):
+    """Streams (completions, and chats) and two non-streamed clients through the gateway, back to back,
+    until the engine reports the streams running; the clients' results (yielded) keep coming until the
+    end, then they stop. The streams ask for their token ids."""
     from .loadgen import mixed_load
 
     stop = threading.Event()
-    threads, results = mixed_load(c.url, cfg.model.name, stop, streams=streams, plain=2, stream_tokens=600, plain_tokens=24)
+    threads, results = mixed_load(c.url, cfg.model.name, stop, streams=streams, chats=chats, plain=2, stream_tokens=600, plain_tokens=24,
+                                  ids=True)
     try:
         deadline = time.monotonic() + 60
-        while not (c.wd.samples and c.wd.samples[-1]["running"] >= streams):
+        while not (c.wd.samples and c.wd.samples[-1]["running"] >= streams + chats):
             assert time.monotonic() < deadline, "the load never showed in the metrics"
             time.sleep(0.5)
         yield results
@@ -156,7 +158,7 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     before = generation(cfg)
     with Controlled(cfg) as c:
         c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
-        with loaded(c, cfg, streams=3) as results:
+        with loaded(c, cfg, streams=2, chats=2) as results:
             frozen_at = time.time()
             freeze("sim-2", worker)
             decision = c.wait_for(lambda e: e["event"] == "decision" and e["action"] == "restart", 120, "restart decision")
@@ -189,8 +191,11 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     assert not by["cut"] and not by["interrupted"], [r.error for r in by["cut"] + by["interrupted"]]
     continued = [r for r in by["ok"] if r.kind == "stream" and r.comments]
     assert continued, "the hang cut no stream: the test did not test that"
-    print(f"{cfg.executor}: {len(continued)} stream(s) continued, the longest pause {max(r.longest_gap for r in continued):.1f}s")
-    assert all(r.usage_tokens == 600 and r.longest_gap >= done["seconds"] for r in continued), [(r.usage_tokens, r.longest_gap) for r in continued]
+    print(f"{cfg.executor}: {len(continued)} stream(s) continued ({sorted(r.api for r in continued)}), the longest pause "
+          f"{max(r.longest_gap for r in continued):.1f}s")
+    # every token once: 600 ids in the events, one end, the usage of the whole; the pause spans the restart
+    assert all((len(r.ids), r.finishes, r.usage_tokens) == (600, ["length"], 600) and r.longest_gap >= done["seconds"]
+               for r in continued), [(r.api, len(r.ids), r.finishes, r.usage_tokens, r.longest_gap) for r in continued]
     held = [r for r in results if r.start < confirmed < r.first_byte and r.complete]
     assert held, "no request was held across the restart"
     metrics = c.ctl.metrics.exposition().decode()

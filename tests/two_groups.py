@@ -16,7 +16,7 @@ from spark_cluster.groups import for_each_group
 from spark_cluster.observe import list_containers
 from spark_cluster.transport import Nodes
 
-from .cluster_helpers import ControllerProcess, completion_works, ts
+from .cluster_helpers import ControllerProcess, completion_works, log_prompt_ids, logged_prompts, ts
 from .conftest import CONFIGS, freeze, run_cli
 from .loadgen import mixed_load
 
@@ -37,6 +37,7 @@ def two_groups_cfg(tmp_path, executor: str):
     data["gateway"] = {"host": "127.0.0.1", "port": gateway, "hold_s": 600, "drain_s": 120}
     data["controller"] = {"port": control}
     data["api"] = {"token_env": "SPARK_CLUSTER_TEST_TOKEN"}
+    log_prompt_ids(data)
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     return path, parse_config(path.read_text())
@@ -84,7 +85,8 @@ def a_frozen_rank_costs_clients_nothing(c: ControllerProcess, cfg) -> None:
     of a lone group: vLLM's import alone 107 s against 44 s), which a real group b on its own Sparks
     does not."""
     stop, pace = threading.Event(), threading.Event()
-    threads, results = mixed_load(c.gateway, cfg.model.name, stop, streams=4, plain=4, stream_tokens=300, plain_tokens=8, pace=pace)
+    threads, results = mixed_load(c.gateway, cfg.model.name, stop, streams=4, chats=4, plain=4, stream_tokens=300, plain_tokens=8,
+                                  pace=pace, ids=True)
     time.sleep(15)
     b_before = group_ids(cfg, "b")
     worker = "spark-a-ray-worker" if cfg.executor == "ray" else "spark-a-vllm-worker"
@@ -115,12 +117,20 @@ def a_frozen_rank_costs_clients_nothing(c: ControllerProcess, cfg) -> None:
     # group b answers while a restarts: nothing waits at the door (below); on 2 cores shared with a's
     # restart (its model load), b's answers slow down (up to 6 s seen for 8 tokens), hence the margin
     assert after and max(after) < 15, max(after)
+    done_streams = [r for r in streams if r.outcome == "ok"]
     assert {r.outcome for r in streams} <= {"ok", "stopped"}, [r.error for r in streams if r.outcome not in ("ok", "stopped")]
-    assert [r.usage_tokens for r in streams if r.outcome == "ok"] == [300] * len([r for r in streams if r.outcome == "ok"])  # the whole answer counted
+    assert {r.api for r in done_streams} == {"completions", "chat"}
+    for r in done_streams:  # the whole answer: 300 ids in the events, one end, the usage of the whole
+        assert (len(r.ids), r.finishes, r.usage_tokens) == (300, ["length"], 300), (r.api, len(r.ids), r.finishes, r.usage_tokens)
     moved = c.metric("spark_cluster_gateway_streams_continued_total", group="b", how="other_group")
-    print(f"{cfg.executor}: {moved:g} of a's streams continued on b; the longest pause of a stream "
-          f"{max(r.longest_gap for r in streams if r.outcome == 'ok'):.1f}s")
-    assert moved >= 1 and c.metric("spark_cluster_gateway_requests_total", outcome="interrupted") == 0  # a's open streams went on on b
+    # each continuation as the engine that served it logged it: the stream's prompt ids, then every id its client had
+    logged = logged_prompts(dict(cfg.group_configs())["b"])
+    seams = [(r, len(p) - len(r.prompt_ids)) for r in done_streams for p in logged
+             if len(p) > len(r.prompt_ids) and p == r.prompt_ids + r.ids[:len(p) - len(r.prompt_ids)]]
+    print(f"{cfg.executor}: {moved:g} of a's streams continued on b ({sorted({r.api for r, _ in seams})}, from ids "
+          f"{sorted(k for _, k in seams)}); the longest pause of a stream {max(r.longest_gap for r in done_streams):.1f}s")
+    assert moved >= 1 and len(seams) == moved, (moved, len(seams))
+    assert c.metric("spark_cluster_gateway_requests_total", outcome="interrupted") == 0  # a's open streams went on on b
     assert c.metric("spark_cluster_gateway_requests_total", outcome="held") == 0  # nothing waited at the door
     assert group_ids(cfg, "b") == b_before  # group b untouched
     assert not [e for e in c.events if e.get("group") == "b" and e["event"] == "restart-start"]
