@@ -1,6 +1,6 @@
 """What keeping a stream for its continuation costs the gateway per event (no cluster): the time
-spark_cluster.continuation.pass_events takes on vLLM-shaped completion events, against passing them
-untouched, side by side in one run.
+spark_cluster.continuation.pass_events takes on vLLM-shaped completion and chat events, against
+passing them untouched, side by side in one run.
 
     python -m bench.continuation_bench [--events 20000]
 """
@@ -21,9 +21,18 @@ def event(i: int, *, first: bool = False) -> bytes:
                                    "choices": [choice]}, separators=(",", ":")).encode() + b"\n\n"
 
 
-def per_event_us(kept, events: list[bytes], json_path: bool = False) -> float:
+def chat_event(i: int, *, first: bool = False) -> bytes:
+    body = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""} if first else {"reasoning": f" word{i}"},
+                         "logprobs": None, "finish_reason": None, "token_ids": None if first else [1000 + i]}]}
+    if first:
+        body["prompt_token_ids"] = list(range(200))
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def per_event_us(kept, events: list[bytes], json_path: bool = False, first: bytes = b"") -> float:
     if kept is not None:
-        pass_events(kept, event(0, first=True))
+        pass_events(kept, first or event(0, first=True))
         if json_path:
             kept.continued = 1  # a continued stream's events are rewritten from their JSON
     t = time.perf_counter()
@@ -44,6 +53,10 @@ def main() -> None:
             ("kept, ids taken out (the client did not ask)", per_event_us(keep("/v1/completions", body)[0], events)),
             ("kept, ids left (the client asked)", per_event_us(keep("/v1/completions", asked)[0], events)),
             ("after a continuation (JSON rewritten)", per_event_us(keep("/v1/completions", body)[0], events, json_path=True))]
+    chats = [chat_event(i) for i in range(1, n + 1)]
+    chat = json.dumps({"messages": [{"role": "user", "content": "p"}], "stream": True, "max_tokens": 10 * n}).encode()
+    rows += [("chat, kept, ids taken out (JSON per event)", per_event_us(keep("/v1/chat/completions", chat)[0], chats,
+                                                                         first=chat_event(0, first=True)))]
     base = rows[1][1]
     print(f"{n} events of ~{len(events[0])} bytes each")
     for label, us in rows:

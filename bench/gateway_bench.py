@@ -336,7 +336,7 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
             stop = threading.Event()
             c0 = proc_cpu_s(proc.pid)
             t_run = time.monotonic()
-            threads, results = mixed_load(gateway, model, stop, streams=3, plain=2, stream_tokens=600, plain_tokens=24)
+            threads, results = mixed_load(gateway, model, stop, streams=2, chats=1, plain=2, stream_tokens=600, plain_tokens=24)
             time.sleep(15)
             frozen = time.time()
             worker = f"{cfg.name}-ray-worker" if executor == "ray" else f"{cfg.name}-vllm-worker"
@@ -361,7 +361,12 @@ def run(executor: str, args: argparse.Namespace) -> list[str]:
                      "", f"Failover through the gateway ({done['event']}; hang confirmed {t_conf - frozen:.1f} s after the freeze):", "",
                      "| client outcome | requests |", "| --- | --- |"]
             rows += [f"| {k} | {v} |" for k, v in counts.items()]
+            open_at_freeze = [r for r in results if r.kind == "stream" and r.first_byte and r.first_byte < frozen < r.end]
             rows += [f"| non-streamed requests failed | {plain_failed} |",
+                     f"| streams open at the freeze: completed whole / in all | {sum(r.complete for r in open_at_freeze)} / "
+                     f"{len(open_at_freeze)} |",
+                     f"| longest pause of a stream open at the freeze (the seam) | "
+                     f"{max((r.longest_gap for r in open_at_freeze if r.complete), default=0):.1f} s |",
                      f"| interrupted streams: error event after the hang was confirmed (max) | {max(lags):.2f} s |" if lags else
                      "| interrupted streams | none |"]
             by_gateway = {labels["outcome"]: value for labels, value in

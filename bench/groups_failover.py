@@ -6,7 +6,8 @@ gateway (streams and short non-streamed requests): steady state for a while, the
 frozen (`docker pause`), until a's restart is done and a little after. One group: configs/local-sim.yaml
 (sim-1, sim-2; the other two nodes idle). Two groups: configs/local-sim-2groups.yaml.
 
-Figures per layout: non-streamed requests failed, streams interrupted (the error event) or failed,
+Figures per layout: non-streamed requests failed, streams completed whole, continued after a cut
+(the gateway's count) and interrupted (the error event) or failed, the longest pause at a seam,
 the longest time to first byte of a request waiting while group a was down (sent then, or sent
 before and still unanswered at the freeze), the median time to first byte in steady state and
 during the failover; the gateway's own counts of requests held at its door and retried (its
@@ -107,7 +108,7 @@ def wait_event(cfg, pred, timeout: float) -> dict:
 
 def gateway_counts(cfg) -> dict[str, float]:
     text = httpx.get(f"{cfg.controller_url()}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).text
-    return {o: sample_value(text, "spark_cluster_gateway_requests_total", outcome=o) for o in ("held", "retried", "rejected")}
+    return {o: sample_value(text, "spark_cluster_gateway_requests_total", outcome=o) for o in ("held", "retried", "rejected", "continued")}
 
 
 SLOW = re.compile(r": (held|retried|rejected|failed|interrupted) after ([0-9.]+)s \((.*)\)$")
@@ -132,7 +133,8 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
         of_a = (lambda e: e.get("group") == "a") if several else (lambda e: True)
         wait_event(cfg, lambda e: of_a(e) and e["event"] == "state" and e["state"] == "healthy", 180)
         stop = threading.Event()
-        threads, results = mixed_load(cfg.gateway_url(), cfg.model.name, stop, streams=streams, plain=plain, stream_tokens=300, plain_tokens=8)
+        threads, results = mixed_load(cfg.gateway_url(), cfg.model.name, stop, streams=streams - streams // 2, chats=streams // 2, plain=plain,
+                                      stream_tokens=300, plain_tokens=8)
         time.sleep(steady_s)
         worker = ("spark-a-" if several else "spark-") + ("ray-worker" if executor == "ray" else "vllm-worker")
         t_freeze = time.time()
@@ -157,6 +159,10 @@ def measure(name: str, executor: str, steady_s: float, streams: int, plain: int)
     return {
         "restart": done["event"], "failover_s": t_done - t_freeze,
         "plain failed": sum(r.outcome == "failed" for r in plain_rs), "plain": len(plain_rs),
+        "streams completed": sum(r.outcome == "ok" for r in stream_rs),
+        "streams continued": int(counts["continued"]),
+        "seam pause": max((r.longest_gap for r in stream_rs if r.outcome == "ok" and r.first_byte and r.first_byte < t_freeze < r.end),
+                          default=float("nan")),
         "streams interrupted": sum(r.outcome == "interrupted" for r in stream_rs),
         "streams failed": sum(r.outcome in ("failed", "cut") for r in stream_rs), "streams": len(stream_rs),
         "longest wait": max(waits) if waits else float("nan"),
@@ -182,17 +188,20 @@ def compare(executors: list[str], steady_s: float = 30, streams: int = 4, plain:
 
 def table(res: dict[tuple[str, str], dict], streams: int, plain: int) -> None:
     cols = list(res)
-    print(f"\nfailover of group a under load ({streams} streams, {plain} non-streamed clients), simulated nodes")
-    print(f"{'':46}" + "".join(f"{x + ' ' + n:>22}" for x, n in cols))
+    print(f"\nfailover of group a under load ({streams} streams, half of them chats, {plain} non-streamed clients), simulated nodes")
+    print(f"{'':50}" + "".join(f"{x + ' ' + n:>22}" for x, n in cols))
     rows = [("freeze -> a's restart done (s)", "failover_s", "{:22.1f}"), ("non-streamed requests failed", "plain failed", "{:22d}"),
-            ("  of non-streamed requests", "plain", "{:22d}"), ("streams ended with the error event", "streams interrupted", "{:22d}"),
+            ("  of non-streamed requests", "plain", "{:22d}"), ("streams completed whole", "streams completed", "{:22d}"),
+            ("  of them continued after a cut", "streams continued", "{:22d}"),
+            ("longest pause, a stream open at the freeze (s)", "seam pause", "{:22.1f}"),
+            ("streams ended with the error event", "streams interrupted", "{:22d}"),
             ("streams failed or cut", "streams failed", "{:22d}"), ("requests answered during the failover", "served during failover", "{:22d}"),
             ("longest wait for a first byte then (s)", "longest wait", "{:22.1f}"), ("median first byte, steady (s)", "ttfb steady", "{:22.2f}"),
             ("median first byte, during the failover (s)", "ttfb failover", "{:22.2f}")]
     rows += [("gateway: held at its door, then answered", "held", "{:22d}"), ("gateway: retried, then answered", "retried", "{:22d}"),
              ("gateway: refused (503)", "rejected", "{:22d}")]
     for label, key, fmt in rows:
-        print(f"{label:46}" + "".join(fmt.format(res[c][key]) for c in cols))
+        print(f"{label:50}" + "".join(fmt.format(res[c][key]) for c in cols))
     for c in cols:
         print(f"{c[0]} {c[1]}: slowest first byte the clients saw: {res[c]['slowest seen']}; slowest request the gateway "
               f"logged (held, retried, refused, cut): {res[c]['slowest'] or '-'}")
