@@ -39,6 +39,7 @@ from .gateway import Gateway
 from .masking import mask
 from .metrics import ControllerMetrics
 from .render import render
+from .stream_log import StreamLog
 from .state_dir import EVENTS_FILE, FILE_MODE, append_private, private_dir, read_private, set_aside
 from .transport import Nodes
 from .watchdog import Watchdog
@@ -139,6 +140,7 @@ class Controller:
         self.gateway: Optional[Gateway] = None
         self.metrics = ControllerMetrics(list(self.groups), lambda: {g: wd.samples[-1] for g, wd in self.wds.items() if wd.samples},
                                          lambda: {g: len(m.flights) for g, m in self.gateway.members.items()} if self.gateway else {})
+        self.streams = StreamLog(self.record, lambda text: mask(text, self.secrets), next(iter(self.groups)), self.cfg.gateway.continue_within_s)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping = threading.Event()
         self.threads: dict[str, threading.Thread] = {}
@@ -172,6 +174,7 @@ class Controller:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.gateway = Gateway({label: g.endpoint() for label, g in self.groups.items()}, self.cfg.gateway, self.metrics)
+        self.gateway.on_carried = self.streams.carried
         for label, group in list(self.groups.items()):
             self.start_watch(label, group, Nodes(group))
             wd = self.wds[label]
@@ -288,6 +291,7 @@ class Controller:
         label = e.get("group") if e.get("group") in self.groups else next(iter(self.groups))
         self.events.append(e)
         self.metrics.on_event(e, label)
+        self.streams.saw(e, label)
         if self.gateway is not None:
             self.gateway.on_event(e, label)
         for q in list(self.subscribers):

@@ -31,7 +31,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from . import timeouts
 from .door import Admission, admit, retry_status
@@ -89,6 +89,7 @@ class Gateway(CarryOn, Members):
         super().__init__(upstreams, settings, observer)
         self.held = 0
         self.max_body = settings.max_body_bytes()
+        self.on_carried: Callable[[dict[str, Any]], None] = lambda record: None  # a cut stream's fate (the controller's StreamLog)
 
     async def _wait_for_door(self, deadline: float, gone: Signal) -> Optional[Admission]:
         """None once the door is open; else why the request is refused. Counted as held while waiting."""

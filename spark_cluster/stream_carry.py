@@ -66,15 +66,19 @@ class CarryOn:
             if gone.is_set():
                 return "cancelled"
             if member is None:
-                return await self._not_continued(send, flight, why or "wait: no group served within gateway.continue_within_s")
+                return await self._not_continued(send, flight, cut_on, why or "wait: no group served within gateway.continue_within_s")
             kept.continued += 1
+            from_token = len(kept.sent)
             nxt = Flight(started=True, event_stream=True, kept=kept, tried=frozenset(tried))
             result = await self._attempt(member, nxt, "POST", COMPLETIONS, headers, body, send, gone, t0, writer, continuing=True)
             tried.add(member.name)
             if result == "ok":
-                self.obs.continued(member.name, "same_group" if member.name == cut_on.name else "other_group", nxt.first_at - cut_at)
+                how = "same_group" if member.name == cut_on.name else "other_group"
+                self.obs.continued(member.name, how, nxt.first_at - cut_at)
+                self.on_carried({"event": "stream-continued", "group": cut_on.name, "on": member.name, "how": how, "path": flight_path(kept),
+                                 "from_token": from_token, "pause_s": round(nxt.first_at - cut_at, 2), "why_cut": flight.why_cut})
                 log.info("a stream cut on %s (%s) continued on %s after %.1fs, from token %d",
-                         cut_on.name or "the engine", flight.why_cut, member.name or "the engine", nxt.first_at - cut_at, len(kept.sent))
+                         cut_on.name or "the engine", flight.why_cut, member.name or "the engine", nxt.first_at - cut_at, from_token)
                 return "continued"
             if result == "cancelled":
                 return "cancelled"
@@ -83,7 +87,7 @@ class CarryOn:
                 await _pause(gone, RETRY_PAUSE_S)
                 continue
             if result == "failed":
-                return await self._not_continued(send, nxt, nxt.why_cut or "refused: the continuation failed")
+                return await self._not_continued(send, nxt, cut_on, nxt.why_cut or "refused: the continuation failed")
             flight, cut_on, cut_at = nxt, member, time.monotonic()  # cut again: from where this one stopped
 
     async def relay_chat(self: "Gateway", m: "Member", flight: "Flight", resp: "Response", headers: list[tuple[bytes, bytes]],
@@ -176,11 +180,17 @@ class CarryOn:
                     return None  # the client is gone
         return None
 
-    async def _not_continued(self: "Gateway", send: "Send", flight: "Flight", why: str) -> str:
+    async def _not_continued(self: "Gateway", send: "Send", flight: "Flight", cut_on: "Member", why: str) -> str:
         self.obs.not_continued(reason_code(why))
+        self.on_carried({"event": "stream-not-continued", "group": cut_on.name, "reason": why, "why_cut": flight.why_cut,
+                         "path": flight_path(flight.kept)})
         log.info("a cut stream was not continued: %s", why)
         await self._end_stream(send, flight, flight.why_cut or "the engine stopped answering")
         return "interrupted"
+
+
+def flight_path(kept: Optional[Kept]) -> str:
+    return kept.path if kept is not None else ""
 
 
 async def _first_of(changed: asyncio.Event, gone: "Signal", timeout: float) -> bool:

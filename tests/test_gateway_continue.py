@@ -15,6 +15,7 @@ import pytest
 from spark_cluster import stream_carry
 
 from .fake_engine import id_text, next_id
+from .gateway_rig import TOKEN
 
 BODY = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True}}
 
@@ -53,9 +54,12 @@ def cut_while_streaming(rig, body: dict, lines: list[str], after: int = 5) -> th
     return t
 
 
-def test_a_stream_cut_by_a_confirmed_hang_is_held_open_and_continued_from_the_exact_token_after_the_restart(rig, quick_hold):
+def test_a_stream_cut_by_a_confirmed_hang_is_held_open_and_continued_from_the_exact_token_after_the_restart(rig, quick_hold, tmp_path):
+    bundle = tmp_path / "incidents" / "20261206T000000Z-hang"
+    bundle.mkdir(parents=True)
     lines: list[str] = []
     t = cut_while_streaming(rig, BODY, lines, after=10)
+    rig.emit("incident", reason="hang confirmed", bundle=str(bundle))
     time.sleep(1.0)  # held: the client hears comment lines
     assert any(line.startswith(": ") for line in lines), lines[-5:]
     rig.script.hang = False
@@ -77,6 +81,14 @@ def test_a_stream_cut_by_a_confirmed_hang_is_held_open_and_continued_from_the_ex
     assert rig.metric("spark_cluster_gateway_streams_continued_total", how="same_group") == 1
     assert rig.metric("spark_cluster_gateway_requests_total", outcome="continued") == 1
     assert rig.metric("spark_cluster_gateway_requests_total", outcome="interrupted") == 0
+    # what became of it: an event of its group, and a line of the incident's bundle
+    [line] = (bundle / "streams.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert {k: record[k] for k in ("event", "how", "path", "from_token")} == \
+        {"event": "stream-continued", "how": "same_group", "path": "/v1/completions", "from_token": len(then) - len(first)}
+    assert record["pause_s"] >= 0.8 and "restarting" in record["why_cut"]
+    events = httpx.get(f"{rig.api}/api/events", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert [e["from_token"] for e in events if e["event"] == "stream-continued"] == [record["from_token"]]
 
 
 def test_a_stream_that_cannot_be_continued_ends_with_the_error_event_and_its_reason_is_counted(rig):
@@ -91,6 +103,8 @@ def test_a_stream_that_cannot_be_continued_ends_with_the_error_event_and_its_rea
     assert json.loads([line for line in lines if line][-1][6:])["error"]["type"] == "engine_unavailable"
     assert rig.metric("spark_cluster_gateway_streams_not_continued_total", reason="choices") == 1
     rig.script.hang = False
+    events = httpx.get(f"{rig.api}/api/events", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert [e["reason"] for e in events if e["event"] == "stream-not-continued"] == ["choices: n 2, several choices would differ"]
 
 
 

@@ -146,6 +146,92 @@ def test_a_client_that_never_reads_a_large_stream_restarts_nothing_and_is_cut(si
     assert completion_works(cfg)
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
+# an answer as Qwen3 writes one: reasoning, then content, then a tool call in the qwen3_xml format
+ANSWER = ("Let me look that up.</think>\n\nSure, one moment.<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+          "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+
+
+def derendered(base: str, kept, pieces: list[list[int]], last: bool) -> list[tuple[list[dict], list[str]]]:
+    """For each piece of ids: the client's events, through the engine's derender from the state kept
+    (as the gateway's relay_chat sends them), and the tool calls' ids then; kept updated as the
+    gateway updates it."""
+    from spark_cluster.chat_continuation import DERENDER, client_event, derender_body, first_state
+
+    out = []
+    for i, piece in enumerate(pieces):
+        finish = "stop" if last and i == len(pieces) - 1 else None
+        r = httpx.post(f"{base}{DERENDER}", content=derender_body(kept, first_state(kept), piece, finish, None),
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        kept.tool_ids = answer["stream_state"]["last_tool_call_ids"]
+        kept.sent.extend(piece)
+        kept.chunk_lens.append(len(piece))
+        event = client_event(kept, answer["chunk"])
+        out.append(([json.loads(event[6:])] if event is not None else [], list(kept.tool_ids)))
+    return out
+
+
+def said(events: list[dict]) -> dict:
+    """What a client makes of chat events: reasoning, content, each tool call (its ids, name, arguments), the end."""
+    choices = [c for e in events for c in e["choices"]]
+    calls: dict[int, dict] = {}
+    for c in choices:
+        for call in c["delta"].get("tool_calls") or ():
+            mine = calls.setdefault(call["index"], {"ids": set(), "name": "", "arguments": ""})
+            mine["ids"] |= {call["id"]} if call.get("id") else set()
+            mine["name"] += (call.get("function") or {}).get("name") or ""
+            mine["arguments"] += (call.get("function") or {}).get("arguments") or ""
+    return {"reasoning": "".join(c["delta"].get("reasoning") or "" for c in choices),
+            "content": "".join(c["delta"].get("content") or "" for c in choices),
+            "calls": [calls[i] for i in sorted(calls)], "ends": [c["finish_reason"] for c in choices if c["finish_reason"]]}
+
+
+@pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
+def test_a_chat_cut_in_its_reasoning_its_content_or_a_tool_calls_arguments_goes_on_through_the_engines_own_parsers(engine_cfg, tmp_path):
+    """vLLM's derender (the engine's qwen3 reasoning and qwen3_xml tool parsers) given the state the
+    gateway keeps of a cut chat: the ids the client had, in the chunks they came in. Cut at every
+    point of an answer with reasoning, content and a tool call, the client's stream says exactly what
+    the uncut one says: the same reasoning and content in their fields, the tool call with one id,
+    its name, and arguments that are the same JSON."""
+    from array import array
+
+    from spark_cluster.continuation import keep
+
+    cfg = cfg_with(tmp_path, engine_cfg.executor)
+    serving(cfg)
+    base = cfg.endpoint()
+    request = {"model": cfg.model.name, "messages": [{"role": "user", "content": "The weather in Paris?"}], "tools": [WEATHER],
+               "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={**request, "max_tokens": 1, "return_token_ids": True}, timeout=60) as s:
+        prompt = next(json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {"))["prompt_token_ids"]
+    ids = httpx.post(f"{base}/tokenize", json={"model": cfg.model.name, "prompt": ANSWER, "add_special_tokens": False}, timeout=30).json()["tokens"]
+
+    def fresh():
+        kept, _ = keep("/v1/chat/completions", json.dumps(request).encode())
+        kept.prompt_ids, kept.head = array("i", prompt), {"id": "chatcmpl-x", "created": 1, "model": cfg.model.name}
+        return kept
+
+    whole = derendered(base, fresh(), [[t] for t in ids], last=True)  # one id a chunk, as vLLM streams them
+    want = said([e for events, _ in whole for e in events])
+    call = want["calls"][0] if want["calls"] else {}
+    print(f"{len(ids)} ids; uncut: {want['reasoning']!r} | {want['content']!r} | {call.get('name')} {call.get('arguments')}")
+    assert want["reasoning"].startswith("Let me look") and want["content"].startswith("Sure")
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris", "days": 3} and len(call["ids"]) == 1
+    assert want["ends"] == ["tool_calls"]
+    for k in range(1, len(ids)):  # cut after every id: in the reasoning, the content, the tool call's name and arguments
+        kept = fresh()  # as the gateway kept the stream: the ids the client had, a chunk each, the tool calls' ids
+        kept.sent, kept.chunk_lens, kept.tool_ids = array("i", ids[:k]), array("i", [1] * k), whole[k - 1][1]
+        had = [e for events, _ in whole[:k] for e in events]
+        rest = ids[k:]
+        got = said(had + [e for events, _ in derendered(base, kept, [rest[i:i + 3] for i in range(0, len(rest), 3)], last=True)
+                          for e in events])
+        assert (got["reasoning"], got["content"], got["ends"]) == (want["reasoning"], want["content"], want["ends"]), k
+        assert [(c["name"], c["arguments"], len(c["ids"])) for c in got["calls"]] == [(call["name"], call["arguments"], 1)], (k, got["calls"])
+
+
 @pytest.mark.parametrize("engine_cfg", RAY_IN_SUITE, indirect=True)
 def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_cfg, tmp_path):
     """The card's failure under a steady mix of streamed and non-streamed clients of the gateway:
