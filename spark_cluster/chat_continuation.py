@@ -111,9 +111,11 @@ def derender_body(kept: "Kept", state: dict[str, Any], ids: list[int], finish: O
     choice: dict[str, Any] = {"index": 0, "token_ids": ids, "finish_reason": finish}
     if finish is not None:
         choice["stop_reason"] = stop
+    # the chat's own settings (tools, template settings, what it asked for) without its messages: the
+    # prompt is in its ids, and a long conversation would be sent again with every piece
     body = {"stream": True, "model": kept.request.get("model"), "stream_state": state,
             "generate_chunk": {"request_id": "continuation", "choices": [choice]},
-            "prompt_token_ids": list(kept.prompt_ids or ()), "chat_request": kept.request}
+            "prompt_token_ids": list(kept.prompt_ids or ()), "chat_request": {**kept.request, "messages": []}}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
