@@ -12,8 +12,9 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import uvicorn
 from starlette.applications import Starlette
@@ -191,9 +192,7 @@ class FakeEngine:
             sc.max_model_len - len(context) if sc.max_model_len else sc.chunks
         rid, created, model = f"cmpl-fake-{sc.calls}", 1_700_000_000 + sc.calls, req.get("model")
         cut = sc.cut_after.pop(0) if sc.cut_after else None
-        sc.running += 1
-        finished = False
-        try:
+        with self._running():
             for i in range(n):
                 if i == cut:
                     raise ConnectionAbortedError("the fake engine's connection breaks mid-stream (Script.cut_after)")
@@ -205,21 +204,8 @@ class FakeEngine:
                 if sc.pad:
                     event["pad"] = "p" * sc.pad
                 yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
-                if sc.chunk_delay_s:
-                    await asyncio.sleep(sc.chunk_delay_s)
-                while sc.hang:
-                    await asyncio.sleep(0.02)
-            if (req.get("stream_options") or {}).get("include_usage"):
-                used = {"prompt_tokens": len(context) - n, "total_tokens": len(context), "completion_tokens": n}
-                yield b"data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                              "choices": [], "usage": used}, separators=(",", ":")).encode() + b"\n\n"
-            yield b"data: [DONE]\n\n"
-            finished = True
-        finally:
-            sc.running -= 1
-            if not finished:
-                sc.abandoned += 1
-                sc.abandoned_at.append(time.monotonic())
+                await self._paced()
+            yield self._end(req, {"id": rid, "object": "text_completion", "created": created, "model": model}, len(context) - n, n)
 
 
     async def _chat_id_events(self, req: dict[str, Any]):
@@ -240,9 +226,7 @@ class FakeEngine:
             event = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice], **top}
             return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
-        sc.running += 1
-        finished = False
-        try:
+        with self._running():
             yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
                         prompt_token_ids=prompt)
             for i in range(n):
@@ -255,21 +239,38 @@ class FakeEngine:
                     choice["stop_reason"] = None
                 choice["token_ids"] = [t]
                 yield chunk(choice)
-                if sc.chunk_delay_s:
-                    await asyncio.sleep(sc.chunk_delay_s)
-                while sc.hang:
-                    await asyncio.sleep(0.02)
-            if (req.get("stream_options") or {}).get("include_usage"):
-                used = {"prompt_tokens": len(prompt), "total_tokens": len(context), "completion_tokens": n}
-                yield b"data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                              "choices": [], "usage": used}, separators=(",", ":")).encode() + b"\n\n"
-            yield b"data: [DONE]\n\n"
-            finished = True
+                await self._paced()
+            yield self._end(req, {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}, len(prompt), n)
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """A stream under way (Script.running); one its client left before its end is counted abandoned."""
+        sc = self.script
+        sc.running += 1
+        try:
+            yield
+        except BaseException:
+            sc.abandoned += 1
+            sc.abandoned_at.append(time.monotonic())
+            raise
         finally:
             sc.running -= 1
-            if not finished:
-                sc.abandoned += 1
-                sc.abandoned_at.append(time.monotonic())
+
+    async def _paced(self) -> None:
+        """After each event: the script's pace, and its hang."""
+        if self.script.chunk_delay_s:
+            await asyncio.sleep(self.script.chunk_delay_s)
+        while self.script.hang:
+            await asyncio.sleep(0.02)
+
+    @staticmethod
+    def _end(req: dict[str, Any], head: dict[str, Any], prompt: int, n: int) -> bytes:
+        """A token-id stream's end: its usage when asked, then [DONE]."""
+        out = b""
+        if (req.get("stream_options") or {}).get("include_usage"):
+            used = {"prompt_tokens": prompt, "total_tokens": prompt + n, "completion_tokens": n}
+            out = b"data: " + json.dumps({**head, "choices": [], "usage": used}, separators=(",", ":")).encode() + b"\n\n"
+        return out + b"data: [DONE]\n\n"
 
     async def derender(self, request: Request) -> Response:
         """vLLM's streaming chat derender (0.30 on, --enable-scale-out), for the fake parser: a fresh

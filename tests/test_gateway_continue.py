@@ -38,11 +38,11 @@ def quick_hold(monkeypatch):
     monkeypatch.setattr(stream_carry, "HOLD_COMMENT_S", 0.2)
 
 
-def cut_while_streaming(rig, body: dict, lines: list[str], after: int = 5) -> threading.Thread:
+def cut_while_streaming(rig, body: dict, lines: list[str], after: int = 5, read=None) -> threading.Thread:
     """A stream under way (`after` events read), then the engine frozen and the hang confirmed: the
-    stream is cut. The reading thread (lines: what the client read)."""
+    stream is cut. The reading thread (lines: what the client read; read: read_stream, or read_chat)."""
     rig.script.chunk_delay_s = 0.05
-    t = threading.Thread(target=read_stream, args=(rig.url, body, lines))
+    t = threading.Thread(target=read or read_stream, args=(rig.url, body, lines))
     t.start()
     deadline = time.monotonic() + 10
     while len([line for line in lines if line.startswith("data: {")]) < after:
@@ -260,16 +260,7 @@ def test_a_chat_stream_cut_by_a_hang_is_continued_through_derender_in_its_reason
     want = chat_parts(whole)
     assert want["reasoning"] and want["content"] and want["calls"] and not want["errors"]  # the stream has every part
     lines: list[str] = []
-    t = threading.Thread(target=read_chat, args=(rig.url, CHAT_BODY, lines))
-    rig.script.chunk_delay_s = 0.05
-    t.start()
-    deadline = time.monotonic() + 10
-    while len([line for line in lines if line.startswith("data: {")]) < 25:
-        assert time.monotonic() < deadline, lines
-        time.sleep(0.02)
-    rig.script.hang = True
-    time.sleep(0.2)
-    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    t = cut_while_streaming(rig, CHAT_BODY, lines, after=25, read=read_chat)
     time.sleep(0.6)
     rig.script.hang = False
     rig.emit("restart-done", seconds=1.0)
@@ -289,16 +280,7 @@ def test_a_chat_stream_cut_by_a_hang_is_continued_through_derender_in_its_reason
 def test_a_chat_stream_whose_engine_cannot_derender_ends_with_the_error_event_and_the_reason(rig, quick_hold):
     rig.script.derender_status = 403  # vLLM without --enable-scale-out
     lines: list[str] = []
-    t = threading.Thread(target=read_chat, args=(rig.url, CHAT_BODY, lines))
-    rig.script.chunk_delay_s = 0.05
-    t.start()
-    deadline = time.monotonic() + 10
-    while len([line for line in lines if line.startswith("data: {")]) < 5:
-        assert time.monotonic() < deadline, lines
-        time.sleep(0.02)
-    rig.script.hang = True
-    time.sleep(0.2)
-    rig.emit("state", state="restarting", previous="suspect", reason="hang confirmed")
+    t = cut_while_streaming(rig, CHAT_BODY, lines, read=read_chat)
     rig.script.hang = False
     rig.emit("restart-done", seconds=1.0)
     t.join(timeout=30)
