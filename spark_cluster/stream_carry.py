@@ -99,19 +99,23 @@ class CarryOn:
         derender is refused (flight.why_cut says why)."""
         kept = flight.kept
         assert kept is not None
-        rest = b""
+        rest, sent = b"", False
+
+        async def out(body: bytes) -> None:
+            nonlocal sent
+            if not sent:
+                sent, flight.first_at = True, time.monotonic()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
         while True:
             try:
                 chunk = await resp.next_chunk()
             except UpstreamError:
-                if not flight.started:
+                chunk = None
+            if chunk is None:  # the engine's answer ended, or its connection, before its last token
+                if not sent:
                     return "retry"
                 flight.why_cut = "the engine's connection ended before the answer was complete"
-                return "cut"
-            if chunk is None:
-                if not flight.started:
-                    return "retry"
-                flight.why_cut = "the engine's answer ended before its last token"
                 return "cut"
             got, rest = pieces(rest + b"".join([chunk, *resp.ready()]))
             if got.ids or got.finish is not None:
@@ -119,20 +123,15 @@ class CarryOn:
                 if chat is None:
                     flight.why_cut = why
                     return "failed"
-                out = client_event(kept, chat)
+                event = client_event(kept, chat)
                 kept.sent.extend(got.ids)
                 if got.ids:
                     kept.chunk_lens.append(len(got.ids))
-                if out is not None:
-                    if not flight.started:
-                        flight.started, flight.first_at = True, time.monotonic()
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if event is not None:
+                    await out(event)
             if got.finish is not None or got.done:
                 kept.finished = True
-                end = (usage_event(kept) if wants_usage(kept.request) else b"") + b"data: [DONE]\n\n"
-                if not flight.started:
-                    flight.started, flight.first_at = True, time.monotonic()
-                await send({"type": "http.response.body", "body": end, "more_body": True})
+                await out((usage_event(kept) if wants_usage(kept.request) else b"") + b"data: [DONE]\n\n")
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 flight.finished = flight.done_sent = True
                 return "ok"

@@ -275,6 +275,9 @@ def test_a_chat_stream_cut_by_a_hang_is_continued_through_derender_in_its_reason
     assert then[:len(first)] == first and len(then) > len(first)  # continued from the chat's ids and those the client had
     assert rig.script.derendered >= 1
     assert rig.metric("spark_cluster_gateway_streams_continued_total", how="same_group") == 1
+    events = httpx.get(f"{rig.api}/api/events", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    [record] = [e for e in events if e["event"] == "stream-continued"]
+    assert record["path"] == "/v1/chat/completions" and 0.6 <= record["pause_s"] < 10, record  # the seam: from the cut to the first piece after
 
 
 def test_a_chat_stream_whose_engine_cannot_derender_ends_with_the_error_event_and_the_reason(rig, quick_hold):
