@@ -62,6 +62,8 @@ class CarryOn:
             body, why = next_request(kept)
             if body is not None and kept.continued >= self.s.continue_attempts:
                 body, why = None, f"attempts: continued {kept.continued} time(s) already (gateway.continue_attempts)"
+            if body is not None and time.monotonic() >= deadline:  # tried again and again on an engine that takes nothing
+                body, why = None, "wait: no group served within gateway.continue_within_s"
             member = await self._continue_on(tried, deadline, gone, send) if body is not None else None
             if gone.is_set():
                 return "cancelled"
@@ -129,7 +131,10 @@ class CarryOn:
                     kept.chunk_lens.append(len(got.ids))
                 if event is not None:
                     await out(event)
-            if got.finish is not None or got.done:
+            if got.done and got.finish is None:  # an error event, then the end
+                flight.why_cut = "refused: the engine ended the continuation without its last token"
+                return "failed"
+            if got.finish is not None:
                 kept.finished = True
                 await out((usage_event(kept) if wants_usage(kept.request) else b"") + b"data: [DONE]\n\n")
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

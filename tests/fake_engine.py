@@ -91,6 +91,7 @@ class Script:
     prompts: list[list[int]] = field(default_factory=list)  # each token-id stream's prompt, as ids
     max_model_len: int = 0  # token-id streams without max_tokens end where the context is full (0: after `chunks`)
     cut_after: list[int] = field(default_factory=list)  # the next token-id streams' connections break after this many events each
+    error_after: list[int] = field(default_factory=list)  # the next token-id completion streams end with vLLM's error event and [DONE] after this many events each
     derender_status: int = 200  # what /v1/chat/completions/derender answers (vLLM without --enable-scale-out: 403)
     derendered: int = 0  # derender calls
 
@@ -192,10 +193,15 @@ class FakeEngine:
             sc.max_model_len - len(context) if sc.max_model_len else sc.chunks
         rid, created, model = f"cmpl-fake-{sc.calls}", 1_700_000_000 + sc.calls, req.get("model")
         cut = sc.cut_after.pop(0) if sc.cut_after else None
+        error = sc.error_after.pop(0) if sc.error_after else None
         with self._running():
             for i in range(n):
                 if i == cut:
                     raise ConnectionAbortedError("the fake engine's connection breaks mid-stream (Script.cut_after)")
+                if i == error:  # as vLLM ends a stream whose request failed in the engine
+                    yield b'data: {"error": {"object": "error", "message": "fake engine error", "type": "InternalServerError", "code": 500}}\n\n'
+                    yield b"data: [DONE]\n\n"
+                    return
                 t = next_id(context)
                 context.append(t)
                 choice = {"index": 0, "text": id_text(t), "logprobs": None, "finish_reason": "length" if i == n - 1 else None,

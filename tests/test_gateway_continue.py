@@ -233,7 +233,7 @@ def read_chat(url: str, body: dict, lines: list[str]) -> None:
 def chat_parts(lines: list[str]) -> dict:
     """What a client makes of a chat stream: reasoning, content, each tool call (id, name, arguments), ends."""
     events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    choices = [c for e in events for c in e["choices"]]
+    choices = [c for e in events for c in e.get("choices", ())]
     calls: dict[int, dict] = {}
     for c in choices:
         for call in c["delta"].get("tool_calls") or ():
@@ -246,7 +246,7 @@ def chat_parts(lines: list[str]) -> dict:
             "content": "".join(c["delta"].get("content") or "" for c in choices),
             "calls": [{**v, "ids": len(v["ids"])} for _, v in sorted(calls.items())],
             "ends": [c["finish_reason"] for c in choices if c["finish_reason"]],
-            "heads": {(e["id"], e["created"], e["model"]) for e in events},
+            "heads": {(e["id"], e["created"], e["model"]) for e in events if "error" not in e},
             "usage": events[-1].get("usage"), "errors": [e for e in events if "error" in e],
             "empty": [c for c in choices if not c["delta"] and not c["finish_reason"]],
             "ids": [t for c in choices for t in c.get("token_ids") or ()],  # the events' pieces may differ: their ids may not
@@ -278,6 +278,18 @@ def test_a_chat_stream_cut_by_a_hang_is_continued_through_derender_in_its_reason
     events = httpx.get(f"{rig.api}/api/events", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     [record] = [e for e in events if e["event"] == "stream-continued"]
     assert record["path"] == "/v1/chat/completions" and 0.6 <= record["pause_s"] < 10, record  # the seam: from the cut to the first piece after
+
+
+def test_a_chat_whose_continuation_the_engine_ends_with_an_error_ends_with_the_error_event_not_as_if_whole(rig, quick_hold):
+    rig.script.error_after = [3]  # the continuation: three pieces, then vLLM's error event and [DONE]
+    lines: list[str] = []
+    t = cut_while_streaming(rig, CHAT_BODY, lines, read=read_chat)
+    rig.script.hang = False
+    rig.emit("restart-done", seconds=1.0)
+    t.join(timeout=30)
+    got = chat_parts(lines)
+    assert got["ends"] == [] and json.loads([line for line in lines if line][-1][6:])["error"]["type"] == "engine_unavailable"
+    assert rig.metric("spark_cluster_gateway_streams_not_continued_total", reason="refused") == 1
 
 
 def test_a_chat_stream_whose_engine_cannot_derender_ends_with_the_error_event_and_the_reason(rig, quick_hold):
