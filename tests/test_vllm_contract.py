@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import yaml
 
 from spark_cluster.config import load_config, parse_config
 from spark_cluster.plan import build_plan
@@ -41,12 +42,38 @@ def replaced(argv: list[str], flag: str, value: str) -> list[str]:
     return out
 
 
+SCALE_OUT_FROM = (0, 30)  # vLLM's --enable-scale-out (derender, for chat continuations: gateway.continue_chat)
+
+
+def example_argvs(release: str) -> list[list[str]]:
+    """Every example config's `vllm serve` argv, as a user of that release runs it: before vLLM 0.30,
+    with gateway.continue_chat false (the dgx configs, on 0.17.1, set it so)."""
+    old = tuple(int(x) for x in release.split(".")[:2]) < SCALE_OUT_FROM
+    out = []
+    for path in EXAMPLE_CONFIGS:
+        data = yaml.safe_load(path.read_text())
+        if old:
+            data.setdefault("gateway", {})["continue_chat"] = False
+        out += [argv for _, cfg in parse_config(yaml.safe_dump(data)).group_configs() for argv in build_plan(cfg).vllm_argvs]
+    return out
+
+
 def test_example_configs_pass(vllm_python):
     release, python = vllm_python
-    argvs = [argv for path in EXAMPLE_CONFIGS for _, cfg in load_config(path).group_configs() for argv in build_plan(cfg).vllm_argvs]
-    check = check_local(python, argvs)
+    check = check_local(python, example_argvs(release))
     assert check.vllm_version == release
     assert check.ok, check.messages()
+
+
+def test_chat_continuation_needs_a_vllm_with_scale_out(vllm_python):
+    """gateway.continue_chat adds --enable-scale-out: a release before 0.30 refuses it (the flag check
+    says so before anything starts), a later one takes it."""
+    release, python = vllm_python
+    check = check_local(python, [card_argv() + ["--enable-scale-out"]])
+    if tuple(int(x) for x in release.split(".")[:2]) < SCALE_OUT_FROM:
+        assert not check.ok and "--enable-scale-out" in " ".join(check.messages()), check.messages()
+    else:
+        assert check.ok, check.messages()
 
 
 @pytest.mark.parametrize("flag, typo, valid", [
