@@ -43,6 +43,7 @@ FLAG_KEYS = {
     "--no-enable-prefix-caching": "vllm.enable_prefix_caching",
     "--enforce-eager": "vllm.enforce_eager",
     "--trust-remote-code": "vllm.trust_remote_code",
+    "--enable-scale-out": "gateway.continue_chat (vLLM 0.30 on; false for an older one)",
 }
 
 

@@ -71,7 +71,8 @@ def test_chat_continuation_needs_a_vllm_with_scale_out(vllm_python):
     release, python = vllm_python
     check = check_local(python, [card_argv() + ["--enable-scale-out"]])
     if tuple(int(x) for x in release.split(".")[:2]) < SCALE_OUT_FROM:
-        assert not check.ok and "--enable-scale-out" in " ".join(check.messages()), check.messages()
+        said = " ".join(check.messages())
+        assert not check.ok and "--enable-scale-out" in said and "[cluster.yaml: gateway.continue_chat" in said, said
     else:
         assert check.ok, check.messages()
 
