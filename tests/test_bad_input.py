@@ -19,7 +19,7 @@ import pytest
 from spark_cluster.control_api import host_of
 from spark_cluster.gateway import end_to_end, forwarded_for
 
-from .gateway_rig import (TOKEN, completion_request, connected, gateway_url, health_probe, p99, read_answers, rig_cfg, rig_running,
+from .gateway_rig import (TOKEN, completion_request, connected, gateway_url, health_probe, read_answers, rig_cfg, rig_running,
                           send_huge_header, serving_controller, status_of)
 
 
@@ -449,7 +449,9 @@ def test_a_64_mb_header_to_the_control_plane_gets_431_and_the_gateway_keeps_answ
         before = rss_mb()
         status, sent = send_huge_header(rig.api)
     assert status == 431 and sent < 64 * 2**20 and rss_mb() - before < 10
-    assert len(times) > 20 and p99(times) < 0.1, times[-5:]  # the gateway's /health
+    # the gateway's /health kept answering: the attack stalled it for seconds; a loaded machine's scheduler for
+    # ~0.1 s at times (make check's six workers on two cores), which is not what this tells apart
+    assert len(times) > 20 and max(times) < 1.0, times[-5:]
     assert httpx.get(f"{rig.api}/healthz").status_code == 200
 
 

@@ -15,6 +15,14 @@ from spark_cluster.cli import app
 from .conftest import CONFIGS, ROOT, run_cli
 
 
+def in_process(*args: str) -> str:
+    """A command's output run in this process: for tests that run several commands whose process adds nothing
+    (each subprocess costs ~0.5 s of CPU in `make check`)."""
+    res = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    return res.stdout
+
+
 def test_plan_card_config_shows_worker_before_head(tmp_path):
     # the card's config names no interface (nccl: auto): before any detection `plan` says so ...
     res = run_cli("plan", "configs/dgx-spark-2node.yaml", env={"HOME": str(tmp_path)})
@@ -217,14 +225,14 @@ def test_a_config_of_groups_plans_each_group_and_says_so():
     path = str(CONFIGS / "local-sim-2groups.yaml")
     valid = run_cli("validate", path)
     assert valid.returncode == 0 and "4 node(s) as 2 groups (a: sim-1 sim-2, b: sim-3 sim-4)" in valid.stdout
-    plans = json.loads(run_cli("plan", "--json", path).stdout)["groups"]
+    plans = json.loads(in_process("plan", "--json", path))["groups"]
     assert {g: (p["cluster"], p["endpoint"]) for g, p in plans.items()} == {"a": ("spark-a", "http://10.99.0.11:8000"),
                                                                            "b": ("spark-b", "http://10.99.0.13:8000")}
-    text = run_cli("plan", path).stdout
+    text = in_process("plan", path)
     assert text.count("spark-cluster plan") == 2 and "spark-b-ray-worker" in text
-    down = json.loads(run_cli("plan", "--down", "--json", path).stdout)["groups"]
+    down = json.loads(in_process("plan", "--down", "--json", path))["groups"]
     assert set(down) == {"a", "b"}
-    restart = json.loads(run_cli("plan", "--restart", "--json", path).stdout)["groups"]
+    restart = json.loads(in_process("plan", "--restart", "--json", path))["groups"]
     assert {g: r["kept"][2]["id"] for g, r in restart.items()} == {"a": "clear/sim-1/vllm", "b": "clear/sim-3/vllm"}
-    text = run_cli("plan", "--restart", path).stdout
+    text = in_process("plan", "--restart", path)
     assert text.count("spark-cluster plan --restart") == 2 and text.count("the kept restart") == 4  # each group: what a hang gets, the steps
