@@ -235,6 +235,14 @@ def controller(
     cli_run.controller(cfg, False)
 
 
+@app.command("notify-test")
+def notify_test(config: Path = CONFIG_ARG) -> None:
+    """Send one test message to every notification target (cluster.yaml notify.targets) and say which took it
+    (exit code 21 when one did not)."""
+    cfg = load(config)
+    guard(lambda: cli_run.notify_test(cfg))
+
+
 @app.command()
 def watch(
     config: Path = CONFIG_ARG,

@@ -61,3 +61,22 @@ def watch(cfg: ClusterConfig, as_json: bool, max_seconds: Optional[float]) -> No
             return Watchdog(group, nodes, on_event=labelled(printer, label, bool(cfg.groups))).run(max_seconds=max_seconds)
 
     run_until_stopped(lambda: for_each_group(cfg, one))
+
+
+def notify_test(cfg: ClusterConfig) -> None:
+    from .errors import ConfigError, NotifyFailed
+    from .masking import mask
+    from .notify import send_test, target_urls
+
+    targets = target_urls(cfg.notify)
+    if not targets:
+        raise ConfigError("notify.targets is empty: there is no notification target to test")
+    results = send_test(targets, cfg.notify, cfg.name)
+    secrets = [t.url for t in targets] + cfg.secret_values()
+    for name, sent, why in results:
+        out.print(f"target {name}: " + ("sent" if sent else f"[red]not sent[/]: {escape(mask(why, secrets))}"), highlight=False)
+    failed = [name for name, sent, _ in results if not sent]
+    if failed:
+        raise NotifyFailed(f"{len(failed)} of {len(results)} notification target(s) did not take the test message: {', '.join(failed)}",
+                           hint="check the URL in the target's variable or file, and that this machine reaches the service")
+

@@ -38,6 +38,7 @@ from .door import Door, door_for_phase
 from .gateway import Gateway
 from .masking import mask
 from .metrics import ControllerMetrics
+from .notify import Notifier, target_urls
 from .render import render
 from .stream_log import StreamLog
 from .state_dir import EVENTS_FILE, FILE_MODE, append_private, private_dir, read_private, set_aside
@@ -132,7 +133,8 @@ class Controller:
         self.token = token if token is not None else load_token(cfg)
         # the status page's session: derived from the token, so the cookie never holds the token itself
         self.session = hmac.new(self.token.encode(), b"spark-cluster status page", hashlib.sha256).hexdigest()
-        self.secrets = [v for v in cfg.secret_values() + [self.token] if v]
+        notify_targets = target_urls(cfg.notify)  # read now: a target that cannot be used stops the start, said plainly
+        self.secrets = sorted({v for v in cfg.secret_values() + [self.token] + [t.url for t in notify_targets] if v}, key=len, reverse=True)
         self.dir = cfg.resolved_state_dir()
         self.events: deque[dict[str, Any]] = deque(self._kept_events(), maxlen=EVENTS_KEPT)
         self.subscribers: set[asyncio.Queue] = set()
@@ -140,6 +142,8 @@ class Controller:
         self.gateway: Optional[Gateway] = None
         self.metrics = ControllerMetrics(list(self.groups), lambda: {g: wd.samples[-1] for g, wd in self.wds.items() if wd.samples},
                                          lambda: {g: len(m.flights) for g, m in self.gateway.members.items()} if self.gateway else {})
+        self.metrics.notify_targets([t.name for t in notify_targets])
+        self.notifier = Notifier(cfg.notify, notify_targets, self.metrics.notified, self.secrets)
         self.streams = StreamLog(self.record, lambda text: mask(text, self.secrets), next(iter(self.groups)), self.cfg.gateway.continue_within_s)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping = threading.Event()
@@ -264,6 +268,7 @@ class Controller:
             n.close()
         if self.gateway is not None:
             await self.gateway.aclose()
+        await asyncio.to_thread(self.notifier.stop)
 
     def token_ok(self, request: Request) -> bool:
         """The bearer token in the Authorization header, or the status page's session cookie; compared
@@ -292,6 +297,7 @@ class Controller:
         self.events.append(e)
         self.metrics.on_event(e, label)
         self.streams.saw(e, label)
+        self.notifier.saw(e, f"{self.cfg.name}/{label}" if self.several else self.cfg.name)
         if self.gateway is not None:
             self.gateway.on_event(e, label)
         for q in list(self.subscribers):

@@ -224,6 +224,12 @@ class MemoryNotBack(SparkClusterError):
                  "memory on purpose now, `spark-cluster up --accept-memory` starts anyway and keeps the new figure")
 
 
+class NotifyFailed(SparkClusterError):
+    """`notify-test`: a notification target did not take the test message."""
+
+    exit_code = 21
+
+
 def exit_codes() -> dict[int, str]:
     """Exit code -> what it means (for the documented table and its test)."""
     table: dict[int, str] = {EXIT_OK: "done (`status`: serving)", EXIT_NOT_SERVING: "`status`: not serving",

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from .continuation import REASONS as NOT_CONTINUED
 from .decide import WatchState
 from .gateway import OUTCOMES, Observer
+from .notify import OUTCOMES as NOTIFY_OUTCOMES
 from .routing import HOWS
 from .stream_carry import HOWS as CONTINUED_HOWS
 
@@ -122,6 +123,9 @@ class ControllerMetrics(Observer):
                                              ["reason"], registry=r)
         self.seams = Histogram("spark_cluster_gateway_continuation_pause_seconds", "The pause a continued stream's client saw at the "
                                "seam: from the cut to the continuation's first event.", buckets=TTFB_BUCKETS, registry=r)
+        self.notifications = Counter("spark_cluster_notifications", "Notifications by target (its place in notify.targets and its "
+                                     "service) and outcome: sent, failed (every attempt), dropped (its queue was full).",
+                                     ["target", "outcome"], registry=r)
         self.held_now = Gauge("spark_cluster_gateway_held_requests", "Requests waiting at the gateway for the engine to serve.", registry=r)
         self.in_flight_now = Gauge("spark_cluster_gateway_requests_in_flight", "Requests with the engine now.", registry=r)
         self.ttfb = Histogram("spark_cluster_gateway_time_to_first_byte_seconds",
@@ -171,6 +175,15 @@ class ControllerMetrics(Observer):
 
     def not_continued(self, reason: str) -> None:
         self.not_continued_streams.labels(reason).inc()
+
+    def notify_targets(self, names: list[str]) -> None:
+        for name in names:
+            for outcome in NOTIFY_OUTCOMES:
+                self.notifications.labels(name, outcome)
+
+    def notified(self, target: str, outcome: str) -> None:
+        """From a notification target's thread (prometheus-client's counters are thread-safe)."""
+        self.notifications.labels(target, outcome).inc()
 
     # ---- the watchdog's events ------------------------------------------------------------------
     def on_event(self, e: dict[str, Any], group: str) -> None:

@@ -152,3 +152,43 @@ class ApiSettings(Strict):
         if self.token_env and self.token_file:
             raise ValueError("give token_env or token_file, not both")
         return self
+
+
+Severity = Literal["info", "warning", "critical"]
+
+
+class NotifyTarget(Strict):
+    """One place notifications go: an Apprise URL (Slack, Discord, ntfy, Telegram, e-mail, a JSON webhook, ...:
+    https://github.com/caronc/apprise/wiki), read from a variable or a file when the controller starts; it is a secret
+    (a webhook's URL is its key) and masked like every other."""
+
+    url_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                   description="Environment variable holding the target's Apprise URL (e.g. `json://host:port/path`, "
+                                               "`ntfys://topic`, `slack://T/B/C`).")
+    url_file: Optional[str] = Field(None, description="File holding the target's Apprise URL (its first line).")
+    min_severity: Optional[Severity] = Field(None, description="This target's own least severity (default: notify.min_severity).")
+
+    @model_validator(mode="after")
+    def _one(self) -> "NotifyTarget":
+        if bool(self.url_env) == bool(self.url_file):
+            raise ValueError("give url_env or url_file (exactly one)")
+        return self
+
+
+class NotifySettings(Strict):
+    """Messages to the operator from the controller: a hang confirmed (with its evidence), a restart done or failed,
+    the circuit breaker open, memory not given back, a configuration error the watchdog found, a group slow and back.
+    Sent from threads of their own: a target that hangs or refuses never delays the watchdog or the gateway."""
+
+    targets: list[NotifyTarget] = Field(default_factory=list, description="Where notifications go (none: nothing is sent).")
+    min_severity: Severity = Field("info", description="The least severity sent: info (a restart done, a group back), warning "
+                                                        "(memory not given back, a slow group), critical (a hang, a failed restart, "
+                                                        "the breaker open).")
+    per_kind: int = Field(3, ge=1, le=100, description="At most this many notifications of one kind for one group in `window_s`; "
+                                                       "the others are counted and sent as one summary when the window ends (a "
+                                                       "restart loop sends a few messages and a summary, not a flood).")
+    window_s: float = Field(3600, ge=1, description="The window of `per_kind`.")
+    queue: int = Field(100, ge=1, le=10000, description="Messages waiting for one target; one more is dropped, counted "
+                                                        "(spark_cluster_notifications_total{outcome=\"dropped\"}) and logged.")
+    timeout_s: float = Field(10, gt=0, le=300, description="The most one attempt to send one message may take.")
+    attempts: int = Field(3, ge=1, le=10, description="Attempts per message and target, 2, 4, 8 ... s apart.")

@@ -24,13 +24,14 @@ from .conftest import ROOT, SIM_CONFIG, freeze, sim_docker, worker_container
 from .fake_engine import free_ports
 from .gateway_rig import completion_request, connected, health_probe, p99, send_huge_header, status_of
 from .cluster_helpers import ControllerProcess
+from .webhook import Receiver
 
 pytestmark = pytest.mark.cluster
 
 TOKEN = "controller-test-token-5d1e"
 # a secret in each place cluster.yaml takes one: found in no file under state_dir, no API answer, no plan
 SECRETS = {"container.env": "hf_simenvsecret0123456789", "vllm.extra_args": "hf_simflagsecret0123456789",
-           "container.extra_args": "pw-simdockersecret0123456789"}
+           "container.extra_args": "pw-simdockersecret0123456789", "notify": "hook-notifysecret0123456789"}
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -52,19 +53,22 @@ def controller(sim, tmp_path_factory):
     data["container"]["env"]["HF_TOKEN"] = SECRETS["container.env"]
     data["vllm"]["extra_args"] = [*data["vllm"].get("extra_args", []), "--hf-token", SECRETS["vllm.extra_args"]]
     data["container"]["extra_args"] = [*data["container"].get("extra_args", []), "-e", f"MY_PASSWORD={SECRETS['container.extra_args']}"]
+    data["notify"] = {"targets": [{"url_env": "SPARK_NOTIFY_URL"}]}  # the operator's webhook: its URL (a secret) in a variable
     path = tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump(data))
     cfg = parse_config(path.read_text())
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).up()
-    c = ControllerProcess(path, cfg, {"SPARK_CLUSTER_TEST_TOKEN": TOKEN}, TOKEN)
-    try:
-        c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
-        yield c
-    finally:
-        c.stop()
-        with Nodes(cfg) as nodes:
-            Executor(cfg, nodes).down()
+    with Receiver(path=f"/{SECRETS['notify']}") as hook:
+        c = ControllerProcess(path, cfg, {"SPARK_CLUSTER_TEST_TOKEN": TOKEN, "SPARK_NOTIFY_URL": hook.url}, TOKEN)
+        c.hook = hook
+        try:
+            c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+            yield c
+        finally:
+            c.stop()
+            with Nodes(cfg) as nodes:
+                Executor(cfg, nodes).down()
 
 
 def test_status_page_shows_the_cluster_in_a_real_browser(controller):
@@ -277,6 +281,10 @@ def test_engine_ended_by_rays_heartbeat_is_a_member_gone_and_the_tripped_breaker
         stop.set()
     print(f"engine ended by Ray; breaker alert {alert['ts']} ({time.time() - frozen_at:.1f}s after the freeze or less): {alert['reason']}")
     assert "circuit breaker" in alert["reason"] and "member gone" in alert["reason"]
+    # the operator is told: the API's restart earlier (asked for, then done), now the breaker open
+    told = {b["title"].split(": ", 1)[1]: b for b in controller.hook.wait_for(3, timeout=10)}
+    assert {"restart requested", "circuit breaker open: the watchdog stopped restarting"} <= set(told), list(told)
+    assert told["circuit breaker open: the watchdog stopped restarting"]["type"] == "failure"
     assert "vllm in spark-ray-head on sim-1 has exited" in alert["reason"] or "Ray lists node sim-2" in alert["reason"]
     canaries = [e for e in controller.events if e["event"] == "canary" and datetime.fromisoformat(e["ts"]).timestamp() > frozen_at]
     assert not canaries  # no hang verdict: the stall window never ran out

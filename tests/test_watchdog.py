@@ -19,10 +19,12 @@ from spark_cluster.observe import list_containers
 from spark_cluster.gateway import OUTCOMES
 from spark_cluster.memory_back import slack_gib
 from spark_cluster.metrics import sample_value
+from spark_cluster.serving_settings import NotifySettings
 from spark_cluster.transport import Nodes
 
 from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_engine_alone_new, assert_nothing_of, freeze, generation, kill_vllm_api, leftovers, sim_docker, worker_container
 from .cluster_helpers import Controlled, Running, completion_works, streaming, ts
+from .webhook import Receiver
 
 pytestmark = pytest.mark.cluster
 
@@ -32,6 +34,13 @@ def cfg_with(tmp_path, executor="ray", **watchdog):
     data["watchdog"] = {**data.get("watchdog", {}), **watchdog}
     data["state_dir"] = str(tmp_path / "state")
     return parse_config(yaml.safe_dump(data))
+
+
+def notifying(cfg, hook: Receiver, tmp_path):
+    """`cfg` with one notification target: `hook`, its URL in a file (as a secret is kept)."""
+    url = tmp_path / "notify-url"
+    url.write_text(hook.url + "\n")
+    return cfg.model_copy(update={"notify": NotifySettings(targets=[{"url_file": str(url)}])})
 
 
 def ids(cfg) -> dict[str, str]:
@@ -242,7 +251,7 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     worker = worker_container(cfg)
     serving(cfg)
     before = generation(cfg)
-    with Controlled(cfg) as c:
+    with Receiver() as hook, Controlled(notifying(cfg, hook, tmp_path)) as c:
         c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
         with loaded(c, cfg, streams=2, chats=2) as results:
             frozen_at = time.time()
@@ -264,6 +273,11 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
             assert start["restart"] == "full" and start["why"] == why, start
             done = c.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
             assert done["event"] == "restart-done", done
+            hook.wait_for(2)  # the operator's webhook: the hang at once, then the restart done (memory waited for, maybe, between)
+            told = [(at, b["title"].split(": ", 1)[1], b["message"]) for at, b in hook.received]
+            print(f"{cfg.executor}: notified {[(round(at - ts(decision), 2), title) for at, title, _ in told]}")
+            assert told[0][1] == "hang confirmed, restarting the group" and told[0][0] - ts(decision) < 5 and "paused" in told[0][2]
+            assert [at >= ts(done) for at, title, _ in told if title == f"restart done in {done['seconds']:g} s"] == [True]
             # clients keep going through the gateway until each kind has been answered by the new generation
             deadline = time.monotonic() + 120
             while not all(any(r.complete and r.first_byte > ts(done) for r in list(results) if r.kind == k) for k in ("stream", "plain")):
