@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE :=
 export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
 
 .PHONY: install sim-deps check test test-unit test-contract test-scale test-long demo demo-down golden docs clean
-SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables iputils-ping chromium
+SIM_PACKAGES := docker.io openssh-server mmdebstrap iproute2 iptables iputils-ping chromium prometheus prometheus-alertmanager
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Debian packages the simulated cluster and the status page's browser test need (root); quick when they are there
+## Debian packages the simulated cluster, the status page's browser test and the monitoring tests (Prometheus, Alertmanager) need (root); quick when they are there
 sim-deps:
-	@if ! command -v dockerd >/dev/null || ! command -v sshd >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v iptables >/dev/null || ! command -v ping >/dev/null || ! command -v chromium >/dev/null; then \
+	@if ! command -v dockerd >/dev/null || ! command -v sshd >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v iptables >/dev/null || ! command -v ping >/dev/null || ! command -v chromium >/dev/null || ! command -v promtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then \
 	  echo "installing: $(SIM_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SIM_PACKAGES) >/dev/null; \
 	fi
@@ -34,7 +34,7 @@ test: install sim-deps
 ## the inner loop: lint and unit tests, no cluster, under a minute
 check: install
 	$(PYTHON) -m ruff check spark_cluster tests bench
-	$(PYTHON) -m pytest -q -n 6 --dist worksteal --hypothesis-profile=check -m "not cluster and not contract and not fuzz and not browser"
+	$(PYTHON) -m pytest -q -n 6 --dist worksteal --hypothesis-profile=check -m "not cluster and not contract and not fuzz and not browser and not monitoring"
 
 ## fast unit run: no simulated cluster, no vLLM releases
 test-unit: install

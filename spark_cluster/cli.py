@@ -244,6 +244,21 @@ def notify_test(config: Path = CONFIG_ARG) -> None:
 
 
 @app.command()
+def observability(
+    config: Path = CONFIG_ARG,
+    out_dir: Path = typer.Option(Path("observability"), "--out", help="Folder the files are written to."),
+    target: Optional[str] = typer.Option(None, "--target", help="host:port Prometheus scrapes (default: controller.host:port as "
+                                                                 "this machine reaches it)."),
+    alertmanager: str = typer.Option("127.0.0.1:9093", "--alertmanager", help="host:port of the Alertmanager alerts go to."),
+    interval_s: float = typer.Option(15, "--scrape-interval", min=1, help="Seconds between scrapes."),
+    force: bool = typer.Option(False, "--force", help="Replace files of the same name with other content."),
+) -> None:
+    """Write a Prometheus scrape config for the controller, alert rules with their promtool tests, and a Grafana dashboard."""
+    cfg = load(config)
+    guard(lambda: cli_run.observability(cfg, out_dir, target, alertmanager, interval_s, force))
+
+
+@app.command()
 def watch(
     config: Path = CONFIG_ARG,
     as_json: bool = typer.Option(False, "--json", help="Print events as JSON lines."),

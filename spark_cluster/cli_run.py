@@ -80,3 +80,13 @@ def notify_test(cfg: ClusterConfig) -> None:
         raise NotifyFailed(f"{len(failed)} of {len(results)} notification target(s) did not take the test message: {', '.join(failed)}",
                            hint="check the URL in the target's variable or file, and that this machine reaches the service")
 
+
+def observability(cfg: ClusterConfig, out_dir: Path, target: Optional[str], alertmanager: str, interval_s: float, force: bool) -> None:
+    from .observability import files, write
+
+    written = write(out_dir, files(cfg, target, alertmanager, interval_s), force)
+    out.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+    out.print(f"check them: promtool check config {out_dir / 'prometheus.yml'} ; promtool test rules {out_dir / 'alerts.test.yml'}\n"
+              f"run: prometheus --config.file={out_dir / 'prometheus.yml'} ; import {out_dir / 'dashboard.json'} into Grafana "
+              "(docs/observability.md)", highlight=False)
+

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .serving_settings import (VLLM_STEP_TIMEOUT_S, ApiSettings, ControllerSettings, GatewaySettings, HealthSettings, NotifySettings,
-                               WatchdogSettings)
+                               SlowSettings, WatchdogSettings)
 from .settings import (
     DEFAULT_UTILIZATION_MULTI_NODE,
     DEFAULT_UTILIZATION_SINGLE_NODE,
@@ -78,6 +78,7 @@ class ClusterConfig(Strict):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings, description="The controller's gateway: what clients use instead of vLLM's port.")
     controller: ControllerSettings = Field(default_factory=ControllerSettings, description="The controller's API, status page and metrics.")
     api: ApiSettings = Field(default_factory=ApiSettings, description="The controller API's bearer token.")
+    slow: SlowSettings = Field(default_factory=SlowSettings, description="The slow-but-alive verdict of each group.")
     notify: NotifySettings = Field(default_factory=NotifySettings, description="Notifications to the operator (Apprise targets).")
     state_dir: Optional[str] = Field(None, description="Local folder for logs, events and incident bundles. Default: ~/.local/state/spark-cluster/<name>.")
 

@@ -39,6 +39,7 @@ from .gateway import Gateway
 from .masking import mask
 from .metrics import ControllerMetrics
 from .notify import Notifier, target_urls
+from .speed_watch import SpeedWatch
 from .render import render
 from .stream_log import StreamLog
 from .state_dir import EVENTS_FILE, FILE_MODE, append_private, private_dir, read_private, set_aside
@@ -144,6 +145,9 @@ class Controller:
                                          lambda: {g: len(m.flights) for g, m in self.gateway.members.items()} if self.gateway else {})
         self.metrics.notify_targets([t.name for t in notify_targets])
         self.notifier = Notifier(cfg.notify, notify_targets, self.metrics.notified, self.secrets)
+        self.speed_task: Optional[asyncio.Task] = None
+        self.speed = SpeedWatch(cfg.slow, self.record, self.metrics.speed_shown,
+                                lambda label, share: self.gateway.weigh(label, share) if self.gateway else None)
         self.streams = StreamLog(self.record, lambda text: mask(text, self.secrets), next(iter(self.groups)), self.cfg.gateway.continue_within_s)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.stopping = threading.Event()
@@ -186,6 +190,17 @@ class Controller:
         if self.gateway_socket is not None:
             self.front = GatewayServer(self.gateway)
             await self.front.start(self.gateway_socket)
+        if self.cfg.slow.enabled:
+            self.speed_task = asyncio.create_task(self._look_at_speed(), name="speed")
+
+    async def _look_at_speed(self) -> None:
+        """Every few seconds, each group's slow verdict from its watchdog's samples (spark_cluster.speed_watch)."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(timeouts.SPEED_LOOK_S)
+            wds = dict(self.wds)
+            self.speed.look({g: list(wd.samples) for g, wd in wds.items()},
+                            {g: "paused" if wd.paused else wd.state.phase for g, wd in wds.items()},
+                            {g: {n.name: n._gpus for n in getattr(getattr(wd, "eyes", None), "last_nodes", [])} for g, wd in wds.items()})
 
     def start_watch(self, label: str, group: ClusterConfig, nodes: Nodes) -> None:
         """A watchdog of `group` in a thread of its own (a rolling change: of the group's new config), and
@@ -257,6 +272,8 @@ class Controller:
         return bool(self.threads) and all(t.is_alive() or self.stop_flags[label].is_set() for label, t in self.threads.items())
 
     async def stop(self) -> None:
+        if self.speed_task is not None:
+            self.speed_task.cancel()
         if self.front is not None:
             await self.front.stop(timeouts.GRACEFUL_SHUTDOWN_S)
         self.stopping.set()
@@ -364,6 +381,7 @@ class Controller:
             "door": member.door.mode if member else "hold",
             "in_flight": len(member.flights) if member else 0,
             "error": self.watchdog_errors.get(label),
+            "slow": self.speed.verdict(label),
         }
 
     def incidents(self, n: int) -> list[dict[str, Any]]:

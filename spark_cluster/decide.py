@@ -63,6 +63,9 @@ class Sample:
     prompt_tokens_total: Optional[float] = None
     running: float = 0
     waiting: float = 0
+    kv_cache_usage: Optional[float] = None  # shown (metrics), not decided on
+    itl_sum: Optional[float] = None  # the engine's inter-token latency histogram: the slow verdict's (spark_cluster.speed)
+    itl_count: Optional[float] = None
     gateway_in_flight: float = 0  # requests the controller's gateway has sent the engine and not seen finish
     gone: tuple[str, ...] = ()  # containers exited/missing, the vLLM process gone, Ray nodes dead or missing: definitive
     unreachable: tuple[str, ...] = ()  # nodes that did not answer SSH this time

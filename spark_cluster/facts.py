@@ -307,6 +307,9 @@ METRICS = {
     "vllm:iteration_tokens_total_count": "steps_total",
     "vllm:generation_tokens_total": "generation_tokens_total",
     "vllm:prompt_tokens_total": "prompt_tokens_total",
+    # the time between two tokens of a request, each token observed (0.17.1 and later): decode speed (spark_cluster.speed)
+    "vllm:inter_token_latency_seconds_sum": "itl_sum",
+    "vllm:inter_token_latency_seconds_count": "itl_count",
 }
 # the counters whose movement is progress: engine steps, generated and prompt tokens
 PROGRESS_COUNTERS = ("steps_total", "generation_tokens_total", "prompt_tokens_total")

@@ -68,6 +68,7 @@ def sample_of(nodes: list[NodeObs], ray: RayObs, vllm: VLLMObs, expected_nodes: 
     return Sample(
         t=t, health=vllm.health, steps_total=vllm.steps_total, generation_tokens_total=vllm.generation_tokens_total,
         prompt_tokens_total=vllm.prompt_tokens_total, running=vllm.running or 0, waiting=vllm.waiting or 0,
+        kv_cache_usage=vllm.kv_cache_usage, itl_sum=vllm.itl_sum, itl_count=vllm.itl_count,
         gateway_in_flight=gateway_in_flight, gone=tuple(gone), unreachable=tuple(n.name for n in nodes if not n.reachable),
         canary_ok=canary[0] if canary else None, canary_s=canary[1] if canary else None,
         canary_refused=canary[2] if canary else None, ranks=ranks[0], rank_evidence=ranks[1],

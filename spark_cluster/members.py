@@ -151,7 +151,8 @@ class Members:
         urls = upstreams if isinstance(upstreams, dict) else {"": upstreams}
         self.members = {name: Member(name, self._upstream(url)) for name, url in urls.items()}
         self.prefixes = PrefixTable()
-        self.turn = 0
+        self.picks: dict[str, int] = {}  # requests given each group not by affinity (ties go in turn, by weight)
+        self.weights: dict[str, float] = {}  # a slow group's share (spark_cluster.speed_watch)
 
     def _upstream(self, url: str) -> Upstream:
         return Upstream(url, max_connections=self.s.max_connections, connect_timeout_s=self.s.connect_timeout_s,
@@ -186,6 +187,10 @@ class Members:
             return
         door, interrupt = door_after(m.door, event)
         self.set_door(door, interrupt, m.name)
+
+    def weigh(self, group: str, share: float) -> None:
+        """A group's share of new requests against its peers' (a slow group's speed against what it should be)."""
+        self.weights[group] = share
 
     # ---- a rolling change, one group at a time ---------------------------------------------------
     def drain(self, group: str, reason: str) -> None:
@@ -227,8 +232,9 @@ class Members:
         if len(self.members) == 1:
             return candidates[0]
         name, how = choose({m.name: len(m.flights) for m in candidates}, self.prefixes.longest(keys) if keys else None,
-                           self.s.affinity_bound, self.turn)
-        self.turn += how != "affinity"  # equal loads: the next request not following its prefix goes to the next group
+                           self.s.affinity_bound, self.picks, self.weights)
+        if how != "affinity":
+            self.picks[name] = self.picks.get(name, 0) + 1
         self.prefixes.remember(keys, name)
         self.obs.routed(name, how)
         return self.members[name]

@@ -87,6 +87,8 @@ class VLLMObs(BaseModel):
     running: Optional[float] = None
     waiting: Optional[float] = None
     kv_cache_usage: Optional[float] = None
+    itl_sum: Optional[float] = Field(None, description="vllm:inter_token_latency_seconds: the sum of the times between two tokens")
+    itl_count: Optional[float] = Field(None, description="... and how many there were")
     steps_total: Optional[float] = Field(None, description="vllm:iteration_tokens_total count: one per engine step")
     generation_tokens_total: Optional[float] = None
     prompt_tokens_total: Optional[float] = None

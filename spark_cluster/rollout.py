@@ -20,7 +20,7 @@ from .executor import Executor
 from .transport import Nodes
 
 Report = Callable[[dict[str, Any]], None]
-LIVE_SETTINGS = ("gateway", "controller", "api", "notify")  # read when the controller starts: a change waits for its restart
+LIVE_SETTINGS = ("gateway", "controller", "api", "notify", "slow")  # read when the controller starts: a change waits for its restart
 
 
 class Fleet(Protocol):

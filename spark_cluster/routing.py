@@ -12,6 +12,9 @@
 - ...while that group's load stays within a bound: at most `bound` times the mean of requests in
   flight (consistent hashing with bounded loads, Mirrokni et al. 2018). Past it, or without a
   known prefix, the group with the fewest requests in flight takes it (ties in turn).
+- A group found slow (spark_cluster.speed) has a weight below 1, its speed against what it should be:
+  its load bound shrinks with it, and ties go to it in proportion to it (a group that serves slower
+  holds each request longer, so the least loaded already gets fewer to it under load).
 """
 
 from __future__ import annotations
@@ -31,18 +34,23 @@ PREFIXES_KEPT = 200_000  # remembered prefixes (about 30 MB); the least recently
 TEXT_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
-def choose(load: dict[str, int], preferred: Optional[str], bound: float, turn: int = 0) -> tuple[str, How]:
+def choose(load: dict[str, int], preferred: Optional[str], bound: float, picks: Optional[dict[str, int]] = None,
+           weights: Optional[dict[str, float]] = None) -> tuple[str, How]:
     """The group for one request: `load` holds the candidates (requests in flight on each, in the
-    config's order), `preferred` the group holding the request's longest known prefix, `turn` breaks
-    ties between equally loaded groups in turn. Pure."""
+    config's order), `preferred` the group holding the request's longest known prefix, `picks` how many
+    requests each was given, `weights` each one's share (a slow group's speed against what it should be,
+    1 otherwise). A group's load bound is its share of `bound` times the load; among the least loaded,
+    the one given least for its weight takes it (equal weights: in turn). Pure."""
+    picks, weights = picks or {}, weights or {}
+    w = {g: max(weights.get(g, 1.0), 0.01) for g in load}
     if preferred in load:
         total = sum(load.values()) + 1  # this request counted
-        if load[preferred] + 1 <= max(1, math.ceil(bound * total / len(load))):
+        if load[preferred] + 1 <= max(1, math.ceil(bound * total * w[preferred] / sum(w.values()))):
             return preferred, "affinity"
-    names = list(load)
-    n = len(names)
-    best = min(range(n), key=lambda i: (load[names[i]], (i - turn) % n))
-    return names[best], "least" if preferred is None or preferred not in load else "overflow"
+    least = min(load.values())
+    names = [g for g in load if load[g] == least]
+    best = min(names, key=lambda g: ((picks.get(g, 0) + 1) / w[g], names.index(g)))
+    return best, "least" if preferred is None or preferred not in load else "overflow"
 
 
 class Prompt(NamedTuple):

@@ -192,3 +192,15 @@ class NotifySettings(Strict):
                                                         "(spark_cluster_notifications_total{outcome=\"dropped\"}) and logged.")
     timeout_s: float = Field(10, gt=0, le=300, description="The most one attempt to send one message may take.")
     attempts: int = Field(3, ge=1, le=10, description="Attempts per message and target, 2, 4, 8 ... s apart.")
+
+
+class SlowSettings(Strict):
+    """The slow-but-alive verdict (spark_cluster.speed): a group that serves, slower than it should."""
+
+    enabled: bool = Field(True, description="Judge each group's decode speed (status, the page, /metrics, a notification, the "
+                                            "gateway's share).")
+    slower_by: float = Field(0.2, gt=0, le=10, description="How much slower than its own learned time per token at that load, or the "
+                                                          "fastest other group's, makes a group slow (0.2: 20 %).")
+    for_s: float = Field(60, ge=0, description="How long it must hold before the verdict (and its end) is said.")
+    window_s: float = Field(60, ge=5, description="The time per token is measured over this last window.")
+    learn_windows: int = Field(5, ge=1, description="Windows at a load a group learns from before its own time is compared with.")

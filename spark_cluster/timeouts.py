@@ -60,6 +60,7 @@ CONTROLLER_STOP_S = 60
 GRACEFUL_SHUTDOWN_S = 5
 # The controller's /api/status is gathered over SSH (about a second): one gather serves every reader this long.
 STATUS_CACHE_S = 2.0
+SPEED_LOOK_S = 5.0  # how often the controller looks at each group's decode speed (spark_cluster.speed_watch)
 # A server-sent event stream (/api/events) with nothing to say sends a comment this often, so
 # proxies and browsers keep it open.
 EVENT_STREAM_KEEP_ALIVE_S = 15

@@ -9,19 +9,39 @@ import pytest
 from spark_cluster.routing import Prompt, PrefixTable, choose, prefix_keys, prompt_of
 
 
-@pytest.mark.parametrize("load, preferred, turn, expected", [
-    ({"a": 0, "b": 0}, None, 0, ("a", "least")),
-    ({"a": 0, "b": 0}, None, 1, ("b", "least")),  # equal loads: in turn
-    ({"a": 3, "b": 1}, None, 0, ("b", "least")),
-    ({"a": 3, "b": 1}, "a", 0, ("a", "affinity")),  # 4 of 5 allowed: 1.25 x (5 / 2) -> 4
-    ({"a": 4, "b": 1}, "a", 0, ("b", "overflow")),  # a fifth on a is past the bound
-    ({"a": 0, "b": 0}, "b", 0, ("b", "affinity")),
-    ({"a": 0}, "b", 0, ("a", "least")),  # the preferred group does not serve now
-    ({"a": 0, "b": 5, "c": 5}, "b", 0, ("a", "overflow")),
-    ({"a": 2, "b": 2, "c": 2}, "c", 0, ("c", "affinity")),  # 3 of 7: ceil(1.25 x 7 / 3) = 3
+@pytest.mark.parametrize("load, preferred, picks, expected", [
+    ({"a": 0, "b": 0}, None, {}, ("a", "least")),
+    ({"a": 0, "b": 0}, None, {"a": 1}, ("b", "least")),  # equal loads: in turn
+    ({"a": 3, "b": 1}, None, {}, ("b", "least")),
+    ({"a": 3, "b": 1}, "a", {}, ("a", "affinity")),  # 4 of 5 allowed: 1.25 x (5 / 2) -> 4
+    ({"a": 4, "b": 1}, "a", {}, ("b", "overflow")),  # a fifth on a is past the bound
+    ({"a": 0, "b": 0}, "b", {}, ("b", "affinity")),
+    ({"a": 0}, "b", {}, ("a", "least")),  # the preferred group does not serve now
+    ({"a": 0, "b": 5, "c": 5}, "b", {}, ("a", "overflow")),
+    ({"a": 2, "b": 2, "c": 2}, "c", {}, ("c", "affinity")),  # 3 of 7: ceil(1.25 x 7 / 3) = 3
 ])
-def test_choose(load, preferred, turn, expected):
-    assert choose(load, preferred, 1.25, turn) == expected
+def test_choose(load, preferred, picks, expected):
+    assert choose(load, preferred, 1.25, picks) == expected
+
+
+@pytest.mark.parametrize("load, preferred, picks, weights, expected", [
+    ({"a": 0, "b": 0}, None, {"a": 1}, {"b": 0.5}, ("a", "least")),  # b at half its speed: given one for a's two
+    ({"a": 0, "b": 0}, None, {"a": 2, "b": 1}, {"b": 0.5}, ("a", "least")),
+    ({"a": 0, "b": 0}, None, {"a": 4, "b": 1}, {"b": 0.5}, ("b", "least")),
+    ({"a": 1, "b": 0}, None, {"a": 9}, {"b": 0.5}, ("b", "least")),  # the least loaded first, whatever its weight
+    ({"a": 1, "b": 2}, "b", {}, {"b": 0.5}, ("a", "overflow")),  # b's bound: ceil(1.25 x 4 x 0.5 / 1.5) = 2
+    ({"a": 1, "b": 2}, "b", {}, {}, ("b", "affinity")),  # at full speed: ceil(1.25 x 4 / 2) = 3
+])
+def test_a_slow_groups_weight_shrinks_its_bound_and_its_turn(load, preferred, picks, weights, expected):
+    assert choose(load, preferred, 1.25, picks, weights) == expected
+
+
+def test_ties_give_each_group_its_weights_share():
+    picks: dict[str, int] = {}
+    for _ in range(300):
+        group, _ = choose({"a": 0, "b": 0}, None, 1.25, picks, {"a": 1.0, "b": 0.5})
+        picks[group] = picks.get(group, 0) + 1
+    assert picks == {"a": 200, "b": 100}
 
 
 def test_affinity_never_leaves_a_group_idle_while_another_queues():

@@ -1,0 +1,143 @@
+"""The slow-but-alive verdict (spark_cluster.speed): pure rules, table-tested; and the controller saying it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from spark_cluster.metrics import sample_value
+from spark_cluster.ranks import GpuReading
+from spark_cluster.serving_settings import SlowSettings
+from spark_cluster.speed import Measure, SpeedState, gpu_facts, judge, load_bucket, measure
+
+S = SlowSettings(slower_by=0.2, for_s=60, window_s=60, learn_windows=3)
+
+
+def samples(per_token_s: float, running: float = 1, seconds: int = 120, every: int = 5, tokens_per_s: float = 10, start: float = 0):
+    """A group's watchdog samples: tokens coming at `tokens_per_s`, each `per_token_s` after the one before."""
+    return [{"t": start + t, "running": running, "itl_count": t * tokens_per_s, "itl_sum": t * tokens_per_s * per_token_s}
+            for t in range(0, seconds + 1, every)]
+
+
+@pytest.mark.parametrize("running, bucket", [(0, 0), (1, 0), (1.5, 1), (2, 1), (3, 2), (4, 2), (5, 3), (8, 3), (9, 4), (40, 6)])
+def test_load_buckets_are_powers_of_two(running, bucket):
+    assert load_bucket(running) == bucket
+
+
+def test_the_measure_is_the_engines_time_between_tokens_over_the_window():
+    m = measure(samples(0.063, running=4), 60)
+    assert m == Measure(120, pytest.approx(0.063), 2) and m.running == "3-4"
+    assert measure(samples(0.063)[:2], 60) == Measure(5, pytest.approx(0.063), 0)  # 50 tokens in 5 s: enough
+    assert measure(samples(0.063, tokens_per_s=1)[-3:], 60) is None  # 10 tokens: too few to say
+    assert measure([{"t": 0, "running": 1}, {"t": 5, "running": 1}], 60) is None  # an engine without the figure
+    restarted = samples(0.063)
+    restarted[-1] = {**restarted[-1], "itl_count": 3, "itl_sum": 0.2}  # the counters went back: a new engine
+    assert measure(restarted, 60) is None
+    assert measure([], 60) is None
+
+
+def learned(per_token_s: float, load: int = 0, n: int = 3) -> SpeedState:
+    return SpeedState(baseline={load: per_token_s}, learned={load: n})
+
+
+@pytest.mark.parametrize("state, m, peers, said, slow, since, share", [
+    # learning: the first windows of a load teach it; nothing to compare with yet
+    (SpeedState(), Measure(10, 0.06, 0), [], None, False, None, 1.0),
+    (learned(0.06, n=2), Measure(10, 0.09, 0), [], None, False, None, 1.0),  # 2 of 3 windows learned: no verdict yet
+    # above its own: it starts to hold, then after for_s it is said
+    (learned(0.06), Measure(10, 0.09, 0), [], None, False, 10, 1.0),
+    (replace(learned(0.06), since=10), Measure(69, 0.09, 0), [], None, False, 10, 1.0),
+    (replace(learned(0.06), since=10), Measure(70, 0.09, 0), [], "slow", True, None, 0.667),
+    # 19 % above: not slow, and it learns
+    (learned(0.06), Measure(10, 0.0714, 0), [], None, False, None, 1.0),
+    # at another load its own time at this one says nothing; a peer at that load does
+    (learned(0.06), Measure(10, 0.09, 2), [], None, False, None, 1.0),
+    (SpeedState(), Measure(10, 0.09, 2), [Measure(10, 0.06, 2)], None, False, 10, 1.0),
+    (SpeedState(since=10), Measure(70, 0.09, 2), [Measure(70, 0.06, 2), Measure(70, 0.03, 0)], "slow", True, None, 0.667),
+    # a faster peer at another load is no reference
+    (SpeedState(since=10), Measure(70, 0.09, 2), [Measure(70, 0.03, 0)], None, False, None, 1.0),
+    # slow: stays slow while 10 % or more above, its share following its speed
+    (replace(learned(0.06), slow=True, share=0.667), Measure(80, 0.1, 0), [], None, True, None, 0.6),
+    (replace(learned(0.06), slow=True, share=0.667), Measure(80, 0.065, 0), [], None, True, 80, 0.667),  # back within 10 %: holds
+    (replace(learned(0.06), slow=True, share=0.667, since=80), Measure(140, 0.065, 0), [], "slow-over", False, None, 1.0),
+    # slow, with nothing to compare with at its new load: no verdict either way
+    (replace(learned(0.06), slow=True, share=0.667), Measure(80, 0.02, 3), [], None, True, None, 0.667),
+    # an idle group: nothing changes
+    (replace(learned(0.06), slow=True, share=0.5, since=30), None, [], None, True, 30, 0.5),
+])
+def test_judge(state, m, peers, said, slow, since, share):
+    new, event = judge(state, m, peers, S)
+    assert (event[0] if event else None, new.slow, new.since, new.share) == (said, slow, since, share)
+
+
+def test_a_slow_period_teaches_nothing_and_the_verdict_says_why_with_the_gpus():
+    state, said = learned(0.063), None
+    for t in range(0, 61, 5):
+        state, event = judge(state, Measure(t, 0.094, 0), [], S, "spark-2 GPU: 84 °C (at or past 82 °C, where Sparks throttle)")
+        said = said or event
+    assert said == ("slow", "decode 94 ms a token over the last 60s, +49% against its own 63 ms at 1 running; "
+                            "spark-2 GPU: 84 °C (at or past 82 °C, where Sparks throttle)")
+    assert state.baseline == {0: 0.063} and state.learned == {0: 3}
+
+
+def test_learning_follows_the_group_slowly_and_every_load_apart():
+    state = SpeedState()
+    for t, s in enumerate([0.06, 0.07, 0.05]):
+        state, _ = judge(state, Measure(t, s, 0), [], S)
+    state, _ = judge(state, Measure(9, 0.2, 3), [], S)
+    assert state.baseline[0] == pytest.approx(0.06 + (0.07 - 0.06) * 0.2 + (0.05 - 0.062) * 0.2)
+    assert state.baseline[3] == 0.2 and state.learned == {0: 3, 3: 1}
+
+
+@pytest.mark.parametrize("readings, said", [
+    ({}, ""),
+    ({"sim-1": []}, ""),  # no GPU (the simulated cluster)
+    ({"spark-1": [GpuReading(power_w=45.2, sm_mhz=2405, temperature_c=61)]}, "spark-1 GPU: 61 °C, SM clock 2405 MHz, 45.2 W"),
+    ({"spark-1": [GpuReading(power_w=31, sm_mhz=900, temperature_c=82)], "spark-2": [GpuReading(temperature_c=None)]},
+     "spark-1 GPU: 82 °C (at or past 82 °C, where Sparks throttle), SM clock 900 MHz, 31 W"),
+])
+def test_what_the_gpus_say_beside_a_verdict(readings, said):
+    assert gpu_facts(readings) == said
+
+
+def test_the_controller_says_a_slow_group_in_an_event_its_metrics_the_page_and_the_gateways_share(tmp_path, monkeypatch):
+    from spark_cluster import timeouts
+
+    from .gateway_rig import rig_cfg, serving_controller
+    from .fake_engine import FakeEngine
+
+    monkeypatch.setattr(timeouts, "SPEED_LOOK_S", 0.05)
+    engine = FakeEngine().start()
+    cfg = rig_cfg(tmp_path, engine.url).model_copy(update={"slow": SlowSettings(for_s=0, window_s=60, learn_windows=2)})
+    ctl, served = serving_controller(cfg)
+    served.start()
+    try:
+        wd = ctl.wd
+        now = time.time()
+        wd.samples.clear()
+        wd.samples.extend(samples(0.06, start=now - 300, seconds=120))  # learns its speed at one request running
+        time.sleep(0.3)
+        assert sample_value(httpx.get(f"{served.url}/metrics").text, "spark_cluster_group_slow", group="spark") == 0
+        wd.samples.clear()
+        wd.samples.extend(samples(0.09, start=now - 100, seconds=60))
+        deadline = time.monotonic() + 5
+        while not [e for e in ctl.events if e["event"] == "slow"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        metrics = httpx.get(f"{served.url}/metrics").text
+        status = httpx.get(f"{served.url}/healthz").json()
+        events = (cfg.resolved_state_dir() / "events.jsonl").read_text()
+        weights = dict(ctl.gateway.weights)
+    finally:
+        served.stop()
+        engine.stop()
+    slow, = [e for e in ctl.events if e["event"] == "slow"]
+    assert slow["group"] == "spark" and slow["reason"].startswith("decode 90 ms a token over the last 60s, +50% against its own 60 ms")
+    assert sample_value(metrics, "spark_cluster_group_slow", group="spark") == 1
+    assert sample_value(metrics, "spark_cluster_group_decode_seconds_per_token", group="spark") == pytest.approx(0.09)
+    assert sample_value(metrics, "spark_cluster_group_decode_baseline_seconds_per_token", group="spark") == pytest.approx(0.06)
+    assert sample_value(metrics, "spark_cluster_group_share", group="spark") == pytest.approx(0.667)
+    assert status["slow"] == "slow: " + slow["reason"] and weights == {"spark": 0.667}
+    assert '"event": "slow"' in events
