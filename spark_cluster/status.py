@@ -3,6 +3,7 @@ then one verdict (spark_cluster.judge.verdict, a pure function tested on recorde
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Literal, Optional
 
@@ -18,6 +19,7 @@ from .observation import Observation, VLLMObs
 from .observe import observe
 from .plan import build_plan
 from .restart_choice import choose_restart
+from .state_dir import EVENTS_FILE
 
 if TYPE_CHECKING:
     from .transport import Nodes
@@ -31,6 +33,8 @@ class StatusReport(BaseModel):
     restart_why: str = ""
     kv: str = Field("", description="The most KV cache an engine of these flags got (kv.json), or of earlier flags.")
     caches: list[str] = Field(default_factory=list, description="Each node's cache folder as its last check or seal found it (caches.json).")
+    slow: str = Field("", description="The controller's slow verdict while it holds (its last `slow` event, when no `slow-over` came "
+                                      "after it): since when, and why (spark_cluster.speed).")
 
 
 def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "Optional[Future[VLLMObs]]" = None) -> StatusReport:
@@ -40,9 +44,36 @@ def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "
     word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes=addresses)
     choice = choose_restart(cfg.watchdog.restart, cfg.executor, obs.nodes, obs.ray, addresses)
     report = StatusReport(verdict=word, reason=reason, observation=obs, restart=choice.kind, restart_why=choice.why, kv=kv_line(cfg, plan),
-                          caches=cache_lines(cfg))
+                          caches=cache_lines(cfg), slow=slow_line(last_lines(cfg.resolved_state_dir() / EVENTS_FILE)))
     values = cfg.secret_values()  # a node's or the engine's error text may quote a command line
     return StatusReport.model_validate(mask_data(report.model_dump(), values)) if values else report
+
+
+SLOW_LOOKBACK = 64 * 1024  # the end of events.jsonl read for the slow verdict
+
+
+def last_lines(path) -> list[bytes]:
+    """The last lines of a file (its last SLOW_LOOKBACK bytes); none when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - SLOW_LOOKBACK))
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    return lines[1:] if size > SLOW_LOOKBACK else lines  # the first one read may be cut
+
+
+def slow_line(lines: list[bytes]) -> str:
+    """'since <ts>: <reason>' when the last slow verdict among these events.jsonl lines is `slow`, else ''. Pure."""
+    for line in reversed(lines):
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and e.get("event") in ("slow", "slow-over"):
+            return f"since {e.get('ts', '?')}: {e.get('reason', '')}" if e["event"] == "slow" else ""
+    return ""
 
 
 def kv_line(cfg: ClusterConfig, plan) -> str:

@@ -196,6 +196,8 @@ def _watch_rows(eng: Table, rep) -> None:
         eng.add_row("kv cache", escape(rep.kv))
     if rep.caches:
         eng.add_row("caches", escape("; ".join(rep.caches)))
+    if rep.slow:
+        eng.add_row("[bold yellow]slow[/]", escape(rep.slow))
     w = rep.observation.watchdog
     if w:
         eng.add_row("watchdog", f"{w.get('state')}" + (f", last restart {w.get('last_restart')} ({w.get('last_reason')})" if w.get("last_restart") else ""))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -15,13 +14,9 @@ import yaml
 
 from spark_cluster.observability import PANELS
 
+from .fake_engine import free_port
+
 PROMETHEUS, ALERTMANAGER = "/usr/bin/prometheus", "/usr/bin/prometheus-alertmanager"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 30) -> None:
@@ -98,3 +93,45 @@ def wait_for(what: str, check, timeout: float = 60, every: float = 0.5):
         assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
         time.sleep(every)
     return got
+
+
+class Watched:
+    """A controller (tests/cluster_helpers.Controlled) with a notification target, scraped by a real Prometheus whose
+    alerts go through a real Alertmanager: `notes` receives the controller's notifications, `alerts` Alertmanager's."""
+
+    def __init__(self, ctl, prom: str, notes, alerts):
+        self.ctl, self.prom, self.notes, self.alerts = ctl, prom, notes, alerts
+
+    def fired(self, name: str) -> list[dict]:
+        return [a for _, body in self.alerts.received for a in body.get("alerts", []) if a["labels"]["alertname"] == name]
+
+    def panels(self, cluster: str) -> tuple[dict[str, str], list[str]]:
+        """Each panel evaluated now: (title -> error) of those that failed, and the titles of those without data."""
+        errors, empty = {}, []
+        for title, expr in panel_queries(cluster):
+            try:
+                if not query(self.prom, expr):
+                    empty.append(title)
+            except AssertionError as exc:
+                errors[title] = str(exc)
+        return errors, sorted(set(empty))
+
+
+@contextmanager
+def watched(cfg, folder: Path) -> Iterator[Watched]:
+    """`cfg`'s controller in this process, its notifications to a local webhook, Prometheus scraping it every second."""
+    from spark_cluster.serving_settings import NotifySettings
+
+    from .cluster_helpers import Controlled
+    from .webhook import Receiver
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with Receiver() as notes, Receiver() as alerts:
+        (folder / "notify-url").write_text(notes.url + "\n")
+        cfg = cfg.model_copy(update={"notify": NotifySettings(targets=[{"url_file": str(folder / "notify-url")}])})
+        from spark_cluster.observability import files
+
+        with Controlled(cfg) as c, alertmanager(folder / "am", f"http://{alerts.url.split('://', 1)[1]}") as am:
+            target = c.served.url.split("://", 1)[1]
+            with prometheus(folder / "prom", files(cfg, target, am, interval_s=1)) as prom:
+                yield Watched(c, prom, notes, alerts)

@@ -450,6 +450,10 @@ def test_the_status_page_shows_every_group(two):
 
     ctl.wds["b"].state = State(phase="suspect", since=time.time())
     emit(ctl, "b", "state", state="suspect", reason="no progress for 5s")
+    from spark_cluster.speed import SpeedState
+
+    slow = "decode 94 ms a token over the last 20s, +49% against the fastest other group's 63 ms; spark-1 GPU: 84 °C"
+    ctl.speed.states["a"] = SpeedState(slow=True, reason=slow, share=0.67)
     with Browser() as browser:
         page = browser.page()
         page.goto(served.url + "/")
@@ -460,6 +464,8 @@ def test_the_status_page_shows_every_group(two):
         assert page.eval("getComputedStyle(document.querySelector('#nodes th.g')).display") == "table-cell"
         groups = page.eval("[...document.querySelectorAll('.group-vllm')].map(d => d.textContent)")
         assert len(groups) == 2 and "group a · watchdog healthy · door open" in groups[0] and "group b · watchdog suspect" in groups[1]
+        verdicts = page.eval("[...document.querySelectorAll('.slow-verdict')].map(d => d.textContent)")
+        assert verdicts == [f"slow {slow}"]  # a's, under a's engine
         assert page.eval("document.querySelectorAll('#throughput polyline').length") == 2
         assert "a 20.0, b 50.0" in page.eval("document.getElementById('throughput-label').textContent")
         assert page.eval("document.getElementById('verdict').textContent") == "down"  # nothing answers SSH on these nodes

@@ -141,3 +141,25 @@ def test_the_controller_says_a_slow_group_in_an_event_its_metrics_the_page_and_t
     assert sample_value(metrics, "spark_cluster_group_share", group="spark") == pytest.approx(0.667)
     assert status["slow"] == "slow: " + slow["reason"] and weights == {"spark": 0.667}
     assert '"event": "slow"' in events
+
+
+@pytest.mark.parametrize("lines, said", [
+    ([], ""),
+    ([b'{"event": "state"}', b'not json', b'{"ts": "T1", "event": "slow", "reason": "decode 94 ms"}', b'{"event": "canary"}'],
+     "since T1: decode 94 ms"),
+    ([b'{"ts": "T1", "event": "slow", "reason": "x"}', b'{"ts": "T2", "event": "slow-over", "reason": "y"}'], ""),
+    ([b'{"ts": "T1", "event": "slow-over"}', b'{"ts": "T3", "event": "slow", "reason": "z"}', b'["slow"]'], "since T3: z"),
+])
+def test_status_says_the_slow_verdict_the_controller_last_wrote(lines, said):
+    from spark_cluster.status import slow_line
+
+    assert slow_line(lines) == said
+
+
+def test_status_reads_only_the_end_of_a_long_events_file(tmp_path):
+    from spark_cluster.status import SLOW_LOOKBACK, last_lines, slow_line
+
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b'{"ts": "T0", "event": "slow", "reason": "old"}\n' + b'{"event": "canary", "ok": true}\n' * (SLOW_LOOKBACK // 20))
+    assert slow_line(last_lines(events)) == "" and all(line.startswith(b'{"event"') for line in last_lines(events))
+    assert last_lines(tmp_path / "none.jsonl") == []

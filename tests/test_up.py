@@ -23,6 +23,7 @@ from spark_cluster.transport import HostKeyError, Nodes
 from .conftest import (ROOT, SIM_CONFIG, SIM_CONFIGS, freeze, generation, group_containers, leftovers, run_cli, sim_docker,
                        sim_variant, worker_container)
 from .cluster_helpers import Controlled, containers, stream_load
+from .monitoring import wait_for, watched
 
 pytestmark = pytest.mark.cluster
 
@@ -47,10 +48,12 @@ def members(cfg) -> list[str]:
     return [member_name(s) for s in build_plan(cfg).steps if s.kind in ("start", "exec")]
 
 
-def test_up_serves_idempotently_status_tells_serving_stalled_down_and_down_cleans(sim, engine_cfg):
+def test_up_serves_idempotently_status_tells_serving_stalled_down_and_down_cleans(sim, engine_cfg, tmp_path):
     """One engine's life on each executor (one engine start, where two tests took two): `up` from
     nothing, `up` again keeps every member; `status` says serving (idle, then loaded), stalled (a
-    paused worker, /health 200), down (the worker stopped); `down` removes everything, saving the logs."""
+    paused worker, /health 200), down (the worker stopped); `down` removes everything, saving the logs.
+    While the worker is paused, what the operator gets: a notification, the hang alert of a real Prometheus
+    through a real Alertmanager, every dashboard panel evaluated."""
     cfg = engine_cfg
     (cfg.resolved_state_dir() / "vllm.json").unlink(missing_ok=True)  # the image's vLLM check runs afresh
     events: list[dict] = []
@@ -110,16 +113,33 @@ def test_up_serves_idempotently_status_tells_serving_stalled_down_and_down_clean
             record("serving-busy", rep)
             assert rep.verdict == "serving", rep.reason
 
-            freeze("sim-2", worker)
-            try:
-                rep = status(cfg, nodes)
-                record("stalled-paused-worker", rep)
-                assert rep.verdict == "stalled", rep.reason
-                assert rep.observation.vllm.health == 200
-                assert rep.observation.vllm.steps_in_window == 0 and rep.observation.vllm.running > 0
-                assert "sim-2" in rep.reason
-            finally:
-                sim_docker("sim-2", "unpause", worker)
+            # the operator's view: a controller that only observes (the watchdog's restart is tested elsewhere), its
+            # notifications, a real Prometheus scraping it with the shipped alert rules, a real Alertmanager
+            observer = cfg.model_copy(update={"state_dir": str(tmp_path / "state"), "watchdog": cfg.watchdog.model_copy(update={"enabled": False})})
+            with watched(observer, tmp_path / "monitoring") as w:
+                w.ctl.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
+                time.sleep(3)  # a few scrapes of the serving engine
+                freeze("sim-2", worker)
+                try:
+                    rep = status(cfg, nodes)
+                    record("stalled-paused-worker", rep)
+                    assert rep.verdict == "stalled", rep.reason
+                    assert rep.observation.vllm.health == 200
+                    assert rep.observation.vllm.steps_in_window == 0 and rep.observation.vllm.running > 0
+                    assert "sim-2" in rep.reason
+                    decided = w.ctl.wait_for(lambda e: e["event"] == "decision" and e["action"] == "alert", 60, "the hang confirmed")
+                    assert "hang confirmed" in decided["reason"]
+                    alert, = wait_for("the hang alert through Alertmanager", lambda: w.fired("SparkClusterHangConfirmed"), 30)
+                    note = wait_for("the operator's notification", lambda: w.notes.wait_for(1, timeout=0), 30)[0]
+                    errors, empty = w.panels(cfg.name)
+                finally:
+                    sim_docker("sim-2", "unpause", worker)
+            print(f"{cfg.executor}: hang confirmed at {decided['ts']}; notified: {note['title']}; alert: {alert['labels']}")
+            assert alert["labels"]["group"] == cfg.name and alert["labels"]["severity"] == "critical"
+            assert note["title"].endswith("a restart is needed (watchdog.enabled: false)") and "hang confirmed" in note["message"]
+            # every panel evaluates; those of a restart have nothing to show (none happened), of a slow verdict neither
+            assert not errors, errors
+            assert empty == ["Last restart"], empty
             rep = status(cfg, nodes)
             assert rep.verdict == "serving", rep.reason
         finally:

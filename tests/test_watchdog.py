@@ -19,12 +19,11 @@ from spark_cluster.observe import list_containers
 from spark_cluster.gateway import OUTCOMES
 from spark_cluster.memory_back import slack_gib
 from spark_cluster.metrics import sample_value
-from spark_cluster.serving_settings import NotifySettings
 from spark_cluster.transport import Nodes
 
 from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_engine_alone_new, assert_nothing_of, freeze, generation, kill_vllm_api, leftovers, sim_docker, worker_container
 from .cluster_helpers import Controlled, Running, completion_works, streaming, ts
-from .webhook import Receiver
+from .monitoring import wait_for, watched
 
 pytestmark = pytest.mark.cluster
 
@@ -34,13 +33,6 @@ def cfg_with(tmp_path, executor="ray", **watchdog):
     data["watchdog"] = {**data.get("watchdog", {}), **watchdog}
     data["state_dir"] = str(tmp_path / "state")
     return parse_config(yaml.safe_dump(data))
-
-
-def notifying(cfg, hook: Receiver, tmp_path):
-    """`cfg` with one notification target: `hook`, its URL in a file (as a secret is kept)."""
-    url = tmp_path / "notify-url"
-    url.write_text(hook.url + "\n")
-    return cfg.model_copy(update={"notify": NotifySettings(targets=[{"url_file": str(url)}])})
 
 
 def ids(cfg) -> dict[str, str]:
@@ -251,7 +243,8 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
     worker = worker_container(cfg)
     serving(cfg)
     before = generation(cfg)
-    with Receiver() as hook, Controlled(notifying(cfg, hook, tmp_path)) as c:
+    with watched(cfg, tmp_path / "monitoring") as w:
+        c, hook = w.ctl, w.notes
         c.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
         with loaded(c, cfg, streams=2, chats=2) as results:
             frozen_at = time.time()
@@ -278,6 +271,9 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
             print(f"{cfg.executor}: notified {[(round(at - ts(decision), 2), title) for at, title, _ in told]}")
             assert told[0][1] == "hang confirmed, restarting the group" and told[0][0] - ts(decision) < 5 and "paused" in told[0][2]
             assert [at >= ts(done) for at, title, _ in told if title == f"restart done in {done['seconds']:g} s"] == [True]
+            # Prometheus (the shipped rules) through Alertmanager; after a restart every dashboard panel has data
+            wait_for("the hang alert through Alertmanager", lambda: w.fired("SparkClusterHangConfirmed"), 30)
+            assert w.panels(cfg.name) == ({}, [])
             # clients keep going through the gateway until each kind has been answered by the new generation
             deadline = time.monotonic() + 120
             while not all(any(r.complete and r.first_byte > ts(done) for r in list(results) if r.kind == k) for k in ("stream", "plain")):

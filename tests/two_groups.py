@@ -4,6 +4,7 @@ run. Test files import these; no test file imports another."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -17,8 +18,8 @@ from spark_cluster.observe import list_containers
 from spark_cluster.transport import Nodes
 
 from .cluster_helpers import ControllerProcess, completion_works, log_prompt_ids, logged_prompts, ts
-from .conftest import CONFIGS, freeze, run_cli
-from .loadgen import mixed_load
+from .conftest import CONFIGS, freeze, run_cli, sim_docker
+from .loadgen import mixed_load, stream_load
 
 TWO_GROUPS = CONFIGS / "local-sim-2groups.yaml"
 GROUPS_TOKEN = "groups-test-token-41c2"
@@ -160,3 +161,65 @@ def a_change_rolls_through(c: ControllerProcess, path, cfg) -> None:
     assert not set(group_ids(cfg, "b").values()) & set(b_before.values())
     failed = [(r.kind, r.error) for r in results if r.outcome not in ("ok", "stopped")]
     assert failed == [], failed  # streams of 100 tokens end well within the drain
+
+
+CORES = str(os.cpu_count() or 2)  # the limit lifted (`--cpus 0` would leave it: docker keeps NanoCpus)
+
+
+def routed(c: ControllerProcess, group: str) -> float:
+    return sum(c.metric("spark_cluster_gateway_routed_total", group=group, how=how) for how in ("affinity", "overflow", "least"))
+
+
+def a_slow_group_gets_its_share(c: ControllerProcess, cfg) -> None:
+    """Group a's worker limited to half a core under steady load (six clients streaming one after another): a is
+    found slow (spark_cluster.speed, default settings) within a minute, with the figures; its share of new requests
+    falls to its measured speed's share; the limit lifted, a is back within a minute."""
+    worker = "spark-a-ray-worker" if cfg.executor == "ray" else "spark-a-vllm-worker"
+    stop = threading.Event()
+    threads = stream_load(c.gateway, cfg.model.name, 6, stop, max_tokens=48, repeat=True)
+    try:
+        time.sleep(60)  # each group learns its speed at this load
+        assert not [e for e in c.events if e["event"] == "slow"], "a slow verdict before anything was slowed"
+        t_limit = time.time()
+        sim_docker("sim-2", "update", "--cpus", "0.5", worker)
+        slow = c.wait_for(lambda e: e.get("group") == "a" and e["event"] == "slow", 180, "a found slow")
+        before = {g: routed(c, g) for g in "ab"}
+        shown = page_while_slow(c)
+        time.sleep(max(0.0, 45 - (time.time() - ts(slow))))
+        after = {g: routed(c, g) for g in "ab"}
+        decode = {g: c.metric("spark_cluster_group_decode_seconds_per_token", group=g) for g in "ab"}
+        t_lift = time.time()
+        sim_docker("sim-2", "update", "--cpus", CORES, worker)
+        over = c.wait_for(lambda e: e.get("group") == "a" and e["event"] == "slow-over", 180, "a back")
+    finally:
+        stop.set()
+        sim_docker("sim-2", "update", "--cpus", CORES, worker, check=False)
+        for t in threads:
+            t.join(timeout=60)
+    given = {g: after[g] - before[g] for g in "ab"}
+    share = given["a"] / max(1.0, given["a"] + given["b"])
+    speed = (1 / decode["a"]) / (1 / decode["a"] + 1 / decode["b"])
+    print(f"{cfg.executor}: a found slow {ts(slow) - t_limit:.1f}s after its worker got half a core: {slow['reason']}; "
+          f"new requests while slow: a {given['a']:g}, b {given['b']:g} (a's share {share:.2f}, its speed's share {speed:.2f}, "
+          f"decode a {decode['a'] * 1000:.0f} ms, b {decode['b'] * 1000:.0f} ms); back {ts(over) - t_lift:.1f}s after the limit was lifted")
+    assert ts(slow) - t_limit < 60 and "decode" in slow["reason"]
+    assert shown == [f"slow {slow['reason']}"], shown
+    assert given["a"] + given["b"] >= 20, given
+    assert abs(share - speed) <= 0.1, (share, speed)
+    assert ts(over) - t_lift < 60
+    assert not [e for e in c.events if e.get("group") == "b" and e["event"] == "slow"]
+
+
+def page_while_slow(c: ControllerProcess) -> list[str]:
+    """The status page in Chromium while a group is slow: the verdicts it shows (its screenshot in test-artifacts/,
+    the one docs/observability.md shows)."""
+    from .browser import Browser
+    from .conftest import ROOT
+
+    with Browser() as browser:
+        page = browser.page()
+        page.goto(c.url + "/")
+        page.log_in(c.token)
+        page.wait("document.querySelectorAll('.slow-verdict').length > 0", 60, "the slow verdict")
+        page.screenshot(ROOT / "test-artifacts" / "status-slow.png")
+        return page.eval("[...document.querySelectorAll('.slow-verdict')].map(d => d.textContent)")
