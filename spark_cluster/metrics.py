@@ -98,52 +98,9 @@ class ControllerMetrics(Observer):
                  in_flight: Callable[[], dict[str, int]] = dict):
         r = self.registry = CollectorRegistry(auto_describe=True)
         g = ["group"]
-        self.state = Enum("spark_cluster_state", "Each group's watchdog's state.", g, states=WATCH_STATES, registry=r)
-        self.restarts = Counter("spark_cluster_restarts", "Restarts of a whole group, by reason.", [*g, "reason"], registry=r)
-        self.hangs = Counter("spark_cluster_hangs_confirmed", "Hangs the watchdog confirmed (a restart decided for one, or asked "
-                             "for when it only observes).", g, registry=r)
-        self.incidents = Counter("spark_cluster_incidents", "Incident bundles written (one per restart decision).", g, registry=r)
-        self.detect = Gauge("spark_cluster_last_detect_seconds",
-                            "Time from the last observation that found the group healthy to the last restart decision.", g, registry=r)
-        self.recover = Gauge("spark_cluster_last_recovery_seconds",
-                             "Time from the last restart decision to serving again (backoff and model load included).", g, registry=r)
-        self.restart_parts = Gauge("spark_cluster_restart_phase_seconds",
-                                   "Where the last restart's time went, by phase: the incident bundle, the kill, each part of up "
-                                   "(ready/health is the engine's own load), the engine's own parts (engine/...).", [*g, "phase"],
-                                   registry=r)
-        self.routes = Counter("spark_cluster_gateway_routed", "Requests sent to each group (several groups): by prefix affinity, "
-                              "past its load bound (overflow), or to the least loaded (least).", [*g, "how"], registry=r)
-        self.requests = Counter("spark_cluster_gateway_requests", "Requests through the gateway by outcome: ok, held (then ok), "
-                                "retried (then ok), interrupted (a stream cut after its first byte), rejected (503), failed, "
-                                "cancelled (the client went away).", ["outcome"], registry=r)
-        self.cuts = Counter("spark_cluster_gateway_clients_cut", "Client connections the gateway closed at one of its bounds: "
-                            "not_reading (gateway.client_write_timeout_s), request_deadline (408), max_head (431), max_clients, "
-                            "max_clients_per_peer (503), invalid (400).", ["why"], registry=r)
-        self.continued_streams = Counter("spark_cluster_gateway_streams_continued", "Streams cut by a hang, a restart or a rolling "
-                                         "change and continued from the token where they stopped, by the group that continued them and "
-                                         "how: on another group at once (other_group) or on the same once it served again (same_group).",
-                                         [*g, "how"], registry=r)
-        self.not_continued_streams = Counter("spark_cluster_gateway_streams_not_continued", "Streams cut after their first byte and "
-                                             "ended with the error event instead of continued, by reason (spark_cluster.continuation: "
-                                             "choices, batch, echo, stop, path, ids, long, json, ended, attempts, wait, refused).",
-                                             ["reason"], registry=r)
-        self.seams = Histogram("spark_cluster_gateway_continuation_pause_seconds", "The pause a continued stream's client saw at the "
-                               "seam: from the cut to the continuation's first event.", buckets=TTFB_BUCKETS, registry=r)
-        self.notifications = Counter("spark_cluster_notifications", "Notifications by target (its place in notify.targets and its "
-                                     "service) and outcome: sent, failed (every attempt), dropped (its queue was full).",
-                                     ["target", "outcome"], registry=r)
-        self.slow = Gauge("spark_cluster_group_slow", "1 while a group serves slower than it should (spark_cluster.speed).", g, registry=r)
-        self.decode = Gauge("spark_cluster_group_decode_seconds_per_token", "The engine's time between two tokens of a request over the "
-                            "slow verdict's window (vllm:inter_token_latency_seconds).", g, registry=r)
-        self.decode_baseline = Gauge("spark_cluster_group_decode_baseline_seconds_per_token", "What the group learned its time per "
-                                     "token to be at the load it has now.", g, registry=r)
-        self.share = Gauge("spark_cluster_group_share", "A group's weight for new requests: its speed against what it should be "
-                           "(1 when not slow).", g, registry=r)
-        self.held_now = Gauge("spark_cluster_gateway_held_requests", "Requests waiting at the gateway for the engine to serve.", registry=r)
-        self.in_flight_now = Gauge("spark_cluster_gateway_requests_in_flight", "Requests with the engine now.", registry=r)
-        self.ttfb = Histogram("spark_cluster_gateway_time_to_first_byte_seconds",
-                              "Time from a request's arrival to the first byte of its answer (time held included).",
-                              buckets=TTFB_BUCKETS, registry=r)
+        self._watchdog_families(r, g)
+        self._gateway_families(r, g)
+        self._operator_families(r, g)
         r.register(EngineCollector(last_samples, in_flight))
         self.outcomes = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}  # a label lookup less per request
         for why in CUT_REASONS:
@@ -164,6 +121,60 @@ class ControllerMetrics(Observer):
                 self.routes.labels(group, how)
             for how in CONTINUED_HOWS:
                 self.continued_streams.labels(group, how)
+
+
+    def _watchdog_families(self, r: CollectorRegistry, g: list[str]) -> None:
+        self.state = Enum("spark_cluster_state", "Each group's watchdog's state.", g, states=WATCH_STATES, registry=r)
+        self.restarts = Counter("spark_cluster_restarts", "Restarts of a whole group, by reason.", [*g, "reason"], registry=r)
+        self.hangs = Counter("spark_cluster_hangs_confirmed", "Hangs the watchdog confirmed (a restart decided for one, or asked "
+                             "for when it only observes).", g, registry=r)
+        self.incidents = Counter("spark_cluster_incidents", "Incident bundles written (one per restart decision).", g, registry=r)
+        self.detect = Gauge("spark_cluster_last_detect_seconds",
+                            "Time from the last observation that found the group healthy to the last restart decision.", g, registry=r)
+        self.recover = Gauge("spark_cluster_last_recovery_seconds",
+                             "Time from the last restart decision to serving again (backoff and model load included).", g, registry=r)
+        self.restart_parts = Gauge("spark_cluster_restart_phase_seconds",
+                                   "Where the last restart's time went, by phase: the incident bundle, the kill, each part of up "
+                                   "(ready/health is the engine's own load), the engine's own parts (engine/...).", [*g, "phase"],
+                                   registry=r)
+
+    def _gateway_families(self, r: CollectorRegistry, g: list[str]) -> None:
+        self.routes = Counter("spark_cluster_gateway_routed", "Requests sent to each group (several groups): by prefix affinity, "
+                              "past its load bound (overflow), or to the least loaded (least).", [*g, "how"], registry=r)
+        self.requests = Counter("spark_cluster_gateway_requests", "Requests through the gateway by outcome: ok, held (then ok), "
+                                "retried (then ok), interrupted (a stream cut after its first byte), rejected (503), failed, "
+                                "cancelled (the client went away).", ["outcome"], registry=r)
+        self.cuts = Counter("spark_cluster_gateway_clients_cut", "Client connections the gateway closed at one of its bounds: "
+                            "not_reading (gateway.client_write_timeout_s), request_deadline (408), max_head (431), max_clients, "
+                            "max_clients_per_peer (503), invalid (400).", ["why"], registry=r)
+        self.continued_streams = Counter("spark_cluster_gateway_streams_continued", "Streams cut by a hang, a restart or a rolling "
+                                         "change and continued from the token where they stopped, by the group that continued them and "
+                                         "how: on another group at once (other_group) or on the same once it served again (same_group).",
+                                         [*g, "how"], registry=r)
+        self.not_continued_streams = Counter("spark_cluster_gateway_streams_not_continued", "Streams cut after their first byte and "
+                                             "ended with the error event instead of continued, by reason (spark_cluster.continuation: "
+                                             "choices, batch, echo, stop, path, ids, long, json, ended, attempts, wait, refused).",
+                                             ["reason"], registry=r)
+        self.seams = Histogram("spark_cluster_gateway_continuation_pause_seconds", "The pause a continued stream's client saw at the "
+                               "seam: from the cut to the continuation's first event.", buckets=TTFB_BUCKETS, registry=r)
+        self.held_now = Gauge("spark_cluster_gateway_held_requests", "Requests waiting at the gateway for the engine to serve.", registry=r)
+        self.in_flight_now = Gauge("spark_cluster_gateway_requests_in_flight", "Requests with the engine now.", registry=r)
+        self.ttfb = Histogram("spark_cluster_gateway_time_to_first_byte_seconds",
+                              "Time from a request's arrival to the first byte of its answer (time held included).",
+                              buckets=TTFB_BUCKETS, registry=r)
+
+    def _operator_families(self, r: CollectorRegistry, g: list[str]) -> None:
+        """What reaches the operator beyond the page: notifications, and each group's slow verdict."""
+        self.notifications = Counter("spark_cluster_notifications", "Notifications by target (its place in notify.targets and its "
+                                     "service) and outcome: sent, failed (every attempt), dropped (its queue was full).",
+                                     ["target", "outcome"], registry=r)
+        self.slow = Gauge("spark_cluster_group_slow", "1 while a group serves slower than it should (spark_cluster.speed).", g, registry=r)
+        self.decode = Gauge("spark_cluster_group_decode_seconds_per_token", "The engine's time between two tokens of a request over the "
+                            "slow verdict's window (vllm:inter_token_latency_seconds).", g, registry=r)
+        self.decode_baseline = Gauge("spark_cluster_group_decode_baseline_seconds_per_token", "What the group learned its time per "
+                                     "token to be at the load it has now.", g, registry=r)
+        self.share = Gauge("spark_cluster_group_share", "A group's weight for new requests: its speed against what it should be "
+                           "(1 when not slow).", g, registry=r)
 
     # ---- the gateway's reports ------------------------------------------------------------------
     def outcome(self, outcome: str) -> None:
