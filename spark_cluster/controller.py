@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import socket
@@ -46,6 +47,7 @@ from .state_dir import EVENTS_FILE, FILE_MODE, append_private, private_dir, read
 from .transport import Nodes
 from .watchdog import Watchdog
 
+log = logging.getLogger("spark_cluster.controller")
 EVENTS_KEPT = 500
 TOKEN_NEEDED = ("a valid bearer token is needed (cluster.yaml api.token_env or api.token_file; default state_dir/api-token); "
                 "the status page asks for it once")
@@ -198,9 +200,12 @@ class Controller:
         while not self.stopping.is_set():
             await asyncio.sleep(timeouts.SPEED_LOOK_S)
             wds = dict(self.wds)
-            self.speed.look({g: list(wd.samples) for g, wd in wds.items()},
-                            {g: "paused" if wd.paused else wd.state.phase for g, wd in wds.items()},
-                            {g: {n.name: n._gpus for n in getattr(getattr(wd, "eyes", None), "last_nodes", [])} for g, wd in wds.items()})
+            try:
+                self.speed.look({g: list(wd.samples) for g, wd in wds.items()},
+                                {g: "paused" if wd.paused else wd.state.phase for g, wd in wds.items()},
+                                {g: {n.name: n._gpus for n in getattr(getattr(wd, "eyes", None), "last_nodes", [])} for g, wd in wds.items()})
+            except Exception:  # noqa: BLE001 - a bug here must not end the verdicts for good: logged, looked at again
+                log.exception("the slow verdict's look failed")
 
     def start_watch(self, label: str, group: ClusterConfig, nodes: Nodes) -> None:
         """A watchdog of `group` in a thread of its own (a rolling change: of the group's new config), and
