@@ -10,17 +10,24 @@ import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
+from spark_cluster.cli import app
 from spark_cluster.config import load_config
 from spark_cluster.metrics import ControllerMetrics
 from spark_cluster.observability import PANELS, files, panel_metrics
 
-from .conftest import CONFIGS, run_cli
+from .conftest import CONFIGS
 from .gateway_rig import rig_running
 from .monitoring import alertmanager, panel_queries, prometheus, query, wait_for
 from .webhook import Receiver
 
 pytestmark = pytest.mark.skipif(not shutil.which("promtool"), reason="Debian's prometheus package (`make sim-deps` installs it)")
+
+
+def observability(*args: str):
+    """The command in this process (its exit codes and messages as a user gets them: typer's runner)."""
+    return CliRunner().invoke(app, ["observability", *args], env={"COLUMNS": "200"})
 
 
 def promtool(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -29,18 +36,18 @@ def promtool(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 def test_the_files_written_pass_promtool_and_what_a_user_changed_is_not_replaced(tmp_path):
     out = tmp_path / "obs"
-    first = run_cli("observability", str(CONFIGS / "local-sim-2groups.yaml"), "--out", str(out))
-    assert first.returncode == 0, first.stderr
+    first = observability(str(CONFIGS / "local-sim-2groups.yaml"), "--out", str(out))
+    assert first.exit_code == 0, first.output
     assert sorted(p.name for p in out.iterdir()) == ["alerts.test.yml", "alerts.yml", "dashboard.json", "prometheus.yml"]
     checked = promtool("check", "config", "prometheus.yml", cwd=out)
     assert checked.returncode == 0 and "SUCCESS: 1 rule files found" in checked.stdout, checked.stdout + checked.stderr
     tested = promtool("test", "rules", "alerts.test.yml", cwd=out)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
     (out / "alerts.yml").write_text((out / "alerts.yml").read_text() + "# my own note\n")  # the user's own change
-    again = run_cli("observability", str(CONFIGS / "local-sim-2groups.yaml"), "--out", str(out))
-    assert again.returncode == 2 and "already has alerts.yml with other content: nothing was written" in again.stderr
+    again = observability(str(CONFIGS / "local-sim-2groups.yaml"), "--out", str(out))
+    assert again.exit_code == 2 and "already has alerts.yml with other content: nothing was written" in again.stderr
     assert "# my own note" in (out / "alerts.yml").read_text()
-    assert run_cli("observability", str(CONFIGS / "local-sim-2groups.yaml"), "--out", str(out), "--force").returncode == 0
+    assert observability(str(CONFIGS / "local-sim-2groups.yaml"), "--out", str(out), "--force").exit_code == 0
     assert "# my own note" not in (out / "alerts.yml").read_text()
     # an alert the tests do not cover fails them: the rule tests are not vacuous
     (out / "alerts.yml").write_text((out / "alerts.yml").read_text().replace("spark_cluster_state{spark_cluster_state=\"failed\"} == 1",
