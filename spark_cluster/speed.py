@@ -6,7 +6,7 @@ caps a GX10 at ~30 W (docs/field.md). Nothing fails, so no watchdog rule sees it
 that group waits longer.
 
 The measure: the engine's own time between two tokens of a request (vllm:inter_token_latency_seconds,
-each token observed) over the last `window_s`, at the load the group had (requests running, in buckets
+each token observed), the median of the watchdog's periods over the last `window_s`, at the load the group had (requests running, in buckets
 of powers of two: a batch of 8 decodes slower per token than one request). A group is `slow` when that
 is `slower_by` above what it learned for that load, or above the fastest peer group's at that load, for
 `for_s`; back when it is within half of that for `for_s`. What it learns comes only from windows that
@@ -16,13 +16,16 @@ were not above (a slow period teaches nothing).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from .serving_settings import SlowSettings
 
 MIN_TOKENS = 20  # fewer tokens in a window: no measure (an idle group is neither slow nor fast)
-LEARN_RATE = 0.2  # each window's weight in a load's baseline (exponential mean)
+MIN_PERIOD_TOKENS = 3  # a period with fewer says little of the time per token
+MIN_PERIODS = 3  # periods of the window with a figure, at least
+LEARN_RATE = 0.1  # each look's weight in a load's baseline (an exponential mean: the looks' windows overlap)
 
 
 @dataclass(frozen=True)
@@ -41,21 +44,25 @@ def load_bucket(running: float) -> int:
 
 
 def measure(samples: Sequence[dict[str, Any]], window_s: float) -> Optional[Measure]:
-    """The decode time per token over the last `window_s` of a group's watchdog samples (oldest first), or
-    None: too few tokens, no such figure from the engine, or its counters went back (a restart)."""
+    """The decode time per token over the last `window_s` of a group's watchdog samples (oldest first): the median
+    of each period's (a step of other requests' prefill, a scheduler's hiccup, move one period, not the verdict),
+    or None: too few tokens, no such figure from the engine, or its counters went back (a restart)."""
     if not samples:
         return None
     last = samples[-1]
-    inside = [x for x in samples if last["t"] - x["t"] <= window_s]
-    first = inside[0]
-    if first is last or None in (first.get("itl_sum"), first.get("itl_count"), last.get("itl_sum"), last.get("itl_count")):
-        return None
-    tokens = last["itl_count"] - first["itl_count"]
-    spent = last["itl_sum"] - first["itl_sum"]
-    if tokens < MIN_TOKENS or spent < 0:
+    inside = [x for x in samples if last["t"] - x["t"] <= window_s and x.get("itl_sum") is not None and x.get("itl_count") is not None]
+    per_period, tokens = [], 0.0
+    for a, b in zip(inside, inside[1:]):
+        n, spent = b["itl_count"] - a["itl_count"], b["itl_sum"] - a["itl_sum"]
+        if n < 0 or spent < 0:
+            return None  # a new engine in the window
+        tokens += n
+        if n >= MIN_PERIOD_TOKENS:
+            per_period.append(spent / n)
+    if tokens < MIN_TOKENS or len(per_period) < MIN_PERIODS:
         return None
     running = [float(x.get("running") or 0) for x in inside[1:]]
-    return Measure(last["t"], spent / tokens, load_bucket(sum(running) / len(running)))
+    return Measure(last["t"], statistics.median(per_period), load_bucket(sum(running) / len(running)))
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ def chromium() -> str | None:
 
 
 class Browser:
-    def __init__(self, width: int = 1400, height: int = 1000):
+    def __init__(self, width: int = 1400, height: int = 1000, nice: bool = False):
+        """nice: at the lowest CPU priority (beside engines whose speed the test measures)."""
         exe = chromium()
         assert exe, "chromium is not installed (make sim-deps installs Debian's package)"
         self.profile = tempfile.mkdtemp(prefix="chromium-test-")
         self.proc = subprocess.Popen(
-            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+            [*(["nice", "-n", "19"] if nice else []), exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-default-browser-check",
              f"--window-size={width},{height}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
              f"--user-data-dir={self.profile}", "about:blank"],

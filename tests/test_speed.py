@@ -30,8 +30,13 @@ def test_load_buckets_are_powers_of_two(running, bucket):
 def test_the_measure_is_the_engines_time_between_tokens_over_the_window():
     m = measure(samples(0.063, running=4), 60)
     assert m == Measure(120, pytest.approx(0.063), 2) and m.running == "3-4"
-    assert measure(samples(0.063)[:2], 60) == Measure(5, pytest.approx(0.063), 0)  # 50 tokens in 5 s: enough
-    assert measure(samples(0.063, tokens_per_s=1)[-3:], 60) is None  # 10 tokens: too few to say
+    assert measure(samples(0.063)[:4], 60) == Measure(15, pytest.approx(0.063), 0)  # three periods of 50 tokens: enough
+    assert measure(samples(0.063)[:3], 60) is None  # two periods: too few to say
+    assert measure(samples(0.063, tokens_per_s=0.5)[-9:], 60) is None  # 20 tokens, but 2.5 a period: too few to say
+    hiccup = samples(0.063)
+    for x in hiccup[-2:]:  # one period 100 times slower (the sum is cumulative)
+        x["itl_sum"] += 30
+    assert measure(hiccup, 60).s_per_token == pytest.approx(0.063)  # the median: one period moves it not
     assert measure([{"t": 0, "running": 1}, {"t": 5, "running": 1}], 60) is None  # an engine without the figure
     restarted = samples(0.063)
     restarted[-1] = {**restarted[-1], "itl_count": 3, "itl_sum": 0.2}  # the counters went back: a new engine
@@ -88,7 +93,7 @@ def test_learning_follows_the_group_slowly_and_every_load_apart():
     for t, s in enumerate([0.06, 0.07, 0.05]):
         state, _ = judge(state, Measure(t, s, 0), [], S)
     state, _ = judge(state, Measure(9, 0.2, 3), [], S)
-    assert state.baseline[0] == pytest.approx(0.06 + (0.07 - 0.06) * 0.2 + (0.05 - 0.062) * 0.2)
+    assert state.baseline[0] == pytest.approx(0.06 + (0.07 - 0.06) * 0.1 + (0.05 - 0.061) * 0.1)
     assert state.baseline[3] == 0.2 and state.learned == {0: 3, 3: 1}
 
 

@@ -166,6 +166,31 @@ def a_change_rolls_through(c: ControllerProcess, path, cfg) -> None:
 CORES = str(os.cpu_count() or 2)  # the limit lifted (`--cpus 0` would leave it: docker keeps NanoCpus)
 
 
+class Speeds:
+    """Each group's decode time per token and share as the controller shows them, every 5 s (printed: what a
+    verdict was made of)."""
+
+    def __init__(self, c: ControllerProcess):
+        self.rows: list[tuple[float, dict[str, float]]] = []
+        self.stop = threading.Event()
+        t0 = time.time()
+
+        def run() -> None:
+            names = ("spark_cluster_group_decode_seconds_per_token", "spark_cluster_group_share", "spark_cluster_group_slow")
+            while not self.stop.wait(5):
+                try:
+                    self.rows.append((time.time() - t0, {f"{n.split('_')[-1]}.{g}": c.metric(n, group=g) for n in names for g in "ab"}))
+                except (KeyError, OSError):
+                    pass
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def __str__(self) -> str:
+        return "decode ms a/b, share a, slow a/b every 5 s: " + "; ".join(
+            f"{t:.0f}s {x.get('token.a', 0) * 1000:.0f}/{x.get('token.b', 0) * 1000:.0f} {x.get('share.a', 1):.2f} "
+            f"{x.get('slow.a', 0):g}/{x.get('slow.b', 0):g}" for t, x in self.rows)
+
+
 def routed(c: ControllerProcess, group: str) -> float:
     return sum(c.metric("spark_cluster_gateway_routed_total", group=group, how=how) for how in ("affinity", "overflow", "least"))
 
@@ -177,6 +202,7 @@ def a_slow_group_gets_its_share(c: ControllerProcess, cfg) -> None:
     worker = "spark-a-ray-worker" if cfg.executor == "ray" else "spark-a-vllm-worker"
     stop = threading.Event()
     threads = stream_load(c.gateway, cfg.model.name, 6, stop, max_tokens=48, repeat=True)
+    seen = Speeds(c)
     try:
         time.sleep(60)  # each group learns its speed at this load
         assert not [e for e in c.events if e["event"] == "slow"], "a slow verdict before anything was slowed"
@@ -193,6 +219,8 @@ def a_slow_group_gets_its_share(c: ControllerProcess, cfg) -> None:
         over = c.wait_for(lambda e: e.get("group") == "a" and e["event"] == "slow-over", 180, "a back")
     finally:
         stop.set()
+        seen.stop.set()
+        print(f"{cfg.executor}: {seen}")
         sim_docker("sim-2", "update", "--cpus", CORES, worker, check=False)
         for t in threads:
             t.join(timeout=60)
@@ -216,7 +244,7 @@ def page_while_slow(c: ControllerProcess) -> list[str]:
     from .browser import Browser
     from .conftest import ROOT
 
-    with Browser() as browser:
+    with Browser(nice=True) as browser:
         page = browser.page()
         page.goto(c.url + "/")
         page.log_in(c.token)
