@@ -106,15 +106,16 @@ class Watched:
         return [a for _, body in self.alerts.received for a in body.get("alerts", []) if a["labels"]["alertname"] == name]
 
     def panels(self, cluster: str) -> tuple[dict[str, str], list[str]]:
-        """Each panel evaluated now: (title -> error) of those that failed, and the titles of those without data."""
+        """Each panel evaluated now: (title -> error) of those that failed, and 'title: expression' of each of their
+        expressions without data."""
         errors, empty = {}, []
         for title, expr in panel_queries(cluster):
             try:
                 if not query(self.prom, expr):
-                    empty.append(title)
+                    empty.append(f"{title}: {expr}")
             except AssertionError as exc:
                 errors[title] = str(exc)
-        return errors, sorted(set(empty))
+        return errors, empty
 
 
 @contextmanager
