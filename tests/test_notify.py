@@ -22,6 +22,8 @@ from .fake_engine import FakeEngine
 from .gateway_rig import TOKEN, rig_cfg, serving_controller
 from .webhook import Receiver
 
+pytestmark = pytest.mark.monitoring  # Apprise to local webhooks: seconds of retries and subprocesses, out of `make check`
+
 HANG = {"event": "decision", "action": "restart", "reason": "hang confirmed: no progress for 12s with 2 request(s) in flight "
         "or waiting, and ranks idle", "delay_s": 0, "detect_s": 12.5}
 

@@ -34,6 +34,7 @@ def promtool(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
+@pytest.mark.monitoring
 def test_the_files_written_pass_promtool_and_what_a_user_changed_is_not_replaced(tmp_path):
     out = tmp_path / "obs"
     first = observability(str(CONFIGS / "local-sim-2groups.yaml"), "--out", str(out))
