@@ -46,7 +46,7 @@ def load_bucket(running: float) -> int:
 def measure(samples: Sequence[dict[str, Any]], window_s: float) -> Optional[Measure]:
     """The decode time per token over the last `window_s` of a group's watchdog samples (oldest first): the median
     of each period's (a step of other requests' prefill, a scheduler's hiccup, move one period, not the verdict),
-    or None: too few tokens, no such figure from the engine, or its counters went back (a restart)."""
+    the periods since the engine last started only, or None: too few tokens, no such figure from the engine."""
     if not samples:
         return None
     last = samples[-1]
@@ -54,8 +54,9 @@ def measure(samples: Sequence[dict[str, Any]], window_s: float) -> Optional[Meas
     per_period, tokens = [], 0.0
     for a, b in zip(inside, inside[1:]):
         n, spent = b["itl_count"] - a["itl_count"], b["itl_sum"] - a["itl_sum"]
-        if n < 0 or spent < 0:
-            return None  # a new engine in the window
+        if n < 0 or spent < 0:  # a new engine: only its own periods count
+            per_period, tokens = [], 0.0
+            continue
         tokens += n
         if n >= MIN_PERIOD_TOKENS:
             per_period.append(spent / n)

@@ -40,7 +40,9 @@ def test_the_measure_is_the_engines_time_between_tokens_over_the_window():
     assert measure([{"t": 0, "running": 1}, {"t": 5, "running": 1}], 60) is None  # an engine without the figure
     restarted = samples(0.063)
     restarted[-1] = {**restarted[-1], "itl_count": 3, "itl_sum": 0.2}  # the counters went back: a new engine
-    assert measure(restarted, 60) is None
+    assert measure(restarted, 60) is None  # nothing of it yet
+    restarted += [{"t": 125 + 5 * i, "running": 1, "itl_count": 3 + 50 * i, "itl_sum": 0.2 + 50 * i * 0.09} for i in range(1, 4)]
+    assert measure(restarted, 60).s_per_token == pytest.approx(0.09)  # its own periods, at once: not the old engine's
     assert measure([], 60) is None
 
 

@@ -23,7 +23,7 @@ from spark_cluster.transport import HostKeyError, Nodes
 from .conftest import (ROOT, SIM_CONFIG, SIM_CONFIGS, freeze, generation, group_containers, leftovers, run_cli, sim_docker,
                        sim_variant, worker_container)
 from .cluster_helpers import Controlled, containers, stream_load
-from .monitoring import wait_for, watched
+from .monitoring import query, wait_for, watched
 
 pytestmark = pytest.mark.cluster
 
@@ -118,7 +118,8 @@ def test_up_serves_idempotently_status_tells_serving_stalled_down_and_down_clean
             observer = cfg.model_copy(update={"state_dir": str(tmp_path / "state"), "watchdog": cfg.watchdog.model_copy(update={"enabled": False})})
             with watched(observer, tmp_path / "monitoring") as w:
                 w.ctl.wait_for(lambda e: e["event"] == "state" and e["state"] == "healthy", 60, "healthy state")
-                time.sleep(3)  # a few scrapes of the serving engine
+                wait_for("the engine's decode time measured and scraped",  # the slow verdict's measure: a few periods of load
+                         lambda: query(w.prom, "spark_cluster_group_decode_seconds_per_token"), 60)
                 freeze("sim-2", worker)
                 try:
                     rep = status(cfg, nodes)

@@ -273,7 +273,7 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
             assert [at >= ts(done) for at, title, _ in told if title == f"restart done in {done['seconds']:g} s"] == [True]
             # Prometheus (the shipped rules) through Alertmanager; after a restart every dashboard panel has data
             wait_for("the hang alert through Alertmanager", lambda: w.fired("SparkClusterHangConfirmed"), 30)
-            assert w.panels(cfg.name) == ({}, [])
+            wait_for("every panel with data (the new engine's decode time measured)", lambda: w.panels(cfg.name) == ({}, []), 60, every=2)
             # clients keep going through the gateway until each kind has been answered by the new generation
             deadline = time.monotonic() + 120
             while not all(any(r.complete and r.first_byte > ts(done) for r in list(results) if r.kind == k) for k in ("stream", "plain")):
