@@ -36,7 +36,8 @@ def run(cfg, receivers: list[Receiver], folder: Path) -> dict:
     for i, r in enumerate(receivers):
         (folder / f"url-{i}").write_text(r.url + "\n")
         targets.append({"url_file": str(folder / f"url-{i}")})
-    cfg = cfg.model_copy(update={"notify": NotifySettings(targets=targets)})
+    # a state folder of its own: a controller shows the events its folder kept (the other run's decision among them)
+    cfg = cfg.model_copy(update={"notify": NotifySettings(targets=targets), "state_dir": str(folder / f"state-{len(receivers)}")})
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).up()
     stop = threading.Event()
