@@ -151,7 +151,7 @@ class Members:
         urls = upstreams if isinstance(upstreams, dict) else {"": upstreams}
         self.members = {name: Member(name, self._upstream(url)) for name, url in urls.items()}
         self.prefixes = PrefixTable()
-        self.picks: dict[str, int] = {}  # requests given each group not by affinity (ties go in turn, by weight)
+        self.credits: dict[str, float] = {}  # equal loads: each group's turn, by its weight (routing.choose)
         self.weights: dict[str, float] = {}  # a slow group's share (spark_cluster.speed_watch)
 
     def _upstream(self, url: str) -> Upstream:
@@ -232,9 +232,7 @@ class Members:
         if len(self.members) == 1:
             return candidates[0]
         name, how = choose({m.name: len(m.flights) for m in candidates}, self.prefixes.longest(keys) if keys else None,
-                           self.s.affinity_bound, self.picks, self.weights)
-        if how != "affinity":
-            self.picks[name] = self.picks.get(name, 0) + 1
+                           self.s.affinity_bound, self.credits, self.weights)
         self.prefixes.remember(keys, name)
         self.obs.routed(name, how)
         return self.members[name]

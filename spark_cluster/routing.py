@@ -34,22 +34,29 @@ PREFIXES_KEPT = 200_000  # remembered prefixes (about 30 MB); the least recently
 TEXT_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
-def choose(load: dict[str, int], preferred: Optional[str], bound: float, picks: Optional[dict[str, int]] = None,
+def choose(load: dict[str, int], preferred: Optional[str], bound: float, credits: Optional[dict[str, float]] = None,
            weights: Optional[dict[str, float]] = None) -> tuple[str, How]:
     """The group for one request: `load` holds the candidates (requests in flight on each, in the
-    config's order), `preferred` the group holding the request's longest known prefix, `picks` how many
-    requests each was given, `weights` each one's share (a slow group's speed against what it should be,
-    1 otherwise). A group's load bound is its share of `bound` times the load; among the least loaded,
-    the one given least for its weight takes it (equal weights: in turn). Pure."""
-    picks, weights = picks or {}, weights or {}
+    config's order), `preferred` the group holding the request's longest known prefix, `weights` each
+    one's share (a slow group's speed against what it should be, 1 otherwise). A group's load bound is
+    its share of `bound` times the load; among the least loaded, smooth weighted round robin (as nginx's)
+    picks: each tied group's credit grows by its weight, the highest takes it and gives back their sum
+    (equal weights: in turn). Pure but for `credits`, that round robin's running state, updated in
+    place: bounded by the weights, it carries no older history (a group back from a restart gets its
+    turn, not the turns it missed)."""
+    credits = {} if credits is None else credits
+    weights = weights or {}
     w = {g: max(weights.get(g, 1.0), 0.01) for g in load}
     if preferred in load:
         total = sum(load.values()) + 1  # this request counted
         if load[preferred] + 1 <= max(1, math.ceil(bound * total * w[preferred] / sum(w.values()))):
             return preferred, "affinity"
     least = min(load.values())
-    names = [g for g in load if load[g] == least]
-    best = min(names, key=lambda g: ((picks.get(g, 0) + 1) / w[g], names.index(g)))
+    tied = [g for g in load if load[g] == least]
+    for g in tied:
+        credits[g] = credits.get(g, 0.0) + w[g]
+    best = max(tied, key=lambda g: (credits[g], -tied.index(g)))
+    credits[best] -= sum(w[g] for g in tied)
     return best, "least" if preferred is None or preferred not in load else "overflow"
 
 

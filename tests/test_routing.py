@@ -9,9 +9,9 @@ import pytest
 from spark_cluster.routing import Prompt, PrefixTable, choose, prefix_keys, prompt_of
 
 
-@pytest.mark.parametrize("load, preferred, picks, expected", [
+@pytest.mark.parametrize("load, preferred, credits, expected", [
     ({"a": 0, "b": 0}, None, {}, ("a", "least")),
-    ({"a": 0, "b": 0}, None, {"a": 1}, ("b", "least")),  # equal loads: in turn
+    ({"a": 0, "b": 0}, None, {"a": -1.0, "b": 1.0}, ("b", "least")),  # equal loads: in turn (a took the last)
     ({"a": 3, "b": 1}, None, {}, ("b", "least")),
     ({"a": 3, "b": 1}, "a", {}, ("a", "affinity")),  # 4 of 5 allowed: 1.25 x (5 / 2) -> 4
     ({"a": 4, "b": 1}, "a", {}, ("b", "overflow")),  # a fifth on a is past the bound
@@ -20,28 +20,33 @@ from spark_cluster.routing import Prompt, PrefixTable, choose, prefix_keys, prom
     ({"a": 0, "b": 5, "c": 5}, "b", {}, ("a", "overflow")),
     ({"a": 2, "b": 2, "c": 2}, "c", {}, ("c", "affinity")),  # 3 of 7: ceil(1.25 x 7 / 3) = 3
 ])
-def test_choose(load, preferred, picks, expected):
-    assert choose(load, preferred, 1.25, picks) == expected
+def test_choose(load, preferred, credits, expected):
+    assert choose(load, preferred, 1.25, credits) == expected
 
 
-@pytest.mark.parametrize("load, preferred, picks, weights, expected", [
-    ({"a": 0, "b": 0}, None, {"a": 1}, {"b": 0.5}, ("a", "least")),  # b at half its speed: given one for a's two
-    ({"a": 0, "b": 0}, None, {"a": 2, "b": 1}, {"b": 0.5}, ("a", "least")),
-    ({"a": 0, "b": 0}, None, {"a": 4, "b": 1}, {"b": 0.5}, ("b", "least")),
-    ({"a": 1, "b": 0}, None, {"a": 9}, {"b": 0.5}, ("b", "least")),  # the least loaded first, whatever its weight
+@pytest.mark.parametrize("load, preferred, credits, weights, expected", [
+    ({"a": 0, "b": 0}, None, {}, {"b": 0.5}, ("a", "least")),  # b at half its speed: given one for a's two
+    ({"a": 0, "b": 0}, None, {"a": -0.5, "b": 0.5}, {"b": 0.5}, ("b", "least")),
+    ({"a": 0, "b": 0}, None, {"a": 0.5, "b": -0.5}, {"b": 0.5}, ("a", "least")),
+    ({"a": 1, "b": 0}, None, {"a": 9.0}, {"b": 0.5}, ("b", "least")),  # the least loaded first, whatever its weight
     ({"a": 1, "b": 2}, "b", {}, {"b": 0.5}, ("a", "overflow")),  # b's bound: ceil(1.25 x 4 x 0.5 / 1.5) = 2
     ({"a": 1, "b": 2}, "b", {}, {}, ("b", "affinity")),  # at full speed: ceil(1.25 x 4 / 2) = 3
 ])
-def test_a_slow_groups_weight_shrinks_its_bound_and_its_turn(load, preferred, picks, weights, expected):
-    assert choose(load, preferred, 1.25, picks, weights) == expected
+def test_a_slow_groups_weight_shrinks_its_bound_and_its_turn(load, preferred, credits, weights, expected):
+    assert choose(load, preferred, 1.25, credits, weights) == expected
 
 
-def test_ties_give_each_group_its_weights_share():
-    picks: dict[str, int] = {}
+def test_ties_give_each_group_its_weights_share_and_no_group_is_owed_its_missed_turns():
+    credits: dict[str, float] = {}
+    given = {"a": 0, "b": 0}
     for _ in range(300):
-        group, _ = choose({"a": 0, "b": 0}, None, 1.25, picks, {"a": 1.0, "b": 0.5})
-        picks[group] = picks.get(group, 0) + 1
-    assert picks == {"a": 200, "b": 100}
+        group, _ = choose({"a": 0, "b": 0}, None, 1.25, credits, {"a": 1.0, "b": 0.5})
+        given[group] += 1
+    assert given == {"a": 200, "b": 100} and all(abs(c) <= 1.5 for c in credits.values())
+    for _ in range(1000):  # b away (restarting): a takes everything, and b's credit does not grow
+        choose({"a": 0}, None, 1.25, credits)
+    back = [choose({"a": 0, "b": 0}, None, 1.25, credits)[0] for _ in range(6)]
+    assert back.count("b") == 3, back  # in turn again at once, not six to b
 
 
 def test_affinity_never_leaves_a_group_idle_while_another_queues():
