@@ -184,7 +184,10 @@ class Notifier:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self.thread.is_alive():
-            self.events.put(None)
+            try:
+                self.events.put(None, timeout=timeout_s)  # behind at most 1000 events: the stop waits no longer than this
+            except queue.Full:
+                pass  # daemon thread: it ends with the process
             self.thread.join(timeout_s)
         for target in self.targets:
             target.stop(timeout_s)

@@ -93,7 +93,7 @@ def dashboard(title: str) -> dict[str, Any]:
         panels.append({
             "id": i + 1, "type": p.kind, "title": p.title, "description": p.description,
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
-            "gridPos": {"h": 8, "w": width, "x": 0, "y": i * 8},
+            "gridPos": {"h": 8, "w": width},  # placed by _lay_out
             "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
             "targets": [{"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend,
                          "datasource": {"type": "prometheus", "uid": "${datasource}"}} for j, (expr, legend) in enumerate(p.targets)],
@@ -157,7 +157,10 @@ def write(out: Path, texts: dict[str, str], force: bool) -> list[Path]:
     if changed and not force:
         raise ConfigError(f"{out} already has {', '.join(changed)} with other content: nothing was written",
                           hint="write elsewhere (--out), or --force to replace them")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        (out / name).write_text(text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (out / name).write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write there ({exc.strerror or exc})", hint="choose another folder (--out)") from None
     return [out / name for name in texts]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import BaseModel, Field
@@ -19,7 +20,8 @@ from .observation import Observation, VLLMObs
 from .observe import observe
 from .plan import build_plan
 from .restart_choice import choose_restart
-from .state_dir import EVENTS_FILE
+from .errors import SparkClusterError
+from .state_dir import EVENTS_FILE, read_private
 
 if TYPE_CHECKING:
     from .transport import Nodes
@@ -44,24 +46,21 @@ def status(cfg: ClusterConfig, nodes: "Nodes", *, window_s: float = 0.5, vllm: "
     word, reason = verdict(obs, served_model=cfg.model.name, expected_nodes=addresses)
     choice = choose_restart(cfg.watchdog.restart, cfg.executor, obs.nodes, obs.ray, addresses)
     report = StatusReport(verdict=word, reason=reason, observation=obs, restart=choice.kind, restart_why=choice.why, kv=kv_line(cfg, plan),
-                          caches=cache_lines(cfg), slow=slow_line(last_lines(cfg.resolved_state_dir() / EVENTS_FILE)))
+                          caches=cache_lines(cfg), slow=slow_line(event_lines(cfg.resolved_state_dir() / EVENTS_FILE)))
     values = cfg.secret_values()  # a node's or the engine's error text may quote a command line
     return StatusReport.model_validate(mask_data(report.model_dump(), values)) if values else report
 
 
-SLOW_LOOKBACK = 64 * 1024  # the end of events.jsonl read for the slow verdict
-
-
-def last_lines(path) -> list[bytes]:
-    """The last lines of a file (its last SLOW_LOOKBACK bytes); none when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - SLOW_LOOKBACK))
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    return lines[1:] if size > SLOW_LOOKBACK else lines  # the first one read may be cut
+def event_lines(path: Path) -> list[bytes]:
+    """The lines of events.jsonl and of its older half (events.jsonl.1, state_dir's rotation), oldest first, that may be
+    a slow verdict's (the substring first: the file holds up to 16 MB); none when they cannot be read (status goes on)."""
+    lines: list[bytes] = []
+    for one in (path.with_name(path.name + ".1"), path):
+        try:
+            lines += [line for line in read_private(one).splitlines() if b'"slow' in line]
+        except (OSError, SparkClusterError):
+            pass  # none yet, or a file not the user's own (what reads state files says so)
+    return lines
 
 
 def slow_line(lines: list[bytes]) -> str:

@@ -97,3 +97,9 @@ def test_a_real_prometheus_fires_the_hang_alert_through_alertmanager_and_every_p
                                    "group": "spark", "job": "spark-cluster", "instance": target}
     assert alerts[0]["annotations"]["summary"] == "spark/spark: a hang was confirmed"
     assert not errors, errors
+
+
+def test_a_folder_that_cannot_be_written_is_said_plainly(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    res = observability(str(CONFIGS / "local-sim.yaml"), "--out", str(tmp_path / "taken"))
+    assert res.exit_code == 2 and "cannot write there" in res.stderr and "Traceback" not in res.output

@@ -163,10 +163,19 @@ def test_status_says_the_slow_verdict_the_controller_last_wrote(lines, said):
     assert slow_line(lines) == said
 
 
-def test_status_reads_only_the_end_of_a_long_events_file(tmp_path):
-    from spark_cluster.status import SLOW_LOOKBACK, last_lines, slow_line
+def test_status_finds_the_last_slow_verdict_however_far_back_and_in_the_rotated_half(tmp_path):
+    from spark_cluster.state_dir import append_private
+    from spark_cluster.status import event_lines, slow_line
 
-    events = tmp_path / "events.jsonl"
-    events.write_bytes(b'{"ts": "T0", "event": "slow", "reason": "old"}\n' + b'{"event": "canary", "ok": true}\n' * (SLOW_LOOKBACK // 20))
-    assert slow_line(last_lines(events)) == "" and all(line.startswith(b'{"event"') for line in last_lines(events))
-    assert last_lines(tmp_path / "none.jsonl") == []
+    state = tmp_path / "state"
+    events = state / "events.jsonl"
+    append_private(events, '{"ts": "T0", "event": "slow", "reason": "long ago"}\n')
+    for _ in range(3000):  # hours of canaries since: the verdict holds
+        append_private(events, '{"event": "canary", "ok": true, "seconds": 0.4}\n')
+    assert slow_line(event_lines(events)) == "since T0: long ago"
+    events.rename(state / "events.jsonl.1")  # rotated away: its older half is read too
+    append_private(events, '{"event": "canary", "ok": true}\n')
+    assert slow_line(event_lines(events)) == "since T0: long ago"
+    append_private(events, '{"ts": "T1", "event": "slow-over", "reason": "back"}\n')
+    assert slow_line(event_lines(events)) == ""
+    assert event_lines(tmp_path / "none" / "events.jsonl") == []
