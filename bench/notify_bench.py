@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark: does a notification target that hangs or refuses change the time to detect a hang or to restart?
 
-On the local simulated cluster (`spark-cluster sim up`), one executor (default ray), the controller in this process
+On the local simulated cluster (`spark-cluster sim up`), each executor (Ray, native) in turn, the controller in this process
 (tests/cluster_helpers.Controlled), streaming load on the engine: the worker frozen (`docker pause`) until the
 restart is done, twice: without notification targets, then with two that misbehave (a webhook that never answers,
 one that answers 500, tests/webhook.py) plus one that works. Prints, side by side: freeze -> hang confirmed,
 the restart's own time, freeze -> serving again, their ratios (with / without), and when the working target got
 the hang's message.
 
-Usage (root): python -m bench.notify_bench [--executor ray|native]
+Usage (root): python -m bench.notify_bench [--executors ray,native]
 """
 
 from __future__ import annotations
@@ -62,30 +62,40 @@ def run(cfg, receivers: list[Receiver], folder: Path) -> dict:
             "told": (min(told) - ts(decision)) if told else None}
 
 
+def pair(executor: str, folder: Path) -> dict:
+    """Without targets, then with three that misbehave or work, on one executor."""
+    data = yaml.safe_load(SIM_CONFIGS[executor].read_text())
+    data["state_dir"] = str(folder / "state")
+    cfg = parse_config(yaml.safe_dump(data))
+    rows = {}
+    print(f"{executor}: a frozen worker under load, without notification targets ...", flush=True)
+    rows["without"] = run(cfg, [], folder)
+    with Receiver("hang") as hangs, Receiver("refuse") as refuses, Receiver() as works:
+        print(f"{executor}: ... and with a target that never answers, one that answers 500, one that works", flush=True)
+        rows["with"] = run(cfg, [hangs, refuses, works], folder)
+    with Nodes(cfg) as nodes:
+        Executor(cfg, nodes).down()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--executor", default="ray", choices=sorted(SIM_CONFIGS))
+    ap.add_argument("--executors", default="ray,native", help="Comma-separated: ray, native.")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="notify-bench-") as tmp:
-        folder = Path(tmp)
-        data = yaml.safe_load(SIM_CONFIGS[args.executor].read_text())
-        data["state_dir"] = str(folder / "state")
-        cfg = parse_config(yaml.safe_dump(data))
-        rows = {}
-        print(f"{args.executor}: a frozen worker under load, without notification targets ...", flush=True)
-        rows["without"] = run(cfg, [], folder)
-        with Receiver("hang") as hangs, Receiver("refuse") as refuses, Receiver() as works:
-            print(f"{args.executor}: ... and with a target that never answers, one that answers 500, one that works", flush=True)
-            rows["with"] = run(cfg, [hangs, refuses, works], folder)
-        with Nodes(cfg) as nodes:
-            Executor(cfg, nodes).down()
-    a, b = rows["without"], rows["with"]
-    print(f"\n{'':28}{'without':>10}{'with':>10}{'ratio':>8}")
+    executors = [x for x in args.executors.split(",") if x]
+    results = {}
+    for x in executors:
+        with tempfile.TemporaryDirectory(prefix="notify-bench-") as tmp:
+            results[x] = pair(x, Path(tmp))
+    print(f"\n{'':28}" + "".join(f"{x + ' without':>16}{x + ' with':>13}{'ratio':>7}" for x in executors))
     for key, label in (("detect", "freeze -> hang confirmed"), ("restart", "restart"), ("serving", "freeze -> serving again")):
-        print(f"{label:28}{a[key]:>9.1f}s{b[key]:>9.1f}s{b[key] / a[key]:>8.2f}")
-    told = b["told"]
-    print(f"the working target got the hang's message {told:.2f}s after the decision" if told is not None else "the working target got nothing")
-    if not (a["ok"] and b["ok"]):
+        print(f"{label:28}" + "".join(f"{r['without'][key]:>15.1f}s{r['with'][key]:>12.1f}s{r['with'][key] / r['without'][key]:>7.2f}"
+                                      for r in results.values()))
+    for x, r in results.items():
+        told = r["with"]["told"]
+        print(f"{x}: the working target got the hang's message {told:.2f}s after the decision" if told is not None
+              else f"{x}: the working target got nothing")
+    if not all(r[k]["ok"] for r in results.values() for k in r):
         raise SystemExit("a restart failed")
 
 

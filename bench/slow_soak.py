@@ -7,6 +7,7 @@ default slow-verdict settings: slow verdicts counted (the goal: none), and each 
 controller measured it every 10 s (min, median, max), and its spread against its own median.
 
 Usage (root): python -m bench.slow_soak [--minutes 20] [--clients 6] [--executor ray|native]
+(one executor a run: the two soaks are 25 minutes each; run it again with the other for both.)
 """
 
 from __future__ import annotations
