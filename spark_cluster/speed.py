@@ -6,11 +6,20 @@ caps a GX10 at ~30 W (docs/field.md). Nothing fails, so no watchdog rule sees it
 that group waits longer.
 
 The measure: the engine's own time between two tokens of a request (vllm:inter_token_latency_seconds,
-each token observed), the median of the watchdog's periods over the last `window_s`, at the load the group had (requests running, in buckets
-of powers of two: a batch of 8 decodes slower per token than one request). A group is `slow` when that
-is `slower_by` above what it learned for that load, or above the fastest peer group's at that load, for
-`for_s`; back when it is within half of that for `for_s`. What it learns comes only from windows that
-were not above (a slow period teaches nothing).
+each token observed), the median of the watchdog's periods over the last `window_s`, at the load the group had (requests
+running: each count to 8 apart, then buckets of powers of two; a batch of 4 decodes slower per token than one request, on a
+CPU markedly). A group is `slow` when that is `slower_by` above the fastest other group's at that load, or, serving alone,
+above what it learned for that load, for `for_s`; back when it is within half of that for `for_s`.
+
+The other groups come first: they serve the same model under the same traffic now, while what a group learned was under
+the traffic of then (longer prompts through the day slow every group at once, and no group is then slow). On the
+simulated cluster, where the groups share two cores, a group's own time moved 1.7-fold in minutes with nothing slowed.
+A group learns only from windows that were not above and while no other group is slow (the gateway sends it more then).
+
+A time at a higher load counts too: a batch decodes no faster per token than a smaller one, so being slower than a bigger
+batch was is being slow (a group that slowed holds its requests longer, so runs more at once, at a load it may never
+have had). To come back, a group with no figure at its load is compared with the nearest lower load's (stricter: it is
+never kept slow for want of a reference).
 """
 
 from __future__ import annotations
@@ -32,15 +41,23 @@ LEARN_RATE = 0.1  # each look's weight in a load's baseline (an exponential mean
 class Measure:
     t: float
     s_per_token: float
-    load: int  # its bucket: 0 for 1 request running, 1 for 2, 2 for 3-4, 3 for 5-8 ...
+    load: int  # its bucket: the requests running, 1 to 8, then the power of two at or above it (16 for 9-16 ...)
 
     @property
     def running(self) -> str:
-        return "1" if self.load == 0 else f"{2 ** (self.load - 1) + 1}-{2 ** self.load}" if self.load > 1 else "2"
+        return running_label(self.load)
+
+
+EXACT_LOADS = 8  # requests running, each count its own bucket up to here
 
 
 def load_bucket(running: float) -> int:
-    return max(0, math.ceil(math.log2(max(running, 1.0))))
+    n = max(1, int(running + 0.5))
+    return n if n <= EXACT_LOADS else 2 ** math.ceil(math.log2(n))
+
+
+def running_label(load: int) -> str:
+    return str(load) if load <= EXACT_LOADS else f"{load // 2 + 1}-{load}"
 
 
 def measure(samples: Sequence[dict[str, Any]], window_s: float) -> Optional[Measure]:
@@ -81,22 +98,29 @@ def _ms(s: float) -> str:
 
 
 def judge(state: SpeedState, m: Optional[Measure], peers: Sequence[Measure], s: SlowSettings,
-          facts: str = "") -> tuple[SpeedState, Optional[tuple[str, str]]]:
+          facts: str = "", *, peer_slow: bool = False) -> tuple[SpeedState, Optional[tuple[str, str]]]:
     """One look at a group: its new state and the event to say, (`slow` or `slow-over`, reason), if any.
-    `peers`: the other serving groups' measures now; `facts`: what its nodes' GPUs say (shown with a verdict)."""
+    `peers`: the other serving groups' measures now; `facts`: what its nodes' GPUs say (shown with a verdict);
+    `peer_slow`: another group is slow now, so the gateway sends this one more than its share: it learns nothing
+    (a load it runs only then, learned then, would make its normal speed look slow once the other is back)."""
     if m is None:
         return state, None
-    own = state.baseline.get(m.load) if state.learned.get(m.load, 0) >= s.learn_windows else None
-    peer = min((p.s_per_token for p in peers if p.load == m.load), default=None)
-    refs = {**({f"its own {_ms(own)} at {m.running} running": own} if own else {}),
-            **({f"the fastest other group's {_ms(peer)}": peer} if peer else {})}
-    worst = max(((m.s_per_token / v, k) for k, v in refs.items()), default=None)
+    fastest: dict[int, float] = {}
+    for p in peers:
+        fastest[p.load] = min(p.s_per_token, fastest.get(p.load, math.inf))
+    if fastest:  # other groups serve now: the reference (the module's doc says why)
+        peer = _reference(fastest, m.load, lower_too=state.slow)
+        worst = (m.s_per_token / peer[1], f"the fastest other group's {_ms(peer[1])} at {running_label(peer[0])} running") if peer else None
+    else:
+        learned = {load: v for load, v in state.baseline.items() if state.learned.get(load, 0) >= s.learn_windows}
+        own = _reference(learned, m.load, lower_too=state.slow)
+        worst = (m.s_per_token / own[1], f"its own {_ms(own[1])} at {running_label(own[0])} running") if own else None
     if worst is None:  # nothing to compare with yet: learn (a slow group waits for a measure it can be judged by)
-        return (state, None) if state.slow else (_learn(state, m), None)
+        return (state, None) if state.slow or peer_slow else (_learn(state, m), None)
     ratio, against = worst
     if not state.slow:
         if ratio < 1 + s.slower_by:
-            return _learn(state, m), None
+            return (replace(state, since=None) if peer_slow else _learn(state, m)), None
         since = state.since if state.since is not None else m.t
         if m.t - since < s.for_s:
             return replace(state, since=since), None
@@ -110,6 +134,19 @@ def judge(state: SpeedState, m: Optional[Measure], peers: Sequence[Measure], s: 
         return replace(state, since=since), None
     reason = f"decode {_ms(m.s_per_token)} a token, {ratio - 1:+.0%} against {against}"
     return replace(state, slow=False, since=None, reason="", share=1.0), ("slow-over", reason)
+
+
+def _reference(times: dict[int, float], load: int, lower_too: bool) -> Optional[tuple[int, float]]:
+    """(load, seconds a token) to compare a measure at `load` with: the figure at that load, else the fastest at a higher
+    one, else (`lower_too`) the nearest lower one's."""
+    if load in times:
+        return load, times[load]
+    higher = [(v, x) for x, v in times.items() if x > load]
+    if higher:
+        v, x = min(higher)
+        return x, v
+    lower = [x for x in times if x < load]
+    return (max(lower), times[max(lower)]) if lower_too and lower else None
 
 
 def _learn(state: SpeedState, m: Measure) -> SpeedState:

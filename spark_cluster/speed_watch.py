@@ -25,7 +25,8 @@ class SpeedWatch:
         for group, m in measures.items():
             state = self.states.get(group, SpeedState())
             peers = [p for other, p in measures.items() if other != group and p is not None]
-            new, said = judge(state, m, peers, self.s, gpu_facts(gpus.get(group, {})))
+            peer_slow = any(x.slow for other, x in self.states.items() if other != group)
+            new, said = judge(state, m, peers, self.s, gpu_facts(gpus.get(group, {})), peer_slow=peer_slow)
             self.states[group] = new
             self.shown(group, m, new)
             if new.share != state.share:
