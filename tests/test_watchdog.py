@@ -17,7 +17,7 @@ from spark_cluster.config import parse_config
 from spark_cluster.executor import Executor
 from spark_cluster.observe import list_containers
 from spark_cluster.gateway import OUTCOMES
-from spark_cluster.memory_back import slack_gib
+from spark_cluster.memory_back import MemoryReading, shortfall, slack_gib
 from spark_cluster.metrics import sample_value
 from spark_cluster.transport import Nodes
 
@@ -266,11 +266,14 @@ def test_frozen_worker_under_load_is_restarted_and_the_gateway_hides_it(engine_c
             assert start["restart"] == "full" and start["why"] == why, start
             done = c.wait_for(lambda e: e["event"] in ("restart-done", "restart-failed"), 400, "restart end")
             assert done["event"] == "restart-done", done
-            hook.wait_for(2)  # the operator's webhook: the hang at once, then the restart done (memory waited for, maybe, between)
+            # the operator's webhook: the hang at once, then the restart done (memory waited for, maybe, between)
+            restarted = f"restart done in {done['seconds']:g} s"
+            wait_for("the restart's notification", lambda: any(b["title"].endswith(restarted) for _, b in hook.received), 10)
             told = [(at, b["title"].split(": ", 1)[1], b["message"]) for at, b in hook.received]
             print(f"{cfg.executor}: notified {[(round(at - ts(decision), 2), title) for at, title, _ in told]}")
-            assert told[0][1] == "hang confirmed, restarting the group" and told[0][0] - ts(decision) < 5 and "paused" in told[0][2]
-            assert [at >= ts(done) for at, title, _ in told if title == f"restart done in {done['seconds']:g} s"] == [True]
+            [hang] = [(at, m) for at, title, m in told if title == "hang confirmed, restarting the group"]
+            assert hang[0] - ts(decision) < 5 and "paused" in hang[1], hang
+            assert [at >= ts(done) for at, title, _ in told if title == restarted] == [True]
             # Prometheus (the shipped rules) through Alertmanager; after a restart every dashboard panel has data
             wait_for("the hang alert through Alertmanager", lambda: w.fired("SparkClusterHangConfirmed"), 30)
             wait_for("every panel with data (the new engine's decode time measured)", lambda: w.panels(cfg.name) == ({}, []), 60, every=2)
@@ -503,7 +506,6 @@ def test_memory_a_kill_leaves_held_makes_the_kept_restart_full_and_memory_never_
     containers it never comes back: `up` refuses with the figures (exit 20), nothing started."""
     import subprocess
 
-    from spark_cluster.memory_back import MemoryReading, shortfall, slack_gib
     from spark_cluster.watch_restart import FullRestart, KeptRestart
 
     from .conftest import run_cli
