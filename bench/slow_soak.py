@@ -3,7 +3,7 @@
 
 Four simulated nodes as two groups of TP=2 (`spark-cluster sim up --nodes 4`), the controller in its own process
 (tests/two_groups.py), clients streaming through its gateway one request after another for `--minutes` (20), with
-the simulated groups' slow-verdict settings (configs/local-sim-2groups.yaml: `slower_by` 0.5, the groups sharing two
+the simulated groups' slow-verdict settings (configs/local-sim-2groups.yaml: `slower_by` 1.0, the groups sharing two
 cores; the rest the defaults): slow verdicts counted (the goal: none), and each group's decode time per token as the
 controller measured it every 10 s (min, median, max), and its spread against its own median.
 

@@ -110,14 +110,14 @@ def judge(state: SpeedState, m: Optional[Measure], peers: Sequence[Measure], s: 
         fastest[p.load] = min(p.s_per_token, fastest.get(p.load, math.inf))
     if fastest:  # other groups serve now: the reference (the module's doc says why)
         peer = _reference(fastest, m.load, lower_too=state.slow)
-        worst = (m.s_per_token / peer[1], f"the fastest other group's {_ms(peer[1])} at {running_label(peer[0])} running") if peer else None
+        ref = (m.s_per_token / peer[1], f"the fastest other group's {_ms(peer[1])} at {running_label(peer[0])} running") if peer else None
     else:
         learned = {load: v for load, v in state.baseline.items() if state.learned.get(load, 0) >= s.learn_windows}
         own = _reference(learned, m.load, lower_too=state.slow)
-        worst = (m.s_per_token / own[1], f"its own {_ms(own[1])} at {running_label(own[0])} running") if own else None
-    if worst is None:  # nothing to compare with yet: learn (a slow group waits for a measure it can be judged by)
+        ref = (m.s_per_token / own[1], f"its own {_ms(own[1])} at {running_label(own[0])} running") if own else None
+    if ref is None:  # nothing to compare with yet: learn (a slow group waits for a measure it can be judged by)
         return (state, None) if state.slow or peer_slow else (_learn(state, m), None)
-    ratio, against = worst
+    ratio, against = ref
     if not state.slow:
         if ratio < 1 + s.slower_by:
             return (replace(state, since=None) if peer_slow else _learn(state, m)), None

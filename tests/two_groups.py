@@ -225,7 +225,7 @@ def steady(c: ControllerProcess, timeout: float = 300) -> None:
 
 def a_slow_group_gets_its_share(c: ControllerProcess, cfg) -> None:
     """Group a's boxes throttled (limit_a: SLOWED_CPUS) under steady load (six clients streaming one after another): a is
-    found slow (spark_cluster.speed; the simulated groups' `slower_by` 0.5, the rest the defaults) within a minute, with the figures; its share of new requests
+    found slow (spark_cluster.speed; the simulated groups' `slower_by` 1.0, the rest the defaults) within a minute, with the figures; its share of new requests
     falls to its measured speed's share; the limit lifted, a is back within a minute."""
     stop = threading.Event()
     threads = stream_load(c.gateway, cfg.model.name, 6, stop, max_tokens=48, repeat=True)
