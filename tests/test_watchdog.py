@@ -544,7 +544,7 @@ def test_memory_a_kill_leaves_held_makes_the_kept_restart_full_and_memory_never_
     now = json.loads((tmp_path / "state" / "memory.json").read_text())["nodes"]
     for node, was in kept.items():
         baseline, after = MemoryReading(**was), MemoryReading(**now[node])
-        assert after.at != baseline.at and shortfall(baseline, after, slack_gib(after.total_gib, None)) is None, (baseline, after)
+        assert after.at != baseline.at and shortfall(baseline, after, slack_gib(after.total_gib, cfg.memory.back_slack_gib)) is None, (baseline, after)
     with Nodes(cfg) as nodes:
         Executor(cfg, nodes).down()
         assert {n: list_containers(nodes[n], cfg.name) for n in ("sim-1", "sim-2")} == {"sim-1": [], "sim-2": []}
