@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--executors", default="ray,native", help="Comma-separated: ray, native.")
     args = ap.parse_args()
     executors = [x for x in args.executors.split(",") if x]
+    if not executors or set(executors) - set(SIM_CONFIGS):
+        ap.error(f"--executors: {', '.join(sorted(SIM_CONFIGS))} or both, not {args.executors!r}")
     results = {}
     for x in executors:
         with tempfile.TemporaryDirectory(prefix="notify-bench-") as tmp:

@@ -7,8 +7,8 @@ the simulated groups' slow-verdict settings (configs/local-sim-2groups.yaml: `sl
 cores; the rest the defaults): slow verdicts counted (the goal: none), and each group's decode time per token as the
 controller measured it every 10 s (min, median, max), and its spread against its own median.
 
-Usage (root): python -m bench.slow_soak [--minutes 20] [--clients 6] [--executor ray|native]
-(one executor a run: the two soaks are 25 minutes each; run it again with the other for both.)
+Usage (root): python -m bench.slow_soak [--minutes 20] [--clients 6] [--executors ray,native]
+(each executor in turn, 25 minutes each; their figures printed side by side at the end.)
 """
 
 from __future__ import annotations
@@ -24,17 +24,13 @@ from tests.loadgen import stream_load
 from tests.two_groups import two_groups_serving
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--minutes", type=float, default=20)
-    ap.add_argument("--clients", type=int, default=6)
-    ap.add_argument("--executor", default="ray", choices=("ray", "native"))
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="slow-soak-") as tmp, two_groups_serving(Path(tmp), args.executor) as (_, cfg, c):
+def soak(executor: str, minutes: float, clients: int) -> tuple[list[dict], dict[str, list[float]]]:
+    """One executor's soak: its slow verdicts, and each group's decode time per token every 10 s."""
+    with tempfile.TemporaryDirectory(prefix="slow-soak-") as tmp, two_groups_serving(Path(tmp), executor) as (_, cfg, c):
         stop = threading.Event()
-        threads = stream_load(c.gateway, cfg.model.name, args.clients, stop, max_tokens=48, repeat=True)
+        threads = stream_load(c.gateway, cfg.model.name, clients, stop, max_tokens=48, repeat=True)
         seen: dict[str, list[float]] = {"a": [], "b": []}
-        t_end = time.monotonic() + args.minutes * 60
+        t_end = time.monotonic() + minutes * 60
         try:
             while time.monotonic() < t_end:
                 time.sleep(10)
@@ -47,15 +43,30 @@ def main() -> None:
             stop.set()
             for t in threads:
                 t.join(timeout=60)
-        verdicts = [e for e in c.events if e["event"] in ("slow", "slow-over")]
-    print(f"\n{args.executor}, two groups, {args.clients} clients, {args.minutes:g} min: {len(verdicts)} slow verdict(s)")
-    for e in verdicts:
-        print(f"  {e['ts']} group {e['group']} {e['event']}: {e['reason']}")
-    print(f"{'group':6}{'looks':>7}{'min ms':>9}{'median':>9}{'max ms':>9}{'max/median':>12}")
-    for g, xs in seen.items():
-        if xs:
-            med = statistics.median(xs)
-            print(f"{g:6}{len(xs):>7}{min(xs) * 1000:>9.0f}{med * 1000:>9.0f}{max(xs) * 1000:>9.0f}{max(xs) / med:>12.2f}")
+        return [e for e in c.events if e["event"] in ("slow", "slow-over")], seen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--minutes", type=float, default=20)
+    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--executors", default="ray,native", help="Comma-separated: ray, native.")
+    args = ap.parse_args()
+    executors = [x for x in args.executors.split(",") if x]
+    if not executors or set(executors) - {"ray", "native"}:
+        ap.error(f"--executors: ray, native or both, not {args.executors!r}")
+    results = {x: soak(x, args.minutes, args.clients) for x in executors}
+    print(f"\ntwo groups, {args.clients} clients, {args.minutes:g} min each")
+    for x, (verdicts, _) in results.items():
+        print(f"{x}: {len(verdicts)} slow verdict(s)")
+        for e in verdicts:
+            print(f"  {e['ts']} group {e['group']} {e['event']}: {e['reason']}")
+    print(f"{'executor':10}{'group':6}{'looks':>7}{'min ms':>9}{'median':>9}{'max ms':>9}{'max/median':>12}")
+    for x, (_, seen) in results.items():
+        for g, xs in seen.items():
+            if xs:
+                med = statistics.median(xs)
+                print(f"{x:10}{g:6}{len(xs):>7}{min(xs) * 1000:>9.0f}{med * 1000:>9.0f}{max(xs) * 1000:>9.0f}{max(xs) / med:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from .serving_settings import NotifySettings, NotifyTarget
 
 log = logging.getLogger("spark_cluster.notify")
 TICK_S = 1.0  # how often the throttle's windows are looked at for summaries
+EVENTS_QUEUED = 1000  # events waiting for the notifier's thread (the watchdog never waits: a full queue drops)
 OUTCOMES = ("sent", "failed", "dropped")
 Count = Callable[[str, str], None]  # (target, outcome)
 
@@ -149,7 +150,7 @@ class Notifier:
         self.s, self.clock = s, clock
         self.throttle = Throttle(s.per_kind, s.window_s)
         self.targets = [Target(t, s, count, secrets, send) for t in targets]
-        self.events: queue.Queue[Optional[tuple[dict[str, Any], str]]] = queue.Queue(maxsize=1000)
+        self.events: queue.Queue[Optional[tuple[dict[str, Any], str]]] = queue.Queue(maxsize=EVENTS_QUEUED)
         self.thread = threading.Thread(target=self._run, name="notify", daemon=True)
         self.masked = Masked(secrets)
         if self.targets:
@@ -185,7 +186,7 @@ class Notifier:
     def stop(self, timeout_s: float = 5.0) -> None:
         if self.thread.is_alive():
             try:
-                self.events.put(None, timeout=timeout_s)  # behind at most 1000 events: the stop waits no longer than this
+                self.events.put(None, timeout=timeout_s)  # behind at most EVENTS_QUEUED events: the stop waits no longer than this
             except queue.Full:
                 pass  # daemon thread: it ends with the process
             self.thread.join(timeout_s)

@@ -199,8 +199,8 @@ class SlowSettings(Strict):
 
     enabled: bool = Field(True, description="Judge each group's decode speed (status, the page, /metrics, a notification, the "
                                             "gateway's share).")
-    slower_by: float = Field(0.2, gt=0, le=10, description="How much slower than its own learned time per token at that load, or the "
-                                                          "fastest other group's, makes a group slow (0.2: 20 %).")
+    slower_by: float = Field(0.2, gt=0, le=10, description="How much slower than the fastest other group's time per token at that "
+                                                          "load (serving alone: than its own, learned) makes a group slow (0.2: 20 %).")
     for_s: float = Field(20, ge=0, description="How long it must hold before the verdict (and its end) is said.")
     window_s: float = Field(30, ge=5, description="The time per token is the median of the watchdog's periods over this last window "
                                                  "(a change shows in it after half of it).")

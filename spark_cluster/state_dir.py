@@ -101,6 +101,11 @@ def write_private(path: Path, text: str, secrets: Sequence[str] = ()) -> Path:
     return path
 
 
+def rotated(path: Path) -> Path:
+    """Where append_private keeps a file's older half (`<name>.1`)."""
+    return path.with_name(path.name + ".1")
+
+
 def append_private(path: Path, line: str, max_bytes: int = EVENTS_MAX_BYTES) -> None:
     """One line added at the end of the file (made 0600 when new; never through a symbolic link); past
     max_bytes the file is first moved to `<name>.1` (replacing the one there) and a new one begun. The
@@ -115,7 +120,7 @@ def append_private(path: Path, line: str, max_bytes: int = EVENTS_MAX_BYTES) -> 
         raise
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         if os.fstat(f.fileno()).st_size + len(line) > max_bytes:
-            os.replace(path, path.with_name(path.name + ".1"))  # the open file goes with it; the line starts the new one
+            os.replace(path, rotated(path))  # the open file goes with it; the line starts the new one
             append_private(path, line, max_bytes)
             return
         f.write(line)

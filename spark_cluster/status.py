@@ -21,7 +21,7 @@ from .observe import observe
 from .plan import build_plan
 from .restart_choice import choose_restart
 from .errors import SparkClusterError
-from .state_dir import EVENTS_FILE, read_private
+from .state_dir import EVENTS_FILE, read_private, rotated
 
 if TYPE_CHECKING:
     from .transport import Nodes
@@ -55,7 +55,7 @@ def event_lines(path: Path) -> list[bytes]:
     """The lines of events.jsonl and of its older half (events.jsonl.1, state_dir's rotation), oldest first, that may be
     a slow verdict's (the substring first: the file holds up to 16 MB); none when they cannot be read (status goes on)."""
     lines: list[bytes] = []
-    for one in (path.with_name(path.name + ".1"), path):
+    for one in (rotated(path), path):
         try:
             lines += [line for line in read_private(one).splitlines() if b'"slow' in line]
         except (OSError, SparkClusterError):

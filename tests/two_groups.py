@@ -172,10 +172,11 @@ SLOWED_CPUS = "0.25"
 
 
 def limit_a(cfg, cpus: str, *, check: bool = True) -> None:
-    """Every container of group a (its head's and its worker's) to `cpus` cores."""
-    ray = cfg.executor == "ray"
-    for node, name in (("sim-1", "spark-a-ray-head" if ray else "spark-a-vllm"), ("sim-2", "spark-a-ray-worker" if ray else "spark-a-vllm-worker")):
-        sim_docker(node, "update", "--cpus", cpus, name, check=check)
+    """Every container of group a (its head's and its worker's, as its plan names them) to `cpus` cores."""
+    from spark_cluster.plan import build_plan
+
+    for c in build_plan(dict(cfg.group_configs())["a"]).containers():
+        sim_docker(c.node, "update", "--cpus", cpus, c.name, check=check)
 
 
 class Speeds:
