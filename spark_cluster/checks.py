@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .facts import parse_clock, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_meminfo, parse_platforms, same_platform
 
+from . import box_checks
+from .box_checks import BOX_CHECKS, CmaSane, DriverSame, GdrCapable, GpuHeatOk, KernelKnown, MemoryCeiling
 from .memory_back import parse_memory
 from .link_facts import parse_nccl_tests, parse_rdma_bandwidth, parse_link, parse_reach
 from .link import LinkPick, pick_link, reach_problem
@@ -188,7 +190,8 @@ class HttpAnswer(_Check):
 
 
 Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, LinkBandwidth, RdmaBandwidth, PerftestPresent, PortsFree, MemoryAvailable, MemoryBack,
-                        ReadBack, VllmFlags, RayMembers, ProcessRuns, HttpAnswer], Field(discriminator="kind")]
+                        ReadBack, VllmFlags, RayMembers, ProcessRuns, HttpAnswer, KernelKnown, CmaSane, DriverSame, GpuHeatOk, GdrCapable,
+                        MemoryCeiling], Field(discriminator="kind")]
 
 
 def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, cluster_running: bool = False) -> Optional[str]:
@@ -197,6 +200,8 @@ def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, clu
     HttpAnswer (readiness) the result is the HTTP answer: exit_code its status, stdout its body."""
     if isinstance(check, HttpAnswer):
         return http_problem(check, exit_code, stdout)
+    if isinstance(check, BOX_CHECKS):
+        return box_checks.problem(check, exit_code, stdout, stderr, cluster_running)
     ok = exit_code == 0
     tail = "\n".join((stderr.strip() or stdout.strip()).splitlines()[-3:])
     if isinstance(check, (DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks)):
@@ -309,6 +314,8 @@ def differs(check: Check, values: dict[str, str], head: str) -> Optional[str]:
     """For checks whose output must be the same on every node: what differs, or None."""
     if not check.same_on_all_nodes or len(set(values.values())) <= 1:
         return None
+    if isinstance(check, DriverSame):
+        return box_checks.drivers_differ(values, head)
     ref = values.get(head, next(iter(values.values())))
     bad = [n for n, v in values.items() if v != ref]
     if isinstance(check, ImagePresent):
@@ -408,8 +415,17 @@ def mapped_weights_note(check: ModelFiles, size_bytes: int) -> Optional[str]:
             f"or model.load_format to a fast loader the image has (fastsafetensors, instanttensor)")
 
 
-def note(check: Check, stdout: str) -> Optional[str]:
+def warning(check: Check, exit_code: int, stdout: str, stderr: str = "") -> Optional[str]:
+    """What a passed check found that `up` says and goes on with (heat, GPUDirect RDMA off)."""
+    if isinstance(check, BOX_CHECKS):
+        return box_checks.warning(check, exit_code, stdout, stderr)
+    return None
+
+
+def note(check: Check, stdout: str, exit_code: int = 0, stderr: str = "") -> Optional[str]:
     """What a passed check found that is worth showing (`doctor`): the link picked, a half-speed cable, the round trip."""
+    if isinstance(check, BOX_CHECKS):
+        return box_checks.note(check, exit_code, stdout, stderr)
     if isinstance(check, ClusterLink):
         pick = link_of(check, stdout)
         if isinstance(pick, LinkPick):

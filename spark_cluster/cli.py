@@ -184,7 +184,7 @@ def doctor(
     bad = [f for f in findings if f.problem]
     if as_json:
         sys.stdout.write(json.dumps([{"node": f.node, "check": f.check, "description": f.description, "ok": not f.problem,
-                                      "problem": f.problem, "note": f.note} for f in findings], indent=2) + "\n")
+                                      "problem": f.problem, "warning": f.warning, "note": f.note} for f in findings], indent=2) + "\n")
     else:
         print_findings(cfg, findings)
     if bad:

@@ -144,8 +144,12 @@ class Executor(Teardown):
     def preflight(self, existing: dict[str, list[ContainerFact]]) -> None:
         t0 = time.monotonic()
         checks = Preflight(self.cfg, self.nodes, self.plan, self.emit)
-        problems = [f.message for f in checks.inspect(existing) if f.problem]
+        findings = checks.inspect(existing)
+        problems = [f.message for f in findings if f.problem]
         self.plan = checks.plan  # as detected (`nccl: auto`)
+        for f in findings:
+            if f.warning and not problems:
+                self.emit("preflight-warning", node=f.node, check=f.check, warning=f.warning)
         if problems:
             raise PreflightError(problems)
         self.emit("phase-done", phase="preflight", duration_s=round(time.monotonic() - t0, 3))

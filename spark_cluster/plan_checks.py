@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 from . import timeouts
+from .box_checks import CmaSane, DriverSame, GdrCapable, GpuHeatOk, KernelKnown, MemoryCeiling
+from .box_facts import CMA_COMMAND, DRIVER_COMMAND, HEAT_COMMAND, KERNEL_COMMAND, ceiling_command, gdr_command
 from .checks import (
     ClockInSync,
     ClusterLink,
@@ -98,6 +100,7 @@ class PreflightSteps(StepList):
             self.node_checks(node)
             self.link_checks(node)
             self.memory_checks(node)
+            self.box_checks(node)
         self.link_bandwidth()
         return self.steps
 
@@ -173,6 +176,26 @@ class PreflightSteps(StepList):
                  timeout_s=t, check=MemoryAvailable(min_available_fraction=self.min_free_fraction(),
                                                     min_available_gib=float(cfg.memory.min_free_gib or 0),
                                                     gpu_memory_utilization=self.util, drop_page_cache=cfg.memory.drop_page_cache))
+
+    def box_checks(self, node: Node) -> None:
+        """What Spark owners learned the hard way (spark_cluster.box_checks): the kernel and its CMA, the
+        driver (the same on every node), the GPU's heat, GPUDirect RDMA from the image, and the memory
+        CUDA really hands out (the last two in throwaway containers of the image)."""
+        cfg, image, gpus = self.cfg, self.cfg.container.image, self.cfg.container.gpus
+        t = self.ssh_timeout(node)
+        label = f"{LABEL_PREFIX}.check={cfg.name}"
+        for what, description, command, check in (
+            ("kernel", "the kernel is not one known to break RDMA or wedge the host (or has its fix)", KERNEL_COMMAND, KernelKnown()),
+            ("cma", "CmaFree is not above CmaTotal in /proc/meminfo (KHO's scratch area)", CMA_COMMAND, CmaSane()),
+            ("driver", "the NVIDIA driver, the same version on every node", DRIVER_COMMAND, DriverSame()),
+            ("heat", "the GPU is not held back by heat or power", HEAT_COMMAND, GpuHeatOk()),
+            ("gdr", "NCCL in the image can use GPUDirect RDMA (throwaway container)",
+             gdr_command(image, gpus, container_name(cfg, "check-gdr"), label), GdrCapable(rdma=bool(self.hcas(node)))),
+            ("memory-ceiling", f"gpu_memory_utilization {self.util:g} is within what CUDA can allocate (throwaway container)",
+             ceiling_command(image, gpus, container_name(cfg, "check-memory"), label), MemoryCeiling(gpu_memory_utilization=self.util)),
+        ):
+            self.add(id=f"preflight/{node.name}/{what}", phase="preflight", node=node.name, kind="check", description=description,
+                     command=command, timeout_s=t, check=check)
 
     def link_bandwidth(self) -> None:
         """link.check bandwidth: a short all-reduce across every node at once, in the cluster's image with

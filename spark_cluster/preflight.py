@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import kept, lifecycle, timeouts
+from .box_checks import GdrCapable, MemoryCeiling
 from .checks import (
     STATE_MIN_GIB,
     Check,
@@ -31,6 +32,7 @@ from .checks import (
     link_of,
     note,
     state_dir_problem,
+    warning,
 )
 from .config import ClusterConfig
 from .errors import CommandTimeout, VllmCheckError
@@ -54,8 +56,9 @@ class Finding:
     node: Optional[str]
     check: str
     description: str
-    problem: Optional[str] = None
+    problem: Optional[str] = None  # `up` refuses to start
     note: Optional[str] = None
+    warning: Optional[str] = None  # said, and `up` goes on
 
     @property
     def message(self) -> str:
@@ -102,7 +105,8 @@ class Preflight:
             for s in by_node[node]:
                 r, check = res[s.id], checks[s.id]
                 problem = evaluate(check, r.exit_code, r.stdout, r.stderr, cluster_running=running_here.get(node, False))
-                findings.append(Finding(node, s.id, s.description, problem, None if problem else note(check, r.stdout)))
+                findings.append(Finding(node, s.id, s.description, problem, None if problem else note(check, r.stdout, r.exit_code, r.stderr),
+                                        None if problem else warning(check, r.exit_code, r.stdout, r.stderr)))
                 if not problem and check.same_on_all_nodes:
                     same.setdefault(check.kind, (check, {}))[1][node] = r.stdout
         for check, values in same.values():
@@ -244,7 +248,7 @@ class Preflight:
                     if not (save.ok and load.ok):
                         self.emit("image-fetch-failed", node=node, error=(save.stderr + load.stderr)[-500:])
             for s in by_node[node]:  # read again what needs the image
-                if isinstance(s.check, (ImagePresent, ImagePlatform, GpuWorks)):
+                if isinstance(s.check, (ImagePresent, ImagePlatform, GpuWorks, GdrCapable, MemoryCeiling)):
                     results[node][s.id] = t.run(s.command, timeout=s.timeout_s)
 
 

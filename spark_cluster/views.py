@@ -117,6 +117,8 @@ def step_reporter(as_json: bool):
             out.print(f"[yellow]-[/] {'':8} {where:10} {'remove':13} {e['container']} [dim]({e['reason']})[/]", highlight=False)
         elif kind == "node-unreachable":
             err.print(f"[yellow]![/] {where}: unreachable: {e['error']}", highlight=False)
+        elif kind == "preflight-warning":
+            err.print(f"[yellow]![/] {where}: warning: {escape(e['warning'])}", highlight=False)
         elif kind == "memory-short":
             out.print(f"[yellow]…[/] {'':7} {where:10} {'memory':13} waiting for memory to come back: {escape(e['short'])}", highlight=False)
         elif kind.startswith("roll-"):
@@ -290,13 +292,17 @@ def print_findings(cfg: ClusterConfig, findings: list) -> None:
     for col in ("node", "check", "", "found"):
         table.add_column(col, overflow="fold")
     for f in findings:
-        table.add_row(f.node or "all", escape(f.description), "[red]FAIL[/]" if f.problem else "[green]ok[/]", escape(f.problem or f.note or ""))
+        verdict = "[red]FAIL[/]" if f.problem else "[yellow]WARN[/]" if f.warning else "[green]ok[/]"
+        found = f.problem or "; ".join(x for x in (f.warning, f.note) if x)
+        table.add_row(f.node or "all", escape(f.description), verdict, escape(found))
     out.print(table)
     bad = [f for f in findings if f.problem]
+    warned = [f for f in findings if not f.problem and f.warning]
     if bad:
         err.print(f"[bold red]{len(bad)} problem(s)[/]: `up` would stop before starting anything", highlight=False)
     else:
-        out.print("[bold green]ready[/]: `up` would pass its preflight", highlight=False)
+        out.print("[bold green]ready[/]: `up` would pass its preflight"
+                  + (f" [yellow](with {len(warned)} warning(s), said again by `up`)[/]" if warned else ""), highlight=False)
 
 
 def sync_reporter(cfg: ClusterConfig, as_json: bool):

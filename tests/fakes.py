@@ -242,6 +242,13 @@ class FakeCluster:
             return 0, recording("link-sim")["stdout"].replace("10.99.0.11/24", f"{step.check.address}/24"), ""
         if kind == "vllm-flags":  # the image's vLLM accepts the flags (templates/node-scripts/vllm-check.py's report)
             return 0, 'SPARK-CLUSTER-VLLM-CHECK {"vllm_version": "0.32.0", "problems": []}\n', ""
+        if kind in ("kernel", "cma", "driver", "gpu-heat"):  # a real Spark's (tests/data/facts), no nvidia-smi
+            return 0, recording({"kernel": "kernel-real-spark-6.17", "cma": "cma-real-spark-idle", "driver": "driver-real-spark-580.142",
+                                 "gpu-heat": "heat-sim-node"}[kind])["stdout"], ""
+        if kind == "gdr":  # box_facts.GDR_SCRIPT in a container without a GPU
+            return 0, "no GPU\n", ""
+        if kind == "memory-ceiling":  # box_facts.CEILING_SCRIPT on a GB10: 110.34 of 121.69 GiB free (MiaAI-Lab/GLM-5.3-Flash-EXL3-2x-DGX-Sparks#47)
+            return 0, f"cuda {int(110.34 * 2**30)} {int(121.69 * 2**30)}\n", ""
         if kind in ("ports-free", "docker-answers", "sudo-works", "perftest"):  # their exit code says it
             return 0, "", ""
         self.unscripted.append((node, step.command))

@@ -111,3 +111,46 @@ def test_the_bandwidth_test_runs_across_the_nodes_and_prints_a_figure(sim, sim_c
     gbits = float(note.split()[3])
     print(f"\nsimulated link, all-reduce over Gloo: {gbits} Gb/s")
     assert gbits > 0.01 and found["preflight/sim-2/bandwidth"]["ok"]
+
+
+def test_the_spark_checks_run_on_every_node_and_say_why_they_do_not_apply_without_a_gpu(sim, sim_cfg, tmp_path):
+    r = run_cli("doctor", write(tmp_path, sim_data()), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    found = {f["check"]: f for f in json.loads(r.stdout)}
+    for node in ("sim-1", "sim-2"):
+        said = {what: found[f"preflight/{node}/{what}"] for what in ("kernel", "cma", "driver", "heat", "gdr", "memory-ceiling")}
+        assert all(f["ok"] and not f["warning"] for f in said.values()), said
+        assert said["driver"]["note"] == "not applicable: no GPU (no NVIDIA driver)"
+        assert said["heat"]["note"] == "not applicable: no GPU (no nvidia-smi)"
+        assert said["gdr"]["note"] == "not applicable: no GPU"
+        assert said["memory-ceiling"]["note"].startswith("no GPU: the CPU build's figure, ")
+        assert said["kernel"]["note"] and said["cma"]["note"]
+
+
+def test_a_node_with_another_driver_or_a_utilization_above_the_ceiling_stops_up_before_anything_starts(sim, sim_cfg, tmp_path):
+    from spark_cluster.sim.cluster import set_driver
+
+    with Nodes(sim_cfg) as nodes:
+        Executor(sim_cfg, nodes).down()
+    set_driver("sim-1", "580.142")  # versions of recorded Sparks (tests/data/facts/driver-*)
+    set_driver("sim-2", "580.126.09")
+    try:
+        path = write(tmp_path / "drivers", sim_data())
+        refused_before_anything_starts(load_config(path), path, ["the NVIDIA driver differs between nodes (sim-1 580.142, sim-2 580.126.09)"])
+        set_driver("sim-2", "580.142")
+        r = run_cli("doctor", path, "--json")
+        found = {f["check"]: f for f in json.loads(r.stdout)}
+        assert found["preflight/sim-2/driver"]["note"] == "580.142 (open kernel module)" and r.returncode == 0, r.stdout + r.stderr
+    finally:
+        set_driver("sim-1", None)
+        set_driver("sim-2", None)
+    # what the CPU build of vLLM can allocate on this machine now, then a utilization above it
+    r = run_cli("doctor", write(tmp_path / "measure", sim_data()), "--json")
+    note = {f["check"]: f for f in json.loads(r.stdout)}["preflight/sim-1/memory-ceiling"]["note"]
+    highest = float(note.rsplit("up to ", 1)[1].split()[0])
+    data = sim_data()
+    data["vllm"]["gpu_memory_utilization"] = min(0.99, round(highest + 0.1, 2))
+    data["memory"]["override_cap"] = True  # above the 0.85 cap for unified memory, on purpose
+    path = write(tmp_path / "greedy", data)
+    refused_before_anything_starts(load_config(path), path, [f"gpu_memory_utilization {data['vllm']['gpu_memory_utilization']:g} asks for",
+                                                             "The highest value that would start is 0."])

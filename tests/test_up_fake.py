@@ -213,6 +213,46 @@ def test_doctor_reports_every_check_and_changes_nothing(cfg):
     assert not fake.commands(containing="mkdir -p -m 700") and not fake.commands(containing="drop_caches")
 
 
+def test_mixed_drivers_a_bad_kernel_or_a_utilization_above_cudas_ceiling_stop_up_before_anything_starts(cfg):
+    fake = FakeCluster(cfg)
+    fake.script("/proc/driver/nvidia/version", (0, recording("driver-real-gb10-580.126.09")["stdout"], ""), node="sim-2")
+    with pytest.raises(PreflightError) as info:
+        up(fake)
+    assert "the NVIDIA driver differs between nodes (sim-1 580.142, sim-2 580.126.09)" in str(info.value)
+    assert started(fake) == [] and not fake.commands(containing="sysctl -w")
+    fake = FakeCluster(cfg)
+    fake.script("uname -r", (0, recording("kernel-real-spark-7.0-1019")["stdout"], ""), node="sim-1")
+    fake.script("CmaTotal", (0, recording("cma-real-spark-kho")["stdout"], ""), node="sim-1")
+    with pytest.raises(PreflightError) as info:
+        up(fake)
+    assert [line.split(":")[0] for line in str(info.value).splitlines() if "kho=off" in line] == ["  - sim-1", "  - sim-1"]
+    assert started(fake) == []
+    greedy = cfg.model_copy(update={"vllm": cfg.vllm.model_copy(update={"gpu_memory_utilization": 0.85})})
+    fake = FakeCluster(greedy)
+    fake.script("check-memory", (0, f"cuda {int(102.2 * 2**30)} {int(121.69 * 2**30)}\n", ""))  # MiaAI-Lab/GLM-5.3-Flash-EXL3-2x-DGX-Sparks#47
+    with pytest.raises(PreflightError, match="gpu_memory_utilization 0.85 asks for 103.4 GiB .* The highest value that would start is 0.83"):
+        up(fake)
+    assert started(fake) == []
+
+
+def test_heat_and_gdr_off_are_said_and_up_goes_on(cfg):
+    cfg = cfg.model_copy(update={"nccl": cfg.nccl.model_copy(update={"ib_hca": "rocep1s0f0,roceP2p1s0f0"})})
+    fake = FakeCluster(cfg)
+    fake.script("clocks_throttle_reasons", (0, "83, 2418 MHz, 3003 MHz, 44.70 W, [N/A], 0x0000000000000040\n", ""), node="sim-2")
+    fake.script("check-gdr", (0, "mlx5dv_reg_dmabuf_mr no\n", ""))
+    events: list[dict] = []
+    up(fake, events)
+    warned = {(e["node"], e["check"]): e["warning"] for e in events if e["event"] == "preflight-warning"}
+    assert set(warned) == {("sim-1", "preflight/sim-1/gdr"), ("sim-2", "preflight/sim-2/gdr"), ("sim-2", "preflight/sim-2/heat")}
+    assert "GPU 0 at 83 °C" in warned["sim-2", "preflight/sim-2/heat"] and "hardware thermal slowdown" in warned["sim-2", "preflight/sim-2/heat"]
+    assert "GDR 0" in warned["sim-1", "preflight/sim-1/gdr"]
+    assert started(fake)  # and up went on
+    findings = {f.check: f for f in Executor(cfg, fake_nodes(FakeCluster(cfg))).doctor()}
+    assert findings["preflight/sim-1/driver"].note == "580.142 (open kernel module)"
+    assert findings["preflight/sim-1/heat"].note == "not applicable: no GPU (no nvidia-smi)"
+    assert findings["preflight/sim-1/memory-ceiling"].note == "CUDA 110.3 of 121.69 GiB free to allocate: gpu_memory_utilization up to 0.90 starts"
+
+
 def test_model_sync_runs_before_the_preflight(cfg):
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"sync": True})})
     fake = FakeCluster(cfg)

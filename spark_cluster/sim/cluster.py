@@ -139,8 +139,9 @@ def _ensure_ssh_material(nodes: list[SimNode]) -> None:
 
 def _write_node_files(node: SimNode, nodes: list[SimNode]) -> None:
     p = node.path
-    for sub in ("docker", "etc-docker", "srv", "sysctl.d", "log"):
+    for sub in ("docker", "etc-docker", "srv", "sysctl.d", "log", "proc-driver"):
         (p / sub).mkdir(parents=True, exist_ok=True)
+    set_driver(node.name, None, where=p)
     hosts = ["127.0.0.1 localhost", f"{HOST_IP} controller"] + [f"{n.ip} {n.name}" for n in nodes]
     (p / "hosts").write_text("\n".join(hosts) + "\n")
     (p / "hostname").write_text(node.name + "\n")
@@ -287,6 +288,26 @@ def node_exec(name: str, *cmd: str, check: bool = True, timeout: float = 600) ->
     if node is None:
         raise SimError(f"no simulated node named {name}")
     return _nsenter(node, *cmd, check=check, timeout=timeout)
+
+
+# as a DGX Spark's /proc/driver/nvidia/version begins (box_facts.parse_driver; tests/data/facts/driver-real-spark-580.142.json)
+DRIVER_LINE = "NVRM version: NVIDIA UNIX Open Kernel Module for aarch64  {version}  Release Build  (simulated)"
+
+
+def set_driver(name: str, version: str | None, *, where: Path | None = None) -> None:
+    """The simulation's hook for the driver fact: give a node an NVIDIA kernel module of this version (its
+    /proc/driver/nvidia/version), or none (None: a node without a GPU, the default). Takes effect at once."""
+    if where is None:
+        node = next((n for n in load_state() if n.name == name), None)
+        if node is None:
+            raise SimError(f"no simulated node named {name}")
+        where = node.path
+    folder = where / "proc-driver" / "nvidia"
+    if version is None:
+        (folder / "version").unlink(missing_ok=True)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "version").write_text(DRIVER_LINE.format(version=version) + "\n")
 
 
 def save_state(nodes: list[SimNode]) -> None:

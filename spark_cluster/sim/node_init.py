@@ -2,7 +2,8 @@
 
 Runs inside the node's own network, mount, UTS, IPC and PID namespaces (started by
 spark_cluster.sim.cluster). Gives the node private /run, /tmp, /dev/shm, docker state,
-/etc/hosts, /etc/sysctl.d, /srv (models), root's ~/.bashrc and vm.swappiness, then starts the node's own
+/etc/hosts, /etc/sysctl.d, /srv (models), root's ~/.bashrc, vm.swappiness and /proc/driver (where a test
+gives the node an NVIDIA driver's version line: cluster.set_driver), then starts the node's own
 sshd and dockerd and reaps children forever. Killing this process ends the node: the
 kernel kills every process of its PID namespace (sshd, dockerd, containerd, containers).
 
@@ -40,13 +41,15 @@ def main() -> None:
         # vm.* sysctls are global to the machine: the node gets a private file instead
         "swappiness": "/proc/sys/vm/swappiness",
         "bashrc": "/root/.bashrc",
+        # the kernel's driver files: empty (no NVIDIA driver), or nvidia/version as a test wrote it
+        "proc-driver": "/proc/driver",
     }
     for src, dst in binds.items():
         source = os.path.join(node_dir, src)
         if os.path.isdir(source):
             os.makedirs(dst, exist_ok=True)  # e.g. /var/lib/docker on a host without docker state
-        elif not os.path.exists(dst) and src == "bashrc":
-            continue  # the controller's root has no ~/.bashrc: nothing to hide
+        elif not os.path.exists(dst) and src in ("bashrc", "proc-driver"):
+            continue  # the controller's root has no ~/.bashrc, its kernel no /proc/driver: nothing to hide
         sh("mount", "--bind", source, dst)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     os.makedirs("/run/docker", exist_ok=True)
