@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .box_facts import HEAT_REASONS, NO_DRIVER, HeatFact, parse_ceiling, parse_cma, parse_driver, parse_gdr, parse_heat, parse_kernel
+from .box_facts import HEAT_REASONS, NO_DRIVER, HeatFact, parse_ceiling, parse_clock_lock, parse_cma, parse_driver, parse_gdr, parse_heat, parse_kernel
 
 
 class _BoxCheck(BaseModel):
@@ -63,7 +63,14 @@ class MemoryCeiling(_BoxCheck):
     gpu_memory_utilization: float
 
 
-BOX_CHECKS = (KernelKnown, CmaSane, DriverSame, GpuHeatOk, GdrCapable, MemoryCeiling)
+class ClockCapped(_BoxCheck):
+    """gpu.max_clock_mhz: the driver confirms the SM clock's cap (its own answer to `nvidia-smi -lgc`)."""
+
+    kind: Literal["clock-capped"] = "clock-capped"
+    max_clock_mhz: int
+
+
+BOX_CHECKS = (KernelKnown, CmaSane, DriverSame, GpuHeatOk, GdrCapable, MemoryCeiling, ClockCapped)
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,21 @@ def heat_warning(fact: HeatFact) -> Optional[str]:
         return None
     return ("; ".join(found) + ": check the airflow around the box (nothing stacked on it, vents free), cap the SM clock with gpu.max_clock_mhz "
             "(`nvidia-smi -lgc 0,2100` took one unit from 91 to 65 °C), and for a low power limit ask the maker's support")
+
+
+def heat_summary(fact: HeatFact, cap_mhz: Optional[int]) -> Optional[str]:
+    """For status and the watchdog's rank facts: each GPU's temperature, clock, power and what holds it back; None without a GPU."""
+    if not fact.gpus:
+        return None
+    said = []
+    for g in fact.gpus:
+        parts = [f"{g.temperature_c:g} °C" if g.temperature_c is not None else None,
+                 f"SM {g.sm_mhz:g} of {g.max_sm_mhz:g} MHz" if g.sm_mhz is not None and g.max_sm_mhz is not None else None,
+                 f"capped at {cap_mhz} MHz" if cap_mhz else None,
+                 f"{g.power_w:g} W" if g.power_w is not None else None,
+                 "held back: " + ", ".join(r for r in g.reasons if r != "idle") if [r for r in g.reasons if r != "idle"] else None]
+        said.append(", ".join(p for p in parts if p))
+    return "; ".join(said)
 
 
 def heat_note(stdout: str) -> str:
@@ -215,8 +237,31 @@ def ceiling_note(exit_code: int, stdout: str, stderr: str = "") -> Optional[str]
             f"gpu_memory_utilization up to {fact.highest_utilization:.2f} starts")
 
 
+def clock_problem(check: ClockCapped, exit_code: int, stdout: str) -> Optional[str]:
+    fact = parse_clock_lock(exit_code, stdout)
+    if fact.error == "no nvidia-smi":
+        return None
+    if fact.error:
+        return (f"the GPU's SM clock could not be capped at {check.max_clock_mhz} MHz (gpu.max_clock_mhz): {fact.error}; `nvidia-smi -lgc` "
+                "needs root (ssh.sudo: true, or connect as root)")
+    over = [m for m in fact.max_mhz if m > check.max_clock_mhz]
+    return f"the driver set the SM clock's cap to {over[0]} MHz, above gpu.max_clock_mhz {check.max_clock_mhz}" if over else None
+
+
+def clock_note(check: ClockCapped, exit_code: int, stdout: str) -> Optional[str]:
+    fact = parse_clock_lock(exit_code, stdout)
+    if fact.error == "no nvidia-smi":
+        return "not applicable: no GPU (no nvidia-smi)"
+    if fact.max_mhz and not fact.error:
+        clamped = [m for m in fact.max_mhz if m < check.max_clock_mhz]
+        return f"SM clock capped at {fact.max_mhz[0]} MHz" + (" (the GPU's own maximum is lower)" if clamped else "")
+    return None
+
+
 def problem(check: _BoxCheck, exit_code: int, stdout: str, stderr: str, cluster_running: bool) -> Optional[str]:
     """What refuses `up`."""
+    if isinstance(check, ClockCapped):
+        return clock_problem(check, exit_code, stdout)
     if isinstance(check, KernelKnown):
         return kernel_problem(stdout)
     if isinstance(check, CmaSane):
@@ -258,4 +303,6 @@ def note(check: _BoxCheck, exit_code: int, stdout: str, stderr: str = "") -> Opt
         return gdr_note(check, exit_code, stdout, stderr)
     if isinstance(check, MemoryCeiling):
         return ceiling_note(exit_code, stdout, stderr)
+    if isinstance(check, ClockCapped):
+        return clock_note(check, exit_code, stdout)
     return None

@@ -247,3 +247,34 @@ def parse_ceiling(exit_code: int, stdout: str, stderr: str = "") -> CeilingFact:
         return CeilingFact(source=m.group(1), free_bytes=int(m.group(2)), total_bytes=int(m.group(3)))
     tail = [x for x in (stderr.strip() or stdout.strip()).splitlines() if x.strip()]
     return CeilingFact(error=(tail[-1] if tail else f"exit code {exit_code}")[:300])
+
+
+# ---- the SM clock cap (gpu.max_clock_mhz): the driver's own answer is the read-back ---------------
+
+
+def clock_lock_command(max_mhz: int, sudo: str) -> str:
+    """`nvidia-smi -lgc 0,MAX` on every GPU of the node: it prints the range the driver set, clamped to
+    what the GPU supports (`GPU clocks set to "(gpuClkMin 0, gpuClkMax 1860)" for GPU ...`)."""
+    return f"if command -v nvidia-smi >/dev/null 2>&1; then {sudo}nvidia-smi -lgc 0,{int(max_mhz)} 2>&1; else echo 'no nvidia-smi'; fi"
+
+
+def clock_reset_command(sudo: str) -> str:
+    return f"if command -v nvidia-smi >/dev/null 2>&1; then {sudo}nvidia-smi -rgc 2>&1; else echo 'no nvidia-smi'; fi"
+
+
+class ClockLockFact(BaseModel):
+    max_mhz: list[int] = Field(default_factory=list, description="gpuClkMax the driver set, per GPU")
+    error: Optional[str] = None
+
+
+_CLOCKS_SET = re.compile(r'GPU clocks set to "\(gpuClkMin \S+, gpuClkMax (\d+)\)"')
+
+
+def parse_clock_lock(exit_code: int, stdout: str) -> ClockLockFact:
+    lines = [x.strip() for x in stdout.splitlines() if x.strip()]
+    if lines == ["no nvidia-smi"]:
+        return ClockLockFact(error="no nvidia-smi")
+    found = [int(m.group(1)) for m in map(_CLOCKS_SET.search, lines) if m]
+    if exit_code == 0 and found:
+        return ClockLockFact(max_mhz=found)
+    return ClockLockFact(max_mhz=found, error=next((x for x in lines if not _CLOCKS_SET.search(x)), f"exit code {exit_code}")[:300])

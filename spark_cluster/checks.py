@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .facts import parse_clock, parse_df_free_gib, parse_file_listing, parse_gpu_smoke, parse_meminfo, parse_platforms, same_platform
 
 from . import box_checks
-from .box_checks import BOX_CHECKS, CmaSane, DriverSame, GdrCapable, GpuHeatOk, KernelKnown, MemoryCeiling
+from .box_checks import BOX_CHECKS, ClockCapped, CmaSane, DriverSame, GdrCapable, GpuHeatOk, KernelKnown, MemoryCeiling
 from .memory_back import parse_memory
 from .link_facts import parse_nccl_tests, parse_rdma_bandwidth, parse_link, parse_reach
 from .link import LinkPick, pick_link, reach_problem
@@ -191,7 +191,7 @@ class HttpAnswer(_Check):
 
 Check = Annotated[Union[DockerAnswers, ImagePresent, ModelFiles, ImagePlatform, GpuWorks, SudoWorks, DiskFree, ClockInSync, ClusterLink, PeerReachable, LinkBandwidth, RdmaBandwidth, PerftestPresent, PortsFree, MemoryAvailable, MemoryBack,
                         ReadBack, VllmFlags, RayMembers, ProcessRuns, HttpAnswer, KernelKnown, CmaSane, DriverSame, GpuHeatOk, GdrCapable,
-                        MemoryCeiling], Field(discriminator="kind")]
+                        MemoryCeiling, ClockCapped], Field(discriminator="kind")]
 
 
 def evaluate(check: Check, exit_code: int, stdout: str, stderr: str = "", *, cluster_running: bool = False) -> Optional[str]:

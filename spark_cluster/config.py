@@ -30,6 +30,7 @@ from .settings import (
     ContainerSettings,
     Group,
     LinkSettings,
+    GpuSettings,
     MemoryGuard,
     ModelSettings,
     NCCLSettings,
@@ -72,6 +73,7 @@ class ClusterConfig(Strict):
     model: ModelSettings = Field(..., description="The model.")
     vllm: VLLMSettings = Field(default_factory=VLLMSettings, description="vllm serve settings.")
     memory: MemoryGuard = Field(default_factory=MemoryGuard, description="Unified-memory guard.")
+    gpu: GpuSettings = Field(default_factory=GpuSettings, description="The GPU of every node (a clock cap against heat).")
     cache: CacheSettings = Field(default_factory=CacheSettings, description="Compile and kernel caches kept on each node's disk.")
     health: HealthSettings = Field(default_factory=HealthSettings, description="Deadlines.")
     watchdog: WatchdogSettings = Field(default_factory=WatchdogSettings, description="Failover controller.")

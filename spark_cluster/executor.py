@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import httpx
 
 from . import kept, lock, timeouts
-from .checks import ReadBack, evaluate
+from .checks import ReadBack, evaluate, note
 from .cache_sync import CacheSync
 from .config import ClusterConfig
 from .errors import CommandTimeout, LockedError, PreflightError, SparkClusterError, StepError, TransportError, indent
@@ -173,13 +173,14 @@ class Executor(Teardown):
             for s in by_node[t.node]:
                 t0 = time.monotonic()
                 r = self._run_step(s)
-                if not r.ok:
-                    raise StepError(s, f"exit code {r.exit_code}", r.tail())
                 problem = evaluate(s.check, r.exit_code, r.stdout, r.stderr) if s.check is not None else None
+                if not r.ok and (problem is None or isinstance(s.check, ReadBack)):  # a read-back's own exit code says it
+                    raise StepError(s, f"exit code {r.exit_code}", r.tail())
                 if problem:
                     shown = f"    expected:\n{indent(s.check.stdout)}\n    read back:\n{indent(r.stdout)}" if isinstance(s.check, ReadBack) else ""
                     raise StepError(s, problem, shown)
-                self._done(s, t0)
+                found = note(s.check, r.stdout, r.exit_code, r.stderr) if s.check is not None else None
+                self._done(s, t0, **({"note": found} if found else {}))
 
         self.nodes.map(run_node, by_node.keys()).values_or_raise()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import lock, timeouts
 from .config import ClusterConfig
+from .box_facts import clock_reset_command
 from .engine_log import SINCE, log_command
 from .facts import containers_command, process_command
 from .render import quote
@@ -178,18 +179,30 @@ def replace_steps(cfg: ClusterConfig, plan: Plan) -> list[Step]:
     return [remove_step(cfg, c.node, c.name, c.component, plan.processes(), phase="replace") for c in _in_stop_order(plan.containers())]
 
 
-DOWN_PHASES = ("lock", "list", "kill", "remove", "unlock")
+DOWN_PHASES = ("lock", "list", "kill", "remove", "restore", "unlock")
 
 
-def build_down_plan(cfg: ClusterConfig, plan: Plan, *, graceful: bool = True) -> DownPlan:
+def restore_steps(cfg: ClusterConfig) -> list[Step]:
+    """What `up`'s prepare changed on a node that `down` gives back: the GPU's clock cap (the sysctls
+    stay, persisted: the box is better with them)."""
+    if not cfg.gpu.max_clock_mhz:
+        return []
+    return [Step(id=f"restore/{n.name}/gpu-clock", phase="restore", node=n.name, kind="run", timeout_s=timeouts.QUICK_S,
+                 description="give the GPU's SM clock back to the driver (undo gpu.max_clock_mhz)",
+                 command=clock_reset_command("sudo -n " if cfg.node_ssh(n).sudo else "")) for n in cfg.nodes]
+
+
+def build_down_plan(cfg: ClusterConfig, plan: Plan, *, graceful: bool = True, restore: bool = True) -> DownPlan:
     """`down`: every container of the group in stop order (vLLM, the head, then the workers), each
     stopped and removed with its log saved; graceful=False (a wedged group, the watchdog's restart):
-    SIGKILL in that order first, then every log saved and every container removed at once."""
+    SIGKILL in that order first, then every log saved and every container removed at once. restore:
+    then what prepare changed is given back (not on a restart: its `up` sets it again)."""
     containers = _in_stop_order(plan.containers())
     steps = [lock_step(cfg), *list_steps(cfg, "list")]
     if not graceful:
         steps += [kill_step(c.node, c.name, "kill") for c in containers]
     steps += [remove_step(cfg, c.node, c.name, c.component, plan.processes(), phase="remove", graceful=graceful) for c in containers]
+    steps += restore_steps(cfg) if restore else []
     steps.append(unlock_step(cfg))
     return DownPlan(cluster=cfg.name, graceful=graceful, steps=steps)
 
@@ -198,7 +211,7 @@ def build_restart_plan(cfg: ClusterConfig, plan: Plan) -> RestartPlan:
     """`plan --restart`: the watchdog's two restarts as data (watch_restart runs them)."""
     from .restart_choice import KEPT_WHY, always_full
 
-    full_kill, why = build_down_plan(cfg, plan, graceful=False), always_full(cfg.watchdog.restart, cfg.executor)
+    full_kill, why = build_down_plan(cfg, plan, graceful=False, restore=False), always_full(cfg.watchdog.restart, cfg.executor)
     if why is not None:
         return RestartPlan(cluster=cfg.name, on_hang=f"the full restart: {why}", kept=None, full_kill=full_kill, full_up=plan)
     head = cfg.head.name

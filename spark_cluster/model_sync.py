@@ -168,9 +168,12 @@ class ModelSync:
                   via=f"{self.address[plan.source]} -> {self.address[target]}")
         t0 = time.monotonic()
         files_json = [[f, size, offset] for f, size, offset in todo]
+        # memory.drop_page_cache: what the copy wrote (and read) leaves the page cache, which on unified memory
+        # holds memory the model load needs (a 164 GiB sync left several GiB behind, MiaAI-Lab/GLM-5.3-Flash-EXL3-2x-DGX-Sparks#47)
+        uncached = "-uncached" if self.cfg.memory.drop_page_cache else ""
         _, _, why = node_to_node(
             src, dst, self.address[plan.source], self.address[target],
-            receive=f"receive {quote(self.path)} {quote(partial)}", send=f"send {quote(self.path)}", rate_mb_s=max_rate,
+            receive=f"receive{uncached} {quote(self.path)} {quote(partial)}", send=f"send{uncached} {quote(self.path)}", rate_mb_s=max_rate,
             prepend=f"FILES = {files_json!r}\n", on_bytes=lambda n: self.emit("sync-progress", target=target, bytes=n, total=to_send))
         if why:
             raise SyncError(f"copying from {plan.source} to {target} failed (the files copied so far are kept in {partial} on "

@@ -45,6 +45,8 @@ class NodeObs(BaseModel):
     processes: list[ProcessObs] = Field(default_factory=list, description="Processes started in containers (vLLM in the Ray head).")
     gpu_power_w: Optional[float] = Field(None, description="Highest power.draw of the node's GPUs (nvidia-smi)")
     gpu_memory_util: Optional[float] = Field(None, description="Highest utilization.memory of the node's GPUs (memory traffic)")
+    gpu_heat: Optional[str] = Field(None, description="Each GPU's temperature, SM clock against its maximum (and gpu.max_clock_mhz), "
+                                                      "power, and what holds its clock back (heat, power): nvidia-smi")
     activity: Optional[str] = Field(None, description="What the node's rank(s) do (spark_cluster.ranks): working, compiling, waiting, "
                                                       "stopped, unknown")
     activity_evidence: str = ""

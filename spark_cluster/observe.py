@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import httpx
 
 from . import kept, lifecycle, timeouts
+from .box_checks import heat_summary
+from .box_facts import HEAT_COMMAND, parse_heat
 from .config import ClusterConfig
 from .errors import CommandFailed, SparkClusterError
 from .facts import (
@@ -63,7 +65,7 @@ def node_script(cfg: ClusterConfig, procs: list, containers: list[str] = (), twi
     hosted process: its fact command, then its exit code on a line of its own. containers: the
     group's containers on the node, whose processes are read (twice, twice_s apart, when given:
     status has no earlier reading to compare with)."""
-    parts = [("sysctl", sysctl_command(list(cfg.sysctl))), ("meminfo", MEMINFO_COMMAND), ("gpu", GPU_COMMAND),
+    parts = [("sysctl", sysctl_command(list(cfg.sysctl))), ("meminfo", MEMINFO_COMMAND), ("gpu", GPU_COMMAND), ("heat", HEAT_COMMAND),
              ("containers", containers_command(cfg.name) + ' 2>&1; echo "##rc $?"')]
     parts += [(f"process {i}", f'{process_command(p.container, p.pid_file)} 2>&1; echo "##rc $?"') for i, p in enumerate(procs)]
     if containers:
@@ -117,6 +119,7 @@ def parse_node_output(cfg: ClusterConfig, plan: Plan, obs: NodeObs, stdout: str)
     mem = parse_meminfo("\n".join(sec.get("meminfo", [])))
     obs.mem_total_gib, obs.mem_available_gib = mem.total_gib, mem.available_gib
     obs.gpu = parse_gpu("\n".join(sec.get("gpu", []))).summary()
+    obs.gpu_heat = heat_summary(parse_heat("\n".join(sec.get("heat", []))), cfg.gpu.max_clock_mhz)
     wanted = {s.container.name: s.container for s in plan.steps if s.container is not None and s.node == node}
     found = parse_containers(node, *_rc(sec.get("containers", [])))
     if found.error is not None:

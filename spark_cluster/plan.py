@@ -14,6 +14,8 @@ from . import lifecycle, timeouts
 from .cache_seal import SCRIPT as CACHE_SCRIPT
 from .cache_seal import Mode, script_args, script_options
 from .caches import cache_mount
+from .box_checks import ClockCapped
+from .box_facts import clock_lock_command
 from .checks import HttpAnswer, MemoryBack, ProcessRuns, RayMembers, ReadBack
 from .config import ClusterConfig
 from .engine_log import KV_PIN_FLAG, KvCapacity, kv_pin
@@ -136,6 +138,14 @@ class _Builder(StepList):
         self.steps.insert(last + 1, self.checks.vllm_flags(api, self.vllm_argvs()))
 
     def prepare(self) -> None:
+        self.prepare_sysctl()
+        cap = self.cfg.gpu.max_clock_mhz
+        for node in self.cfg.nodes if cap else ():
+            self.add(id=f"prepare/{node.name}/gpu-clock", phase="prepare", node=node.name, kind="check",
+                     description=f"cap the GPU's SM clock at {cap} MHz (gpu.max_clock_mhz; the driver's answer is read back)",
+                     command=clock_lock_command(cap, self.sudo(node)), timeout_s=self.ssh_timeout(node), check=ClockCapped(max_clock_mhz=cap))
+
+    def prepare_sysctl(self) -> None:
         cfg = self.cfg
         if not cfg.sysctl:
             return

@@ -432,6 +432,15 @@ class CacheSettings(Strict):
         return value.rstrip("/")
 
 
+class GpuSettings(Strict):
+    """The GPU of every node."""
+
+    max_clock_mhz: Optional[int] = Field(
+        None, ge=300, le=4000,
+        description="Cap the GPU's SM clock (`nvidia-smi -lgc 0,N` in prepare, read back from the driver, undone by `down`): a GB10 that "
+                    "runs hot throttles to 70-80 % speed at 82 °C; capping at 2100 MHz took one unit from 91 to 65 °C. Default: no cap.")
+
+
 class MemoryGuard(Strict):
     """Protects unified-memory boxes from freezing."""
 

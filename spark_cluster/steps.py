@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 PHASES: tuple[str, ...] = ("lock", "list", "preflight", "prepare", "replace", "clear", "memory", "cache", "start-workers", "start-head",
                            "wait-ray", "serve", "ready", "seal", "unlock")
 Phase = Literal["lock", "list", "preflight", "prepare", "replace", "clear", "memory", "cache", "start-workers", "start-head", "wait-ray",
-                "serve", "ready", "seal", "unlock", "kill", "remove"]
+                "serve", "ready", "seal", "unlock", "kill", "remove", "restore"]
 
 
 # the containers that are the engine's ranks themselves (native executor); on Ray, the engine is the process in the head container

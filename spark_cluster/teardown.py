@@ -55,16 +55,17 @@ class Teardown:
         private_dir(d)
         return d
 
-    def down(self, *, lock: bool = True, graceful: bool = True, logs_to: Optional[Path] = None) -> Path | None:
+    def down(self, *, lock: bool = True, graceful: bool = True, logs_to: Optional[Path] = None, restore: bool = True) -> Path | None:
         """Stop and remove every cluster container: vLLM, the head, then the workers. graceful=False
         kills at once (a wedged engine does not shut down cleanly anyway). The containers' logs are
-        saved under state_dir/logs, or in logs_to. Raises RemoveFailed
+        saved under state_dir/logs, or in logs_to; restore: then what prepare changed is given back (the
+        GPU's clock cap; not on the watchdog's restart, whose `up` sets it again). Raises RemoveFailed
         naming what is left when a node could not be listed or a container could not be removed."""
         if lock:
             self.connect_all()
             with self.locked("down"):
-                return self._down(graceful, logs_to)
-        return self._down(graceful, logs_to)
+                return self._down(graceful, logs_to, restore)
+        return self._down(graceful, logs_to, restore)
 
     def _each(self, batch: list[ContainerFact], act: Callable[[ContainerFact], None]) -> list[str]:
         """act on every container of a batch at once; what could not be done, as messages."""
@@ -82,7 +83,22 @@ class Teardown:
         self.emit("container-kill", node=c.node, container=c.name)
         self.nodes[c.node].run(lifecycle.kill_command(c.name), timeout=timeouts.QUICK_S)
 
-    def _down(self, graceful: bool, logs_to: Optional[Path] = None) -> Path | None:
+    def _restore(self) -> list[str]:
+        """lifecycle.restore_steps on every node at once; what could not be given back, as messages."""
+        steps = {s.node: s for s in lifecycle.restore_steps(self.cfg)}
+        if not steps:
+            return []
+        for s in steps.values():
+            self.emit("step-start", s)
+        done = self.nodes.map(lambda t: t.run(steps[t.node].command, timeout=steps[t.node].timeout_s), steps.keys())
+        left = [f"{node}: {steps[node].description}: {exc}" for node, exc in done.failed.items()]
+        for node, r in done.succeeded.items():
+            self.emit("step-ok" if r.ok else "step-failed", steps[node], duration_s=round(r.duration_s, 3))
+            if not r.ok:
+                left.append(f"{node}: {steps[node].description}: {r.tail()}")
+        return left
+
+    def _down(self, graceful: bool, logs_to: Optional[Path] = None, restore: bool = True) -> Path | None:
         existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name))
         found = [c for cs in existing.succeeded.values() for c in cs]
         left: list[str] = []
@@ -107,6 +123,8 @@ class Teardown:
 
         for batch in ranks:
             left += self._each(batch, remove)
+        if restore:
+            left += self._restore()
         self.emit("down-done", removed=removed, left=left, logs=str(logs) if logs else None)
         if left:
             raise RemoveFailed("down did not remove everything:\n" + "\n".join(f"  - {x}" for x in left),

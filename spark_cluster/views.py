@@ -230,7 +230,7 @@ def render_status(rep) -> Table:
                            for k, v in n.sysctl.items())
         mem = f"{n.mem_available_gib:.1f}/{n.mem_total_gib:.1f} GiB" if n.mem_total_gib else "?"
         ranks = f"[{ACTIVITY_STYLE.get(n.activity, 'dim')}]{n.activity}[/] {escape(n.activity_evidence)}" if n.activity else ""
-        gpu = (n.gpu or "") + (f", {n.gpu_power_w:g} W" if n.gpu_power_w is not None else "")
+        gpu = (n.gpu or "") + (f", {n.gpu_power_w:g} W" if n.gpu_power_w is not None else "") + (f"; {n.gpu_heat}" if n.gpu_heat else "")
         nodes.add_row(f"{n.name} ({n.role})", f"{n.latency_ms:.0f} ms", mem, gpu, sysctl, ranks)
         for c in n.containers:
             members.add_row(n.name, c.name, f"[{'green' if c.state == 'running' else 'red'}]{c.state}[/]"

@@ -51,7 +51,7 @@ class FullRestart:
         try:
             t = time.monotonic()
             try:
-                ex.down(graceful=False, logs_to=bundle / "logs")
+                ex.down(graceful=False, logs_to=bundle / "logs", restore=False)
             finally:
                 phases["kill"] = round(time.monotonic() - t, 2)
             ex.up()

@@ -245,6 +245,8 @@ class FakeCluster:
         if kind in ("kernel", "cma", "driver", "gpu-heat"):  # a real Spark's (tests/data/facts), no nvidia-smi
             return 0, recording({"kernel": "kernel-real-spark-6.17", "cma": "cma-real-spark-idle", "driver": "driver-real-spark-580.142",
                                  "gpu-heat": "heat-sim-node"}[kind])["stdout"], ""
+        if kind == "clock-capped":  # the driver's answer to `nvidia-smi -lgc 0,2100` on a server that tops out at 1860 MHz
+            return 0, recording("clock-lock-real-clamped")["stdout"], ""
         if kind == "gdr":  # box_facts.GDR_SCRIPT in a container without a GPU
             return 0, "no GPU\n", ""
         if kind == "memory-ceiling":  # box_facts.CEILING_SCRIPT on a GB10: 110.34 of 121.69 GiB free (MiaAI-Lab/GLM-5.3-Flash-EXL3-2x-DGX-Sparks#47)

@@ -7,11 +7,15 @@ from __future__ import annotations
 import pytest
 
 from spark_cluster import box_checks
-from spark_cluster.box_checks import CmaSane, DriverSame, GdrCapable, GpuHeatOk, KernelKnown, MemoryCeiling, drivers_differ, heat_warning
+from spark_cluster.box_checks import (ClockCapped, CmaSane, DriverSame, GdrCapable, GpuHeatOk, KernelKnown, MemoryCeiling, drivers_differ,
+                                     heat_summary, heat_warning)
 from spark_cluster.box_facts import GpuHeat, HeatFact, parse_ceiling, parse_heat, throttle_reasons
 from spark_cluster.checks import evaluate, note, warning
+from spark_cluster.config import load_config
+from spark_cluster.lifecycle import build_down_plan, build_restart_plan
+from spark_cluster.plan import build_plan
 
-from .conftest import recording
+from .conftest import ROOT, recording
 
 
 def out(case: str) -> str:
@@ -177,3 +181,42 @@ def test_every_box_check_says_something_on_a_node_without_a_gpu():
     for check, stdout in answers.items():
         assert evaluate(check, 0, stdout, "") is None and warning(check, 0, stdout, "") is None, check
         assert box_checks.note(check, 0, stdout), check
+
+
+@pytest.mark.parametrize("case, exit_code, cap, found, said", [
+    ("clock-lock-real-clamped", 0, 2100, None, "SM clock capped at 1860 MHz (the GPU's own maximum is lower)"),
+    ("clock-lock-real-one-gpu", 0, 1740, None, "SM clock capped at 1740 MHz"),
+    ("clock-lock-real-one-gpu", 0, 1500, "above gpu.max_clock_mhz 1500", None),
+    ("clock-lock-sim-node", 0, 2100, None, "not applicable: no GPU (no nvidia-smi)"),
+])
+def test_the_clock_cap_is_read_back_from_the_drivers_own_answer(case, exit_code, cap, found, said):
+    check = ClockCapped(max_clock_mhz=cap)
+    problem = evaluate(check, exit_code, out(case), "")
+    assert (problem is None) == (found is None) and (found is None or found in problem)
+    if said:
+        assert note(check, out(case)) == said
+
+
+def test_a_refused_clock_cap_says_it_needs_root():
+    problem = evaluate(ClockCapped(max_clock_mhz=2100), 4, "Insufficient Permissions\n", "")
+    assert "could not be capped at 2100 MHz" in problem and "Insufficient Permissions" in problem and "root" in problem
+
+
+def test_the_clock_cap_is_in_plan_undone_by_down_and_kept_across_a_restart():
+    cfg = load_config(ROOT / "configs" / "dgx-spark-4node.yaml")
+    plan = build_plan(cfg)
+    assert [s.id for s in plan.steps_in("prepare") if "gpu-clock" in s.id] == [f"prepare/spark-{i}/gpu-clock" for i in range(1, 5)]
+    assert "sudo -n nvidia-smi -lgc 0,2100" in plan.steps_in("prepare")[-1].command
+    down = build_down_plan(cfg, plan)
+    assert [s.id for s in down.steps_in("restore")] == [f"restore/spark-{i}/gpu-clock" for i in range(1, 5)]
+    assert "nvidia-smi -rgc" in down.steps_in("restore")[0].command and down.steps[-1].phase == "unlock"
+    assert not build_restart_plan(cfg, plan).full_kill.steps_in("restore")  # its `up` caps the clock again
+    plain = load_config(ROOT / "configs" / "dgx-spark-2node.yaml")
+    assert not [s for s in build_plan(plain).steps if "gpu-clock" in s.id] and not build_down_plan(plain, build_plan(plain)).steps_in("restore")
+
+
+def test_status_shows_each_gpus_heat_clock_and_what_holds_it_back():
+    fact = parse_heat("83, 1800 MHz, 3003 MHz, 44.70 W, [N/A], 0x0000000000000040\n")
+    assert heat_summary(fact, 2100) == "83 °C, SM 1800 of 3003 MHz, capped at 2100 MHz, 44.7 W, held back: hardware thermal slowdown"
+    assert heat_summary(parse_heat("35, [N/A], [N/A], 11.17 W, [N/A], 0x0000000000000001\n"), None) == "35 °C, 11.17 W"  # idle is not held back
+    assert heat_summary(parse_heat(out("heat-sim-node")), 2100) is None

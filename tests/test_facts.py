@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from spark_cluster.box_facts import parse_cma, parse_driver, parse_heat, parse_kernel
+from spark_cluster.box_facts import parse_clock_lock, parse_cma, parse_driver, parse_heat, parse_kernel
 from spark_cluster.config import load_config
 from spark_cluster.memory_back import parse_memory
 from spark_cluster.facts import containers_command, gpu_smoke_command, image_platform_command, model_files_command, parse_containers, parse_file_listing, parse_gpu, parse_gpu_smoke, parse_meminfo, parse_metrics, parse_platform, parse_process, parse_ray_state, parse_sysctl, platforms_command, process_command, progressed, same_platform, sysctl_command
@@ -50,6 +50,7 @@ def test_recorded_output_gives_the_recorded_fact(path):
         "cma": lambda: parse_cma(rec["stdout"]).model_dump(),
         "driver": lambda: parse_driver(rec["stdout"]).model_dump(),
         "heat": lambda: parse_heat(rec["stdout"]).model_dump(),
+        "clock-lock": lambda: parse_clock_lock(rec["exit_code"], rec["stdout"]).model_dump(),
         "gpu-activity": lambda: (lambda gpus, error: {"gpus": [dataclasses.asdict(g) for g in gpus], "error": error})(
             *parse_gpu_activity(rec["stdout"])),
     }[rec["fact"]]

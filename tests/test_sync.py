@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import os
 import subprocess
 import sys
 import time
@@ -122,6 +123,33 @@ def test_the_copier_resumes_a_partial_file_and_moves_each_file_in_only_when_whol
     assert (dest / "sub" / "w.bin").read_bytes() == (src / "sub" / "w.bin").read_bytes() and (dest / "c.json").read_text() == "{}"
     assert send.stdout.read().strip() == f"sent {1048576 - 300000 + 2}"
     assert not (partial / "sub" / "w.bin").exists()
+
+
+def cached_bytes(path) -> int:
+    """How much of a file the page cache holds (util-linux's fincore)."""
+    return int(subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], check=True,
+                              capture_output=True, text=True).stdout.split()[0])
+
+
+@pytest.mark.parametrize("uncached", [False, True])
+def test_with_memory_drop_page_cache_the_copy_leaves_nothing_it_wrote_or_read_in_the_page_cache(tmp_path, uncached):
+    src, dest, partial = tmp_path / "src", tmp_path / "dest", tmp_path / "dest.partial-sync"
+    src.mkdir()
+    with open(src / "w.bin", "wb") as f:  # a model on the source node's disk
+        f.write(os.urandom(8 << 20))
+        os.fsync(f.fileno())
+    assert cached_bytes(src / "w.bin") > 0  # just written: in the page cache
+    mode = "-uncached" if uncached else ""
+    recv = node_script("receive" + mode, str(dest), str(partial), "127.0.0.1", "127.0.0.1", TOKEN="t0k")
+    port = recv.stdout.readline().split()[1]
+    send = node_script("send" + mode, str(src), "127.0.0.1", port, "0", TOKEN="t0k", FILES=[["w.bin", 8 << 20, 0]])
+    assert send.wait(30) == 0 and recv.wait(30) == 0, send.stderr.read() + recv.stderr.read()
+    left = {"written": cached_bytes(dest / "w.bin"), "read": cached_bytes(src / "w.bin")}
+    if uncached:
+        assert left == {"written": 0, "read": 0}
+    else:
+        assert left["written"] > 0 and left["read"] > 0
+    assert (dest / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
 
 
 @pytest.mark.parametrize("path", ["../outside", "{tmp}/outside", "sub/../../outside"])

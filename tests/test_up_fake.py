@@ -253,6 +253,23 @@ def test_heat_and_gdr_off_are_said_and_up_goes_on(cfg):
     assert findings["preflight/sim-1/memory-ceiling"].note == "CUDA 110.3 of 121.69 GiB free to allocate: gpu_memory_utilization up to 0.90 starts"
 
 
+def test_the_clock_cap_is_set_by_up_given_back_by_down_and_kept_by_the_watchdogs_kill(cfg):
+    cfg = cfg.model_copy(update={"gpu": cfg.gpu.model_copy(update={"max_clock_mhz": 2100})})
+    fake = FakeCluster(cfg)
+    events: list[dict] = []
+    up(fake, events)
+    capped = [e for e in events if e["event"] == "step-ok" and e["step"].endswith("/gpu-clock")]
+    assert sorted(e["node"] for e in capped) == ["sim-1", "sim-2"] and capped[0]["note"] == "SM clock capped at 1860 MHz (the GPU's own maximum is lower)"
+    fake.script("nvidia-smi -rgc", (0, "All done.\n", ""))
+    Executor(cfg, fake_nodes(fake)).down(graceful=False, restore=False)  # the watchdog's kill: its `up` caps it again
+    assert not fake.commands(containing="nvidia-smi -rgc")
+    fake.serving()
+    Executor(cfg, fake_nodes(fake)).down()
+    log = [c for _, c in fake.log]
+    resets = [i for i, c in enumerate(log) if "nvidia-smi -rgc" in c]
+    assert len(resets) == 2 and all(i > max(j for j, c in enumerate(log) if c.startswith("docker rm")) for i in resets)  # after the removals
+
+
 def test_model_sync_runs_before_the_preflight(cfg):
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"sync": True})})
     fake = FakeCluster(cfg)

@@ -9,6 +9,10 @@
 #                                    every half second, "done PATH" per file.
 #   send SRC HOST PORT RATE          connect and send each file of FILES ([path, size, offset]) from
 #                                    its offset; RATE MB/s, 0 = unlimited.
+#   receive-uncached ..., send-uncached ...
+#                                    as receive and send, each file's pages then dropped from the page
+#                                    cache (written ones once on disk): on unified memory the page cache
+#                                    holds memory the model load needs (memory.drop_page_cache)
 #   receive-pipe CMD BIND PEER       as receive, but the bytes go into CMD's standard input (docker load)
 #   send-pipe CMD HOST PORT RATE     as send, but the bytes are CMD's standard output (docker save IMAGE)
 # Paths are relative and never leave DEST (".." and absolute paths are refused). Files arrive as
@@ -94,7 +98,15 @@ class Pace:
                 time.sleep(ahead)
 
 
-def receive(dest, partial, bind, peer):
+def forget(f, written):
+    """Drop a file's pages from the page cache (what was written, once it is on disk)."""
+    if written:
+        f.flush()
+        os.fsync(f.fileno())
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def receive(dest, partial, bind, peer, uncached=False):
     conn = accept(bind, peer)
     pace = Pace()
     while True:
@@ -118,6 +130,8 @@ def receive(dest, partial, bind, peer):
                 f.write(data)
                 left -= len(data)
                 pace.add(len(data), show=True)
+            if uncached:
+                forget(f, written=True)
         if os.path.getsize(part_path) != size:
             raise SystemExit(f"{path}: {os.path.getsize(part_path)} bytes written, {size} expected")
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -125,7 +139,7 @@ def receive(dest, partial, bind, peer):
         print(f"done {path}", flush=True)
 
 
-def send(src, host, port, rate):
+def send(src, host, port, rate, uncached=False):
     conn, pace = connect(host, port), Pace(rate)
     for path, size, offset in FILES:  # noqa: F821 (prepended)
         with open(safe(src, path), "rb") as f:
@@ -139,6 +153,8 @@ def send(src, host, port, rate):
                 conn.sendall(data)
                 left -= len(data)
                 pace.add(len(data))
+            if uncached:
+                forget(f, written=False)
     conn.shutdown(socket.SHUT_WR)
     conn.recv(1)  # until the receiver closes: everything is written
     print(f"sent {pace.n}", flush=True)
@@ -176,4 +192,6 @@ def send_pipe(cmd, host, port, rate):
     sys.exit(code)
 
 
-{"receive": receive, "send": send, "receive-pipe": receive_pipe, "send-pipe": send_pipe}[sys.argv[1]](*sys.argv[2:])
+MODES = {"receive": receive, "send": send, "receive-pipe": receive_pipe, "send-pipe": send_pipe,
+         "receive-uncached": lambda *a: receive(*a, uncached=True), "send-uncached": lambda *a: send(*a, uncached=True)}
+MODES[sys.argv[1]](*sys.argv[2:])
