@@ -235,6 +235,20 @@ def controller(
     cli_run.controller(cfg, False)
 
 
+@app.command("import")
+def import_(
+    recipe: Path = typer.Argument(..., help="A recipe: eugr/spark-vllm-docker's (recipe_version 1) or sparkrun's YAML."),
+    nodes: Optional[str] = typer.Option(None, "--nodes", help="HOST[/ADDRESS],...: SSH host and cluster-link address, the head first."),
+    config: Optional[Path] = typer.Option(None, "--config", help="An existing cluster.yaml whose nodes and settings are kept."),
+    name: Optional[str] = typer.Option(None, "--name", help="The cluster's name (default: the recipe's)."),
+    model_path: Optional[str] = typer.Option(None, "--model-path", help="The model folder on every node (default /srv/models/NAME)."),
+    out_path: Path = typer.Option(Path("cluster.yaml"), "--out", help="Where the cluster.yaml is written."),
+    force: bool = typer.Option(False, "--force", help="Replace a file of that name with other content."),
+) -> None:
+    """Write a cluster.yaml from a recipe; every recipe feature it cannot carry over is named, with why."""
+    guard(lambda: cli_run.import_recipe(recipe, nodes, config, name, model_path, out_path, force))
+
+
 @app.command("notify-test")
 def notify_test(config: Path = CONFIG_ARG) -> None:
     """Send one test message to every notification target (cluster.yaml notify.targets) and say which took it

@@ -90,3 +90,29 @@ def observability(cfg: ClusterConfig, out_dir: Path, target: Optional[str], aler
               f"run: prometheus --config.file={out_dir / 'prometheus.yml'} ; import {out_dir / 'dashboard.json'} into Grafana "
               "(docs/observability.md)", highlight=False)
 
+
+
+def import_recipe(recipe_path: Path, nodes: Optional[str], config: Optional[Path], name: Optional[str], model_path: Optional[str],
+                  out_path: Path, force: bool) -> None:
+    """`import`: the recipe read, its cluster.yaml written only when it validates, and what was not carried over said."""
+    import yaml
+
+    from .config import parse_config
+    from .errors import ConfigError
+    from .observability import write
+    from .recipe import import_recipe as convert, nodes_from_list, to_yaml
+
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{recipe_path}: cannot read the recipe ({getattr(exc, 'strerror', None) or exc})") from None
+    base = yaml.safe_load(config.read_text()) if config is not None else None
+    if (nodes is None) == (base is None):
+        raise ConfigError("give the nodes: --nodes HOST[/ADDRESS],... or --config with an existing cluster.yaml (one of them)")
+    imported = convert(recipe, nodes_from_list(nodes) if nodes else base["nodes"], name=name, model_path=model_path, base=base)
+    text = to_yaml(imported, recipe, recipe_path.name)
+    parse_config(text, f"{out_path} (not written)")  # what is written validates
+    written = write(out_path.parent, {out_path.name: text}, force)
+    for note in imported.notes:
+        err.print(f"[yellow]![/] {escape(note)}", highlight=False)
+    out.print(f"wrote {written[0]}: `spark-cluster validate {written[0]}`, then `spark-cluster plan {written[0]}`", highlight=False)
