@@ -55,12 +55,16 @@ def _now() -> str:
 
 class Executor(Teardown):
     def __init__(self, cfg: ClusterConfig, nodes: Nodes, report: Reporter | None = None, *, http: Optional[httpx.Client] = None,
-                 accept_memory: bool = False):
+                 accept_memory: bool = False, restart: bool = False):
         """http: the client readiness asks the engine with (its API key in its headers); default a
         client of its own per wait. accept_memory: an engine starts whatever memory the nodes have
-        (their readings kept as the new baselines; `up --accept-memory`)."""
+        (their readings kept as the new baselines; `up --accept-memory`). restart: the watchdog's `up`
+        after its kill: the preflight's probes of the image on the GPU (the memory CUDA can allocate,
+        GPUDirect RDMA) are left out: measured at `up`, and memory just freed by the kill is waited for
+        before the start instead (memory_back), never refused."""
         self.cfg = cfg
         self.accept_memory = accept_memory
+        self.restart = restart
         self.nodes = nodes
         self.http = http
         self.report = report or (lambda e: None)
@@ -144,7 +148,7 @@ class Executor(Teardown):
     def preflight(self, existing: dict[str, list[ContainerFact]]) -> None:
         t0 = time.monotonic()
         checks = Preflight(self.cfg, self.nodes, self.plan, self.emit)
-        findings = checks.inspect(existing)
+        findings = checks.inspect(existing, probes=not self.restart)
         problems = [f.message for f in findings if f.problem]
         self.plan = checks.plan  # as detected (`nccl: auto`)
         for f in findings:

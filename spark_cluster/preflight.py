@@ -72,11 +72,13 @@ class Preflight:
         self.plan = plan  # rebuilt when `nccl: auto` detects the link
         self.emit = emit
 
-    def inspect(self, existing: dict[str, list[ContainerFact]], *, fetch_images: bool = True) -> list[Finding]:
+    def inspect(self, existing: dict[str, list[ContainerFact]], *, fetch_images: bool = True, probes: bool = True) -> list[Finding]:
         """Every preflight check on every node (in parallel; nothing changed except, with fetch_images,
         the image pulled or streamed to a node that lacks it), as findings. With `nccl: auto` the link
-        found is remembered and the plan rebuilt with it before the checks are judged."""
-        steps = [s for s in self.plan.steps_in("preflight") if not isinstance(s.check, (VllmFlags, LinkBandwidth, RdmaBandwidth))]
+        found is remembered and the plan rebuilt with it before the checks are judged. probes: the
+        throwaway containers measuring the GPU from the image too (not on the watchdog's restart)."""
+        left_out = (VllmFlags, LinkBandwidth, RdmaBandwidth) + (() if probes else (MemoryCeiling, GdrCapable))
+        steps = [s for s in self.plan.steps_in("preflight") if not isinstance(s.check, left_out)]
         vllm_step = next((s for s in self.plan.steps_in("preflight") if isinstance(s.check, VllmFlags)), None)
         by_node: dict[str, list[Step]] = {}
         for s in steps:

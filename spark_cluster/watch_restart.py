@@ -35,7 +35,7 @@ def reporting_executor(cfg: ClusterConfig, nodes: Nodes, http: Optional[httpx.Cl
     def report(e: dict[str, Any]) -> None:
         event("executor", step_event=e.get("event"), **{k: v for k, v in e.items() if k not in ("ts", "event")})
 
-    return Executor(cfg, nodes, report=report, http=http)
+    return Executor(cfg, nodes, report=report, http=http, restart=True)
 
 
 class FullRestart:
