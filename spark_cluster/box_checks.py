@@ -61,6 +61,8 @@ class MemoryCeiling(_BoxCheck):
 
     kind: Literal["memory-ceiling"] = "memory-ceiling"
     gpu_memory_utilization: float
+    page_cache_counted: bool = Field(False, description="`doctor` with memory.drop_page_cache: the page cache `up` drops first is "
+                                                        "still counted as used (CUDA's free on a GB10 is MemFree): a warning then")
 
 
 class ClockCapped(_BoxCheck):
@@ -206,7 +208,7 @@ def gdr_note(check: GdrCapable, exit_code: int, stdout: str, stderr: str = "") -
 
 
 def ceiling_problem(check: MemoryCeiling, exit_code: int, stdout: str, stderr: str, cluster_running: bool) -> Optional[str]:
-    if cluster_running or "No such image" in stderr + stdout:
+    if cluster_running or check.page_cache_counted or "No such image" in stderr + stdout:
         return None  # its own engine holds the memory; an absent image: its own check says so
     fact = parse_ceiling(exit_code, stdout, stderr)
     highest = fact.highest_utilization
@@ -221,11 +223,16 @@ def ceiling_problem(check: MemoryCeiling, exit_code: int, stdout: str, stderr: s
             f"dropped, {CEILING_SOURCE}); memory.drop_page_cache: true frees the page cache first")
 
 
-def ceiling_warning(exit_code: int, stdout: str, stderr: str) -> Optional[str]:
+def ceiling_warning(check: MemoryCeiling, exit_code: int, stdout: str, stderr: str) -> Optional[str]:
     if "No such image" in stderr + stdout:
         return None
     fact = parse_ceiling(exit_code, stdout, stderr)
-    return f"cannot measure the memory CUDA can allocate: {fact.error}" if fact.error else None
+    if fact.error:
+        return f"cannot measure the memory CUDA can allocate: {fact.error}"
+    said = ceiling_problem(check.model_copy(update={"page_cache_counted": False}), exit_code, stdout, stderr, False)
+    if check.page_cache_counted and said:
+        return said + " (measured with the page cache still held: `up` drops it first, memory.drop_page_cache, which may free enough)"
+    return None
 
 
 def ceiling_note(exit_code: int, stdout: str, stderr: str = "") -> Optional[str]:
@@ -278,7 +285,7 @@ def warning(check: _BoxCheck, exit_code: int, stdout: str, stderr: str) -> Optio
     if isinstance(check, GdrCapable):
         return gdr_warning(check, exit_code, stdout, stderr)
     if isinstance(check, MemoryCeiling):
-        return ceiling_warning(exit_code, stdout, stderr)
+        return ceiling_warning(check, exit_code, stdout, stderr)
     return None
 
 

@@ -71,6 +71,7 @@ class Preflight:
         self.nodes = nodes
         self.plan = plan  # rebuilt when `nccl: auto` detects the link
         self.emit = emit
+        self.page_cache_counted = False  # `doctor`: the page cache `up` drops first is still held
 
     def inspect(self, existing: dict[str, list[ContainerFact]], *, fetch_images: bool = True, probes: bool = True) -> list[Finding]:
         """Every preflight check on every node (in parallel; nothing changed except, with fetch_images,
@@ -100,7 +101,8 @@ class Preflight:
         findings.append(Finding("controller", "state-dir", f"room for state_dir ({STATE_MIN_GIB:g} GiB)", room,
                                 None if room else f"{free:.0f} GiB free"))
         self._detected_link(outputs)
-        checks = {s.id: s.check for s in self.plan.steps_in("preflight")}  # judged by the plan as detected
+        checks = {s.id: s.check.model_copy(update={"page_cache_counted": True}) if self.page_cache_counted and isinstance(s.check, MemoryCeiling)
+                  else s.check for s in self.plan.steps_in("preflight")}  # judged by the plan as detected
         running_here = {n: any(c.running for c in cs) for n, cs in existing.items()}
         same: dict[str, tuple[Check, dict[str, str]]] = {}
         for node, res in outputs.items():
@@ -153,6 +155,7 @@ class Preflight:
             cfg = self.cfg.model_copy(update={"memory": self.cfg.memory.model_copy(update={"drop_page_cache": False})})
             links = kept.links(cfg)
             self.plan = build_plan(cfg, reveal_secrets=True, links=links, kv=kept.kv_capacity(cfg))
+            self.page_cache_counted = True  # CUDA's free on a GB10 counts the page cache up drops first
         existing = self.nodes.map(lambda t: list_containers(t, self.cfg.name)).succeeded
         return self.inspect(existing, fetch_images=False)
 

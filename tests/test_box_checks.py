@@ -162,6 +162,15 @@ def test_a_utilization_above_what_cuda_can_allocate_is_refused_with_the_highest_
         assert evaluate(MemoryCeiling(gpu_memory_utilization=util), 0, stdout, "", cluster_running=True) is None  # its own engine holds it
 
 
+def test_doctor_measuring_with_the_page_cache_up_drops_first_warns_instead_of_refusing():
+    stdout = f"cuda {int(102.2 * GIB)} {int(121.69 * GIB)}\n"
+    counted = MemoryCeiling(gpu_memory_utilization=0.87, page_cache_counted=True)
+    assert evaluate(counted, 0, stdout, "") is None
+    said = warning(counted, 0, stdout, "")
+    assert "The highest value that would start is 0.83" in said and "`up` drops it first" in said
+    assert warning(MemoryCeiling(gpu_memory_utilization=0.87), 0, stdout, "") is None  # up's own: a refusal, not a warning
+
+
 def test_the_ceiling_without_a_gpu_is_the_cpu_builds_figure_and_a_failed_measure_a_warning():
     check = MemoryCeiling(gpu_memory_utilization=0.5)
     assert parse_ceiling(0, f"cpu {16 * GIB} {23 * GIB}\n").highest_utilization == 0.69

@@ -249,6 +249,14 @@ def test_heat_and_gdr_off_are_said_and_up_goes_on(cfg):
     assert started(fake)  # and up went on
     findings = {f.check: f for f in Executor(cfg, fake_nodes(FakeCluster(cfg))).doctor()}
     assert findings["preflight/sim-1/driver"].note == "580.142 (open kernel module)"
+    # doctor with memory.drop_page_cache measures with the page cache up drops first: a warning, not a refusal
+    dropping = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"drop_page_cache": True}),
+                                      "vllm": cfg.vllm.model_copy(update={"gpu_memory_utilization": 0.85})})
+    fake = FakeCluster(dropping)
+    fake.script("check-memory", (0, f"cuda {int(102.2 * 2**30)} {int(121.69 * 2**30)}\n", ""))
+    fake.script("MemAvailable):' /proc/meminfo", (0, "MemTotal:       127600816 kB\nMemAvailable:   120000000 kB\n", ""))  # doctor drops nothing
+    ceiling = {f.check: f for f in Executor(dropping, fake_nodes(fake)).doctor()}["preflight/sim-1/memory-ceiling"]
+    assert not ceiling.problem and "`up` drops it first" in ceiling.warning
     assert findings["preflight/sim-1/heat"].note == "not applicable: no GPU (no nvidia-smi)"
     assert findings["preflight/sim-1/memory-ceiling"].note == "CUDA 110.3 of 121.69 GiB free to allocate: gpu_memory_utilization up to 0.90 starts"
 
