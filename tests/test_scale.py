@@ -74,7 +74,7 @@ def test_four_nodes_serve_fail_over_as_one_group_and_come_down(sim4, tmp_path, e
 @pytest.mark.parametrize("executor", ["ray", "native"])
 def test_two_groups_a_hang_in_one_costs_clients_nothing_a_slow_one_gets_its_share_and_a_change_rolls_through(sim4, tmp_path, executor):
     """Four simulated nodes as two groups of TP=2 behind one controller: a frozen rank in group a
-    under load, then a's worker limited to a fifth of a core (the slow verdict and a's share), then a rolling
+    under load, then both of a's boxes limited to a quarter of a core (the slow verdict and a's share), then a rolling
     change of a vLLM flag under the same load (the frozen rank alone, on Ray, is in `make test`:
     tests/test_two_groups.py)."""
     with two_groups_serving(tmp_path, executor) as (path, cfg, c):
