@@ -97,7 +97,7 @@ def import_recipe(recipe_path: Path, nodes: Optional[str], config: Optional[Path
     """`import`: the recipe read, its cluster.yaml written only when it validates, and what was not carried over said."""
     import yaml
 
-    from .config import parse_config
+    from .config import load_config, parse_config
     from .errors import ConfigError
     from .observability import write
     from .recipe import import_recipe as convert, nodes_from_list, to_yaml
@@ -106,7 +106,10 @@ def import_recipe(recipe_path: Path, nodes: Optional[str], config: Optional[Path
         recipe = yaml.safe_load(recipe_path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{recipe_path}: cannot read the recipe ({getattr(exc, 'strerror', None) or exc})") from None
-    base = yaml.safe_load(config.read_text()) if config is not None else None
+    base = None
+    if config is not None:
+        load_config(config)  # a valid cluster.yaml, or its own clear error
+        base = yaml.safe_load(config.read_text())
     if (nodes is None) == (base is None):
         raise ConfigError("give the nodes: --nodes HOST[/ADDRESS],... or --config with an existing cluster.yaml (one of them)")
     imported = convert(recipe, nodes_from_list(nodes) if nodes else base["nodes"], name=name, model_path=model_path, base=base)

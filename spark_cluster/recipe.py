@@ -111,18 +111,33 @@ def flags_to_settings(args: list[str], notes: list[str]) -> tuple[Optional[str],
                 notes.append(f"{flag}{' ' + value if value else ''}: set by spark-cluster itself from its executor and nodes")
                 continue
             section, key, _ = SETTINGS[flag]
-            settings[section][key] = (int(value) if key in INTEGERS else float(value) if key == "gpu_memory_utilization" else value) \
-                if takes else flag != "--no-enable-prefix-caching"
+            settings[section][key] = _typed(flag, key, value) if takes else flag != "--no-enable-prefix-caching"
             continue
         extra.append(word)
         i += 1
     return model, settings, extra
 
 
+def _typed(flag: str, key: str, value: str) -> Any:
+    try:
+        return int(value) if key in INTEGERS else float(value) if key == "gpu_memory_utilization" else value
+    except ValueError:
+        raise ConfigError(f"the recipe's {flag} {value!r} is not a number") from None
+
+
+def _mapping(recipe: dict[str, Any], key: str) -> dict[str, Any]:
+    value = recipe.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"the recipe's {key} is not a mapping of names to values")
+    return value
+
+
 def _check_topology(recipe: dict[str, Any], gpus: int, tp: int, pp: int, notes: list[str]) -> int:
     """The tensor-parallel size for these nodes (one rank per GPU), or a clear refusal."""
     solo = recipe.get("solo_only") is True or recipe.get("mode") == "solo" or recipe.get("max_nodes") == 1
-    least = max(int(recipe.get("min_nodes") or 1), 2 if recipe.get("cluster_only") is True or recipe.get("mode") == "cluster" else 1)
+    if not isinstance(recipe.get("min_nodes") or 1, int):
+        raise ConfigError(f"the recipe's min_nodes {recipe.get('min_nodes')!r} is not a number")
+    least = max(recipe.get("min_nodes") or 1, 2 if recipe.get("cluster_only") is True or recipe.get("mode") == "cluster" else 1)
     if solo and gpus > 1:
         raise ConfigError("the recipe runs on one node only (solo_only): spark-cluster serves one model across several nodes; "
                           "give one node, or use a recipe for a cluster")
@@ -183,6 +198,8 @@ def import_recipe(recipe: Any, nodes: list[dict[str, Any]], *, name: Optional[st
     if not isinstance(recipe, dict) or not recipe.get("command") or not recipe.get("container"):
         raise ConfigError("not a recipe: a recipe is a YAML mapping with at least `container` and `command` (a `vllm serve` template)")
     fmt, notes = recipe_format(recipe), []
+    for key in ("defaults", "env", "metadata", "runtime_config"):
+        _mapping(recipe, key)
     _not_carried(recipe, fmt, notes)
     hf_id = recipe.get("model")
     params = {**{k: v for k, v in (recipe.get("defaults") or {}).items() if v is not None}, **({"model": hf_id} if hf_id else {})}
@@ -191,7 +208,7 @@ def import_recipe(recipe: Any, nodes: list[dict[str, Any]], *, name: Optional[st
     if not hf_id:
         raise ConfigError("the recipe names no model: neither `model` nor a model after `vllm serve`")
     vllm, model = settings["vllm"], settings["model"]
-    gpus = sum(int(n.get("gpus", 1)) for n in nodes)
+    gpus = sum(int(n.get("gpus", 1)) if isinstance(n, dict) and isinstance(n.get("gpus", 1), int) else 1 for n in nodes)
     pp = int(vllm.pop("pipeline_parallel_size", 1))
     tp = _check_topology(recipe, gpus, int(vllm.pop("tensor_parallel_size", 1)), pp, notes)
     util = vllm.get("gpu_memory_utilization")

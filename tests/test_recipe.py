@@ -76,6 +76,9 @@ def test_a_sparkrun_recipe_with_pipeline_parallelism():
     ({"command": "python -m sglang.launch_server --model x"}, "a,b", "not `vllm serve ...`"),
     ({"runtime": "sglang", "recipe_version": "2"}, "a,b", "runtime is sglang: spark-cluster serves vLLM only"),
     ({"command": None}, "a,b", "not a recipe"),
+    ({"command": "vllm serve x --max-model-len lots"}, "a,b", "--max-model-len 'lots' is not a number"),
+    ({"defaults": [1, 2]}, "a,b", "defaults is not a mapping"),
+    ({"min_nodes": "two"}, "a,b", "min_nodes 'two' is not a number"),
 ])
 def test_what_cannot_run_here_is_refused_with_why(change, nodes, words):
     r = {**recipe("qwen3.5-122b-int4-tp2.yaml"), **change}
