@@ -3,7 +3,7 @@ command line, the CMA lines of /proc/meminfo, the NVIDIA driver, the GPU's heat 
 NCCL can use GPUDirect RDMA from the image, and the memory CUDA will really hand out.
 
 Each fact is one command plus one pure parser (pyinfra's facts), tested on outputs recorded on real
-machines (tests/test_box_facts.py names where each came from). What the facts mean, and what a
+machines (tests/data/facts/*.json name where each came from; tests/test_facts.py, tests/test_box_checks.py). What the facts mean, and what a
 Spark owner should do about them, is spark_cluster.box_checks. Nothing here does I/O.
 """
 
@@ -46,16 +46,14 @@ def parse_kernel(text: str) -> KernelFact:
 
 # ---- CMA: memory the kernel keeps movable for contiguous allocations ----------------------------
 
-CMA_COMMAND = "grep -E '^(MemTotal|MemFree|CmaTotal|CmaFree):' /proc/meminfo"
+CMA_COMMAND = "grep -E '^Cma(Total|Free):' /proc/meminfo || true"  # no lines: a kernel without CMA
 
 
 class CmaFact(BaseModel):
-    """CmaTotal and CmaFree (None: the kernel has no CMA, the lines are absent), MemTotal and MemFree, in KiB."""
+    """CmaTotal and CmaFree in KiB (None: the kernel has no CMA, the lines are absent)."""
 
     total_kib: Optional[int] = None
     free_kib: Optional[int] = None
-    mem_total_kib: Optional[int] = None
-    mem_free_kib: Optional[int] = None
 
     @property
     def more_free_than_total(self) -> bool:
@@ -65,7 +63,7 @@ class CmaFact(BaseModel):
 
 def parse_cma(text: str) -> CmaFact:
     kib = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s*(\w+):\s+(\d+)\s*kB", text, re.M)}
-    return CmaFact(total_kib=kib.get("CmaTotal"), free_kib=kib.get("CmaFree"), mem_total_kib=kib.get("MemTotal"), mem_free_kib=kib.get("MemFree"))
+    return CmaFact(total_kib=kib.get("CmaTotal"), free_kib=kib.get("CmaFree"))
 
 
 # ---- the NVIDIA driver: the kernel module's version ----------------------------------------------
@@ -168,16 +166,7 @@ def parse_heat(text: str) -> HeatFact:
     return HeatFact(gpus=gpus)
 
 
-# ---- a throwaway container of the image on the GPU -----------------------------------------------
-
-
-def _probe_command(image: str, gpus: Optional[str], script: str, name: str, label: str) -> str:
-    """A throwaway container of the image (named, labelled as the cluster's check: a leftover of the
-    same name is removed first, and `down` finds one a timeout left) running python3 on script."""
-    gpu = f"--gpus {quote(gpus)} " if gpus else ""
-    return (f"docker rm -f {quote(name)} >/dev/null 2>&1; docker run --rm --pull never --name {quote(name)} --label {quote(label)} "
-            f"{gpu}--network none --entrypoint python3 {quote(image)} -c {quote(script)}")
-
+# ---- run in a throwaway container of the image on the GPU (plan_checks.python_in_image) -----------
 
 # GPUDirect RDMA: NCCL registers GPU memory with the NIC through DMA-BUF when the image's rdma-core
 # has mlx5dv_reg_dmabuf_mr (stock DGX OS's does not: GDR 0), or through the nvidia_peermem module.
@@ -185,10 +174,7 @@ GDR_SCRIPT = ('import ctypes, ctypes.util, glob; lib = ctypes.util.find_library(
               'print("no GPU" if not glob.glob("/dev/nvidia[0-9]*") else "no libmlx5" if not lib else '
               '"mlx5dv_reg_dmabuf_mr " + ("yes" if hasattr(ctypes.CDLL(lib), "mlx5dv_reg_dmabuf_mr") else "no"))')
 PEERMEM_LINE = "nvidia_peermem loaded"
-
-
-def gdr_command(image: str, gpus: Optional[str], name: str, label: str) -> str:
-    return _probe_command(image, gpus, GDR_SCRIPT, name, label) + f"; if [ -d /sys/module/nvidia_peermem ]; then echo {quote(PEERMEM_LINE)}; fi"
+PEERMEM_COMMAND = f"if [ -d /sys/module/nvidia_peermem ]; then echo {quote(PEERMEM_LINE)}; fi"  # on the host, after the container
 
 
 class GdrFact(BaseModel):
@@ -221,10 +207,6 @@ def parse_gdr(exit_code: int, stdout: str, stderr: str = "") -> GdrFact:
 CEILING_SCRIPT = ('import glob; g = glob.glob("/dev/nvidia[0-9]*"); '
                   'm = {} if g else dict((x.split(":")[0], int(x.split()[1]) * 1024) for x in open("/proc/meminfo")); '
                   'print("cuda" if g else "cpu", *(__import__("torch").cuda.mem_get_info() if g else (m["MemAvailable"], m["MemTotal"])))')
-
-
-def ceiling_command(image: str, gpus: Optional[str], name: str, label: str) -> str:
-    return _probe_command(image, gpus, CEILING_SCRIPT, name, label)
 
 
 class CeilingFact(BaseModel):

@@ -6,11 +6,11 @@ the vLLM flags), each with its typed check (spark_cluster.checks). Pure, as the 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from . import timeouts
 from .box_checks import CmaSane, DriverSame, GdrCapable, GpuHeatOk, KernelKnown, MemoryCeiling
-from .box_facts import CMA_COMMAND, DRIVER_COMMAND, HEAT_COMMAND, KERNEL_COMMAND, ceiling_command, gdr_command
+from .box_facts import CEILING_SCRIPT, CMA_COMMAND, DRIVER_COMMAND, GDR_SCRIPT, HEAT_COMMAND, KERNEL_COMMAND, PEERMEM_COMMAND
 from .checks import (
     ClockInSync,
     ClusterLink,
@@ -54,12 +54,13 @@ DISK_MIN_GIB = 10.0  # where Docker keeps images and container logs (a model loa
 MAPPED_WARN_GB = 30.0
 
 
-def python_in_image(cfg: ClusterConfig, name: str, options: list[str], env: dict[str, str], args: list[str]) -> str:
+def python_in_image(cfg: ClusterConfig, name: str, options: list[str], env: dict[str, str], args: list[str],
+                    code: Optional[str] = None) -> str:
     """A throwaway container of the cluster's image running python3 on its standard input (`-`, then
-    args; a leftover of the same name removed first), labelled as the cluster's check."""
+    args), or on code (`-c`); a leftover of the same name removed first, labelled as the cluster's check."""
     words = ["docker", "run", "--rm", "-i", "--name", name, *options, "--label", f"{LABEL_PREFIX}.check={cfg.name}"]
     words += [w for k, v in env.items() for w in ("-e", f"{k}={v}")]
-    words += ["--entrypoint", "python3", cfg.container.image, "-", *args]
+    words += ["--entrypoint", "python3", cfg.container.image, *(["-c", code] if code is not None else ["-"]), *args]
     return f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words)
 
 
@@ -81,8 +82,8 @@ class StepList:
     def ssh_timeout(self, node: Node) -> float:
         return float(self.cfg.node_ssh(node).command_timeout_s or 120)
 
-    def python_in_image(self, name: str, options: list[str], env: dict[str, str], args: list[str]) -> str:
-        return python_in_image(self.cfg, name, options, env, args)
+    def python_in_image(self, name: str, options: list[str], env: dict[str, str], args: list[str], code: Optional[str] = None) -> str:
+        return python_in_image(self.cfg, name, options, env, args, code)
 
 
 class PreflightSteps(StepList):
@@ -181,18 +182,19 @@ class PreflightSteps(StepList):
         """What Spark owners learned the hard way (spark_cluster.box_checks): the kernel and its CMA, the
         driver (the same on every node), the GPU's heat, GPUDirect RDMA from the image, and the memory
         CUDA really hands out (the last two in throwaway containers of the image)."""
-        cfg, image, gpus = self.cfg, self.cfg.container.image, self.cfg.container.gpus
-        t = self.ssh_timeout(node)
-        label = f"{LABEL_PREFIX}.check={cfg.name}"
+        cfg, t = self.cfg, self.ssh_timeout(node)
+        probe = ["--pull", "never", *(["--gpus", cfg.container.gpus] if cfg.container.gpus else []), "--network", "none"]
         for what, description, command, check in (
             ("kernel", "the kernel is not one known to break RDMA or wedge the host (or has its fix)", KERNEL_COMMAND, KernelKnown()),
             ("cma", "CmaFree is not above CmaTotal in /proc/meminfo (KHO's scratch area)", CMA_COMMAND, CmaSane()),
             ("driver", "the NVIDIA driver, the same version on every node", DRIVER_COMMAND, DriverSame()),
             ("heat", "the GPU is not held back by heat or power", HEAT_COMMAND, GpuHeatOk()),
             ("gdr", "NCCL in the image can use GPUDirect RDMA (throwaway container)",
-             gdr_command(image, gpus, container_name(cfg, "check-gdr"), label), GdrCapable(rdma=bool(self.hcas(node)))),
+             self.python_in_image(container_name(cfg, "check-gdr"), probe, {}, [], GDR_SCRIPT) + "; " + PEERMEM_COMMAND,
+             GdrCapable(rdma=bool(self.hcas(node)))),
             ("memory-ceiling", f"gpu_memory_utilization {self.util:g} is within what CUDA can allocate (throwaway container)",
-             ceiling_command(image, gpus, container_name(cfg, "check-memory"), label), MemoryCeiling(gpu_memory_utilization=self.util)),
+             self.python_in_image(container_name(cfg, "check-memory"), probe, {}, [], CEILING_SCRIPT),
+             MemoryCeiling(gpu_memory_utilization=self.util)),
         ):
             self.add(id=f"preflight/{node.name}/{what}", phase="preflight", node=node.name, kind="check", description=description,
                      command=command, timeout_s=t, check=check)

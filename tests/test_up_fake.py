@@ -222,7 +222,7 @@ def test_mixed_drivers_a_bad_kernel_or_a_utilization_above_cudas_ceiling_stop_up
     assert started(fake) == [] and not fake.commands(containing="sysctl -w")
     fake = FakeCluster(cfg)
     fake.script("uname -r", (0, recording("kernel-real-spark-7.0-1019")["stdout"], ""), node="sim-1")
-    fake.script("CmaTotal", (0, recording("cma-real-spark-kho")["stdout"], ""), node="sim-1")
+    fake.script("/proc/meminfo || true", (0, recording("cma-real-spark-kho")["stdout"], ""), node="sim-1")
     with pytest.raises(PreflightError) as info:
         up(fake)
     assert [line.split(":")[0] for line in str(info.value).splitlines() if "kho=off" in line] == ["  - sim-1", "  - sim-1"]
