@@ -52,16 +52,23 @@ BANDWIDTH_ITERS = 10
 DISK_MIN_GIB = 10.0  # where Docker keeps images and container logs (a model load logs little; an image pull needs more)
 # a model above this many GB, memory-mapped on unified memory, gets a warning from `doctor` (issue #37: ~30 GB)
 MAPPED_WARN_GB = 30.0
+NAME_FREED_S = 10  # how long a throwaway check waits for its name to be free (a previous run's removal)
 
 
 def python_in_image(cfg: ClusterConfig, name: str, options: list[str], env: dict[str, str], args: list[str],
                     code: Optional[str] = None) -> str:
     """A throwaway container of the cluster's image running python3 on its standard input (`-`, then
-    args), or on code (`-c`); a leftover of the same name removed first, labelled as the cluster's check."""
+    args), or on code (`-c`); a leftover of the same name removed first, labelled as the cluster's check.
+    The daemon removes a `--rm` container after its client has returned: the name can still be held
+    when the next check starts ("Conflict. The container name ... is already in use", moby/moby#37698),
+    so the command waits (up to NAME_FREED_S) for docker to no longer know it."""
     words = ["docker", "run", "--rm", "-i", "--name", name, *options, "--label", f"{LABEL_PREFIX}.check={cfg.name}"]
     words += [w for k, v in env.items() for w in ("-e", f"{k}={v}")]
     words += ["--entrypoint", "python3", cfg.container.image, *(["-c", code] if code is not None else ["-"]), *args]
-    return f"docker rm -f {quote(name)} >/dev/null 2>&1; " + " ".join(quote(w) for w in words)
+    tries = round(NAME_FREED_S / 0.2)
+    freed = (f"docker rm -f {quote(name)} >/dev/null 2>&1; "
+             f"for _ in $(seq {tries}); do docker container inspect {quote(name)} >/dev/null 2>&1 || break; sleep 0.2; done; ")
+    return freed + " ".join(quote(w) for w in words)
 
 
 class StepList:

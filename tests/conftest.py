@@ -83,6 +83,16 @@ def recorded_log(name: str) -> str:
     return (FACTS.parent / "logs" / f"{name}.log").read_text()
 
 
+def own_state(data: dict, state, *, check_flags: bool = False) -> dict:
+    """A sim config's data with its own state_dir (state). The image's vLLM flag check is kept per
+    state_dir and costs about 40 s on the simulation's two cores: it is left off unless asked
+    (check_flags), for tests that start the same image with the same flags as those that run it
+    (test_up's first up, test_doctor's first test)."""
+    data["state_dir"] = str(state)
+    data["vllm"] = {**data["vllm"], "check_flags": check_flags}
+    return data
+
+
 def sim_variant(base: str = "ray", **changes):
     """A sim config (by executor) with dotted keys changed, e.g. sim_variant(**{"health.ray_join_timeout_s": 30})."""
     import yaml

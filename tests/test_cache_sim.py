@@ -22,7 +22,7 @@ from spark_cluster.status import cache_lines
 from spark_cluster.transport import Nodes
 
 from .cluster_helpers import compile_data, completion_works
-from .conftest import RAY_IN_SUITE, kill_vllm_api, run_cli
+from .conftest import RAY_IN_SUITE, kill_vllm_api, own_state, run_cli
 
 pytestmark = pytest.mark.cluster
 
@@ -76,8 +76,7 @@ def killed_while_compiling(cfg, folder: str) -> None:
 @pytest.mark.ends_engine
 @pytest.mark.parametrize("executor", RAY_IN_SUITE)
 def test_a_start_killed_in_its_compile_is_set_aside_the_next_serves_and_a_node_given_the_sealed_cache_compiles_from_it(sim, tmp_path, executor):
-    data = compile_data(executor)
-    data["state_dir"] = str(tmp_path / "state")
+    data = own_state(compile_data(executor), tmp_path / "state")
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(data))
     cfg = parse_config(config.read_text())

@@ -20,7 +20,7 @@ from spark_cluster.config import parse_config
 from spark_cluster.facts import parse_metrics
 
 from .browser import Browser
-from .conftest import ROOT, SIM_CONFIG, freeze, sim_docker, worker_container
+from .conftest import ROOT, SIM_CONFIG, freeze, own_state, sim_docker, worker_container
 from .fake_engine import free_ports
 from .gateway_rig import completion_request, connected, health_probe, p99, send_huge_header, status_of
 from .cluster_helpers import ControllerProcess
@@ -41,8 +41,7 @@ def controller(sim, tmp_path_factory):
     from spark_cluster.transport import Nodes
 
     tmp = tmp_path_factory.mktemp("controller")
-    data = yaml.safe_load(SIM_CONFIG.read_text())
-    data["state_dir"] = str(tmp / "state")
+    data = own_state(yaml.safe_load(SIM_CONFIG.read_text()), tmp / "state")
     gateway, control = free_ports(2)
     data["gateway"] = {"host": "127.0.0.1", "port": gateway, "hold_s": 600, "request_deadline_s": 5}
     data["controller"] = {"port": control}

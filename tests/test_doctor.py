@@ -16,17 +16,18 @@ from spark_cluster.kept import links as kept_links
 from spark_cluster.plan import build_plan
 from spark_cluster.transport import Nodes
 
-from .conftest import SIM_CONFIG, SIM_CONFIGS, run_cli
+from .conftest import SIM_CONFIG, SIM_CONFIGS, own_state, run_cli
 from .cluster_helpers import containers
 
 pytestmark = pytest.mark.cluster
 
 
-def write(tmp_path, data: dict) -> str:
+def write(tmp_path, data: dict, *, check_flags: bool = False) -> str:
+    """data as tmp_path/cluster.yaml with its own state_dir; the image's vLLM flag check only where asked
+    (the first test's, one per executor)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    data["state_dir"] = str(tmp_path / "state")
     path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(own_state(data, tmp_path / "state", check_flags=check_flags)))
     return str(path)
 
 
@@ -36,7 +37,7 @@ def sim_data() -> dict:
 
 def test_doctor_passes_and_nccl_auto_finds_the_sims_own_environment(sim, sim_cfg, tmp_path):
     for executor, config in SIM_CONFIGS.items():  # both executors' plans (their ports and flags differ)
-        r = run_cli("doctor", write(tmp_path / executor, yaml.safe_load(config.read_text())))
+        r = run_cli("doctor", write(tmp_path / executor, yaml.safe_load(config.read_text()), check_flags=True))
         assert r.returncode == 0, r.stdout + r.stderr
         assert "reaches sim-2 at 10.99.0.12" in r.stdout and "over eth0, MTU 1500 unfragmented" in r.stdout and "`up` would pass" in r.stdout
 

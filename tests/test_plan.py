@@ -293,7 +293,7 @@ def test_the_bandwidth_test_runs_one_rank_per_node_in_the_image_with_the_nodes_e
                    links={"spark-1": SPARK_LINK, "spark-2": SPARK_LINK})
     steps = [s for s in plan.steps if s.check is not None and s.check.kind == "link-bandwidth"]
     assert [(s.node, s.check.rank, s.check.backend, s.check.min_gbits) for s in steps] == [("spark-1", 0, "nccl", 90), ("spark-2", 1, "nccl", 90)]
-    words = shlex.split(steps[1].command.split("; ", 1)[1])
+    words = shlex.split(steps[1].command.split("; done; ", 1)[1])
     assert words[:2] == ["docker", "run"] and "--gpus" in words and "NCCL_IB_HCA=rocep1s0f0,roceP2p1s0f0" in words
     assert words[-7:] == ["1", "2", "192.168.100.10", "29517", "nccl", "256", "10"] and steps[1].stdin == "node-scripts/allreduce.py"
     assert not [s for s in plan_of(card_yaml).steps if s.check is not None and s.check.kind == "link-bandwidth"]  # only when asked

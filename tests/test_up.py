@@ -20,8 +20,8 @@ from spark_cluster.sim import cluster
 from spark_cluster.status import status
 from spark_cluster.transport import HostKeyError, Nodes
 
-from .conftest import (ROOT, SIM_CONFIG, SIM_CONFIGS, freeze, generation, group_containers, leftovers, run_cli, sim_docker,
-                       sim_variant, worker_container)
+from .conftest import (ROOT, SIM_CONFIG, SIM_CONFIGS, freeze, generation, group_containers, leftovers, own_state, run_cli,
+                       sim_docker, sim_variant, worker_container)
 from .cluster_helpers import Controlled, containers, stream_load
 from .monitoring import query, wait_for, watched
 
@@ -182,7 +182,7 @@ def test_a_key_given_to_the_head_restarts_the_whole_group_in_order_and_the_engin
     key = "sk-sim-engine-key-4d2a"
     data = yaml.safe_load(SIM_CONFIGS[cfg.executor].read_text())
     data["nodes"][0]["env"]["VLLM_API_KEY"] = key
-    data["state_dir"] = str(tmp_path / "state")
+    data = own_state(data, tmp_path / "state")
     data["watchdog"] = {**data.get("watchdog", {}), "idle_canary_s": 10}
     changed = parse_config(yaml.safe_dump(data))
     events = []

@@ -70,6 +70,34 @@ def test_plan_checks_every_distinct_vllm_command_line_in_a_throwaway_container()
     assert json.dumps(plan.vllm_argvs, separators=(",", ":")) in step.command.replace("'", "")
 
 
+FAKE_DOCKER = """#!/bin/sh
+# a daemon still removing the previous run's --rm container: `rm -f` says so, the name stays held
+# for three more `inspect`s, and a `run` while it is held is refused as dockerd refuses it
+echo "$*" >> "$LOG"
+case "$1 $2" in
+  "rm -f") echo "Error response from daemon: removal of container x is already in progress" >&2; exit 1 ;;
+  "container inspect") n=$(grep -c '^container inspect' "$LOG"); [ "$n" -le 3 ] && exit 0; exit 1 ;;
+  "run --rm") n=$(grep -c '^container inspect' "$LOG"); [ "$n" -le 3 ] && { echo 'docker: Error response from daemon: Conflict. The container name "/spark-check-vllm-flags" is already in use' >&2; exit 125; }; echo checked ;;
+esac
+"""
+
+
+def test_a_check_waits_for_the_previous_runs_container_to_be_removed(tmp_path):
+    """moby/moby#37698: the daemon removes a --rm container after its client returned; a check started
+    at once finds the name held. The command waits for docker to no longer know the name."""
+    import os
+    import subprocess
+
+    (tmp_path / "docker").write_text(FAKE_DOCKER)
+    (tmp_path / "docker").chmod(0o755)
+    step = next(s for s in build_plan(load_config(SIM_CONFIG)).steps if s.id == "preflight/sim-1/vllm-flags")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "LOG": str(tmp_path / "log")}
+    r = subprocess.run(["sh", "-c", step.command], env=env, capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout) == (0, "checked\n"), r.stderr
+    calls = (tmp_path / "log").read_text().splitlines()
+    assert [c.split()[:2] for c in calls] == [["rm", "-f"], *[["container", "inspect"]] * 4, ["run", "--rm"]]
+
+
 def test_check_can_be_switched_off():
     text = (CONFIGS / "dgx-spark-2node.yaml").read_text().replace("vllm:\n", "vllm:\n  check_flags: false\n", 1)
     from spark_cluster.config import parse_config

@@ -21,7 +21,7 @@ from spark_cluster.memory_back import MemoryReading, shortfall, slack_gib
 from spark_cluster.metrics import sample_value
 from spark_cluster.transport import Nodes
 
-from .conftest import RAY_IN_SUITE, SIM_CONFIGS, assert_engine_alone_new, assert_nothing_of, freeze, generation, kill_vllm_api, leftovers, sim_docker, worker_container
+from .conftest import RAY_IN_SUITE, SIM_CONFIGS, own_state, assert_engine_alone_new, assert_nothing_of, freeze, generation, kill_vllm_api, leftovers, sim_docker, worker_container
 from .cluster_helpers import Controlled, Running, completion_works, streaming, ts
 from .monitoring import wait_for, watched
 
@@ -31,8 +31,7 @@ pytestmark = pytest.mark.cluster
 def cfg_with(tmp_path, executor="ray", **watchdog):
     data = yaml.safe_load(SIM_CONFIGS[executor].read_text())
     data["watchdog"] = {**data.get("watchdog", {}), **watchdog}
-    data["state_dir"] = str(tmp_path / "state")
-    return parse_config(yaml.safe_dump(data))
+    return parse_config(yaml.safe_dump(own_state(data, tmp_path / "state")))
 
 
 def ids(cfg) -> dict[str, str]:
@@ -114,8 +113,7 @@ def test_a_client_that_never_reads_a_large_stream_restarts_nothing_and_is_cut(si
     confirmed 10 s later), and cuts the client at gateway.client_write_timeout_s."""
     from .gateway_rig import completion_request, connected
 
-    data = yaml.safe_load(SIM_CONFIGS["ray"].read_text())
-    data["state_dir"] = str(tmp_path / "state")
+    data = own_state(yaml.safe_load(SIM_CONFIGS["ray"].read_text()), tmp_path / "state")
     data["gateway"] = {"client_write_timeout_s": 20}
     cfg = parse_config(yaml.safe_dump(data))
     serving(cfg)
@@ -511,7 +509,8 @@ def test_memory_a_kill_leaves_held_makes_the_kept_restart_full_and_memory_never_
     from .conftest import run_cli
 
     data = yaml.safe_load(SIM_CONFIGS["ray"].read_text())
-    data.update(state_dir=str(tmp_path / "state"), memory={**data["memory"], "back_timeout_s": 10})
+    data = own_state(data, tmp_path / "state")
+    data["memory"] = {**data["memory"], "back_timeout_s": 10}
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(data))
     cfg = parse_config(config.read_text())
