@@ -14,6 +14,7 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
+from .ranks import smi_number
 from .render import quote
 
 # ---- the kernel: its release and its command line ----------------------------------------------
@@ -136,11 +137,6 @@ class HeatFact(BaseModel):
     error: Optional[str] = Field(None, description="no nvidia-smi, or what it said instead")
 
 
-def _value(text: str) -> Optional[float]:
-    m = re.match(r"\s*(-?\d+(?:\.\d+)?)", text)
-    return float(m.group(1)) if m else None  # [N/A], [Not Supported], [Unknown Error]
-
-
 def throttle_reasons(text: str) -> list[str]:
     try:
         bits = int(text.strip(), 16)
@@ -161,8 +157,8 @@ def parse_heat(text: str) -> HeatFact:
         if len(parts) not in (len(HEAT_FIELDS), len(HEAT_FIELDS) - 1):
             return HeatFact(error=line[:200])
         temp, sm, max_sm, power, limit, reasons = (parts + [""])[:len(HEAT_FIELDS)]
-        gpus.append(GpuHeat(temperature_c=_value(temp), sm_mhz=_value(sm), max_sm_mhz=_value(max_sm), power_w=_value(power),
-                            power_limit_w=_value(limit), reasons=throttle_reasons(reasons)))
+        gpus.append(GpuHeat(temperature_c=smi_number(temp), sm_mhz=smi_number(sm), max_sm_mhz=smi_number(max_sm), power_w=smi_number(power),
+                            power_limit_w=smi_number(limit), reasons=throttle_reasons(reasons)))
     return HeatFact(gpus=gpus)
 
 

@@ -16,6 +16,7 @@ Then pure rules: one node's activity from two readings (`node_activity`), the gr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from shlex import quote
 from typing import Literal, Optional
@@ -38,12 +39,11 @@ class GpuReading:
     temperature_c: Optional[float] = None
 
 
-def _number(text: str) -> Optional[float]:
-    text = text.strip().rstrip("%W").strip()
-    try:
-        return float(text)
-    except ValueError:
-        return None  # [N/A], [Not Supported], [Unknown Error]
+def smi_number(text: str) -> Optional[float]:
+    """A figure nvidia-smi printed, with or without its unit (`45 %`, `11.17 W`, `35`), or None for
+    its words in brackets ([N/A], [Not Supported], [Unknown Error])."""
+    m = re.match(r"\s*(-?\d+(?:\.\d+)?)", text)
+    return float(m.group(1)) if m else None
 
 
 def parse_gpu_activity(text: str) -> tuple[list[GpuReading], Optional[str]]:
@@ -58,7 +58,7 @@ def parse_gpu_activity(text: str) -> tuple[list[GpuReading], Optional[str]]:
         parts = line.split(",")
         if len(parts) != len(GPU_FIELDS):
             return [], line[:200]
-        gpus.append(GpuReading(*(_number(p) for p in parts)))
+        gpus.append(GpuReading(*(smi_number(p) for p in parts)))
     return gpus, None
 
 
@@ -136,8 +136,8 @@ def parse_processes(text: str) -> ProcessesReading:
     for line in text.splitlines():
         if line.startswith(_PROCS_MARK):
             parts = line.split()
-            uptime = float(parts[1]) if len(parts) > 1 and _number(parts[1]) is not None else None
-            tick = float(parts[2]) if len(parts) > 2 and _number(parts[2]) else 100.0
+            uptime = smi_number(parts[1]) if len(parts) > 1 else None
+            tick = (smi_number(parts[2]) if len(parts) > 2 else None) or 100.0
         elif line.startswith("== "):
             groups.append((line[3:].strip(), []))
         elif line.startswith("compile-worker ") and line.split()[1].isdigit():
