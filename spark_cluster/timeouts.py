@@ -68,6 +68,11 @@ EVENT_STREAM_KEEP_ALIVE_S = 15
 REMOTE_KILL_AFTER_S = 5
 # The controller gives up waiting this much after the node should have ended the command.
 LOCAL_GRACE_S = 10
+# OpenSSH sends a command's exit status when the command ends, which can be before the last of its
+# output has left its pipes (RFC 4254 lets exit-status come any time before the channel closes): the
+# output is whole at the channel's EOF. A command whose background child holds its output open never
+# lets EOF come: after the exit status, EOF is awaited this long.
+OUTPUT_AFTER_EXIT_S = 2.0
 # `sync`: the receiver on a node says which port it listens on within this.
 SYNC_LISTENING_S = 30.0
 # Ray marks a frozen node dead only after ~30-80 s of missed health checks: the watchdog asks Ray

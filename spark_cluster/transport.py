@@ -131,6 +131,25 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+class Ended:
+    """Whether a command's output is whole: its exit status is in, nothing is left to read, and the
+    channel had its EOF, or timeouts.OUTPUT_AFTER_EXIT_S passed since the status came without one. Ending
+    at the status alone lost the tail of an output (a read-back seen empty: "the value did not stick")."""
+
+    def __init__(self, chan: Any) -> None:
+        self.chan = chan
+        self.exited: Optional[float] = None
+
+    def __call__(self) -> bool:
+        c = self.chan
+        if not c.exit_status_ready() or c.recv_ready() or c.recv_stderr_ready():
+            return False
+        if c.eof_received or c.closed:
+            return True
+        self.exited = self.exited or time.monotonic()
+        return time.monotonic() - self.exited > timeouts.OUTPUT_AFTER_EXIT_S
+
+
 class SSHTransport:
     """One node's SSH connection, opened on first use and reused; thread-safe."""
 
@@ -235,6 +254,7 @@ class SSHTransport:
         try:
             chan = client.get_transport().open_session(timeout=self.ep.connect_timeout_s)
             chan.exec_command(remote)
+            ended = Ended(chan)
             if input is not None:
                 chan.sendall(input)
             chan.shutdown_write()
@@ -251,7 +271,7 @@ class SSHTransport:
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
                     progressed = True
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                if ended():
                     break
                 if time.monotonic() > deadline:
                     chan.close()
@@ -279,6 +299,7 @@ class SSHTransport:
         src.exec_command(command)
         dst.exec_command(target_command)
         src_err, dst_out, dst_err = bytearray(), bytearray(), bytearray()
+        src_ended, dst_ended = Ended(src), Ended(dst)
         try:
             while True:
                 if time.monotonic() > deadline:
@@ -293,20 +314,21 @@ class SSHTransport:
                     dst_out += dst.recv(65536)
                 while dst.recv_stderr_ready():
                     dst_err += dst.recv_stderr(65536)
-                if src.exit_status_ready() and not src.recv_ready():
+                if src_ended():
                     break
                 if not moved:
                     select.select([src], [], [], 0.05)
             dst.shutdown_write()
-            while not dst.exit_status_ready():
-                if time.monotonic() > deadline:
-                    raise CommandTimeout(f"{target.node}: `{_short(target_command)}` did not finish within {timeout:g}s")
+            while True:
                 while dst.recv_ready():
                     dst_out += dst.recv(65536)
                 while dst.recv_stderr_ready():
                     dst_err += dst.recv_stderr(65536)
+                if dst_ended():
+                    break
+                if time.monotonic() > deadline:
+                    raise CommandTimeout(f"{target.node}: `{_short(target_command)}` did not finish within {timeout:g}s")
                 time.sleep(0.05)
-            dst_out += dst.recv(1 << 20) if dst.recv_ready() else b""
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise TransportError(f"{self.node} -> {target.node}: SSH connection lost during transfer: {exc}") from None
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from spark_cluster.config import SSHSettings, parse_config
 from spark_cluster.transport import resolve_endpoint
 
@@ -61,3 +63,72 @@ def test_nodes_map_hands_back_errors_but_never_swallows_ctrl_c():
 
     with pytest.raises(KeyboardInterrupt):
         nodes.map(interrupted)
+
+
+class ScriptedChannel:
+    """A paramiko channel as OpenSSH drives one: the exit status can come before the last of the output
+    (RFC 4254), then EOF. `after_status`: the polls between the status and the tail's arrival; eof: whether
+    EOF ever comes (a background child holding the output open: never)."""
+
+    def __init__(self, head: bytes, tail: bytes, after_status: int, eof: bool = True):
+        self.chunks, self.tail, self.polls, self.eof = [head], tail, after_status, eof
+        self.eof_received, self.closed = 0, False
+        self.read, self.write = os.pipe()  # what select() waits on: never ready
+
+    def exec_command(self, command):
+        pass
+
+    def shutdown_write(self):
+        pass
+
+    def exit_status_ready(self):
+        self.polls -= 1
+        if self.polls == 0:
+            self.chunks.append(self.tail)
+        if self.polls < 0 and self.eof and not self.chunks:
+            self.eof_received = 1
+        return True
+
+    def recv_ready(self):
+        return bool(self.chunks)
+
+    def recv(self, n):
+        return self.chunks.pop(0)
+
+    def recv_stderr_ready(self):
+        return False
+
+    def recv_exit_status(self):
+        return 0
+
+    def fileno(self):
+        return self.read
+
+    def close(self):
+        os.close(self.read)
+        os.close(self.write)
+
+
+def scripted_run(chan: ScriptedChannel):
+    from types import SimpleNamespace
+
+    from spark_cluster.transport import SSHTransport
+
+    t = SSHTransport(resolve_endpoint(parse_config(SIM_CONFIG.read_text()).nodes[0], SSHSettings()))
+    t.connect = lambda: SimpleNamespace(get_transport=lambda: SimpleNamespace(open_session=lambda timeout: chan))
+    return t.run("sysctl -n vm.swappiness && cat /etc/sysctl.d/90-spark-cluster.conf", timeout=30)
+
+
+def test_output_that_comes_after_the_exit_status_is_kept():
+    r = scripted_run(ScriptedChannel(b"1\n", b"vm.swappiness = 1\n", after_status=3))
+    assert (r.exit_code, r.stdout) == (0, "1\nvm.swappiness = 1\n")
+
+
+def test_a_command_whose_output_stays_open_ends_soon_after_its_exit_status():
+    import time
+
+    from spark_cluster import timeouts
+
+    t0 = time.monotonic()
+    r = scripted_run(ScriptedChannel(b"started\n", b"", after_status=1, eof=False))
+    assert r.stdout == "started\n" and time.monotonic() - t0 < timeouts.OUTPUT_AFTER_EXIT_S + 5
