@@ -31,10 +31,11 @@ sim-deps:
 ## cluster nor vLLM's parsers in 4 workers (they mostly wait on sockets), then those one at a time (they
 ## share one simulated cluster and the machine's two cores); both run, and it fails if either failed
 UNSHARED := not cluster and not contract and not scale and not long
+SHARED := (cluster or contract) and not scale and not long
 test: install sim-deps
-	@status=0; \
+	status=0; \
 	$(PYTHON) -m pytest -n 4 --dist worksteal --durations=10 -m "$(UNSHARED)" || status=1; \
-	$(PYTHON) -m pytest --durations=30 -m "(cluster or contract) and not scale and not long" || status=1; \
+	$(PYTHON) -m pytest --durations=30 -m "$(SHARED)" || status=1; \
 	exit $$status
 
 ## the inner loop: lint and unit tests, no cluster, under a minute
